@@ -1,0 +1,1 @@
+"""Aggregated Kubernetes API server for ``coredump.example.io``: CoredumpEndpoint objects and their dumps."""

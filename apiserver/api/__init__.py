@@ -1,0 +1,1 @@
+"""Kubernetes API machinery: conventions, the CoredumpEndpoint resource, discovery, OpenAPI, tables."""

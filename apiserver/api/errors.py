@@ -1,0 +1,167 @@
+"""
+API errors as Kubernetes reports them: every failure becomes a ``Status`` with a reason and a code.
+
+Raise an :class:`ApiError` (or one of the shortcuts) anywhere below a handler; the error middleware
+turns it into the ``Status`` body that kubectl knows how to print. Reasons and codes follow
+k8s.io/apimachinery/pkg/api/errors so that kubectl's messages ("Error from server (NotFound): ...")
+read exactly as they do for built-in resources.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+GROUP = "coredump.example.io"
+RESOURCE = "coredumpendpoints"
+
+
+class ApiError(Exception):
+    """An error with its Kubernetes ``Status`` fields."""
+
+    def __init__(
+        self,
+        *,
+        code: int,
+        reason: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+    def to_status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        }
+        if self.details:
+            status["details"] = self.details
+        return status
+
+
+def _qualified(resource: str) -> str:
+    return f"{resource}.{GROUP}"
+
+
+def _details(*, name: str | None, resource: str = RESOURCE, **extra: Any) -> dict[str, Any]:
+    details: dict[str, Any] = {"group": GROUP, "kind": resource}
+    if name:
+        details["name"] = name
+    details.update(extra)
+    return details
+
+
+def not_found(*, name: str, resource: str = RESOURCE) -> ApiError:
+    return ApiError(
+        code=404, reason="NotFound",
+        message=f'{_qualified(resource)} "{name}" not found',
+        details=_details(name=name, resource=resource),
+    )
+
+
+def already_exists(*, name: str, resource: str = RESOURCE) -> ApiError:
+    return ApiError(
+        code=409, reason="AlreadyExists",
+        message=f'{_qualified(resource)} "{name}" already exists',
+        details=_details(name=name, resource=resource),
+    )
+
+
+def conflict(*, name: str, message: str, resource: str = RESOURCE) -> ApiError:
+    return ApiError(
+        code=409, reason="Conflict",
+        message=f'Operation cannot be fulfilled on {_qualified(resource)} "{name}": {message}',
+        details=_details(name=name, resource=resource),
+    )
+
+
+def invalid(*, name: str, causes: list[dict[str, str]], kind: str = "CoredumpEndpoint") -> ApiError:
+    """422: the object is well-formed but its fields break the rules; ``causes`` name each field."""
+    summary = ", ".join(f"{c['field']}: {c['message']}" for c in causes)
+    return ApiError(
+        code=422, reason="Invalid",
+        message=f'{kind}.{GROUP} "{name}" is invalid: {summary}',
+        details={"name": name, "group": GROUP, "kind": kind, "causes": causes},
+    )
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(code=400, reason="BadRequest", message=message)
+
+
+def method_not_allowed(*, method: str) -> ApiError:
+    return ApiError(code=405, reason="MethodNotAllowed",
+                    message=f"the server does not allow this method on the requested resource ({method})")
+
+
+def not_acceptable(message: str) -> ApiError:
+    return ApiError(code=406, reason="NotAcceptable", message=message)
+
+
+def unsupported_media_type(content_type: str) -> ApiError:
+    return ApiError(code=415, reason="UnsupportedMediaType",
+                    message=f'the body of the request was in an unknown format - accepted media types include: '
+                            f'application/json, application/yaml, application/merge-patch+json, '
+                            f'application/json-patch+json (got "{content_type}")')
+
+
+def request_entity_too_large(*, limit: int) -> ApiError:
+    return ApiError(code=413, reason="RequestEntityTooLarge",
+                    message=f"the request body is larger than the limit of {limit} bytes")
+
+
+def gone(message: str) -> ApiError:
+    return ApiError(code=410, reason="Expired", message=message)
+
+
+def unauthorized(message: str = "Unauthorized") -> ApiError:
+    return ApiError(code=401, reason="Unauthorized", message=message)
+
+
+def forbidden(*, user: str, verb: str, resource: str, namespace: str | None, name: str | None = None,
+              subresource: str | None = None, reason: str = "") -> ApiError:
+    """403 worded the way kube-apiserver words it, so kubectl prints the familiar Forbidden line."""
+    what = resource + (f"/{subresource}" if subresource else "")
+    target = f' "{name}"' if name else ""
+    scope = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+    message = (f'{what}.{GROUP}{target} is forbidden: User "{user}" cannot {verb} resource "{what}" '
+               f'in API group "{GROUP}"{scope}')
+    if reason:
+        message += f": {reason}"
+    return ApiError(code=403, reason="Forbidden", message=message,
+                    details=_details(name=name, resource=resource))
+
+
+def forbidden_path(*, user: str, verb: str, path: str) -> ApiError:
+    return ApiError(code=403, reason="Forbidden",
+                    message=f'forbidden: User "{user}" cannot {verb} path "{path}"')
+
+
+def internal(message: str = "an internal error occurred") -> ApiError:
+    return ApiError(code=500, reason="InternalError", message=message)
+
+
+def service_unavailable(message: str) -> ApiError:
+    return ApiError(code=503, reason="ServiceUnavailable", message=message)
+
+
+def timeout(message: str) -> ApiError:
+    return ApiError(code=504, reason="Timeout", message=message)
+
+
+def requested_range_not_satisfiable(*, size: int) -> ApiError:
+    return ApiError(code=416, reason="RequestedRangeNotSatisfiable",
+                    message=f"the requested range is outside the archive of {size} bytes",
+                    headers={"Content-Range": f"bytes */{size}"})

@@ -1,0 +1,146 @@
+"""
+The object store contract shared by the etcd and in-memory backends.
+
+Objects are plain JSON-able dicts stored under string keys (``<prefix>/<namespace>/<name>``).
+The store owns ``metadata.resourceVersion``: it is the etcd modification revision, a single
+monotonic counter for the whole store, rendered as a decimal string. Everything above the store
+(validation, defaults, uid, timestamps) belongs to the registry.
+
+Both backends must pass the same suite (``test/apiserver/test_store.py``): same errors, same
+revision rules, same watch semantics.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    """Base of the store's own errors; the registry turns them into API errors."""
+
+
+class KeyExists(StoreError):
+    """``create`` found the key taken."""
+
+
+class KeyNotFound(StoreError):
+    """The key does not exist (get, update, delete)."""
+
+
+class RevisionConflict(StoreError):
+    """A compare-and-swap saw a different ``resourceVersion`` than the caller expected."""
+
+    def __init__(self, *, current: dict[str, Any] | None) -> None:
+        super().__init__("resourceVersion changed")
+        self.current = current
+
+
+class RevisionCompacted(StoreError):
+    """A watch or list asked for a revision older than the store still keeps."""
+
+    def __init__(self, *, requested: int, compacted: int) -> None:
+        super().__init__(f"too old resource version: {requested} ({compacted})")
+        self.requested = requested
+        self.compacted = compacted
+
+
+class StoreUnavailable(StoreError):
+    """The backend cannot be reached (etcd down): a 503/504, never a 500."""
+
+
+class EventType(str, enum.Enum):
+    ADDED = "ADDED"
+    MODIFIED = "MODIFIED"
+    DELETED = "DELETED"
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreEvent:
+    """One change: ``obj`` carries the new object (or, for DELETED, the last one with the delete revision)."""
+
+    type: EventType
+    key: str
+    obj: dict[str, Any]
+    revision: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ListPage:
+    """A consistent snapshot page: ``items`` sorted by key, read at ``revision``."""
+
+    items: list[dict[str, Any]]
+    revision: int
+    continue_key: str | None  # the key to start the next page from (exclusive), None at the end
+
+
+class ObjectStore(abc.ABC):
+    """Keys are ``str``; values are dicts whose ``metadata.resourceVersion`` the store sets."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Connect; raise :class:`StoreUnavailable` if the backend cannot be reached."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections and end every open watch."""
+
+    @abc.abstractmethod
+    async def check(self) -> None:
+        """Readiness probe: return if usable, raise :class:`StoreUnavailable` if not."""
+
+    @abc.abstractmethod
+    async def current_revision(self) -> int:
+        """The store's newest revision (what a list with no items would report)."""
+
+    @abc.abstractmethod
+    async def create(self, key: str, obj: dict[str, Any]) -> dict[str, Any]:
+        """Store a new object; return it with ``resourceVersion`` set. :class:`KeyExists` if taken."""
+
+    @abc.abstractmethod
+    async def get(self, key: str) -> dict[str, Any]:
+        """The current object. :class:`KeyNotFound` if absent."""
+
+    @abc.abstractmethod
+    async def list(
+        self,
+        prefix: str,
+        *,
+        limit: int | None = None,
+        start_after: str | None = None,
+        revision: int | None = None,
+    ) -> ListPage:
+        """
+        Objects whose key starts with ``prefix``, in key order.
+
+        ``start_after`` resumes a paged list; ``revision`` reads a consistent snapshot at that
+        revision (used for continue tokens), raising :class:`RevisionCompacted` if it is gone.
+        """
+
+    @abc.abstractmethod
+    async def update(self, key: str, obj: dict[str, Any], *, expected_revision: int | None) -> dict[str, Any]:
+        """
+        Replace the object. With ``expected_revision`` the write is a compare-and-swap on the key's
+        mod revision (:class:`RevisionConflict` on mismatch). :class:`KeyNotFound` if absent.
+        """
+
+    @abc.abstractmethod
+    async def delete(self, key: str, *, expected_revision: int | None = None) -> dict[str, Any]:
+        """Remove the object and return it as it last was, ``resourceVersion`` = the delete revision."""
+
+    @abc.abstractmethod
+    def watch(self, prefix: str, *, from_revision: int) -> AsyncIterator[StoreEvent]:
+        """
+        Every change under ``prefix`` with revision > ``from_revision``, in order, until the caller
+        stops iterating or the store closes. :class:`RevisionCompacted` (raised on first iteration)
+        when ``from_revision`` is older than the oldest kept revision.
+        """
+
+    async def compact(self, revision: int) -> None:
+        """Forget history up to ``revision`` (tests use it to provoke 410 Gone)."""
+        raise NotImplementedError
