@@ -1,0 +1,1 @@
+"""A running coredump-apiserver for the tests (placeholder until the server lands)."""
