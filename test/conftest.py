@@ -6,3 +6,4 @@ Test folders have no ``__init__.py`` (``test`` is a stdlib package name), so pyt
 """
 from fixtures_etcd import *  # noqa: F401,F403
 from fixtures_apiserver import *  # noqa: F401,F403
+from fake_kube import *  # noqa: F401,F403
