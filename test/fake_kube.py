@@ -1,1 +1,415 @@
-"""An in-test fake of the kube-apiserver endpoints this project calls (placeholder until the auth work lands)."""
+"""
+An in-test fake of exactly the kube-apiserver endpoints this project calls, over real TLS on 127.0.0.1.
+
+Endpoints (shapes as the real API server answers them):
+
+- ``GET  /api/v1/namespaces/kube-system/configmaps/extension-apiserver-authentication``
+- ``POST /apis/authentication.k8s.io/v1/tokenreviews``
+- ``POST /apis/authorization.k8s.io/v1/subjectaccessreviews`` (decided by a rule table, see ``allow``)
+- ``GET  /api/v1/namespaces/{ns}/pods/{name}`` (404 ``Status`` when absent)
+- ``POST /api/v1/namespaces/{ns}/events`` and ``POST /apis/events.k8s.io/v1/namespaces/{ns}/events`` (recorded)
+
+Callers authenticate with a bearer token from ``.tokens``; anything else gets a 401 ``Status``.
+
+The ``fake_kube`` fixture (async, function scope) yields a :class:`FakeKube`:
+
+- ``.url``, ``.ca_file`` (the cluster CA: it signed the fake's serving certificate and is the ``client-ca-file``)
+- ``.write_kubeconfig(path, *, token=None) -> Path``: a kubeconfig for kubernetes-asyncio, kubectl or our
+  server; the default token is ``.server_token`` (the API server's own service account)
+- ``.add_token(token, *, user, groups=(), uid="", extra=None)`` and ``.tokens`` (token → :class:`FakeUser`)
+- ``.allow(*, verbs, users=(), groups=(), resources=(), namespaces=(), non_resource_urls=())``: add an RBAC-like
+  rule (see :mod:`apiserver.auth.static`); ``system:masters`` may do anything, ``system:authenticated`` may
+  get the discovery paths, as in a real cluster
+- ``.add_pod(namespace=, name=, uid=None) -> dict`` and ``.delete_pod(namespace=, name=)``
+- ``.events``: every event body posted (as stored, with ``metadata.name`` filled in)
+- ``.sar_requests`` / ``.token_reviews``: the bodies received, in order (to test caching)
+- ``.sar_failure`` / ``.token_review_failure``: ``None``, ``"unreachable"`` (the connection is dropped) or an
+  HTTP status such as 500
+- ``.set_authentication_configmap(*, client_ca=..., requestheader_ca=..., allowed_names=..., ...)``
+- ``.client_ca`` / ``.front_proxy_ca`` (:class:`TestCA`) and ``.issue_client_cert(directory, *, cn, orgs=(),
+  ca="client")`` → (cert path, key path) for mTLS tests.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import ipaddress
+import json
+import logging
+import secrets
+import socket
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import pytest_asyncio
+import yaml
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from apiserver.auth import AUTHENTICATED_GROUP, RequestAttributes, UserInfo
+from apiserver.auth.static import Rule, decide, discovery_rule, rule
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FakeKube", "FakeUser", "TestCA", "fake_kube"]
+
+AUTH_CONFIGMAP_PATH = "/api/v1/namespaces/kube-system/configmaps/extension-apiserver-authentication"
+Failure = Literal["unreachable"] | int | None
+
+
+# --- certificates -------------------------------------------------------------------------------------------
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+class TestCA:
+    """A CA that issues serving and client certificates into a directory (EC P-256: fast to generate)."""
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(self, directory: Path, *, name: str) -> None:
+        self.directory = directory
+        self.name = name
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.cert = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - datetime.timedelta(minutes=5))
+            .not_valid_after(_now() + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                         content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        self.pem = self.cert.public_bytes(serialization.Encoding.PEM).decode()
+        self.cert_file = directory / f"{name}.crt"
+        self.cert_file.write_text(self.pem)
+
+    def issue(self, *, cn: str, orgs: Iterable[str] = (), server: bool = False,
+              directory: Path | None = None, stem: str | None = None) -> tuple[Path, Path]:
+        """Write ``<stem>.crt``/``<stem>.key`` signed by this CA; a server certificate is valid for 127.0.0.1."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org) for org in orgs]
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+        builder = (
+            x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(self.cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - datetime.timedelta(minutes=5))
+            .not_valid_after(_now() + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        )
+        if server:
+            builder = builder.add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
+        directory = directory or self.directory
+        stem = stem or f"{self.name}-{cn.replace(':', '_')}-{secrets.token_hex(3)}"
+        cert_file, key_file = directory / f"{stem}.crt", directory / f"{stem}.key"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(_pem_key(key))
+        key_file.chmod(0o600)
+        return cert_file, key_file
+
+
+# --- the fake -----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FakeUser:
+    name: str
+    groups: tuple[str, ...] = ()
+    uid: str = ""
+    extra: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+
+def _status(code: int, reason: str, message: str, **details: Any) -> web.Response:
+    body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                            "message": message, "reason": reason, "code": code}
+    if details:
+        body["details"] = details
+    return web.json_response(body, status=code)
+
+
+def _timestamp() -> str:
+    return _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class FakeKube:
+    """The fake's state and its aiohttp application; start it with :meth:`start` (the fixture does)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.client_ca = TestCA(directory, name="cluster-ca")
+        self.front_proxy_ca = TestCA(directory, name="front-proxy-ca")
+        self.ca_file = self.client_ca.cert_file
+        self._serving_cert, self._serving_key = self.client_ca.issue(cn="kube-apiserver", server=True,
+                                                                     stem="fake-kube-serving")
+        self.front_proxy_cert, self.front_proxy_key = self.front_proxy_ca.issue(cn="front-proxy-client",
+                                                                                stem="front-proxy-client")
+        self.server_token = "apiserver-" + secrets.token_hex(8)
+        self.tokens: dict[str, FakeUser] = {
+            self.server_token: FakeUser(name="system:serviceaccount:coredump:apiserver",
+                                        groups=("system:serviceaccounts", "system:serviceaccounts:coredump")),
+        }
+        self.rules: list[Rule] = [rule(verbs=["*"], groups=["system:masters"], resources=["*"],
+                                       non_resource_urls=["*"]),
+                                  discovery_rule()]
+        self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.sar_requests: list[dict[str, Any]] = []
+        self.token_reviews: list[dict[str, Any]] = []
+        self.sar_failure: Failure = None
+        self.token_review_failure: Failure = None
+        self.configmap_reads = 0
+        self._resource_version = 1000
+        self.auth_configmap: dict[str, str] = {}
+        self.set_authentication_configmap()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    # -- configuration used by tests --
+
+    def add_token(self, token: str, *, user: str, groups: Iterable[str] = (), uid: str = "",
+                  extra: dict[str, list[str]] | None = None) -> str:
+        self.tokens[token] = FakeUser(name=user, groups=tuple(groups), uid=uid, extra=dict(extra or {}))
+        return token
+
+    def allow(self, *, verbs: Iterable[str], users: Iterable[str] = (), groups: Iterable[str] = (),
+              resources: Iterable[str] = (), namespaces: Iterable[str] = (),
+              non_resource_urls: Iterable[str] = ()) -> Rule:
+        added = rule(verbs=verbs, users=users, groups=groups, resources=resources, namespaces=namespaces,
+                     non_resource_urls=non_resource_urls)
+        self.rules.append(added)
+        return added
+
+    def add_pod(self, *, namespace: str, name: str, uid: str | None = None,
+                containers: Iterable[str] = ("app",), node_name: str = "node-1") -> dict[str, Any]:
+        pod = {
+            "kind": "Pod", "apiVersion": "v1",
+            "metadata": {"name": name, "namespace": namespace, "uid": uid or str(uuid.uuid4()),
+                         "resourceVersion": self._next_rv(), "creationTimestamp": _timestamp()},
+            "spec": {"nodeName": node_name,
+                     "containers": [{"name": c, "image": f"example/{c}:1"} for c in containers]},
+            "status": {"phase": "Running"},
+        }
+        self.pods[(namespace, name)] = pod
+        return pod
+
+    def delete_pod(self, *, namespace: str, name: str) -> None:
+        self.pods.pop((namespace, name), None)
+
+    def set_authentication_configmap(
+        self, *, client_ca: str | None = None, requestheader_ca: str | None = None,
+        allowed_names: Iterable[str] = ("front-proxy-client",),
+        username_headers: Iterable[str] = ("X-Remote-User",), group_headers: Iterable[str] = ("X-Remote-Group",),
+        extra_headers_prefix: Iterable[str] = ("X-Remote-Extra-",), uid_headers: Iterable[str] | None = None,
+        include_requestheader: bool = True,
+    ) -> None:
+        """Rewrite the ConfigMap the way kube-apiserver publishes it (list values are JSON strings)."""
+        data = {"client-ca-file": client_ca if client_ca is not None else self.client_ca.pem}
+        if include_requestheader:
+            data.update({
+                "requestheader-client-ca-file": (requestheader_ca if requestheader_ca is not None
+                                                 else self.front_proxy_ca.pem),
+                "requestheader-allowed-names": json.dumps(list(allowed_names)),
+                "requestheader-username-headers": json.dumps(list(username_headers)),
+                "requestheader-group-headers": json.dumps(list(group_headers)),
+                "requestheader-extra-headers-prefix": json.dumps(list(extra_headers_prefix)),
+            })
+            if uid_headers is not None:
+                data["requestheader-uid-headers"] = json.dumps(list(uid_headers))
+        self.auth_configmap = data
+        self._auth_configmap_rv = self._next_rv()
+
+    def issue_client_cert(self, directory: Path, *, cn: str, orgs: Iterable[str] = (),
+                          ca: Literal["client", "front-proxy"] = "client") -> tuple[Path, Path]:
+        authority = self.client_ca if ca == "client" else self.front_proxy_ca
+        return authority.issue(cn=cn, orgs=orgs, directory=directory)
+
+    def write_kubeconfig(self, path: Path, *, token: str | None = None,
+                         client_cert: tuple[Path, Path] | None = None) -> Path:
+        user: dict[str, Any] = {}
+        if client_cert:
+            user = {"client-certificate": str(client_cert[0]), "client-key": str(client_cert[1])}
+        else:
+            user = {"token": token or self.server_token}
+        config = {
+            "apiVersion": "v1", "kind": "Config", "preferences": {},
+            "clusters": [{"name": "fake", "cluster": {"server": self.url,
+                                                      "certificate-authority": str(self.ca_file)}}],
+            "users": [{"name": "fake-user", "user": user}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake-user"}}],
+            "current-context": "fake",
+        }
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        app = web.Application(middlewares=[self._authenticate_caller])
+        app.router.add_get(AUTH_CONFIGMAP_PATH, self._get_auth_configmap)
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
+        app.router.add_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", self._subject_access_review)
+        app.router.add_get("/api/v1/namespaces/{namespace}/pods/{name}", self._get_pod)
+        app.router.add_post("/api/v1/namespaces/{namespace}/events", self._post_core_event)
+        app.router.add_post("/apis/events.k8s.io/v1/namespaces/{namespace}/events", self._post_events_event)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self._serving_cert, self._serving_key)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.SockSite(self._runner, sock, ssl_context=ctx)
+        await site.start()
+        self.url = f"https://127.0.0.1:{sock.getsockname()[1]}"
+
+    async def close(self) -> None:
+        if self._runner:
+            await self._runner.cleanup()
+
+    # -- handlers --
+
+    def _next_rv(self) -> str:
+        self._resource_version += 1
+        return str(self._resource_version)
+
+    @web.middleware
+    async def _authenticate_caller(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or token.strip() not in self.tokens:
+            return _status(401, "Unauthorized", "Unauthorized")
+        return await handler(request)
+
+    async def _fail(self, request: web.Request, failure: Failure) -> web.StreamResponse | None:
+        if failure is None:
+            return None
+        if failure == "unreachable":
+            # Drop the connection without an answer: what the caller sees when the API server is gone.
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response(status=500)
+        return _status(int(failure), "InternalError", "Internal error occurred: injected failure")
+
+    async def _get_auth_configmap(self, request: web.Request) -> web.StreamResponse:
+        self.configmap_reads += 1
+        return web.json_response({
+            "kind": "ConfigMap", "apiVersion": "v1",
+            "metadata": {"name": "extension-apiserver-authentication", "namespace": "kube-system",
+                         "resourceVersion": self._auth_configmap_rv,
+                         "uid": "00000000-0000-0000-0000-00000000ca01"},
+            "data": dict(self.auth_configmap),
+        })
+
+    async def _token_review(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.token_reviews.append(body)
+        if (failed := await self._fail(request, self.token_review_failure)) is not None:
+            return failed
+        spec = body.get("spec") or {}
+        found = self.tokens.get(spec.get("token", ""))
+        status: dict[str, Any]
+        if found is None:
+            status = {"user": {}, "error": "invalid bearer token"}
+        else:
+            user: dict[str, Any] = {"username": found.name, "groups": [*found.groups, AUTHENTICATED_GROUP]}
+            if found.uid:
+                user["uid"] = found.uid
+            if found.extra:
+                user["extra"] = found.extra
+            status = {"authenticated": True, "user": user, "audiences": spec.get("audiences") or []}
+        answer = {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
+                  "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}
+        return web.json_response(answer, status=201)
+
+    async def _subject_access_review(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.sar_requests.append(body)
+        if (failed := await self._fail(request, self.sar_failure)) is not None:
+            return failed
+        spec = body.get("spec") or {}
+        user = UserInfo(name=spec.get("user", ""), uid=spec.get("uid", ""), groups=tuple(spec.get("groups") or ()))
+        if ra := spec.get("resourceAttributes"):
+            attributes = RequestAttributes(
+                user=user, verb=ra.get("verb", ""), path="", is_resource_request=True,
+                api_group=ra.get("group", ""), api_version=ra.get("version", ""), resource=ra.get("resource", ""),
+                subresource=ra.get("subresource", ""), namespace=ra.get("namespace", ""), name=ra.get("name", ""))
+        elif nra := spec.get("nonResourceAttributes"):
+            attributes = RequestAttributes(user=user, verb=nra.get("verb", ""), path=nra.get("path", ""),
+                                           is_resource_request=False)
+        else:
+            return _status(422, "Invalid", 'SubjectAccessReview.authorization.k8s.io "" is invalid: '
+                                           'spec.resourceAttributes: Invalid value: "null": exactly one of '
+                                           'nonResourceAttributes or resourceAttributes must be specified')
+        decision = decide(self.rules, attributes)
+        status: dict[str, Any] = {"allowed": decision.allowed}
+        if decision.allowed:
+            status["reason"] = 'RBAC: allowed by fake rule table'
+        answer = {"kind": "SubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
+                  "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}
+        return web.json_response(answer, status=201)
+
+    async def _get_pod(self, request: web.Request) -> web.StreamResponse:
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        pod = self.pods.get((namespace, name))
+        if pod is None:
+            return _status(404, "NotFound", f'pods "{name}" not found', name=name, kind="pods")
+        return web.json_response(pod)
+
+    async def _record_event(self, request: web.Request, *, api_version: str) -> web.StreamResponse:
+        namespace = request.match_info["namespace"]
+        body = await request.json()
+        metadata = body.setdefault("metadata", {})
+        if metadata.get("namespace", namespace) != namespace:
+            return _status(400, "BadRequest",
+                           "the namespace of the provided object does not match the namespace sent on the request")
+        if body.get("apiVersion", api_version) != api_version:
+            return _status(400, "BadRequest", f"wrong apiVersion {body.get('apiVersion')!r} for {request.path}")
+        # The real server answers with apiVersion and kind filled even when the client left them out.
+        body["apiVersion"], body["kind"] = api_version, "Event"
+        metadata["namespace"] = namespace
+        if not metadata.get("name"):
+            if not metadata.get("generateName"):
+                return _status(422, "Invalid", 'Event "" is invalid: metadata.name: Required value: '
+                                               "name or generateName is required")
+            metadata["name"] = metadata["generateName"] + secrets.token_hex(3)
+        metadata.update(uid=str(uuid.uuid4()), resourceVersion=self._next_rv(), creationTimestamp=_timestamp())
+        self.events.append(body)
+        return web.json_response(body, status=201)
+
+    async def _post_core_event(self, request: web.Request) -> web.StreamResponse:
+        return await self._record_event(request, api_version="v1")
+
+    async def _post_events_event(self, request: web.Request) -> web.StreamResponse:
+        return await self._record_event(request, api_version="events.k8s.io/v1")
+
+
+@pytest_asyncio.fixture
+async def fake_kube(tmp_path_factory: Any) -> AsyncIterator[FakeKube]:
+    fake = FakeKube(tmp_path_factory.mktemp("fake-kube"))
+    await fake.start()
+    try:
+        yield fake
+    finally:
+        await fake.close()
