@@ -1,0 +1,159 @@
+"""
+Reading requests and writing responses the Kubernetes way: bodies in JSON or YAML with a size limit and
+duplicate-field detection, query options checked like kube-apiserver checks them, and objects rendered
+as JSON or YAML with ``Warning`` headers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from apiserver.api import errors, patch
+from apiserver.registry.endpoints import FIELD_VALIDATION_VALUES, WriteOptions
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 3 * 1024 * 1024  # kube-apiserver's limit for a single object
+BODY_LIMIT_KEY: web.AppKey[int] = web.AppKey("max_body_bytes", int)
+JSON_TYPES = ("application/json", "")
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml")
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors/aliases: they buy nothing for one object and allow billion-laughs bodies."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases are not allowed", event.start_mark)
+        return super().compose_node(parent, index)
+
+
+@dataclasses.dataclass(frozen=True)
+class Body:
+    data: Any
+    duplicate_fields: tuple[str, ...]
+
+
+def _json_decode(raw: bytes) -> Body:
+    duplicates: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in items:
+            if key in result:
+                duplicates.append(key)
+            result[key] = value
+        return result
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        data = json.loads(raw, object_pairs_hook=pairs, parse_constant=no_constants)
+    except RecursionError:
+        raise errors.bad_request("the request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise errors.bad_request(f"the request body is not valid JSON: {error}") from None
+    return Body(data=data, duplicate_fields=tuple(duplicates))
+
+
+def _yaml_decode(raw: bytes) -> Body:
+    try:
+        data = yaml.load(raw, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise errors.bad_request("the request body is nested too deeply") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise errors.bad_request(f"the request body is not valid YAML: {first_line}") from None
+    return Body(data=data, duplicate_fields=())
+
+
+async def read_body(request: web.Request, *, allowed: tuple[str, ...]) -> Body:
+    """The decoded body; 415 for a content type not in ``allowed``, 413 past the size limit, 400 if malformed."""
+    content_type = request.content_type if request.headers.get("Content-Type") else ""
+    if content_type not in allowed:
+        raise errors.unsupported_media_type(request.headers.get("Content-Type", ""))
+    limit = request.app.get(BODY_LIMIT_KEY, DEFAULT_MAX_BODY_BYTES)
+    if request.content_length is not None and request.content_length > limit:
+        raise errors.request_entity_too_large(limit=limit)
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise errors.request_entity_too_large(limit=limit)
+    if not raw.strip():
+        raise errors.bad_request("the request body is empty")
+    if content_type in YAML_TYPES:
+        return _yaml_decode(raw)
+    return _json_decode(raw)
+
+
+WRITE_TYPES = JSON_TYPES + YAML_TYPES
+PATCH_TYPES = (patch.MERGE_PATCH, patch.JSON_PATCH, patch.STRATEGIC_MERGE_PATCH, patch.APPLY_PATCH)
+
+
+def query_bool(request: web.Request, name: str) -> bool:
+    value = request.query.get(name)
+    if value in (None, "", "false", "0", "False"):
+        return False
+    if value in ("true", "1", "True"):
+        return True
+    raise errors.bad_request(f'{name}: Invalid value: "{value}": must be true or false')
+
+
+def query_int(request: web.Request, name: str, *, minimum: int = 0) -> int | None:
+    value = request.query.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise errors.bad_request(f'{name}: Invalid value: "{value}": must be an integer') from None
+    if number < minimum:
+        raise errors.bad_request(f'{name}: Invalid value: {number}: must be greater than or equal to {minimum}')
+    return number
+
+
+def dry_run(request: web.Request) -> bool:
+    values = request.query.getall("dryRun", [])
+    for value in values:
+        if value != "All":
+            raise errors.bad_request(f'dryRun: Unsupported value: "{value}": supported values: "All"')
+    return bool(values)
+
+
+def write_options(request: web.Request, body: Body) -> WriteOptions:
+    validation = request.query.get("fieldValidation") or "Warn"
+    if validation not in FIELD_VALIDATION_VALUES:
+        raise errors.bad_request(f'fieldValidation: Unsupported value: "{validation}": supported values: '
+                                 '"Ignore", "Warn", "Strict"')
+    return WriteOptions(dry_run=dry_run(request), field_validation=validation,
+                        duplicate_fields=body.duplicate_fields)
+
+
+def wants_yaml(request: web.Request) -> bool:
+    accept = request.headers.get("Accept", "")
+    first = accept.split(",")[0].split(";")[0].strip().lower()
+    return first == "application/yaml"
+
+
+def respond(request: web.Request, obj: Any, *, status: int = 200, warnings: list[str] | None = None,
+            yaml_out: bool | None = None) -> web.Response:
+    """Render ``obj`` as the client prefers; ``Warning: 299`` headers are how kubectl learns of dropped fields."""
+    if yaml_out is None:
+        yaml_out = wants_yaml(request)
+    if yaml_out:
+        body = yaml.safe_dump(obj, sort_keys=False).encode()
+        content_type = "application/yaml"
+    else:
+        pretty = request.query.get("pretty") in ("true", "1")
+        body = json.dumps(obj, indent=2 if pretty else None, separators=None if pretty else (",", ":")).encode()
+        content_type = "application/json"
+    response = web.Response(body=body, status=status, content_type=content_type)
+    for warning in warnings or []:
+        response.headers.add("Warning", '299 - "' + warning.replace('"', '\\"') + '"')
+    return response

@@ -1,0 +1,399 @@
+"""
+The CoredumpEndpoint registry: Kubernetes object semantics on top of an :class:`ObjectStore`.
+
+It owns what kube-apiserver's generic registry owns for a custom resource: server-managed metadata
+(uid, creationTimestamp, generation, resourceVersion), generateName, validation and field validation,
+optimistic concurrency, dryRun, list paging and resourceVersion semantics, and watch filtering. It asks
+:class:`CoreData` for what only storage knows (status, a deleted pod's uid, purging cores).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import datetime as dt
+import logging
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from apiserver.api import errors
+from apiserver.api import resource as r
+from apiserver.api.conventions import encode_continue, decode_continue
+from apiserver.api.selectors import FieldSelector
+from apiserver.registry.coredata import CoreData
+from apiserver.registry.store import (
+    EventType, KeyExists, KeyNotFound, ObjectStore, RevisionCompacted, RevisionConflict, StoreEvent,
+    StoreUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+KEY_ROOT = f"/{r.PLURAL}/"
+FIELD_VALIDATION_VALUES = ("Ignore", "Warn", "Strict")
+_GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # kube-apiserver's: no vowels, no look-alikes
+_LIST_CHUNK = 500
+CONTINUE_EXPIRED = (
+    "The provided continue parameter is too old to display a consistent list result. You can start a new list "
+    "without the continue parameter.")
+
+
+def key_for(namespace: str, name: str) -> str:
+    return f"{KEY_ROOT}{namespace}/{name}"
+
+
+def prefix_for(namespace: str | None) -> str:
+    return f"{KEY_ROOT}{namespace}/" if namespace else KEY_ROOT
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteOptions:
+    dry_run: bool = False
+    field_validation: str = "Warn"
+    duplicate_fields: tuple[str, ...] = ()  # found by the body decoder, which alone sees the raw document
+
+
+@dataclasses.dataclass
+class WriteResult:
+    obj: dict[str, Any]
+    warnings: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class ListResult:
+    items: list[dict[str, Any]]
+    resource_version: str
+    continue_token: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchItem:
+    type: str  # ADDED, MODIFIED, DELETED, BOOKMARK
+    obj: dict[str, Any] | None
+    revision: int
+    initial_events_end: bool = False
+
+
+@contextlib.contextmanager
+def _store_errors(name: str) -> Iterator[None]:
+    """Translate store exceptions into API errors at the one place they surface."""
+    try:
+        yield
+    except KeyNotFound:
+        raise errors.not_found(name=name) from None
+    except KeyExists:
+        raise errors.already_exists(name=name) from None
+    except RevisionConflict:
+        raise errors.conflict(name=name, message="the object has been modified; please apply your changes to "
+                                                 "the latest version and try again") from None
+    except StoreUnavailable as error:
+        raise errors.service_unavailable(f"storage is unavailable: {error}") from None
+
+
+class EndpointRegistry:
+    def __init__(self, *, store: ObjectStore, coredata: CoreData) -> None:
+        self.store = store
+        self.coredata = coredata
+
+    # ---- reads ------------------------------------------------------------------------------------
+
+    async def get(self, *, namespace: str, name: str) -> dict[str, Any]:
+        with _store_errors(name):
+            obj = await self.store.get(key_for(namespace, name))
+        await self.coredata.fill_status([obj])
+        return obj
+
+    async def list(
+        self,
+        *,
+        namespace: str | None,
+        labels: Any = None,
+        fields: FieldSelector | None = None,
+        limit: int | None = None,
+        continue_token: str | None = None,
+        resource_version: int | None = None,
+        exact: bool = False,
+    ) -> ListResult:
+        """
+        A consistent page of objects. ``resource_version`` with ``exact`` reads that snapshot (410 when
+        compacted); without ``exact`` it only must not be newer than what the store has.
+        """
+        prefix = prefix_for(namespace)
+        start_after: str | None = None
+        revision: int | None = None
+        if continue_token:
+            revision, start_after = decode_continue(continue_token)
+            if not start_after.startswith(prefix):
+                raise errors.bad_request("continue key is not valid: it belongs to another list")
+        elif resource_version:
+            current = await self._current_revision()
+            if resource_version > current:
+                raise errors.ApiError(code=504, reason="Timeout",
+                                      message=f"Too large resource version: {resource_version}, current: {current}",
+                                      details={"causes": [{"reason": "ResourceVersionTooLarge",
+                                                           "message": "Too large resource version"}],
+                                               "retryAfterSeconds": 1})
+            if exact:
+                revision = resource_version
+        if fields is not None and fields.namespace is not None and namespace and fields.namespace != namespace:
+            return ListResult(items=[], resource_version=str(await self._current_revision()), continue_token=None)
+
+        matched: list[dict[str, Any]] = []
+        next_token: str | None = None
+        while True:
+            want = None if limit is None else max(limit - len(matched), 1)
+            chunk = None if want is None else max(want, min(_LIST_CHUNK, want * 2))
+            try:
+                with _store_errors(""):
+                    page = await self.store.list(prefix, limit=chunk, start_after=start_after, revision=revision)
+            except RevisionCompacted:
+                if continue_token:
+                    raise errors.gone(CONTINUE_EXPIRED) from None
+                raise errors.gone(f"too old resource version: {revision}") from None
+            revision = page.revision
+            for index, obj in enumerate(page.items):
+                if (labels is None or labels(obj)) and (fields is None or fields.predicate(obj)):
+                    matched.append(obj)
+                if limit is not None and len(matched) >= limit:
+                    more = index + 1 < len(page.items) or page.continue_key is not None
+                    if more:
+                        next_token = encode_continue(revision=revision,
+                                                     start_after=self._key_of(obj))
+                    break
+            else:
+                if page.continue_key is not None and (limit is None or len(matched) < limit):
+                    start_after = page.continue_key
+                    continue
+            break
+        await self.coredata.fill_status(matched)
+        return ListResult(items=matched, resource_version=str(revision), continue_token=next_token)
+
+    @staticmethod
+    def _key_of(obj: dict[str, Any]) -> str:
+        return key_for(obj["metadata"]["namespace"], obj["metadata"]["name"])
+
+    async def _current_revision(self) -> int:
+        with _store_errors(""):
+            return await self.store.current_revision()
+
+    # ---- writes -----------------------------------------------------------------------------------
+
+    def _field_check(self, body: dict[str, Any], options: WriteOptions) -> list[str]:
+        """Strict: 400 on unknown or duplicate fields; Warn: warnings; Ignore: nothing. Unknown fields are dropped."""
+        problems = [f'unknown field "{path}"' for path in r.unknown_fields(body)]
+        problems += [f'duplicate field "{name}"' for name in options.duplicate_fields]
+        if not problems or options.field_validation == "Ignore":
+            return []
+        if options.field_validation == "Strict":
+            raise errors.bad_request("strict decoding error: " + ", ".join(problems))
+        return problems
+
+    def _validated(self, body: Any, *, namespace: str) -> dict[str, Any]:
+        r.check_type_meta(body)
+        causes = r.validate_metadata_types(body.get("metadata", {}))
+        name = body.get("metadata", {}).get("name", "") if isinstance(body.get("metadata"), dict) else ""
+        if causes:
+            raise errors.invalid(name=name, causes=causes)
+        obj = r.prune(body)
+        body_namespace = obj["metadata"].get("namespace")
+        if body_namespace and body_namespace != namespace:
+            raise errors.bad_request("the namespace of the provided object does not match the namespace sent on "
+                                     "the request")
+        obj["metadata"]["namespace"] = namespace
+        if obj["spec"] is None:
+            obj["spec"] = {}
+        return obj
+
+    def _raise_if_invalid(self, obj: dict[str, Any]) -> None:
+        causes = r.validate_object(obj)
+        if causes:
+            raise errors.invalid(name=obj["metadata"].get("name", ""), causes=causes)
+
+    async def create(self, *, namespace: str, body: Any, options: WriteOptions = WriteOptions()) -> WriteResult:
+        obj = self._validated(body, namespace=namespace)
+        warnings = self._field_check(body, options)
+        metadata = obj["metadata"]
+        generate = metadata.get("generateName")
+        if not metadata.get("name") and generate:
+            metadata["name"] = generate + "".join(secrets.choice(_GENERATE_ALPHABET) for _ in range(5))
+        if generate is not None and not isinstance(generate, str):
+            raise errors.invalid(name="", causes=[{"reason": "FieldValueTypeInvalid", "field":
+                                                   "metadata.generateName", "message": "must be a string"}])
+        self._raise_if_invalid(obj)
+        name = metadata["name"]
+        for field in ("uid", "resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"):
+            metadata.pop(field, None)
+        metadata["uid"] = str(uuid.uuid4())
+        metadata["creationTimestamp"] = now_rfc3339()
+        metadata["generation"] = 1
+        if not obj["spec"].get("podUID"):
+            obj["spec"]["podUID"] = await self.coredata.default_pod_uid(namespace=namespace, name=name)
+        if options.dry_run:
+            with _store_errors(name):
+                try:
+                    await self.store.get(key_for(namespace, name))
+                except KeyNotFound:
+                    pass
+                else:
+                    raise errors.already_exists(name=name)
+            created = obj
+        else:
+            with _store_errors(name):
+                created = await self.store.create(key_for(namespace, name), obj)
+        await self.coredata.fill_status([created])
+        return WriteResult(obj=created, warnings=warnings)
+
+    async def update(self, *, namespace: str, name: str, body: Any,
+                     options: WriteOptions = WriteOptions()) -> WriteResult:
+        obj = self._validated(body, namespace=namespace)
+        warnings = self._field_check(body, options)
+        if obj["metadata"].get("name") != name:
+            raise errors.bad_request(f'the name of the object ({obj["metadata"].get("name")}) does not match the '
+                                     f"name on the URL ({name})")
+        with _store_errors(name):
+            current = await self.store.get(key_for(namespace, name))
+        expected = obj["metadata"].get("resourceVersion") or None
+        if expected is not None and not str(expected).isdigit():
+            raise errors.bad_request(f'metadata.resourceVersion: Invalid value: "{expected}": must be an integer')
+        return await self._replace(current=current, new=obj, warnings=warnings,
+                                    expected=int(expected) if expected else None, options=options)
+
+    async def _replace(self, *, current: dict[str, Any], new: dict[str, Any], warnings: list[str],
+                       expected: int | None, options: WriteOptions) -> WriteResult:
+        name = current["metadata"]["name"]
+        metadata, old_meta = new["metadata"], current["metadata"]
+        if metadata.get("uid") and metadata["uid"] != old_meta["uid"]:
+            raise errors.conflict(name=name, message=f'Precondition failed: UID in precondition: {metadata["uid"]}, '
+                                                     f'UID in object meta: {old_meta["uid"]}')
+        old_uid, new_uid = current["spec"].get("podUID"), new["spec"].get("podUID")
+        if new_uid is None:
+            new["spec"]["podUID"] = old_uid
+        self._raise_if_invalid(new)
+        if new_uid is not None and new_uid != old_uid:
+            raise errors.invalid(name=name, causes=[{"reason": "FieldValueInvalid", "field": "spec.podUID",
+                                                     "message": f'Invalid value: "{new_uid}": field is immutable'}])
+        for field in ("uid", "creationTimestamp", "generation", "deletionTimestamp", "generateName"):
+            if field in old_meta:
+                metadata[field] = old_meta[field]
+            else:
+                metadata.pop(field, None)
+        metadata.pop("resourceVersion", None)
+        metadata.pop("selfLink", None)
+        if new["spec"] != current["spec"]:
+            metadata["generation"] = old_meta.get("generation", 1) + 1
+        if options.dry_run:
+            result = copy.deepcopy(new)
+            result["metadata"]["resourceVersion"] = old_meta["resourceVersion"]
+        else:
+            revision = expected if expected is not None else int(old_meta["resourceVersion"])
+            with _store_errors(name):
+                result = await self.store.update(key_for(metadata["namespace"], name), new,
+                                                 expected_revision=revision)
+        await self.coredata.fill_status([result])
+        return WriteResult(obj=result, warnings=warnings)
+
+    async def patch(self, *, namespace: str, name: str, apply_patch: Any,
+                    options: WriteOptions = WriteOptions()) -> WriteResult:
+        """``apply_patch`` maps the current object (without status) to the patched body."""
+        for _attempt in range(5):
+            with _store_errors(name):
+                current = await self.store.get(key_for(namespace, name))
+            patched = apply_patch(copy.deepcopy(current))
+            obj = self._validated(patched, namespace=namespace)
+            warnings = self._field_check(patched, options)
+            if obj["metadata"].get("name") != name:
+                raise errors.bad_request("the name of the object cannot be changed by a patch")
+            expected = obj["metadata"].get("resourceVersion")
+            pinned = expected and expected != current["metadata"]["resourceVersion"]
+            if expected and not str(expected).isdigit():
+                raise errors.bad_request(f'metadata.resourceVersion: Invalid value: "{expected}"')
+            try:
+                return await self._replace(current=current, new=obj, warnings=warnings,
+                                           expected=int(expected) if pinned else None, options=options)
+            except errors.ApiError as error:
+                # A concurrent write between our read and CAS: retry, unless the patch pinned a version.
+                if error.reason != "Conflict" or pinned:
+                    raise
+        raise errors.conflict(name=name, message="the object keeps changing; try again")
+
+    async def delete(self, *, namespace: str, name: str, dry_run: bool = False,
+                     precondition_uid: str | None = None,
+                     precondition_rv: str | None = None) -> dict[str, Any]:
+        with _store_errors(name):
+            current = await self.store.get(key_for(namespace, name))
+        if precondition_uid and precondition_uid != current["metadata"]["uid"]:
+            raise errors.conflict(name=name, message=f"Precondition failed: UID in precondition: {precondition_uid}, "
+                                                     f"UID in object meta: {current['metadata']['uid']}")
+        if precondition_rv and precondition_rv != current["metadata"]["resourceVersion"]:
+            raise errors.conflict(name=name, message=f"Precondition failed: ResourceVersion in precondition: "
+                                                     f"{precondition_rv}, ResourceVersion in object meta: "
+                                                     f"{current['metadata']['resourceVersion']}")
+        if dry_run:
+            deleted = current
+        else:
+            with _store_errors(name):
+                deleted = await self.store.delete(key_for(namespace, name),
+                                                  expected_revision=int(current["metadata"]["resourceVersion"]))
+            await self.coredata.on_delete(deleted)
+        await self.coredata.fill_status([deleted])
+        return deleted
+
+    async def delete_collection(self, *, namespace: str, labels: Any = None, fields: FieldSelector | None = None,
+                                dry_run: bool = False) -> ListResult:
+        listed = await self.list(namespace=namespace, labels=labels, fields=fields)
+        deleted = []
+        for obj in listed.items:
+            try:
+                deleted.append(await self.delete(namespace=namespace, name=obj["metadata"]["name"], dry_run=dry_run))
+            except errors.ApiError as error:
+                if error.reason != "NotFound":  # deleted meanwhile: that is what was asked
+                    raise
+        return ListResult(items=deleted, resource_version=listed.resource_version, continue_token=None)
+
+    # ---- watch ------------------------------------------------------------------------------------
+
+    async def watch(self, *, namespace: str | None, labels: Any = None, fields: FieldSelector | None = None,
+                    resource_version: int | None, send_initial_events: bool) -> AsyncIterator[WatchItem]:
+        """
+        ADDED/MODIFIED/DELETED items in revision order. With no resourceVersion (or with
+        ``send_initial_events``) the watch starts with synthetic ADDED events for what exists; with
+        ``send_initial_events`` a BOOKMARK marks their end. RevisionCompacted propagates to the caller,
+        which reports it in-stream as a 410 ERROR event.
+        """
+        def matches(obj: dict[str, Any]) -> bool:
+            return (labels is None or labels(obj)) and (fields is None or fields.predicate(obj))
+
+        if resource_version is None or resource_version == 0 or send_initial_events:
+            snapshot = await self.list(namespace=namespace, labels=labels, fields=fields)
+            start = int(snapshot.resource_version)
+            for obj in snapshot.items:
+                yield WatchItem(type="ADDED", obj=obj, revision=start)
+            if send_initial_events:
+                yield WatchItem(type="BOOKMARK", obj=None, revision=start, initial_events_end=True)
+        else:
+            start = resource_version
+        events: AsyncIterator[StoreEvent] = self.store.watch(prefix_for(namespace), from_revision=start)
+        try:
+            async for event in events:
+                if not matches(event.obj):
+                    continue
+                obj = copy.deepcopy(event.obj)
+                await self.coredata.fill_status([obj])
+                yield WatchItem(type=event.type.value if isinstance(event.type, EventType) else str(event.type),
+                                obj=obj, revision=event.revision)
+        finally:
+            close = getattr(events, "aclose", None)
+            if close is not None:
+                # The client is gone or the watch failed: nothing is left to report about closing it.
+                with contextlib.suppress(Exception):
+                    await close()
+
+    async def check(self) -> None:
+        with _store_errors(""):
+            await self.store.check()
+
