@@ -1,0 +1,42 @@
+"""Which stored cores a dump request gets: the endpoint's pod incarnation, narrowed by the query."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from handler import layout
+from handler.layout import StoredCore
+
+from apiserver.dump.query import DumpQuery, parse_rfc3339
+
+logger = logging.getLogger(__name__)
+
+
+def _core_time(core: StoredCore) -> float | None:
+    value = core.metadata.get("timestamp")
+    if isinstance(value, str):
+        try:
+            return parse_rfc3339(value).timestamp()
+        except ValueError:
+            pass
+    try:
+        return layout.core_id_time(core.ref.core_id).timestamp()
+    except layout.InvalidName:
+        return None
+
+
+def select_cores(*, root: Path, namespace: str, pod: str, pod_uid: str, query: DumpQuery) -> list[StoredCore]:
+    """Blocking: the committed cores of one incarnation that match ``query``, in archive order."""
+    cores = layout.list_cores(root, namespace=namespace, pod=pod, pod_uid=pod_uid, container=query.container)
+    if query.core is not None:
+        cores = [c for c in cores if c.ref.core_id == query.core]
+    if query.since is not None:
+        since = query.since.timestamp()
+        cores = [c for c in cores if (t := _core_time(c)) is not None and t >= since]
+    return cores
+
+
+async def find_cores(*, root: Path, namespace: str, pod: str, pod_uid: str, query: DumpQuery) -> list[StoredCore]:
+    return await asyncio.to_thread(select_cores, root=root, namespace=namespace, pod=pod, pod_uid=pod_uid,
+                                   query=query)
