@@ -1,12 +1,14 @@
 """
 The object store contract shared by the etcd and in-memory backends.
 
-Objects are plain JSON-able dicts stored under string keys (``<prefix>/<namespace>/<name>``).
+Objects are plain JSON-able dicts stored under string keys (``/<resource>/<namespace>/<name>``).
+Keys start with ``/``; list and watch prefixes are ``""`` (everything) or start with ``/`` too, so
+that a backend can put all its keys under a root of its own (etcd: ``--etcd-prefix``).
 The store owns ``metadata.resourceVersion``: it is the etcd modification revision, a single
 monotonic counter for the whole store, rendered as a decimal string. Everything above the store
 (validation, defaults, uid, timestamps) belongs to the registry.
 
-Both backends must pass the same suite (``test/apiserver/test_store.py``): same errors, same
+Both backends must pass the same suite (``test/apiserver/test_store_backends.py``): same errors, same
 revision rules, same watch semantics.
 """
 from __future__ import annotations
@@ -52,6 +54,17 @@ class RevisionCompacted(StoreError):
 
 class StoreUnavailable(StoreError):
     """The backend cannot be reached (etcd down): a 503/504, never a 500."""
+
+
+def check_key(key: str) -> None:
+    """Reject a key the backends could not map alike (a programming error, not a user's)."""
+    if not key.startswith("/") or len(key) < 2:
+        raise ValueError(f"store keys start with '/': {key!r}")
+
+
+def check_prefix(prefix: str) -> None:
+    if prefix and not prefix.startswith("/"):
+        raise ValueError(f"store prefixes are '' or start with '/': {prefix!r}")
 
 
 class EventType(str, enum.Enum):
