@@ -1,0 +1,209 @@
+"""
+Authentication and authorization flags, named as Kubernetes names them, and the setup they produce.
+
+``add_auth_flags(parser)`` adds the flags; ``await build_auth(args=..., dev=...)`` builds an
+:class:`AuthSetup` whose ``middleware`` goes into the aiohttp application and whose ``configure_ssl`` is
+called on the serving ``SSLContext`` (so TLS asks for client certificates and trusts the client and
+front-proxy CAs, also after they rotate). Without ``dev``, everything is delegated to the cluster named
+by ``--authentication-kubeconfig``/``--authorization-kubeconfig`` (in-cluster configuration when they are
+absent). With ``dev`` (``coredump-apiserver --dev``), client certificates from the dev CA and a static rule
+table stand in for the cluster.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.config.config_exception import ConfigException
+
+from apiserver.auth import Authenticator
+from apiserver.auth.authconfig import AuthConfigError, DelegatedAuthConfig, RequestHeaderFlags
+from apiserver.auth.pipeline import HEALTH_PATHS, Middleware, UnionAuthenticator, make_auth_middleware
+from apiserver.auth.requestheader import RequestHeaderAuthenticator
+from apiserver.auth.sar import SubjectAccessReviewAuthorizer
+from apiserver.auth.static import Rule, StaticAuthorizer
+from apiserver.auth.tokenreview import TokenReviewAuthenticator
+from apiserver.auth.x509 import CABundle, X509Authenticator, configure_client_verification
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AuthConfigError", "AuthSetup", "DevAuth", "add_auth_flags", "build_auth", "parse_duration"]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """A Go duration (``10s``, ``1m30s``, ``500ms``) in seconds; a bare number counts as seconds."""
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use e.g. 10s, 1m30s, 500ms)")
+    return total
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "t", "true", "yes"):
+        return True
+    if lowered in ("0", "f", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}")
+
+
+def _list(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def add_auth_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("authentication and authorization (delegated to the cluster)")
+    group.add_argument("--authentication-kubeconfig", type=Path, default=None,
+                       help="kubeconfig with rights to create tokenreviews and read the "
+                            "extension-apiserver-authentication ConfigMap (default: in-cluster configuration)")
+    group.add_argument("--authorization-kubeconfig", type=Path, default=None,
+                       help="kubeconfig with rights to create subjectaccessreviews (default: in-cluster)")
+    group.add_argument("--client-ca-file", type=Path, default=None,
+                       help="CA bundle for client certificates (default: the ConfigMap's client-ca-file)")
+    group.add_argument("--requestheader-client-ca-file", type=Path, default=None,
+                       help="CA bundle of the front proxy; X-Remote-* headers are trusted only from its "
+                            "certificates (default: from the ConfigMap)")
+    group.add_argument("--requestheader-allowed-names", type=_list, default=(),
+                       help="comma-separated CNs allowed to send X-Remote-* headers (empty: any CN of that CA)")
+    group.add_argument("--requestheader-username-headers", type=_list, default=("X-Remote-User",))
+    group.add_argument("--requestheader-uid-headers", type=_list, default=())
+    group.add_argument("--requestheader-group-headers", type=_list, default=("X-Remote-Group",))
+    group.add_argument("--requestheader-extra-headers-prefix", type=_list, default=("X-Remote-Extra-",))
+    group.add_argument("--anonymous-auth", type=_bool, nargs="?", const=True, default=False,
+                       help="serve requests without credentials as system:anonymous (default false)")
+    group.add_argument("--authentication-skip-lookup", type=_bool, nargs="?", const=True, default=False,
+                       help="do not read the extension-apiserver-authentication ConfigMap")
+    group.add_argument("--authentication-token-webhook-cache-ttl", type=parse_duration, default=10.0,
+                       help="how long TokenReview answers are cached (default 10s)")
+    group.add_argument("--authorization-webhook-cache-authorized-ttl", type=parse_duration, default=10.0,
+                       help="how long allowed SubjectAccessReview answers are cached (default 10s)")
+    group.add_argument("--authorization-webhook-cache-unauthorized-ttl", type=parse_duration, default=10.0,
+                       help="how long denied SubjectAccessReview answers are cached (default 10s)")
+    group.add_argument("--authorization-always-allow-paths", type=_list, default=HEALTH_PATHS,
+                       help="paths served without authorization; a trailing * matches a prefix "
+                            "(default: the health checks)")
+    group.add_argument("--authentication-config-refresh-interval", type=parse_duration, default=30.0,
+                       help="how often CA files and the ConfigMap are read again to follow rotation (default 30s)")
+
+
+@dataclasses.dataclass
+class DevAuth:
+    """Dev mode: client certificates from this CA, decisions from this rule table (no cluster to ask)."""
+
+    client_ca_file: Path
+    rules: list[Rule]
+
+
+@dataclasses.dataclass
+class AuthSetup:
+    middleware: Middleware
+    bundles: list[CABundle]
+    _closers: list[Callable[[], Awaitable[None]]] = dataclasses.field(default_factory=list)
+
+    def configure_ssl(self, ctx: ssl.SSLContext) -> None:
+        """Request client certificates (optional) and verify them against the client and front-proxy CAs."""
+        configure_client_verification(ctx, self.bundles)
+
+    async def close(self) -> None:
+        for closer in reversed(self._closers):
+            await closer()
+        self._closers.clear()
+
+
+async def _api_client(kubeconfig: Path | None, *, flag: str) -> client.ApiClient:
+    configuration = client.Configuration()
+    try:
+        if kubeconfig is not None:
+            await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        else:
+            config.load_incluster_config(client_configuration=configuration)
+    except (ConfigException, OSError, ValueError, KeyError) as error:
+        where = f"{flag} {kubeconfig}" if kubeconfig else f"no {flag} given and the in-cluster configuration"
+        raise AuthConfigError(f"{where}: {error}") from error
+    configuration.connection_pool_maxsize = 32
+    return client.ApiClient(configuration=configuration)
+
+
+def _arg(args: argparse.Namespace, name: str, default: object) -> object:
+    return getattr(args, name, default)
+
+
+async def build_auth(*, args: argparse.Namespace, dev: DevAuth | None) -> AuthSetup:
+    """The middleware and TLS settings for ``args``; raises :class:`AuthConfigError` with one clear line."""
+    always_allow = _arg(args, "authorization_always_allow_paths", HEALTH_PATHS)
+    anonymous = bool(_arg(args, "anonymous_auth", False))
+    assert isinstance(always_allow, tuple | list)
+
+    if dev is not None:
+        try:
+            pem = await asyncio.to_thread(dev.client_ca_file.read_text)
+            bundle = CABundle(name="dev client CA", pem=pem)
+        except (OSError, ValueError) as error:
+            raise AuthConfigError(f"dev client CA {dev.client_ca_file}: {error}") from error
+        middleware = make_auth_middleware(authenticator=UnionAuthenticator([X509Authenticator(bundle=bundle)]),
+                                          authorizer=StaticAuthorizer(dev.rules),
+                                          always_allow_paths=always_allow, anonymous=anonymous)
+        return AuthSetup(middleware=middleware, bundles=[bundle])
+
+    closers: list[Callable[[], Awaitable[None]]] = []
+    try:
+        authn_client = await _api_client(args.authentication_kubeconfig, flag="--authentication-kubeconfig")
+        closers.append(authn_client.close)
+        authz_client = await _api_client(args.authorization_kubeconfig, flag="--authorization-kubeconfig")
+        closers.append(authz_client.close)
+
+        delegated = DelegatedAuthConfig(
+            core_api=None if args.authentication_skip_lookup else client.CoreV1Api(authn_client),
+            client_ca_file=args.client_ca_file,
+            requestheader=RequestHeaderFlags(
+                client_ca_file=args.requestheader_client_ca_file,
+                allowed_names=tuple(args.requestheader_allowed_names),
+                username_headers=tuple(args.requestheader_username_headers),
+                uid_headers=tuple(args.requestheader_uid_headers),
+                group_headers=tuple(args.requestheader_group_headers),
+                extra_headers_prefixes=tuple(args.requestheader_extra_headers_prefix)),
+            refresh_interval=args.authentication_config_refresh_interval)
+        await delegated.refresh()
+        delegated.start()
+        closers.append(delegated.close)
+    except BaseException:
+        for closer in reversed(closers):
+            await closer()
+        raise
+
+    authenticators: list[Authenticator] = [
+        RequestHeaderAuthenticator(config=delegated.requestheader),
+        X509Authenticator(bundle=delegated.client_ca),
+        TokenReviewAuthenticator(api_client=authn_client, cache_ttl=args.authentication_token_webhook_cache_ttl),
+    ]
+    authorizer = SubjectAccessReviewAuthorizer(
+        api_client=authz_client,
+        authorized_ttl=args.authorization_webhook_cache_authorized_ttl,
+        unauthorized_ttl=args.authorization_webhook_cache_unauthorized_ttl)
+    middleware = make_auth_middleware(authenticator=UnionAuthenticator(authenticators), authorizer=authorizer,
+                                      always_allow_paths=always_allow, anonymous=anonymous)
+    logger.info("delegated authentication: client CA %d cert(s), front-proxy CA %d cert(s), allowed names %s",
+                len(delegated.client_ca.certificates), len(delegated.requestheader.bundle.certificates),
+                list(delegated.requestheader.allowed_names) or "any")
+    return AuthSetup(middleware=middleware, bundles=[delegated.client_ca, delegated.requestheader.bundle],
+                     _closers=closers)

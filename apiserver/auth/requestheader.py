@@ -1,0 +1,81 @@
+"""
+Front-proxy authentication: the kube-aggregator's client certificate vouches for X-Remote-* headers.
+
+Headers count only on a connection whose client certificate was issued by the requestheader CA **and**
+whose CN is one of the allowed names (an empty list allows any CN from that CA), as k8s.io/apiserver's
+requestheader authenticator decides. The user is the first non-empty username header; groups are every
+value of every group header (one group per header line, never split on commas); extras are every
+``<prefix><key>`` header, the key lower-cased and path-unescaped as Kubernetes does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import urllib.parse
+
+from aiohttp import web
+
+from apiserver.api import errors
+from apiserver.auth import UserInfo
+from apiserver.auth.x509 import CABundle, common_name, peer_certificate
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RequestHeaderConfig:
+    """The ``requestheader-*`` settings; mutable so a ConfigMap refresh takes effect on the next request."""
+
+    bundle: CABundle
+    allowed_names: tuple[str, ...] = ()
+    username_headers: tuple[str, ...] = ("X-Remote-User",)
+    uid_headers: tuple[str, ...] = ()
+    group_headers: tuple[str, ...] = ("X-Remote-Group",)
+    extra_headers_prefixes: tuple[str, ...] = ("X-Remote-Extra-",)
+
+
+def _unescape_extra_key(key: str) -> str:
+    # url.PathUnescape: on a malformed escape Kubernetes keeps the key as it came.
+    try:
+        return urllib.parse.unquote(key, errors="strict")
+    except UnicodeDecodeError:
+        return key
+
+
+class RequestHeaderAuthenticator:
+    """Users named by the front proxy's X-Remote-* headers, trusted only from the front proxy's certificate."""
+
+    def __init__(self, *, config: RequestHeaderConfig) -> None:
+        self.config = config
+
+    async def authenticate(self, request: web.Request) -> UserInfo | None:
+        config = self.config
+        if not config.bundle.certificates:
+            return None
+        cert = peer_certificate(request)
+        if cert is None:
+            return None
+        if not config.bundle.issued(cert):
+            # Not the front proxy: another authenticator (x509 with the client CA) may still know it,
+            # but its X-Remote-* headers are never read.
+            raise errors.unauthorized()
+        cn = common_name(cert)
+        if config.allowed_names and cn not in config.allowed_names:
+            logger.warning("front-proxy certificate CN %r is not among the allowed names", cn)
+            raise errors.unauthorized()
+
+        headers = request.headers
+        name = next((v for h in config.username_headers for v in headers.getall(h, []) if v), "")
+        if not name:
+            return None
+        uid = next((v for h in config.uid_headers for v in headers.getall(h, []) if v), "")
+        groups = tuple(v for h in config.group_headers for v in headers.getall(h, []) if v)
+        extra: dict[str, list[str]] = {}
+        lowered_prefixes = [p.lower() for p in config.extra_headers_prefixes]
+        for header, value in headers.items():
+            lowered = header.lower()
+            for prefix in lowered_prefixes:
+                if lowered.startswith(prefix) and len(lowered) > len(prefix):
+                    extra.setdefault(_unescape_extra_key(lowered[len(prefix):]), []).append(value)
+                    break
+        return UserInfo(name=name, uid=uid, groups=groups, extra={k: tuple(v) for k, v in extra.items()})

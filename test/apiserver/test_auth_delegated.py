@@ -1,0 +1,241 @@
+"""
+Delegated authentication and authorization, end to end over real TLS: a small aiohttp app behind the auth
+middleware built by ``build_auth`` from real flags, talking to the fake kube-apiserver.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from multidict import CIMultiDict
+
+from apiserver import context
+from apiserver.auth.options import AuthSetup, add_auth_flags, build_auth
+from fake_kube import FakeKube
+
+GV = "/apis/coredump.example.io/v1alpha1"
+
+
+@dataclasses.dataclass
+class App:
+    url: str
+    fake: FakeKube
+    setup: AuthSetup
+    certs: Path
+
+    def client_ssl(self, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.fake.ca_file))
+        if cert:
+            ctx.load_cert_chain(*cert)
+        return ctx
+
+    async def get(self, path: str, *, cert: tuple[Path, Path] | None = None, token: str | None = None,
+                  headers: list[tuple[str, str]] | None = None) -> tuple[int, dict[str, Any]]:
+        all_headers = list(headers or [])
+        if token:
+            all_headers.append(("Authorization", f"Bearer {token}"))
+        async with aiohttp.ClientSession() as session:
+            async with session.get(self.url + path, ssl=self.client_ssl(cert),
+                                   headers=CIMultiDict(all_headers)) as response:
+                return response.status, await response.json()
+
+
+async def _whoami(request: web.Request) -> web.Response:
+    user = request[context.USER]
+    attributes = request[context.ATTRIBUTES]
+    return web.json_response({"user": user.name, "groups": list(user.groups),
+                              "extra": {k: list(v) for k, v in user.extra.items()}, "verb": attributes.verb})
+
+
+def parse_flags(*flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_auth_flags(parser)
+    return parser.parse_args(list(flags))
+
+
+async def start_app(fake: FakeKube, directory: Path, *extra_flags: str) -> tuple[web.AppRunner, App]:
+    kubeconfig = fake.write_kubeconfig(directory / "server.kubeconfig")
+    args = parse_flags("--authentication-kubeconfig", str(kubeconfig), "--authorization-kubeconfig",
+                       str(kubeconfig), *extra_flags)
+    setup = await build_auth(args=args, dev=None)
+    app = web.Application(middlewares=[setup.middleware])
+    app.router.add_get("/{tail:.*}", _whoami)
+    serving = fake.client_ca.issue(cn="coredump-apiserver", server=True, directory=directory)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(*serving)
+    setup.configure_ssl(ctx)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.SockSite(runner, sock, ssl_context=ctx).start()
+    return runner, App(url=f"https://127.0.0.1:{sock.getsockname()[1]}", fake=fake, setup=setup, certs=directory)
+
+
+@pytest_asyncio.fixture
+async def app(fake_kube: FakeKube, tmp_path: Path) -> AsyncIterator[App]:
+    runner, started = await start_app(fake_kube, tmp_path)
+    try:
+        yield started
+    finally:
+        await runner.cleanup()
+        await started.setup.close()
+
+
+def front_proxy(app: App, cn: str = "front-proxy-client") -> tuple[Path, Path]:
+    return app.fake.issue_client_cert(app.certs, cn=cn, ca="front-proxy")
+
+
+async def test_front_proxy_headers_need_the_front_proxy_certificate(app: App) -> None:
+    app.fake.allow(verbs=["get"], non_resource_urls=["/whoami"], users=["alice", "mallory"])
+    forged = [("X-Remote-User", "alice"), ("X-Remote-Group", "system:masters")]
+
+    status, body = await app.get("/whoami", headers=forged)
+    assert (status, body["reason"]) == (401, "Unauthorized")
+
+    # A certificate from the cluster CA authenticates its own CN; its X-Remote-* headers are ignored.
+    mallory = app.fake.issue_client_cert(app.certs, cn="mallory", orgs=["devs"])
+    status, body = await app.get("/whoami", cert=mallory, headers=forged)
+    assert status == 200
+    assert body["user"] == "mallory" and "system:masters" not in body["groups"]
+    assert body["groups"] == ["devs", "system:authenticated"]
+
+    # The front-proxy CA with a CN that is not allowed: nobody.
+    status, body = await app.get("/whoami", cert=front_proxy(app, cn="someone-else"), headers=forged)
+    assert (status, body["code"]) == (401, 401)
+
+
+async def test_front_proxy_user_groups_and_extras(app: App) -> None:
+    app.fake.allow(verbs=["get"], non_resource_urls=["/whoami"], groups=["team-a"])
+    status, body = await app.get("/whoami", cert=front_proxy(app), headers=[
+        ("X-Remote-User", "alice"), ("X-Remote-Group", "team-a"), ("X-Remote-Group", "team-b"),
+        ("X-Remote-Extra-Scopes", "view"), ("X-Remote-Extra-Scopes", "dump"),
+        ("X-Remote-Extra-Example.com%2fteam", "blue")])
+    assert status == 200, body
+    assert body["user"] == "alice"
+    assert body["groups"] == ["team-a", "team-b", "system:authenticated"]
+    assert body["extra"] == {"scopes": ["view", "dump"], "example.com/team": ["blue"]}
+    spec = app.fake.sar_requests[-1]["spec"]
+    assert spec["user"] == "alice" and spec["groups"] == ["team-a", "team-b", "system:authenticated"]
+    assert spec["extra"] == {"scopes": ["view", "dump"], "example.com/team": ["blue"]}
+
+
+async def test_namespace_rbac_for_get_list_watch_and_dump(app: App) -> None:
+    app.fake.add_token("token-alice", user="alice", groups=["team-a"])
+    app.fake.allow(verbs=["get", "list", "watch"], groups=["team-a"], resources=["coredumpendpoints"],
+                   namespaces=["a"])
+    base_b = f"{GV}/namespaces/b/coredumpendpoints"
+    for path, verb in [(f"{base_b}/web", "get"), (base_b, "list"), (f"{base_b}?watch=true", "watch"),
+                       (f"{base_b}/web/dump", "get")]:
+        status, body = await app.get(path, token="token-alice")
+        assert (status, body["reason"]) == (403, "Forbidden"), path
+        assert f'User "alice" cannot {verb} resource' in body["message"]
+        assert 'in the namespace "b"' in body["message"]
+
+    base_a = f"{GV}/namespaces/a/coredumpendpoints"
+    for path, verb in [(f"{base_a}/web", "get"), (base_a, "list"), (f"{base_a}?watch=1", "watch")]:
+        status, body = await app.get(path, token="token-alice")
+        assert (status, body["verb"]) == (200, verb)
+    status, body = await app.get(f"{base_a}/web/dump", token="token-alice")
+    assert status == 403
+    assert 'cannot get resource "coredumpendpoints/dump" in API group "coredump.example.io"' in body["message"]
+    assert app.fake.sar_requests[-1]["spec"]["resourceAttributes"] == {
+        "namespace": "a", "verb": "get", "group": "coredump.example.io", "version": "v1alpha1",
+        "resource": "coredumpendpoints", "subresource": "dump", "name": "web"}
+
+
+async def test_discovery_for_a_user_without_groups_and_401_for_bad_tokens(app: App) -> None:
+    app.fake.add_token("token-nogroups", user="lonely")
+    for path in ("/apis", GV, "/openapi/v2"):
+        status, body = await app.get(path, token="token-nogroups")
+        assert (status, body["user"]) == (200, "lonely"), path
+    assert app.fake.sar_requests[-1]["spec"]["groups"] == ["system:authenticated"]
+
+    status, body = await app.get("/apis", token="no-such-token")
+    assert (status, body["reason"]) == (401, "Unauthorized")
+    status, body = await app.get("/apis")
+    assert status == 401
+
+
+async def test_unreachable_or_failing_cluster_is_an_error_never_an_allow(app: App) -> None:
+    app.fake.add_token("token-alice", user="alice", groups=["team-a"])
+    app.fake.allow(verbs=["get"], groups=["team-a"], resources=["coredumpendpoints"], namespaces=["a"])
+    path = f"{GV}/namespaces/a/coredumpendpoints/web"
+
+    app.fake.sar_failure = "unreachable"
+    status, body = await app.get(path, token="token-alice")
+    assert (status, body["reason"]) == (503, "ServiceUnavailable")
+    app.fake.sar_failure = 500
+    status, body = await app.get(path, token="token-alice")
+    assert (status, body["reason"]) == (500, "InternalError")
+    # Failures are not cached: the cluster answers again and the request goes through.
+    app.fake.sar_failure = None
+    assert (await app.get(path, token="token-alice"))[0] == 200
+
+    app.fake.add_token("token-bob", user="bob", groups=["team-a"])
+    app.fake.token_review_failure = "unreachable"
+    status, body = await app.get(path, token="token-bob")
+    assert (status, body["reason"]) == (401, "Unauthorized")
+
+
+async def test_masters_and_health_paths_skip_authorization(app: App) -> None:
+    admin = app.fake.issue_client_cert(app.certs, cn="admin", orgs=["system:masters"])
+    app.fake.sar_failure = 500
+    status, body = await app.get(f"{GV}/namespaces/x/coredumpendpoints/any/dump", cert=admin)
+    assert (status, body["user"]) == (200, "admin")
+    for path in ("/healthz", "/livez/ping", "/readyz"):
+        status, body = await app.get(path)
+        assert (status, body["user"]) == (200, "system:anonymous"), path
+    assert app.fake.sar_requests == []
+
+
+async def test_anonymous_access_when_switched_on(fake_kube: FakeKube, tmp_path: Path) -> None:
+    runner, app = await start_app(fake_kube, tmp_path, "--anonymous-auth=true")
+    try:
+        status, body = await app.get("/apis")
+        assert (status, body["user"]) == (200, "system:anonymous")
+        assert fake_kube.sar_requests[-1]["spec"]["groups"] == ["system:unauthenticated"]
+        status, body = await app.get(f"{GV}/namespaces/a/coredumpendpoints")
+        assert status == 403 and 'User "system:anonymous" cannot list' in body["message"]
+        # Wrong credentials stay wrong: no silent fall back to anonymous.
+        assert (await app.get("/apis", token="bogus"))[0] == 401
+    finally:
+        await runner.cleanup()
+        await app.setup.close()
+
+
+async def test_front_proxy_ca_rotation_is_followed(fake_kube: FakeKube, tmp_path: Path) -> None:
+    from fake_kube import TestCA
+
+    runner, app = await start_app(fake_kube, tmp_path, "--authentication-config-refresh-interval=0.05")
+    try:
+        fake_kube.allow(verbs=["get"], non_resource_urls=["/whoami"], users=["alice"])
+        alice = [("X-Remote-User", "alice")]
+        old_cert = front_proxy(app)
+        assert (await app.get("/whoami", cert=old_cert, headers=alice))[0] == 200
+
+        rotated = TestCA(tmp_path, name="front-proxy-ca-2")
+        new_cert = rotated.issue(cn="front-proxy-client", directory=tmp_path)
+        fake_kube.set_authentication_configmap(requestheader_ca=rotated.pem)
+        reads = fake_kube.configmap_reads
+        while fake_kube.configmap_reads < reads + 2:  # one full refresh after the change
+            await asyncio.sleep(0.02)
+
+        status, body = await app.get("/whoami", cert=new_cert, headers=alice)
+        assert (status, body["user"]) == (200, "alice")
+        status, body = await app.get("/whoami", cert=old_cert, headers=alice)
+        assert status == 401
+    finally:
+        await runner.cleanup()
+        await app.setup.close()
