@@ -76,7 +76,7 @@ def parse_query(query: MultiMapping[str]) -> DumpQuery:
             f"unknown query parameter(s) {', '.join(repr(k) for k in unknown)}: "
             f"dump accepts only {', '.join(ALLOWED)}")
     for key in ALLOWED:
-        if keys.count(key) > 1:
+        if len(query.getall(key, [])) > 1:
             raise errors.bad_request(f"query parameter {key!r} may be given only once")
     values = {k: query[k] for k in keys}
     for key, value in values.items():
