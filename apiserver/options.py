@@ -1,0 +1,85 @@
+"""
+Command-line flags of ``coredump-apiserver``, named as kube-apiserver and metrics-server name them.
+Authentication and authorization flags come from :mod:`apiserver.auth.options`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from apiserver.auth.options import add_auth_flags
+from apiserver.handlers.io import DEFAULT_MAX_BODY_BYTES
+
+logger = logging.getLogger(__name__)
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "t", "true", "yes"):
+        return True
+    if lowered in ("0", "f", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}")
+
+
+def _servers(text: str) -> list[str]:
+    servers = [s.strip() for s in text.split(",") if s.strip()]
+    for server in servers:
+        if not server.startswith(("http://", "https://")):
+            raise argparse.ArgumentTypeError(f"etcd server {server!r} must be an http:// or https:// URL")
+    return servers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coredump-apiserver",
+        description="Aggregated Kubernetes API server for coredump.example.io: CoredumpEndpoint objects and "
+                    "the dump subresource that streams a pod's core dumps.")
+    serving = parser.add_argument_group("serving")
+    serving.add_argument("--secure-port", type=int, default=6443, help="HTTPS port (default 6443; 0 picks one)")
+    serving.add_argument("--bind-address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    serving.add_argument("--tls-cert-file", type=Path, help="serving certificate (PEM)")
+    serving.add_argument("--tls-private-key-file", type=Path, help="serving private key (PEM)")
+    serving.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                         help="largest accepted request body (default 3 MiB, like kube-apiserver)")
+
+    storage = parser.add_argument_group("object storage")
+    storage.add_argument("--etcd-servers", type=_servers, default=[],
+                         help="comma-separated etcd URLs; without it objects live in memory (dev and tests only)")
+    storage.add_argument("--etcd-prefix", default="/registry/coredump.example.io", help="key prefix in etcd")
+    storage.add_argument("--etcd-cafile", type=Path, help="CA bundle to verify etcd's serving certificate")
+    storage.add_argument("--etcd-certfile", type=Path, help="client certificate for etcd")
+    storage.add_argument("--etcd-keyfile", type=Path, help="client key for etcd")
+
+    cores = parser.add_argument_group("core storage")
+    cores.add_argument("--storage-root", type=Path, help="root of the shared core storage (NFS/CephFS mount)")
+    cores.add_argument("--auto-create-endpoints", type=_bool, nargs="?", const=True, default=True,
+                       help="create a CoredumpEndpoint for every pod that has cores but no endpoint (default true)")
+    cores.add_argument("--kubeconfig", type=Path,
+                       help="kubeconfig for reading pods (default: in-cluster configuration when available)")
+
+    add_auth_flags(parser)
+
+    dev = parser.add_argument_group("development")
+    dev.add_argument("--dev", action="store_true",
+                     help="serve on 127.0.0.1 with self-signed TLS, dev client certificates and a kubeconfig in "
+                          "--dev-dir; cores from DIR/cores unless --storage-root is given")
+    dev.add_argument("--dev-dir", type=Path, default=Path(".dev"), help="directory for dev mode files (default .dev)")
+
+    logs = parser.add_argument_group("logging")
+    logs.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Flag combinations that cannot work end the program with one clear line (argparse's error)."""
+    if not args.dev:
+        if not args.tls_cert_file or not args.tls_private_key_file:
+            parser.error("--tls-cert-file and --tls-private-key-file are required (or use --dev)")
+        if args.storage_root is None:
+            parser.error("--storage-root is required (or use --dev)")
+    if not 0 <= args.secure_port <= 65535:
+        parser.error(f"--secure-port {args.secure_port} is not a port number")
+    if bool(args.etcd_certfile) != bool(args.etcd_keyfile):
+        parser.error("--etcd-certfile and --etcd-keyfile go together")

@@ -1,0 +1,189 @@
+"""
+Assembling and running the server: the aiohttp application with its routes and middleware chain
+(Status errors → authenticate/authorize → handler), the object store, TLS, and a graceful shutdown.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from apiserver import devmode
+from apiserver.api import resource as r
+from apiserver.auth.options import AuthConfigError, AuthSetup, DevAuth, build_auth
+from apiserver.auth.static import dev_rules
+from apiserver.context import REGISTRY, STORAGE_ROOT
+from apiserver.handlers import dump, endpoints, meta
+from apiserver.handlers.io import BODY_LIMIT_KEY
+from apiserver.middleware import status_errors
+from apiserver.registry.coredata import CoreData
+from apiserver.registry.endpoints import EndpointRegistry
+from apiserver.registry.store import ObjectStore, StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+GV = f"/apis/{r.GROUP}/{r.VERSION}"
+SHUTDOWN_TIMEOUT = 5.0
+
+
+def add_routes(app: web.Application) -> None:
+    collection = f"{GV}/namespaces/{{namespace}}/{r.PLURAL}"
+    item = f"{collection}/{{name}}"
+    router = app.router
+    router.add_get("/apis", meta.apis)
+    router.add_get("/apis/", meta.apis)
+    router.add_get(f"/apis/{r.GROUP}", meta.api_group)
+    router.add_get(f"/apis/{r.GROUP}/", meta.api_group)
+    router.add_get(GV, meta.api_resources)
+    router.add_get(f"{GV}/", meta.api_resources)
+    router.add_get("/openapi/v2", meta.openapi_v2)
+    router.add_get("/openapi/v3", meta.openapi_v3_root)
+    router.add_get(f"/openapi/v3/apis/{r.GROUP}/{r.VERSION}", meta.openapi_v3_group_version)
+    router.add_get("/version", meta.version)
+    for path, handler in (("/healthz", meta.healthz), ("/livez", meta.livez), ("/readyz", meta.readyz)):
+        router.add_get(path, handler)
+        router.add_get(path + "/{check:.*}", handler)
+    router.add_get(f"{GV}/{r.PLURAL}", endpoints.list_endpoints)
+    router.add_get(collection, endpoints.list_endpoints)
+    router.add_post(collection, endpoints.create_endpoint)
+    router.add_delete(collection, endpoints.delete_endpoints)
+    router.add_get(item, endpoints.get_endpoint)
+    router.add_put(item, endpoints.replace_endpoint)
+    router.add_patch(item, endpoints.patch_endpoint)
+    router.add_delete(item, endpoints.delete_endpoint)
+    router.add_get(f"{item}/{r.SUBRESOURCE_DUMP}", dump.get_dump)
+
+
+def build_app(*, registry: EndpointRegistry, storage_root: Path,
+              auth_middleware: Callable[..., Awaitable[web.StreamResponse]],
+              max_body_bytes: int) -> web.Application:
+    # Bodies are read through handlers.io with our own limit and Status; aiohttp's limit only backs it up.
+    app = web.Application(middlewares=[status_errors, auth_middleware], client_max_size=max_body_bytes + 1)
+    app[REGISTRY] = registry
+    app[STORAGE_ROOT] = storage_root
+    app[BODY_LIMIT_KEY] = max_body_bytes
+    add_routes(app)
+    return app
+
+
+def make_store(args: argparse.Namespace) -> ObjectStore:
+    if args.etcd_servers:
+        from apiserver.registry.etcd import EtcdStore
+        return EtcdStore(endpoints=args.etcd_servers, prefix=args.etcd_prefix, ca_file=args.etcd_cafile,
+                         cert_file=args.etcd_certfile, key_file=args.etcd_keyfile)
+    from apiserver.registry.memory import MemoryStore
+    logger.warning("no --etcd-servers: CoredumpEndpoint objects live in memory and are lost on restart")
+    return MemoryStore()
+
+
+def serving_context(*, cert: Path, key: Path, auth: AuthSetup) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=str(cert), keyfile=str(key))
+    auth.configure_ssl(context)
+    return context
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before anything else, so port 0 resolves to a real port the dev kubeconfig can name."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class StartupError(Exception):
+    """A problem that stops the server before it serves: printed as one line, exit code 1."""
+
+
+async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
+    host = "127.0.0.1" if args.dev else args.bind_address
+    try:
+        sock = _listen(host, args.secure_port)
+    except OSError as error:
+        raise StartupError(f"cannot listen on {host}:{args.secure_port}: {error.strerror}") from None
+    port = sock.getsockname()[1]
+
+    dev_files = None
+    if args.dev:
+        dev_files = await asyncio.to_thread(devmode.prepare, directory=args.dev_dir, port=port,
+                                            storage_root=args.storage_root)
+        cert, key, storage_root = dev_files.serving_cert, dev_files.serving_key, dev_files.cores
+    else:
+        cert, key, storage_root = args.tls_cert_file, args.tls_private_key_file, args.storage_root
+
+    store = make_store(args)
+    try:
+        await store.start()
+    except StoreUnavailable as error:
+        raise StartupError(f"object storage unavailable: {error}") from None
+    coredata = CoreData(storage_root=storage_root, kubeconfig=str(args.kubeconfig) if args.kubeconfig else None,
+                        in_cluster=not args.dev and args.kubeconfig is None)
+    auth: AuthSetup | None = None
+    runner: web.AppRunner | None = None
+    background: list[asyncio.Task[None]] = []
+    try:
+        await coredata.start()
+        registry = EndpointRegistry(store=store, coredata=coredata)
+        dev_auth = DevAuth(client_ca_file=dev_files.ca_cert, rules=dev_rules()) if dev_files else None
+        try:
+            auth = await build_auth(args=args, dev=dev_auth)
+        except AuthConfigError as error:
+            raise StartupError(f"authentication setup failed: {error}") from None
+        try:
+            context = serving_context(cert=cert, key=key, auth=auth)
+        except (OSError, ssl.SSLError) as error:
+            raise StartupError(f"cannot load the serving certificate {cert}: {error}") from None
+        app = build_app(registry=registry, storage_root=storage_root, auth_middleware=auth.middleware,
+                        max_body_bytes=args.max_request_body_bytes)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, handle_signals=False)
+        await runner.setup()
+        await web.SockSite(runner, sock, ssl_context=context).start()
+        if args.auto_create_endpoints:
+            background.append(asyncio.create_task(coredata.run_autocreate(registry=registry), name="autocreate"))
+        logger.info("serving", extra={"address": f"https://{host}:{port}", "storage_root": str(storage_root),
+                                      "store": "etcd" if args.etcd_servers else "memory"})
+        if dev_files:
+            print(devmode.banner(dev_files, port=port), flush=True)
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(BaseException):
+                await task
+        if runner is not None:
+            await runner.cleanup()
+        if auth is not None:
+            await auth.close()
+        await coredata.close()
+        await store.close()
+        sock.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(args, stop=stop)
+
+    try:
+        asyncio.run(main())
+    except StartupError as error:
+        print(f"coredump-apiserver: {error}", file=sys.stderr)
+        return 1
+    return 0
