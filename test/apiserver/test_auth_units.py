@@ -14,6 +14,7 @@ from kubernetes_asyncio import client, config
 from apiserver import context
 from apiserver.auth import RequestAttributes, UserInfo
 from apiserver.auth.audit import audit_dump
+from apiserver.logs import JsonFormatter
 from apiserver.auth.options import parse_duration
 from apiserver.auth.sar import SubjectAccessReviewAuthorizer
 from apiserver.auth.static import StaticAuthorizer, dev_rules
@@ -110,7 +111,9 @@ def test_audit_logs_one_json_line_per_dump(caplog: pytest.LogCaptureFixture) -> 
         audit_dump(request=request, namespace="a", pod="web", cores=2, bytes_sent=12345, outcome="complete")
     records = [r for r in caplog.records if r.name == "coredump.audit"]
     assert len(records) == 1
-    line = json.loads(records[0].getMessage())
+    text = JsonFormatter().format(records[0])
+    assert "\n" not in text
+    line = json.loads(text)
     assert {k: line[k] for k in ("user", "groups", "namespace", "pod", "cores", "bytes", "outcome")} == {
         "user": "alice", "groups": ["team-a", "system:authenticated"], "namespace": "a", "pod": "web",
         "cores": 2, "bytes": 12345, "outcome": "complete"}
