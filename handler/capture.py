@@ -1,0 +1,162 @@
+"""
+The kernel path: one crashing process, its core on stdin, filed per DESIGN §1 or handed to the previous pattern.
+
+Order matters for the crashing process: reading starts at once (a reader thread fills a few chunks while the
+pod's names are looked up), every external call has a timeout, and a watchdog ends the handler if nothing
+moves for ``stall_timeout`` seconds, so the kernel can finish and the process can die.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+from handler import elfinfo, foreign, layout
+from handler.config import HandlerConfig
+from handler.filing import base_metadata, file_core, outcome_record, storage_usable
+from handler.ingest import ChunkReader, Progress, widen_pipe
+from handler.outcome import DROPPED, ERROR, FORWARDED, write_outcome
+from handler.resolve import CgroupIdentity, PodIdentity, identity_from_cgroup_text, read_cgroup, resolve_pod
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR, EXIT_STALLED = 0, 1, 3
+
+
+def _watchdog(progress: Progress, *, timeout: float, done: threading.Event, cfg: HandlerConfig,
+              spec: foreign.CrashSpecifiers) -> None:
+    while not done.wait(min(1.0, timeout / 4)):
+        if time.monotonic() - progress.last > timeout:
+            logger.error("no progress for %.0fs on pid %d; giving up so the process can exit", timeout, spec.pid)
+            write_outcome(cfg.outcomes_dir, {"result": ERROR, "source": "kernel", "pid": spec.pid,
+                                             "signal": spec.signal, "reason": "stalled"})
+            os._exit(EXIT_STALLED)
+
+
+def _read_previous(cfg: HandlerConfig) -> str:
+    if cfg.previous_pattern_file is None:
+        return ""
+    try:
+        return cfg.previous_pattern_file.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _exe_path(cfg: HandlerConfig, pid: int) -> str | None:
+    try:
+        return os.readlink(cfg.proc_root / str(pid) / "exe")
+    except OSError:
+        return None
+
+
+def handle_foreign(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int, out) -> int:
+    """A process outside any pod: the previous core_pattern's job, never silently dropped."""
+    previous = _read_previous(cfg)
+    record = {"source": "kernel", "pid": spec.pid, "signal": spec.signal, "comm": layout.sanitize_text(spec.comm)}
+    if cfg.foreign == "drop" or not previous:
+        why = "configured to drop" if cfg.foreign == "drop" else "no previous core_pattern"
+        logger.warning("core of pid %d (%s, not in a pod) dropped: %s", spec.pid, record["comm"], why)
+        write_outcome(cfg.outcomes_dir, dict(record, result=DROPPED, reason=why))
+        return EXIT_OK
+    if previous.startswith("|"):
+        argv = foreign.pipe_command(previous, spec)
+        out.write(foreign.shell_command(argv) + "\n")
+        out.flush()
+        write_outcome(cfg.outcomes_dir, dict(record, result=FORWARDED, reason="previous pipe"))
+        return foreign.EXIT_FORWARD
+    if spec.rlimit == 0:
+        # The kernel writes no file core with RLIMIT_CORE 0; neither do we.
+        write_outcome(cfg.outcomes_dir, dict(record, result=DROPPED, reason="RLIMIT_CORE is 0"))
+        return EXIT_OK
+    target = foreign.file_target(previous, spec, proc_root=cfg.proc_root)
+    owner = None
+    try:
+        st = os.stat(cfg.proc_root / str(spec.pid))
+        owner = (st.st_uid, st.st_gid)
+    except OSError:
+        pass
+    reader = ChunkReader(stdin_fd, chunk_size=cfg.chunk_size).start()
+    try:
+        n = foreign.write_file_core(target, reader, limit=spec.rlimit if spec.rlimit and spec.rlimit > 0 else None,
+                                    owner=owner)
+    except OSError as e:
+        logger.error("cannot write core of pid %d to %s: %s", spec.pid, target, e)
+        write_outcome(cfg.outcomes_dir, dict(record, result=ERROR, reason=f"previous pattern: {e}"))
+        return EXIT_ERROR
+    write_outcome(cfg.outcomes_dir, dict(record, result=FORWARDED, reason="previous file pattern", size=n))
+    return EXIT_OK
+
+
+def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int = 0, out=sys.stdout) -> int:
+    started = time.monotonic()
+    widen_pipe(stdin_fd)
+    cgroup_text = read_cgroup(cfg.proc_root, spec.pid)
+    cg = identity_from_cgroup_text(cgroup_text) if cgroup_text else None
+    if cg is None:
+        return handle_foreign(cfg, spec, stdin_fd=stdin_fd, out=out)
+
+    progress = Progress()
+    done = threading.Event()
+    threading.Thread(target=_watchdog, args=(progress,), daemon=True, name="watchdog",
+                     kwargs=dict(timeout=cfg.stall_timeout, done=done, cfg=cfg, spec=spec)).start()
+    # Read first, look up second: the kernel is not kept waiting on the CRI or a slow mount.
+    reader = ChunkReader(stdin_fd, chunk_size=cfg.chunk_size, progress=progress).start()
+    ident = resolve_pod(proc_root=cfg.proc_root, host_root=cfg.host_root, container_logs=cfg.container_logs,
+                        pid=spec.pid, crictl=cfg.crictl, crictl_timeout=cfg.crictl_timeout, cgroup_text=cgroup_text)
+    exe = _exe_path(cfg, spec.pid) or spec.exe
+    build_id = elfinfo.build_id_from_executable(cfg.proc_root / str(spec.pid) / "exe")
+    progress.advance(0)
+    spool_reason = None
+    pod: PodIdentity | None = ident if isinstance(ident, PodIdentity) else None
+    if pod is None:
+        spool_reason = "pod names not found yet"
+        logger.warning("pid %d is in pod %s but its names are unknown; spooling for the agent to resolve",
+                       spec.pid, cg.pod_uid)
+    else:
+        spool_reason = storage_usable(cfg.storage_root, timeout=cfg.storage_timeout)
+        if spool_reason:
+            logger.error("storage unusable (%s); spooling core of %s/%s", spool_reason, pod.namespace, pod.pod)
+    meta = base_metadata(ident=pod, pid=spec.pid, sig=spec.signal, timestamp=spec.time or time.time(),
+                         comm=spec.comm, exe=exe, build_id=build_id, node=cfg.node)
+    if pod is None:
+        meta["_cgroup"] = cgroup_text
+        meta["_podUID"] = (ident.pod_uid if isinstance(ident, CgroupIdentity) else None)
+    core_id = layout.make_core_id(timestamp=spec.time or time.time(), comm=spec.comm, pid=spec.pid,
+                                  signal=spec.signal)
+    try:
+        filed = file_core(cfg, chunks=reader, meta=meta, core_id=core_id, ident=pod, spool_reason=spool_reason)
+    except Exception as e:  # noqa: BLE001 - any failure is one clear log line and an outcome, never a hang
+        logger.exception("core of pid %d could not be filed", spec.pid)
+        write_outcome(cfg.outcomes_dir, {"result": ERROR, "source": "kernel", "pid": spec.pid,
+                                         "signal": spec.signal, "reason": str(e),
+                                         "duration": time.monotonic() - started})
+        return EXIT_ERROR
+    finally:
+        done.set()
+    write_outcome(cfg.outcomes_dir, outcome_record(filed, duration=time.monotonic() - started, source="kernel"))
+    where = filed.stored.core_path if filed.stored else (filed.spooled.data_path if filed.spooled else "rate-limited")
+    logger.info("core of pid %d (signal %d) %s: %s", spec.pid, spec.signal, filed.result, where)
+    return EXIT_OK
+
+
+def import_core(cfg: HandlerConfig, path: Path, *, ident: PodIdentity, pid: int | None, sig: int | None,
+                comm: str | None, timestamp: float | None) -> "object":
+    """File an existing core file (uncompressed ELF core) exactly as if the kernel had sent it."""
+    info = elfinfo.core_process_info(path)
+    pid = pid if pid is not None else int(info.get("pid", 0))
+    sig = sig if sig is not None else int(info.get("signal", 0))
+    comm = comm if comm is not None else str(info.get("comm", "") or path.name)
+    timestamp = timestamp if timestamp is not None else path.stat().st_mtime
+    meta = base_metadata(ident=ident, pid=pid, sig=sig, timestamp=timestamp, comm=comm, exe=None,
+                         build_id=elfinfo.build_id_from_core(path), node=cfg.node)
+    core_id = layout.make_core_id(timestamp=timestamp, comm=comm, pid=pid, signal=sig)
+    started = time.monotonic()
+    from handler.ingest import file_chunks
+    spool_reason = storage_usable(cfg.storage_root, timeout=cfg.storage_timeout)
+    filed = file_core(cfg, chunks=file_chunks(path, chunk_size=cfg.chunk_size), meta=meta, core_id=core_id,
+                      ident=ident, spool_reason=spool_reason)
+    write_outcome(cfg.outcomes_dir, outcome_record(filed, duration=time.monotonic() - started, source="import"))
+    return filed

@@ -1,0 +1,141 @@
+"""
+``coredump-handler``: the core_pattern handler (``capture``, started by the shim), ``import`` and ``drain``.
+
+Global flags override the agent-written config file (``--config``); every path is a flag so tests and manual
+runs point the handler at temporary trees. Expected failures print one line and exit non-zero, no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from handler import layout
+from handler.config import DEFAULT_CONFIG_FILE, HandlerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _size(text: str) -> int:
+    """Bytes from ``123``, ``64K``, ``512M``, ``2G`` (binary units)."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="coredump-handler", description="File core dumps of pod processes on shared storage.")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_FILE,
+                   help="JSON config written by the agent (default %(default)s); flags override it")
+    p.add_argument("--storage-root", type=Path, help="root of the shared core storage")
+    p.add_argument("--spool-dir", type=Path, help="node-local spool for cores storage cannot take now")
+    p.add_argument("--state-dir", type=Path, help="outcome records and rate-limit state (read by the agent)")
+    p.add_argument("--proc-root", type=Path, help="the host's /proc (default /proc)")
+    p.add_argument("--host-root", type=Path, help="the host's / as mounted here (for /var/log/containers)")
+    p.add_argument("--container-logs", help="kubelet container log links, relative to --host-root")
+    p.add_argument("--crictl", help="crictl binary for names/images; '' disables the CRI lookup")
+    p.add_argument("--crictl-timeout", type=float)
+    p.add_argument("--node", help="node name recorded in metadata")
+    p.add_argument("--max-core-size", type=_size, help="store at most this many bytes per core (0 = all)")
+    p.add_argument("--rate-first", type=int, help="per container and window: keep the first N cores")
+    p.add_argument("--rate-latest", type=int, help="... and the latest M")
+    p.add_argument("--rate-window", type=float, help="rate-limit window in seconds")
+    p.add_argument("--previous-pattern-file", type=Path, help="file holding the node's previous core_pattern")
+    p.add_argument("--foreign", choices=["previous", "drop"], help="cores of non-pod processes")
+    p.add_argument("--storage-timeout", type=float, help="seconds a storage probe may take before spooling")
+    p.add_argument("--stall-timeout", type=float, help="give up after this many seconds without progress")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("capture", help="file the core on stdin (the shim runs this from core_pattern)")
+    c.add_argument("pid", type=int, help="%%P: pid in the initial pid namespace")
+    c.add_argument("tid", type=int, help="%%I: tid in the initial pid namespace")
+    c.add_argument("signal", type=int, help="%%s")
+    c.add_argument("time", type=int, help="%%t: seconds since the epoch")
+    c.add_argument("rlimit", type=int, help="%%c: RLIMIT_CORE of the process (-1 = unlimited)")
+    c.add_argument("comm", nargs="*", help="%%e (may have been split on spaces)")
+
+    i = sub.add_parser("import", help="file an existing core file")
+    i.add_argument("--namespace", required=True)
+    i.add_argument("--pod", required=True)
+    i.add_argument("--pod-uid", required=True)
+    i.add_argument("--container", required=True)
+    i.add_argument("--container-id", default="", help="runtime://id, if known")
+    i.add_argument("--pid", type=int, help="default: from the core's notes")
+    i.add_argument("--signal", type=int, help="default: from the core's notes")
+    i.add_argument("--comm", help="default: from the core's notes")
+    i.add_argument("--time", type=float, help="crash time, seconds since the epoch (default: file mtime)")
+    i.add_argument("file", type=Path)
+
+    sub.add_parser("drain", help="file what waits in the spool")
+    return p
+
+
+def load_config(args: argparse.Namespace) -> HandlerConfig:
+    overrides = {k: getattr(args, k) for k in (
+        "storage_root", "spool_dir", "state_dir", "proc_root", "host_root", "container_logs", "crictl",
+        "crictl_timeout", "node", "max_core_size", "rate_first", "rate_latest", "rate_window",
+        "previous_pattern_file", "foreign", "storage_timeout", "stall_timeout")}
+    cfg = HandlerConfig.load(args.config, overrides=overrides)
+    if cfg.crictl == "":
+        cfg.crictl = None
+    return cfg
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # Unwind, so the writers remove their temp files.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from handler import logs
+    args = build_parser().parse_args(argv)
+    logs.setup(verbose=args.verbose)
+    signal.signal(signal.SIGTERM, _terminate)
+    cfg = load_config(args)
+    if args.command == "capture":
+        from handler.capture import capture
+        from handler.foreign import CrashSpecifiers
+        spec = CrashSpecifiers(pid=args.pid, tid=args.tid, signal=args.signal, time=args.time,
+                               comm=" ".join(args.comm), rlimit=None if args.rlimit < 0 or args.rlimit >= 1 << 62 else args.rlimit)
+        return capture(cfg, spec)
+    if args.command == "import":
+        from handler.capture import import_core
+        from handler.resolve import PodIdentity
+        try:
+            ident = PodIdentity(namespace=layout.validate_namespace(args.namespace),
+                                pod=layout.validate_pod_name(args.pod), pod_uid=layout.validate_pod_uid(args.pod_uid),
+                                container=layout.validate_container(args.container), container_id=args.container_id)
+            if not args.file.is_file():
+                raise FileNotFoundError(f"{args.file}: no such file")
+            filed = import_core(cfg, args.file, ident=ident, pid=args.pid, sig=args.signal, comm=args.comm,
+                                timestamp=args.time)
+        except (layout.InvalidName, OSError) as e:
+            print(f"coredump-handler: {e}", file=sys.stderr)
+            return 2
+        if filed.stored is not None:
+            print(filed.stored.core_path)
+        elif filed.spooled is not None:
+            print(f"spooled (storage unusable: {filed.reason}): {filed.spooled.data_path}")
+        else:
+            print("rate-limited: not kept")
+        return 0
+    if args.command == "drain":
+        from handler.drain import drain
+        report = drain(cfg)
+        print(f"drained {report.drained}, waiting {report.waiting}, not from pods {report.host}, errors {report.errors}")
+        for r in report.reasons:
+            print(f"  {r}")
+        return 1 if report.errors else 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""
+The handler's configuration: every path it touches and every limit, from a JSON file the agent writes and flags.
+
+The handler is started by the kernel (through the shim) with only the crash's specifiers on its command
+line, so the agent writes the rest to ``handler.json`` in its state directory; flags override the file,
+which is how tests and ``import`` point it at temporary trees.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG_FILE = Path("/var/lib/coredump-agent/handler.json")
+
+
+@dataclass
+class HandlerConfig:
+    storage_root: Path = Path("/var/lib/coredump/storage")
+    spool_dir: Path = Path("/host/var/lib/coredump/spool")
+    # Per-core outcome records the agent turns into metrics and Events; rate-limit state lives here too.
+    state_dir: Path = Path("/var/lib/coredump-agent/state")
+    proc_root: Path = Path("/proc")
+    host_root: Path = Path("/host")
+    # Where the kubelet's /var/log/containers links are, relative to host_root.
+    container_logs: str = "var/log/containers"
+    crictl: str | None = "crictl"
+    crictl_timeout: float = 3.0
+    node: str | None = None
+    max_core_size: int = 0                 # bytes stored per core; 0 = unlimited
+    rate_first: int = 5                    # cores kept at the start of a window, per container
+    rate_latest: int = 5                   # plus the latest this many
+    rate_window: float = 3600.0            # seconds
+    # The node's core_pattern before the agent replaced it: non-pod crashes go there.
+    previous_pattern_file: Path | None = None
+    foreign: str = "previous"             # previous | drop
+    storage_timeout: float = 5.0          # a storage probe slower than this sends the core to the spool
+    stall_timeout: float = 60.0           # no progress for this long: give up, so the crashing process can die
+    chunk_size: int = 1 << 20
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _PATHS = ("storage_root", "spool_dir", "state_dir", "proc_root", "host_root", "previous_pattern_file")
+
+    @classmethod
+    def load(cls, path: Path | None, *, overrides: dict[str, Any] | None = None) -> "HandlerConfig":
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                data = json.loads(Path(path).read_text())
+            except FileNotFoundError:
+                logger.debug("no handler config at %s, using defaults", path)
+            except (OSError, ValueError) as e:
+                # A broken config must not lose a core: go on with defaults (which spool if storage is not there).
+                logger.error("unreadable handler config %s: %s; using defaults", path, e)
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in data.items() if k in names}
+        cfg = cls(**known)
+        cfg.extra = {k: v for k, v in data.items() if k not in names}
+        for name in cls._PATHS:
+            value = getattr(cfg, name)
+            if value is not None and not isinstance(value, Path):
+                setattr(cfg, name, Path(value))
+        return cfg
+
+    def to_json(self) -> str:
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            v = getattr(self, f.name)
+            out[f.name] = str(v) if isinstance(v, Path) else v
+        return json.dumps(out, indent=2, sort_keys=True) + "\n"
+
+    @property
+    def outcomes_dir(self) -> Path:
+        return self.state_dir / "outcomes"
+
+    @property
+    def ratelimit_dir(self) -> Path:
+        return self.state_dir / "ratelimit"

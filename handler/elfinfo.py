@@ -1,0 +1,175 @@
+"""
+ELF build-id of the crashing executable: from the executable itself, or from the core when the process is gone.
+
+The build-id is what symbol servers (debuginfod) key on. With the process alive (``core_pipe_limit`` keeps it),
+``/proc/<pid>/exe`` is read. For imported or spooled cores the core is read instead: ``AT_PHDR`` in the
+auxiliary vector points at the executable's program headers in memory, whose first page the kernel dumps by
+default (``coredump_filter`` bit 4), and its ``PT_NOTE`` holds the build-id.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+from pathlib import Path
+from typing import BinaryIO
+
+logger = logging.getLogger(__name__)
+
+PT_LOAD, PT_NOTE, PT_PHDR = 1, 4, 6
+NT_GNU_BUILD_ID = 3
+NT_AUXV = 6
+AT_PHDR = 3
+ET_CORE = 4
+MAX_NOTES = 1 << 20
+
+
+class _Elf:
+    def __init__(self, head: bytes) -> None:
+        if head[:4] != b"\x7fELF":
+            raise ValueError("not ELF")
+        self.is64 = head[4] == 2
+        self.end = "<" if head[5] == 1 else ">"
+        if self.is64:
+            (self.type, _, _, _, self.phoff, _, _, _, self.phentsize, self.phnum) = struct.unpack_from(
+                self.end + "HHIQQQIHHH", head, 16)
+        else:
+            (self.type, _, _, _, self.phoff, _, _, _, self.phentsize, self.phnum) = struct.unpack_from(
+                self.end + "HHIIIIIHHH", head, 16)
+
+    def phdrs(self, data: bytes) -> list[tuple[int, int, int, int, int]]:
+        """(type, offset, vaddr, filesz, memsz) of each program header in ``data`` (starting at phoff)."""
+        out = []
+        for i in range(self.phnum):
+            o = i * self.phentsize
+            if self.is64:
+                t, _, off, va, _, fs, ms, _ = struct.unpack_from(self.end + "IIQQQQQQ", data, o)
+            else:
+                t, off, va, _, fs, ms, _, _ = struct.unpack_from(self.end + "IIIIIIII", data, o)
+            out.append((t, off, va, fs, ms))
+        return out
+
+
+def _notes(data: bytes, end: str):
+    o = 0
+    while o + 12 <= len(data):
+        namesz, descsz, ntype = struct.unpack_from(end + "III", data, o)
+        o += 12
+        name = data[o:o + namesz].rstrip(b"\0")
+        o += (namesz + 3) & ~3
+        desc = data[o:o + descsz]
+        o += (descsz + 3) & ~3
+        yield name, ntype, desc
+
+
+def _build_id_in(notes: bytes, end: str) -> str | None:
+    for name, ntype, desc in _notes(notes, end):
+        if name == b"GNU" and ntype == NT_GNU_BUILD_ID and desc:
+            return desc.hex()
+    return None
+
+
+def build_id_from_executable(path: Path) -> str | None:
+    """The GNU build-id note of an ELF executable (or None)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            elf = _Elf(head)
+            f.seek(elf.phoff)
+            for t, off, _va, fs, _ms in elf.phdrs(f.read(elf.phentsize * elf.phnum)):
+                if t == PT_NOTE and 0 < fs <= MAX_NOTES:
+                    f.seek(off)
+                    bid = _build_id_in(f.read(fs), elf.end)
+                    if bid:
+                        return bid
+    except (OSError, ValueError, struct.error) as e:
+        logger.debug("no build-id from %s: %s", path, e)
+    return None
+
+
+def _read_at(f: BinaryIO, segs, vaddr: int, size: int) -> bytes | None:
+    """Read ``size`` bytes at virtual address ``vaddr`` of a core, if they were dumped."""
+    for _t, off, va, fs, _ms in segs:
+        if va <= vaddr and vaddr + size <= va + fs:
+            f.seek(off + vaddr - va)
+            return f.read(size)
+    return None
+
+
+def build_id_from_core(path: Path) -> str | None:
+    """The build-id of the main executable recorded in an ELF core file (or None)."""
+    try:
+        with open(path, "rb") as f:
+            elf = _Elf(f.read(64))
+            if elf.type != ET_CORE:
+                return None
+            f.seek(elf.phoff)
+            segs = elf.phdrs(f.read(elf.phentsize * elf.phnum))
+            loads = [s for s in segs if s[0] == PT_LOAD]
+            phdr_addr = None
+            for t, off, _va, fs, _ms in segs:
+                if t == PT_NOTE and 0 < fs <= 64 * MAX_NOTES:
+                    f.seek(off)
+                    for name, ntype, desc in _notes(f.read(fs), elf.end):
+                        if ntype == NT_AUXV and name == b"CORE":
+                            fmt = elf.end + ("QQ" if elf.is64 else "II")
+                            step = struct.calcsize(fmt)
+                            for i in range(0, len(desc) - step + 1, step):
+                                key, val = struct.unpack_from(fmt, desc, i)
+                                if key == AT_PHDR:
+                                    phdr_addr = val
+            if phdr_addr is None:
+                return None
+            # The executable's ELF header sits at the start of the mapping holding its program headers.
+            for _t, _off, va, _fs, ms in loads:
+                if va <= phdr_addr < va + ms:
+                    head = _read_at(f, loads, va, 64)
+                    if head is None:
+                        return None
+                    exe = _Elf(head)
+                    ph = _read_at(f, loads, phdr_addr, exe.phentsize * exe.phnum)
+                    if ph is None:
+                        return None
+                    hdrs = exe.phdrs(ph)
+                    # Load bias: where PT_PHDR landed minus where the file says it goes (0 for non-PIE).
+                    bias = next((phdr_addr - hv for ht, _o, hv, _f, _m in hdrs if ht == PT_PHDR),
+                                va - min((hv for ht, _o, hv, _f, _m in hdrs if ht == PT_LOAD), default=0))
+                    for ht, _o, hv, hf, _m in hdrs:
+                        if ht == PT_NOTE and 0 < hf <= MAX_NOTES:
+                            notes = _read_at(f, loads, hv + bias, hf)
+                            if notes:
+                                bid = _build_id_in(notes, exe.end)
+                                if bid:
+                                    return bid
+                    return None
+    except (OSError, ValueError, struct.error) as e:
+        logger.debug("no build-id in core %s: %s", path, e)
+    return None
+
+
+NT_PRSTATUS, NT_PRPSINFO = 1, 3
+
+
+def core_process_info(path: Path) -> dict[str, int | str]:
+    """pid, signal and comm recorded in a (64-bit Linux) core's NT_PRSTATUS / NT_PRPSINFO notes, where present."""
+    info: dict[str, int | str] = {}
+    try:
+        with open(path, "rb") as f:
+            elf = _Elf(f.read(64))
+            if elf.type != ET_CORE or not elf.is64:
+                return info
+            f.seek(elf.phoff)
+            for t, off, _va, fs, _ms in elf.phdrs(f.read(elf.phentsize * elf.phnum)):
+                if t != PT_NOTE or not 0 < fs <= 64 * MAX_NOTES:
+                    continue
+                f.seek(off)
+                for name, ntype, desc in _notes(f.read(fs), elf.end):
+                    if name != b"CORE":
+                        continue
+                    if ntype == NT_PRSTATUS and "signal" not in info and len(desc) >= 36:
+                        info["signal"] = struct.unpack_from(elf.end + "i", desc, 0)[0]
+                        info["pid"] = struct.unpack_from(elf.end + "i", desc, 32)[0]
+                    elif ntype == NT_PRPSINFO and len(desc) >= 56:
+                        info["comm"] = desc[40:56].split(b"\0", 1)[0].decode("utf-8", "replace")
+    except (OSError, ValueError, struct.error) as e:
+        logger.debug("no process info in core %s: %s", path, e)
+    return info

@@ -1,0 +1,215 @@
+"""
+pid → container → pod: the cgroup path gives the pod uid and container id, the kubelet's log links (or the CRI) the names.
+
+Shapes understood (cgroup v1 and v2 alike; v1 lists one line per hierarchy, all with the same path):
+
+* cgroupfs driver: ``/kubepods/burstable/pod<uid>/<id>`` (containerd, docker), ``.../pod<uid>/crio-<id>`` (CRI-O)
+* systemd driver:  ``/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice/``
+  then ``cri-containerd-<id>.scope``, ``crio-<id>.scope`` or ``docker-<id>.scope`` (sometimes with a child
+  cgroup such as ``/container`` below it)
+
+hostNetwork pods look exactly like others here: nothing is taken from the crashing process's network or uts
+namespace, so the node's hostname never ends up as a pod name.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from handler import layout
+
+logger = logging.getLogger(__name__)
+
+_POD_UID_RE = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32})"
+                         r"(?:\.slice)?$")
+_CONTAINER_RE = re.compile(r"^(?:(?P<rt>cri-containerd|crio|docker|containerd)-)?(?P<id>[0-9a-f]{64})(?:\.scope)?$")
+_RUNTIME_PREFIX = {"cri-containerd": "containerd", "crio": "cri-o", "docker": "docker", "containerd": "containerd"}
+# /var/log/containers/<pod>_<namespace>_<container>-<64 hex>.log
+_LOG_LINK_RE = re.compile(r"^(?P<pod>[a-z0-9.-]+)_(?P<ns>[a-z0-9-]+)_(?P<container>[a-z0-9-]+)-(?P<id>[0-9a-f]{64})\.log$")
+# /var/log/pods/<namespace>_<pod>_<uid>/<container>/N.log
+_POD_LOG_DIR_RE = re.compile(r"^(?P<ns>[a-z0-9-]+)_(?P<pod>[a-z0-9.-]+)_(?P<uid>[0-9a-f-]+)$")
+
+
+@dataclass(frozen=True)
+class CgroupIdentity:
+    """What the cgroup path tells: the pod uid, and the container id when the process is in a container."""
+
+    pod_uid: str
+    container_id: str | None
+    runtime: str | None
+    cgroup_path: str
+
+
+@dataclass
+class PodIdentity:
+    namespace: str
+    pod: str
+    pod_uid: str
+    container: str
+    container_id: str           # "<runtime>://<id>" as Kubernetes prints it in containerStatuses
+    image: str | None = None
+    image_digest: str | None = None
+
+
+def cgroup_paths(text: str) -> list[str]:
+    """The cgroup paths of a ``/proc/<pid>/cgroup`` text, v2's unified line first."""
+    unified, legacy = [], []
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        (unified if parts[0] == "0" and parts[1] == "" else legacy).append(parts[2])
+    return unified + legacy
+
+
+def parse_cgroup_path(path: str) -> CgroupIdentity | None:
+    """The pod and container a cgroup path belongs to, or None for a process outside any pod."""
+    pod_uid = None
+    container_id = runtime = None
+    for comp in path.split("/"):
+        m = _POD_UID_RE.search(comp)
+        if m and ("kubepods" in comp or comp.startswith("pod")):
+            pod_uid = m.group(1).replace("_", "-")
+            continue
+        if pod_uid is None:
+            continue
+        m = _CONTAINER_RE.match(comp)
+        if m:
+            container_id = m["id"]
+            runtime = _RUNTIME_PREFIX.get(m["rt"] or "")
+    if pod_uid is None:
+        return None
+    return CgroupIdentity(pod_uid=pod_uid, container_id=container_id, runtime=runtime, cgroup_path=path)
+
+
+def identity_from_cgroup_text(text: str) -> CgroupIdentity | None:
+    for path in cgroup_paths(text):
+        ident = parse_cgroup_path(path)
+        if ident is not None:
+            return ident
+    return None
+
+
+def read_cgroup(proc_root: Path, pid: int) -> str | None:
+    try:
+        return (Path(proc_root) / str(pid) / "cgroup").read_text()
+    except OSError as e:
+        logger.warning("cannot read cgroup of pid %d: %s", pid, e)
+        return None
+
+
+def names_from_log_links(logs_dir: Path, *, container_id: str) -> PodIdentity | None:
+    """Names from the kubelet's ``/var/log/containers`` link of this container, if it is there."""
+    try:
+        with os.scandir(logs_dir) as it:
+            matches = [e.name for e in it if e.name.endswith(f"-{container_id}.log")]
+    except OSError as e:
+        logger.debug("no container log links at %s: %s", logs_dir, e)
+        return None
+    for name in matches:
+        m = _LOG_LINK_RE.match(name)
+        if not m:
+            continue
+        uid = ""
+        try:
+            target = os.readlink(logs_dir / name)
+            pm = _POD_LOG_DIR_RE.match(Path(target).parent.parent.name)
+            if pm:
+                uid = pm["uid"]
+        except OSError:
+            pass
+        return PodIdentity(namespace=m["ns"], pod=m["pod"], pod_uid=uid, container=m["container"],
+                           container_id=container_id)
+    return None
+
+
+def inspect_with_crictl(crictl: str, *, container_id: str, timeout: float) -> dict | None:
+    """``crictl inspect`` of a container (names, image), or None if the CRI cannot tell in time."""
+    try:
+        proc = subprocess.run([crictl, "inspect", "-o", "json", container_id], capture_output=True,
+                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        logger.warning("crictl inspect %s failed: %s", container_id[:12], e)
+        return None
+    if proc.returncode != 0:
+        logger.warning("crictl inspect %s: exit %d: %s", container_id[:12], proc.returncode,
+                       proc.stderr.decode(errors="replace").strip()[:200])
+        return None
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        return None
+
+
+def _from_crictl(info: dict, *, container_id: str) -> PodIdentity | None:
+    status = info.get("status") or {}
+    labels = status.get("labels") or (info.get("info") or {}).get("config", {}).get("labels") or {}
+    try:
+        ident = PodIdentity(namespace=labels["io.kubernetes.pod.namespace"], pod=labels["io.kubernetes.pod.name"],
+                            pod_uid=labels.get("io.kubernetes.pod.uid", ""),
+                            container=labels["io.kubernetes.container.name"], container_id=container_id)
+    except KeyError:
+        return None
+    _add_image(ident, info)
+    return ident
+
+
+def _add_image(ident: PodIdentity, info: dict) -> None:
+    status = info.get("status") or {}
+    image = (status.get("image") or {}).get("image")
+    ref = status.get("imageRef")
+    ident.image = image or ident.image
+    if ref and "@sha256:" in ref:
+        ident.image_digest = ref.split("@", 1)[1]
+    elif ref and ref.startswith("sha256:"):
+        ident.image_digest = ref
+
+
+def resolve_pod(*, proc_root: Path, host_root: Path, container_logs: str, pid: int, crictl: str | None,
+                crictl_timeout: float, cgroup_text: str | None = None) -> PodIdentity | CgroupIdentity | None:
+    """
+    The pod identity of a crashing pid.
+
+    Returns a :class:`PodIdentity` when names were found, the bare :class:`CgroupIdentity` when the process is
+    in a pod whose names cannot be found (yet), and None when it is not in a pod at all.
+    """
+    if cgroup_text is None:
+        cgroup_text = read_cgroup(proc_root, pid)
+    if cgroup_text is None:
+        return None
+    cg = identity_from_cgroup_text(cgroup_text)
+    if cg is None:
+        return None
+    if cg.container_id is None:
+        return cg
+    runtime = cg.runtime or "containerd"
+    ident = names_from_log_links(Path(host_root) / container_logs, container_id=cg.container_id)
+    info = None
+    if crictl:
+        # The CRI is the only source of the image; it is also the fallback for names.
+        info = inspect_with_crictl(crictl, container_id=cg.container_id, timeout=crictl_timeout)
+    if ident is None and info is not None:
+        ident = _from_crictl(info, container_id=cg.container_id)
+    elif ident is not None and info is not None:
+        _add_image(ident, info)
+    if ident is None:
+        return cg
+    if ident.pod_uid and ident.pod_uid != cg.pod_uid:
+        logger.warning("pod uid mismatch for %s: cgroup %s, names %s; trusting the cgroup",
+                       cg.container_id[:12], cg.pod_uid, ident.pod_uid)
+    ident.pod_uid = cg.pod_uid
+    ident.container_id = f"{runtime}://{cg.container_id}"
+    try:
+        layout.validate_namespace(ident.namespace)
+        layout.validate_pod_name(ident.pod)
+        layout.validate_container(ident.container)
+        layout.validate_pod_uid(ident.pod_uid)
+    except layout.InvalidName as e:
+        logger.error("unusable pod identity for %s: %s", cg.container_id[:12], e)
+        return cg
+    return ident
