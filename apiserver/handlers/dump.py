@@ -126,7 +126,7 @@ def _audit(request: web.Request, *, namespace: str, pod: str, plan: DumpPlan, st
         audit_dump = None
     if audit_dump is not None:
         try:
-            audit_dump(request=request, namespace=namespace, pod=pod, cores=core_ids, bytes_sent=sent,
+            audit_dump(request=request, namespace=namespace, pod=pod, cores=len(core_ids), bytes_sent=sent,
                        outcome=outcome)
         except Exception:  # noqa: BLE001 - an audit failure must not turn a served dump into a 500
             logger.exception("audit of a dump failed")

@@ -12,10 +12,13 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+
+from handler import layout
 
 from test_dump_fixtures import *  # noqa: F401,F403
 from test_dump_fixtures import Crasher, DumpServer, DUMP_PATH, new_uid, store_core
@@ -36,18 +39,21 @@ async def kubectl_raw(server: DumpServer, path: str, out: Path) -> subprocess.Co
 
 @pytest.fixture
 def shop_pod(dump_server: DumpServer, crasher: Crasher, real_core: Path, tmp_path: Path) -> dict[str, object]:
-    """Pod shop/web-0: a SIGSEGV and a SIGABRT core in "app", a multi-member stored core in "sidecar"."""
+    """Pod shop/web-0: a SIGSEGV and a SIGABRT core in "app" (one stored in several gzip members), and one
+    in "sidecar" filed by the node handler's own ``coredump-handler import``."""
     uid = new_uid()
     abort_core = crasher.crash(tmp_path / "abort", heap=100_000, signal=6)
-    cores = [
-        store_core(dump_server.root, namespace="shop", pod="web-0", pod_uid=uid, container="app",
-                   data=real_core.read_bytes(), when=T0, pid=101, signal=11),
-        store_core(dump_server.root, namespace="shop", pod="web-0", pod_uid=uid, container="app",
-                   data=abort_core.read_bytes(), when=T0 + datetime.timedelta(minutes=5), pid=102, signal=6),
-        store_core(dump_server.root, namespace="shop", pod="web-0", pod_uid=uid, container="sidecar",
-                   data=real_core.read_bytes(), when=T0 + datetime.timedelta(minutes=10), pid=103, signal=11,
-                   members=7),
-    ]
+    store_core(dump_server.root, namespace="shop", pod="web-0", pod_uid=uid, container="app",
+               data=real_core.read_bytes(), when=T0, pid=101, signal=11)
+    store_core(dump_server.root, namespace="shop", pod="web-0", pod_uid=uid, container="app",
+               data=abort_core.read_bytes(), when=T0 + datetime.timedelta(minutes=5), pid=102, signal=6, members=7)
+    handler = Path(sys.executable).parent / "coredump-handler"
+    subprocess.run([str(handler), "--config", str(tmp_path / "absent.json"), "--storage-root", str(dump_server.root),
+                    "--spool-dir", str(tmp_path / "spool"), "--state-dir", str(tmp_path / "state"), "--crictl", "",
+                    "import", "--namespace", "shop", "--pod", "web-0", "--pod-uid", uid, "--container", "sidecar",
+                    str(real_core)], check=True, capture_output=True)
+    cores = layout.list_cores(dump_server.root, namespace="shop", pod="web-0", pod_uid=uid)
+    assert [c.ref.container for c in cores] == ["app", "app", "sidecar"]
     dump_server.registry.add(namespace="shop", name="web-0", pod_uid=uid)
     return {"uid": uid, "cores": cores}
 
@@ -58,7 +64,7 @@ async def test_kubectl_dump_extracts_with_gnu_tar_and_tarfile_and_gdb_names_the_
     result = await kubectl_raw(dump_server, DUMP_PATH.format(ns="shop", name="web-0"), archive)
     assert result.returncode == 0, result.stderr.decode()
 
-    expected = {f"{c.stored.ref.container}/{c.core_id}": c for c in shop_pod["cores"]}
+    expected = {f"{c.ref.container}/{c.ref.core_id}": c for c in shop_pod["cores"]}
     # GNU tar, the way a user unpacks it.
     out = tmp_path / "gnu"
     out.mkdir()
@@ -70,8 +76,8 @@ async def test_kubectl_dump_extracts_with_gnu_tar_and_tarfile_and_gdb_names_the_
     assert extracted == sorted([k + ".core" for k in expected] + [k + ".json" for k in expected])
     for key, core in expected.items():
         meta = json.loads((out / f"{key}.json").read_text())
-        assert meta["coreID"] == core.core_id
-        assert hashlib.sha256((out / f"{key}.core").read_bytes()).hexdigest() == meta["sha256"] == core.data_sha256
+        assert meta == core.metadata
+        assert hashlib.sha256((out / f"{key}.core").read_bytes()).hexdigest() == meta["sha256"]
 
     # Python's tarfile: as a file (gzip members are read by GzipFile), and as a stream through GzipFile
     # (tarfile's own "r|gz" reads one gzip member only; the README says so).
@@ -87,7 +93,7 @@ async def test_kubectl_dump_extracts_with_gnu_tar_and_tarfile_and_gdb_names_the_
         assert info["size"] == len(by_file[key + ".core"]) and info["podUID"] == shop_pod["uid"]
 
     # gdb on the extracted SIGSEGV core names the function that crashed.
-    segv = next(k for k, c in expected.items() if c.stored.metadata["signal"] == 11 and k.startswith("app/"))
+    segv = next(k for k, c in expected.items() if c.metadata["signal"] == 11 and k.startswith("app/"))
     gdb = await asyncio.create_subprocess_exec("gdb", "-batch", "-ex", "bt", str(crasher.binary),
                                                str(out / f"{segv}.core"),
                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)

@@ -1,0 +1,103 @@
+"""
+Auto-create: every pod incarnation with cores gets a CoredumpEndpoint, so ``kubectl get cde -A`` lists
+every pod that has crashed.
+
+A scan every :data:`INTERVAL_SECONDS` lists the crashed incarnations. An incarnation is acted on when
+this process has not seen it before or it has a newer core than when last seen; then, if no endpoint
+of that pod's name exists, one is created with ``spec.podUID`` set and the annotation
+``coredump.example.io/auto-created: "true"``. So an endpoint deleted while its cores are kept stays
+deleted until that pod crashes again (or this server restarts and rescans); to be rid of it for good,
+delete it with the cores (``coredump.example.io/delete-cores: "true"``). Replicas racing to create the
+same endpoint see AlreadyExists, which is fine.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from handler import layout
+
+from apiserver.api import errors
+
+if TYPE_CHECKING:
+    from apiserver.registry.endpoints import EndpointRegistry
+
+logger = logging.getLogger(__name__)
+
+INTERVAL_SECONDS = 30.0
+AUTO_CREATED_ANNOTATION = "coredump.example.io/auto-created"
+API_VERSION = "coredump.example.io/v1alpha1"
+
+Incarnation = tuple[str, str, str]  # (namespace, pod, pod uid)
+
+
+def _newest_cores(root: Path) -> dict[Incarnation, str]:
+    """Blocking: every crashed incarnation and the id of its newest core (ids sort by time)."""
+    newest: dict[Incarnation, str] = {}
+    for core in layout.iter_all_cores(root):
+        key = (core.ref.namespace, core.ref.pod, core.ref.pod_uid)
+        if core.ref.core_id > newest.get(key, ""):
+            newest[key] = core.ref.core_id
+    return newest
+
+
+class AutoCreator:
+    def __init__(self, *, root: Path, registry: "EndpointRegistry") -> None:
+        self.root = root
+        self.registry = registry
+        self.seen: dict[Incarnation, str] = {}
+
+    def forget(self, *, namespace: str, pod: str) -> None:
+        """Treat a pod's incarnations as seen with no cores (after its cores were purged)."""
+        for key in [k for k in self.seen if k[:2] == (namespace, pod)]:
+            self.seen[key] = ""
+
+    async def scan(self) -> list[Incarnation]:
+        """One pass; returns the incarnations an endpoint was created for."""
+        newest = await asyncio.to_thread(_newest_cores, self.root)
+        changed = [key for key, core_id in newest.items() if self.seen.get(key) != core_id]
+        # Newest crash first, so a pod name with several new incarnations is bound to the latest one.
+        changed.sort(key=lambda k: newest[k], reverse=True)
+        created = []
+        handled_pods: set[tuple[str, str]] = set()
+        for key in changed:
+            namespace, pod, uid = key
+            if (namespace, pod) not in handled_pods and await self._ensure(namespace=namespace, pod=pod, uid=uid):
+                created.append(key)
+            handled_pods.add((namespace, pod))
+            self.seen[key] = newest[key]
+        return created
+
+    async def _ensure(self, *, namespace: str, pod: str, uid: str) -> bool:
+        try:
+            await self.registry.get(namespace=namespace, name=pod)
+            return False
+        except errors.ApiError as error:
+            if error.code != 404:
+                logger.warning("auto-create: cannot read endpoint %s/%s: %s", namespace, pod, error.message)
+                return False
+        body: dict[str, Any] = {
+            "apiVersion": API_VERSION, "kind": "CoredumpEndpoint",
+            "metadata": {"name": pod, "namespace": namespace, "annotations": {AUTO_CREATED_ANNOTATION: "true"}},
+            "spec": {"podUID": uid},
+        }
+        try:
+            await self.registry.create(namespace=namespace, body=body)
+        except errors.ApiError as error:
+            if error.code != 409:
+                logger.warning("auto-create: cannot create endpoint %s/%s: %s", namespace, pod, error.message)
+            return False
+        logger.info("auto-created endpoint %s/%s for pod uid %s", namespace, pod, uid)
+        return True
+
+    async def run(self, *, interval: float = INTERVAL_SECONDS) -> None:
+        while True:
+            try:
+                await self.scan()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a bad scan (storage hiccup) must not end auto-creation
+                logger.exception("auto-create scan failed")
+            await asyncio.sleep(interval)

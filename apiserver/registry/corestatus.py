@@ -1,0 +1,112 @@
+"""
+``status`` of a CoredumpEndpoint, computed from storage: the cores of its pod incarnation, summed up.
+
+Reads are batched and cached briefly: a ``list`` of thousands of endpoints costs one trip to a worker
+thread for the incarnations not seen in the last few seconds, not one per object.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from handler import layout
+from handler.layout import StoredCore
+
+logger = logging.getLogger(__name__)
+
+# The newest cores listed in status.cores; coreCount and the sums always cover all of them.
+MAX_CORES_IN_STATUS = 256
+CACHE_SECONDS = 3.0
+CACHE_ENTRIES = 50_000
+
+Key = tuple[str, str, str]  # (namespace, pod, pod uid)
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def core_entry(core: StoredCore) -> dict[str, Any]:
+    meta = core.metadata
+    return {
+        "id": core.ref.core_id,
+        "container": core.ref.container,
+        "signal": _int(meta.get("signal")),
+        "signalName": meta.get("signalName") or "",
+        "time": meta.get("timestamp") or layout.rfc3339(layout.core_id_time(core.ref.core_id)),
+        "size": _int(meta.get("size")),
+        "storedSize": _int(meta.get("storedSize")),
+        "exe": meta.get("exe") or "",
+        "buildID": meta.get("buildID") or "",
+        "truncated": bool(meta.get("truncated")),
+    }
+
+
+def summarize(cores: Iterable[StoredCore]) -> dict[str, Any]:
+    """The status of an endpoint whose incarnation has ``cores``."""
+    entries = sorted((core_entry(c) for c in cores), key=lambda e: (e["time"], e["id"], e["container"]))
+    status: dict[str, Any] = {
+        "coreCount": len(entries),
+        "totalSize": sum(e["size"] for e in entries),
+        "storedSize": sum(e["storedSize"] for e in entries),
+        "cores": entries[-MAX_CORES_IN_STATUS:],
+    }
+    if entries:
+        status["lastCrash"] = entries[-1]["time"]
+        status["lastSignal"] = entries[-1]["signalName"]
+    return status
+
+
+def _read(root: Path, keys: list[Key]) -> dict[Key, dict[str, Any]]:
+    result = {}
+    for namespace, pod, uid in keys:
+        try:
+            cores = layout.list_cores(root, namespace=namespace, pod=pod, pod_uid=uid)
+        except layout.InvalidName:
+            cores = []  # an object whose names cannot be in storage has no cores
+        except OSError as error:
+            logger.warning("cannot read the cores of %s/%s (%s): %s", namespace, pod, uid, error)
+            cores = []
+        result[(namespace, pod, uid)] = summarize(cores)
+    return result
+
+
+class StatusCache:
+    """Statuses by incarnation, each kept :data:`CACHE_SECONDS`; misses of one batch read together."""
+
+    def __init__(self, *, root: Path, ttl: float = CACHE_SECONDS) -> None:
+        self.root = root
+        self.ttl = ttl
+        self._entries: dict[Key, tuple[float, dict[str, Any]]] = {}
+
+    async def statuses(self, keys: Iterable[Key]) -> dict[Key, dict[str, Any]]:
+        now = time.monotonic()
+        found: dict[Key, dict[str, Any]] = {}
+        missing: list[Key] = []
+        for key in dict.fromkeys(keys):
+            entry = self._entries.get(key)
+            if entry and now - entry[0] < self.ttl:
+                found[key] = entry[1]
+            else:
+                missing.append(key)
+        if missing:
+            fresh = await asyncio.to_thread(_read, self.root, missing)
+            if len(self._entries) + len(fresh) > CACHE_ENTRIES:
+                self._entries.clear()
+            stamp = time.monotonic()
+            for key, status in fresh.items():
+                self._entries[key] = (stamp, status)
+            found.update(fresh)
+        return found
+
+    def invalidate(self, *, namespace: str, pod: str) -> None:
+        for key in [k for k in self._entries if k[0] == namespace and k[1] == pod]:
+            del self._entries[key]
+
+
+def empty_status() -> dict[str, Any]:
+    return summarize([])
