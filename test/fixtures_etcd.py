@@ -7,11 +7,13 @@ sharing the server never see each other's objects.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -25,7 +27,7 @@ import pytest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EtcdServer", "etcd_server", "etcd_prefix", "find_etcd"]
+__all__ = ["EtcdServer", "EtcdTLS", "etcd_server", "etcd_prefix", "find_etcd"]
 
 _START_TIMEOUT = 30.0
 
@@ -41,17 +43,29 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclasses.dataclass(frozen=True)
+class EtcdTLS:
+    """PEM files for an etcd that serves TLS and requires client certificates signed by ``ca_file``."""
+
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
 class EtcdServer:
     """A single-member etcd; ``endpoint`` stays the same across :meth:`stop` and :meth:`start`."""
 
-    def __init__(self, *, binary: str, base_dir: Path) -> None:
+    def __init__(self, *, binary: str, base_dir: Path, tls: EtcdTLS | None = None) -> None:
         self.binary = binary
         self.base_dir = base_dir
+        self.tls = tls
         self.data_dir = base_dir / "data"
         self.log_path = base_dir / "etcd.log"
         self.client_port = _free_port()
         self.peer_port = _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        self.endpoint = f"{'https' if tls else 'http'}://127.0.0.1:{self.client_port}"
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -74,6 +88,13 @@ class EtcdServer:
             "--logger", "zap",
             "--log-level", "warn",
         ]
+        if self.tls:
+            command += [
+                "--cert-file", str(self.tls.server_cert),
+                "--key-file", str(self.tls.server_key),
+                "--trusted-ca-file", str(self.tls.ca_file),
+                "--client-cert-auth",
+            ]
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                              stdin=subprocess.DEVNULL, start_new_session=True)
@@ -82,11 +103,15 @@ class EtcdServer:
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + _START_TIMEOUT
         last_error = "no answer"
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=str(self.tls.ca_file))
+            context.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
         while time.monotonic() < deadline:
             if self._process is None or self._process.poll() is not None:
                 raise RuntimeError(f"etcd exited during startup:\n{self._log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1) as response:
+                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1, context=context) as response:
                     if b'"true"' in response.read():
                         return
             except (OSError, urllib.error.URLError) as error:

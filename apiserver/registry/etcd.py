@@ -176,7 +176,13 @@ class EtcdStore(ObjectStore):
             await connection.channel.close()
 
     async def check(self) -> None:
-        await self._range_header(timeout=self._dial_timeout)
+        try:
+            await self._range_header(timeout=self._dial_timeout)
+        except StoreUnavailable:
+            raise
+        except StoreError as error:
+            # Whatever answers there (a proxy, a server that is not etcd) cannot serve us either.
+            raise StoreUnavailable(str(error)) from None
 
     async def current_revision(self) -> int:
         return await self._range_header(timeout=self._request_timeout)

@@ -6,14 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 import json
 import logging
+import shutil
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import aetcd
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from fixtures_etcd import EtcdServer, EtcdTLS, find_etcd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -535,6 +545,27 @@ async def test_etcd_unreachable_is_store_unavailable_at_start() -> None:
     assert "\n" not in str(unavailable.value), "one line for the command line"
 
 
+async def test_etcd_that_never_answers_is_store_unavailable_not_a_hang() -> None:
+    connections: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)  # accept, then say nothing, like a hung etcd
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        backend = EtcdStore(endpoints=[f"http://127.0.0.1:{port}"], dial_timeout=1)
+        with pytest.raises(StoreUnavailable) as unavailable:
+            await guarded(backend.start())
+        assert str(unavailable.value).startswith("cannot reach etcd: ")
+        assert connections, "the store did try this endpoint"
+    finally:
+        for writer in connections:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_etcd_falls_back_to_the_next_endpoint(etcd_server: Any, etcd_prefix: str) -> None:
     dead = f"http://127.0.0.1:{closed_port()}"
     assert parse_endpoints(f"{dead},{etcd_server.endpoint}") == [dead, etcd_server.endpoint]
@@ -577,3 +608,97 @@ async def test_etcd_restart_is_unavailable_then_recovers_with_data(etcd_server: 
     assert await etcd_store.get("/cde/ns/a") == created
     with pytest.raises(KeyNotFound):
         await etcd_store.get("/cde/ns/b")  # the failed create wrote nothing
+
+
+async def test_memory_forgets_deleted_objects_once_compacted() -> None:
+    """A long-running dev server must not grow with every object it ever deleted."""
+    backend = MemoryStore(history_limit=10)
+    await backend.start()
+    for i in range(50):
+        await backend.create(f"/cde/ns/{i}", endpoint(str(i)))
+        await backend.delete(f"/cde/ns/{i}")
+    await backend.create("/cde/ns/kept", endpoint("kept"))
+    await backend.compact(await backend.current_revision())
+    assert backend._keys == ["/cde/ns/kept"]  # noqa: SLF001 (memory use has no public view)
+    assert [item["metadata"]["name"] for item in (await backend.list("")).items] == ["kept"]
+
+
+# -- etcd over mutual TLS ------------------------------------------------------------------------
+
+
+def _issue(directory: Path, name: str, *, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+           usage: list[x509.ObjectIdentifier]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[0].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
+    )
+    if issuer:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False).add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False)
+    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
+    (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / f"{name}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert, key
+
+
+@pytest.fixture(scope="module")
+def etcd_tls_server() -> Iterator[EtcdServer]:
+    binary = find_etcd()
+    if binary is None:
+        pytest.skip("etcd is not installed (/usr/bin/etcd or etcd on PATH); scripts/test installs it")
+    base_dir = Path(tempfile.mkdtemp(prefix="coredump-etcd-tls-"))
+    ca = _issue(base_dir, "ca", issuer=None, usage=[])
+    _issue(base_dir, "server", issuer=ca, usage=[ExtendedKeyUsageOID.SERVER_AUTH])
+    _issue(base_dir, "client", issuer=ca, usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    other_ca = _issue(base_dir, "other-ca", issuer=None, usage=[])
+    _issue(base_dir, "stranger", issuer=other_ca, usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    tls = EtcdTLS(ca_file=base_dir / "ca.crt", server_cert=base_dir / "server.crt", server_key=base_dir / "server.key",
+                  client_cert=base_dir / "client.crt", client_key=base_dir / "client.key")
+    server = EtcdServer(binary=binary, base_dir=base_dir, tls=tls)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+async def test_etcd_over_mutual_tls(etcd_tls_server: EtcdServer) -> None:
+    tls = etcd_tls_server.tls
+    assert tls is not None and etcd_tls_server.endpoint.startswith("https://")
+    backend = EtcdStore(endpoints=[etcd_tls_server.endpoint], prefix="/tls-test", ca_file=tls.ca_file,
+                        cert_file=tls.client_cert, key_file=tls.client_key)
+    await guarded(backend.start())
+    try:
+        created = await backend.create("/cde/ns/a", endpoint("a"))
+        assert await backend.get("/cde/ns/a") == created
+        async with contextlib.aclosing(backend.watch("/cde/", from_revision=rv(created) - 1)) as events:
+            [event] = await take(events, 1)
+        assert event.obj == created
+    finally:
+        await backend.close()
+
+
+async def test_etcd_tls_refuses_an_unknown_client_or_server(etcd_tls_server: EtcdServer) -> None:
+    tls = etcd_tls_server.tls
+    assert tls is not None
+    directory = tls.ca_file.parent
+    stranger = EtcdStore(endpoints=[etcd_tls_server.endpoint], ca_file=tls.ca_file,
+                         cert_file=directory / "stranger.crt", key_file=directory / "stranger.key", dial_timeout=2)
+    with pytest.raises(StoreUnavailable):
+        await guarded(stranger.start())
+    untrusting = EtcdStore(endpoints=[etcd_tls_server.endpoint], ca_file=directory / "other-ca.crt",
+                           cert_file=tls.client_cert, key_file=tls.client_key, dial_timeout=2)
+    with pytest.raises(StoreUnavailable):
+        await guarded(untrusting.start())
