@@ -239,3 +239,28 @@ async def test_front_proxy_ca_rotation_is_followed(fake_kube: FakeKube, tmp_path
     finally:
         await runner.cleanup()
         await app.setup.close()
+
+
+async def test_flags_replace_the_configmap(fake_kube: FakeKube, tmp_path: Path) -> None:
+    from fake_kube import TestCA
+
+    own_proxy_ca = TestCA(tmp_path, name="own-front-proxy")
+    runner, app = await start_app(
+        fake_kube, tmp_path, "--authentication-skip-lookup", f"--client-ca-file={fake_kube.ca_file}",
+        f"--requestheader-client-ca-file={own_proxy_ca.cert_file}", "--requestheader-allowed-names=proxy-1",
+        "--requestheader-username-headers=X-User", "--requestheader-group-headers=X-Groups")
+    try:
+        fake_kube.allow(verbs=["get"], non_resource_urls=["/whoami"], users=["carol"])
+        proxy = own_proxy_ca.issue(cn="proxy-1", directory=tmp_path)
+        status, body = await app.get("/whoami", cert=proxy, headers=[("X-User", "carol"), ("X-Groups", "g1")])
+        assert (status, body["user"], body["groups"]) == (200, "carol", ["g1", "system:authenticated"])
+        # The ConfigMap's front-proxy CA means nothing now (TLS refuses its certificate), and it was never read.
+        with pytest.raises(aiohttp.ClientError):
+            await app.get("/whoami", cert=(fake_kube.front_proxy_cert, fake_kube.front_proxy_key),
+                          headers=[("X-Remote-User", "carol")])
+        status, _ = await app.get("/whoami", cert=proxy, headers=[("X-Remote-User", "carol")])
+        assert status == 401  # the default header names are not the configured ones
+        assert fake_kube.configmap_reads == 0
+    finally:
+        await runner.cleanup()
+        await app.setup.close()

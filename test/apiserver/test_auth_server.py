@@ -264,3 +264,20 @@ async def test_kubectl_shows_forbidden_like_for_builtin_resources(server: Server
     assert code == 1
     assert 'User "alice" cannot get resource "coredumpendpoints/dump" in API group "coredump.example.io" in the ' \
            'namespace "b"' in err
+
+
+async def test_unreadable_authentication_configmap_stops_startup_with_one_line(fake_kube: FakeKube,
+                                                                               tmp_path: Path) -> None:
+    kubeconfig = fake_kube.write_kubeconfig(tmp_path / "stranger.kubeconfig", token="unknown-to-the-cluster")
+    cert, key = fake_kube.client_ca.issue(cn="coredump-apiserver", server=True, directory=tmp_path, stem="serving")
+    proc = await asyncio.create_subprocess_exec(
+        str(SERVER), "--secure-port=0", "--bind-address=127.0.0.1", f"--tls-cert-file={cert}",
+        f"--tls-private-key-file={key}", f"--storage-root={tmp_path}", f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}", f"--authorization-kubeconfig={kubeconfig}",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
+    assert proc.returncode == 1
+    lines = [line for line in err.decode().splitlines() if not line.startswith("{")]
+    assert len(lines) == 1 and "Traceback" not in err.decode()
+    assert lines[0].startswith("coredump-apiserver: authentication setup failed: cannot read configmap "
+                               "kube-system/extension-apiserver-authentication: HTTP 401")
