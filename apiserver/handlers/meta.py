@@ -11,7 +11,7 @@ import sys
 
 from aiohttp import web
 
-from apiserver.api import discovery, errors, openapi
+from apiserver.api import discovery, errors, openapi, openapi_proto
 from apiserver.api.conventions import parse_accept
 from apiserver.context import REGISTRY
 from apiserver.handlers import io
@@ -59,13 +59,15 @@ async def api_resources(request: web.Request) -> web.Response:
 
 
 async def openapi_v2(request: web.Request) -> web.Response:
-    accept = request.headers.get("Accept", "")
-    media = parse_accept(accept)
-    if not any(m.type in ("application/json", "*/*", "application/*") for m in media):
-        # client-go asks for the protobuf encoding first and falls back on 406; we only speak JSON.
-        raise errors.not_acceptable("only application/json is served for /openapi/v2")
-    body = openapi.encoded_v2()
-    return web.Response(body=body, content_type="application/json")
+    # kubectl 1.27/1.28 ask for gnostic's protobuf only (and fail on 406); the aggregator asks for JSON.
+    for media in parse_accept(request.headers.get("Accept")):
+        if media.type in openapi_proto.MEDIA_TYPES:
+            body, etag = openapi_proto.encoded_v2()
+            return _with_etag(request, body, etag, openapi_proto.MEDIA_TYPE)
+        if media.type in ("application/json", "*/*", "application/*"):
+            body, etag = openapi_proto.encoded_v2_json()
+            return _with_etag(request, body, etag, "application/json")
+    raise errors.not_acceptable(f"only application/json and {openapi_proto.MEDIA_TYPE} are served for /openapi/v2")
 
 
 async def openapi_v3_root(request: web.Request) -> web.Response:
