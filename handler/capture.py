@@ -23,7 +23,8 @@ from handler.resolve import CgroupIdentity, PodIdentity, identity_from_cgroup_te
 
 logger = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_ERROR, EXIT_STALLED = 0, 1, 3
+# 1, 126 and 127 are left to nsenter and Python itself: the shim reads them as "the handler never ran".
+EXIT_OK, EXIT_ERROR, EXIT_STALLED = 0, 4, 3
 
 
 def _watchdog(progress: Progress, *, timeout: float, done: threading.Event, cfg: HandlerConfig,
@@ -104,8 +105,13 @@ def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int 
                      kwargs=dict(timeout=cfg.stall_timeout, done=done, cfg=cfg, spec=spec)).start()
     # Read first, look up second: the kernel is not kept waiting on the CRI or a slow mount.
     reader = ChunkReader(stdin_fd, chunk_size=cfg.chunk_size, progress=progress).start()
-    ident = resolve_pod(proc_root=cfg.proc_root, host_root=cfg.host_root, container_logs=cfg.container_logs,
-                        pid=spec.pid, crictl=cfg.crictl, crictl_timeout=cfg.crictl_timeout, cgroup_text=cgroup_text)
+    try:
+        ident = resolve_pod(proc_root=cfg.proc_root, host_root=cfg.host_root, container_logs=cfg.container_logs,
+                            pid=spec.pid, crictl=cfg.crictl, crictl_timeout=cfg.crictl_timeout,
+                            cgroup_text=cgroup_text, runtime=cfg.runtime)
+    except Exception:  # noqa: BLE001 - bytes are already being read: spool rather than fail
+        logger.exception("resolving pid %d failed; spooling", spec.pid)
+        ident = cg
     exe = _exe_path(cfg, spec.pid) or spec.exe
     build_id = elfinfo.build_id_from_executable(cfg.proc_root / str(spec.pid) / "exe")
     progress.advance(0)

@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--container-logs", help="kubelet container log links, relative to --host-root")
     p.add_argument("--crictl", help="crictl binary for names/images; '' disables the CRI lookup")
     p.add_argument("--crictl-timeout", type=float)
+    p.add_argument("--runtime", help="runtime for containerID when the cgroup path does not name it (containerd)")
     p.add_argument("--node", help="node name recorded in metadata")
     p.add_argument("--max-core-size", type=_size, help="store at most this many bytes per core (0 = all)")
     p.add_argument("--rate-first", type=int, help="per container and window: keep the first N cores")
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_config(args: argparse.Namespace) -> HandlerConfig:
     overrides = {k: getattr(args, k) for k in (
-        "storage_root", "spool_dir", "state_dir", "proc_root", "host_root", "container_logs", "crictl",
+        "storage_root", "spool_dir", "state_dir", "proc_root", "host_root", "container_logs", "crictl", "runtime",
         "crictl_timeout", "node", "max_core_size", "rate_first", "rate_latest", "rate_window",
         "previous_pattern_file", "foreign", "storage_timeout", "stall_timeout")}
     cfg = HandlerConfig.load(args.config, overrides=overrides)

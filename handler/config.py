@@ -30,6 +30,8 @@ class HandlerConfig:
     # Where the kubelet's /var/log/containers links are, relative to host_root.
     container_logs: str = "var/log/containers"
     crictl: str | None = "crictl"
+    # The runtime named in containerID when the cgroup path does not tell (cgroupfs paths are bare ids).
+    runtime: str = "containerd"
     crictl_timeout: float = 3.0
     node: str | None = None
     max_core_size: int = 0                 # bytes stored per core; 0 = unlimited

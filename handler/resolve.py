@@ -171,7 +171,7 @@ def _add_image(ident: PodIdentity, info: dict) -> None:
 
 
 def resolve_pod(*, proc_root: Path, host_root: Path, container_logs: str, pid: int, crictl: str | None,
-                crictl_timeout: float, cgroup_text: str | None = None) -> PodIdentity | CgroupIdentity | None:
+                crictl_timeout: float, cgroup_text: str | None = None, runtime: str = "containerd") -> PodIdentity | CgroupIdentity | None:
     """
     The pod identity of a crashing pid.
 
@@ -187,7 +187,7 @@ def resolve_pod(*, proc_root: Path, host_root: Path, container_logs: str, pid: i
         return None
     if cg.container_id is None:
         return cg
-    runtime = cg.runtime or "containerd"
+    runtime = cg.runtime or runtime
     ident = names_from_log_links(Path(host_root) / container_logs, container_id=cg.container_id)
     info = None
     if crictl:

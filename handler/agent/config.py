@@ -1,0 +1,82 @@
+"""The agent's settings: host paths (all configurable, tests use temp dirs), intervals and limits."""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from handler.config import HandlerConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AgentConfig:
+    sysctl_root: Path = Path("/proc/sys")
+    proc_root: Path = Path("/proc")
+    host_root: Path = Path("/host")
+    # The agent's directory on the host, as the host sees it (core_pattern names the shim by this path).
+    host_dir: str = "/var/lib/coredump"
+    storage_root: Path = Path("/var/lib/coredump/storage")
+    node: str | None = None
+    handler_command: str = f"{sys.executable} -m handler.cli"
+    nsenter: str = "nsenter"
+    core_pipe_limit: int = 16
+    suid_dumpable: int = 2
+    shim_spool_max_bytes: int = 0
+    watch_interval: float = 10.0
+    drain_interval: float = 10.0
+    outcome_interval: float = 1.0
+    retention_interval: float = 300.0
+    max_age: float = 0.0                   # seconds; 0 = keep forever
+    max_namespace_bytes: int = 0           # stored bytes per namespace; 0 = unlimited
+    metrics_bind_address: str = "0.0.0.0"
+    metrics_port: int = 9402
+    events: bool = True
+    kubeconfig: str | None = None
+    handler: HandlerConfig = field(default_factory=HandlerConfig)
+
+    @property
+    def local_dir(self) -> Path:
+        """The host directory as this process sees it."""
+        return Path(self.host_root) / self.host_dir.lstrip("/")
+
+    @property
+    def shim_path(self) -> Path:
+        return self.local_dir / "shim"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.local_dir / "agent.pid"
+
+    @property
+    def previous_pattern_file(self) -> Path:
+        return self.local_dir / "previous_core_pattern"
+
+    @property
+    def previous_sysctls_file(self) -> Path:
+        return self.local_dir / "previous_sysctls.json"
+
+    @property
+    def handler_config_file(self) -> Path:
+        return self.local_dir / "handler.json"
+
+    @property
+    def core_pattern(self) -> str:
+        return f"|{self.host_dir.rstrip('/')}/shim %P %I %s %t %c %e"
+
+    def sysctl(self, name: str) -> Path:
+        return Path(self.sysctl_root) / name.replace(".", "/")
+
+    def finish(self) -> "AgentConfig":
+        """Derive the handler's paths from the agent's: one spool and one state dir, on the host."""
+        h = self.handler
+        h.storage_root = Path(self.storage_root)
+        h.spool_dir = self.local_dir / "spool"
+        h.state_dir = self.local_dir / "state"
+        h.proc_root = Path(self.proc_root)
+        h.host_root = Path(self.host_root)
+        h.previous_pattern_file = self.previous_pattern_file
+        h.node = self.node
+        return self
