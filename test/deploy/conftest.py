@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy_helpers import MANIFESTS, VARIANTS, Rendered, find_kubectl, kustomize, run_make_certs
+from deploy_helpers import MANIFESTS, UNINSTALL, VARIANTS, Rendered, find_kubectl, kustomize, run_make_certs
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +40,15 @@ def manifests_with_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def rendered(kubectl: str, manifests_with_certs: Path) -> dict[str, Rendered]:
     return {name: Rendered(name, kustomize(manifests_with_certs / rel, kubectl=kubectl))
-            for name, rel in VARIANTS.items()}
+            for name, rel in {**VARIANTS, **UNINSTALL}.items()}
 
 
 @pytest.fixture(params=sorted(VARIANTS))
 def variant(request: pytest.FixtureRequest, rendered: dict[str, Rendered]) -> Iterator[Rendered]:
+    yield rendered[request.param]
+
+
+@pytest.fixture(params=sorted({**VARIANTS, **UNINSTALL}))
+def any_variant(request: pytest.FixtureRequest, rendered: dict[str, Rendered]) -> Iterator[Rendered]:
+    """Every rendered kustomization, the uninstall one included."""
     yield rendered[request.param]

@@ -27,6 +27,8 @@ VARIANTS = {
     "cephfs": "overlays/cephfs",
     "cert-manager": "overlays/cert-manager",
 }
+# Not an install: the DaemonSet that gives every node its core_pattern back (README, Uninstall).
+UNINSTALL = {"uninstall": "uninstall"}
 NAMESPACE = "coredump-system"
 SERVICE = "coredump-apiserver"
 APISERVICE = "v1alpha1.coredump.example.io"

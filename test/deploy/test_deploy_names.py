@@ -132,7 +132,7 @@ def manifest_commands(variant: Rendered) -> list[tuple[str, list[str]]]:
     out = []
     for obj in variant.objects:
         spec = pod_spec(obj)
-        for container in (spec or {}).get("containers", []):
+        for container in [*(spec or {}).get("initContainers", []), *(spec or {}).get("containers", [])]:
             command = container.get("command", [])
             if command and command[0] in console_scripts():
                 out.append((command[0], container_flags(container)))

@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 pytestmark = pytest.mark.kubectl
 
 AGENT = ("DaemonSet", "coredump-agent")
+# The uninstall DaemonSet's init container writes /proc/sys too (restoring the node's core_pattern).
+UNINSTALLER = ("DaemonSet", "coredump-uninstall", "uninstall")
 APISERVER_LABELS = {"app.kubernetes.io/name": "coredump", "app.kubernetes.io/component": "apiserver"}
 
 
@@ -34,30 +36,36 @@ def effective(spec: dict[str, Any], container: dict[str, Any], key: str) -> Any:
     return spec.get("securityContext", {}).get(key) if value is None else value
 
 
-def test_deploy_only_the_agent_is_privileged(variant: Rendered) -> None:
+def test_deploy_only_the_agent_is_privileged(any_variant: Rendered) -> None:
+    variant = any_variant
     for obj in workloads(variant):
         spec = pod_spec(obj)
         ident = (obj["kind"], obj["metadata"]["name"])
+        node_level = ident == AGENT or ident == UNINSTALLER[:2]
         for container in containers(spec):
             sc = container.get("securityContext", {})
-            if ident == AGENT:
-                assert sc.get("privileged") is True and spec.get("hostPID") is True
+            if ident == AGENT or (*ident, container["name"]) == UNINSTALLER:
+                assert sc.get("privileged") is True
+                assert spec.get("hostPID") is (True if ident == AGENT else None)
                 continue
             assert not sc.get("privileged"), ident
             assert not (spec.get("hostPID") or spec.get("hostNetwork") or spec.get("hostIPC")), ident
-            assert not any("hostPath" in v for v in spec.get("volumes", [])), ident
+            assert node_level or not any("hostPath" in v for v in spec.get("volumes", [])), ident
             assert not sc.get("capabilities", {}).get("add"), ident
             assert sc.get("capabilities", {}).get("drop") == ["ALL"], ident
             assert sc.get("allowPrivilegeEscalation") is False, ident
             assert effective(spec, container, "runAsNonRoot") is True, ident
             assert effective(spec, container, "runAsUser") not in (None, 0), ident
             assert sc.get("readOnlyRootFilesystem") is True, ident
-            assert spec.get("securityContext", {}).get("seccompProfile", {}).get("type") == "RuntimeDefault"
-    assert any((o["kind"], o["metadata"]["name"]) == AGENT for o in workloads(variant))
+            assert effective(spec, container, "seccompProfile") == {"type": "RuntimeDefault"}, ident
+            assert not any(m.get("readOnly") is not True for m in container.get("volumeMounts", [])
+                           if any(v["name"] == m["name"] and "hostPath" in v for v in spec.get("volumes", []))), ident
+    names = {(o["kind"], o["metadata"]["name"]) for o in workloads(variant)}
+    assert AGENT in names or UNINSTALLER[:2] in names
 
 
-def test_deploy_every_container_has_requests_and_limits(variant: Rendered) -> None:
-    for obj in workloads(variant):
+def test_deploy_every_container_has_requests_and_limits(any_variant: Rendered) -> None:
+    for obj in workloads(any_variant):
         for container in containers(pod_spec(obj)):
             resources = container.get("resources", {})
             for kind in ("requests", "limits"):
