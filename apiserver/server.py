@@ -21,7 +21,7 @@ from apiserver import devmode
 from apiserver.api import resource as r
 from apiserver.auth.options import AuthConfigError, AuthSetup, DevAuth, build_auth
 from apiserver.auth.static import dev_rules
-from apiserver.context import REGISTRY, STORAGE_ROOT
+from apiserver.context import REGISTRY, SHUTTING_DOWN, STORAGE_ROOT
 from apiserver.handlers import dump, endpoints, meta
 from apiserver.handlers.io import BODY_LIMIT_KEY
 from apiserver.middleware import status_errors
@@ -71,6 +71,11 @@ def build_app(*, registry: EndpointRegistry, storage_root: Path,
     app[REGISTRY] = registry
     app[STORAGE_ROOT] = storage_root
     app[BODY_LIMIT_KEY] = max_body_bytes
+    app[SHUTTING_DOWN] = asyncio.Event()
+
+    async def announce_shutdown(app: web.Application) -> None:
+        app[SHUTTING_DOWN].set()
+    app.on_shutdown.append(announce_shutdown)
     add_routes(app)
     return app
 

@@ -18,7 +18,7 @@ from apiserver.api import resource as r
 from apiserver.api.conventions import Form
 from apiserver.api.selectors import FieldSelector
 from apiserver.api.table import COLUMNS
-from apiserver.context import REGISTRY
+from apiserver.context import REGISTRY, SHUTTING_DOWN
 from apiserver.handlers import io
 from apiserver.registry.endpoints import WatchItem
 from apiserver.registry.store import RevisionCompacted
@@ -93,6 +93,7 @@ async def serve_watch(request: web.Request, *, namespace: str | None, labels: An
     last_revision = rv or 0
     deadline = asyncio.get_running_loop().time() + timeout
     pending: asyncio.Task[WatchItem] | None = None
+    stopping = asyncio.ensure_future(request.app[SHUTTING_DOWN].wait())
     try:
         while True:
             remaining = deadline - asyncio.get_running_loop().time()
@@ -100,7 +101,10 @@ async def serve_watch(request: web.Request, *, namespace: str | None, labels: An
                 break
             if pending is None:
                 pending = asyncio.ensure_future(items.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=min(remaining, BOOKMARK_INTERVAL))
+            done, _ = await asyncio.wait({pending, stopping}, timeout=min(remaining, BOOKMARK_INTERVAL),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if stopping in done:
+                break  # clients re-establish watches against another replica or after the restart
             if not done:
                 if bookmarks and last_revision:
                     await response.write(encoder.frame(WatchItem(type="BOOKMARK", obj=None,
@@ -126,6 +130,7 @@ async def serve_watch(request: web.Request, *, namespace: str | None, labels: An
         logger.debug("watch client went away")
         raise
     finally:
+        stopping.cancel()
         if pending is not None:
             pending.cancel()
             with contextlib.suppress(BaseException):
