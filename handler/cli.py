@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("signal", type=int, help="%%s")
     c.add_argument("time", type=int, help="%%t: seconds since the epoch")
     c.add_argument("rlimit", type=int, help="%%c: RLIMIT_CORE of the process (-1 = unlimited)")
-    c.add_argument("comm", nargs="*", help="%%e (may have been split on spaces)")
+    # REMAINDER: a comm may start with "-" and must not be read as a flag.
+    c.add_argument("comm", nargs=argparse.REMAINDER, help="%%e (may have been split on spaces)")
 
     i = sub.add_parser("import", help="file an existing core file")
     i.add_argument("--namespace", required=True)

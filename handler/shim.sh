@@ -78,8 +78,8 @@ if [ -n "$agent" ] && [ -e "$PROC/$agent/ns/mnt" ]; then
     case $rc in
     0) exit 0 ;;
     10) eval "exec $out" ;;
-    1 | 126 | 127)
-        # nsenter or Python could not start the handler: whatever it did not read goes to the spool.
+    1 | 2 | 126 | 127)
+        # nsenter, Python or its argument parsing stopped the handler before it read: whatever it did not read goes to the spool.
         spool "handler did not run (exit $rc)"
         exit 0
         ;;
