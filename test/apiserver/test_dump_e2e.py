@@ -22,7 +22,7 @@ from fixtures_apiserver import RunningServer, endpoint_manifest, start_apiserver
 from test_dump_fixtures import *  # noqa: F401,F403
 from test_dump_fixtures import DUMP_PATH, new_uid, store_core
 
-pytestmark = [pytest.mark.kubectl, pytest.mark.slow]
+pytestmark = pytest.mark.kubectl
 
 T0 = datetime.datetime(2026, 11, 23, 10, 0, tzinfo=datetime.timezone.utc)
 CRASHED_UID = new_uid()

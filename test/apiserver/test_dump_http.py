@@ -14,7 +14,6 @@ import logging
 import os
 import random
 import tarfile
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -233,3 +232,21 @@ async def test_four_dumps_while_a_core_is_being_written(dump_server: DumpServer,
     assert all(s == before or s == before | {writer.committed.ref.core_id} for s in seen), seen  # type: ignore[union-attr]
     assert (await fetch(dump_server))[0] == 200
     assert check_cores(members_of((await fetch(dump_server))[2])) == before | {writer.committed.ref.core_id}  # type: ignore[union-attr]
+
+
+async def test_a_core_vanishing_mid_stream_cuts_the_response_short(
+        dump_server: DumpServer, pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from apiserver.handlers import dump as handler_module
+    from apiserver.dump.stream import CoreVanished, iter_range
+
+    async def vanishing(plan, **kw):  # type: ignore[no-untyped-def]
+        async for chunk in iter_range(plan, **kw):
+            yield chunk
+            raise CoreVanished("removed by retention")
+
+    monkeypatch.setattr(handler_module, "iter_range", vanishing)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(dump_server.dump_url(ns="shop", name="web-0"), ssl=dump_server.ssl_context()) as resp:
+            assert resp.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()  # short of Content-Length: the client knows it is incomplete

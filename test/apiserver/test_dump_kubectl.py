@@ -10,7 +10,6 @@ import datetime
 import gzip
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
