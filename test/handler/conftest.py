@@ -181,3 +181,63 @@ def gunzip_to(src: Path, dst: Path) -> Path:
 
 
 os.environ.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+
+
+@dataclass
+class AgentEnv:
+    """An agent set up against a fake node: fake sysctl tree, host dir in a temp dir, the real shim."""
+
+    node: NodeTree
+    sysctl: Path
+    host_dir: Path
+    agent: object
+
+    @property
+    def core_pattern(self) -> str:
+        return (self.sysctl / "kernel/core_pattern").read_text().strip()
+
+    def shim_argv(self, *, pid: int, signal: int, time: int = 1795000000, comm: str = "crasher") -> list[str]:
+        """The command the kernel runs for this crash: core_pattern split on spaces, then expanded."""
+        from handler.foreign import CrashSpecifiers, expand
+        assert self.core_pattern.startswith("|")
+        spec = CrashSpecifiers(pid=pid, tid=pid, signal=signal, time=time, comm=comm, rlimit=None)
+        return [expand(a, spec) for a in self.core_pattern[1:].split()]
+
+    def crash(self, core: Path, *, pid: int, signal: int, **kw: object) -> subprocess.CompletedProcess:
+        with open(core, "rb") as f:
+            return subprocess.run(self.shim_argv(pid=pid, signal=signal, **kw), stdin=f, capture_output=True,
+                                  timeout=120, env={"PATH": os.environ["PATH"]})
+
+
+def make_sysctl_tree(base: Path, *, core_pattern: str = "core") -> Path:
+    root = base / "sysctl"
+    (root / "kernel").mkdir(parents=True)
+    (root / "fs").mkdir(parents=True)
+    (root / "kernel/core_pattern").write_text(core_pattern + "\n")
+    (root / "kernel/core_pipe_limit").write_text("0\n")
+    (root / "fs/suid_dumpable").write_text("0\n")
+    return root
+
+
+@pytest.fixture
+def agent_env(node: NodeTree, tmp_path: Path) -> AgentEnv:
+    from handler.agent.config import AgentConfig
+    from handler.agent.runner import Agent
+    from handler.config import HandlerConfig
+
+    sysctl = make_sysctl_tree(tmp_path)
+    host_dir = tmp_path / "hostdir"
+    cfg = AgentConfig(sysctl_root=sysctl, proc_root=node.proc, host_root=Path("/"), host_dir=str(host_dir),
+                      storage_root=node.storage, node="node-1", events=False, metrics_port=0,
+                      handler_command=f"{PYTHON} -m handler.cli",
+                      handler=HandlerConfig(crictl=None))
+    agent = Agent(cfg)
+    agent.cfg.handler.host_root = node.host
+    # The shim checks the agent's mount namespace under the proc root it is given.
+    own = node.proc / str(os.getpid()) / "ns"
+    own.mkdir(parents=True)
+    (own / "mnt").symlink_to(f"/proc/{os.getpid()}/ns/mnt")
+    agent.setup()
+    with open(host_dir / "shim.conf", "a") as f:
+        f.write(f"PROC={node.proc}\n")
+    return AgentEnv(node=node, sysctl=sysctl, host_dir=host_dir, agent=agent)
