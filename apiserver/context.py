@@ -25,6 +25,5 @@ STORAGE_ROOT: web.AppKey[Path] = web.AppKey("storage_root", Path)
 # instead of holding the shutdown until its grace period runs out.
 SHUTTING_DOWN: web.AppKey[asyncio.Event] = web.AppKey("shutting_down", asyncio.Event)
 
-# Request-scoped keys are plain strings: aiohttp's typed RequestKey is newer than the versions we allow.
-USER = "coredump.user"
-ATTRIBUTES = "coredump.attributes"
+USER: web.RequestKey["UserInfo"] = web.RequestKey("user")
+ATTRIBUTES: web.RequestKey["RequestAttributes"] = web.RequestKey("attributes")

@@ -136,7 +136,7 @@ def forbidden(*, user: str, verb: str, resource: str, namespace: str | None, nam
     what = resource + (f"/{subresource}" if subresource else "")
     target = f' "{name}"' if name else ""
     scope = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
-    message = (f'{what}.{GROUP}{target} is forbidden: User "{user}" cannot {verb} resource "{what}" '
+    message = (f'{_qualified(resource)}{target} is forbidden: User "{user}" cannot {verb} resource "{what}" '
                f'in API group "{GROUP}"{scope}')
     if reason:
         message += f": {reason}"

@@ -75,14 +75,15 @@ def test_explain_spec_documents_pod_uid(apiserver: RunningServer, version: str) 
 def test_label_and_merge_patch(apiserver: RunningServer, version: str) -> None:
     name = f"lbl-{version.replace('.', '-')}"
     apiserver.kubectl("create", "-f", "-", input=_manifest(name), version=version)
-    assert "labeled" in apiserver.kubectl("label", "cde", name, "team=payments", version=version).stdout
+    team = f"payments-{version.replace('.', '-')}"
+    assert "labeled" in apiserver.kubectl("label", "cde", name, f"team={team}", version=version).stdout
     patched = apiserver.kubectl("patch", "cde", name, "--type=merge", "-p",
                                 '{"metadata":{"annotations":{"owner":"alice"}}}', version=version)
     assert "patched" in patched.stdout
     obj = json.loads(apiserver.kubectl("get", "cde", name, "-o", "json", version=version).stdout)
-    assert obj["metadata"]["labels"] == {"team": "payments"}
+    assert obj["metadata"]["labels"] == {"team": team}
     assert obj["metadata"]["annotations"] == {"owner": "alice"}
-    selected = apiserver.kubectl("get", "cde", "-l", "team=payments", "-o", "name", version=version).stdout
+    selected = apiserver.kubectl("get", "cde", "-l", f"team={team}", "-o", "name", version=version).stdout
     assert selected.split() == [f"coredumpendpoint.coredump.example.io/{name}"]
     immutable = apiserver.kubectl("patch", "cde", name, "--type=merge", "-p",
                                   f'{{"spec":{{"podUID":"{uuid.uuid4()}"}}}}', version=version, check=False)
