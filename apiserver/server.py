@@ -18,6 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from apiserver import devmode
+from apiserver.api import openapi, openapi_proto
 from apiserver.api import resource as r
 from apiserver.auth.options import AuthConfigError, AuthSetup, DevAuth, build_auth
 from apiserver.auth.static import dev_rules
@@ -63,9 +64,17 @@ def add_routes(app: web.Application) -> None:
     router.add_get(f"{item}/{r.SUBRESOURCE_DUMP}", dump.get_dump)
 
 
+def encode_documents() -> None:
+    """Encode OpenAPI once before serving: a schema the encoders cannot express stops startup, not a request."""
+    openapi.encoded_v2()
+    openapi.encoded_v3()
+    openapi_proto.encoded_v2()
+
+
 def build_app(*, registry: EndpointRegistry, storage_root: Path,
               auth_middleware: Callable[..., Awaitable[web.StreamResponse]],
               max_body_bytes: int) -> web.Application:
+    encode_documents()
     # Bodies are read through handlers.io with our own limit and Status; aiohttp's limit only backs it up.
     app = web.Application(middlewares=[status_errors, auth_middleware], client_max_size=max_body_bytes + 1)
     app[REGISTRY] = registry
