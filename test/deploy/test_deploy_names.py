@@ -161,3 +161,40 @@ def test_deploy_every_flag_in_the_manifests_is_accepted_by_its_program(
                 parser.parse_args(flags)
             except SystemExit:
                 pytest.fail(f"{script} rejects {flags}: {stderr.getvalue().strip()}")
+
+
+def test_deploy_agent_host_paths_agree_with_its_mounts(variant: Rendered) -> None:
+    """core_pattern names the shim by its host path (--host-dir); the agent writes it under --host-root."""
+    agent = variant.one("DaemonSet", "coredump-agent")
+    spec = pod_spec(agent)
+    (container,) = spec["containers"]
+    flags = flag_values(container)
+    host_dir, host_root = flags["--host-dir"], flags["--host-root"]
+    local = str(Path(host_root) / host_dir.lstrip("/"))
+    mount, volume = mount_of(spec, container, local)
+    assert mount["mountPath"] == local and not mount.get("readOnly")
+    assert volume["hostPath"]["path"] == host_dir
+    # The kubelet's container log links, which name a crashing container's pod, under the host root too.
+    logs, logs_volume = mount_of(spec, container, str(Path(host_root) / "var/log/containers"))
+    assert logs_volume["hostPath"]["path"] == "/var/log/containers" and logs.get("readOnly") is True
+    # Cores go where the API server reads them: the same claim, at the path each one's flag names.
+    root = flags["--storage-root"]
+    storage_mount, storage = mount_of(spec, container, root)
+    assert storage_mount["mountPath"] == root and storage["persistentVolumeClaim"]["claimName"] == "coredump-storage"
+    assert root == flag_values(apiserver_container(variant))["--storage-root"]
+    # The node name the handler records comes from the downward API.
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+
+
+def test_deploy_uninstall_targets_the_agent_host_directory(rendered: dict[str, Rendered]) -> None:
+    agent_flags = flag_values(pod_spec(rendered["base"].one("DaemonSet", "coredump-agent"))["containers"][0])
+    spec = pod_spec(rendered["uninstall"].one("DaemonSet", "coredump-uninstall"))
+    (init,) = spec["initContainers"]
+    assert init["command"][:2] == ["coredump-agent", "uninstall"]
+    flags = flag_values(init)
+    for flag in ("--host-root", "--host-dir", "--sysctl-root"):
+        assert flags[flag] == agent_flags[flag], flag
+    local = str(Path(flags["--host-root"]) / flags["--host-dir"].lstrip("/"))
+    mount, volume = mount_of(spec, init, local)
+    assert mount["mountPath"] == local and volume["hostPath"]["path"] == flags["--host-dir"]
