@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--bind-address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     serving.add_argument("--tls-cert-file", type=Path, help="serving certificate (PEM)")
     serving.add_argument("--tls-private-key-file", type=Path, help="serving private key (PEM)")
+    serving.add_argument("--tls-cert-reload-interval", type=float, default=60.0, metavar="SECONDS",
+                         help="how often the certificate files are checked for renewal (default 60)")
     serving.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                          help="largest accepted request body (default 3 MiB, like kube-apiserver)")
 
@@ -81,5 +83,7 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error("--storage-root is required (or use --dev)")
     if not 0 <= args.secure_port <= 65535:
         parser.error(f"--secure-port {args.secure_port} is not a port number")
+    if args.tls_cert_reload_interval <= 0:
+        parser.error("--tls-cert-reload-interval must be positive")
     if bool(args.etcd_certfile) != bool(args.etcd_keyfile):
         parser.error("--etcd-certfile and --etcd-keyfile go together")

@@ -107,6 +107,36 @@ def serving_context(*, cert: Path, key: Path, auth: AuthSetup) -> ssl.SSLContext
     return context
 
 
+def _file_identity(*paths: Path) -> tuple[tuple[int, int, int], ...]:
+    identity = []
+    for path in paths:
+        stat = path.stat()
+        identity.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
+    return tuple(identity)
+
+
+async def reload_serving_certificate(*, context: ssl.SSLContext, cert: Path, key: Path, interval: float) -> None:
+    """
+    Load the serving certificate again whenever its files change, as kube-apiserver's dynamic serving
+    certificate does: cert-manager and kubelet-projected Secrets renew the files in place, and new TLS
+    handshakes must present the new certificate without a restart. A broken pair keeps the old one.
+    """
+    seen = await asyncio.to_thread(_file_identity, cert, key)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            current = await asyncio.to_thread(_file_identity, cert, key)
+            if current == seen:
+                continue
+            await asyncio.to_thread(context.load_cert_chain, certfile=str(cert), keyfile=str(key))
+        except (OSError, ssl.SSLError) as error:
+            logger.warning("serving certificate not reloaded, keeping the current one",
+                           extra={"cert": str(cert), "error": str(error)})
+            continue
+        seen = current
+        logger.info("serving certificate reloaded", extra={"cert": str(cert)})
+
+
 def _listen(host: str, port: int) -> socket.socket:
     """Bind before anything else, so port 0 resolves to a real port the dev kubeconfig can name."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -164,6 +194,8 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, handle_signals=False)
         await runner.setup()
         await web.SockSite(runner, sock, ssl_context=context).start()
+        background.append(asyncio.create_task(reload_serving_certificate(
+            context=context, cert=cert, key=key, interval=args.tls_cert_reload_interval), name="cert-reload"))
         if args.auto_create_endpoints:
             background.append(asyncio.create_task(coredata.run_autocreate(registry=registry), name="autocreate"))
         logger.info("serving", extra={"address": f"https://{host}:{port}", "storage_root": str(storage_root),
