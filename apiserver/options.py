@@ -8,19 +8,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from apiserver.auth.options import add_auth_flags
+from apiserver.auth.options import add_auth_flags, parse_bool
 from apiserver.handlers.io import DEFAULT_MAX_BODY_BYTES
 
 logger = logging.getLogger(__name__)
-
-
-def _bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("1", "t", "true", "yes"):
-        return True
-    if lowered in ("0", "f", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}")
 
 
 def _servers(text: str) -> list[str]:
@@ -56,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cores = parser.add_argument_group("core storage")
     cores.add_argument("--storage-root", type=Path, help="root of the shared core storage (NFS/CephFS mount)")
-    cores.add_argument("--auto-create-endpoints", type=_bool, nargs="?", const=True, default=True,
+    cores.add_argument("--auto-create-endpoints", type=parse_bool, nargs="?", const=True, default=True,
                        help="create a CoredumpEndpoint for every pod that has cores but no endpoint (default true)")
     cores.add_argument("--kubeconfig", type=Path,
                        help="kubeconfig for reading pods (default: in-cluster configuration when available)")

@@ -34,7 +34,8 @@ from apiserver.auth.x509 import CABundle, X509Authenticator, configure_client_ve
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AuthConfigError", "AuthSetup", "DevAuth", "add_auth_flags", "build_auth", "parse_duration"]
+__all__ = ["AuthConfigError", "AuthSetup", "DevAuth", "add_auth_flags", "build_auth", "parse_bool",
+           "parse_duration"]
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -58,7 +59,8 @@ def parse_duration(text: str) -> float:
     return total
 
 
-def _bool(text: str) -> bool:
+def parse_bool(text: str) -> bool:
+    """A flag boolean as Go's strconv.ParseBool reads it (true/false, t/f, 1/0), for Kubernetes-style flags."""
     lowered = text.strip().lower()
     if lowered in ("1", "t", "true", "yes"):
         return True
@@ -89,9 +91,9 @@ def add_auth_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--requestheader-uid-headers", type=_list, default=())
     group.add_argument("--requestheader-group-headers", type=_list, default=("X-Remote-Group",))
     group.add_argument("--requestheader-extra-headers-prefix", type=_list, default=("X-Remote-Extra-",))
-    group.add_argument("--anonymous-auth", type=_bool, nargs="?", const=True, default=False,
+    group.add_argument("--anonymous-auth", type=parse_bool, nargs="?", const=True, default=False,
                        help="serve requests without credentials as system:anonymous (default false)")
-    group.add_argument("--authentication-skip-lookup", type=_bool, nargs="?", const=True, default=False,
+    group.add_argument("--authentication-skip-lookup", type=parse_bool, nargs="?", const=True, default=False,
                        help="do not read the extension-apiserver-authentication ConfigMap")
     group.add_argument("--authentication-token-webhook-cache-ttl", type=parse_duration, default=10.0,
                        help="how long TokenReview answers are cached (default 10s)")
