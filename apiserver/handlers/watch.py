@@ -21,7 +21,7 @@ from apiserver.api.table import COLUMNS
 from apiserver.context import REGISTRY, SHUTTING_DOWN
 from apiserver.handlers import io
 from apiserver.registry.endpoints import WatchItem
-from apiserver.registry.store import RevisionCompacted
+from apiserver.registry.store import RevisionCompacted, StoreError
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +121,12 @@ async def serve_watch(request: web.Request, *, namespace: str | None, labels: An
                 break
             except errors.ApiError as error:
                 await response.write(conventions.watch_event("ERROR", error.to_status()))
+                break
+            except StoreError as error:
+                # etcd went away mid-watch: end the stream with a Status, the client re-lists and re-watches.
+                logger.warning("watch ended by the store", extra={"error": str(error)})
+                status = errors.service_unavailable(f"storage is unavailable: {error}")
+                await response.write(conventions.watch_event("ERROR", status.to_status()))
                 break
             if item.type == "BOOKMARK" and not bookmarks:
                 continue

@@ -205,3 +205,22 @@ def test_compacted_resource_version_is_a_410_error_event(tmp_path: Any, etcd_ser
         assert listed.status == 410 and listed.json()["reason"] == "Expired"
     finally:
         server.stop()
+
+
+@pytest.mark.etcd
+def test_etcd_going_away_ends_the_watch_with_an_error_event(tmp_path: Any, etcd_server: Any,
+                                                            etcd_args: list[str], watches: list[Watch]) -> None:
+    server = start_apiserver(tmp_path, *etcd_args)
+    try:
+        rv = server.request("GET", collection_path("gone")).json()["metadata"]["resourceVersion"]
+        watch = open_watch(server, watches, collection_path("gone") + f"?watch=true&resourceVersion={rv}")
+        etcd_server.stop()
+        try:
+            events = watch.rest()
+        finally:
+            etcd_server.start()
+        assert [e["type"] for e in events] == ["ERROR"]
+        assert events[0]["object"]["code"] == 503 and events[0]["object"]["reason"] == "ServiceUnavailable"
+        assert server.alive() and server.request("GET", "/readyz").status == 200
+    finally:
+        server.stop()
