@@ -17,7 +17,7 @@ from pathlib import Path
 from handler import elfinfo, foreign, layout
 from handler.config import HandlerConfig
 from handler.filing import base_metadata, file_core, outcome_record, storage_usable
-from handler.ingest import ChunkReader, Progress, widen_pipe
+from handler.early import ChunkReader, EarlyStart, Progress, widen_pipe
 from handler.outcome import DROPPED, ERROR, FORWARDED, write_outcome
 from handler.resolve import CgroupIdentity, PodIdentity, identity_from_cgroup_text, read_cgroup, resolve_pod
 
@@ -91,20 +91,28 @@ def handle_foreign(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_f
     return EXIT_OK
 
 
-def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int = 0, out=sys.stdout) -> int:
+def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int = 0, out=sys.stdout,
+            early: EarlyStart | None = None) -> int:
+    """File the core on ``stdin_fd``; ``early`` is the reader :mod:`handler.early` may already have started."""
     started = time.monotonic()
-    widen_pipe(stdin_fd)
-    cgroup_text = read_cgroup(cfg.proc_root, spec.pid)
+    if early is not None:
+        cgroup_text = early.cgroup_text
+    else:
+        cgroup_text = read_cgroup(cfg.proc_root, spec.pid)
     cg = identity_from_cgroup_text(cgroup_text) if cgroup_text else None
     if cg is None:
         return handle_foreign(cfg, spec, stdin_fd=stdin_fd, out=out)
 
-    progress = Progress()
+    if early is not None and early.reader is not None and early.progress is not None:
+        reader, progress = early.reader, early.progress
+    else:
+        widen_pipe(stdin_fd)
+        progress = Progress()
+        # Read first, look up second: the kernel is not kept waiting on the CRI or a slow mount.
+        reader = ChunkReader(stdin_fd, chunk_size=cfg.chunk_size, progress=progress).start()
     done = threading.Event()
     threading.Thread(target=_watchdog, args=(progress,), daemon=True, name="watchdog",
                      kwargs=dict(timeout=cfg.stall_timeout, done=done, cfg=cfg, spec=spec)).start()
-    # Read first, look up second: the kernel is not kept waiting on the CRI or a slow mount.
-    reader = ChunkReader(stdin_fd, chunk_size=cfg.chunk_size, progress=progress).start()
     try:
         ident = resolve_pod(proc_root=cfg.proc_root, host_root=cfg.host_root, container_logs=cfg.container_logs,
                             pid=spec.pid, crictl=cfg.crictl, crictl_timeout=cfg.crictl_timeout,
@@ -142,7 +150,9 @@ def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int 
         return EXIT_ERROR
     finally:
         done.set()
-    write_outcome(cfg.outcomes_dir, outcome_record(filed, duration=time.monotonic() - started, source="kernel"))
+    record = outcome_record(filed, duration=time.monotonic() - started, source="kernel")
+    record["firstReadAt"] = reader.first_read_at
+    write_outcome(cfg.outcomes_dir, record)
     where = filed.stored.core_path if filed.stored else (filed.spooled.data_path if filed.spooled else "rate-limited")
     logger.info("core of pid %d (signal %d) %s: %s", spec.pid, spec.signal, filed.result, where)
     return EXIT_OK

@@ -6,20 +6,19 @@ runs point the handler at temporary trees. Expected failures print one line and 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
-from pathlib import Path
 
-from handler import layout
-from handler.config import DEFAULT_CONFIG_FILE, HandlerConfig
-
+# Deliberately light: ``capture`` starts reading the core (handler.early) before the heavy imports below run.
 logger = logging.getLogger(__name__)
+
+DEFAULT_CONFIG = "/var/lib/coredump-agent/handler.json"   # same as handler.config.DEFAULT_CONFIG_FILE
 
 
 def _size(text: str) -> int:
     """Bytes from ``123``, ``64K``, ``512M``, ``2G`` (binary units)."""
+    import argparse
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     try:
@@ -30,7 +29,11 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> "argparse.ArgumentParser":
+    import argparse
+    from pathlib import Path
+
+    from handler.config import DEFAULT_CONFIG_FILE
     p = argparse.ArgumentParser(prog="coredump-handler", description="File core dumps of pod processes on shared storage.")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_FILE,
                    help="JSON config written by the agent (default %(default)s); flags override it")
@@ -80,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(args: argparse.Namespace) -> HandlerConfig:
+def load_config(args: "argparse.Namespace") -> "HandlerConfig":
+    from handler.config import HandlerConfig
     overrides = {k: getattr(args, k) for k in (
         "storage_root", "spool_dir", "state_dir", "proc_root", "host_root", "container_logs", "crictl", "runtime",
         "crictl_timeout", "node", "max_core_size", "rate_first", "rate_latest", "rate_window",
@@ -97,7 +101,12 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from handler import logs
+    argv = sys.argv[1:] if argv is None else argv
+    early = None
+    if "capture" in argv:
+        from handler.early import start_capture
+        early = start_capture(argv, default_config=DEFAULT_CONFIG)
+    from handler import layout, logs
     args = build_parser().parse_args(argv)
     logs.setup(verbose=args.verbose)
     signal.signal(signal.SIGTERM, _terminate)
@@ -107,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         from handler.foreign import CrashSpecifiers
         spec = CrashSpecifiers(pid=args.pid, tid=args.tid, signal=args.signal, time=args.time,
                                comm=" ".join(args.comm), rlimit=None if args.rlimit < 0 or args.rlimit >= 1 << 62 else args.rlimit)
-        return capture(cfg, spec)
+        return capture(cfg, spec, early=early)
     if args.command == "import":
         from handler.capture import import_core
         from handler.resolve import PodIdentity

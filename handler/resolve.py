@@ -1,12 +1,7 @@
 """
 pid → container → pod: the cgroup path gives the pod uid and container id, the kubelet's log links (or the CRI) the names.
 
-Shapes understood (cgroup v1 and v2 alike; v1 lists one line per hierarchy, all with the same path):
-
-* cgroupfs driver: ``/kubepods/burstable/pod<uid>/<id>`` (containerd, docker), ``.../pod<uid>/crio-<id>`` (CRI-O)
-* systemd driver:  ``/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_with_underscores>.slice/``
-  then ``cri-containerd-<id>.scope``, ``crio-<id>.scope`` or ``docker-<id>.scope`` (sometimes with a child
-  cgroup such as ``/container`` below it)
+The cgroup shapes of each runtime and driver are parsed in :mod:`handler.cgroup`.
 
 hostNetwork pods look exactly like others here: nothing is taken from the crashing process's network or uts
 namespace, so the node's hostname never ends up as a pod name.
@@ -22,27 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handler import layout
+from handler.cgroup import CgroupIdentity, cgroup_paths, identity_from_cgroup_text, parse_cgroup_path  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
-_POD_UID_RE = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32})"
-                         r"(?:\.slice)?$")
-_CONTAINER_RE = re.compile(r"^(?:(?P<rt>cri-containerd|crio|docker|containerd)-)?(?P<id>[0-9a-f]{64})(?:\.scope)?$")
-_RUNTIME_PREFIX = {"cri-containerd": "containerd", "crio": "cri-o", "docker": "docker", "containerd": "containerd"}
 # /var/log/containers/<pod>_<namespace>_<container>-<64 hex>.log
 _LOG_LINK_RE = re.compile(r"^(?P<pod>[a-z0-9.-]+)_(?P<ns>[a-z0-9-]+)_(?P<container>[a-z0-9-]+)-(?P<id>[0-9a-f]{64})\.log$")
 # /var/log/pods/<namespace>_<pod>_<uid>/<container>/N.log
 _POD_LOG_DIR_RE = re.compile(r"^(?P<ns>[a-z0-9-]+)_(?P<pod>[a-z0-9.-]+)_(?P<uid>[0-9a-f-]+)$")
-
-
-@dataclass(frozen=True)
-class CgroupIdentity:
-    """What the cgroup path tells: the pod uid, and the container id when the process is in a container."""
-
-    pod_uid: str
-    container_id: str | None
-    runtime: str | None
-    cgroup_path: str
 
 
 @dataclass
@@ -54,45 +36,6 @@ class PodIdentity:
     container_id: str           # "<runtime>://<id>" as Kubernetes prints it in containerStatuses
     image: str | None = None
     image_digest: str | None = None
-
-
-def cgroup_paths(text: str) -> list[str]:
-    """The cgroup paths of a ``/proc/<pid>/cgroup`` text, v2's unified line first."""
-    unified, legacy = [], []
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        (unified if parts[0] == "0" and parts[1] == "" else legacy).append(parts[2])
-    return unified + legacy
-
-
-def parse_cgroup_path(path: str) -> CgroupIdentity | None:
-    """The pod and container a cgroup path belongs to, or None for a process outside any pod."""
-    pod_uid = None
-    container_id = runtime = None
-    for comp in path.split("/"):
-        m = _POD_UID_RE.search(comp)
-        if m and ("kubepods" in comp or comp.startswith("pod")):
-            pod_uid = m.group(1).replace("_", "-")
-            continue
-        if pod_uid is None:
-            continue
-        m = _CONTAINER_RE.match(comp)
-        if m:
-            container_id = m["id"]
-            runtime = _RUNTIME_PREFIX.get(m["rt"] or "")
-    if pod_uid is None:
-        return None
-    return CgroupIdentity(pod_uid=pod_uid, container_id=container_id, runtime=runtime, cgroup_path=path)
-
-
-def identity_from_cgroup_text(text: str) -> CgroupIdentity | None:
-    for path in cgroup_paths(text):
-        ident = parse_cgroup_path(path)
-        if ident is not None:
-            return ident
-    return None
 
 
 def read_cgroup(proc_root: Path, pid: int) -> str | None:
