@@ -13,7 +13,7 @@ import sys
 # Deliberately light: ``capture`` starts reading the core (handler.early) before the heavy imports below run.
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = "/var/lib/coredump-agent/handler.json"   # same as handler.config.DEFAULT_CONFIG_FILE
+DEFAULT_CONFIG = "/host/var/lib/coredump/handler.json"   # same as handler.config.DEFAULT_CONFIG_FILE
 
 
 def _size(text: str) -> int:

@@ -16,7 +16,8 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG_FILE = Path("/var/lib/coredump-agent/handler.json")
+# Where the agent (with its defaults --host-root /host --host-dir /var/lib/coredump) writes it.
+DEFAULT_CONFIG_FILE = Path("/host/var/lib/coredump/handler.json")
 
 
 @dataclass
@@ -24,7 +25,7 @@ class HandlerConfig:
     storage_root: Path = Path("/var/lib/coredump/storage")
     spool_dir: Path = Path("/host/var/lib/coredump/spool")
     # Per-core outcome records the agent turns into metrics and Events; rate-limit state lives here too.
-    state_dir: Path = Path("/var/lib/coredump-agent/state")
+    state_dir: Path = Path("/host/var/lib/coredump/state")
     proc_root: Path = Path("/proc")
     host_root: Path = Path("/host")
     # Where the kubelet's /var/log/containers links are, relative to host_root.
