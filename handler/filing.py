@@ -98,6 +98,8 @@ class FailoverSink:
         self.writer = writer
         self._spool = spool
         self.failover_reason: str | None = None
+        # Bytes whose write completed: a failed write may have left part of its chunk in the file.
+        self.written = 0
 
     @property
     def spooled(self) -> bool:
@@ -111,6 +113,7 @@ class FailoverSink:
                 raise
             self._fail_over(e)
             self.writer.write(data)
+        self.written += len(data)
 
     def _fail_over(self, err: OSError) -> None:
         old = self.writer
@@ -123,9 +126,13 @@ class FailoverSink:
             old._file.close()
         if tmp is not None:
             # What storage accepted so far is read back; if even that fails the core cannot be made whole.
+            left = self.written
             with open(tmp, "rb") as f:
-                while chunk := f.read(1 << 20):
+                while left and (chunk := f.read(min(1 << 20, left))):
                     new.write(chunk)
+                    left -= len(chunk)
+            if left:
+                raise OSError(f"storage lost {left} bytes already written; the core cannot be moved whole")
         old.abort()
         self.writer = new
 

@@ -361,21 +361,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _link_no_replace(src: Path, dst: Path) -> None:
-    """Give ``src`` the name ``dst`` unless ``dst`` exists (FileExistsError), atomically where the fs allows."""
+def _link_no_replace(src: Path, dst: Path) -> bool:
+    """
+    Give ``src`` the name ``dst`` unless ``dst`` exists (FileExistsError), atomically where the fs allows.
+    True: hard-linked (``src`` still exists too); False: renamed (the fs has no hard links).
+    """
     try:
         os.link(src, dst)
+        return True
     except FileExistsError:
         raise
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK):
             raise
-        # No hard links here: check-then-rename; the uniquifier race is then only as good as the fs.
-        if os.path.lexists(dst):
-            raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
-        os.rename(src, dst)
-        return
-    os.unlink(src)
+    # No hard links here: check-then-rename; the uniquifier race is then only as good as the fs.
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "exists", str(dst))
+    os.rename(src, dst)
+    return False
 
 
 class CoreWriter:
@@ -440,19 +443,19 @@ class CoreWriter:
         stored_size = os.fstat(f.fileno()).st_size
         f.close()
         ref = None
+        linked = False
         for n in range(0, 100000):
             core_id = self.base.core_id if n == 0 else f"{self.base.core_id}-{n}"
             candidate = CoreRef(namespace=self.base.namespace, pod=self.base.pod, pod_uid=self.base.pod_uid,
                                 container=self.base.container, core_id=core_id)
             try:
-                _link_no_replace(self._tmp, candidate.core_path(self.root))
+                linked = _link_no_replace(self._tmp, candidate.core_path(self.root))
             except FileExistsError:
                 continue
             ref = candidate
             break
         if ref is None:
             raise FileExistsError(f"no free core id for {self.base.core_id}")
-        self._tmp = None
         meta = dict(metadata)
         meta.update(coreID=ref.core_id, namespace=ref.namespace, pod=ref.pod, podUID=ref.pod_uid,
                     container=ref.container, storedSize=stored_size)
@@ -470,13 +473,25 @@ class CoreWriter:
                 os.fsync(mf.fileno())
             os.rename(meta_tmp, ref.meta_path(self.root))
         except BaseException:
-            # Without metadata the data file is debris; remove it rather than leave a half core behind.
-            for p in (meta_tmp, ref.core_path(self.root)):
+            # Uncommitted: take the final data name away again, keeping the temp file (a caller may still
+            # move its bytes elsewhere; abort() removes it).
+            for p in (meta_tmp, *((ref.core_path(self.root),) if linked else ())):
                 try:
                     p.unlink()
                 except OSError:
                     pass
+            if not linked:
+                try:
+                    os.rename(ref.core_path(self.root), self._tmp)
+                except OSError:
+                    pass
             raise
+        if linked:
+            try:
+                self._tmp.unlink()
+            except OSError:
+                pass  # the core is committed; a stray temp file is swept later
+        self._tmp = None
         _fsync_dir(self.directory)
         self.committed = StoredCore(ref=ref, metadata=meta, core_path=ref.core_path(self.root),
                                     meta_path=ref.meta_path(self.root))

@@ -195,3 +195,25 @@ def test_handler_non_pod_core_with_previous_pipe_is_handed_back_unread(node: Nod
     assert r.returncode == 0
     reasons = sorted(str(rec.get("reason")) for _, rec in read_outcomes(node.state / "outcomes"))
     assert reasons == ["no previous core_pattern", "previous pipe"]
+
+
+@pytest.mark.slow
+def test_handler_storage_filling_up_mid_core_moves_it_to_the_spool(node: NodeTree, segv_core: RealCore) -> None:
+    """A 1 MiB-and-a-bit tmpfs passes the free-space probe, then runs out in the middle of the core."""
+    setup_pod(node, segv_core)
+    args = node.handler_args("capture", str(segv_core.pid), str(segv_core.pid), "11", "1795000000", "-1", "crasher")
+    script = f'mount -t tmpfs -o size=1050k tmpfs "{node.storage}" && exec "$@"'
+    with open(segv_core.path, "rb") as f:
+        r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *args],
+                           stdin=f, capture_output=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr.decode()
+    assert b"storage failed mid-core" in r.stderr
+    (spooled,) = node.spool.glob("*.core.gz")
+    assert gzip.decompress(spooled.read_bytes()) == segv_core.path.read_bytes()
+    (_, rec), = read_outcomes(node.state / "outcomes")
+    assert rec["result"] == "spooled" and "No space left" in rec["reason"]
+    # Outside that mount namespace the storage has room: the drain files the core unchanged.
+    out = subprocess.run(node.handler_args("drain"), capture_output=True, text=True, cwd=REPO)
+    assert "drained 1" in out.stdout, out
+    (core,) = layout.list_cores(node.storage, namespace="team-a")
+    assert core.metadata["sha256"] == hashlib.sha256(segv_core.path.read_bytes()).hexdigest()

@@ -164,3 +164,24 @@ def test_layout_core_ref_paths_and_validation(tmp_path: Path) -> None:
     with pytest.raises(InvalidName):
         CoreRef(namespace="ns", pod="p", pod_uid=UID, container="c", core_id="../../x")
     assert layout.core_id_time(ref.core_id).isoformat() == "2026-11-23T10:15:00+00:00"
+
+
+def test_layout_failed_metadata_write_leaves_no_core_but_keeps_the_bytes(tmp_path: Path, monkeypatch) -> None:
+    w = CoreWriter(tmp_path, namespace="ns", pod="p", pod_uid=UID, container="c", core_id="20261123T101500Z-x-1-11")
+    w.write(b"precious")
+    real_rename = os.rename
+
+    def failing_rename(src, dst):
+        if str(dst).endswith(".json"):
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+    with pytest.raises(OSError):
+        w.commit({"size": 8})
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert layout.list_cores(tmp_path, namespace="ns") == []
+    assert [p.name for p in w.directory.iterdir() if not p.name.startswith(".")] == []
+    assert w._tmp is not None and w._tmp.read_bytes() == b"precious"
+    w.abort()
+    assert list(w.directory.iterdir()) == []
