@@ -77,7 +77,11 @@ if [ -n "$agent" ] && [ -e "$PROC/$agent/ns/mnt" ]; then
     rc=$?
     case $rc in
     0) exit 0 ;;
-    10) eval "exec $out" ;;
+    10)
+        # A non-pod process: the handler read nothing and printed the previous pattern's command.
+        [ -n "$out" ] && eval "exec $out"
+        exit 0
+        ;;
     1 | 2 | 126 | 127)
         # nsenter, Python or its argument parsing stopped the handler before it read: whatever it did not read goes to the spool.
         spool "handler did not run (exit $rc)"

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -54,6 +55,11 @@ def test_handler_killed_mid_stream_commits_nothing(node: NodeTree, segv_core: Re
     assert layout.sweep_debris(d, now=time.time() + layout.ORPHAN_GRACE_SECONDS + 1) == 1
 
 
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                                reason="private mounts need root and unshare")
+
+
+@needs_root
 @pytest.mark.slow
 def test_handler_read_only_storage_spools_then_agent_drains(node: NodeTree, segv_core: RealCore) -> None:
     setup_pod(node, segv_core)
@@ -197,6 +203,7 @@ def test_handler_non_pod_core_with_previous_pipe_is_handed_back_unread(node: Nod
     assert reasons == ["no previous core_pattern", "previous pipe"]
 
 
+@needs_root
 @pytest.mark.slow
 def test_handler_storage_filling_up_mid_core_moves_it_to_the_spool(node: NodeTree, segv_core: RealCore) -> None:
     """A 1 MiB-and-a-bit tmpfs passes the free-space probe, then runs out in the middle of the core."""
