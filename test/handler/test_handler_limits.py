@@ -224,3 +224,21 @@ def test_handler_storage_filling_up_mid_core_moves_it_to_the_spool(node: NodeTre
     assert "drained 1" in out.stdout, out
     (core,) = layout.list_cores(node.storage, namespace="team-a")
     assert core.metadata["sha256"] == hashlib.sha256(segv_core.path.read_bytes()).hexdigest()
+
+
+def test_handler_gives_up_on_a_stalled_stream_and_exits(node: NodeTree, segv_core: RealCore) -> None:
+    """A writer that stops sending (and never closes) must not keep the handler, and the process, forever."""
+    setup_pod(node, segv_core)
+    proc = subprocess.Popen(node.handler_args("--stall-timeout", "1", "capture", str(segv_core.pid),
+                                              str(segv_core.pid), "11", "1795000000", "-1", "crasher"),
+                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    assert proc.stdin is not None
+    proc.stdin.write(segv_core.path.read_bytes()[:100000])
+    proc.stdin.flush()
+    try:
+        assert proc.wait(timeout=60) == 3
+    finally:
+        proc.stdin.close()
+        proc.kill()
+    assert layout.list_cores(node.storage, namespace="team-a") == []
+    assert [rec["reason"] for _, rec in read_outcomes(node.state / "outcomes")] == ["stalled"]
