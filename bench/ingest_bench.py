@@ -220,8 +220,8 @@ def print_size(size_text: str, base: Path, block_file: Path) -> None:
     cat = next(r for r in rows if r["name"] == "cat > file")
     gz = next(r for r in rows if r["name"] == "gzip -1 > file")
     print(f"\n{size_text} ({human(size)})")
-    print(f"| consumer | MB/s | vs cat | vs gzip -1 | peak RSS | output | first read |")
-    print(f"|---|---:|---:|---:|---:|---:|---:|")
+    print("| consumer | MB/s | vs cat | vs gzip -1 | peak RSS | output | first read |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         fr = f"{r['first_read'] * 1000:.0f} ms" if r.get("first_read") is not None else ""
         print(f"| {r['name']} | {r['mbps']:.0f} | {r['mbps'] / cat['mbps']:.2f}x | {r['mbps'] / gz['mbps']:.1f}x"

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from handler import elfinfo, foreign, layout
 from handler.config import HandlerConfig
-from handler.filing import base_metadata, file_core, outcome_record, storage_usable
+from handler.filing import Filed, base_metadata, file_core, outcome_record, storage_usable
+from handler.ingest import file_chunks
 from handler.early import ChunkReader, EarlyStart, Progress, widen_pipe
 from handler.outcome import DROPPED, ERROR, FORWARDED, write_outcome
 from handler.resolve import CgroupIdentity, PodIdentity, identity_from_cgroup_text, read_cgroup, resolve_pod
@@ -159,7 +160,7 @@ def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int 
 
 
 def import_core(cfg: HandlerConfig, path: Path, *, ident: PodIdentity, pid: int | None, sig: int | None,
-                comm: str | None, timestamp: float | None) -> "object":
+                comm: str | None, timestamp: float | None) -> Filed:
     """File an existing core file (uncompressed ELF core) exactly as if the kernel had sent it."""
     info = elfinfo.core_process_info(path)
     pid = pid if pid is not None else int(info.get("pid", 0))
@@ -170,7 +171,6 @@ def import_core(cfg: HandlerConfig, path: Path, *, ident: PodIdentity, pid: int 
                          build_id=elfinfo.build_id_from_core(path), node=cfg.node)
     core_id = layout.make_core_id(timestamp=timestamp, comm=comm, pid=pid, signal=sig)
     started = time.monotonic()
-    from handler.ingest import file_chunks
     spool_reason = storage_usable(cfg.storage_root, timeout=cfg.storage_timeout)
     filed = file_core(cfg, chunks=file_chunks(path, chunk_size=cfg.chunk_size), meta=meta, core_id=core_id,
                       ident=ident, spool_reason=spool_reason)

@@ -9,6 +9,12 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
+
+    from handler.config import HandlerConfig
 
 # Deliberately light: ``capture`` starts reading the core (handler.early) before the heavy imports below run.
 logger = logging.getLogger(__name__)

@@ -8,7 +8,6 @@ everyone else's cores). Uncommitted debris older than the grace period is swept 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field

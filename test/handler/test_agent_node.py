@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
-import json
 import os
 import signal
 import subprocess
@@ -17,7 +15,6 @@ from conftest import POD_UID, REPO, AgentEnv, make_sysctl_tree
 
 from handler import layout
 from handler.agent import retention, sysctl
-from handler.agent.config import AgentConfig
 from handler.agent.events import EventPoster
 from handler.agent.runner import Agent
 from handler.outcome import write_outcome
