@@ -126,14 +126,16 @@ class Agent:
         self._stop.set()
 
     async def run(self) -> None:
-        await asyncio.to_thread(self.setup)
-        await self.start_metrics()
+        # Signal handlers first: setup publishes our pid, and a SIGTERM from then on (a rollout can send
+        # one at any moment) must be a clean stop, not the default action killing us mid-setup.
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 loop.add_signal_handler(sig, self.stop)
             except (NotImplementedError, RuntimeError):
                 pass
+        await asyncio.to_thread(self.setup)
+        await self.start_metrics()
         tasks = [
             asyncio.create_task(self._every(self.cfg.outcome_interval, self.process_outcomes, "outcomes")),
             asyncio.create_task(self._every(self.cfg.drain_interval, self.drain_once, "drain")),
