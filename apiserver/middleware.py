@@ -21,7 +21,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def status_response(error: errors.ApiError) -> web.Response:
-    response = web.Response(body=json.dumps(error.to_status()).encode(), status=error.code,
+    # default=str: whatever a client managed to put into a message or detail, the Status still encodes.
+    response = web.Response(body=json.dumps(error.to_status(), default=str).encode(), status=error.code,
                             content_type="application/json")
     for key, value in error.headers.items():
         response.headers[key] = value

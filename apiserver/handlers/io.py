@@ -5,8 +5,11 @@ as JSON or YAML with ``Warning`` headers.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
+import datetime as dt
 import json
+import math
 import logging
 from typing import Any
 
@@ -63,15 +66,40 @@ def _json_decode(raw: bytes) -> Body:
     return Body(data=data, duplicate_fields=tuple(duplicates))
 
 
+def _as_json_value(value: Any, path: str = "") -> Any:
+    """
+    YAML values in JSON terms, as Kubernetes' YAML-to-JSON conversion gives them: timestamps become
+    strings, ``!!binary`` base64 text, ``!!set`` a map of nulls, non-string keys strings. Non-finite floats
+    have no JSON form and are a 400.
+    """
+    if isinstance(value, dict):
+        return {str(key).lower() if isinstance(key, bool) else str(key): _as_json_value(item, f"{path}.{key}")
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [_as_json_value(item, f"{path}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, set):
+        return {str(item): None for item in value}
+    if isinstance(value, dt.datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise errors.bad_request(f"the request body holds a number JSON cannot represent at {path or 'the top'}")
+    return value
+
+
 def _yaml_decode(raw: bytes) -> Body:
     try:
         data = yaml.load(raw, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+        return Body(data=_as_json_value(data), duplicate_fields=())
     except RecursionError:
         raise errors.bad_request("the request body is nested too deeply") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
+    except (yaml.YAMLError, UnicodeDecodeError, ValueError) as error:
+        # ValueError: PyYAML turns digits into int() and Python refuses past 4300 digits.
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise errors.bad_request(f"the request body is not valid YAML: {first_line}") from None
-    return Body(data=data, duplicate_fields=())
 
 
 async def read_body(request: web.Request, *, allowed: tuple[str, ...]) -> Body:
@@ -141,6 +169,13 @@ def wants_yaml(request: web.Request) -> bool:
     return first == "application/yaml"
 
 
+def warning_header(text: str) -> str:
+    """A ``Warning: 299`` value; field names come from clients, so anything but printable ASCII is escaped."""
+    escaped = "".join(ch if " " <= ch <= "~" and ch not in '"\\' else
+                      ("\\" + ch if ch in '"\\' else f"\\u{ord(ch):04x}") for ch in text)
+    return f'299 - "{escaped}"'
+
+
 def respond(request: web.Request, obj: Any, *, status: int = 200, warnings: list[str] | None = None,
             yaml_out: bool | None = None) -> web.Response:
     """Render ``obj`` as the client prefers; ``Warning: 299`` headers are how kubectl learns of dropped fields."""
@@ -155,5 +190,5 @@ def respond(request: web.Request, obj: Any, *, status: int = 200, warnings: list
         content_type = "application/json"
     response = web.Response(body=body, status=status, content_type=content_type)
     for warning in warnings or []:
-        response.headers.add("Warning", '299 - "' + warning.replace('"', '\\"') + '"')
+        response.headers.add("Warning", warning_header(warning))
     return response

@@ -132,9 +132,10 @@ async def serve_watch(request: web.Request, *, namespace: str | None, labels: An
                 continue
             last_revision = max(last_revision, item.revision)
             await response.write(encoder.frame(item))
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:
+        # The client hung up: the normal end of most watches, not an error to report.
         logger.debug("watch client went away")
-        raise
+        return response
     finally:
         stopping.cancel()
         if pending is not None:

@@ -196,7 +196,9 @@ class EndpointRegistry:
     def _validated(self, body: Any, *, namespace: str) -> dict[str, Any]:
         r.check_type_meta(body)
         causes = r.validate_metadata_types(body.get("metadata", {}))
-        name = body.get("metadata", {}).get("name", "") if isinstance(body.get("metadata"), dict) else ""
+        metadata = body.get("metadata")
+        name = metadata.get("name") if isinstance(metadata, dict) else None
+        name = name if isinstance(name, str) else ""  # a Status names the object only by a string
         if causes:
             raise errors.invalid(name=name, causes=causes)
         obj = r.prune(body)

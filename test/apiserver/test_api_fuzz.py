@@ -85,22 +85,10 @@ class FuzzResponse:
     streamed: bool
 
 
-# Bugs this test found that are not fixed yet, by the line the server logs for them. The fuzzing tolerates
-# exactly these (so it keeps looking for others); each has a strict xfail test below that turns red once
-# it is fixed, so that its entry here is removed.
-KNOWN_BUGS: dict[str, tuple[str, ...]] = {
-    # io.respond puts unknown field names into Warning headers unescaped; aiohttp refuses to send a
-    # header with a control character, so the client gets no answer although the write happened.
-    "warning-header-control-character": ("Forbidden control character detected in headers",),
-    # io._yaml_decode catches yaml.YAMLError, but PyYAML's int() of a >4300-digit integer raises ValueError: 500.
-    "yaml-huge-integer": ("Exceeds the limit (4300 digits) for integer string conversion",),
-    # A YAML metadata.name that is no string (date, set, binary) lands in Status.details.name; the error
-    # middleware cannot json.dumps it and aiohttp answers a plain-text 500.
-    "status-with-non-string-name": ("in status_response", "is not JSON serializable"),
-    # A watch whose client hung up: the next event's write raises ConnectionResetError, serve_watch and
-    # the error middleware re-raise it, and aiohttp logs "Error handling request" with a traceback.
-    "watch-disconnect-traceback": ("in serve_watch", "Cannot write to closing transport"),
-}
+# Bugs this test found, by the line the server logs for them, while they were being fixed: the fuzzing
+# tolerates exactly these so that it keeps looking for others. Empty: the four it found are fixed, and
+# each has a regression test at the end of this file.
+KNOWN_BUGS: dict[str, tuple[str, ...]] = {}
 
 
 def known_bug(logged: str) -> str | None:
@@ -734,13 +722,9 @@ def test_dump_with_hostile_filters_is_a_client_error(world: FuzzWorld) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The bugs the fuzzing found, each as the smallest request that shows it. Strict xfail: a fix turns
-# them red, which is the reminder to drop their KNOWN_BUGS entry.
+# The bugs the fuzzing found, each as the smallest request that showed it: regression tests now.
 
 
-@pytest.mark.xfail(strict=True, reason="bug warning-header-control-character: an unknown field name with a control "
-                                       "character goes unescaped into a Warning header; aiohttp refuses to send it "
-                                       "and drops the connection after the object was created")
 def test_unknown_field_with_a_control_character_gets_an_answer(world: FuzzWorld) -> None:
     manifest = endpoint_manifest("warned", namespace=FUZZ_NS)
     manifest["x\x01y"] = 1
@@ -749,9 +733,6 @@ def test_unknown_field_with_a_control_character_gets_an_answer(world: FuzzWorld)
     assert "unknown field" in " ".join(response.headers.get_all("Warning") or []), response.headers
 
 
-@pytest.mark.xfail(strict=True, reason="bug status-with-non-string-name: a YAML metadata.name that is a date is "
-                                       "put in Status.details.name, json.dumps fails in the error middleware and "
-                                       "aiohttp answers a text/plain 500 instead of a 422 Status")
 def test_yaml_name_that_is_a_date_is_invalid(world: FuzzWorld) -> None:
     request = FuzzRequest(method="POST", path=f"{GV_PATH}/namespaces/{FUZZ_NS}/coredumpendpoints",
                           body=b"apiVersion: coredump.example.io/v1alpha1\nkind: CoredumpEndpoint\n"
@@ -762,9 +743,6 @@ def test_yaml_name_that_is_a_date_is_invalid(world: FuzzWorld) -> None:
     assert response.status == 422, response
 
 
-@pytest.mark.xfail(strict=True, reason="bug watch-disconnect-traceback: when a watch client has hung up, the next "
-                                       "event's write raises ConnectionResetError, which serve_watch and the error "
-                                       "middleware re-raise; aiohttp logs it as an error with a traceback")
 def test_watch_client_hanging_up_is_not_an_error(world: FuzzWorld) -> None:
     log_start = len(server_log(world.server))
     watches = f"{GV_PATH}/namespaces/{FUZZ_NS}/coredumpendpoints?watch=true&timeoutSeconds=30"
@@ -788,8 +766,6 @@ def test_watch_client_hanging_up_is_not_an_error(world: FuzzWorld) -> None:
     assert not unexpected_tracebacks(server_log(world.server)[log_start:], known=False)
 
 
-@pytest.mark.xfail(strict=True, reason="bug yaml-huge-integer: a YAML body with an integer of more than 4300 digits "
-                                       "is a 500 (ValueError escapes io._yaml_decode), not a 400")
 def test_yaml_integer_past_python_limit_is_a_bad_request(world: FuzzWorld) -> None:
     request = FuzzRequest(method="POST", path=f"{GV_PATH}/namespaces/{FUZZ_NS}/coredumpendpoints",
                           body=b"metadata:\n  generation: " + b"9" * 5000 + b"\n",
