@@ -399,7 +399,7 @@ def mutated(draw: st.DrawFn, base: st.SearchStrategy[Any], *, yaml_type: bool) -
         if draw(st.booleans()) and isinstance(node, dict):
             node[draw(st.text(max_size=10))] = replacement  # an extra (or replaced) field
         elif isinstance(node, dict) and node:
-            node[draw(st.sampled_from(sorted(node)))] = replacement  # a field with a wrong type
+            node[draw(st.sampled_from(sorted(node, key=repr)))] = replacement  # a field with a wrong type
         elif isinstance(node, list) and node:
             node[draw(st.integers(0, len(node) - 1))] = replacement
     if draw(st.integers(0, 4)) == 0:
