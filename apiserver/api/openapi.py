@@ -141,13 +141,13 @@ DUMP_PARAMS = [
 ]
 
 
-def _path_params(*, name: bool) -> list[dict[str, Any]]:
+def _path_params(*, name: bool, pretty: bool = True) -> list[dict[str, Any]]:
     params = [{"name": "namespace", "in": "path", "required": True, "type": "string",
                "description": "object name and auth scope, such as for teams and projects", "uniqueItems": True}]
     if name:
         params.insert(0, {"name": "name", "in": "path", "required": True, "type": "string",
                           "description": "name of the CoredumpEndpoint", "uniqueItems": True})
-    return params + [PRETTY]
+    return params + ([PRETTY] if pretty else [])
 
 
 def _op(*, op_id: str, action: str, description: str, params: list[dict[str, Any]], responses: dict[str, str],
@@ -206,7 +206,7 @@ def _operations() -> dict[str, dict[str, dict[str, Any]]]:
         f"{ns_item}/{r.SUBRESOURCE_DUMP}": {
             "get": _op(op_id="readNamespacedCoredumpEndpointDump", action="get",
                        description="download the pod's cores and their metadata as a tar.gz (supports Range)",
-                       params=_path_params(name=True) + DUMP_PARAMS, responses={"200": "binary", "206": "binary"},
+                       params=_path_params(name=True, pretty=False) + DUMP_PARAMS, responses={"200": "binary", "206": "binary"},
                        produces=["application/gzip"]),
         },
     }

@@ -82,8 +82,11 @@ class StatusCache:
         self.root = root
         self.ttl = ttl
         self._entries: dict[Key, tuple[float, dict[str, Any]]] = {}
+        # One storage read at a time: an event fanned out to 100 watchers asks for the same status 100
+        # times at once, and after the first read the other 99 find it cached instead of walking storage.
+        self._reading = asyncio.Lock()
 
-    async def statuses(self, keys: Iterable[Key]) -> dict[Key, dict[str, Any]]:
+    def _cached(self, keys: Iterable[Key]) -> tuple[dict[Key, dict[str, Any]], list[Key]]:
         now = time.monotonic()
         found: dict[Key, dict[str, Any]] = {}
         missing: list[Key] = []
@@ -93,14 +96,24 @@ class StatusCache:
                 found[key] = entry[1]
             else:
                 missing.append(key)
-        if missing:
+        return found, missing
+
+    async def statuses(self, keys: Iterable[Key]) -> dict[Key, dict[str, Any]]:
+        found, missing = self._cached(keys)
+        if not missing:
+            return found
+        async with self._reading:
+            fresh_hits, missing = self._cached(missing)
+            found.update(fresh_hits)
+            if not missing:
+                return found
             fresh = await asyncio.to_thread(_read, self.root, missing)
             if len(self._entries) + len(fresh) > CACHE_ENTRIES:
                 self._entries.clear()
             stamp = time.monotonic()
             for key, status in fresh.items():
                 self._entries[key] = (stamp, status)
-            found.update(fresh)
+        found.update(fresh)
         return found
 
     def invalidate(self, *, namespace: str, pod: str) -> None:
