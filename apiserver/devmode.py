@@ -146,8 +146,10 @@ def banner(files: DevFiles, *, port: int) -> str:
         f"  export {k}",
         "  kubectl api-resources --api-group=coredump.example.io",
         "  kubectl get coredumpendpoints -A",
-        "  coredump-handler import --storage-root " + str(files.cores) +
-        " --namespace default --pod my-pod --pod-uid 5f1c3b2a-8d4e-4f6a-9b7c-0d1e2f3a4b5c --container app core",
+        "  (ulimit -c unlimited; sh -c 'kill -SEGV $$')   # leaves ./core",
+        f"  coredump-handler --storage-root {files.cores} --spool-dir {files.dir}/spool"
+        f" --state-dir {files.dir}/state import --namespace default --pod my-pod"
+        " --pod-uid 5f1c3b2a-8d4e-4f6a-9b7c-0d1e2f3a4b5c --container app core",
         "  kubectl get coredumpendpoints my-pod -o yaml",
         f"  kubectl get --raw {base}/my-pod/dump > cores.tar.gz",
         "  kubectl --context dev-viewer get cde       # a restricted user: may list, may not dump",
