@@ -29,12 +29,12 @@ def status_response(error: errors.ApiError) -> web.Response:
     return response
 
 
-def _from_http_exception(exc: web.HTTPException) -> errors.ApiError:
+def _from_http_exception(exc: web.HTTPException, *, method: str) -> errors.ApiError:
     if exc.status == 404:
         return errors.ApiError(code=404, reason="NotFound", message="the server could not find the requested resource",
                                details={})
     if exc.status == 405:
-        return errors.method_not_allowed(method=exc.text or "")
+        return errors.method_not_allowed(method=method)
     if exc.status == 413:
         return errors.ApiError(code=413, reason="RequestEntityTooLarge", message="the request body is too large")
     return errors.ApiError(code=exc.status, reason=exc.reason.replace(" ", ""), message=exc.text or exc.reason)
@@ -49,7 +49,7 @@ async def status_errors(request: web.Request, handler: Handler) -> web.StreamRes
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects and 304s are answers, not errors
-        return status_response(_from_http_exception(exc))
+        return status_response(_from_http_exception(exc, method=request.method))
     except (ConnectionResetError, TimeoutError) as exc:
         logger.debug("client connection lost: %s", exc)
         raise

@@ -39,10 +39,6 @@ class MediaType:
     type: str
     params: dict[str, str]
 
-    @property
-    def essence(self) -> str:
-        return self.type
-
     @classmethod
     def parse(cls, text: str) -> "MediaType":
         parts = [p.strip() for p in text.split(";")]

@@ -126,6 +126,13 @@ def gone(message: str) -> ApiError:
     return ApiError(code=410, reason="Expired", message=message)
 
 
+def too_large_resource_version(*, requested: int, current: int) -> ApiError:
+    """504 with the cause reflectors look for: they wait and retry instead of re-listing from scratch."""
+    return ApiError(code=504, reason="Timeout", message=f"Too large resource version: {requested}, current: {current}",
+                    details={"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+                             "retryAfterSeconds": 1})
+
+
 def unauthorized(message: str = "Unauthorized") -> ApiError:
     return ApiError(code=401, reason="Unauthorized", message=message)
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from apiserver.api import errors
+from handler import layout
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +29,9 @@ SUBRESOURCE_DUMP = "dump"
 VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 GVK = {"group": GROUP, "version": VERSION, "kind": KIND}
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+# Stricter than storage's rule (any lowercase hex and '-'): the API takes only what Kubernetes generates.
 _POD_UID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 MAX_ANNOTATIONS_BYTES = 256 * 1024
 
@@ -44,12 +45,22 @@ DNS1123_LABEL_MESSAGE = (
     "'[a-z0-9]([-a-z0-9]*[a-z0-9])?')")
 
 
+def _valid(check: Callable[[str], str], value: str) -> bool:
+    try:
+        check(value)
+    except layout.InvalidName:
+        return False
+    return True
+
+
 def is_dns1123_subdomain(value: str) -> bool:
-    return len(value) <= 253 and bool(_DNS1123_SUBDOMAIN.match(value))
+    """The pod-name rule of the storage layout, which is Kubernetes' DNS-1123 subdomain."""
+    return _valid(layout.validate_pod_name, value)
 
 
 def is_dns1123_label(value: str) -> bool:
-    return len(value) <= 63 and bool(_DNS1123_LABEL.match(value))
+    """The namespace rule of the storage layout, which is Kubernetes' DNS-1123 label."""
+    return _valid(layout.validate_namespace, value)
 
 
 def is_pod_uid(value: str) -> bool:
@@ -223,6 +234,9 @@ def validate_object(obj: dict[str, Any]) -> list[dict[str, str]]:
     causes = validate_metadata_types(metadata)
     if causes:
         return causes
+    namespace = metadata.get("namespace", "")
+    if not is_dns1123_label(namespace):
+        causes.append(_cause("metadata.namespace", f'Invalid value: "{namespace}": {DNS1123_LABEL_MESSAGE}'))
     name = metadata.get("name", "")
     if not name:
         causes.append(_cause("metadata.name", "Required value: name or generateName is required",

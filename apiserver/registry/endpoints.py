@@ -21,10 +21,10 @@ from typing import Any
 from apiserver.api import errors
 from apiserver.api import resource as r
 from apiserver.api.conventions import encode_continue, decode_continue
-from apiserver.api.selectors import FieldSelector
+from apiserver.api.selectors import FieldSelector, Predicate
 from apiserver.registry.coredata import CoreData
 from apiserver.registry.store import (
-    EventType, KeyExists, KeyNotFound, ObjectStore, RevisionCompacted, RevisionConflict, StoreEvent,
+    EventType, KeyExists, KeyNotFound, ListPage, ObjectStore, RevisionCompacted, RevisionConflict, StoreEvent,
     StoreUnavailable,
 )
 
@@ -112,7 +112,7 @@ class EndpointRegistry:
         self,
         *,
         namespace: str | None,
-        labels: Any = None,
+        labels: Predicate | None = None,
         fields: FieldSelector | None = None,
         limit: int | None = None,
         continue_token: str | None = None,
@@ -133,45 +133,47 @@ class EndpointRegistry:
         elif resource_version:
             current = await self._current_revision()
             if resource_version > current:
-                raise errors.ApiError(code=504, reason="Timeout",
-                                      message=f"Too large resource version: {resource_version}, current: {current}",
-                                      details={"causes": [{"reason": "ResourceVersionTooLarge",
-                                                           "message": "Too large resource version"}],
-                                               "retryAfterSeconds": 1})
+                raise errors.too_large_resource_version(requested=resource_version, current=current)
             if exact:
                 revision = resource_version
         if fields is not None and fields.namespace is not None and namespace and fields.namespace != namespace:
             return ListResult(items=[], resource_version=str(await self._current_revision()), continue_token=None)
 
+        def selected(obj: dict[str, Any]) -> bool:
+            return (labels is None or labels(obj)) and (fields is None or fields.predicate(obj))
+
+        filtering = labels is not None or fields is not None
         matched: list[dict[str, Any]] = []
         next_token: str | None = None
         while True:
-            want = None if limit is None else max(limit - len(matched), 1)
-            chunk = None if want is None else max(want, min(_LIST_CHUNK, want * 2))
-            try:
-                with _store_errors(""):
-                    page = await self.store.list(prefix, limit=chunk, start_after=start_after, revision=revision)
-            except RevisionCompacted:
-                if continue_token:
-                    raise errors.gone(CONTINUE_EXPIRED) from None
-                raise errors.gone(f"too old resource version: {revision}") from None
+            # Unfiltered, read exactly what the page needs; filtered, read in chunks until enough match.
+            wanted = None if limit is None else limit - len(matched)
+            page = await self._read_page(prefix, limit=max(wanted, _LIST_CHUNK) if wanted and filtering else wanted,
+                                         start_after=start_after, revision=revision, continued=bool(continue_token))
             revision = page.revision
             for index, obj in enumerate(page.items):
-                if (labels is None or labels(obj)) and (fields is None or fields.predicate(obj)):
-                    matched.append(obj)
-                if limit is not None and len(matched) >= limit:
-                    more = index + 1 < len(page.items) or page.continue_key is not None
-                    if more:
-                        next_token = encode_continue(revision=revision,
-                                                     start_after=self._key_of(obj))
-                    break
-            else:
-                if page.continue_key is not None and (limit is None or len(matched) < limit):
-                    start_after = page.continue_key
+                if not selected(obj):
                     continue
-            break
+                matched.append(obj)
+                if len(matched) == limit:
+                    if index + 1 < len(page.items) or page.continue_key is not None:
+                        next_token = encode_continue(revision=revision, start_after=self._key_of(obj))
+                    break
+            if next_token or page.continue_key is None or len(matched) == limit:
+                break
+            start_after = page.continue_key
         await self.coredata.fill_status(matched)
         return ListResult(items=matched, resource_version=str(revision), continue_token=next_token)
+
+    async def _read_page(self, prefix: str, *, limit: int | None, start_after: str | None, revision: int | None,
+                         continued: bool) -> ListPage:
+        try:
+            with _store_errors(""):
+                return await self.store.list(prefix, limit=limit, start_after=start_after, revision=revision)
+        except RevisionCompacted:
+            if continued:
+                raise errors.gone(CONTINUE_EXPIRED) from None
+            raise errors.gone(f"too old resource version: {revision}") from None
 
     @staticmethod
     def _key_of(obj: dict[str, Any]) -> str:
@@ -345,7 +347,7 @@ class EndpointRegistry:
         await self.coredata.fill_status([deleted])
         return deleted
 
-    async def delete_collection(self, *, namespace: str, labels: Any = None, fields: FieldSelector | None = None,
+    async def delete_collection(self, *, namespace: str, labels: Predicate | None = None, fields: FieldSelector | None = None,
                                 dry_run: bool = False) -> ListResult:
         listed = await self.list(namespace=namespace, labels=labels, fields=fields)
         deleted = []
@@ -359,7 +361,7 @@ class EndpointRegistry:
 
     # ---- watch ------------------------------------------------------------------------------------
 
-    async def watch(self, *, namespace: str | None, labels: Any = None, fields: FieldSelector | None = None,
+    async def watch(self, *, namespace: str | None, labels: Predicate | None = None, fields: FieldSelector | None = None,
                     resource_version: int | None, send_initial_events: bool) -> AsyncIterator[WatchItem]:
         """
         ADDED/MODIFIED/DELETED items in revision order. With no resourceVersion (or with

@@ -90,6 +90,12 @@ def test_invalid_names_and_pod_uids_are_422_with_causes(apiserver: RunningServer
     assert status["message"].startswith("CoredumpEndpoint.coredump.example.io")
 
 
+def test_namespace_in_the_url_must_be_a_namespace_name(apiserver: RunningServer) -> None:
+    body = endpoint_manifest("web", namespace="Not_A_Namespace")
+    status = assert_status(apiserver.request("POST", collection_path("Not_A_Namespace"), body=body), 422, "Invalid")
+    assert [cause["field"] for cause in status["details"]["causes"]] == ["metadata.namespace"]
+
+
 def test_namespace_in_body_must_match_url(apiserver: RunningServer) -> None:
     body = endpoint_manifest("ns-mismatch", namespace="other")
     status = assert_status(apiserver.request("POST", collection_path("default"), body=body), 400, "BadRequest")
@@ -113,7 +119,8 @@ def test_unknown_content_type_is_415(apiserver: RunningServer) -> None:
 
 def test_unknown_paths_and_methods(apiserver: RunningServer) -> None:
     assert_status(apiserver.request("GET", "/apis/coredump.example.io/v1alpha1/nothing"), 404, "NotFound")
-    assert_status(apiserver.request("PUT", collection_path(), body={}), 405, "MethodNotAllowed")
+    status = assert_status(apiserver.request("PUT", collection_path(), body={}), 405, "MethodNotAllowed")
+    assert status["message"].endswith("(PUT)")
 
 
 def test_get_missing_object_is_404_with_details(apiserver: RunningServer) -> None:
