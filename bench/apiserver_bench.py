@@ -24,23 +24,22 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+from apiserver.registry.etcd_local import EtcdServer, find_etcd
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +53,6 @@ START_TIMEOUT = 30.0
 
 # --------------------------------------------------------------------------------------------------
 # Processes: etcd, the API server, the baseline server. Each is stopped by the context that started it.
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -80,22 +73,10 @@ def running(command: list[str], *, log: Path, **popen: Any) -> Iterator[subproce
 
 @contextlib.contextmanager
 def etcd(directory: Path) -> Iterator[str]:
-    binary = shutil.which("etcd") or "/usr/bin/etcd"
-    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    command = [binary, "--name", "bench", "--data-dir", str(directory / "etcd"), "--listen-client-urls", client,
-               "--advertise-client-urls", client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-               "--initial-cluster", f"bench={peer}", "--log-level", "warn", "--logger", "zap"]
-    with running(command, log=directory / "etcd.log", stdout=subprocess.DEVNULL) as process:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"etcd did not start: {(directory / 'etcd.log').read_text()[-2000:]}")
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{client}/health", timeout=1) as answer:
-                    if b"true" in answer.read():
-                        break
-            time.sleep(0.05)
-        yield client
+    binary = find_etcd()
+    assert binary is not None, "main() checks for etcd first"
+    with EtcdServer(binary=binary, base_dir=directory / "etcd") as server:
+        yield server.endpoint
 
 
 def _port_from(process: subprocess.Popen[bytes], marker: bytes, *, what: str) -> int:
@@ -496,8 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(backends) - {"memory", "etcd"}
     if unknown:
         parser.error(f"unknown backend(s): {', '.join(sorted(unknown))}")
-    if "etcd" in backends and not (shutil.which("etcd") or os.access("/usr/bin/etcd", os.X_OK)):
-        parser.error("the etcd backend needs /usr/bin/etcd")
+    if "etcd" in backends and find_etcd() is None:
+        parser.error("the etcd backend needs etcd (/usr/bin/etcd or on PATH): install it, or pass --backends memory")
     rows: list[Row] = []
     for backend in backends:
         rows += run_backend(backend, args)

@@ -6,28 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import json
 import logging
-import shutil
-import socket
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aetcd
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from fixtures_etcd import EtcdServer, EtcdTLS, find_etcd
+from fake_kube import TestCA
+from fixtures_etcd import EtcdServer, EtcdTLS, etcd_in_temp_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from apiserver.registry.etcd import EtcdStore, parse_endpoints
+from apiserver.registry.etcd_local import free_port
 from apiserver.registry.memory import MemoryStore
 from apiserver.registry.store import (
     EventType,
@@ -66,12 +59,6 @@ def without_rv(obj: dict[str, Any]) -> dict[str, Any]:
     copy = json.loads(json.dumps(obj))
     copy["metadata"].pop("resourceVersion", None)
     return copy
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nothing listens on it once the socket is closed
 
 
 async def guarded(awaitable: Awaitable[T]) -> T:
@@ -538,7 +525,7 @@ async def test_etcd_prefixes_isolate_stores(etcd_server: Any, etcd_prefix: str, 
 
 
 async def test_etcd_unreachable_is_store_unavailable_at_start() -> None:
-    backend = EtcdStore(endpoints=[f"http://127.0.0.1:{closed_port()}"], dial_timeout=2)
+    backend = EtcdStore(endpoints=[f"http://127.0.0.1:{free_port()}"], dial_timeout=2)
     with pytest.raises(StoreUnavailable) as unavailable:
         await guarded(backend.start())
     assert "cannot reach etcd" in str(unavailable.value)
@@ -567,7 +554,7 @@ async def test_etcd_that_never_answers_is_store_unavailable_not_a_hang() -> None
 
 
 async def test_etcd_falls_back_to_the_next_endpoint(etcd_server: Any, etcd_prefix: str) -> None:
-    dead = f"http://127.0.0.1:{closed_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     assert parse_endpoints(f"{dead},{etcd_server.endpoint}") == [dead, etcd_server.endpoint]
     backend = EtcdStore(endpoints=[f"{dead},{etcd_server.endpoint}"], prefix=etcd_prefix)
     await guarded(backend.start())
@@ -626,52 +613,20 @@ async def test_memory_forgets_deleted_objects_once_compacted() -> None:
 # -- etcd over mutual TLS ------------------------------------------------------------------------
 
 
-def _issue(directory: Path, name: str, *, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
-           usage: list[x509.ObjectIdentifier]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer[0].subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if issuer:
-        builder = builder.add_extension(x509.ExtendedKeyUsage(usage), critical=False).add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-    (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / f"{name}.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return cert, key
+def _tls_files(directory: Path) -> EtcdTLS:
+    """etcd's CA, serving and client certificates, and a stranger: a client certificate of another CA."""
+    ca = TestCA(directory, name="ca")
+    server_cert, server_key = ca.issue(cn="server", server=True, stem="server")
+    client_cert, client_key = ca.issue(cn="client", stem="client")
+    TestCA(directory, name="other-ca").issue(cn="stranger", stem="stranger")
+    return EtcdTLS(ca_file=ca.cert_file, server_cert=server_cert, server_key=server_key, client_cert=client_cert,
+                   client_key=client_key)
 
 
 @pytest.fixture(scope="module")
 def etcd_tls_server() -> Iterator[EtcdServer]:
-    binary = find_etcd()
-    if binary is None:
-        pytest.skip("etcd is not installed (/usr/bin/etcd or etcd on PATH); scripts/test installs it")
-    base_dir = Path(tempfile.mkdtemp(prefix="coredump-etcd-tls-"))
-    ca = _issue(base_dir, "ca", issuer=None, usage=[])
-    _issue(base_dir, "server", issuer=ca, usage=[ExtendedKeyUsageOID.SERVER_AUTH])
-    _issue(base_dir, "client", issuer=ca, usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
-    other_ca = _issue(base_dir, "other-ca", issuer=None, usage=[])
-    _issue(base_dir, "stranger", issuer=other_ca, usage=[ExtendedKeyUsageOID.CLIENT_AUTH])
-    tls = EtcdTLS(ca_file=base_dir / "ca.crt", server_cert=base_dir / "server.crt", server_key=base_dir / "server.key",
-                  client_cert=base_dir / "client.crt", client_key=base_dir / "client.key")
-    server = EtcdServer(binary=binary, base_dir=base_dir, tls=tls)
-    try:
-        server.start()
+    with etcd_in_temp_dir("coredump-etcd-tls-", tls=_tls_files) as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base_dir, ignore_errors=True)
 
 
 async def test_etcd_over_mutual_tls(etcd_tls_server: EtcdServer) -> None:
