@@ -17,6 +17,7 @@ import yaml
 from aiohttp import web
 
 from apiserver.api import errors, patch
+from apiserver.api.conventions import negotiate
 from apiserver.registry.endpoints import FIELD_VALIDATION_VALUES, WriteOptions
 
 logger = logging.getLogger(__name__)
@@ -163,12 +164,6 @@ def write_options(request: web.Request, body: Body) -> WriteOptions:
                         duplicate_fields=body.duplicate_fields)
 
 
-def wants_yaml(request: web.Request) -> bool:
-    accept = request.headers.get("Accept", "")
-    first = accept.split(",")[0].split(";")[0].strip().lower()
-    return first == "application/yaml"
-
-
 def warning_header(text: str) -> str:
     """A ``Warning: 299`` value; field names come from clients, so anything but printable ASCII is escaped."""
     escaped = "".join(ch if " " <= ch <= "~" and ch not in '"\\' else
@@ -180,7 +175,7 @@ def respond(request: web.Request, obj: Any, *, status: int = 200, warnings: list
             yaml_out: bool | None = None) -> web.Response:
     """Render ``obj`` as the client prefers; ``Warning: 299`` headers are how kubectl learns of dropped fields."""
     if yaml_out is None:
-        yaml_out = wants_yaml(request)
+        yaml_out = negotiate(request.headers.get("Accept"), allow_table=False)[1] == "yaml"
     if yaml_out:
         body = yaml.safe_dump(obj, sort_keys=False).encode()
         content_type = "application/yaml"

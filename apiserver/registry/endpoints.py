@@ -24,7 +24,7 @@ from apiserver.api.conventions import encode_continue, decode_continue
 from apiserver.api.selectors import FieldSelector, Predicate
 from apiserver.registry.coredata import CoreData
 from apiserver.registry.store import (
-    EventType, KeyExists, KeyNotFound, ListPage, ObjectStore, RevisionCompacted, RevisionConflict, StoreEvent,
+    KeyExists, KeyNotFound, ListPage, ObjectStore, RevisionCompacted, RevisionConflict, StoreEvent,
     StoreUnavailable,
 )
 
@@ -77,6 +77,11 @@ class WatchItem:
     obj: dict[str, Any] | None
     revision: int
     initial_events_end: bool = False
+
+
+def _selection(labels: Predicate | None, fields: FieldSelector | None) -> Predicate:
+    """Label and field selectors as one predicate, the same for lists and watches."""
+    return lambda obj: (labels is None or labels(obj)) and (fields is None or fields.predicate(obj))
 
 
 @contextlib.contextmanager
@@ -139,9 +144,7 @@ class EndpointRegistry:
         if fields is not None and fields.namespace is not None and namespace and fields.namespace != namespace:
             return ListResult(items=[], resource_version=str(await self._current_revision()), continue_token=None)
 
-        def selected(obj: dict[str, Any]) -> bool:
-            return (labels is None or labels(obj)) and (fields is None or fields.predicate(obj))
-
+        selected = _selection(labels, fields)
         filtering = labels is not None or fields is not None
         matched: list[dict[str, Any]] = []
         next_token: str | None = None
@@ -369,9 +372,7 @@ class EndpointRegistry:
         ``send_initial_events`` a BOOKMARK marks their end. RevisionCompacted propagates to the caller,
         which reports it in-stream as a 410 ERROR event.
         """
-        def matches(obj: dict[str, Any]) -> bool:
-            return (labels is None or labels(obj)) and (fields is None or fields.predicate(obj))
-
+        selected = _selection(labels, fields)
         if resource_version is None or resource_version == 0 or send_initial_events:
             snapshot = await self.list(namespace=namespace, labels=labels, fields=fields)
             start = int(snapshot.resource_version)
@@ -384,12 +385,11 @@ class EndpointRegistry:
         events: AsyncIterator[StoreEvent] = self.store.watch(prefix_for(namespace), from_revision=start)
         try:
             async for event in events:
-                if not matches(event.obj):
+                if not selected(event.obj):
                     continue
-                obj = copy.deepcopy(event.obj)
-                await self.coredata.fill_status([obj])
-                yield WatchItem(type=event.type.value if isinstance(event.type, EventType) else str(event.type),
-                                obj=obj, revision=event.revision)
+                # Each watch gets its own objects from the store, so the status can be filled in place.
+                await self.coredata.fill_status([event.obj])
+                yield WatchItem(type=event.type.value, obj=event.obj, revision=event.revision)
         finally:
             close = getattr(events, "aclose", None)
             if close is not None:
