@@ -1,15 +1,15 @@
 """Decision caching, token caching, the dev rule table and the audit line, each against real collaborators."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
-import ssl
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
-from kubernetes_asyncio import client, config
+from cryptography import x509
+from kubernetes_asyncio import config
 
 from apiserver import context
 from apiserver.auth import RequestAttributes, UserInfo
@@ -19,7 +19,8 @@ from apiserver.auth.options import parse_duration
 from apiserver.auth.sar import SubjectAccessReviewAuthorizer
 from apiserver.auth.static import StaticAuthorizer, dev_rules
 from apiserver.auth.tokenreview import TokenReviewAuthenticator
-from fake_kube import FakeKube
+from apiserver.auth.x509 import CABundle
+from fake_kube import FakeKube, TestCA
 
 GROUP = "coredump.example.io"
 
@@ -126,7 +127,22 @@ def test_durations_parse_like_go(text: str, seconds: float) -> None:
 
 
 def test_bad_durations_are_rejected() -> None:
-    import argparse
     for bad in ("ten", "10x", "1m 30s", ""):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_duration(bad)
+
+
+def test_ca_bundle_remembers_its_answer_per_leaf_until_the_bundle_changes(tmp_path: Path) -> None:
+    ca, other = TestCA(tmp_path, name="client-ca"), TestCA(tmp_path, name="other-ca")
+
+    def leaf(issuer: TestCA, *, server: bool = False) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(issuer.issue(cn="alice", server=server)[0].read_bytes())
+
+    bundle = CABundle(name="client-ca", pem=ca.pem)
+    alice, stranger, server_cert = leaf(ca), leaf(other), leaf(ca, server=True)
+    assert bundle.issued(alice) and bundle.issued(alice)
+    assert not bundle.issued(stranger)
+    assert not bundle.issued(server_cert)  # signed by the CA, but not for client authentication
+    bundle.update(other.pem)  # rotation drops the CA: the remembered answer goes with it
+    assert not bundle.issued(alice)
+    assert bundle.issued(stranger)
