@@ -45,6 +45,8 @@ from apiserver.registry.store import (
     StoreUnavailable,
     check_key,
     check_prefix,
+    encode_object,
+    with_revision,
 )
 
 logger = logging.getLogger(__name__)
@@ -207,21 +209,14 @@ class EtcdStore(ObjectStore):
         return start, prefix_range_end(start)
 
     @staticmethod
-    def _encode(obj: dict[str, Any]) -> bytes:
-        metadata = obj.get("metadata")
-        if isinstance(metadata, dict) and "resourceVersion" in metadata:
-            obj = {**obj, "metadata": {k: v for k, v in metadata.items() if k != "resourceVersion"}}
-        return json.dumps(obj, separators=(",", ":")).encode()
-
-    def _decode(self, value: bytes, revision: int, *, etcd_key: bytes) -> dict[str, Any]:
+    def _decode(value: bytes, revision: int, *, etcd_key: bytes) -> dict[str, Any]:
         try:
             obj = json.loads(value)
         except ValueError:
             raise StoreError(f"etcd key {etcd_key!r} does not hold JSON") from None
         if not isinstance(obj, dict):
             raise StoreError(f"etcd key {etcd_key!r} does not hold a JSON object")
-        obj.setdefault("metadata", {})["resourceVersion"] = str(revision)
-        return obj
+        return with_revision(obj, revision)
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -348,7 +343,7 @@ class EtcdStore(ObjectStore):
     async def create(self, key: str, obj: dict[str, Any]) -> dict[str, Any]:
         check_key(key)
         etcd_key = self._etcd_key(key)
-        value = self._encode(obj)
+        value = encode_object(obj)
         response = await self._txn(
             compare=[rpc.Compare(key=etcd_key, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL,
                                  create_revision=0)],
@@ -359,43 +354,41 @@ class EtcdStore(ObjectStore):
             raise KeyExists(key)
         return self._decode(value, response.header.revision, etcd_key=etcd_key)
 
-    def _exists_and_matches(self, etcd_key: bytes, expected_revision: int | None) -> list[rpc.Compare]:
+    async def _write_existing(self, key: str, etcd_key: bytes, write: rpc.RequestOp, *,
+                              expected_revision: int | None) -> rpc.TxnResponse:
+        """
+        ``write`` if the key exists (with mod revision ``expected_revision``, if given), as one
+        transaction; else :class:`KeyNotFound` or :class:`RevisionConflict`, from the current value
+        the failure branch read.
+        """
         if expected_revision is None:
-            return [rpc.Compare(key=etcd_key, target=rpc.Compare.VERSION, result=rpc.Compare.GREATER, version=0)]
-        # A missing key has mod revision 0, which no expected revision (>= 1) equals.
-        return [rpc.Compare(key=etcd_key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL,
-                            mod_revision=expected_revision)]
-
-    def _failure(self, key: str, response: rpc.TxnResponse) -> StoreError:
-        """Why a guarded write failed, from the current value the failure branch read."""
+            compare = rpc.Compare(key=etcd_key, target=rpc.Compare.VERSION, result=rpc.Compare.GREATER, version=0)
+        else:
+            # A missing key has mod revision 0, which no expected revision (>= 1) equals.
+            compare = rpc.Compare(key=etcd_key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL,
+                                  mod_revision=expected_revision)
+        response = await self._txn(compare=[compare], success=[write],
+                                   failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=etcd_key))])
+        if response.succeeded:
+            return response
         kvs = response.responses[0].response_range.kvs
         if not kvs:
-            return KeyNotFound(key)
-        return RevisionConflict(current=self._decode(kvs[0].value, kvs[0].mod_revision, etcd_key=kvs[0].key))
+            raise KeyNotFound(key)
+        raise RevisionConflict(current=self._decode(kvs[0].value, kvs[0].mod_revision, etcd_key=kvs[0].key))
 
     async def update(self, key: str, obj: dict[str, Any], *, expected_revision: int | None) -> dict[str, Any]:
         check_key(key)
         etcd_key = self._etcd_key(key)
-        value = self._encode(obj)
-        response = await self._txn(
-            compare=self._exists_and_matches(etcd_key, expected_revision),
-            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=etcd_key, value=value))],
-            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=etcd_key))],
-        )
-        if not response.succeeded:
-            raise self._failure(key, response)
+        value = encode_object(obj)
+        put = rpc.RequestOp(request_put=rpc.PutRequest(key=etcd_key, value=value))
+        response = await self._write_existing(key, etcd_key, put, expected_revision=expected_revision)
         return self._decode(value, response.header.revision, etcd_key=etcd_key)
 
     async def delete(self, key: str, *, expected_revision: int | None = None) -> dict[str, Any]:
         check_key(key)
         etcd_key = self._etcd_key(key)
-        response = await self._txn(
-            compare=self._exists_and_matches(etcd_key, expected_revision),
-            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=etcd_key, prev_kv=True))],
-            failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=etcd_key))],
-        )
-        if not response.succeeded:
-            raise self._failure(key, response)
+        delete = rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=etcd_key, prev_kv=True))
+        response = await self._write_existing(key, etcd_key, delete, expected_revision=expected_revision)
         prev_kvs = response.responses[0].response_delete_range.prev_kvs
         if not prev_kvs:  # cannot happen under the compare, but never invent an object
             raise KeyNotFound(key)

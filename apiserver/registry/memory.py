@@ -34,6 +34,8 @@ from apiserver.registry.store import (
     StoreUnavailable,
     check_key,
     check_prefix,
+    encode_object,
+    with_revision,
 )
 
 logger = logging.getLogger(__name__)
@@ -52,19 +54,13 @@ def _copy(obj: Any) -> Any:
 
 
 def _import(obj: dict[str, Any]) -> dict[str, Any]:
-    """What etcd would store: the JSON of ``obj`` without ``metadata.resourceVersion``."""
-    # The JSON round trip both copies and rejects what etcd could not store (sets, objects...).
-    stored = json.loads(json.dumps(obj, separators=(",", ":")))
-    metadata = stored.get("metadata")
-    if isinstance(metadata, dict):
-        metadata.pop("resourceVersion", None)
-    return stored
+    """What etcd would store, decoded: the JSON round trip both copies and rejects what etcd could not
+    store (sets, objects...)."""
+    return json.loads(encode_object(obj))
 
 
 def _export(stored: dict[str, Any], revision: int) -> dict[str, Any]:
-    obj = _copy(stored)
-    obj.setdefault("metadata", {})["resourceVersion"] = str(revision)
-    return obj
+    return with_revision(_copy(stored), revision)
 
 
 @dataclasses.dataclass(eq=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import enum
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -65,6 +66,20 @@ def check_key(key: str) -> None:
 def check_prefix(prefix: str) -> None:
     if prefix and not prefix.startswith("/"):
         raise ValueError(f"store prefixes are '' or start with '/': {prefix!r}")
+
+
+def encode_object(obj: dict[str, Any]) -> bytes:
+    """What a backend stores for ``obj``: its compact JSON without ``metadata.resourceVersion``."""
+    metadata = obj.get("metadata")
+    if isinstance(metadata, dict) and "resourceVersion" in metadata:
+        obj = {**obj, "metadata": {k: v for k, v in metadata.items() if k != "resourceVersion"}}
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def with_revision(obj: dict[str, Any], revision: int) -> dict[str, Any]:
+    """``obj`` (a fresh copy the caller owns) as read: ``metadata.resourceVersion`` set to ``revision``."""
+    obj.setdefault("metadata", {})["resourceVersion"] = str(revision)
+    return obj
 
 
 class EventType(str, enum.Enum):
