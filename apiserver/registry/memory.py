@@ -118,6 +118,10 @@ class MemoryStore(ObjectStore):
         if self._closed:
             raise StoreUnavailable("the in-memory store is closed")
 
+    def _check_not_future(self, revision: int) -> None:
+        if revision > self._revision:
+            raise StoreError(f"required revision {revision} is a future revision (current {self._revision})")
+
     # -- reads -------------------------------------------------------------------------------
 
     async def get(self, key: str) -> dict[str, Any]:
@@ -141,8 +145,7 @@ class MemoryStore(ObjectStore):
         at = self._revision if not revision else revision
         if at < self._compacted:
             raise RevisionCompacted(requested=at, compacted=self._compacted)
-        if at > self._revision:
-            raise StoreError(f"required revision {at} is a future revision (current {self._revision})")
+        self._check_not_future(at)
         current = at == self._revision
         index = bisect.bisect_left(self._keys, prefix)
         if start_after is not None:
@@ -243,8 +246,7 @@ class MemoryStore(ObjectStore):
 
     async def compact(self, revision: int) -> None:
         self._check_open()
-        if revision > self._revision:
-            raise StoreError(f"required revision {revision} is a future revision (current {self._revision})")
+        self._check_not_future(revision)
         if revision <= self._compacted:
             return
         self._forget_before(revision)
