@@ -760,8 +760,8 @@ def test_watch_client_hanging_up_is_not_an_error(world: FuzzWorld) -> None:
         created = world.server.request("POST", f"{GV_PATH}/namespaces/{FUZZ_NS}/coredumpendpoints",
                                        body=endpoint_manifest(f"{name}-{attempt}", namespace=FUZZ_NS))
         assert created.status == 201, created.body
-        while f"{name}-{attempt}".encode() not in events.readline():
-            pass
+        while f"{name}-{attempt}".encode() not in (line := events.readline()):
+            assert line, "the watch ended before its event came"  # an ended stream reads b"" forever
     staying.close()
     assert not unexpected_tracebacks(server_log(world.server)[log_start:], known=False)
 
