@@ -66,7 +66,7 @@ def _drain_handler_entry(cfg: HandlerConfig, entry: SpoolEntry, report: DrainRep
                                   signal=clean.get("signal") or 0)
     started = time.monotonic()
     filed = file_core(cfg, chunks=file_chunks(entry.data_path), meta=clean, core_id=core_id, ident=ident,
-                      spool_reason=None, copy_compressed=True, stored_result=result)
+                      spool_reason=None, stored_result=result)
     _finish(cfg, entry, filed, started, report)
 
 
@@ -102,16 +102,9 @@ def _drain_shim_entry(cfg: HandlerConfig, entry: SpoolEntry, report: DrainReport
                          build_id=elfinfo.build_id_from_core(entry.data_path), node=cfg.node)
     core_id = layout.make_core_id(timestamp=ts, comm=comm, pid=pid, signal=sig)
     started = time.monotonic()
+    # ``rest``: bytes past the shim's maximum, counted but not kept.
     filed = file_core(cfg, chunks=file_chunks(entry.data_path, chunk_size=cfg.chunk_size), meta=meta,
-                      core_id=core_id, ident=ident, spool_reason=None)
-    rest = int(info.get("rest") or 0)
-    if rest and filed.stored is not None:
-        # The shim kept only its maximum; say so in the metadata (rewritten atomically, still the commit point).
-        m = dict(filed.stored.metadata, truncated=True, observedSize=filed.stored.metadata["size"] + rest,
-                 truncationReason="spooled by the shim: larger than its maximum")
-        tmp = filed.stored.meta_path.with_name("." + filed.stored.meta_path.name + ".tmp")
-        tmp.write_text(json.dumps(m, indent=2) + "\n")
-        os.rename(tmp, filed.stored.meta_path)
+                      core_id=core_id, ident=ident, spool_reason=None, dropped=int(info.get("rest") or 0))
     _finish(cfg, entry, filed, started, report)
 
 

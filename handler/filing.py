@@ -6,6 +6,7 @@ the same way whatever way it came in.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal as signals
@@ -179,10 +180,12 @@ def apply_rate_limit(cfg: HandlerConfig, stored: layout.StoredCore) -> tuple[int
 
 def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, Any], core_id: str,
               ident: PodIdentity | None, spool_reason: str | None,
-              copy_compressed: bool = False, stored_result: IngestResult | None = None) -> Filed:
+              stored_result: IngestResult | None = None, dropped: int = 0) -> Filed:
     """
     Ingest ``chunks`` and commit them, to storage when ``ident`` is known and ``spool_reason`` is None,
-    to the spool otherwise. ``copy_compressed`` copies already-gzipped chunks (spool drain) unchanged.
+    to the spool otherwise. With ``stored_result`` (spool drain) the chunks are already gzipped and are
+    copied unchanged. ``dropped`` bytes the source already left out (the shim's maximum) make the core
+    truncated, in the metadata that is committed.
     """
     def new_spool() -> SpoolWriter:
         return SpoolWriter(cfg.spool_dir, name=core_id)
@@ -203,13 +206,15 @@ def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, An
     if spool_reason:
         sink.failover_reason = spool_reason
     try:
-        if copy_compressed:
+        if stored_result is not None:
             for chunk in chunks:
                 sink.write(chunk)
-            assert stored_result is not None
             result = stored_result
         else:
             result = ingest(chunks, sink.write, max_size=cfg.max_core_size)
+        if dropped:
+            result = dataclasses.replace(result, observed_size=result.observed_size + dropped, truncated=True,
+                                         truncation_reason="spooled by the shim: larger than its maximum")
         add_result(meta, result)
         committed = sink.commit(meta)
     except BaseException:

@@ -242,3 +242,24 @@ def test_handler_gives_up_on_a_stalled_stream_and_exits(node: NodeTree, segv_cor
         proc.kill()
     assert layout.list_cores(node.storage, namespace="team-a") == []
     assert [rec["reason"] for _, rec in read_outcomes(node.state / "outcomes")] == ["stalled"]
+
+
+def test_drain_marks_a_core_the_shim_cut_at_its_maximum_as_truncated(node: NodeTree, segv_core: RealCore) -> None:
+    """The shim spooled only its maximum (``rest=`` bytes more were sent): the committed metadata says so."""
+    setup_pod(node, segv_core)
+    full = segv_core.path.read_bytes()
+    kept, rest = full[: 1 << 20], len(full) - (1 << 20)
+    (node.spool / "raw-1.core").write_bytes(kept)
+    (node.spool / "raw-1.info").write_text(f"pid={segv_core.pid}\nsignal=11\ntime=1795000000\ncomm=crasher\n"
+                                           f"{''.join('cgroup=' + line + chr(10) for line in cgroup_text('containerd-systemd:v2').splitlines())}"
+                                           f"rest={rest}\n")
+    out = subprocess.run(node.handler_args("drain"), capture_output=True, text=True, cwd=REPO)
+    assert "drained 1" in out.stdout, out
+    (core,) = layout.list_cores(node.storage, namespace="team-a")
+    m = core.metadata
+    assert m["truncated"] is True and "shim" in m["truncationReason"]
+    assert m["size"] == len(kept) and m["observedSize"] == len(full)
+    assert gzip.decompress(core.core_path.read_bytes()) == kept
+    # The outcome record (metrics, Event) says the same as the metadata.
+    (_, rec), = read_outcomes(node.state / "outcomes")
+    assert rec["result"] == "drained" and rec["truncated"] is True and rec["observedSize"] == len(full)
