@@ -59,19 +59,19 @@ def _pread_exact(fd: int, length: int, offset: int, name: str) -> bytes:
 
 
 async def _file_chunks(seg: FileSegment, *, start: int, end: int, chunk_size: int) -> AsyncIterator[bytes]:
-    fd = await asyncio.to_thread(_open_checked, seg)
-    ahead: asyncio.Future[bytes] | None = None
+    loop = asyncio.get_running_loop()
+    fd = await loop.run_in_executor(None, _open_checked, seg)
+
+    def read_at(pos: int) -> "asyncio.Future[bytes]":
+        # A bare executor future: no coroutine and no Task per chunk on the download's hot path.
+        return loop.run_in_executor(None, _pread_exact, fd, min(chunk_size, end - pos), pos, seg.path.name)
+
+    ahead: asyncio.Future[bytes] | None = read_at(start) if start < end else None
     try:
-        pos = start
-        ahead = asyncio.ensure_future(asyncio.to_thread(
-            _pread_exact, fd, min(chunk_size, end - pos), pos, seg.path.name))
-        while pos < end:
+        while ahead is not None:
             data = await ahead
-            ahead = None
-            pos += len(data)
-            if pos < end:
-                ahead = asyncio.ensure_future(asyncio.to_thread(
-                    _pread_exact, fd, min(chunk_size, end - pos), pos, seg.path.name))
+            start += len(data)
+            ahead = read_at(start) if start < end else None
             yield data
     finally:
         if ahead is not None and not ahead.done():
