@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from isal import isal_zlib
 
-from handler.early import QUEUE_DEPTH, ChunkReader, Progress, widen_pipe  # noqa: F401 - re-exported
+from handler.early import QUEUE_DEPTH
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handler import layout
-from handler.cgroup import CgroupIdentity, cgroup_paths, identity_from_cgroup_text, parse_cgroup_path  # noqa: F401
+from handler.cgroup import CgroupIdentity, identity_from_cgroup_text
 
 logger = logging.getLogger(__name__)
 
