@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import datetime
 import hashlib
 import json
 import logging
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from handler.layout import StoredCore
+
+from apiserver.dump.select import core_time
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +92,6 @@ def _gzip_member(data: bytes) -> bytes:
     return zlib.compress(data, level=_GZIP_LEVEL, wbits=31)
 
 
-def _timestamp(metadata: dict[str, Any]) -> int:
-    value = str(metadata.get("timestamp") or "")
-    try:
-        return int(datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        return 0
-
-
 def _tar_header(*, name: str, size: int, mtime: int, mode: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = size
@@ -135,7 +128,7 @@ def build_plan(cores: Sequence[StoredCore]) -> DumpPlan:
             st = os.stat(core.core_path)
         except FileNotFoundError:
             raise PlanError(f"core {core.ref.core_id}: stored file is gone") from None
-        mtime = _timestamp(meta)
+        mtime = int(core_time(core) or 0)
         base = f"{core.ref.container}/{core.ref.core_id}"
         body = metadata_bytes(meta)
         head = (pending

@@ -43,7 +43,7 @@ class DumpQuery:
         if self.core:
             parts.append(f"core={self.core}")
         if self.since:
-            parts.append(f"since={format_time(self.since)}")
+            parts.append(f"since={layout.rfc3339(self.since)}")
         return ", ".join(parts)
 
 
@@ -61,10 +61,6 @@ def parse_rfc3339(value: str) -> datetime.datetime:
         text = text[: m.start(7)] + frac[:7] + text[m.end(7):]
     parsed = datetime.datetime.fromisoformat(text.replace("z", "Z").replace("t", "T"))
     return parsed.astimezone(datetime.timezone.utc)
-
-
-def format_time(value: datetime.datetime) -> str:
-    return value.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_query(query: MultiMapping[str]) -> DumpQuery:

@@ -13,7 +13,8 @@ from apiserver.dump.query import DumpQuery, parse_rfc3339
 logger = logging.getLogger(__name__)
 
 
-def _core_time(core: StoredCore) -> float | None:
+def core_time(core: StoredCore) -> float | None:
+    """When the core was dumped (Unix seconds): its metadata ``timestamp``, else the time in its id."""
     value = core.metadata.get("timestamp")
     if isinstance(value, str):
         try:
@@ -22,7 +23,7 @@ def _core_time(core: StoredCore) -> float | None:
             pass
     try:
         return layout.core_id_time(core.ref.core_id).timestamp()
-    except layout.InvalidName:
+    except ValueError:  # InvalidName, or digits that are no date (month 13)
         return None
 
 
@@ -33,7 +34,7 @@ def select_cores(*, root: Path, namespace: str, pod: str, pod_uid: str, query: D
         cores = [c for c in cores if c.ref.core_id == query.core]
     if query.since is not None:
         since = query.since.timestamp()
-        cores = [c for c in cores if (t := _core_time(c)) is not None and t >= since]
+        cores = [c for c in cores if (t := core_time(c)) is not None and t >= since]
     return cores
 
 
