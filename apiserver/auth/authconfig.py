@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -20,7 +19,7 @@ import aiohttp
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from apiserver.auth.requestheader import RequestHeaderConfig
+from apiserver.auth.requestheader import RequestHeaderConfig, RequestHeaderNames
 from apiserver.auth.x509 import CABundle
 
 logger = logging.getLogger(__name__)
@@ -33,70 +32,70 @@ class AuthConfigError(Exception):
     """The authentication configuration cannot be loaded (one line, for the command line)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class RequestHeaderFlags:
-    client_ca_file: Path | None = None
-    allowed_names: tuple[str, ...] = ()
-    username_headers: tuple[str, ...] = ("X-Remote-User",)
-    uid_headers: tuple[str, ...] = ()
-    group_headers: tuple[str, ...] = ("X-Remote-Group",)
-    extra_headers_prefixes: tuple[str, ...] = ("X-Remote-Extra-",)
+# ConfigMap key → RequestHeaderNames field.
+_NAME_KEYS = {
+    "requestheader-allowed-names": "allowed_names",
+    "requestheader-username-headers": "username_headers",
+    "requestheader-uid-headers": "uid_headers",
+    "requestheader-group-headers": "group_headers",
+    "requestheader-extra-headers-prefix": "extra_headers_prefixes",
+}
+_CONFIGMAP = f"configmap {CONFIGMAP_NAMESPACE}/{CONFIGMAP_NAME}"
 
 
-def _string_list(value: str | None) -> tuple[str, ...]:
+def _string_list(data: dict[str, str], key: str) -> tuple[str, ...]:
     """The ConfigMap stores lists as JSON arrays in strings (deserializeStrings in k8s.io/apiserver)."""
+    value = data.get(key)
     if not value:
         return ()
-    parsed = json.loads(value)
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
     if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
-        raise ValueError(f"expected a JSON list of strings, got {value!r}")
+        raise AuthConfigError(f"{_CONFIGMAP} key {key}: expected a JSON list of strings, got {value!r}")
     return tuple(parsed)
 
 
 class DelegatedAuthConfig:
-    """The client CA bundle and the requestheader settings, kept current by :meth:`refresh`."""
+    """The client CA bundle and the requestheader settings, kept current by :meth:`refresh`.
+
+    ``requestheader_ca_file`` given: it and ``requestheader_names`` (the ``--requestheader-*`` flags) replace
+    the ConfigMap's ``requestheader-*`` keys, as in k8s.io/apiserver; otherwise ``requestheader_names`` is unused.
+    """
 
     def __init__(self, *, core_api: client.CoreV1Api | None, client_ca_file: Path | None,
-                 requestheader: RequestHeaderFlags, refresh_interval: float) -> None:
+                 requestheader_ca_file: Path | None, requestheader_names: RequestHeaderNames,
+                 refresh_interval: float) -> None:
         self._core_api = core_api
         self._client_ca_file = client_ca_file
-        self._flags = requestheader
+        self._requestheader_ca_file = requestheader_ca_file
         self._refresh_interval = refresh_interval
         self.client_ca = CABundle(name="client-ca")
-        self.requestheader = RequestHeaderConfig(bundle=CABundle(name="requestheader-client-ca"))
+        self.requestheader = RequestHeaderConfig(bundle=CABundle(name="requestheader-client-ca"),
+                                                 names=requestheader_names)
         self._task: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
-        """Read files and ConfigMap once; raise :class:`AuthConfigError` when a source cannot be read."""
+        """Read files and ConfigMap once; raise :class:`AuthConfigError` naming the source that is unreadable or bad.
+
+        A source is read and parsed before its settings change, so a bad one never leaves them half-applied.
+        """
         data: dict[str, str] = {}
-        needs_configmap = self._client_ca_file is None or self._flags.client_ca_file is None
-        if self._core_api is not None and needs_configmap:
+        if self._core_api is not None and (self._client_ca_file is None or self._requestheader_ca_file is None):
             data = await self._read_configmap()
-        try:
-            if self._client_ca_file is not None:
-                self.client_ca.update(await _read(self._client_ca_file))
-            else:
-                self.client_ca.update(data.get("client-ca-file", ""))
-            rh = self.requestheader
-            if self._flags.client_ca_file is not None:
-                rh.bundle.update(await _read(self._flags.client_ca_file))
-                rh.allowed_names = self._flags.allowed_names
-                rh.username_headers = self._flags.username_headers
-                rh.uid_headers = self._flags.uid_headers
-                rh.group_headers = self._flags.group_headers
-                rh.extra_headers_prefixes = self._flags.extra_headers_prefixes
-            else:
-                # Parse everything before changing anything, so a bad key never leaves a half-applied config.
-                allowed = _string_list(data.get("requestheader-allowed-names"))
-                users = _string_list(data.get("requestheader-username-headers"))
-                uids = _string_list(data.get("requestheader-uid-headers"))
-                groups = _string_list(data.get("requestheader-group-headers"))
-                extras = _string_list(data.get("requestheader-extra-headers-prefix"))
-                rh.bundle.update(data.get("requestheader-client-ca-file", ""))
-                rh.allowed_names, rh.username_headers, rh.uid_headers = allowed, users, uids
-                rh.group_headers, rh.extra_headers_prefixes = groups, extras
-        except (ValueError, OSError) as error:
-            raise AuthConfigError(f"invalid authentication configuration: {error}") from error
+        if self._client_ca_file is not None:
+            await _update_from_file(self.client_ca, self._client_ca_file, "--client-ca-file")
+        else:
+            _update(self.client_ca, data.get("client-ca-file", ""), f"{_CONFIGMAP} key client-ca-file")
+        if self._requestheader_ca_file is not None:
+            await _update_from_file(self.requestheader.bundle, self._requestheader_ca_file,
+                                    "--requestheader-client-ca-file")
+        else:
+            names = RequestHeaderNames(**{field: _string_list(data, key) for key, field in _NAME_KEYS.items()})
+            _update(self.requestheader.bundle, data.get("requestheader-client-ca-file", ""),
+                    f"{_CONFIGMAP} key requestheader-client-ca-file")
+            self.requestheader.names = names
 
     async def _read_configmap(self) -> dict[str, str]:
         assert self._core_api is not None
@@ -105,12 +104,13 @@ class DelegatedAuthConfig:
                                                                  _request_timeout=10)
         except ApiException as error:
             raise AuthConfigError(
-                f"cannot read configmap {CONFIGMAP_NAMESPACE}/{CONFIGMAP_NAME}: HTTP {error.status} "
-                f"{error.reason} (grant the extension-apiserver-authentication-reader role, or use "
-                f"--authentication-skip-lookup with --client-ca-file)") from error
+                f"cannot read {_CONFIGMAP}: HTTP {error.status} {error.reason} (grant the "
+                f"extension-apiserver-authentication-reader role, or use --authentication-skip-lookup with "
+                f"--client-ca-file)") from error
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-            raise AuthConfigError(f"cannot reach the cluster to read configmap {CONFIGMAP_NAMESPACE}/"
-                                  f"{CONFIGMAP_NAME}: {error or type(error).__name__}") from error
+            raise AuthConfigError(f"cannot reach the cluster to read {_CONFIGMAP}: "
+                                  f"{error or type(error).__name__} (is the cluster's API server reachable from "
+                                  f"here?)") from error
         return dict(cm.data or {})
 
     def start(self) -> None:
@@ -133,5 +133,16 @@ class DelegatedAuthConfig:
             self._task = None
 
 
-async def _read(path: Path) -> str:
-    return await asyncio.to_thread(path.read_text)
+def _update(bundle: CABundle, pem: str, source: str) -> None:
+    try:
+        bundle.update(pem)
+    except ValueError as error:
+        raise AuthConfigError(f"{source}: not a PEM bundle of CA certificates ({error})") from error
+
+
+async def _update_from_file(bundle: CABundle, path: Path, flag: str) -> None:
+    try:
+        pem = await asyncio.to_thread(path.read_text)
+    except (OSError, UnicodeDecodeError) as error:
+        raise AuthConfigError(f"{flag} {path}: {getattr(error, 'strerror', None) or error}") from error
+    _update(bundle, pem, f"{flag} {path}")

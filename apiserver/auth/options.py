@@ -24,9 +24,9 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.config.config_exception import ConfigException
 
 from apiserver.auth import Authenticator
-from apiserver.auth.authconfig import AuthConfigError, DelegatedAuthConfig, RequestHeaderFlags
+from apiserver.auth.authconfig import AuthConfigError, DelegatedAuthConfig
 from apiserver.auth.pipeline import HEALTH_PATHS, Middleware, UnionAuthenticator, make_auth_middleware
-from apiserver.auth.requestheader import RequestHeaderAuthenticator
+from apiserver.auth.requestheader import RequestHeaderAuthenticator, RequestHeaderNames
 from apiserver.auth.sar import SubjectAccessReviewAuthorizer
 from apiserver.auth.static import Rule, StaticAuthorizer
 from apiserver.auth.tokenreview import TokenReviewAuthenticator
@@ -134,27 +134,26 @@ class AuthSetup:
 
 async def _api_client(kubeconfig: Path | None, *, flag: str) -> client.ApiClient:
     configuration = client.Configuration()
-    try:
-        if kubeconfig is not None:
-            await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
-        else:
+    if kubeconfig is None:
+        try:
             config.load_incluster_config(client_configuration=configuration)
-    except (ConfigException, OSError, ValueError, KeyError) as error:
-        where = f"{flag} {kubeconfig}" if kubeconfig else f"no {flag} given and the in-cluster configuration"
-        raise AuthConfigError(f"{where}: {error}") from error
+        except (ConfigException, OSError) as error:
+            raise AuthConfigError(f"no {flag} given and no in-cluster configuration ({error}): run in a pod "
+                                  f"with a service account, or pass {flag}") from error
+    else:
+        if not kubeconfig.is_file():
+            raise AuthConfigError(f"{flag} {kubeconfig}: no such file")
+        try:
+            await config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        except (ConfigException, OSError, ValueError, KeyError) as error:
+            raise AuthConfigError(f"{flag} {kubeconfig}: not a usable kubeconfig ({error})") from error
     configuration.connection_pool_maxsize = 32
     return client.ApiClient(configuration=configuration)
 
 
-def _arg(args: argparse.Namespace, name: str, default: object) -> object:
-    return getattr(args, name, default)
-
-
 async def build_auth(*, args: argparse.Namespace, dev: DevAuth | None) -> AuthSetup:
     """The middleware and TLS settings for ``args``; raises :class:`AuthConfigError` with one clear line."""
-    always_allow = _arg(args, "authorization_always_allow_paths", HEALTH_PATHS)
-    anonymous = bool(_arg(args, "anonymous_auth", False))
-    assert isinstance(always_allow, tuple | list)
+    always_allow, anonymous = args.authorization_always_allow_paths, args.anonymous_auth
 
     if dev is not None:
         try:
@@ -177,13 +176,11 @@ async def build_auth(*, args: argparse.Namespace, dev: DevAuth | None) -> AuthSe
         delegated = DelegatedAuthConfig(
             core_api=None if args.authentication_skip_lookup else client.CoreV1Api(authn_client),
             client_ca_file=args.client_ca_file,
-            requestheader=RequestHeaderFlags(
-                client_ca_file=args.requestheader_client_ca_file,
-                allowed_names=tuple(args.requestheader_allowed_names),
-                username_headers=tuple(args.requestheader_username_headers),
-                uid_headers=tuple(args.requestheader_uid_headers),
-                group_headers=tuple(args.requestheader_group_headers),
-                extra_headers_prefixes=tuple(args.requestheader_extra_headers_prefix)),
+            requestheader_ca_file=args.requestheader_client_ca_file,
+            requestheader_names=RequestHeaderNames(
+                allowed_names=args.requestheader_allowed_names, username_headers=args.requestheader_username_headers,
+                uid_headers=args.requestheader_uid_headers, group_headers=args.requestheader_group_headers,
+                extra_headers_prefixes=args.requestheader_extra_headers_prefix),
             refresh_interval=args.authentication_config_refresh_interval)
         await delegated.refresh()
         delegated.start()
@@ -206,6 +203,10 @@ async def build_auth(*, args: argparse.Namespace, dev: DevAuth | None) -> AuthSe
                                       always_allow_paths=always_allow, anonymous=anonymous)
     logger.info("delegated authentication: client CA %d cert(s), front-proxy CA %d cert(s), allowed names %s",
                 len(delegated.client_ca.certificates), len(delegated.requestheader.bundle.certificates),
-                list(delegated.requestheader.allowed_names) or "any")
+                list(delegated.requestheader.names.allowed_names) or "any")
+    if not delegated.requestheader.bundle.certificates:
+        logger.warning("no front-proxy CA (requestheader-client-ca-file): requests the kube-aggregator forwards "
+                       "(every kubectl call) will be 401; give --requestheader-client-ca-file or let the server "
+                       "read the extension-apiserver-authentication ConfigMap")
     return AuthSetup(middleware=middleware, bundles=[delegated.client_ca, delegated.requestheader.bundle],
                      _closers=closers)

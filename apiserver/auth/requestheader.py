@@ -10,6 +10,7 @@ value of every group header (one group per header line, never split on commas); 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import urllib.parse
 
@@ -22,16 +23,27 @@ from apiserver.auth.x509 import CABundle, common_name, peer_certificate
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass
-class RequestHeaderConfig:
-    """The ``requestheader-*`` settings; mutable so a ConfigMap refresh takes effect on the next request."""
+@dataclasses.dataclass(frozen=True)
+class RequestHeaderNames:
+    """The ``requestheader-*`` settings besides the CA: who may send the headers, and which headers say what."""
 
-    bundle: CABundle
     allowed_names: tuple[str, ...] = ()
     username_headers: tuple[str, ...] = ("X-Remote-User",)
     uid_headers: tuple[str, ...] = ()
     group_headers: tuple[str, ...] = ("X-Remote-Group",)
     extra_headers_prefixes: tuple[str, ...] = ("X-Remote-Extra-",)
+
+    @functools.cached_property
+    def lowered_extra_prefixes(self) -> tuple[str, ...]:
+        return tuple(p.lower() for p in self.extra_headers_prefixes)
+
+
+@dataclasses.dataclass
+class RequestHeaderConfig:
+    """The front proxy's CA and names; ``names`` is replaced whole, so a refresh takes effect on the next request."""
+
+    bundle: CABundle
+    names: RequestHeaderNames = RequestHeaderNames()
 
 
 def _unescape_extra_key(key: str) -> str:
@@ -49,32 +61,32 @@ class RequestHeaderAuthenticator:
         self.config = config
 
     async def authenticate(self, request: web.Request) -> UserInfo | None:
-        config = self.config
-        if not config.bundle.certificates:
+        bundle, names = self.config.bundle, self.config.names
+        if not bundle.certificates:
             return None
         cert = peer_certificate(request)
         if cert is None:
             return None
-        if not config.bundle.issued(cert):
+        if not bundle.issued(cert):
             # Not the front proxy: another authenticator (x509 with the client CA) may still know it,
             # but its X-Remote-* headers are never read.
             raise errors.unauthorized()
         cn = common_name(cert)
-        if config.allowed_names and cn not in config.allowed_names:
+        if names.allowed_names and cn not in names.allowed_names:
             logger.warning("front-proxy certificate CN %r is not among the allowed names", cn)
             raise errors.unauthorized()
 
         headers = request.headers
-        name = next((v for h in config.username_headers for v in headers.getall(h, []) if v), "")
+        name = next((v for h in names.username_headers for v in headers.getall(h, []) if v), "")
         if not name:
             return None
-        uid = next((v for h in config.uid_headers for v in headers.getall(h, []) if v), "")
-        groups = tuple(v for h in config.group_headers for v in headers.getall(h, []) if v)
+        uid = next((v for h in names.uid_headers for v in headers.getall(h, []) if v), "")
+        groups = tuple(v for h in names.group_headers for v in headers.getall(h, []) if v)
         extra: dict[str, list[str]] = {}
-        lowered_prefixes = [p.lower() for p in config.extra_headers_prefixes]
+        prefixes = names.lowered_extra_prefixes
         for header, value in headers.items():
             lowered = header.lower()
-            for prefix in lowered_prefixes:
+            for prefix in prefixes:
                 if lowered.startswith(prefix) and len(lowered) > len(prefix):
                     extra.setdefault(_unescape_extra_key(lowered[len(prefix):]), []).append(value)
                     break

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
+import re
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -21,7 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from apiserver import context
-from apiserver.auth.options import AuthSetup, add_auth_flags, build_auth
+from apiserver.auth.options import AuthConfigError, AuthSetup, add_auth_flags, build_auth
 from fake_kube import FakeKube
 
 GV = "/apis/coredump.example.io/v1alpha1"
@@ -264,3 +264,19 @@ async def test_flags_replace_the_configmap(fake_kube: FakeKube, tmp_path: Path) 
     finally:
         await runner.cleanup()
         await app.setup.close()
+
+
+async def test_bad_authentication_sources_are_named_at_startup(fake_kube: FakeKube, tmp_path: Path) -> None:
+    kubeconfig = str(fake_kube.write_kubeconfig(tmp_path / "server.kubeconfig"))
+    cluster = ("--authentication-kubeconfig", kubeconfig, "--authorization-kubeconfig", kubeconfig)
+    missing = tmp_path / "missing.crt"
+    with pytest.raises(AuthConfigError, match=f"^--client-ca-file {re.escape(str(missing))}: No such file"):
+        await build_auth(args=parse_flags(*cluster, "--authentication-skip-lookup", f"--client-ca-file={missing}"),
+                         dev=None)
+    with pytest.raises(AuthConfigError, match=r"^--authorization-kubeconfig \S+: no such file$"):
+        await build_auth(args=parse_flags("--authentication-kubeconfig", kubeconfig,
+                                          f"--authorization-kubeconfig={missing}"), dev=None)
+    fake_kube.auth_configmap["requestheader-allowed-names"] = "front-proxy-client"  # not a JSON list
+    with pytest.raises(AuthConfigError, match="^configmap kube-system/extension-apiserver-authentication key "
+                                              "requestheader-allowed-names: expected a JSON list of strings"):
+        await build_auth(args=parse_flags(*cluster), dev=None)
