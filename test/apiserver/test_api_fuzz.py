@@ -569,7 +569,10 @@ def import_core(server: RunningServer, tmp_path: Path) -> str:
     """File a core for CORE_POD through the real ``coredump-handler import``; returns its core id."""
     core = tmp_path / "core"
     core.write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
-    subprocess.run([str(BIN / "coredump-handler"), "--storage-root", str(server.storage_root), "import",
+    # Every handler path is given: its defaults are the node's (/host/var/lib/coredump), never a test machine's.
+    subprocess.run([str(BIN / "coredump-handler"), "--config", str(tmp_path / "absent.json"),
+                    "--storage-root", str(server.storage_root), "--spool-dir", str(tmp_path / "spool"),
+                    "--state-dir", str(tmp_path / "state"), "--crictl", "", "import",
                     "--namespace", FUZZ_NS, "--pod", CORE_POD, "--pod-uid", CORE_UID, "--container", CORE_CONTAINER,
                     "--pid", "42", "--signal", "11", "--comm", "app", str(core)],
                    check=True, capture_output=True, timeout=60)
