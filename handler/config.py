@@ -16,18 +16,33 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Where the agent (with its defaults --host-root /host --host-dir /var/lib/coredump) writes it.
-DEFAULT_CONFIG_FILE = Path("/host/var/lib/coredump/handler.json")
+# The agent's defaults (``--host-root``, ``--host-dir``, ``--storage-root``, ``--proc-root``) and the names it
+# gives its files in the host dir: the handler's own defaults are derived from them, so the two always agree.
+HOST_ROOT = Path("/host")
+HOST_DIR = "/var/lib/coredump"
+STORAGE_ROOT = Path("/var/lib/coredump/storage")
+PROC_ROOT = Path("/proc")
+CONFIG_NAME, SPOOL_NAME, STATE_NAME = "handler.json", "spool", "state"
+
+
+def local_dir(host_root: Path, host_dir: str) -> Path:
+    """The agent's host directory (``host_dir``, as the host sees it) as seen with the host's / at ``host_root``."""
+    return Path(host_root) / host_dir.lstrip("/")
+
+
+_LOCAL_DIR = local_dir(HOST_ROOT, HOST_DIR)
+# Where the agent writes it (handler.cli keeps a copy as a string, to start reading before importing this).
+DEFAULT_CONFIG_FILE = _LOCAL_DIR / CONFIG_NAME
 
 
 @dataclass
 class HandlerConfig:
-    storage_root: Path = Path("/var/lib/coredump/storage")
-    spool_dir: Path = Path("/host/var/lib/coredump/spool")
+    storage_root: Path = STORAGE_ROOT
+    spool_dir: Path = _LOCAL_DIR / SPOOL_NAME
     # Per-core outcome records the agent turns into metrics and Events; rate-limit state lives here too.
-    state_dir: Path = Path("/host/var/lib/coredump/state")
-    proc_root: Path = Path("/proc")
-    host_root: Path = Path("/host")
+    state_dir: Path = _LOCAL_DIR / STATE_NAME
+    proc_root: Path = PROC_ROOT
+    host_root: Path = HOST_ROOT
     # Where the kubelet's /var/log/containers links are, relative to host_root.
     container_logs: str = "var/log/containers"
     crictl: str | None = "crictl"

@@ -6,19 +6,23 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from handler.config import HandlerConfig
+from handler.config import (CONFIG_NAME, HOST_DIR, HOST_ROOT, PROC_ROOT, SPOOL_NAME, STATE_NAME, STORAGE_ROOT,
+                            HandlerConfig, local_dir)
 
 logger = logging.getLogger(__name__)
+
+# Names in the host dir that the shim (host view) and the agent (local view) must agree on.
+SHIM_NAME, SHIM_CONF_NAME, SHIM_LOG_NAME, PID_NAME = "shim", "shim.conf", "shim.log", "agent.pid"
 
 
 @dataclass
 class AgentConfig:
     sysctl_root: Path = Path("/proc/sys")
-    proc_root: Path = Path("/proc")
-    host_root: Path = Path("/host")
+    proc_root: Path = PROC_ROOT
+    host_root: Path = HOST_ROOT
     # The agent's directory on the host, as the host sees it (core_pattern names the shim by this path).
-    host_dir: str = "/var/lib/coredump"
-    storage_root: Path = Path("/var/lib/coredump/storage")
+    host_dir: str = HOST_DIR
+    storage_root: Path = STORAGE_ROOT
     node: str | None = None
     handler_command: str = f"{sys.executable} -m handler.cli"
     nsenter: str = "nsenter"
@@ -40,15 +44,19 @@ class AgentConfig:
     @property
     def local_dir(self) -> Path:
         """The host directory as this process sees it."""
-        return Path(self.host_root) / self.host_dir.lstrip("/")
+        return local_dir(self.host_root, self.host_dir)
+
+    def host_path(self, name: str) -> str:
+        """``name`` in the host directory as the host (the kernel, the shim) sees it."""
+        return f"{self.host_dir.rstrip('/')}/{name}"
 
     @property
     def shim_path(self) -> Path:
-        return self.local_dir / "shim"
+        return self.local_dir / SHIM_NAME
 
     @property
     def pid_file(self) -> Path:
-        return self.local_dir / "agent.pid"
+        return self.local_dir / PID_NAME
 
     @property
     def previous_pattern_file(self) -> Path:
@@ -60,11 +68,11 @@ class AgentConfig:
 
     @property
     def handler_config_file(self) -> Path:
-        return self.local_dir / "handler.json"
+        return self.local_dir / CONFIG_NAME
 
     @property
     def core_pattern(self) -> str:
-        return f"|{self.host_dir.rstrip('/')}/shim %P %I %s %t %c %e"
+        return f"|{self.host_path(SHIM_NAME)} %P %I %s %t %c %e"
 
     def sysctl(self, name: str) -> Path:
         return Path(self.sysctl_root) / name.replace(".", "/")
@@ -73,8 +81,8 @@ class AgentConfig:
         """Derive the handler's paths from the agent's: one spool and one state dir, on the host."""
         h = self.handler
         h.storage_root = Path(self.storage_root)
-        h.spool_dir = self.local_dir / "spool"
-        h.state_dir = self.local_dir / "state"
+        h.spool_dir = self.local_dir / SPOOL_NAME
+        h.state_dir = self.local_dir / STATE_NAME
         h.proc_root = Path(self.proc_root)
         h.host_root = Path(self.host_root)
         h.previous_pattern_file = self.previous_pattern_file

@@ -7,7 +7,8 @@ import shlex
 from importlib import resources
 from pathlib import Path
 
-from handler.agent.config import AgentConfig
+from handler.agent.config import PID_NAME, SHIM_CONF_NAME, SHIM_LOG_NAME, AgentConfig
+from handler.config import SPOOL_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -23,14 +24,13 @@ def _write(path: Path, data: str | bytes, *, mode: int) -> None:
 
 
 def shim_conf(cfg: AgentConfig) -> str:
-    host_dir = cfg.host_dir.rstrip("/")
     q = shlex.quote
     lines = [
         "# written by coredump-agent; host paths",
-        f"AGENT_PID_FILE={q(host_dir + '/agent.pid')}",
-        f"SPOOL_DIR={q(host_dir + '/spool')}",
+        f"AGENT_PID_FILE={q(cfg.host_path(PID_NAME))}",
+        f"SPOOL_DIR={q(cfg.host_path(SPOOL_NAME))}",
         f"SPOOL_MAX_BYTES={int(cfg.shim_spool_max_bytes)}",
-        f"LOG_FILE={q(host_dir + '/shim.log')}",
+        f"LOG_FILE={q(cfg.host_path(SHIM_LOG_NAME))}",
         # Inside the agent's mount namespace:
         f"HANDLER={q(cfg.handler_command + ' --config ' + str(cfg.handler_config_file))}",
         f"NSENTER={q(cfg.nsenter)}",
@@ -41,7 +41,7 @@ def shim_conf(cfg: AgentConfig) -> str:
 def install_files(cfg: AgentConfig) -> None:
     shim = resources.files("handler").joinpath("shim.sh").read_bytes()
     _write(cfg.shim_path, shim, mode=0o755)
-    _write(cfg.local_dir / "shim.conf", shim_conf(cfg), mode=0o644)
+    _write(cfg.local_dir / SHIM_CONF_NAME, shim_conf(cfg), mode=0o644)
     _write(cfg.handler_config_file, cfg.handler.to_json(), mode=0o644)
     for d in (cfg.handler.spool_dir, cfg.handler.state_dir):
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -63,7 +63,7 @@ def unpublish_pid(cfg: AgentConfig) -> None:
 
 
 def uninstall_files(cfg: AgentConfig) -> None:
-    for p in (cfg.shim_path, cfg.local_dir / "shim.conf", cfg.pid_file, cfg.handler_config_file):
+    for p in (cfg.shim_path, cfg.local_dir / SHIM_CONF_NAME, cfg.pid_file, cfg.handler_config_file):
         try:
             p.unlink()
         except FileNotFoundError:

@@ -53,6 +53,19 @@ def test_agent_installs_saves_and_restores_only_on_uninstall(agent_env: AgentEnv
     assert not cfg.shim_path.exists()
 
 
+def test_handler_defaults_are_where_a_default_agent_puts_things() -> None:
+    """A handler started without flags reads the agent's handler.json and uses the agent's spool and state."""
+    from handler import cli
+    from handler.agent.config import AgentConfig
+    from handler.config import DEFAULT_CONFIG_FILE, HandlerConfig
+
+    agent = AgentConfig().finish()
+    handler = HandlerConfig()
+    assert cli.DEFAULT_CONFIG == str(DEFAULT_CONFIG_FILE) == str(agent.handler_config_file)
+    for name in ("storage_root", "spool_dir", "state_dir", "proc_root", "host_root"):
+        assert getattr(handler, name) == getattr(agent.handler, name), name
+
+
 @pytest.mark.slow
 def test_agent_sigterm_leaves_the_shim_in_place_and_uninstall_gives_the_pattern_back(tmp_path: Path) -> None:
     sysctl_root = make_sysctl_tree(tmp_path, core_pattern="/var/crash/core.%e.%p")
