@@ -1,7 +1,6 @@
 """Which stored cores a dump request gets: the endpoint's pod incarnation, narrowed by the query."""
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -37,7 +36,3 @@ def select_cores(*, root: Path, namespace: str, pod: str, pod_uid: str, query: D
         cores = [c for c in cores if (t := core_time(c)) is not None and t >= since]
     return cores
 
-
-async def find_cores(*, root: Path, namespace: str, pod: str, pod_uid: str, query: DumpQuery) -> list[StoredCore]:
-    return await asyncio.to_thread(select_cores, root=root, namespace=namespace, pod=pod, pod_uid=pod_uid,
-                                   query=query)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 
 from aiohttp import web
 
@@ -21,14 +22,12 @@ from apiserver import context
 from apiserver.auth.audit import audit_dump
 from apiserver.api import errors
 from apiserver.dump.plan import DumpPlan, PlanError, build_plan
-from apiserver.dump.query import parse_query
+from apiserver.dump.query import DumpQuery, parse_query
 from apiserver.dump.ranges import select_range
-from apiserver.dump.select import find_cores
-from apiserver.dump.stream import DEFAULT_CHUNK, CoreVanished, iter_range
+from apiserver.dump.select import select_cores
+from apiserver.dump.stream import CoreVanished, iter_range
 
 logger = logging.getLogger(__name__)
-
-CHUNK_SIZE = DEFAULT_CHUNK
 
 
 async def get_dump(request: web.Request) -> web.StreamResponse:
@@ -44,26 +43,25 @@ async def get_dump(request: web.Request) -> web.StreamResponse:
 
     obj = await request.app[context.REGISTRY].get(namespace=namespace, name=name)
     pod_uid = (obj.get("spec") or {}).get("podUID")
-    cores = []
+    plan = None
     if pod_uid:
         try:
-            cores = await find_cores(root=request.app[context.STORAGE_ROOT], namespace=namespace, pod=name,
-                                     pod_uid=pod_uid, query=query)
+            plan = await asyncio.to_thread(_plan, request.app[context.STORAGE_ROOT], namespace=namespace, pod=name,
+                                           pod_uid=pod_uid, query=query)
         except layout.InvalidName as exc:
-            raise errors.internal(f"coredumpendpoint {namespace}/{name} has an unusable spec.podUID: {exc}") from None
-    if not cores:
+            raise errors.internal(f"coredumpendpoint {namespace}/{name} has an unusable spec.podUID: {exc}; "
+                                  "delete it and create it again with the pod's uid") from None
+        except PlanError as exc:
+            # A core removed by retention between listing and planning: the client may simply retry.
+            raise errors.conflict(name=name, message=f"the cores changed while reading them ({exc}); "
+                                                     "download again") from None
+    if plan is None:
         what = query.describe()
         raise errors.ApiError(
             code=404, reason="NotFound",
             message=f'no cores of pod "{name}" (uid {pod_uid or "unknown"}) in namespace "{namespace}"'
-                    + (f" match {what}" if what else ""),
+                    + (f" match {what}; status.cores of the endpoint lists the stored ones" if what else ""),
             details={"group": errors.GROUP, "kind": f"{errors.RESOURCE}/dump", "name": name})
-    try:
-        plan = await asyncio.to_thread(build_plan, cores)
-    except PlanError as exc:
-        # A core removed by retention between listing and planning: the client may simply retry.
-        raise errors.ApiError(code=409, reason="Conflict", message=f"the cores changed while reading them: {exc}",
-                              details={"group": errors.GROUP, "kind": errors.RESOURCE, "name": name}) from None
 
     byte_range = select_range(range_header=request.headers.get("Range"), if_range=request.headers.get("If-Range"),
                               etag=plan.etag, size=plan.size)
@@ -83,6 +81,12 @@ async def get_dump(request: web.Request) -> web.StreamResponse:
     return await _send(request, response, plan=plan, namespace=namespace, pod=name, start=start, end=end)
 
 
+def _plan(root: Path, *, namespace: str, pod: str, pod_uid: str, query: DumpQuery) -> DumpPlan | None:
+    """Blocking: the archive of the matching cores, ``None`` if none match (one trip to a worker thread)."""
+    cores = select_cores(root=root, namespace=namespace, pod=pod, pod_uid=pod_uid, query=query)
+    return build_plan(cores) if cores else None
+
+
 async def _send(request: web.Request, response: web.StreamResponse, *, plan: DumpPlan, namespace: str, pod: str,
                 start: int, end: int) -> web.StreamResponse:
     sent = 0
@@ -94,7 +98,7 @@ async def _send(request: web.Request, response: web.StreamResponse, *, plan: Dum
             outcome = "complete"
             return response
         # aclosing: a failed write (client gone) closes the reader at once, not whenever GC runs.
-        async with contextlib.aclosing(iter_range(plan, start=start, end=end, chunk_size=CHUNK_SIZE)) as chunks:
+        async with contextlib.aclosing(iter_range(plan, start=start, end=end)) as chunks:
             async for chunk in chunks:
                 await response.write(chunk)
                 sent += len(chunk)

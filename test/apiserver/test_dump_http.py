@@ -250,3 +250,21 @@ async def test_a_core_vanishing_mid_stream_cuts_the_response_short(
             assert resp.status == 200
             with pytest.raises(aiohttp.ClientPayloadError):
                 await resp.read()  # short of Content-Length: the client knows it is incomplete
+
+
+async def test_a_core_gone_before_planning_is_a_409_that_says_to_retry(
+        dump_server: DumpServer, pod: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from apiserver.dump import plan as plan_module
+    from apiserver.handlers import dump as handler_module
+
+    def listed_then_removed(cores):  # type: ignore[no-untyped-def]
+        layout.remove_core(cores[0])  # retention, between the listing and the plan
+        return plan_module.build_plan(cores)
+
+    monkeypatch.setattr(handler_module, "build_plan", listed_then_removed)
+    status, headers, body = await fetch(dump_server)
+    st = json.loads(body)
+    assert status == 409 and st["kind"] == "Status" and st["reason"] == "Conflict"
+    assert "changed while reading" in st["message"] and "download again" in st["message"]
+    monkeypatch.undo()
+    assert (await fetch(dump_server))[0] == 200  # the retry gets the remaining cores
