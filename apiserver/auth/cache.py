@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
@@ -19,11 +19,11 @@ V = TypeVar("V")
 
 class TTLCache(Generic[V]):
     def __init__(self, *, max_entries: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
-        self._entries: collections.OrderedDict[str, tuple[float, V]] = collections.OrderedDict()
+        self._entries: collections.OrderedDict[Hashable, tuple[float, V]] = collections.OrderedDict()
         self._max_entries = max_entries
         self._clock = clock
 
-    def get(self, key: str) -> V | None:
+    def get(self, key: Hashable) -> V | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -34,7 +34,7 @@ class TTLCache(Generic[V]):
         self._entries.move_to_end(key)
         return value
 
-    def put(self, key: str, value: V, *, ttl: float) -> None:
+    def put(self, key: Hashable, value: V, *, ttl: float) -> None:
         if ttl <= 0:
             return
         self._entries[key] = (self._clock() + ttl, value)
