@@ -34,7 +34,8 @@ HEALTH_PATHS = ("/healthz", "/healthz/*", "/livez", "/livez/*", "/readyz", "/rea
 
 
 class PathMatcher:
-    """``--authorization-always-allow-paths`` semantics: exact paths, or prefixes written with a trailing ``*``."""
+    """``--authorization-always-allow-paths`` and RBAC ``nonResourceURLs`` semantics: exact paths, or prefixes
+    written with a trailing ``*`` (``*`` alone matches every path)."""
 
     def __init__(self, patterns: Iterable[str]) -> None:
         self._exact = {p for p in patterns if not p.endswith("*")}
@@ -74,6 +75,7 @@ def make_auth_middleware(
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
+        always_allowed_path = always_allowed(path)
         try:
             user = await authenticator.authenticate(request)
         except errors.ApiError as error:
@@ -82,7 +84,7 @@ def make_auth_middleware(
         if user is None:
             # Health probes come from the kubelet without credentials; they are served to anyone, like
             # kube-apiserver's always-allowed paths with anonymous access on.
-            if anonymous or always_allowed(path):
+            if anonymous or always_allowed_path:
                 user = ANONYMOUS
             else:
                 return _status_response(errors.unauthorized())
@@ -92,7 +94,7 @@ def make_auth_middleware(
         request[context.USER] = user
         request[context.ATTRIBUTES] = attributes
 
-        if MASTERS_GROUP not in user.groups and not always_allowed(path):
+        if MASTERS_GROUP not in user.groups and not always_allowed_path:
             try:
                 decision = await authorizer.authorize(attributes)
             except errors.ApiError as error:

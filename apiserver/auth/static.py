@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from apiserver.api.errors import GROUP
 from apiserver.auth import AUTHENTICATED_GROUP, Decision, RequestAttributes
+from apiserver.auth.pipeline import PathMatcher
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +41,13 @@ class Rule:
         if "*" not in self.verbs and attributes.verb not in self.verbs:
             return False
         if not attributes.is_resource_request:
-            return any(_url_matches(pattern, attributes.path) for pattern in self.non_resource_urls)
+            return PathMatcher(self.non_resource_urls)(attributes.path)
         if "*" not in self.api_groups and attributes.api_group not in self.api_groups:
             return False
         if self.namespaces and attributes.namespace not in self.namespaces:
             return False
         return any(_resource_matches(pattern, attributes.resource, attributes.subresource)
                    for pattern in self.resources)
-
-
-def _url_matches(pattern: str, path: str) -> bool:
-    if pattern == "*":
-        return True
-    if pattern.endswith("*"):
-        return path.startswith(pattern[:-1])
-    return path == pattern
 
 
 def _resource_matches(pattern: str, resource: str, subresource: str) -> bool:
