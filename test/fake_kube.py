@@ -31,7 +31,6 @@ The ``fake_kube`` fixture (async, function scope) yields a :class:`FakeKube`:
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime
 import ipaddress
