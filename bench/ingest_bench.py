@@ -28,6 +28,9 @@ import threading
 import time
 from pathlib import Path
 
+from handler.agent.events import human_size as human
+from handler.cli import parse_size
+
 logger = logging.getLogger(__name__)
 
 PAGE = 4096
@@ -35,12 +38,6 @@ BLOCK_PAGES = 16384                     # a 64 MiB block, repeated (with rotatio
 MIX = (("zero", 0.40), ("text", 0.30), ("random", 0.30))
 POD_UID = "00000000-0000-4000-8000-000000000001"
 CID = "b" * 64
-
-
-def parse_size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    return int(float(t[:-1]) * units[t[-1]]) if t[-1] in units else int(t)
 
 
 def build_block(seed: int = 1) -> bytes:
@@ -152,14 +149,6 @@ def make_node(base: Path) -> list[str]:
             "--proc-root", str(base / "proc"), "--host-root", str(base / "host"), "--crictl", "",
             "--rate-first", "0", "--rate-latest", "0", "capture", "4242", "4242", "11", str(int(time.time())),
             "-1", "bench"]
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def bench_size(size: int, workdir: Path, block_file: Path) -> list[dict]:

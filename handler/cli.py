@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = "/host/var/lib/coredump/handler.json"   # same as handler.config.DEFAULT_CONFIG_FILE
 
 
-def _size(text: str) -> int:
+def parse_size(text: str) -> int:
     """Bytes from ``123``, ``64K``, ``512M``, ``2G`` (binary units)."""
     import argparse
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -53,7 +53,7 @@ def build_parser() -> "argparse.ArgumentParser":
     p.add_argument("--crictl-timeout", type=float)
     p.add_argument("--runtime", help="runtime for containerID when the cgroup path does not name it (containerd)")
     p.add_argument("--node", help="node name recorded in metadata")
-    p.add_argument("--max-core-size", type=_size, help="store at most this many bytes per core (0 = all)")
+    p.add_argument("--max-core-size", type=parse_size, help="store at most this many bytes per core (0 = all)")
     p.add_argument("--rate-first", type=int, help="per container and window: keep the first N cores")
     p.add_argument("--rate-latest", type=int, help="... and the latest M")
     p.add_argument("--rate-window", type=float, help="rate-limit window in seconds")
@@ -90,11 +90,11 @@ def build_parser() -> "argparse.ArgumentParser":
 
 
 def load_config(args: "argparse.Namespace") -> "HandlerConfig":
+    import dataclasses
+
     from handler.config import HandlerConfig
-    overrides = {k: getattr(args, k) for k in (
-        "storage_root", "spool_dir", "state_dir", "proc_root", "host_root", "container_logs", "crictl", "runtime",
-        "crictl_timeout", "node", "max_core_size", "rate_first", "rate_latest", "rate_window",
-        "previous_pattern_file", "foreign", "storage_timeout", "stall_timeout")}
+    # Every global flag is named after the HandlerConfig field it overrides (deploy/flags-table.py relies on it).
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(HandlerConfig)}
     cfg = HandlerConfig.load(args.config, overrides=overrides)
     if cfg.crictl == "":
         cfg.crictl = None

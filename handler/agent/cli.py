@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from handler.agent.config import AgentConfig
-from handler.cli import _size
+from handler.cli import parse_size
 from handler.config import HandlerConfig
 
 logger = logging.getLogger(__name__)
@@ -52,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--handler-command", default=d.handler_command,
                    help="the handler inside this container, run by the shim through nsenter (%(default)s)")
     g.add_argument("--nsenter", default=d.nsenter, help="nsenter on the host (%(default)s)")
-    g.add_argument("--shim-spool-max-bytes", type=_size, default=0,
+    g.add_argument("--shim-spool-max-bytes", type=parse_size, default=d.shim_spool_max_bytes,
                    help="raw bytes the shim spools per core while the agent is away (0 = all)")
     g = p.add_argument_group("handler")
-    g.add_argument("--max-core-size", type=_size, default=h.max_core_size, help="bytes stored per core, 0 = all")
+    g.add_argument("--max-core-size", type=parse_size, default=h.max_core_size, help="bytes stored per core, 0 = all")
     g.add_argument("--rate-first", type=int, default=h.rate_first, help="keep the first N cores per container and window")
     g.add_argument("--rate-latest", type=int, default=h.rate_latest, help="... and the latest M")
     g.add_argument("--rate-window", type=_duration, default=h.rate_window, help="window (%(default)ss)")
@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--foreign", choices=["previous", "drop"], default=h.foreign,
                    help="cores of processes outside pods: the node's previous core_pattern, or drop (counted)")
     g = p.add_argument_group("retention")
-    g.add_argument("--max-age", type=_duration, default=0, help="remove cores older than this (0 = never)")
-    g.add_argument("--max-namespace-bytes", type=_size, default=0, help="stored bytes per namespace (0 = unlimited)")
+    g.add_argument("--max-age", type=_duration, default=d.max_age, help="remove cores older than this (0 = never)")
+    g.add_argument("--max-namespace-bytes", type=parse_size, default=d.max_namespace_bytes,
+                   help="stored bytes per namespace (0 = unlimited)")
     g.add_argument("--retention-interval", type=_duration, default=d.retention_interval)
     g = p.add_argument_group("loop")
     g.add_argument("--drain-interval", type=_duration, default=d.drain_interval)
