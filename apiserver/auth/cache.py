@@ -18,10 +18,10 @@ V = TypeVar("V")
 
 
 class TTLCache(Generic[V]):
-    def __init__(self, *, max_entries: int = 4096, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, *, max_entries: int = 4096, clock: Callable[[], float] | None = None) -> None:
         self._entries: collections.OrderedDict[Hashable, tuple[float, V]] = collections.OrderedDict()
         self._max_entries = max_entries
-        self._clock = clock
+        self._clock = clock or time.monotonic
 
     def get(self, key: Hashable) -> V | None:
         entry = self._entries.get(key)

@@ -63,7 +63,7 @@ class SubjectAccessReviewAuthorizer:
         self._api = client.AuthorizationV1Api(api_client)
         self._authorized_ttl = authorized_ttl
         self._unauthorized_ttl = unauthorized_ttl
-        self._cache: TTLCache[Decision] = TTLCache(**({"clock": clock} if clock else {}))
+        self._cache: TTLCache[Decision] = TTLCache(clock=clock)
 
     async def authorize(self, attributes: RequestAttributes) -> Decision:
         key = _cache_key(attributes)

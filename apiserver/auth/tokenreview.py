@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import aiohttp
 from aiohttp import web
@@ -36,12 +35,11 @@ def bearer_token(request: web.Request) -> str:
 
 
 class TokenReviewAuthenticator:
-    def __init__(self, *, api_client: client.ApiClient, cache_ttl: float, audiences: Sequence[str] = (),
+    def __init__(self, *, api_client: client.ApiClient, cache_ttl: float,
                  clock: Callable[[], float] | None = None) -> None:
         self._api = client.AuthenticationV1Api(api_client)
         self._ttl = cache_ttl
-        self._audiences = list(audiences)
-        self._cache: TTLCache[UserInfo | str] = TTLCache(**({"clock": clock} if clock else {}))
+        self._cache: TTLCache[UserInfo | str] = TTLCache(clock=clock)
 
     async def authenticate(self, request: web.Request) -> UserInfo | None:
         token = bearer_token(request)
@@ -58,10 +56,7 @@ class TokenReviewAuthenticator:
 
     async def _review(self, token: str) -> UserInfo | str:
         """The user, or the reason the cluster rejected the token. Raises 401 when the cluster cannot answer."""
-        spec: dict[str, Any] = {"token": token}
-        if self._audiences:
-            spec["audiences"] = self._audiences
-        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec}
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": {"token": token}}
         try:
             review = await self._api.create_token_review(body, _request_timeout=REQUEST_TIMEOUT)
         except ApiException as error:
@@ -75,8 +70,6 @@ class TokenReviewAuthenticator:
             reason = (status.error if status else "") or "token not authenticated"
             logger.info("bearer token rejected: %s", reason)
             return reason
-        if self._audiences and not set(status.audiences or ()) & set(self._audiences):
-            return "token audiences do not match"
         user = status.user
         return UserInfo(name=user.username or "", uid=user.uid or "", groups=tuple(user.groups or ()),
                         extra={k: tuple(v) for k, v in (user.extra or {}).items()})
