@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from handler import layout
+from handler.layout import StoredCore
 
 from apiserver.api import errors
+from apiserver.registry.corestatus import StatusCache, summarize
 
 if TYPE_CHECKING:
     from apiserver.registry.endpoints import EndpointRegistry
@@ -33,20 +36,26 @@ API_VERSION = "coredump.example.io/v1alpha1"
 Incarnation = tuple[str, str, str]  # (namespace, pod, pod uid)
 
 
-def _newest_cores(root: Path) -> dict[Incarnation, str]:
-    """Blocking: every crashed incarnation and the id of its newest core (ids sort by time)."""
-    newest: dict[Incarnation, str] = {}
+def _scan_storage(root: Path, seen: dict[Incarnation, str]) -> tuple[dict[Incarnation, str],
+                                                                     dict[Incarnation, dict[str, Any]]]:
+    """
+    Blocking: every crashed incarnation with the id of its newest core (ids sort by time), and the status of
+    each one whose newest core is not the one in ``seen`` (those are the ones the scan acts on).
+    """
+    cores: dict[Incarnation, list[StoredCore]] = {}
     for core in layout.iter_all_cores(root):
-        key = (core.ref.namespace, core.ref.pod, core.ref.pod_uid)
-        if core.ref.core_id > newest.get(key, ""):
-            newest[key] = core.ref.core_id
-    return newest
+        cores.setdefault((core.ref.namespace, core.ref.pod, core.ref.pod_uid), []).append(core)
+    newest = {key: max(c.ref.core_id for c in found) for key, found in cores.items()}
+    return newest, {key: summarize(found) for key, found in cores.items() if seen.get(key) != newest[key]}
 
 
 class AutoCreator:
-    def __init__(self, *, root: Path, registry: "EndpointRegistry") -> None:
+    def __init__(self, *, root: Path, registry: "EndpointRegistry", status_cache: StatusCache | None = None) -> None:
         self.root = root
         self.registry = registry
+        # Fed from each scan's listing: the endpoint reads and creates that follow find their status there
+        # instead of walking each incarnation's directory again.
+        self.status_cache = status_cache
         self.seen: dict[Incarnation, str] = {}
 
     def forget(self, *, namespace: str, pod: str) -> None:
@@ -56,8 +65,11 @@ class AutoCreator:
 
     async def scan(self) -> list[Incarnation]:
         """One pass; returns the incarnations an endpoint was created for."""
-        newest = await asyncio.to_thread(_newest_cores, self.root)
-        changed = [key for key, core_id in newest.items() if self.seen.get(key) != core_id]
+        began = time.monotonic()
+        newest, changed_statuses = await asyncio.to_thread(_scan_storage, self.root, dict(self.seen))
+        if self.status_cache is not None:
+            self.status_cache.put(changed_statuses, read_since=began)
+        changed = list(changed_statuses)
         # Newest crash first, so a pod name with several new incarnations is bound to the latest one.
         changed.sort(key=lambda k: newest[k], reverse=True)
         created = []

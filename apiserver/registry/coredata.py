@@ -106,5 +106,5 @@ class CoreData:
 
     async def run_autocreate(self, *, registry: "EndpointRegistry") -> None:
         """Until cancelled: create an endpoint for every crashed pod that has none (see :mod:`.autocreate`)."""
-        self._autocreator = AutoCreator(root=self.storage_root, registry=registry)
+        self._autocreator = AutoCreator(root=self.storage_root, registry=registry, status_cache=self.status_cache)
         await self._autocreator.run(interval=self.autocreate_interval)

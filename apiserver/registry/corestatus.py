@@ -82,6 +82,7 @@ class StatusCache:
         self.root = root
         self.ttl = ttl
         self._entries: dict[Key, tuple[float, dict[str, Any]]] = {}
+        self._invalidated = float("-inf")  # monotonic time of the last invalidate()
         # One storage read at a time: an event fanned out to 100 watchers asks for the same status 100
         # times at once, and after the first read the other 99 find it cached instead of walking storage.
         self._reading = asyncio.Lock()
@@ -107,16 +108,28 @@ class StatusCache:
             found.update(fresh_hits)
             if not missing:
                 return found
+            began = time.monotonic()
             fresh = await asyncio.to_thread(_read, self.root, missing)
-            if len(self._entries) + len(fresh) > CACHE_ENTRIES:
-                self._entries.clear()
-            stamp = time.monotonic()
-            for key, status in fresh.items():
-                self._entries[key] = (stamp, status)
+            self.put(fresh, read_since=began)
         found.update(fresh)
         return found
 
+    def put(self, statuses: dict[Key, dict[str, Any]], *, read_since: float | None = None) -> None:
+        """
+        Cache statuses read from storage (here, or by the auto-create scan, which lists every core anyway).
+        ``read_since``: the monotonic time the read began; if an invalidate() came after it, the read may
+        predate a purge and is not kept.
+        """
+        if read_since is not None and self._invalidated >= read_since:
+            return
+        if len(self._entries) + len(statuses) > CACHE_ENTRIES:
+            self._entries.clear()
+        stamp = time.monotonic()
+        for key, status in statuses.items():
+            self._entries[key] = (stamp, status)
+
     def invalidate(self, *, namespace: str, pod: str) -> None:
+        self._invalidated = time.monotonic()
         for key in [k for k in self._entries if k[0] == namespace and k[1] == pod]:
             del self._entries[key]
 

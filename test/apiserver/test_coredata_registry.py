@@ -179,3 +179,25 @@ async def test_fill_status_of_many_objects_reads_storage_once_per_batch(
     objs[1]["status"]["cores"][0]["id"] = "changed"
     await coredata.fill_status(objs[1:2])
     assert objs[1]["status"]["cores"][0]["id"] != "changed"  # every object gets its own copy
+
+
+async def test_auto_create_scan_feeds_the_status_cache(
+        dev_registry: EndpointRegistry, storage_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan has listed every core already: the reads and creates it makes do not walk storage again."""
+    from apiserver.registry import corestatus
+    from apiserver.registry.autocreate import AutoCreator
+
+    uids = [new_uid() for _ in range(3)]
+    for i, uid in enumerate(uids):
+        store_core(storage_root, namespace="a", pod=f"p-{i}", pod_uid=uid, container="c", data=b"x", when=T0)
+    await dev_registry.create(namespace="a", body=body("p-0", uids[0]))
+    cache = dev_registry.coredata.status_cache
+    cache.invalidate(namespace="a", pod="p-0")
+    calls = []
+    real = corestatus._read
+    monkeypatch.setattr(corestatus, "_read", lambda root, keys: calls.append(keys) or real(root, keys))
+    creator = AutoCreator(root=storage_root, registry=dev_registry, status_cache=cache)
+    assert sorted(await creator.scan()) == [("a", "p-1", uids[1]), ("a", "p-2", uids[2])]
+    assert calls == []
+    assert (await dev_registry.get(namespace="a", name="p-2"))["status"]["coreCount"] == 1
+    assert calls == []
