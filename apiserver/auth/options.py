@@ -87,10 +87,14 @@ def add_auth_flags(parser: argparse.ArgumentParser) -> None:
                             "certificates (default: from the ConfigMap)")
     group.add_argument("--requestheader-allowed-names", type=_list, default=(),
                        help="comma-separated CNs allowed to send X-Remote-* headers (empty: any CN of that CA)")
-    group.add_argument("--requestheader-username-headers", type=_list, default=("X-Remote-User",))
-    group.add_argument("--requestheader-uid-headers", type=_list, default=())
-    group.add_argument("--requestheader-group-headers", type=_list, default=("X-Remote-Group",))
-    group.add_argument("--requestheader-extra-headers-prefix", type=_list, default=("X-Remote-Extra-",))
+    group.add_argument("--requestheader-username-headers", type=_list, default=("X-Remote-User",),
+                       help="headers that carry the user name from the front proxy")
+    group.add_argument("--requestheader-uid-headers", type=_list, default=(),
+                       help="headers that carry the user's UID from the front proxy")
+    group.add_argument("--requestheader-group-headers", type=_list, default=("X-Remote-Group",),
+                       help="headers that carry groups (one group per header)")
+    group.add_argument("--requestheader-extra-headers-prefix", type=_list, default=("X-Remote-Extra-",),
+                       help="prefixes of headers that carry the user's extra attributes")
     group.add_argument("--anonymous-auth", type=parse_bool, nargs="?", const=True, default=False,
                        help="serve requests without credentials as system:anonymous (default false)")
     group.add_argument("--authentication-skip-lookup", type=parse_bool, nargs="?", const=True, default=False,
