@@ -8,7 +8,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from apiserver.auth.options import add_auth_flags, parse_bool
+from apiserver.auth.options import add_auth_flags, parse_bool, parse_duration
 from apiserver.handlers.io import DEFAULT_MAX_BODY_BYTES
 
 logger = logging.getLogger(__name__)
@@ -32,8 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--bind-address", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     serving.add_argument("--tls-cert-file", type=Path, help="serving certificate (PEM)")
     serving.add_argument("--tls-private-key-file", type=Path, help="serving private key (PEM)")
-    serving.add_argument("--tls-cert-reload-interval", type=float, default=60.0, metavar="SECONDS",
-                         help="how often the certificate files are checked for renewal (default 60)")
+    serving.add_argument("--tls-cert-reload-interval", type=parse_duration, default=60.0, metavar="DURATION",
+                         help="how often the certificate files are checked for renewal (default 1m)")
     serving.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                          help="largest accepted request body (default 3 MiB, like kube-apiserver)")
 

@@ -56,7 +56,7 @@ def wait_for_serial(server: RunningServer, serial: int) -> int:
 
 
 def test_renewed_serving_certificate_is_served_without_restart(tmp_path: Path) -> None:
-    server = start_apiserver(tmp_path, "--tls-cert-reload-interval", "0.2")
+    server = start_apiserver(tmp_path, "--tls-cert-reload-interval", "200ms")
     try:
         first = served_serial(server)
         renewed = renew(server.dev_dir)
