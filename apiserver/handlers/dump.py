@@ -41,7 +41,8 @@ async def get_dump(request: web.Request) -> web.StreamResponse:
         # No endpoint can carry such a name, so it is simply not there (and never a path).
         raise errors.not_found(name=name) from None
 
-    obj = await request.app[context.REGISTRY].get(namespace=namespace, name=name)
+    # Only spec.podUID is needed: the dump lists the cores itself, fresh, not from the status cache.
+    obj = await request.app[context.REGISTRY].get(namespace=namespace, name=name, with_status=False)
     pod_uid = (obj.get("spec") or {}).get("podUID")
     plan = None
     if pod_uid:

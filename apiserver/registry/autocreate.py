@@ -84,7 +84,7 @@ class AutoCreator:
 
     async def _ensure(self, *, namespace: str, pod: str, uid: str) -> bool:
         try:
-            await self.registry.get(namespace=namespace, name=pod)
+            await self.registry.get(namespace=namespace, name=pod, with_status=False)
             return False
         except errors.ApiError as error:
             if error.code != 404:

@@ -107,10 +107,12 @@ class EndpointRegistry:
 
     # ---- reads ------------------------------------------------------------------------------------
 
-    async def get(self, *, namespace: str, name: str) -> dict[str, Any]:
+    async def get(self, *, namespace: str, name: str, with_status: bool = True) -> dict[str, Any]:
+        """The object; ``with_status=False`` skips reading storage for callers that need only its spec."""
         with _store_errors(name):
             obj = await self.store.get(key_for(namespace, name))
-        await self.coredata.fill_status([obj])
+        if with_status:
+            await self.coredata.fill_status([obj])
         return obj
 
     async def list(
