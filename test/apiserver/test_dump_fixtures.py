@@ -139,7 +139,7 @@ class MemoryRegistry:
             "apiVersion": "coredump.example.io/v1alpha1", "kind": "CoredumpEndpoint",
             "metadata": {"namespace": namespace, "name": name}, "spec": {"podUID": pod_uid}}
 
-    async def get(self, *, namespace: str, name: str) -> dict[str, Any]:
+    async def get(self, *, namespace: str, name: str, with_status: bool = True) -> dict[str, Any]:
         try:
             return self.objects[(namespace, name)]
         except KeyError:
