@@ -18,7 +18,7 @@ from handler import elfinfo, foreign, layout
 from handler.config import HandlerConfig
 from handler.filing import Filed, base_metadata, file_core, outcome_record, storage_usable
 from handler.ingest import file_chunks
-from handler.early import ChunkReader, EarlyStart, Progress, widen_pipe
+from handler.early import ChunkReader, EarlyStart, Progress, start_reading
 from handler.outcome import DROPPED, ERROR, FORWARDED, write_outcome
 from handler.resolve import CgroupIdentity, PodIdentity, identity_from_cgroup_text, read_cgroup, resolve_pod
 
@@ -104,13 +104,11 @@ def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int 
     if cg is None:
         return handle_foreign(cfg, spec, stdin_fd=stdin_fd, out=out)
 
-    if early is not None and early.reader is not None and early.progress is not None:
-        reader, progress = early.reader, early.progress
-    else:
-        widen_pipe(stdin_fd)
-        progress = Progress()
-        # Read first, look up second: the kernel is not kept waiting on the CRI or a slow mount.
-        reader = ChunkReader(stdin_fd, chunk_size=cfg.chunk_size, progress=progress).start()
+    # Read first, look up second: the kernel is not kept waiting on the CRI or a slow mount.
+    reader = early.reader if early is not None and early.reader is not None else start_reading(
+        stdin_fd, chunk_size=cfg.chunk_size)
+    progress = reader.progress
+    assert progress is not None
     done = threading.Event()
     threading.Thread(target=_watchdog, args=(progress,), daemon=True, name="watchdog",
                      kwargs=dict(timeout=cfg.stall_timeout, done=done, cfg=cfg, spec=spec)).start()
@@ -134,13 +132,13 @@ def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int 
         spool_reason = storage_usable(cfg.storage_root, timeout=cfg.storage_timeout)
         if spool_reason:
             logger.error("storage unusable (%s); spooling core of %s/%s", spool_reason, pod.namespace, pod.pod)
-    meta = base_metadata(ident=pod, pid=spec.pid, sig=spec.signal, timestamp=spec.time or time.time(),
+    crashed_at = spec.time or time.time()
+    meta = base_metadata(ident=pod, pid=spec.pid, sig=spec.signal, timestamp=crashed_at,
                          comm=spec.comm, exe=exe, build_id=build_id, node=cfg.node)
     if pod is None:
         meta["_cgroup"] = cgroup_text
         meta["_podUID"] = (ident.pod_uid if isinstance(ident, CgroupIdentity) else None)
-    core_id = layout.make_core_id(timestamp=spec.time or time.time(), comm=spec.comm, pid=spec.pid,
-                                  signal=spec.signal)
+    core_id = layout.make_core_id(timestamp=crashed_at, comm=spec.comm, pid=spec.pid, signal=spec.signal)
     try:
         filed = file_core(cfg, chunks=reader, meta=meta, core_id=core_id, ident=pod, spool_reason=spool_reason)
     except Exception as e:  # noqa: BLE001 - any failure is one clear log line and an outcome, never a hang

@@ -100,17 +100,20 @@ class ChunkReader:
             yield item
 
 
+def start_reading(fd: int, *, chunk_size: int) -> ChunkReader:
+    """Widen the kernel's pipe and start reading it, with a :class:`Progress` for the stall watchdog."""
+    widen_pipe(fd)
+    return ChunkReader(fd, chunk_size=chunk_size, progress=Progress()).start()
+
+
 class EarlyStart:
     """What :func:`start_capture` found: the pid's cgroup text and, for a pod process, the running reader."""
 
-    __slots__ = ("cgroup_text", "reader", "progress", "in_pod")
+    __slots__ = ("cgroup_text", "reader")
 
-    def __init__(self, *, cgroup_text: str | None, reader: ChunkReader | None, progress: Progress | None,
-                 in_pod: bool) -> None:
+    def __init__(self, *, cgroup_text: str | None, reader: ChunkReader | None) -> None:
         self.cgroup_text = cgroup_text
         self.reader = reader
-        self.progress = progress
-        self.in_pod = in_pod
 
 
 def _flag(argv: list[str], name: str) -> str | None:
@@ -130,17 +133,17 @@ def start_capture(argv: list[str], *, default_config: str, stdin_fd: int = 0) ->
     except (ValueError, IndexError):
         return None
     head = argv[:i]
-    proc_root = _flag(head, "--proc-root")
-    chunk = DEFAULT_CHUNK
-    if proc_root is None:
-        import json
-        try:
-            with open(_flag(head, "--config") or default_config) as f:
-                cfg = json.load(f)
-            proc_root = cfg.get("proc_root")
-            chunk = int(cfg.get("chunk_size") or chunk)
-        except (OSError, ValueError, AttributeError):
-            pass
+    import json
+    # The agent's config for chunk_size and proc_root; a flag wins. HandlerConfig.load reports a broken file.
+    cfg: dict = {}
+    try:
+        with open(_flag(head, "--config") or default_config) as f:
+            loaded = json.load(f)
+        cfg = loaded if isinstance(loaded, dict) else {}
+        chunk = int(cfg.get("chunk_size") or DEFAULT_CHUNK)
+    except (OSError, ValueError, TypeError):
+        chunk = DEFAULT_CHUNK
+    proc_root = _flag(head, "--proc-root") or cfg.get("proc_root")
     try:
         with open(os.path.join(proc_root or "/proc", str(pid), "cgroup")) as f:
             text = f.read()
@@ -148,8 +151,5 @@ def start_capture(argv: list[str], *, default_config: str, stdin_fd: int = 0) ->
         text = None
     from handler.cgroup import identity_from_cgroup_text
     if not text or identity_from_cgroup_text(text) is None:
-        return EarlyStart(cgroup_text=text, reader=None, progress=None, in_pod=False)
-    widen_pipe(stdin_fd)
-    progress = Progress()
-    reader = ChunkReader(stdin_fd, chunk_size=chunk, progress=progress).start()
-    return EarlyStart(cgroup_text=text, reader=reader, progress=progress, in_pod=True)
+        return EarlyStart(cgroup_text=text, reader=None)
+    return EarlyStart(cgroup_text=text, reader=start_reading(stdin_fd, chunk_size=chunk))
