@@ -122,9 +122,7 @@ class FailoverSink:
         logger.error("storage failed mid-core (%s); moving the core to the spool", err)
         self.failover_reason = f"storage error: {err.strerror or err}"
         new = self._spool()
-        tmp = old._tmp
-        if old._file is not None and not old._file.closed:
-            old._file.close()
+        tmp = old.partial()
         if tmp is not None:
             # What storage accepted so far is read back; if even that fails the core cannot be made whole.
             left = self.written

@@ -497,6 +497,13 @@ class CoreWriter:
                                     meta_path=ref.meta_path(self.root))
         return self.committed
 
+    def partial(self) -> Path | None:
+        """Close the data file and name the temp file holding what was written so far (None if nothing was
+        opened), so a caller can move the bytes elsewhere before :meth:`abort` removes it."""
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+        return self._tmp
+
     def abort(self) -> None:
         if self._file is not None and not self._file.closed:
             self._file.close()
