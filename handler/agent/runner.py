@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +39,25 @@ class Agent:
         self._stop = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.metrics_port: int | None = None
+        # Publishing runs in worker threads (setup, every core_pattern pass); once shutdown has unpublished,
+        # a pass already in flight must not put the pid back.
+        self._pid_lock = threading.Lock()
+        self._pid_withdrawn = False
+
+    def _publish_pid(self) -> None:
+        with self._pid_lock:
+            if not self._pid_withdrawn:
+                install.publish_pid(self.cfg)
+
+    def _unpublish_pid(self) -> None:
+        with self._pid_lock:
+            self._pid_withdrawn = True
+            install.unpublish_pid(self.cfg)
 
     def setup(self) -> None:
         """Blocking: files on the host, then sysctls (core_pattern last, once the shim is there)."""
         install.install_files(self.cfg)
-        install.publish_pid(self.cfg)
+        self._publish_pid()
         sysctl.install(self.cfg)
 
     async def start_metrics(self) -> None:
@@ -105,7 +120,7 @@ class Agent:
         if changed:
             self.metrics.inc("coredump_core_pattern_restored_total")
         # The pid file too: a previous agent's shutdown may have removed it after we wrote ours.
-        await asyncio.to_thread(install.publish_pid, self.cfg)
+        await asyncio.to_thread(self._publish_pid)
         return changed
 
     async def _every(self, interval: float, fn, name: str) -> None:
@@ -150,7 +165,7 @@ class Agent:
 
     async def shutdown(self, tasks: list[asyncio.Task]) -> None:
         # Deliberately not restoring core_pattern: see the module docstring.
-        await asyncio.to_thread(install.unpublish_pid, self.cfg)
+        await asyncio.to_thread(self._unpublish_pid)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -71,11 +71,13 @@ def test_agent_sigterm_leaves_the_shim_in_place_and_uninstall_gives_the_pattern_
     sysctl_root = make_sysctl_tree(tmp_path, core_pattern="/var/crash/core.%e.%p")
     proc = subprocess.Popen(agent_args(tmp_path, sysctl_root), cwd=REPO, stderr=subprocess.PIPE, text=True)
     pid_file = tmp_path / "hostdir/agent.pid"
+    ours = f"|{tmp_path}/hostdir/shim %P %I %s %t %c %e"
+    # Setup publishes the pid before it sets core_pattern (the shim must be there first): wait for both.
     deadline = time.monotonic() + 30
-    while not pid_file.exists() and time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (
+            pid_file.exists() and (sysctl_root / "kernel/core_pattern").read_text().strip() == ours):
         time.sleep(0.05)
     assert pid_file.read_text().strip() == str(proc.pid)
-    ours = f"|{tmp_path}/hostdir/shim %P %I %s %t %c %e"
     assert (sysctl_root / "kernel/core_pattern").read_text().strip() == ours
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""
