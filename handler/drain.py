@@ -139,8 +139,9 @@ def drain(cfg: HandlerConfig) -> DrainReport:
             else:
                 _drain_shim_entry(cfg, entry, report)
         except (OSError, ValueError, KeyError, layout.InvalidName) as e:
+            why = f"metadata has no {e}" if isinstance(e, KeyError) else str(e)
             report.errors += 1
-            report.reasons.append(f"{entry.name}: {e}")
-            logger.error("cannot drain spool entry %s: %s", entry.name, e)
-            write_outcome(cfg.outcomes_dir, {"result": ERROR, "source": "drain", "reason": str(e)})
+            report.reasons.append(f"{entry.name}: {why} (left in the spool)")
+            logger.error("cannot drain spool entry %s: %s; left in the spool", entry.name, why)
+            write_outcome(cfg.outcomes_dir, {"result": ERROR, "source": "drain", "reason": why})
     return report
