@@ -34,8 +34,10 @@ def flags(parser: argparse.ArgumentParser, *, command: str = "") -> list[tuple[s
             subcommands.extend(action.choices.items())
         elif action.option_strings and not isinstance(action, argparse._HelpAction):
             out.append((command, parser, action))
+    # A subcommand's copies of the global flags (accepted after it too) are rows of the global table already.
+    shared = {option for _, _, action in out for option in action.option_strings}
     for name, sub in subcommands:
-        out.extend(flags(sub, command=name))
+        out.extend(row for row in flags(sub, command=name) if not set(row[2].option_strings) & shared)
     return out
 
 

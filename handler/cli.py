@@ -86,7 +86,30 @@ def build_parser() -> "argparse.ArgumentParser":
     i.add_argument("file", type=Path)
 
     sub.add_parser("drain", help="file what waits in the spool")
+    share_global_flags(p, sub)
     return p
+
+
+def share_global_flags(parser: "argparse.ArgumentParser", subparsers: "argparse._SubParsersAction") -> None:
+    """
+    Accept every global flag after the subcommand too (``import --storage-root DIR ...``), where users put it.
+
+    Each subcommand gets a copy of each global flag whose default is ``SUPPRESS``: argparse lets a subparser's
+    values replace the global ones, and a suppressed default sets nothing, so a flag given before the subcommand
+    is kept unless it is given again after it (the later one wins, as on one command line). Copies are made
+    here, after the global flags, so a flag added to the global list is shared without further wiring.
+    argparse has no public accessor for a parser's actions (``parents=`` reads ``_actions`` the same way).
+    """
+    import argparse
+    import copy
+    shared = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    for sub in subparsers.choices.values():
+        group = sub.add_argument_group("global flags (also accepted before the subcommand)")
+        for action in shared:
+            clone = copy.copy(action)
+            clone.default = argparse.SUPPRESS
+            clone.required = False
+            group._add_action(clone)
 
 
 def load_config(args: "argparse.Namespace") -> "HandlerConfig":
