@@ -11,6 +11,8 @@ import datetime as dt
 import ipaddress
 import logging
 import os
+import shlex
+import sys
 from pathlib import Path
 
 import yaml
@@ -24,6 +26,9 @@ logger = logging.getLogger(__name__)
 ADMIN = ("dev-admin", "system:masters")
 VIEWER = ("dev-viewer", "dev-viewers")
 VALIDITY = dt.timedelta(days=365)
+# A crash imported by hand shows up as an endpoint within this many seconds (the cluster default is 30 s):
+# one user, one small storage tree, so scanning it often costs nothing.
+AUTOCREATE_INTERVAL = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,21 +141,47 @@ def prepare(*, directory: Path, port: int, storage_root: Path | None) -> DevFile
                     kubeconfig=kubeconfig_path, cores=cores)
 
 
+def check_storage_root(*, storage_root: Path | None, directory: Path) -> str | None:
+    """
+    Why ``--storage-root`` cannot be used in dev mode, or None. Dev mode creates only its own default
+    (``DIR/cores``): a mistyped root (``/nonexistent/x``) must not be created silently.
+    """
+    if storage_root is None:
+        return None
+    if storage_root.absolute() == (directory / "cores").absolute() or storage_root.is_dir():
+        return None
+    if storage_root.exists():
+        return f"--storage-root {storage_root} is not a directory"
+    return f"--storage-root {storage_root} does not exist (dev mode creates only its default, {directory / 'cores'})"
+
+
+def _command(script: str, module: str) -> str:
+    """An absolute command line for one of this package's programs, so a hint works in a fresh shell."""
+    beside = Path(sys.executable).parent / script  # the venv's bin/, where pip put the console scripts
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return shlex.quote(str(beside))
+    return f"{shlex.quote(sys.executable)} -m {module}"
+
+
 def banner(files: DevFiles, *, port: int) -> str:
-    """What to try first, printed once the server listens."""
-    k = f"KUBECONFIG={files.kubeconfig}"
+    """What to try first, printed once the server listens: each line works pasted into a fresh shell."""
+    q = shlex.quote
     base = "/apis/coredump.example.io/v1alpha1/namespaces/default/coredumpendpoints"
+    handler = _command("coredump-handler", "handler.cli")
     return "\n".join([
         f"coredump-apiserver (dev) serving https://127.0.0.1:{port}, cores from {files.cores}",
         "Try:",
-        f"  export {k}",
+        f"  export KUBECONFIG={q(str(files.kubeconfig))}",
         "  kubectl api-resources --api-group=coredump.example.io",
         "  kubectl get coredumpendpoints -A",
-        "  (ulimit -c unlimited; sh -c 'kill -SEGV $$')   # leaves ./core",
-        f"  coredump-handler --storage-root {files.cores} --spool-dir {files.dir}/spool"
-        f" --state-dir {files.dir}/state import --namespace default --pod my-pod"
+        "  (ulimit -c unlimited; sh -c 'kill -SEGV $$')   # exits 139 (SIGSEGV), leaves ./core where core_pattern"
+        " is `core`",
+        f"  {handler} import --storage-root {q(str(files.cores))} --spool-dir {q(str(files.dir / 'spool'))}"
+        f" --state-dir {q(str(files.dir / 'state'))} --namespace default --pod my-pod"
         " --pod-uid 5f1c3b2a-8d4e-4f6a-9b7c-0d1e2f3a4b5c --container app core",
+        "  until kubectl get coredumpendpoints my-pod 2>/dev/null; do sleep 1; done   # auto-created within"
+        f" {AUTOCREATE_INTERVAL:.0f} s",
         "  kubectl get coredumpendpoints my-pod -o yaml",
         f"  kubectl get --raw {base}/my-pod/dump > cores.tar.gz",
-        "  kubectl --context dev-viewer get cde       # a restricted user: may list, may not dump",
+        f"  kubectl --context dev-viewer get --raw {base}/my-pod/dump   # Forbidden: may list, may not dump",
     ])

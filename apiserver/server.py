@@ -173,7 +173,8 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
     except StoreUnavailable as error:
         raise StartupError(f"object storage unavailable: {error}") from None
     coredata = CoreData(storage_root=storage_root, kubeconfig=str(args.kubeconfig) if args.kubeconfig else None,
-                        in_cluster=not args.dev and args.kubeconfig is None)
+                        in_cluster=not args.dev and args.kubeconfig is None,
+                        **({"autocreate_interval": devmode.AUTOCREATE_INTERVAL} if args.dev else {}))
     auth: AuthSetup | None = None
     runner: web.AppRunner | None = None
     background: list[asyncio.Task[None]] = []
