@@ -1,19 +1,25 @@
 #!/bin/sh
-# Make the API server's serving certificate and the caBundle that kube-apiserver uses to trust it.
+# Make the certificates of an install: the API server's serving certificate and the caBundle that kube-apiserver
+# uses to trust it, and etcd's serving, peer and client certificates (etcd requires TLS client certificates).
 #
 #   deploy/make-certs.sh [--out DIR] [--namespace NS] [--service NAME] [--cluster-domain DOMAIN]
 #                        [--days N] [--ca-days N] [--new-ca]
 #
-# Writes into DIR (default: manifests/tls, which the base kustomization reads):
-#   ca.crt ca.key                  a private CA used for nothing else (kept for renewals; never put in a Secret)
+# Writes into DIR (default: manifests/tls/run-deploy-make-certs.sh-first, which the base kustomization reads; the
+# name is what kustomize prints when the files are missing):
+#   ca.crt ca.key                  a private CA for the serving certificate (kept for renewals; never in a Secret)
 #   tls.crt tls.key                the serving certificate, SANs = every name of the Service, signed by the CA
 #   apiservice-cabundle.yaml       a patch that fills the APIService's spec.caBundle with ca.crt
-# Run it again to renew: the CA in DIR is kept (so caBundle does not change) unless --new-ca is given.
+#   etcd-ca.crt etcd-ca.key        a second private CA, trusted by etcd only (kept for renewals; never in a Secret)
+#   etcd-server.crt/.key           etcd's serving certificate (every member's name, localhost, 127.0.0.1)
+#   etcd-peer.crt/.key             etcd members among themselves (server and client auth, the same names)
+#   etcd-client.crt/.key           the API server's client certificate for etcd (CN coredump-apiserver)
+# Run it again to renew: the CAs in DIR are kept (so caBundle does not change) unless --new-ca is given.
 # Needs only openssl (1.1.1 or 3.x). Nothing here talks to a cluster.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
-out="$here/../manifests/tls"
+out="$here/../manifests/tls/run-deploy-make-certs.sh-first"
 namespace=coredump-system
 service=coredump-apiserver
 cluster_domain=cluster.local
@@ -34,7 +40,7 @@ while [ $# -gt 0 ]; do
         --days) need "$@"; days=$2; shift 2 ;;
         --ca-days) need "$@"; ca_days=$2; shift 2 ;;
         --new-ca) new_ca=1; shift ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
 done
@@ -93,6 +99,65 @@ openssl verify -CAfile "$out/ca.crt" -purpose sslserver "$work/tls.crt" >/dev/nu
     || die "the new serving certificate does not verify against $out/ca.crt"
 mv "$work/tls.key" "$out/tls.key"
 mv "$work/tls.crt" "$out/tls.crt"
+
+# -- etcd: its own CA, so that nothing the API server's CA signs is an etcd client, and the reverse ----------------
+new_ca_pair() { # NAME CN: a CA key and self-signed certificate in $out, unless kept
+    if [ "$new_ca" = 1 ] || [ ! -s "$out/$1.key" ] || [ ! -s "$out/$1.crt" ]; then
+        openssl ecparam -name prime256v1 -genkey -noout -out "$work/$1.key"
+        cat >"$work/$1.cnf" <<CNF
+[req]
+distinguished_name = dn
+x509_extensions = ext
+prompt = no
+[dn]
+CN = $2@$(date +%s)
+[ext]
+basicConstraints = critical, CA:TRUE, pathlen:0
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+CNF
+        openssl req -x509 -new -sha256 -key "$work/$1.key" -days "$ca_days" -config "$work/$1.cnf" \
+            -out "$work/$1.crt" 2>/dev/null
+        mv "$work/$1.key" "$out/$1.key"
+        mv "$work/$1.crt" "$out/$1.crt"
+        echo "make-certs: new CA in $out/$1.crt" >&2
+    fi
+}
+issue() { # CA STEM CN EXTENDED-KEY-USAGE SANS PURPOSE
+    cat >"$work/$2.cnf" <<CNF
+[req]
+distinguished_name = dn
+prompt = no
+[dn]
+CN = $3
+[ext]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = $4
+${5:+subjectAltName = $5}
+authorityKeyIdentifier = keyid
+subjectKeyIdentifier = hash
+CNF
+    openssl ecparam -name prime256v1 -genkey -noout -out "$work/$2.key"
+    openssl req -new -sha256 -key "$work/$2.key" -config "$work/$2.cnf" -out "$work/$2.csr" 2>/dev/null
+    openssl x509 -req -sha256 -in "$work/$2.csr" -CA "$out/$1.crt" -CAkey "$out/$1.key" -CAcreateserial \
+        -CAserial "$work/$1.srl" -days "$days" -extfile "$work/$2.cnf" -extensions ext -out "$work/$2.crt" 2>/dev/null
+    openssl verify -CAfile "$out/$1.crt" -purpose "$6" "$work/$2.crt" >/dev/null \
+        || die "the new certificate $2.crt does not verify against $out/$1.crt"
+    mv "$work/$2.key" "$out/$2.key"
+    mv "$work/$2.crt" "$out/$2.crt"
+}
+new_ca_pair etcd-ca coredump-etcd-ca
+etcd_svc="coredump-etcd.$namespace.svc"
+etcd_sans="DNS:*.$etcd_svc, DNS:*.$etcd_svc.$cluster_domain, DNS:$etcd_svc, DNS:$etcd_svc.$cluster_domain"
+for i in 0 1 2; do
+    etcd_sans="$etcd_sans, DNS:coredump-etcd-$i.$etcd_svc, DNS:coredump-etcd-$i.$etcd_svc.$cluster_domain"
+done
+etcd_sans="$etcd_sans, DNS:localhost, IP:127.0.0.1"
+issue etcd-ca etcd-server coredump-etcd serverAuth "$etcd_sans" sslserver
+issue etcd-ca etcd-peer coredump-etcd-peer "serverAuth, clientAuth" "$etcd_sans" sslclient
+issue etcd-ca etcd-client "$service" clientAuth "" sslclient
+echo "make-certs: etcd serving, peer and client certificates in $out/etcd-{server,peer,client}.crt" >&2
 
 # caBundle is the base64 of the PEM CA certificate, on one line.
 ca_bundle=$(openssl base64 -A -in "$out/ca.crt")

@@ -2,7 +2,7 @@
 Fixtures for the deployment tests: the real kubectl, the real cert script, and the manifests rendered once.
 
 ``rendered`` renders the base and every overlay with ``kubectl kustomize`` from a copy of ``manifests/``
-whose ``tls/`` was filled by ``deploy/make-certs.sh`` (as an admin does before ``kubectl apply -k``).
+whose ``tls/`` certificate directory was filled by ``deploy/make-certs.sh`` (as an admin does before ``kubectl apply -k``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy_helpers import MANIFESTS, UNINSTALL, VARIANTS, Rendered, find_kubectl, kustomize, run_make_certs
+from deploy_helpers import MANIFESTS, TLS_FILES, UNINSTALL, VARIANTS, Rendered, find_kubectl, kustomize, run_make_certs
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def manifests_with_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     copy = tmp_path_factory.mktemp("deploy") / "manifests"
     shutil.copytree(MANIFESTS, copy, ignore=shutil.ignore_patterns("*.crt", "*.key", "*.srl",
                                                                    "apiservice-cabundle.yaml"))
-    proc = run_make_certs(copy / "tls")
+    proc = run_make_certs(copy / TLS_FILES)
     assert proc.returncode == 0, proc.stderr
     return copy
 

@@ -29,7 +29,10 @@ VARIANTS = {
 }
 # Not an install: the DaemonSet that gives every node its core_pattern back (README, Uninstall).
 UNINSTALL = {"uninstall": "uninstall"}
-NAMESPACE = "coredump-system"
+NAMESPACE = "coredump-system"  # the API server and etcd (Pod Security restricted)
+NODE_NAMESPACE = "coredump-node"  # the agent and the uninstaller (Pod Security privileged)
+# Where deploy/make-certs.sh writes by default and the tls component reads: its name is kustomize's error message.
+TLS_FILES = "tls/run-deploy-make-certs.sh-first"
 SERVICE = "coredump-apiserver"
 APISERVICE = "v1alpha1.coredump.example.io"
 

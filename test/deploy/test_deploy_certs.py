@@ -16,7 +16,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from deploy_helpers import APISERVICE, NAMESPACE, SERVICE, Rendered, run_make_certs
+from deploy_helpers import APISERVICE, NAMESPACE, SERVICE, TLS_FILES, Rendered, run_make_certs
 
 logger = logging.getLogger(__name__)
 
@@ -109,10 +109,10 @@ def test_deploy_make_certs_rejects_bad_arguments_in_one_line(tmp_path: Path) -> 
 @pytest.mark.kubectl
 def test_deploy_rendered_apiservice_carries_the_script_ca(manifests_with_certs: Path,
                                                           rendered: dict[str, Rendered]) -> None:
-    ca = (manifests_with_certs / "tls" / "ca.crt").read_bytes()
+    ca = (manifests_with_certs / TLS_FILES / "ca.crt").read_bytes()
     for name in ("base", "nfs", "cephfs"):
         apiservice = rendered[name].one("APIService", APISERVICE)
         assert base64.b64decode(apiservice["spec"]["caBundle"]) == ca, name
         secret = rendered[name].one("Secret", "coredump-apiserver-tls", prefix=True)
         assert base64.b64decode(secret["data"]["ca.crt"]) == ca
-        assert base64.b64decode(secret["data"]["tls.crt"]) == (manifests_with_certs / "tls" / "tls.crt").read_bytes()
+        assert base64.b64decode(secret["data"]["tls.crt"]) == (manifests_with_certs / TLS_FILES / "tls.crt").read_bytes()

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from deploy_helpers import APISERVICE, NAMESPACE, SERVICE, Rendered, container_flags, pod_spec
+from deploy_helpers import APISERVICE, NAMESPACE, SERVICE, TLS_FILES, Rendered, container_flags, pod_spec
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def sans(pem: bytes) -> set[str]:
 def test_deploy_certificate_names_match_the_service(manifests_with_certs: Path, rendered: dict[str, Rendered]) -> None:
     # kube-apiserver's aggregator dials <service>.<namespace>.svc and verifies that name.
     dialed = f"{SERVICE}.{NAMESPACE}.svc"
-    script_sans = sans((manifests_with_certs / "tls" / "tls.crt").read_bytes())
+    script_sans = sans((manifests_with_certs / TLS_FILES / "tls.crt").read_bytes())
     assert dialed in script_sans
     assert script_sans == {SERVICE, f"{SERVICE}.{NAMESPACE}", dialed, f"{dialed}.cluster.local"}
     certificate = rendered["cert-manager"].one("Certificate", "coredump-apiserver-tls")
@@ -111,7 +111,7 @@ def test_deploy_etcd_servers_are_the_etcd_members(variant: Rendered) -> None:
     headless = variant.one("Service", etcd["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None"
     (client,) = [p["port"] for p in headless["spec"]["ports"] if p["name"] == "client"]
-    expected = [f"http://coredump-etcd-{i}.{headless['metadata']['name']}.{NAMESPACE}.svc:{client}"
+    expected = [f"https://coredump-etcd-{i}.{headless['metadata']['name']}.{NAMESPACE}.svc:{client}"
                 for i in range(etcd["spec"]["replicas"])]
     assert flag_values(apiserver_container(variant))["--etcd-servers"].split(",") == expected
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy_helpers import MANIFESTS, VARIANTS, Rendered, kubectl_versions, kustomize
+from deploy_helpers import MANIFESTS, NAMESPACE, NODE_NAMESPACE, VARIANTS, Rendered, kubectl_versions, kustomize
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,8 @@ INSTALLED = {
     ("APIService", "v1alpha1.coredump.example.io"),
     ("DaemonSet", "coredump-agent"),
     ("PersistentVolumeClaim", "coredump-storage"),
+    ("ResourceQuota", "coredump-critical-pods"),
+    ("NetworkPolicy", "coredump-agent-metrics"),
     ("ServiceAccount", "coredump-apiserver"),
     ("ServiceAccount", "coredump-agent"),
     ("ClusterRole", "coredump:view"),
@@ -60,23 +62,37 @@ def test_deploy_objects_are_unique_and_namespaced_where_they_must_be(variant: Re
             assert namespace is None, (kind, name)
         elif (kind, name) == ("RoleBinding", "coredump-apiserver:extension-apiserver-authentication-reader"):
             assert namespace == "kube-system"
+        elif kind in ("ResourceQuota", "PersistentVolumeClaim"):
+            assert namespace in (NAMESPACE, NODE_NAMESPACE), (kind, name)  # one in each
+        elif name.startswith(("coredump-agent", "coredump-uninstall")):
+            assert namespace == NODE_NAMESPACE, (kind, name)
         else:
-            assert namespace == "coredump-system", (kind, name)
+            assert namespace == NAMESPACE, (kind, name)
 
 
-def test_deploy_storage_overlays_bind_the_claim_to_shared_storage(rendered: dict[str, Rendered]) -> None:
-    base_claim = rendered["base"].one("PersistentVolumeClaim", "coredump-storage")
-    assert base_claim["spec"]["accessModes"] == ["ReadWriteMany"]
-
-    nfs = rendered["nfs"]
-    claim = nfs.one("PersistentVolumeClaim", "coredump-storage")
-    volume = nfs.one("PersistentVolume", claim["spec"]["volumeName"])
-    assert claim["spec"]["storageClassName"] == volume["spec"]["storageClassName"] == ""
-    assert volume["spec"]["accessModes"] == ["ReadWriteMany"] and "nfs" in volume["spec"]
-    assert volume["spec"]["claimRef"] == {"namespace": "coredump-system", "name": "coredump-storage"}
-
-    cephfs = rendered["cephfs"].one("PersistentVolumeClaim", "coredump-storage")
-    assert cephfs["spec"]["storageClassName"] and cephfs["spec"]["accessModes"] == ["ReadWriteMany"]
+def test_deploy_storage_overlays_bind_both_claims_to_one_shared_file_system(rendered: dict[str, Rendered]) -> None:
+    """The agents (coredump-node) and the API server (coredump-system) must see the same files: two claims, each
+    statically bound to its own volume, and both volumes of one overlay name the same export or CephFS path."""
+    for name in ("base", "nfs", "cephfs"):
+        claims = {c["metadata"]["namespace"]: c for c in rendered[name].all("PersistentVolumeClaim")
+                  if c["metadata"]["name"] == "coredump-storage"}
+        assert set(claims) == {NAMESPACE, NODE_NAMESPACE}, name
+        for claim in claims.values():
+            # No dynamic provisioning: a StorageClass would give each claim an empty volume of its own.
+            assert claim["spec"]["storageClassName"] == "" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    for name, source in (("nfs", lambda v: v["spec"]["nfs"]), ("cephfs", lambda v: v["spec"]["csi"]["volumeAttributes"])):
+        variant = rendered[name]
+        volumes = []
+        for namespace in (NAMESPACE, NODE_NAMESPACE):
+            claim = next(c for c in variant.all("PersistentVolumeClaim") if c["metadata"]["namespace"] == namespace)
+            volume = variant.one("PersistentVolume", claim["spec"]["volumeName"])
+            assert volume["spec"]["claimRef"] == {"namespace": namespace, "name": "coredump-storage"}, name
+            assert volume["spec"]["accessModes"] == ["ReadWriteMany"] and volume["spec"]["storageClassName"] == ""
+            assert volume["spec"]["persistentVolumeReclaimPolicy"] == "Retain"
+            volumes.append(volume)
+        assert source(volumes[0]) == source(volumes[1]), f"{name}: the two volumes name different storage"
+        if name == "cephfs":
+            assert volumes[0]["spec"]["csi"]["volumeHandle"] != volumes[1]["spec"]["csi"]["volumeHandle"]
 
 
 def test_deploy_base_without_certificates_names_the_missing_file(kubectl: str, tmp_path: Path) -> None:

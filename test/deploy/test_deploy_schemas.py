@@ -63,6 +63,7 @@ CERT_MANAGER_SCHEMAS: dict[str, dict[str, Any]] = {
                     "secretName": {"type": "string"}, "commonName": {"type": "string", "maxLength": 64},
                     "isCA": {"type": "boolean"}, "issuerRef": _ISSUER_REF,
                     "dnsNames": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                    "ipAddresses": {"type": "array", "items": {"type": "string"}},
                     "duration": _DURATION, "renewBefore": _DURATION,
                     "usages": {"type": "array", "items": {"enum": [
                         "signing", "digital signature", "content commitment", "key encipherment",
@@ -113,7 +114,8 @@ def test_deploy_every_object_validates_against_the_kubernetes_schemas(any_varian
 def test_deploy_cert_manager_objects_validate_against_the_cert_manager_v1_schema(
         rendered: dict[str, Rendered]) -> None:
     objects = [o for o in rendered["cert-manager"].objects if o["apiVersion"].startswith("cert-manager.io/")]
-    assert sorted(o["kind"] for o in objects) == ["Certificate", "Certificate", "Issuer", "Issuer"]
+    # CA + serving certificate of the API server; CA + server, peer and client certificates of etcd; 3 issuers.
+    assert sorted(o["kind"] for o in objects) == ["Certificate"] * 6 + ["Issuer"] * 3
     for obj in objects:
         jsonschema.validate(obj, CERT_MANAGER_SCHEMAS[obj["kind"]])
 

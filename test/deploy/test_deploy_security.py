@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from deploy_helpers import NAMESPACE, Rendered, pod_spec
+from deploy_helpers import NAMESPACE, NODE_NAMESPACE, Rendered, pod_spec
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +139,9 @@ def allows(rules: list[dict[str, Any]], *, group: str, resource: str, verb: str)
 
 def bound_to(variant: Rendered, kind: str, role: str, *, service_account: str) -> list[dict[str, Any]]:
     bindings = [*variant.all("ClusterRoleBinding"), *variant.all("RoleBinding")]
+    namespace = NODE_NAMESPACE if service_account == "coredump-agent" else NAMESPACE
     return [b for b in bindings if b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role}
-            and {"kind": "ServiceAccount", "name": service_account, "namespace": NAMESPACE} in b["subjects"]]
+            and {"kind": "ServiceAccount", "name": service_account, "namespace": namespace} in b["subjects"]]
 
 
 def test_deploy_component_service_accounts_have_what_they_need(variant: Rendered) -> None:
