@@ -9,6 +9,8 @@ import importlib.metadata
 import logging
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 
 from packaging.requirements import Requirement
@@ -110,3 +112,14 @@ def test_deploy_pinned_requirements_cover_the_runtime_closure() -> None:
     # No test tooling in the image.
     for spec in pyproject()["project"]["optional-dependencies"]["test"]:
         assert canonical(Requirement(spec).name) not in pins
+
+
+def test_deploy_pins_are_the_versions_the_tests_run_against() -> None:
+    """deploy/requirements.txt equals the runtime closure installed in this venv (scripts/test installs with the
+    pins as constraints), so the image ships what was tested; a stale file names the command that rewrites it."""
+    proc = subprocess.run([sys.executable, str(REPO / "deploy" / "pin-requirements.py"), "--check"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "deploy" / "pin-requirements.py"), "--check", "--output",
+                           "/dev/null"], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 1 and "rerun deploy/pin-requirements.py" in proc.stderr  # the check can fail
