@@ -16,7 +16,7 @@ import pytest
 import yaml
 from cryptography import x509
 
-from deploy_helpers import APISERVICE, NAMESPACE, SERVICE, TLS_FILES, Rendered, run_make_certs
+from deploy_helpers import APISERVICE, MAKE_CERTS, NAMESPACE, SERVICE, TLS_FILES, Rendered, run_make_certs
 
 logger = logging.getLogger(__name__)
 
@@ -116,3 +116,12 @@ def test_deploy_rendered_apiservice_carries_the_script_ca(manifests_with_certs: 
         secret = rendered[name].one("Secret", "coredump-apiserver-tls", prefix=True)
         assert base64.b64decode(secret["data"]["ca.crt"]) == ca
         assert base64.b64decode(secret["data"]["tls.crt"]) == (manifests_with_certs / TLS_FILES / "tls.crt").read_bytes()
+
+
+def test_deploy_make_certs_help_is_the_header_and_nothing_else(tmp_path: Path) -> None:
+    proc = subprocess.run([str(MAKE_CERTS), "--help"], capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0 and proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("Make the certificates") and "set -eu" not in proc.stdout
+    assert lines[-1].startswith("Needs only openssl") and all(not line.startswith("#") for line in lines)
+    assert "deploy/make-certs.sh [--out DIR]" in proc.stdout
