@@ -33,6 +33,14 @@ HELP = {
     "coredump_retention_deleted_total": ("counter", "Cores removed by retention, by reason."),
     "coredump_namespace_stored_bytes": ("gauge", "Stored bytes per namespace at the last retention pass."),
     "coredump_core_pattern_restored_total": ("counter", "Times core_pattern was found changed and put back."),
+    "coredump_cloudevents_sent_total": ("counter", "CloudEvents a sink accepted (2xx), by sink."),
+    "coredump_cloudevents_retries_total": ("counter", "Failed CloudEvents deliveries that will be retried, by sink."),
+    "coredump_cloudevents_dropped_total": ("counter", "CloudEvents dropped, by sink and reason (outbox-full, "
+                                                      "rejected, invalid, sink-removed)."),
+    "coredump_cloudevents_filtered_total": ("counter", "CloudEvents not sent because the namespace opted out or "
+                                                       "the sink's namespaceSelector did not match, by sink."),
+    "coredump_cloudevents_outbox_events": ("gauge", "CloudEvents queued in the outbox, by sink."),
+    "coredump_cloudevents_outbox_bytes": ("gauge", "Bytes of CloudEvents queued in the outbox, by sink."),
 }
 
 
@@ -96,7 +104,7 @@ class Metrics:
                 out.append(f"{name}_count {self.duration_count}")
                 continue
             series = self.values.get(name) or ({(): 0.0} if kind == "counter" and name not in (
-                "coredump_cores_dropped_total", "coredump_retention_deleted_total") else {})
+                "coredump_cores_dropped_total", "coredump_retention_deleted_total") and not name.startswith("coredump_cloudevents_") else {})
             for labels, v in sorted(series.items()):
                 lab = ",".join(f'{k}="{_escape(val)}"' for k, val in labels)
                 out.append(f"{name}{{{lab}}} {_num(v)}" if lab else f"{name} {_num(v)}")
