@@ -21,6 +21,7 @@ The ``fake_kube`` fixture (async, function scope) yields a :class:`FakeKube`:
   rule (see :mod:`apiserver.auth.static`); ``system:masters`` may do anything, ``system:authenticated`` may
   get the discovery paths, as in a real cluster
 - ``.add_pod(namespace=, name=, uid=None) -> dict`` and ``.delete_pod(namespace=, name=)``
+- ``.add_namespace(name, *, labels=None, annotations=None) -> dict`` (served by ``GET /api/v1/namespaces/{name}``)
 - ``.events``: every event body posted (as stored, with ``metadata.name`` filled in)
 - ``.sar_requests`` / ``.token_reviews``: the bodies received, in order (to test caching)
 - ``.sar_failure`` / ``.token_review_failure``: ``None``, ``"unreachable"`` (the connection is dropped) or an
@@ -174,6 +175,7 @@ class FakeKube:
                                        non_resource_urls=["*"]),
                                   discovery_rule()]
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self.namespaces: dict[str, dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.sar_requests: list[dict[str, Any]] = []
         self.token_reviews: list[dict[str, Any]] = []
@@ -216,6 +218,18 @@ class FakeKube:
 
     def delete_pod(self, *, namespace: str, name: str) -> None:
         self.pods.pop((namespace, name), None)
+
+    def add_namespace(self, name: str, *, labels: dict[str, str] | None = None,
+                      annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        """A Namespace as kube-apiserver returns it (with the ``kubernetes.io/metadata.name`` label it adds)."""
+        ns = {"kind": "Namespace", "apiVersion": "v1",
+              "metadata": {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": self._next_rv(),
+                           "creationTimestamp": _timestamp(),
+                           "labels": {"kubernetes.io/metadata.name": name, **(labels or {})},
+                           **({"annotations": dict(annotations)} if annotations else {})},
+              "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+        self.namespaces[name] = ns
+        return ns
 
     def set_authentication_configmap(
         self, *, client_ca: str | None = None, requestheader_ca: str | None = None,
@@ -271,6 +285,7 @@ class FakeKube:
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         app.router.add_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", self._subject_access_review)
         app.router.add_get("/api/v1/namespaces/{namespace}/pods/{name}", self._get_pod)
+        app.router.add_get("/api/v1/namespaces/{name}", self._get_namespace)
         app.router.add_post("/api/v1/namespaces/{namespace}/events", self._post_core_event)
         app.router.add_post("/apis/events.k8s.io/v1/namespaces/{namespace}/events", self._post_events_event)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -375,6 +390,13 @@ class FakeKube:
         if pod is None:
             return _status(404, "NotFound", f'pods "{name}" not found', name=name, kind="pods")
         return web.json_response(pod)
+
+    async def _get_namespace(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        ns = self.namespaces.get(name)
+        if ns is None:
+            return _status(404, "NotFound", f'namespaces "{name}" not found', name=name, kind="namespaces")
+        return web.json_response(ns)
 
     async def _record_event(self, request: web.Request, *, api_version: str) -> web.StreamResponse:
         namespace = request.match_info["namespace"]

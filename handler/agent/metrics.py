@@ -36,7 +36,7 @@ HELP = {
     "coredump_cloudevents_sent_total": ("counter", "CloudEvents a sink accepted (2xx), by sink."),
     "coredump_cloudevents_retries_total": ("counter", "Failed CloudEvents deliveries that will be retried, by sink."),
     "coredump_cloudevents_dropped_total": ("counter", "CloudEvents dropped, by sink and reason (outbox-full, "
-                                                      "rejected, invalid, sink-removed)."),
+                                                      "rejected, invalid, sink-removed, namespace-gone)."),
     "coredump_cloudevents_filtered_total": ("counter", "CloudEvents not sent because the namespace opted out or "
                                                        "the sink's namespaceSelector did not match, by sink."),
     "coredump_cloudevents_outbox_events": ("gauge", "CloudEvents queued in the outbox, by sink."),

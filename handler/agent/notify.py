@@ -58,9 +58,14 @@ class NamespaceUnknown(Exception):
     """The namespace's labels and annotations could not be read now."""
 
 
+class NamespaceGone(Exception):
+    """The namespace does not exist (404): its events have nobody to reach and are dropped."""
+
+
 class NamespaceInfo(Protocol):
     async def get(self, namespace: str) -> tuple[Mapping[str, str], Mapping[str, str]]:
-        """(labels, annotations) of a namespace; :class:`NamespaceUnknown` when it cannot be read."""
+        """(labels, annotations) of a namespace; :class:`NamespaceGone` for a 404, :class:`NamespaceUnknown` when
+        it cannot be read now."""
         ...
 
 
@@ -175,6 +180,8 @@ class KubeNamespaces:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # noqa: BLE001 - any failure to read means "not known now", never "allowed"
+            if getattr(e, "status", None) == 404:
+                raise NamespaceGone(namespace) from None
             raise NamespaceUnknown(f"cannot read namespace {namespace}: {e}") from None
         meta = ns.metadata
         labels = {str(k): str(v) for k, v in (meta.labels or {}).items()}
@@ -356,6 +363,10 @@ class Notifier:
             labels, annotations = await self.namespaces.get(namespace)
         except NamespaceUnknown as e:
             return f"namespace lookup ({e})"
+        except NamespaceGone:
+            await asyncio.to_thread(self.outbox.remove, entry)
+            self.metrics.inc("coredump_cloudevents_dropped_total", sink=sink.name, reason="namespace-gone")
+            return None
         data = stored.get("data") if isinstance(stored.get("data"), dict) else {}
         signal = data.get("signal") if isinstance(data.get("signal"), int) else None
         if annotations.get(OPT_OUT_ANNOTATION) == "false" or \

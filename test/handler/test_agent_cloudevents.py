@@ -414,3 +414,18 @@ def test_the_readmes_receiver_prints_what_it_promises(tmp_path: Path, mode: str)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+async def test_namespace_labels_and_the_opt_out_are_read_from_the_api(fake_kube, tmp_path: Path) -> None:
+    """The real lookup, against the fake kube-apiserver's Namespace shape; a missing namespace is unknown."""
+    from handler.agent.notify import KubeNamespaces, NamespaceGone
+
+    fake_kube.add_namespace("team-a", labels={"tier": "prod"}, annotations={"coredump.example.io/events": "false"})
+    lookup = KubeNamespaces(kubeconfig=str(fake_kube.write_kubeconfig(tmp_path / "kubeconfig")))
+    try:
+        labels, annotations = await lookup.get("team-a")
+        assert labels["tier"] == "prod" and annotations["coredump.example.io/events"] == "false"
+        with pytest.raises(NamespaceGone):
+            await lookup.get("gone")
+    finally:
+        await lookup.close()
