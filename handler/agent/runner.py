@@ -78,9 +78,9 @@ class Agent:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.metrics_bind_address, self.cfg.metrics_port)
         await site.start()
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            self.metrics_port = server.sockets[0].getsockname()[1]
+        addresses = self._runner.addresses
+        if addresses:
+            self.metrics_port = addresses[0][1]
         logger.info("metrics on %s:%s", self.cfg.metrics_bind_address, self.metrics_port)
 
     async def process_outcomes(self) -> int:
@@ -144,7 +144,7 @@ class Agent:
                                          max_namespace_bytes=self.cfg.max_namespace_bytes)
         self.metrics.inc("coredump_retention_deleted_total", report.deleted_age, reason="age")
         self.metrics.inc("coredump_retention_deleted_total", report.deleted_size, reason="namespace-bytes")
-        self.metrics.values.pop("coredump_namespace_stored_bytes", None)
+        self.metrics.clear("coredump_namespace_stored_bytes")
         for ns, b in report.namespace_bytes.items():
             self.metrics.set("coredump_namespace_stored_bytes", b, namespace=ns)
         return report

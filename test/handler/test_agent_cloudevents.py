@@ -314,7 +314,7 @@ async def test_a_full_outbox_is_counted_in_the_agents_metrics(agent_env: AgentEn
     newest = max(layout.list_cores(agent_env.node.storage, namespace="team-a"), key=lambda c: c.ref.core_id)
     assert entry.event_id == event_id(namespace="team-a", pod="web-0", pod_uid=POD_UID, container="app",
                                       core_id=newest.ref.core_id)
-    assert "coredump_cloudevents_dropped_total" in agent.metrics.render()
+    assert b'coredump_cloudevents_dropped_total{reason="outbox-full",sink="rx"} 1.0' in agent.metrics.render()
 
 
 async def test_the_bearer_token_file_is_sent_and_reread(agent_env: AgentEnv, segv_core: RealCore,
