@@ -275,3 +275,54 @@ def referenced_build_ids(metadata: dict[str, Any]) -> set[str]:
             if BUILD_ID_RE.match(o["buildID"]):
                 out.add(o["buildID"])
     return out
+
+
+def stored_build_ids(root: Path) -> list[tuple[str, float]]:
+    """(build-id, time its info was written) of every stored object (a walk of the store; blocking)."""
+    base = Path(root) / STORE_DIR
+    out = []
+    try:
+        heads = os.listdir(base)
+    except FileNotFoundError:
+        return []
+    for head in heads:
+        if not re.fullmatch(r"[0-9a-f]{2}", head) or os.path.islink(base / head):
+            continue
+        for rest in os.listdir(base / head):
+            build_id = head + rest
+            if not BUILD_ID_RE.match(build_id) or os.path.islink(base / head / rest):
+                continue
+            try:
+                st = os.lstat(base / head / rest / INFO_NAME)
+            except OSError:
+                st = os.lstat(base / head / rest)
+            out.append((build_id, st.st_mtime))
+    return out
+
+
+def collect_garbage(root: Path, *, referenced: set[str], now: float, grace: float = 3600.0) -> list[str]:
+    """Remove objects no stored core references and older than ``grace`` (a core being filed may reference an
+    object it just stored before its metadata says so); returns the build-ids removed. Never follows a link."""
+    removed = []
+    for build_id, mtime in stored_build_ids(root):
+        if build_id in referenced or now - mtime < grace:
+            continue
+        d = object_dir(root, build_id)
+        try:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            for name in os.listdir(fd):
+                try:
+                    os.unlink(name, dir_fd=fd)
+                except IsADirectoryError:
+                    pass
+        finally:
+            os.close(fd)
+        try:
+            os.rmdir(d)
+            removed.append(build_id)
+        except OSError:
+            pass
+    return removed

@@ -261,3 +261,20 @@ def test_the_sparse_copy_is_small_for_a_large_core(tmp_path: Path) -> None:
     assert sparse.path.stat().st_size == size  # same offsets: an unwinder reads it like the core
     assert sparse.threads == 1
     assert sparse.kept < size / 2 and sparse.path.stat().st_blocks * 512 < size / 2
+
+
+def test_retention_removes_objects_no_core_references(store: Path, tmp_path: Path) -> None:
+    image = make_image(tmp_path / "img", flags=["-g"], strip=False)
+    held = hold(image, tmp_path)
+    try:
+        sparse = sparse_of(held.core, tmp_path / "sparse")
+        extra = explain.explain(sparse=sparse.path, proc_pid=held.proc, storage_root=store)
+    finally:
+        release(held)
+    ids = objects.referenced_build_ids({"objects": extra["objects"]})
+    prog = next(o["buildID"] for o in extra["objects"] if o["path"].endswith("/app/prog"))
+    now = time.time()
+    # within the grace nothing goes; then only what no core references
+    assert objects.collect_garbage(store, referenced=set(), now=now) == []
+    assert objects.collect_garbage(store, referenced=ids - {prog}, now=now + 7200) == [prog]
+    assert not objects.is_stored(store, prog) and all(objects.is_stored(store, b) for b in ids - {prog})
