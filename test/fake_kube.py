@@ -21,6 +21,9 @@ The ``fake_kube`` fixture (async, function scope) yields a :class:`FakeKube`:
   rule (see :mod:`apiserver.auth.static`); ``system:masters`` may do anything, ``system:authenticated`` may
   get the discovery paths, as in a real cluster
 - ``.add_pod(namespace=, name=, uid=None) -> dict`` and ``.delete_pod(namespace=, name=)``
+- ``.add_namespace(name, *, labels=None, annotations=None) -> dict`` (served by ``GET /api/v1/namespaces/{name}``)
+- ``.add_configmap(namespace=, name=, data=)`` (``GET .../configmaps/{name}``) and ``.leases``: Leases with
+  get/create/replace, a stale resourceVersion on replace answered 409 Conflict as the real API does
 - ``.events``: every event body posted (as stored, with ``metadata.name`` filled in)
 - ``.sar_requests`` / ``.token_reviews``: the bodies received, in order (to test caching)
 - ``.sar_failure`` / ``.token_review_failure``: ``None``, ``"unreachable"`` (the connection is dropped) or an
@@ -174,6 +177,9 @@ class FakeKube:
                                        non_resource_urls=["*"]),
                                   discovery_rule()]
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
+        self.namespaces: dict[str, dict[str, Any]] = {}
+        self.leases: dict[tuple[str, str], dict[str, Any]] = {}
+        self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
         self.sar_requests: list[dict[str, Any]] = []
         self.token_reviews: list[dict[str, Any]] = []
@@ -216,6 +222,18 @@ class FakeKube:
 
     def delete_pod(self, *, namespace: str, name: str) -> None:
         self.pods.pop((namespace, name), None)
+
+    def add_namespace(self, name: str, *, labels: dict[str, str] | None = None,
+                      annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        """A Namespace as kube-apiserver returns it (with the ``kubernetes.io/metadata.name`` label it adds)."""
+        ns = {"kind": "Namespace", "apiVersion": "v1",
+              "metadata": {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": self._next_rv(),
+                           "creationTimestamp": _timestamp(),
+                           "labels": {"kubernetes.io/metadata.name": name, **(labels or {})},
+                           **({"annotations": dict(annotations)} if annotations else {})},
+              "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+        self.namespaces[name] = ns
+        return ns
 
     def set_authentication_configmap(
         self, *, client_ca: str | None = None, requestheader_ca: str | None = None,
@@ -271,6 +289,12 @@ class FakeKube:
         app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", self._token_review)
         app.router.add_post("/apis/authorization.k8s.io/v1/subjectaccessreviews", self._subject_access_review)
         app.router.add_get("/api/v1/namespaces/{namespace}/pods/{name}", self._get_pod)
+        app.router.add_get("/api/v1/namespaces/{name}", self._get_namespace)
+        app.router.add_get("/api/v1/namespaces/{namespace}/configmaps/{name}", self._get_configmap)
+        leases = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+        app.router.add_get(leases + "/{name}", self._get_lease)
+        app.router.add_post(leases, self._create_lease)
+        app.router.add_put(leases + "/{name}", self._replace_lease)
         app.router.add_post("/api/v1/namespaces/{namespace}/events", self._post_core_event)
         app.router.add_post("/apis/events.k8s.io/v1/namespaces/{namespace}/events", self._post_events_event)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -375,6 +399,69 @@ class FakeKube:
         if pod is None:
             return _status(404, "NotFound", f'pods "{name}" not found', name=name, kind="pods")
         return web.json_response(pod)
+
+    def add_configmap(self, *, namespace: str, name: str, data: dict[str, str]) -> dict[str, Any]:
+        cm = {"kind": "ConfigMap", "apiVersion": "v1",
+              "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
+                           "resourceVersion": self._next_rv(), "creationTimestamp": _timestamp()},
+              "data": dict(data)}
+        self.configmaps[(namespace, name)] = cm
+        return cm
+
+    async def _get_configmap(self, request: web.Request) -> web.StreamResponse:
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        cm = self.configmaps.get((namespace, name))
+        if cm is None:
+            return _status(404, "NotFound", f'configmaps "{name}" not found', name=name, kind="configmaps")
+        return web.json_response(cm)
+
+    async def _get_lease(self, request: web.Request) -> web.StreamResponse:
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        lease = self.leases.get((namespace, name))
+        if lease is None:
+            return _status(404, "NotFound", f'leases.coordination.k8s.io "{name}" not found', name=name,
+                           group="coordination.k8s.io", kind="leases")
+        return web.json_response(lease)
+
+    async def _create_lease(self, request: web.Request) -> web.StreamResponse:
+        namespace = request.match_info["namespace"]
+        body = await request.json()
+        name = (body.get("metadata") or {}).get("name")
+        if (namespace, name) in self.leases:
+            return _status(409, "AlreadyExists", f'leases.coordination.k8s.io "{name}" already exists', name=name,
+                           group="coordination.k8s.io", kind="leases")
+        body["metadata"].update(namespace=namespace, uid=str(uuid.uuid4()), resourceVersion=self._next_rv(),
+                                creationTimestamp=_timestamp())
+        body.update(kind="Lease", apiVersion="coordination.k8s.io/v1")
+        self.leases[(namespace, name)] = body
+        return web.json_response(body, status=201)
+
+    async def _replace_lease(self, request: web.Request) -> web.StreamResponse:
+        """PUT with optimistic concurrency: a stale ``metadata.resourceVersion`` is a 409 Conflict."""
+        namespace, name = request.match_info["namespace"], request.match_info["name"]
+        body = await request.json()
+        current = self.leases.get((namespace, name))
+        if current is None:
+            return _status(404, "NotFound", f'leases.coordination.k8s.io "{name}" not found', name=name,
+                           group="coordination.k8s.io", kind="leases")
+        rv = (body.get("metadata") or {}).get("resourceVersion")
+        if rv and rv != current["metadata"]["resourceVersion"]:
+            return _status(409, "Conflict", f'Operation cannot be fulfilled on leases.coordination.k8s.io "{name}": '
+                           "the object has been modified; please apply your changes to the latest version and try "
+                           "again", name=name, group="coordination.k8s.io", kind="leases")
+        body["metadata"] = {**current["metadata"], **{k: v for k, v in body["metadata"].items()
+                                                       if k in ("labels", "annotations")},
+                            "resourceVersion": self._next_rv()}
+        body.update(kind="Lease", apiVersion="coordination.k8s.io/v1")
+        self.leases[(namespace, name)] = body
+        return web.json_response(body)
+
+    async def _get_namespace(self, request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        ns = self.namespaces.get(name)
+        if ns is None:
+            return _status(404, "NotFound", f'namespaces "{name}" not found', name=name, kind="namespaces")
+        return web.json_response(ns)
 
     async def _record_event(self, request: web.Request, *, api_version: str) -> web.StreamResponse:
         namespace = request.match_info["namespace"]

@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node (env NODE_NAME)")
     g.add_argument("--kubeconfig", help="default: in-cluster config")
     g.add_argument("--no-events", dest="events", action="store_false", help="do not post CoreDumped Events")
+    g = p.add_argument_group("cloudevents")
+    g.add_argument("--event-sinks-file", type=Path, default=None,
+                   help="YAML file of CloudEvents sinks (a mounted ConfigMap, re-read when it changes); "
+                        "unset: no CloudEvents")
+    g.add_argument("--outbox-max-events", type=int, default=d.outbox_max_events,
+                   help="events queued per sink before the oldest are dropped (%(default)s)")
+    g.add_argument("--outbox-max-bytes", type=parse_size, default=d.outbox_max_bytes,
+                   help="bytes queued per sink before the oldest are dropped (64Mi)")
+    g = p.add_argument_group("metrics")
     g.add_argument("--metrics-bind-address", default=d.metrics_bind_address)
     g.add_argument("--metrics-port", type=int, default=d.metrics_port, help="0 picks a free port")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -93,7 +102,9 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         shim_spool_max_bytes=args.shim_spool_max_bytes, drain_interval=args.drain_interval,
         watch_interval=args.watch_interval, retention_interval=args.retention_interval, max_age=args.max_age,
         max_namespace_bytes=args.max_namespace_bytes, metrics_bind_address=args.metrics_bind_address,
-        metrics_port=args.metrics_port, events=args.events, kubeconfig=args.kubeconfig, handler=handler)
+        metrics_port=args.metrics_port, events=args.events, kubeconfig=args.kubeconfig,
+        event_sinks_file=args.event_sinks_file, outbox_max_events=args.outbox_max_events,
+        outbox_max_bytes=args.outbox_max_bytes, handler=handler)
 
 
 def main(argv: list[str] | None = None) -> int:

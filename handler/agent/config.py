@@ -39,6 +39,10 @@ class AgentConfig:
     metrics_port: int = 9402
     events: bool = True
     kubeconfig: str | None = None
+    # CloudEvents: the admin's sinks file (a mounted ConfigMap); None = no events. The outbox is bounded per sink.
+    event_sinks_file: Path | None = None
+    outbox_max_events: int = 10_000
+    outbox_max_bytes: int = 64 << 20
     handler: HandlerConfig = field(default_factory=HandlerConfig)
 
     @property
@@ -73,6 +77,11 @@ class AgentConfig:
     @property
     def core_pattern(self) -> str:
         return f"|{self.host_path(SHIM_NAME)} %P %I %s %t %c %e"
+
+    @property
+    def outbox_dir(self) -> Path:
+        """CloudEvents waiting for their sinks, on the node's own disk (survives agent restarts)."""
+        return self.local_dir / STATE_NAME / "outbox"
 
     def sysctl(self, name: str) -> Path:
         return Path(self.sysctl_root) / name.replace(".", "/")

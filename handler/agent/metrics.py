@@ -1,17 +1,17 @@
 """
-The agent's Prometheus metrics: counters fed from the handler's outcome records, served as plain text.
+The agent's Prometheus metrics, on ``prometheus-client``: counters fed from the handler's outcome records.
 
-No client library: the text exposition format is a few lines, and the agent has one process.
+:data:`HELP` names every metric with its kind and help text, :data:`LABELS` its label names; a metric used with
+other labels is a programming error (``ValueError``), caught by the tests. Each :class:`Metrics` has its own
+registry, so agents in one test process do not share counts.
 """
 from __future__ import annotations
 
-import logging
-from collections import defaultdict
 from typing import Any
 
 from aiohttp import web
-
-logger = logging.getLogger(__name__)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -33,31 +33,76 @@ HELP = {
     "coredump_retention_deleted_total": ("counter", "Cores removed by retention, by reason."),
     "coredump_namespace_stored_bytes": ("gauge", "Stored bytes per namespace at the last retention pass."),
     "coredump_core_pattern_restored_total": ("counter", "Times core_pattern was found changed and put back."),
+    "coredump_cloudevents_sent_total": ("counter", "CloudEvents a sink accepted (2xx), by sink."),
+    "coredump_cloudevents_retries_total": ("counter", "Failed CloudEvents deliveries that will be retried, by sink."),
+    "coredump_cloudevents_dropped_total": ("counter", "CloudEvents dropped, by sink and reason (outbox-full, "
+                                                      "rejected, invalid, sink-removed, namespace-gone)."),
+    "coredump_cloudevents_filtered_total": ("counter", "CloudEvents not sent because the namespace opted out or "
+                                                       "the sink's namespaceSelector did not match, by sink."),
+    "coredump_cloudevents_outbox_events": ("gauge", "CloudEvents queued in the outbox, by sink."),
+    "coredump_cloudevents_outbox_bytes": ("gauge", "Bytes of CloudEvents queued in the outbox, by sink."),
 }
+
+LABELS: dict[str, tuple[str, ...]] = {
+    "coredump_cores_captured_total": ("source",),
+    "coredump_cores_dropped_total": ("reason",),
+    "coredump_handler_errors_total": ("source",),
+    "coredump_retention_deleted_total": ("reason",),
+    "coredump_namespace_stored_bytes": ("namespace",),
+    "coredump_cloudevents_sent_total": ("sink",),
+    "coredump_cloudevents_retries_total": ("sink",),
+    "coredump_cloudevents_dropped_total": ("sink", "reason"),
+    "coredump_cloudevents_filtered_total": ("sink",),
+    "coredump_cloudevents_outbox_events": ("sink",),
+    "coredump_cloudevents_outbox_bytes": ("sink",),
+}
+
+
+def _base(name: str, kind: str) -> str:
+    """prometheus-client adds ``_total`` to a counter's name itself."""
+    return name[: -len("_total")] if kind == "counter" and name.endswith("_total") else name
 
 
 class Metrics:
     def __init__(self) -> None:
-        self.values: dict[str, dict[tuple[tuple[str, str], ...], float]] = defaultdict(lambda: defaultdict(float))
-        self.buckets = [0] * len(DURATION_BUCKETS)
-        self.duration_sum = 0.0
-        self.duration_count = 0
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._metrics: dict[str, Any] = {}
+        for name, (kind, text) in HELP.items():
+            labelnames = LABELS.get(name, ())
+            if kind == "counter":
+                m: Any = Counter(_base(name, kind), text, labelnames, registry=self.registry)
+            elif kind == "gauge":
+                m = Gauge(name, text, labelnames, registry=self.registry)
+            else:
+                m = Histogram(name, text, labelnames, buckets=DURATION_BUCKETS, registry=self.registry)
+            self._metrics[name] = m
+
+    def _child(self, name: str, labels: dict[str, str]) -> Any:
+        m = self._metrics[name]
+        want = LABELS.get(name, ())
+        if set(labels) != set(want):
+            raise ValueError(f"metric {name} takes labels {want}, not {tuple(sorted(labels))}")
+        return m.labels(**labels) if want else m
 
     def inc(self, name: str, value: float = 1, **labels: str) -> None:
-        self.values[name][tuple(sorted(labels.items()))] += value
+        if value:
+            self._child(name, labels).inc(value)
+        else:
+            self._child(name, labels)  # the series exists from now on, at its current value
 
     def set(self, name: str, value: float, **labels: str) -> None:
-        self.values[name][tuple(sorted(labels.items()))] = value
+        self._child(name, labels).set(value)
+
+    def clear(self, name: str) -> None:
+        """Forget every series of a labelled gauge (e.g. namespaces that no longer have cores)."""
+        self._metrics[name].clear()
 
     def get(self, name: str, **labels: str) -> float:
-        return self.values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
 
     def observe_duration(self, seconds: float) -> None:
-        self.duration_sum += seconds
-        self.duration_count += 1
-        for i, b in enumerate(DURATION_BUCKETS):
-            if seconds <= b:
-                self.buckets[i] += 1
+        self._metrics["coredump_handler_duration_seconds"].observe(seconds)
 
     def account(self, rec: dict[str, Any]) -> None:
         """Fold one handler outcome record into the counters."""
@@ -83,38 +128,15 @@ class Metrics:
         if rec.get("duration") is not None and rec.get("source") in ("kernel", "import"):
             self.observe_duration(float(rec["duration"]))
 
-    def render(self) -> str:
-        out = []
-        for name, (kind, text) in HELP.items():
-            out.append(f"# HELP {name} {text}")
-            out.append(f"# TYPE {name} {kind}")
-            if kind == "histogram":
-                for b, n in zip(DURATION_BUCKETS, self.buckets):
-                    out.append(f'{name}_bucket{{le="{b}"}} {n}')
-                out.append(f'{name}_bucket{{le="+Inf"}} {self.duration_count}')
-                out.append(f"{name}_sum {self.duration_sum}")
-                out.append(f"{name}_count {self.duration_count}")
-                continue
-            series = self.values.get(name) or ({(): 0.0} if kind == "counter" and name not in (
-                "coredump_cores_dropped_total", "coredump_retention_deleted_total") else {})
-            for labels, v in sorted(series.items()):
-                lab = ",".join(f'{k}="{_escape(val)}"' for k, val in labels)
-                out.append(f"{name}{{{lab}}} {_num(v)}" if lab else f"{name} {_num(v)}")
-        return "\n".join(out) + "\n"
-
-
-def _escape(v: str) -> str:
-    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else repr(v)
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
 
 
 def make_app(metrics: Metrics) -> web.Application:
     async def handle_metrics(request: web.Request) -> web.Response:
-        return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8",
-                            headers={"X-Content-Type-Options": "nosniff"})
+        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST,
+                                                           "X-Content-Type-Options": "nosniff"})
 
     async def handle_healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -22,6 +22,9 @@ from handler.agent import install, retention, sysctl
 from handler.agent.config import AgentConfig
 from handler.agent.events import EventPoster
 from handler.agent.metrics import Metrics, make_app
+from handler.agent.notify import KubeNamespaces, NamespaceInfo, Notifier
+from handler.agent.outbox import Outbox
+from handler.agent.sinks import SinksFile
 from handler.outcome import read_outcomes
 
 logger = logging.getLogger(__name__)
@@ -31,11 +34,21 @@ EVENT_ATTEMPTS = 3
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, *, poster: EventPoster | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, *, poster: EventPoster | None = None,
+                 namespaces: NamespaceInfo | None = None) -> None:
         self.cfg = cfg.finish()
         self.metrics = Metrics()
         self.poster = poster if poster is not None else (
             EventPoster(kubeconfig=cfg.kubeconfig, node=cfg.node) if cfg.events else None)
+        self.notifier: Notifier | None = None
+        if cfg.event_sinks_file is not None:
+            self._namespaces = namespaces or KubeNamespaces(kubeconfig=cfg.kubeconfig)
+            self.notifier = Notifier(
+                sinks=SinksFile(cfg.event_sinks_file),
+                outbox=Outbox(cfg.outbox_dir, max_events=cfg.outbox_max_events, max_bytes=cfg.outbox_max_bytes),
+                storage_root=cfg.storage_root, node=cfg.node, namespaces=self._namespaces, metrics=self.metrics)
+        # Outcome records already accounted whose CloudEvent could not be queued yet: retried, not re-counted.
+        self._announce_pending: set[Path] = set()
         self._stop = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.metrics_port: int | None = None
@@ -65,20 +78,41 @@ class Agent:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.metrics_bind_address, self.cfg.metrics_port)
         await site.start()
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            self.metrics_port = server.sockets[0].getsockname()[1]
+        addresses = self._runner.addresses
+        if addresses:
+            self.metrics_port = addresses[0][1]
         logger.info("metrics on %s:%s", self.cfg.metrics_bind_address, self.metrics_port)
 
     async def process_outcomes(self) -> int:
         records = await asyncio.to_thread(read_outcomes, self.cfg.handler.outcomes_dir)
         for path, rec in records:
-            self.metrics.account(rec)
-            if self.poster is not None and rec.get("result") in EVENT_RESULTS and rec.get("kept") \
-                    and rec.get("namespace") and rec.get("pod"):
-                await self._post_event(rec)
+            filed = rec.get("result") in EVENT_RESULTS and rec.get("kept") and rec.get("namespace") \
+                and rec.get("pod")
+            if path not in self._announce_pending:
+                self.metrics.account(rec)
+                if self.poster is not None and filed:
+                    await self._post_event(rec)
+            if self.notifier is not None and filed and not await self._announce(path, rec):
+                continue  # the record stays until its CloudEvent is safely in the outbox
             await asyncio.to_thread(_unlink, path)
         return len(records)
+
+    async def _announce(self, path: Path, rec: dict[str, Any]) -> bool:
+        """Queue the core's CloudEvent durably; False (record kept, retried next pass) when that fails."""
+        assert self.notifier is not None
+        try:
+            await self.notifier.enqueue(rec)
+        except asyncio.CancelledError:
+            raise
+        except (OSError, ValueError) as e:
+            if path not in self._announce_pending:
+                logger.error("cannot queue the CloudEvent of core %s: %s; retrying", rec.get("coreID"), e,
+                             extra={"namespace": rec.get("namespace"), "pod": rec.get("pod"),
+                                    "core": rec.get("coreID")})
+            self._announce_pending.add(path)
+            return False
+        self._announce_pending.discard(path)
+        return True
 
     async def _post_event(self, rec: dict[str, Any]) -> None:
         assert self.poster is not None
@@ -110,7 +144,7 @@ class Agent:
                                          max_namespace_bytes=self.cfg.max_namespace_bytes)
         self.metrics.inc("coredump_retention_deleted_total", report.deleted_age, reason="age")
         self.metrics.inc("coredump_retention_deleted_total", report.deleted_size, reason="namespace-bytes")
-        self.metrics.values.pop("coredump_namespace_stored_bytes", None)
+        self.metrics.clear("coredump_namespace_stored_bytes")
         for ns, b in report.namespace_bytes.items():
             self.metrics.set("coredump_namespace_stored_bytes", b, namespace=ns)
         return report
@@ -156,6 +190,8 @@ class Agent:
             asyncio.create_task(self._every(self.cfg.drain_interval, self.drain_once, "drain")),
             asyncio.create_task(self._every(self.cfg.watch_interval, self.enforce_once, "core_pattern")),
         ]
+        if self.notifier is not None:
+            tasks.append(asyncio.create_task(self.notifier.run(self._stop), name="cloudevents"))
         if self.cfg.max_age or self.cfg.max_namespace_bytes:
             tasks.append(asyncio.create_task(self._every(self.cfg.retention_interval, self.retention_once,
                                                          "retention")))
@@ -175,6 +211,8 @@ class Agent:
             logger.exception("last outcome pass failed")
         if self.poster is not None:
             await self.poster.close()
+        if self.notifier is not None and isinstance(self._namespaces, KubeNamespaces):
+            await self._namespaces.close()
         if self._runner is not None:
             await self._runner.cleanup()
         logger.info("agent stopped; core_pattern left on the shim, which spools until the next agent")

@@ -139,13 +139,18 @@ async def test_agent_serves_metrics_from_handler_outcomes(agent_env: AgentEnv) -
                 text = await resp.text()
     finally:
         await agent._runner.cleanup()
-    lines = set(text.splitlines())
-    for line in ('coredump_cores_captured_total{source="kernel"} 1', "coredump_core_bytes_total 5000",
-                 "coredump_cores_truncated_total 1", "coredump_cores_rate_limited_total 2",
-                 "coredump_cores_spooled_total 1", 'coredump_handler_errors_total{source="kernel"} 1',
-                 "coredump_handler_duration_seconds_count 2", 'coredump_handler_duration_seconds_bucket{le="0.25"} 1'):
-        assert line in lines, line
-    assert "# TYPE coredump_handler_duration_seconds histogram" in lines
+    from prometheus_client.parser import text_string_to_metric_families
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    expected = {("coredump_cores_captured_total", (("source", "kernel"),)): 1,
+                ("coredump_core_bytes_total", ()): 5000, ("coredump_cores_truncated_total", ()): 1,
+                ("coredump_cores_rate_limited_total", ()): 2, ("coredump_cores_spooled_total", ()): 1,
+                ("coredump_handler_errors_total", (("source", "kernel"),)): 1,
+                ("coredump_handler_duration_seconds_count", ()): 2,
+                ("coredump_handler_duration_seconds_bucket", (("le", "0.25"),)): 1}
+    for key, value in expected.items():
+        assert samples.get(key) == value, key
+    assert families["coredump_handler_duration_seconds"].type == "histogram"
 
 
 async def test_agent_posts_a_core_dumped_event_on_the_pod(agent_env: AgentEnv, fake_kube, tmp_path: Path) -> None:

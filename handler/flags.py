@@ -1,0 +1,76 @@
+"""
+One flag language for every program of the project (API server, handler, agent), as Kubernetes writes values.
+
+- Durations are Go durations (``300ms``, ``90s``, ``1m30s``, ``1.5h``), as every Kubernetes component takes them;
+  where retention needs them, ``d`` (24h) and ``w`` (7d) are accepted too (``allow_days=True``). A bare number is
+  refused: ``--max-age 30`` would be seconds to Go and days to a person.
+- Sizes are Kubernetes quantities: ``Ki Mi Gi Ti`` (powers of 1024) and ``k M G T`` (powers of 1000), or plain
+  bytes; ``0`` means "no limit" where a flag says so.
+- Booleans are ``true``/``false`` (Go's strconv.ParseBool also takes 1/0/t/f).
+
+Every parser raises ``argparse.ArgumentTypeError`` with one line that shows an accepted example, so argparse
+prints ``coredump-agent: error: argument --max-age: ...`` and exits 2.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d|w)")
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0,
+          "w": 604800.0}
+_QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
+_SIZE_UNITS = {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50,
+               "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+
+
+def parse_duration(text: str, *, allow_days: bool = False) -> float:
+    """Seconds from a Go duration (``1m30s``); with ``allow_days`` also ``7d``, ``2w``."""
+    t = text.strip() if isinstance(text, str) else ""
+    if t == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    for m in _DURATION_PART.finditer(t):
+        if m.start() != pos or (m.group(2) in ("d", "w") and not allow_days):
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    else:
+        if pos == len(t) and t:
+            return total
+    example = "90s, 1m30s, 12h, 7d" if allow_days else "90s, 1m30s, 1h"
+    raise argparse.ArgumentTypeError(f"not a duration: {text!r} (use e.g. {example})")
+
+
+def parse_retention_duration(text: str) -> float:
+    return parse_duration(text, allow_days=True)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a Kubernetes quantity (``64Mi``, ``1G``, ``4096``)."""
+    m = _QUANTITY.match(text.strip()) if isinstance(text, str) else None
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 512Mi, 10Gi)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def parse_bool(text: str) -> bool:
+    t = text.strip().lower() if isinstance(text, str) else ""
+    if t in ("1", "t", "true"):
+        return True
+    if t in ("0", "f", "false"):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r} (use true or false)")
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest Go-style spelling of a whole number of seconds (``1h30m``), for help texts and Status."""
+    s = int(seconds)
+    if s == 0:
+        return "0s"
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if s >= size:
+            out += f"{s // size}{unit}"
+            s %= size
+    return out

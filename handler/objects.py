@@ -1,0 +1,328 @@
+"""
+The ELF objects a crashing process had mapped, kept once by build-id beside the cores.
+
+Layout (debuginfod-style, one directory per build-id, shared by every namespace, pod and node)::
+
+    <root>/.build-id/<2 hex>/<rest of the build-id>/executable.gz   the object, gzip (isal level 1), like cores
+    <root>/.build-id/<2 hex>/<rest of the build-id>/object.json     size, sha256, stored size, first path seen
+
+Contract:
+
+- :func:`mapped_objects` lists the objects from the core's ``NT_FILE`` note (via :mod:`handler.sparsecore`):
+  every file mapped at offset 0 whose first page in the core is an ELF header with a build-id note.
+- :func:`keep_objects` copies each object not already stored, reading the exact file the process mapped
+  (``/proc/<pid>/map_files/<start>-<end>``, else ``/proc/<pid>/root/<path>``), and keeps it only when the
+  build-id of the bytes read equals the one the core names: a file replaced on disk since the mapping, or a
+  planted one, is refused. Writes use the cores' commit protocol: a hidden temporary name, fsync, then a link to
+  the final name that never replaces (two nodes storing the same object race harmlessly), the JSON last.
+- Bounded by a byte and a time budget per core; what is skipped is recorded with its reason, and the core is
+  always kept whatever happens here. The result is the list the core's metadata carries (``objects``).
+- Objects are served only through a core that references them (the API server checks the core's metadata): a
+  build-id is never a way into another namespace's binaries.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import stat
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from isal import isal_zlib
+
+from handler import sparsecore
+
+logger = logging.getLogger(__name__)
+
+STORE_DIR = ".build-id"
+OBJECT_NAME = "executable.gz"
+INFO_NAME = "object.json"
+BUILD_ID_RE = re.compile(r"^[0-9a-f]{8,128}$")
+DEFAULT_BYTES = 512 << 20
+DEFAULT_SECONDS = 1.0
+MAX_OBJECT = 2 << 30
+CHUNK = 1 << 20
+NT_GNU_BUILD_ID = 3
+
+
+@dataclass(frozen=True)
+class Mapped:
+    path: str      # in the container
+    start: int
+    end: int
+    build_id: str  # from the core's copy of the ELF header page
+
+
+def validate_build_id(value: str) -> str:
+    if not isinstance(value, str) or not BUILD_ID_RE.match(value):
+        raise ValueError(f"not a build-id: {value!r}")
+    return value
+
+
+def object_dir(root: Path, build_id: str) -> Path:
+    validate_build_id(build_id)
+    return Path(root) / STORE_DIR / build_id[:2] / build_id[2:]
+
+
+def _build_id_of_elf(data: bytes) -> str | None:
+    """The GNU build-id of an ELF image whose first bytes are ``data`` (64-bit LE; notes within ``data``)."""
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phentsize, phnum = struct.unpack_from("<HH", data, 54)
+    if phentsize != 56 or phoff + phnum * 56 > len(data):
+        return None
+    for i in range(phnum):
+        p_type, _f, off, _va, _pa, filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * 56)
+        if p_type != sparsecore.PT_NOTE or off + filesz > len(data):
+            continue
+        for ntype, desc in sparsecore._notes(data[off:off + filesz]):
+            if ntype == NT_GNU_BUILD_ID and 4 <= len(desc) <= 64:
+                return desc.hex()
+    return None
+
+
+def build_id_of_file(fd: int) -> str | None:
+    return _build_id_of_elf(os.pread(fd, 65536, 0))
+
+
+def mapped_objects(core_head: bytes, read_at: Callable[[int, int], bytes]) -> list[Mapped]:
+    """Mapped ELF objects of a core: ``core_head`` holds headers and notes; ``read_at(offset, size)`` the rest."""
+    parsed = sparsecore.parse_head(core_head)
+    if parsed is None or parsed[1] is None:
+        return []
+    loads, (noff, nsize), _machine = parsed
+    if noff + nsize > len(core_head):
+        return []
+    out: dict[str, Mapped] = {}
+    for start, end, file_off, path in sparsecore.file_mappings(core_head[noff:noff + nsize]):
+        if file_off != 0 or path in out or not path.startswith("/"):
+            continue
+        seg = next((s for s in loads if s.vaddr == start and s.filesz > 0), None)
+        if seg is None:
+            continue
+        build_id = _build_id_of_elf(read_at(seg.offset, min(seg.filesz, 65536)))
+        if build_id:
+            out[path] = Mapped(path=path, start=start, end=end, build_id=build_id)
+    return list(out.values())
+
+
+def _open_object(proc_pid: Path, m: Mapped) -> int:
+    """The exact file the process mapped; else the path in its root. No link is followed in the root."""
+    try:
+        return os.open(proc_pid / "map_files" / f"{m.start:x}-{m.end:x}", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        pass
+    path = os.path.normpath(m.path).lstrip("/")
+    fd = os.open(proc_pid / "root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        parts = path.split("/")
+        for part in parts[:-1]:
+            nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _mkdirs(root: Path, parts: list[str]) -> int:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    for part in parts:
+        try:
+            os.mkdir(part, 0o750, dir_fd=fd)
+        except FileExistsError:
+            pass
+        nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    return fd
+
+
+def is_stored(root: Path, build_id: str) -> bool:
+    d = object_dir(root, build_id)
+    try:
+        return stat.S_ISREG(os.lstat(d / INFO_NAME).st_mode) and stat.S_ISREG(os.lstat(d / OBJECT_NAME).st_mode)
+    except OSError:
+        return False
+
+
+def _copy(src: int, dir_fd: int, *, build_id: str, deadline: float, budget: int) -> tuple[str, dict[str, Any]]:
+    """Copy one object into ``dir_fd``; ("stored"|"exists", info) or raises _Skip."""
+    st = os.fstat(src)
+    if not stat.S_ISREG(st.st_mode):
+        raise _Skip("not a regular file")
+    if st.st_size > min(budget, MAX_OBJECT):
+        raise _Skip("byte budget")
+    if build_id_of_file(src) != build_id:
+        raise _Skip("build-id mismatch (the file changed since it was mapped)")
+    tmp = f".{OBJECT_NAME}.{secrets.token_hex(6)}.tmp"
+    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640, dir_fd=dir_fd)
+    sha = hashlib.sha256()
+    comp = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 16 + 15)
+    stored = size = 0
+    try:
+        while True:
+            if time.monotonic() > deadline:
+                raise _Skip("time budget")
+            chunk = os.pread(src, CHUNK, size)
+            if not chunk:
+                break
+            size += len(chunk)
+            sha.update(chunk)
+            data = comp.compress(chunk)
+            os.write(out, data)
+            stored += len(data)
+        tail = comp.flush()
+        os.write(out, tail)
+        stored += len(tail)
+        if _build_id_of_elf(os.pread(src, 65536, 0)) != build_id:
+            raise _Skip("build-id mismatch (the file changed while it was read)")
+        os.fsync(out)
+        try:
+            os.link(tmp, OBJECT_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            result = "stored"
+        except FileExistsError:
+            result = "exists"  # another node stored it first: same build-id, same object
+        return result, {"size": size, "storedSize": stored, "sha256": sha.hexdigest()}
+    finally:
+        os.close(out)
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+
+
+class _Skip(Exception):
+    pass
+
+
+def _write_info(dir_fd: int, info: dict[str, Any]) -> None:
+    tmp = f".{INFO_NAME}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640, dir_fd=dir_fd)
+    try:
+        os.write(fd, json.dumps(info, sort_keys=True).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, INFO_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp, dir_fd=dir_fd)
+    os.fsync(dir_fd)
+
+
+def keep_objects(root: Path, proc_pid: Path, objects: list[Mapped], *, max_bytes: int = DEFAULT_BYTES,
+                 max_seconds: float = DEFAULT_SECONDS, clock: Callable[[], float] = time.monotonic,
+                 ) -> list[dict[str, Any]]:
+    """Store what is missing; the per-object record for the core's metadata (never raises for one object)."""
+    deadline = clock() + max_seconds
+    budget = max_bytes
+    records = []
+    for m in objects:
+        rec: dict[str, Any] = {"path": m.path, "buildID": m.build_id}
+        try:
+            if is_stored(root, m.build_id):
+                rec["state"] = "stored-earlier"
+                records.append(rec)
+                continue
+            if clock() > deadline:
+                raise _Skip("time budget")
+            if budget <= 0:
+                raise _Skip("byte budget")
+            src = _open_object(proc_pid, m)
+            try:
+                st = os.fstat(src)
+                if not stat.S_ISREG(st.st_mode):
+                    raise _Skip("not a regular file")
+                if st.st_size > min(budget, MAX_OBJECT):
+                    raise _Skip("byte budget")
+                dir_fd = _mkdirs(Path(root), [STORE_DIR, m.build_id[:2], m.build_id[2:]])
+                try:
+                    result, info = _copy(src, dir_fd, build_id=m.build_id, deadline=deadline, budget=budget)
+                    _write_info(dir_fd, {**info, "buildID": m.build_id, "path": m.path})
+                finally:
+                    os.close(dir_fd)
+            finally:
+                os.close(src)
+            budget -= info["size"]
+            rec.update(state="stored" if result == "stored" else "stored-earlier", size=info["size"])
+        except _Skip as e:
+            rec.update(state="skipped", reason=str(e))
+        except OSError as e:
+            reason = "not found" if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR) else e.strerror
+            rec.update(state="skipped", reason=f"unreadable: {reason}")
+        records.append(rec)
+    return records
+
+
+def referenced_build_ids(metadata: dict[str, Any]) -> set[str]:
+    """Build-ids a core's metadata says it stored or found stored (for serving and retention)."""
+    out = set()
+    for o in metadata.get("objects") or []:
+        if isinstance(o, dict) and o.get("state") in ("stored", "stored-earlier") and isinstance(o.get("buildID"), str):
+            if BUILD_ID_RE.match(o["buildID"]):
+                out.add(o["buildID"])
+    return out
+
+
+def stored_build_ids(root: Path) -> list[tuple[str, float]]:
+    """(build-id, time its info was written) of every stored object (a walk of the store; blocking)."""
+    base = Path(root) / STORE_DIR
+    out = []
+    try:
+        heads = os.listdir(base)
+    except FileNotFoundError:
+        return []
+    for head in heads:
+        if not re.fullmatch(r"[0-9a-f]{2}", head) or os.path.islink(base / head):
+            continue
+        for rest in os.listdir(base / head):
+            build_id = head + rest
+            if not BUILD_ID_RE.match(build_id) or os.path.islink(base / head / rest):
+                continue
+            try:
+                st = os.lstat(base / head / rest / INFO_NAME)
+            except OSError:
+                st = os.lstat(base / head / rest)
+            out.append((build_id, st.st_mtime))
+    return out
+
+
+def collect_garbage(root: Path, *, referenced: set[str], now: float, grace: float = 3600.0) -> list[str]:
+    """Remove objects no stored core references and older than ``grace`` (a core being filed may reference an
+    object it just stored before its metadata says so); returns the build-ids removed. Never follows a link."""
+    removed = []
+    for build_id, mtime in stored_build_ids(root):
+        if build_id in referenced or now - mtime < grace:
+            continue
+        d = object_dir(root, build_id)
+        try:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            for name in os.listdir(fd):
+                try:
+                    os.unlink(name, dir_fd=fd)
+                except IsADirectoryError:
+                    pass
+        finally:
+            os.close(fd)
+        try:
+            os.rmdir(d)
+            removed.append(build_id)
+        except OSError:
+            pass
+    return removed
