@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, top=False)
     _core_options(p)
     p.add_argument("--print", action="store_true", help="print the gdb command instead of running it")
+    p.add_argument("--exe", metavar="PATH", help="the executable to load (default: from the archive's objects, "
+                                                  "else the recorded path if it exists here)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no notes")
-    p.add_argument("gdb_args", nargs=argparse.REMAINDER, metavar="-- GDB ARGS", help="arguments for gdb")
 
     p = sub.add_parser("bt", help="print the stored backtrace of a core (no download)", formatter_class=formatter,
                        description="The backtrace the node recorded at capture, from the API (no core download).",
@@ -351,11 +352,11 @@ async def _gdb_copy(client: Client, *, namespace: str, endpoint: Endpoint, core:
 async def cmd_gdb(client: Client, args: argparse.Namespace, namespace: str) -> int:
     endpoint = await _endpoint(client, namespace=namespace, pod=args.pod)
     core = pick_core(endpoint, core_id=args.core, container=args.container)
-    gdb_args = list(args.gdb_args)
-    if gdb_args[:1] == ["--"]:
-        gdb_args = gdb_args[1:]
+    if args.exe and not os.path.isfile(args.exe):
+        raise PluginError(f"--exe {args.exe}: no such file", code=Exit.USAGE)
     copy = await _gdb_copy(client, namespace=namespace, endpoint=endpoint, core=core, quiet=args.quiet)
-    command, notes = gdb.command(copy, container=core.container, core_id=core.id, gdb_args=gdb_args)
+    command, notes = gdb.command(copy, container=core.container, core_id=core.id, gdb_args=list(args.gdb_args),
+                                 exe=Path(args.exe).resolve() if args.exe else None)
     if not args.quiet:
         for note in notes:
             _err(note)
@@ -380,7 +381,16 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first "--" is gdb's (argparse would take gdb's own options as ours).
+    extra: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, extra = argv[:at], argv[at + 1:]
     args = parser.parse_args(argv)
+    if extra and args.command != "gdb":
+        parser.error(f"arguments after -- are for gdb only: {shlex.join(extra)}")
+    args.gdb_args = extra
     try:
         code = asyncio.run(run(args))
     except PluginError as exc:
@@ -390,6 +400,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err("interrupted")
         code = 130
     except BrokenPipeError:
+        code = Exit.ERROR
+    except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback on request
+        if os.environ.get("KUBECTL_COREDUMP_DEBUG"):
+            raise
+        _err(f"error: unexpected {type(exc).__name__}: {exc} (set KUBECTL_COREDUMP_DEBUG=1 for the traceback)")
         code = Exit.ERROR
     return int(code)
 

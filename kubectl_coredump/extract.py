@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import posixpath
@@ -69,10 +70,11 @@ class Extracted:
     written: list[Path] = dataclasses.field(default_factory=list)
 
 
-class _QueueReader:
-    """A file-like ``read(n)`` over the chunks of a queue, fed by the downloading event loop."""
+class _QueueReader(io.RawIOBase):
+    """A raw stream over the chunks of a queue, fed by the downloading event loop."""
 
     def __init__(self, chunks: "queue.Queue[object]") -> None:
+        super().__init__()
         self._chunks = chunks
         self._buffer = memoryview(b"")
         self._eof = False
@@ -94,6 +96,11 @@ class _QueueReader:
         else:
             data, self._buffer = bytes(self._buffer[:size]), self._buffer[size:]
         return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
     def readable(self) -> bool:
         return True
@@ -320,10 +327,14 @@ class ExtractSink:
         return self
 
     async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is not None and self._future is not None and not self._future.done():
-            await self._put(RuntimeError("download failed"))
+        if exc_type is not None and self._future is not None:
+            if not self._future.done():
+                try:
+                    await self._put(RuntimeError("download failed"))
+                except BaseException:  # noqa: BLE001 - the download's own error is the one to report
+                    pass
             try:
-                await self._future
+                await self._future  # let it clean up its partial files before the error is reported
             except BaseException:  # noqa: BLE001 - the download's own error is the one to report
                 pass
         self._pool.shutdown(wait=False)

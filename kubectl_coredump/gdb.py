@@ -70,7 +70,8 @@ def commit(*, staging: Path, final: Path, core: Path, sha256: str) -> None:
     os.replace(staging, final)
 
 
-def command(copy: CachedCore, *, container: str, core_id: str, gdb_args: list[str]) -> tuple[list[str], list[str]]:
+def command(copy: CachedCore, *, container: str, core_id: str, gdb_args: list[str],
+            exe: Path | None = None) -> tuple[list[str], list[str]]:
     """The gdb command line for a cached core, and notes for the user about what it could not find."""
     core = copy.directory / container / f"{core_id}.core"
     notes: list[str] = []
@@ -78,11 +79,11 @@ def command(copy: CachedCore, *, container: str, core_id: str, gdb_args: list[st
     sysroot = copy.directory / "sysroot"
     args = ["gdb"]
     scripts = sorted(copy.directory.glob("*.gdb"))
-    executable: Path | None = None
+    executable: Path | None = exe
     if sysroot.is_dir():
         args += ["-ex", f"set sysroot {sysroot}"]
         candidate = sysroot / exe_recorded.lstrip("/") if exe_recorded else None
-        if candidate is not None and candidate.is_file():
+        if executable is None and candidate is not None and candidate.is_file():
             executable = candidate
         for script in scripts:
             args += ["-x", str(script)]
