@@ -53,6 +53,14 @@ class Result:
     resumes: int
 
 
+@dataclasses.dataclass
+class _Archive:
+    """What the first response said about the archive; kept across attempts (a cut loses nothing of it)."""
+
+    etag: str | None = None
+    total: int | None = None
+
+
 class _Cut(Exception):
     """This attempt ended early; the reason is for the user's log line."""
 
@@ -64,29 +72,28 @@ class _ArchiveChanged(Exception):
 async def download(client: Client, *, namespace: str, name: str, query: Sequence[tuple[str, str]], sink: Sink,
                    progress: Progress, max_failures: int = MAX_FAILURES) -> Result:
     path = api.dump_path(namespace, name)
-    etag: str | None = None
-    total: int | None = None
+    archive = _Archive()
     failures = 0
     resumes = 0
     while True:
         before = sink.written
         try:
-            etag, total = await _attempt(client, path=path, query=query, sink=sink, etag=etag, total=total,
-                                         progress=progress, request=api.dump_request(namespace, name))
-            if total is None or sink.written == total:
-                return Result(size=sink.written, etag=etag, resumes=resumes)
-            reason = f"the body ended at {sink.written} of {total} bytes"
+            await _attempt(client, path=path, query=query, sink=sink, archive=archive, progress=progress,
+                           request=api.dump_request(namespace, name))
+            if archive.total is None or sink.written == archive.total:
+                return Result(size=sink.written, etag=archive.etag, resumes=resumes)
+            reason = f"the body ended at {sink.written} of {archive.total} bytes"
         except _Cut as exc:
             reason = str(exc)
         except _ArchiveChanged:
             await sink.restart()
             progress.note("the archive changed on the server (a core was added or removed): downloading it again")
-            etag, total = None, None
+            archive.etag, archive.total = None, None
             continue
         progressed = sink.written > before
         failures = 0 if progressed else failures + 1
         if failures >= max_failures:
-            raise PluginError(f"the download stopped at {sink.written} of {total or '?'} bytes after "
+            raise PluginError(f"the download stopped at {sink.written} of {archive.total or '?'} bytes after "
                               f"{max_failures} attempts without progress (last: {reason}); run the command again",
                               code=Exit.INCOMPLETE)
         resumes += 1
@@ -96,10 +103,11 @@ async def download(client: Client, *, namespace: str, name: str, query: Sequence
             await asyncio.sleep(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1)))
 
 
-async def _attempt(client: Client, *, path: str, query: Sequence[tuple[str, str]], sink: Sink, etag: str | None,
-                   total: int | None, progress: Progress, request: api.Request) -> tuple[str | None, int | None]:
-    """One request; returns the (etag, total) learnt. Raises _Cut when it should be retried."""
+async def _attempt(client: Client, *, path: str, query: Sequence[tuple[str, str]], sink: Sink, archive: _Archive,
+                   progress: Progress, request: api.Request) -> None:
+    """One request, recording what it learns in ``archive``. Raises _Cut when it should be retried."""
     offset = sink.written
+    etag, total = archive.etag, archive.total
     headers = {"Accept": "application/gzip, application/json"}
     if offset and etag:
         headers["Range"] = f"bytes={offset}-"
@@ -110,11 +118,12 @@ async def _attempt(client: Client, *, path: str, query: Sequence[tuple[str, str]
         raise _Cut(exc.message) from None
     try:
         status = response.status
-        if status in RETRY_STATUSES:
+        # 404 while resuming: a restarted replica may not have re-created the endpoint yet (bounded retries).
+        if status in RETRY_STATUSES or (status == 404 and offset):
             body = await api.read_bounded(response, limit=1 << 16)
             raise _Cut(api.error_for(status=status, body=body, request=request, server=client.server).message)
         if status == 416 and total is not None and offset == total:
-            return etag, total
+            return
         if status not in (200, 206):
             body = await api.read_bounded(response, limit=1 << 16)
             raise api.error_for(status=status, body=body, request=request, server=client.server)
@@ -130,7 +139,7 @@ async def _attempt(client: Client, *, path: str, query: Sequence[tuple[str, str]
                     or new_etag != etag:
                 raise _ArchiveChanged()  # not the continuation asked for: start over, never splice
             total = int(match.group(3))
-        etag = new_etag or etag
+        archive.etag, archive.total = new_etag or etag, total
         progress.start(total=total, offset=offset)
         try:
             async for chunk in _chunks(response):
@@ -141,7 +150,6 @@ async def _attempt(client: Client, *, path: str, query: Sequence[tuple[str, str]
                 progress.advance(done=sink.written)
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError, TimeoutError) as exc:
             raise _Cut(f"the connection broke ({type(exc).__name__}: {exc})".replace(": )", ")")) from None
-        return etag, total
     finally:
         response.release()
 

@@ -125,7 +125,7 @@ def describe(endpoint: Endpoint, *, cores: Sequence[Core], metadata: dict[str, d
         for key, label in (("image", "Image"), ("node", "Node"), ("pid", "PID"), ("comm", "Command"),
                            ("sha256", "SHA-256")):
             if key in meta:
-                out.append(f"  {label + ':':<12} {_cell(meta[key])}")
+                out.append(f"  {label + ':':<12} {' '.join(str(meta[key]).split()) or '-'}")
         lines = stored_backtrace(meta, core.raw)
         out.append("  Backtrace:" + ("" if lines else "   -"))
         out += ["    " + line for line in lines]
