@@ -9,9 +9,7 @@ import hashlib
 import http.server
 import json
 import subprocess
-import tarfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
