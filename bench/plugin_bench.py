@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "test" / "plugin"))
 sys.path.insert(0, str(HERE.parent / "test"))
 
-from plugin_harness import (BIN, PLUGIN, CuttingProxy, ProxyRule, build_crasher, crash, free_port,  # noqa: E402
+from plugin_harness import (PLUGIN, CuttingProxy, ProxyRule, build_crasher, crash, free_port,  # noqa: E402
                             import_core, kubeconfig_via)
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubectl-coredump-bench"
