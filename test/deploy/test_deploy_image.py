@@ -69,7 +69,7 @@ def test_deploy_dockerfile_names_only_console_scripts_of_the_package() -> None:
     named = set()
     for word, args in instructions():
         if word in ("RUN", "CMD", "ENTRYPOINT"):
-            named |= set(re.findall(r"\bcoredump-[a-z-]+\b", args)) - {"coredump-example-io"}
+            named |= set(re.findall(r"\b(?:kubectl-coredump|coredump-[a-z-]+)\b", args)) - {"coredump-example-io"}
     assert named, "the Dockerfile runs none of the programs"
     assert named <= declared, f"not console scripts of the package: {sorted(named - declared)}"
     # The build smoke-tests every program, so an image with a broken entry point does not build.

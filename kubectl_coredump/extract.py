@@ -1,0 +1,402 @@
+"""
+Unpack a dump archive as it downloads, verifying every core against the sha256 of its metadata.
+
+The archive (``apiserver/dump/plan.py``) is a tar stream in concatenated gzip members: per core
+``<container>/<core-id>.json`` then ``<container>/<core-id>.core``; with ``?objects=true`` also files under
+``sysroot/`` and gdb command files at the top. ISA-L's ``igzip`` reads every member (Python's
+``tarfile`` ``r|gz`` would stop after the first) and is several times faster than ``gzip``.
+
+The archive comes from the server and is untrusted: only those names are accepted (each component a
+plain name, never ``..``), only regular files and directories are written, never through a link, and a
+link under ``sysroot/`` is materialized as a hard link or copy of the archive file it names, resolved
+inside the archive's own name space, so nothing can point outside the output directory. A core is
+written to ``NAME.part`` and renamed only once its sha256 matched.
+
+Runs in a worker thread: :class:`ExtractSink` hands it the downloaded bytes through a bounded queue.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import posixpath
+import queue
+import shutil
+import tarfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from isal import igzip
+
+from kubectl_coredump.errors import Exit, PluginError
+from kubectl_coredump.model import safe_name
+
+MAX_METADATA_BYTES = 16 * 1024 * 1024
+COPY_CHUNK = 1 << 20
+QUEUE_CHUNKS = 32  # 32 MiB in flight at most
+_EOF = object()
+_RESTART = object()
+
+
+class _Restart(Exception):
+    pass
+
+
+class _Aborted(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class ExtractedCore:
+    container: str
+    core_id: str
+    path: Path
+    metadata: dict[str, Any]
+    sha256: str
+
+
+@dataclasses.dataclass
+class Extracted:
+    directory: Path
+    cores: list[ExtractedCore] = dataclasses.field(default_factory=list)
+    sysroot: Path | None = None
+    gdb_scripts: list[Path] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    written: list[Path] = dataclasses.field(default_factory=list)
+
+
+class _QueueReader(io.RawIOBase):
+    """A raw stream over the chunks of a queue, fed by the downloading event loop."""
+
+    def __init__(self, chunks: "queue.Queue[object]") -> None:
+        super().__init__()
+        self._chunks = chunks
+        self._buffer = memoryview(b"")
+        self._eof = False
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._buffer and not self._eof:
+            item = self._chunks.get()
+            if item is _RESTART:
+                raise _Restart()
+            if item is _EOF:
+                self._eof = True
+            elif isinstance(item, BaseException):
+                raise _Aborted() from item
+            else:
+                assert isinstance(item, bytes)
+                self._buffer = memoryview(item)
+        if size < 0 or size >= len(self._buffer):
+            data, self._buffer = bytes(self._buffer), memoryview(b"")
+        else:
+            data, self._buffer = bytes(self._buffer[:size]), self._buffer[size:]
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readable(self) -> bool:
+        return True
+
+
+def _parts(name: str) -> list[str] | None:
+    if name.startswith("/") or "\\" in name:
+        return None
+    parts = [p for p in name.split("/") if p != ""]
+    if not parts or any(p in (".", "..") or "\0" in p for p in parts):
+        return None
+    return parts
+
+
+def _open_new(path: Path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _mkdirs(base: Path, parts: list[str]) -> Path:
+    """Create ``base/parts...`` as real directories (an existing link there is an error, never followed)."""
+    current = base
+    for part in parts:
+        current = current / part
+        try:
+            os.mkdir(current, 0o755)
+        except FileExistsError:
+            if current.is_symlink() or not current.is_dir():
+                raise PluginError(f"{current} exists and is not a directory; choose another -o directory")
+    return current
+
+
+class Extractor:
+    """Unpacks one archive into ``directory``; :meth:`run` is the worker thread's body."""
+
+    def __init__(self, *, directory: Path, chunks: "queue.Queue[object]") -> None:
+        self.directory = directory
+        self.chunks = chunks
+        self.result = Extracted(directory=directory)
+
+    def run(self) -> Extracted:
+        while True:
+            try:
+                self._extract()
+                return self.result
+            except _Restart:
+                self._discard(everything=True)  # the archive changed: nothing of the old one stays
+            except (_Aborted, PluginError):
+                self._discard(everything=False)
+                raise
+            except (OSError, EOFError, tarfile.TarError, igzip.BadGzipFile) as exc:
+                self._discard(everything=False)
+                raise PluginError(f"the archive is damaged: {exc}", code=Exit.VERIFY_FAILED) from None
+
+    def _discard(self, *, everything: bool) -> None:
+        """Remove what this archive wrote: all of it, or only the unverified ``.part`` files."""
+        for path in self.result.written:
+            if not everything and not path.name.endswith(".part"):
+                continue
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if everything:
+            self.result = Extracted(directory=self.directory)
+
+    def _extract(self) -> None:
+        reader = _QueueReader(self.chunks)
+        links: dict[str, str] = {}
+        files: dict[str, Path] = {}
+        dirs: set[str] = set()
+        with igzip.GzipFile(fileobj=reader, mode="rb") as gz, \
+                tarfile.open(fileobj=gz, mode="r|", bufsize=COPY_CHUNK) as archive:
+            pending_meta: dict[tuple[str, str], dict[str, Any]] = {}
+            for member in archive:
+                parts = _parts(member.name)
+                if parts is None:
+                    self.result.skipped.append(member.name)
+                    continue
+                if parts[0] == "sysroot" and len(parts) > 1:
+                    self._sysroot_member(archive, member, parts, links=links, files=files, dirs=dirs)
+                elif len(parts) == 2 and member.isfile() and parts[1].endswith((".json", ".core")):
+                    self._core_member(archive, member, parts, pending_meta)
+                elif len(parts) == 1 and member.isfile() and safe_name(parts[0]) and parts[0].endswith(".gdb"):
+                    path = self._write(archive, member, self.directory / parts[0])
+                    self.result.gdb_scripts.append(path)
+                else:
+                    self.result.skipped.append(member.name)
+            # Drain the rest of the stream: the end-of-archive member and anything after it.
+            while gz.read(COPY_CHUNK):
+                pass
+        if self.result.sysroot is not None:
+            self._materialize_links(links=links, files=files, dirs=dirs)
+
+    def _write(self, archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path, *,
+               digest: "hashlib._Hash | None" = None) -> Path:
+        source = archive.extractfile(member)
+        assert source is not None
+        fd = _open_new(path)
+        self.result.written.append(path)
+        with os.fdopen(fd, "wb") as out:
+            while True:
+                chunk = source.read(COPY_CHUNK)
+                if not chunk:
+                    break
+                if digest is not None:
+                    digest.update(chunk)
+                out.write(chunk)
+        return path
+
+    def _core_member(self, archive: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str],
+                     pending: dict[tuple[str, str], dict[str, Any]]) -> None:
+        container, filename = parts
+        core_id, _, kind = filename.rpartition(".")
+        if not safe_name(container) or not safe_name(core_id):
+            self.result.skipped.append(member.name)
+            return
+        folder = _mkdirs(self.directory, [container])
+        if kind == "json":
+            if member.size > MAX_METADATA_BYTES:
+                raise PluginError(f"{member.name}: metadata of {member.size} bytes is too large", code=Exit.VERIFY_FAILED)
+            source = archive.extractfile(member)
+            assert source is not None
+            data = source.read()
+            try:
+                meta = json.loads(data)
+            except ValueError:
+                raise PluginError(f"{member.name}: the metadata is not JSON", code=Exit.VERIFY_FAILED) from None
+            if not isinstance(meta, dict):
+                raise PluginError(f"{member.name}: the metadata is not an object", code=Exit.VERIFY_FAILED)
+            pending[(container, core_id)] = meta
+            path = folder / filename
+            fd = _open_new(path)
+            self.result.written.append(path)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            return
+        meta = pending.pop((container, core_id), None)
+        expected = meta.get("sha256") if meta else None
+        if not isinstance(expected, str):
+            raise PluginError(f"{member.name}: no sha256 in its metadata, cannot verify it", code=Exit.VERIFY_FAILED)
+        digest = hashlib.sha256()
+        part = self._write(archive, member, folder / f"{filename}.part", digest=digest)
+        actual = digest.hexdigest()
+        if actual != expected.lower():
+            raise PluginError(f"{container}/{core_id}: sha256 {actual} does not match its metadata ({expected}); "
+                              "the core is damaged (kept nothing of it)", code=Exit.VERIFY_FAILED)
+        final = folder / filename
+        os.replace(part, final)
+        self.result.written[self.result.written.index(part)] = final
+        assert meta is not None
+        self.result.cores.append(ExtractedCore(container=container, core_id=core_id, path=final, metadata=meta,
+                                               sha256=actual))
+
+    def _sysroot_member(self, archive: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str], *,
+                        links: dict[str, str], files: dict[str, Path], dirs: set[str]) -> None:
+        inner = "/".join(parts[1:])
+        self.result.sysroot = _mkdirs(self.directory, ["sysroot"])
+        if member.isdir():
+            _mkdirs(self.result.sysroot, parts[1:])
+            dirs.add(inner)
+        elif member.isfile():
+            folder = _mkdirs(self.result.sysroot, parts[1:-1])
+            for i in range(1, len(parts) - 1):
+                dirs.add("/".join(parts[1:i + 1]))
+            files[inner] = self._write(archive, member, folder / parts[-1])
+        elif member.issym() or member.islnk():
+            links[inner] = member.linkname
+        else:
+            self.result.skipped.append(member.name)
+
+    def _materialize_links(self, *, links: dict[str, str], files: dict[str, Path], dirs: set[str]) -> None:
+        """Each link under sysroot/ becomes a hard link (or copy) of the archive file it resolves to."""
+        assert self.result.sysroot is not None
+        for name, target in links.items():
+            current, hops = name, 0
+            resolved: Path | None = None
+            while hops < 40:
+                hops += 1
+                base = posixpath.dirname(current)
+                link_target = links[current]
+                path = posixpath.normpath(link_target.lstrip("/") if link_target.startswith("/")
+                                          else posixpath.join(base, link_target))
+                if path.startswith("..") or path == ".":
+                    break
+                if path in files:
+                    resolved = files[path]
+                    break
+                if path in links:
+                    current = path
+                    continue
+                break
+            parts = _parts(name)
+            if resolved is None or parts is None or name in files:
+                self.result.skipped.append(f"sysroot/{name} -> {target}")
+                continue
+            folder = _mkdirs(self.result.sysroot, parts[:-1])
+            destination = folder / parts[-1]
+            try:
+                os.link(resolved, destination, follow_symlinks=False)
+            except OSError:
+                shutil.copyfile(resolved, destination, follow_symlinks=False)
+            files[name] = destination
+            self.result.written.append(destination)
+
+
+class ExtractSink:
+    """A download sink that extracts in a worker thread as the bytes arrive (``async with``)."""
+
+    def __init__(self, *, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self._chunks: "queue.Queue[object]" = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._extractor = Extractor(directory=directory, chunks=self._chunks)
+        self._written = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract")
+        self._future: asyncio.Future[Extracted] | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    async def __aenter__(self) -> "ExtractSink":
+        self._future = asyncio.get_running_loop().run_in_executor(self._pool, self._extractor.run)
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None and self._future is not None:
+            if not self._future.done():
+                try:
+                    await self._put(RuntimeError("download failed"))
+                except BaseException:  # noqa: BLE001 - the download's own error is the one to report
+                    pass
+            try:
+                await self._future  # let it clean up its partial files before the error is reported
+            except BaseException:  # noqa: BLE001 - the download's own error is the one to report
+                pass
+        self._pool.shutdown(wait=False)
+
+    async def _put(self, item: object) -> None:
+        assert self._future is not None
+        try:
+            self._chunks.put_nowait(item)
+            return
+        except queue.Full:
+            pass
+        while True:
+            if self._future.done():
+                self._future.result()  # the extractor failed: raise its error here
+                raise PluginError("the extraction stopped unexpectedly")
+            try:
+                await asyncio.to_thread(self._chunks.put, item, True, 0.5)
+                return
+            except queue.Full:
+                continue
+
+    async def write(self, data: bytes) -> None:
+        assert self._future is not None
+        if self._future.done():
+            self._future.result()
+        await self._put(data)
+        self._written += len(data)
+
+    async def restart(self) -> None:
+        await self._put(_RESTART)
+        self._written = 0
+
+    async def finish(self) -> Extracted:
+        assert self._future is not None
+        await self._put(_EOF)
+        return await self._future
+
+
+class StdoutSink:
+    """The archive unchanged on stdout; it cannot start over, so a changed archive fails the command."""
+
+    def __init__(self) -> None:
+        self._written = 0
+        self._out = os.fdopen(os.dup(1), "wb", buffering=0)
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        await asyncio.to_thread(self._write_all, view)
+        self._written += len(data)
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            count = self._out.write(view)
+            view = view[count or 0:]
+
+    async def restart(self) -> None:
+        raise PluginError("the archive changed on the server while it was written to stdout (a core was added or "
+                          "removed); run the command again", code=Exit.INCOMPLETE)
+
+    def close(self) -> None:
+        self._out.close()
