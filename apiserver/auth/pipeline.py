@@ -30,7 +30,39 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 ANONYMOUS = UserInfo(name="system:anonymous", groups=("system:unauthenticated",))
-HEALTH_PATHS = ("/healthz", "/healthz/*", "/livez", "/livez/*", "/readyz", "/readyz/*")
+# k8s.io/apiserver's DelegatingAuthorizationOptions default: the three health paths, exactly (not their checks).
+HEALTH_PATHS = ("/healthz", "/livez", "/readyz")
+
+
+class AlwaysAllowPaths:
+    """``--authorization-always-allow-paths`` as k8s.io/apiserver's path authorizer reads it.
+
+    Each entry is an exact path or a prefix ending in ``*`` (``*`` anywhere else is refused with
+    ``ValueError``); a leading ``/`` is optional on both sides, and ``""`` or ``/`` means the root path.
+    Only non-resource requests are matched there, so a resource path is never always-allowed.
+    """
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self._exact: set[str] = set()
+        prefixes: list[str] = []
+        for pattern in patterns:
+            trimmed = pattern.removeprefix("/")
+            if not trimmed:
+                self._exact.add("")
+                continue
+            if "*" in trimmed[:-1]:
+                raise ValueError(f"only a trailing * is allowed in {pattern!r}")
+            if trimmed.endswith("*"):
+                prefixes.append(trimmed[:-1])
+            else:
+                self._exact.add(trimmed)
+        self._prefixes = tuple(prefixes)
+
+    def __call__(self, path: str, *, is_resource_request: bool) -> bool:
+        if is_resource_request:
+            return False
+        trimmed = path.removeprefix("/")
+        return trimmed in self._exact or (bool(self._prefixes) and trimmed.startswith(self._prefixes))
 
 
 class PathMatcher:
@@ -70,12 +102,16 @@ def make_auth_middleware(
     anonymous: bool = False,
 ) -> Middleware:
     """An aiohttp middleware that authenticates and authorizes every request before its handler runs."""
-    always_allowed = PathMatcher(always_allow_paths)
+    always_allowed = AlwaysAllowPaths(always_allow_paths)
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        always_allowed_path = always_allowed(path)
+        # Classified before authentication, to let unauthenticated health probes through; the attributes
+        # depend on the user only in their user field.
+        always_allowed_path = always_allowed(
+            path, is_resource_request=request_attributes(method=request.method, path=path, query=request.query,
+                                                         user=ANONYMOUS).is_resource_request)
         try:
             user = await authenticator.authenticate(request)
         except errors.ApiError as error:
