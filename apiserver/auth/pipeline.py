@@ -6,7 +6,9 @@ The authenticate → authorize middleware every request passes, as k8s.io/apiser
    ``system:authenticated``.
 2. The URL and method become :class:`RequestAttributes` (:mod:`apiserver.auth.requestinfo`).
 3. ``system:masters`` and the always-allowed paths (health checks) skip authorization; every other
-   request is authorized, and a denial is the 403 ``Status`` kube-apiserver would write.
+   request is authorized, and a denial is the 403 ``Status`` kube-apiserver would write (an authorizer that
+   cannot decide: 500 InternalError, as kube-apiserver). A refused ``dump`` is audited here
+   (:mod:`apiserver.auth.audit`).
 
 The user and the attributes are stored in the request (``apiserver.context.USER``/``ATTRIBUTES``) for the
 handlers (the dump handler audits with them). Errors are answered here as ``Status`` responses, so this
@@ -21,7 +23,10 @@ from aiohttp import web
 
 from apiserver import context
 from apiserver.api import errors
+from apiserver.api.resource import PLURAL as RESOURCE
+from apiserver.api.resource import SUBRESOURCE_DUMP as DUMP
 from apiserver.auth import MASTERS_GROUP, Authenticator, Authorizer, RequestAttributes, UserInfo
+from apiserver.auth.audit import audit_dump
 from apiserver.auth.requestinfo import request_attributes
 
 logger = logging.getLogger(__name__)
@@ -94,6 +99,13 @@ def _forbidden(attributes: RequestAttributes, reason: str) -> errors.ApiError:
     return error
 
 
+def _audit_refused_dump(request: web.Request, attributes: RequestAttributes, *, outcome: str, code: int) -> None:
+    """A dump the authorizer refused never reaches its handler: its audit line is written here."""
+    if attributes.is_resource_request and attributes.resource == RESOURCE and attributes.subresource == DUMP:
+        audit_dump(request=request, namespace=attributes.namespace, pod=attributes.name, outcome=outcome, code=code,
+                   user=attributes.user)
+
+
 def make_auth_middleware(
     *,
     authenticator: Authenticator,
@@ -134,11 +146,13 @@ def make_auth_middleware(
             try:
                 decision = await authorizer.authorize(attributes)
             except errors.ApiError as error:
-                logger.warning("authorization of %s %s for %r failed: %s",
-                               attributes.verb, path, user.name, error.message)
+                logger.warning("authorization failed", extra={"verb": attributes.verb, "path": path,
+                                                              "user": user.name, "error": error.message})
+                _audit_refused_dump(request, attributes, outcome="error", code=error.code)
                 return _status_response(error)
             if not decision.allowed:
-                logger.info("forbidden: user=%r verb=%s path=%s", user.name, attributes.verb, path)
+                logger.info("forbidden", extra={"verb": attributes.verb, "path": path, "user": user.name})
+                _audit_refused_dump(request, attributes, outcome="denied", code=403)
                 return _status_response(_forbidden(attributes, decision.reason))
         return await handler(request)
 
