@@ -149,3 +149,20 @@ def test_bad_limit_flags_are_one_line_errors(flag: str, tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert flag.split("=")[0] in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_request_being_served_outlives_the_header_timeout(tmp_path: Path) -> None:
+    import time
+
+    with server_with(tmp_path, "--read-header-timeout=1s") as server:
+        watch = server.connect()
+        try:
+            watch.request("GET", f"{collection_path('default')}?watch=true")
+            response = watch.getresponse()
+            assert response.status == 200
+            time.sleep(2.5)  # past the header timeout: the watch's header was complete, so it stays
+            assert server.request("POST", collection_path("default"), body=endpoint_manifest("late")).status == 201
+            event = json.loads(response.readline())
+            assert (event["type"], event["object"]["metadata"]["name"]) == ("ADDED", "late")
+        finally:
+            watch.close()
