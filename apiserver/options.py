@@ -10,6 +10,8 @@ from pathlib import Path
 
 from apiserver.auth.options import add_auth_flags, parse_bool, parse_duration
 from apiserver.handlers.io import DEFAULT_MAX_BODY_BYTES
+from apiserver.limits import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT,
+                              DEFAULT_MAX_REQUESTS_INFLIGHT, DEFAULT_READ_HEADER_TIMEOUT)
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +22,38 @@ def _servers(text: str) -> list[str]:
         if not server.startswith(("http://", "https://")):
             raise argparse.ArgumentTypeError(f"etcd server {server!r} must be an http:// or https:// URL")
     return servers
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r} (a whole number, 0 for no limit)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (0 means no limit)")
+    return value
+
+
+def add_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """What one client may cost (:mod:`apiserver.limits`); defaults are kube-apiserver's where it has one."""
+    limits = parser.add_argument_group("client limits")
+    limits.add_argument("--read-header-timeout", type=parse_duration, default=DEFAULT_READ_HEADER_TIMEOUT,
+                        metavar="DURATION",
+                        help="close a connection whose TLS handshake or request header takes longer "
+                             "(default 32s, kube-apiserver's ReadHeaderTimeout)")
+    limits.add_argument("--idle-timeout", type=parse_duration, default=DEFAULT_IDLE_TIMEOUT, metavar="DURATION",
+                        help="close a keep-alive connection idle this long between requests "
+                             "(default 1m30s, kube-apiserver's IdleTimeout)")
+    limits.add_argument("--max-connections", type=_count, default=DEFAULT_MAX_CONNECTIONS,
+                        help="client connections open at once; more are closed after their handshake "
+                             "(default 1000, 0: no limit)")
+    limits.add_argument("--max-requests-inflight", type=_count, default=DEFAULT_MAX_REQUESTS_INFLIGHT,
+                        help="read-only requests served at once, watches and dumps not counted; more get 429 "
+                             "(default 400, 0: no limit)")
+    limits.add_argument("--max-mutating-requests-inflight", type=_count,
+                        default=DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT,
+                        help="create/update/patch/delete requests served at once; more get 429 "
+                             "(default 200, 0: no limit)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="how often the certificate files are checked for renewal (default 1m)")
     serving.add_argument("--max-request-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                          help="largest accepted request body (default 3 MiB, like kube-apiserver)")
+
+    add_limit_flags(parser)
 
     storage = parser.add_argument_group("object storage")
     storage.add_argument("--etcd-servers", type=_servers, default=[],
@@ -76,5 +112,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--secure-port {args.secure_port} is not a port number")
     if args.tls_cert_reload_interval <= 0:
         parser.error("--tls-cert-reload-interval must be positive")
+    for flag in ("read_header_timeout", "idle_timeout"):
+        if getattr(args, flag) <= 0:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
     if bool(args.etcd_certfile) != bool(args.etcd_keyfile):
         parser.error("--etcd-certfile and --etcd-keyfile go together")

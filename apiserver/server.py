@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from apiserver import devmode
+from apiserver import devmode, metrics
 from apiserver.api import openapi, openapi_proto
 from apiserver.api import resource as r
 from apiserver.auth.options import AuthConfigError, AuthSetup, DevAuth, build_auth
@@ -25,7 +25,8 @@ from apiserver.auth.static import dev_rules
 from apiserver.context import REGISTRY, SHUTTING_DOWN, STORAGE_ROOT
 from apiserver.handlers import dump, endpoints, meta
 from apiserver.handlers.io import BODY_LIMIT_KEY
-from apiserver.middleware import status_errors
+from apiserver.limits import ConnectionLimits, Middleware, inflight_limit
+from apiserver.middleware import observe_requests, status_errors
 from apiserver.registry.coredata import CoreData
 from apiserver.registry.endpoints import EndpointRegistry
 from apiserver.registry.store import ObjectStore, StoreUnavailable
@@ -71,12 +72,26 @@ def encode_documents() -> None:
     openapi_proto.encoded_v2()
 
 
+def add_observability_routes(app: web.Application) -> None:
+    """``GET /metrics`` (Prometheus text format; authorized like any non-resource path)."""
+    app.router.add_get("/metrics", metrics.serve_metrics)
+
+
+def limit_middlewares(*, connections: ConnectionLimits | None, max_requests_inflight: int,
+                      max_mutating_requests_inflight: int) -> list[Middleware]:
+    """Outermost first: the header watchdog stands down, the request is observed, then the in-flight cap."""
+    outer: list[Middleware] = [connections.middleware] if connections is not None else []
+    return [*outer, observe_requests, inflight_limit(max_readonly=max_requests_inflight,
+                                                     max_mutating=max_mutating_requests_inflight)]
+
+
 def build_app(*, registry: EndpointRegistry, storage_root: Path,
               auth_middleware: Callable[..., Awaitable[web.StreamResponse]],
-              max_body_bytes: int) -> web.Application:
+              max_body_bytes: int, outer_middlewares: list[Middleware] | None = None) -> web.Application:
     encode_documents()
     # Bodies are read through handlers.io with our own limit and Status; aiohttp's limit only backs it up.
-    app = web.Application(middlewares=[status_errors, auth_middleware], client_max_size=max_body_bytes + 1)
+    app = web.Application(middlewares=[*(outer_middlewares or []), status_errors, auth_middleware],
+                          client_max_size=max_body_bytes + 1)
     app[REGISTRY] = registry
     app[STORAGE_ROOT] = storage_root
     app[BODY_LIMIT_KEY] = max_body_bytes
@@ -86,6 +101,7 @@ def build_app(*, registry: EndpointRegistry, storage_root: Path,
         app[SHUTTING_DOWN].set()
     app.on_shutdown.append(announce_shutdown)
     add_routes(app)
+    add_observability_routes(app)
     return app
 
 
@@ -97,6 +113,23 @@ def make_store(args: argparse.Namespace) -> ObjectStore:
     from apiserver.registry.memory import MemoryStore
     logger.warning("no --etcd-servers: CoredumpEndpoint objects live in memory and are lost on restart")
     return MemoryStore()
+
+
+def instrumented(store: ObjectStore) -> ObjectStore:
+    """The store with every call timed for ``/metrics`` (``etcd_request_duration_seconds``)."""
+    return metrics.InstrumentedStore(store)
+
+
+async def start_listener(*, runner: web.AppRunner, sock: socket.socket, context: ssl.SSLContext,
+                         connections: ConnectionLimits) -> asyncio.base_events.Server:
+    """Serve ``runner`` on ``sock`` through the connection limits (what ``web.SockSite`` does, plus the guard).
+
+    The TLS handshake is bounded by the header timeout, as Go's http.Server bounds it by ReadHeaderTimeout.
+    """
+    loop = asyncio.get_running_loop()
+    assert runner.server is not None
+    return await loop.create_server(connections.factory(runner.server), sock=sock, ssl=context,
+                                    ssl_handshake_timeout=connections.read_header_timeout)
 
 
 def serving_context(*, cert: Path, key: Path, auth: AuthSetup) -> ssl.SSLContext:
@@ -167,7 +200,7 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
     else:
         cert, key, storage_root = args.tls_cert_file, args.tls_private_key_file, args.storage_root
 
-    store = make_store(args)
+    store = instrumented(make_store(args))
     try:
         await store.start()
     except StoreUnavailable as error:
@@ -177,6 +210,7 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
                         **({"autocreate_interval": devmode.AUTOCREATE_INTERVAL} if args.dev else {}))
     auth: AuthSetup | None = None
     runner: web.AppRunner | None = None
+    listener: asyncio.base_events.Server | None = None
     background: list[asyncio.Task[None]] = []
     try:
         await coredata.start()
@@ -190,11 +224,18 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
             context = serving_context(cert=cert, key=key, auth=auth)
         except (OSError, ssl.SSLError) as error:
             raise StartupError(f"cannot load the serving certificate {cert}: {error}") from None
+        connections = ConnectionLimits(max_connections=args.max_connections,
+                                       read_header_timeout=args.read_header_timeout)
         app = build_app(registry=registry, storage_root=storage_root, auth_middleware=auth.middleware,
-                        max_body_bytes=args.max_request_body_bytes)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, handle_signals=False)
+                        max_body_bytes=args.max_request_body_bytes,
+                        outer_middlewares=limit_middlewares(
+                            connections=connections, max_requests_inflight=args.max_requests_inflight,
+                            max_mutating_requests_inflight=args.max_mutating_requests_inflight))
+        # keepalive_timeout: aiohttp closes a connection idle between requests after --idle-timeout.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, handle_signals=False,
+                               keepalive_timeout=args.idle_timeout)
         await runner.setup()
-        await web.SockSite(runner, sock, ssl_context=context).start()
+        listener = await start_listener(runner=runner, sock=sock, context=context, connections=connections)
         background.append(asyncio.create_task(reload_serving_certificate(
             context=context, cert=cert, key=key, interval=args.tls_cert_reload_interval), name="cert-reload"))
         if args.auto_create_endpoints:
@@ -211,6 +252,8 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
         for task in background:
             with contextlib.suppress(BaseException):
                 await task
+        if listener is not None:
+            listener.close()  # no new connections; the runner ends the open ones
         if runner is not None:
             await runner.cleanup()
         if auth is not None:

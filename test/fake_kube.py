@@ -28,6 +28,8 @@ The ``fake_kube`` fixture (async, function scope) yields a :class:`FakeKube`:
 - ``.sar_requests`` / ``.token_reviews``: the bodies received, in order (to test caching)
 - ``.sar_failure`` / ``.token_review_failure``: ``None``, ``"unreachable"`` (the connection is dropped) or an
   HTTP status such as 500
+- ``.sar_answer`` / ``.token_review_answer`` / ``.configmap_answer``: ``None``, or ``(content_type, body)``
+  sent verbatim with 201 (200 for the ConfigMap) instead of the real answer, to try malformed ones
 - ``.set_authentication_configmap(*, client_ca=..., requestheader_ca=..., allowed_names=..., ...)``
 - ``.client_ca`` / ``.front_proxy_ca`` (:class:`TestCA`) and ``.issue_client_cert(directory, *, cn, orgs=(),
   ca="client")`` → (cert path, key path) for mTLS tests.
@@ -185,6 +187,9 @@ class FakeKube:
         self.token_reviews: list[dict[str, Any]] = []
         self.sar_failure: Failure = None
         self.token_review_failure: Failure = None
+        self.sar_answer: tuple[str, bytes] | None = None
+        self.token_review_answer: tuple[str, bytes] | None = None
+        self.configmap_answer: tuple[str, bytes] | None = None
         self.configmap_reads = 0
         self._resource_version = 1000
         self.auth_configmap: dict[str, str] = {}
@@ -337,6 +342,8 @@ class FakeKube:
 
     async def _get_auth_configmap(self, request: web.Request) -> web.StreamResponse:
         self.configmap_reads += 1
+        if self.configmap_answer is not None:
+            return web.Response(body=self.configmap_answer[1], headers={"Content-Type": self.configmap_answer[0]})
         return web.json_response({
             "kind": "ConfigMap", "apiVersion": "v1",
             "metadata": {"name": "extension-apiserver-authentication", "namespace": "kube-system",
@@ -350,6 +357,9 @@ class FakeKube:
         self.token_reviews.append(body)
         if (failed := await self._fail(request, self.token_review_failure)) is not None:
             return failed
+        if self.token_review_answer is not None:
+            return web.Response(status=201, body=self.token_review_answer[1],
+                                headers={"Content-Type": self.token_review_answer[0]})
         spec = body.get("spec") or {}
         found = self.tokens.get(spec.get("token", ""))
         status: dict[str, Any]
@@ -371,6 +381,8 @@ class FakeKube:
         self.sar_requests.append(body)
         if (failed := await self._fail(request, self.sar_failure)) is not None:
             return failed
+        if self.sar_answer is not None:
+            return web.Response(status=201, body=self.sar_answer[1], headers={"Content-Type": self.sar_answer[0]})
         spec = body.get("spec") or {}
         user = UserInfo(name=spec.get("user", ""), uid=spec.get("uid", ""), groups=tuple(spec.get("groups") or ()))
         if ra := spec.get("resourceAttributes"):

@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -56,7 +57,18 @@ def parse_accept(header: str | None) -> list[MediaType]:
         return [MediaType("*/*", {})]
     types = [MediaType.parse(item) for item in header.split(",") if item.strip()]
     # q-values are rare among Kubernetes clients; honor them with a stable sort when present.
-    return sorted(types, key=lambda mt: -float(mt.params.get("q", "1") or 1))
+    return sorted(types, key=lambda mt: -_quality(mt.params.get("q")))
+
+
+def _quality(text: str | None) -> float:
+    """A q-value as goautoneg (k8s.io/apimachinery's negotiation) reads it: unparsable means 0, not an error."""
+    if text is None:
+        return 1.0
+    try:
+        value = float(text)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) else 0.0
 
 
 _JSON_TYPES = {"application/json", "application/*", "*/*"}

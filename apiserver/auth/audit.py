@@ -1,10 +1,13 @@
 """
-The audit trail of dumps: one JSON line per dump served, naming who got which cores.
+The audit trail of dumps: one JSON line per dump request that reached a decision, naming who asked for what
+and what they got.
 
-Cores hold passwords, keys and customer data; whoever reads the logs must be able to tell who
-downloaded what. The dump handler calls :func:`audit_dump` once per request, whatever the outcome.
-The fields travel as the record's ``extra``, so the server's JSON formatter (:mod:`apiserver.logs`)
-writes them as top-level keys of one JSON object per line.
+Cores hold passwords, keys and customer data; whoever reads the logs must be able to tell who downloaded
+what, and who tried. :func:`audit_dump` is called exactly once per ``dump`` request that was authenticated:
+by the auth pipeline when authorization refuses it (403) or cannot decide (500), and by the dump handler
+for everything after that — served (200/206, with the bytes actually sent), not found (404), a bad query
+(400), cores changing underneath (409). The fields travel as the record's ``extra``, so the server's JSON
+formatter (:mod:`apiserver.logs`) writes them as top-level keys of one JSON object per line.
 """
 from __future__ import annotations
 
@@ -12,16 +15,19 @@ import logging
 
 from aiohttp import web
 
-from apiserver import context
+from apiserver import context, metrics
 from apiserver.auth import UserInfo
 
 logger = logging.getLogger("coredump.audit")
 
 
-def audit_dump(*, request: web.Request, namespace: str, pod: str, cores: int, bytes_sent: int,
-               outcome: str) -> None:
-    """Log one line: user, groups, namespace, pod, number of cores, bytes sent and the outcome."""
-    user: UserInfo | None = request.get(context.USER)
+def audit_dump(*, request: web.Request, namespace: str, pod: str, outcome: str, code: int, bytes_sent: int = 0,
+               cores: int = 0, user: UserInfo | None = None) -> None:
+    """Log one line: user, groups, namespace, pod, query, status code, cores, bytes sent and the outcome.
+
+    ``outcome`` is one of complete, disconnected, error (served, then cut), denied, not_found, invalid.
+    """
+    user = user or request.get(context.USER)
     record = {
         "audit": "dump",
         "user": user.name if user else "",
@@ -29,10 +35,12 @@ def audit_dump(*, request: web.Request, namespace: str, pod: str, cores: int, by
         "groups": list(user.groups) if user else [],
         "namespace": namespace,
         "pod": pod,
+        "query": request.query_string,
+        "code": code,
         "cores": cores,
         "bytes": bytes_sent,
         "outcome": outcome,
-        "query": request.query_string,
         "remote": request.remote or "",
     }
-    logger.info("dump served", extra=record)
+    metrics.DUMPS.labels(outcome=outcome).inc()
+    logger.info(f"dump {outcome}", extra=record)

@@ -5,7 +5,9 @@ As in k8s.io/apiserver: ``--client-ca-file`` wins over the ConfigMap's ``client-
 ``--requestheader-client-ca-file`` (with the other ``--requestheader-*`` flags) wins over the
 ConfigMap's ``requestheader-*`` keys; otherwise both come from
 ``kube-system/extension-apiserver-authentication`` (unless ``--authentication-skip-lookup``). Files and
-the ConfigMap are read again every refresh interval; a failed refresh keeps the last good settings.
+the ConfigMap are read again every refresh interval; a failed refresh keeps the last good settings. The
+ConfigMap is read strictly: another kind or object, a value that is not a string, or a list key that is not
+a JSON list of strings is refused (at start: the server does not start; later: the last good settings stay).
 """
 from __future__ import annotations
 
@@ -15,11 +17,11 @@ import json
 import logging
 from pathlib import Path
 
-import aiohttp
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 
 from apiserver.auth.requestheader import RequestHeaderConfig, RequestHeaderNames
+from apiserver.auth.reviews import MalformedAnswer, parse_configmap_data
+from apiserver.auth.webhook import Unreachable, call_cluster
 from apiserver.auth.x509 import CABundle
 
 logger = logging.getLogger(__name__)
@@ -98,20 +100,26 @@ class DelegatedAuthConfig:
             self.requestheader.names = names
 
     async def _read_configmap(self) -> dict[str, str]:
+        """The ConfigMap's data, read strictly (:func:`~apiserver.auth.reviews.parse_configmap_data`)."""
         assert self._core_api is not None
+        core_api = self._core_api
         try:
-            cm = await self._core_api.read_namespaced_config_map(CONFIGMAP_NAME, CONFIGMAP_NAMESPACE,
-                                                                 _request_timeout=10)
-        except ApiException as error:
+            answer = await call_cluster(
+                start=lambda: core_api.read_namespaced_config_map(CONFIGMAP_NAME, CONFIGMAP_NAMESPACE,
+                                                                  _preload_content=False, _request_timeout=10),
+                timeout=10)
+        except Unreachable as error:
+            raise AuthConfigError(f"cannot reach the cluster to read {_CONFIGMAP}: {error} (is the cluster's "
+                                  f"API server reachable from here?)") from error
+        if not 200 <= answer.status <= 299:
             raise AuthConfigError(
-                f"cannot read {_CONFIGMAP}: HTTP {error.status} {error.reason} (grant the "
+                f"cannot read {_CONFIGMAP}: HTTP {answer.status} (grant the "
                 f"extension-apiserver-authentication-reader role, or use --authentication-skip-lookup with "
-                f"--client-ca-file)") from error
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-            raise AuthConfigError(f"cannot reach the cluster to read {_CONFIGMAP}: "
-                                  f"{error or type(error).__name__} (is the cluster's API server reachable from "
-                                  f"here?)") from error
-        return dict(cm.data or {})
+                f"--client-ca-file)")
+        try:
+            return parse_configmap_data(answer.body, name=CONFIGMAP_NAME, namespace=CONFIGMAP_NAMESPACE)
+        except MalformedAnswer as error:
+            raise AuthConfigError(f"{_CONFIGMAP}: refused: {error}") from None
 
     def start(self) -> None:
         if self._task is None and self._refresh_interval > 0:

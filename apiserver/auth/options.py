@@ -25,7 +25,8 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 
 from apiserver.auth import Authenticator
 from apiserver.auth.authconfig import AuthConfigError, DelegatedAuthConfig
-from apiserver.auth.pipeline import HEALTH_PATHS, Middleware, UnionAuthenticator, make_auth_middleware
+from apiserver.auth.pipeline import (HEALTH_PATHS, AlwaysAllowPaths, Middleware, UnionAuthenticator,
+                                     make_auth_middleware)
 from apiserver.auth.requestheader import RequestHeaderAuthenticator, RequestHeaderNames
 from apiserver.auth.sar import SubjectAccessReviewAuthorizer
 from apiserver.auth.static import Rule, StaticAuthorizer
@@ -73,6 +74,15 @@ def _list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
+def _path_list(text: str) -> tuple[str, ...]:
+    paths = _list(text)
+    try:
+        AlwaysAllowPaths(paths)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return paths
+
+
 def add_auth_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("authentication and authorization (delegated to the cluster)")
     group.add_argument("--authentication-kubeconfig", type=Path, default=None,
@@ -105,9 +115,9 @@ def add_auth_flags(parser: argparse.ArgumentParser) -> None:
                        help="how long allowed SubjectAccessReview answers are cached (default 10s)")
     group.add_argument("--authorization-webhook-cache-unauthorized-ttl", type=parse_duration, default=10.0,
                        help="how long denied SubjectAccessReview answers are cached (default 10s)")
-    group.add_argument("--authorization-always-allow-paths", type=_list, default=HEALTH_PATHS,
-                       help="paths served without authorization; a trailing * matches a prefix "
-                            "(default: the health checks)")
+    group.add_argument("--authorization-always-allow-paths", type=_path_list, default=HEALTH_PATHS,
+                       help="comma-separated paths served without authorization, matched exactly; a trailing * "
+                            "matches a prefix (default: /healthz,/livez,/readyz)")
     group.add_argument("--authentication-config-refresh-interval", type=parse_duration, default=30.0,
                        help="how often CA files and the ConfigMap are read again to follow rotation (default 30s)")
 

@@ -6,7 +6,9 @@ The authenticate → authorize middleware every request passes, as k8s.io/apiser
    ``system:authenticated``.
 2. The URL and method become :class:`RequestAttributes` (:mod:`apiserver.auth.requestinfo`).
 3. ``system:masters`` and the always-allowed paths (health checks) skip authorization; every other
-   request is authorized, and a denial is the 403 ``Status`` kube-apiserver would write.
+   request is authorized, and a denial is the 403 ``Status`` kube-apiserver would write (an authorizer that
+   cannot decide: 500 InternalError, as kube-apiserver). A refused ``dump`` is audited here
+   (:mod:`apiserver.auth.audit`).
 
 The user and the attributes are stored in the request (``apiserver.context.USER``/``ATTRIBUTES``) for the
 handlers (the dump handler audits with them). Errors are answered here as ``Status`` responses, so this
@@ -21,7 +23,10 @@ from aiohttp import web
 
 from apiserver import context
 from apiserver.api import errors
+from apiserver.api.resource import PLURAL as RESOURCE
+from apiserver.api.resource import SUBRESOURCE_DUMP as DUMP
 from apiserver.auth import MASTERS_GROUP, Authenticator, Authorizer, RequestAttributes, UserInfo
+from apiserver.auth.audit import audit_dump
 from apiserver.auth.requestinfo import request_attributes
 
 logger = logging.getLogger(__name__)
@@ -30,7 +35,39 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
 
 ANONYMOUS = UserInfo(name="system:anonymous", groups=("system:unauthenticated",))
-HEALTH_PATHS = ("/healthz", "/healthz/*", "/livez", "/livez/*", "/readyz", "/readyz/*")
+# k8s.io/apiserver's DelegatingAuthorizationOptions default: the three health paths, exactly (not their checks).
+HEALTH_PATHS = ("/healthz", "/livez", "/readyz")
+
+
+class AlwaysAllowPaths:
+    """``--authorization-always-allow-paths`` as k8s.io/apiserver's path authorizer reads it.
+
+    Each entry is an exact path or a prefix ending in ``*`` (``*`` anywhere else is refused with
+    ``ValueError``); a leading ``/`` is optional on both sides, and ``""`` or ``/`` means the root path.
+    Only non-resource requests are matched there, so a resource path is never always-allowed.
+    """
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self._exact: set[str] = set()
+        prefixes: list[str] = []
+        for pattern in patterns:
+            trimmed = pattern.removeprefix("/")
+            if not trimmed:
+                self._exact.add("")
+                continue
+            if "*" in trimmed[:-1]:
+                raise ValueError(f"only a trailing * is allowed in {pattern!r}")
+            if trimmed.endswith("*"):
+                prefixes.append(trimmed[:-1])
+            else:
+                self._exact.add(trimmed)
+        self._prefixes = tuple(prefixes)
+
+    def __call__(self, path: str, *, is_resource_request: bool) -> bool:
+        if is_resource_request:
+            return False
+        trimmed = path.removeprefix("/")
+        return trimmed in self._exact or (bool(self._prefixes) and trimmed.startswith(self._prefixes))
 
 
 class PathMatcher:
@@ -62,6 +99,13 @@ def _forbidden(attributes: RequestAttributes, reason: str) -> errors.ApiError:
     return error
 
 
+def _audit_refused_dump(request: web.Request, attributes: RequestAttributes, *, outcome: str, code: int) -> None:
+    """A dump the authorizer refused never reaches its handler: its audit line is written here."""
+    if attributes.is_resource_request and attributes.resource == RESOURCE and attributes.subresource == DUMP:
+        audit_dump(request=request, namespace=attributes.namespace, pod=attributes.name, outcome=outcome, code=code,
+                   user=attributes.user)
+
+
 def make_auth_middleware(
     *,
     authenticator: Authenticator,
@@ -70,12 +114,16 @@ def make_auth_middleware(
     anonymous: bool = False,
 ) -> Middleware:
     """An aiohttp middleware that authenticates and authorizes every request before its handler runs."""
-    always_allowed = PathMatcher(always_allow_paths)
+    always_allowed = AlwaysAllowPaths(always_allow_paths)
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
-        always_allowed_path = always_allowed(path)
+        # Classified before authentication, to let unauthenticated health probes through; the attributes
+        # depend on the user only in their user field.
+        always_allowed_path = always_allowed(
+            path, is_resource_request=request_attributes(method=request.method, path=path, query=request.query,
+                                                         user=ANONYMOUS).is_resource_request)
         try:
             user = await authenticator.authenticate(request)
         except errors.ApiError as error:
@@ -98,11 +146,13 @@ def make_auth_middleware(
             try:
                 decision = await authorizer.authorize(attributes)
             except errors.ApiError as error:
-                logger.warning("authorization of %s %s for %r failed: %s",
-                               attributes.verb, path, user.name, error.message)
+                logger.warning("authorization failed", extra={"verb": attributes.verb, "path": path,
+                                                              "user": user.name, "error": error.message})
+                _audit_refused_dump(request, attributes, outcome="error", code=error.code)
                 return _status_response(error)
             if not decision.allowed:
-                logger.info("forbidden: user=%r verb=%s path=%s", user.name, attributes.verb, path)
+                logger.info("forbidden", extra={"verb": attributes.verb, "path": path, "user": user.name})
+                _audit_refused_dump(request, attributes, outcome="denied", code=403)
                 return _status_response(_forbidden(attributes, decision.reason))
         return await handler(request)
 

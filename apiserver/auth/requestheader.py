@@ -3,7 +3,9 @@ Front-proxy authentication: the kube-aggregator's client certificate vouches for
 
 Headers count only on a connection whose client certificate was issued by the requestheader CA **and**
 whose CN is one of the allowed names (an empty list allows any CN from that CA), as k8s.io/apiserver's
-requestheader authenticator decides. The user is the first non-empty username header; groups are every
+requestheader authenticator decides. The user is the first value of the first username header whose first
+value is not empty (as Go's ``Header.Get``: a later ``X-Remote-User`` never overrides an empty first one);
+no such value means no user from the front proxy (then 401). Groups are every
 value of every group header (one group per header line, never split on commas); extras are every
 ``<prefix><key>`` header, the key lower-cased and path-unescaped as Kubernetes does.
 """
@@ -13,6 +15,7 @@ import dataclasses
 import functools
 import logging
 import urllib.parse
+from collections.abc import Mapping
 
 from aiohttp import web
 
@@ -54,6 +57,15 @@ def _unescape_extra_key(key: str) -> str:
         return key
 
 
+def _first_value(headers: Mapping[str, str], names: tuple[str, ...]) -> str:
+    """k8s.io/apiserver's ``headerValue``: per header name in order, its first value; the first non-empty wins."""
+    for name in names:
+        value = headers.get(name, "")
+        if value:
+            return value
+    return ""
+
+
 class RequestHeaderAuthenticator:
     """Users named by the front proxy's X-Remote-* headers, trusted only from the front proxy's certificate."""
 
@@ -77,10 +89,11 @@ class RequestHeaderAuthenticator:
             raise errors.unauthorized()
 
         headers = request.headers
-        name = next((v for h in names.username_headers for v in headers.getall(h, []) if v), "")
+        name = _first_value(headers, names.username_headers)
         if not name:
+            logger.info("front-proxy request without a user name header value: not authenticated")
             return None
-        uid = next((v for h in names.uid_headers for v in headers.getall(h, []) if v), "")
+        uid = _first_value(headers, names.uid_headers)
         groups = tuple(v for h in names.group_headers for v in headers.getall(h, []) if v)
         extra: dict[str, list[str]] = {}
         prefixes = names.lowered_extra_prefixes

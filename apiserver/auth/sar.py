@@ -3,23 +3,28 @@ Authorization by asking the cluster: one SubjectAccessReview (``authorization.k8
 
 Decisions are cached by the whole review spec: allowed ones for
 ``--authorization-webhook-cache-authorized-ttl``, denied ones for
-``--authorization-webhook-cache-unauthorized-ttl``. When the cluster cannot be reached the answer is
-503 ServiceUnavailable, when it answers with an error 500 InternalError: never an allow, and never cached.
+``--authorization-webhook-cache-unauthorized-ttl``. The answer is read strictly
+(:mod:`apiserver.auth.reviews`). When no decision can be had — the cluster unreachable, an HTTP error, an
+answer that is not a well-formed SubjectAccessReview (``"allowed": "false"``, HTML, both allowed and
+denied) — the request is answered 500 InternalError "Internal error occurred: ...", which is what
+kube-apiserver's authorization filter writes when its authorizer returns an error without an allow
+(k8s.io/apiserver ``endpoints/filters/authorization.go``: ``responsewriters.InternalError``; the webhook
+authorizer returns its decode and transport errors as such). Never an allow, and never cached.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Hashable
 from typing import Any
 
-import aiohttp
 from kubernetes_asyncio import client
-from kubernetes_asyncio.client.exceptions import ApiException
 
+from apiserver import metrics
 from apiserver.api import errors
 from apiserver.auth import Decision, RequestAttributes
 from apiserver.auth.cache import TTLCache
+from apiserver.auth.reviews import SUBJECT_ACCESS_REVIEW_API_VERSION, MalformedAnswer, parse_subject_access_review
+from apiserver.auth.webhook import Unreachable, call_cluster
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,10 @@ def _cache_key(attributes: RequestAttributes) -> Hashable:
             asked)
 
 
+def _authorizer_error(detail: str) -> errors.ApiError:
+    return errors.internal(f"Internal error occurred: {detail}")
+
+
 class SubjectAccessReviewAuthorizer:
     def __init__(self, *, api_client: client.ApiClient, authorized_ttl: float, unauthorized_ttl: float,
                  clock: Callable[[], float] | None = None) -> None:
@@ -68,6 +77,7 @@ class SubjectAccessReviewAuthorizer:
     async def authorize(self, attributes: RequestAttributes) -> Decision:
         key = _cache_key(attributes)
         decision = self._cache.get(key)
+        metrics.AUTHZ_CACHE.labels(status="hit" if decision is not None else "miss").inc()
         if decision is not None:
             return decision
         decision = await self._review(review_spec(attributes))
@@ -76,23 +86,29 @@ class SubjectAccessReviewAuthorizer:
         return decision
 
     async def _review(self, spec: dict[str, Any]) -> Decision:
-        body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec}
+        body = {"apiVersion": SUBJECT_ACCESS_REVIEW_API_VERSION, "kind": "SubjectAccessReview", "spec": spec}
         try:
-            review = await self._api.create_subject_access_review(body, _request_timeout=REQUEST_TIMEOUT)
-        except ApiException as error:
-            logger.error("SubjectAccessReview failed: HTTP %s %s", error.status, error.reason)
-            raise errors.internal(f"Internal error occurred: SubjectAccessReview failed: "
-                                  f"HTTP {error.status} {error.reason or ''}".rstrip()) from error
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
-            logger.error("SubjectAccessReview unreachable: %s", error)
-            raise errors.service_unavailable(
-                "the authorization check (SubjectAccessReview) could not reach the cluster; "
-                "the request was not allowed") from error
-        status = review.status
-        if status is None:
-            raise errors.internal("Internal error occurred: SubjectAccessReview answered without a status")
-        if status.evaluation_error:
-            logger.warning("SubjectAccessReview evaluation error: %s", status.evaluation_error)
-        if status.allowed and not status.denied:
-            return Decision(allowed=True, reason=status.reason or "")
-        return Decision(allowed=False, reason=status.reason or "")
+            answer = await call_cluster(
+                start=lambda: self._api.create_subject_access_review(body, _preload_content=False,
+                                                                     _request_timeout=REQUEST_TIMEOUT),
+                timeout=REQUEST_TIMEOUT)
+        except Unreachable as error:
+            metrics.observe_webhook(metrics.AUTHZ_REQUESTS, metrics.AUTHZ_DURATION, code="error",
+                                    seconds=error.seconds)
+            logger.error("SubjectAccessReview unreachable", extra={"error": str(error)})
+            raise _authorizer_error(f"SubjectAccessReview could not reach the cluster: {error}") from error
+        if not 200 <= answer.status <= 299:
+            metrics.observe_webhook(metrics.AUTHZ_REQUESTS, metrics.AUTHZ_DURATION, code=str(answer.status),
+                                    seconds=answer.seconds)
+            logger.error("SubjectAccessReview failed", extra={"httpStatus": answer.status})
+            raise _authorizer_error(f"SubjectAccessReview failed: HTTP {answer.status}")
+        try:
+            decision = parse_subject_access_review(answer.body)
+        except MalformedAnswer as error:
+            metrics.observe_webhook(metrics.AUTHZ_REQUESTS, metrics.AUTHZ_DURATION, code="malformed",
+                                    seconds=answer.seconds)
+            logger.error("SubjectAccessReview answer refused", extra={"error": str(error)})
+            raise _authorizer_error(f"SubjectAccessReview answer refused: {error}") from None
+        metrics.observe_webhook(metrics.AUTHZ_REQUESTS, metrics.AUTHZ_DURATION, code=str(answer.status),
+                                seconds=answer.seconds)
+        return decision

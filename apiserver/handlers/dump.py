@@ -4,7 +4,9 @@
 Authorization (``get coredumpendpoints/dump`` in NS) happened in the auth middleware. Here: the
 query is validated (400), the endpoint looked up (404 if absent), its incarnation's cores selected
 (404 if none match), the archive planned (size, ETag), a ``Range`` honoured under ``If-Range``,
-and the bytes streamed. Every dump served is audited once, whatever its outcome.
+and the bytes streamed. Every dump request that got here is audited once, whatever its outcome: a refusal
+(404, 400, 409) with its code, a transfer with the bytes actually sent. (A 403 is audited by the auth
+pipeline, which refuses it before this handler.)
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from aiohttp import web
 
 from handler import layout
 
-from apiserver import context
+from apiserver import context, metrics
 from apiserver.auth.audit import audit_dump
 from apiserver.api import errors
 from apiserver.dump.plan import DumpPlan, PlanError, build_plan
@@ -33,6 +35,23 @@ logger = logging.getLogger(__name__)
 async def get_dump(request: web.Request) -> web.StreamResponse:
     namespace = request.match_info["namespace"]
     name = request.match_info["name"]
+    try:
+        return await _get_dump(request, namespace=namespace, name=name)
+    except errors.ApiError as error:
+        # Refused before a byte was sent (404, 400, 409, ...): audited with its code, then answered.
+        _audit_refusal(request, namespace=namespace, pod=name, code=error.code)
+        raise
+
+
+def _audit_refusal(request: web.Request, *, namespace: str, pod: str, code: int) -> None:
+    outcome = {404: "not_found", 400: "invalid", 416: "invalid"}.get(code, "error")
+    try:
+        audit_dump(request=request, namespace=namespace, pod=pod, outcome=outcome, code=code)
+    except Exception:  # noqa: BLE001 - an audit failure must not hide the answer
+        logger.exception("audit of a refused dump failed")
+
+
+async def _get_dump(request: web.Request, *, namespace: str, name: str) -> web.StreamResponse:
     query = parse_query(request.query)
     try:
         layout.validate_namespace(namespace)
@@ -120,17 +139,20 @@ async def _send(request: web.Request, response: web.StreamResponse, *, plan: Dum
         outcome = "disconnected"
         raise
     finally:
-        _audit(request, namespace=namespace, pod=pod, plan=plan, start=start, end=end, sent=sent,
+        _audit(request, response, namespace=namespace, pod=pod, plan=plan, start=start, end=end, sent=sent,
                outcome=outcome, seconds=time.monotonic() - began)
 
 
-def _audit(request: web.Request, *, namespace: str, pod: str, plan: DumpPlan, start: int, end: int, sent: int,
+def _audit(request: web.Request, response: web.StreamResponse, *, namespace: str, pod: str, plan: DumpPlan,
+           start: int, end: int, sent: int,
            outcome: str, seconds: float) -> None:
     try:
         audit_dump(request=request, namespace=namespace, pod=pod, cores=len(plan.cores), bytes_sent=sent,
-                   outcome=outcome)
+                   outcome=outcome, code=response.status)
     except Exception:  # noqa: BLE001 - an audit failure must not turn a served dump into a 500
         logger.exception("audit of a dump failed")
+    metrics.DUMP_BYTES.inc(sent)
+    metrics.DUMP_DURATION.labels(outcome=outcome).observe(seconds)
     # The audit line says who got what; this one says how the transfer went, for operators.
     logger.info("dump streamed", extra={
         "namespace": namespace, "pod": pod, "range": [start, end], "archiveSize": plan.size, "bytesSent": sent,

@@ -111,7 +111,14 @@ async def read_body(request: web.Request, *, allowed: tuple[str, ...]) -> Body:
     limit = request.app.get(BODY_LIMIT_KEY, DEFAULT_MAX_BODY_BYTES)
     if request.content_length is not None and request.content_length > limit:
         raise errors.request_entity_too_large(limit=limit)
-    raw = await request.content.read(limit + 1)
+    # StreamReader.read(n) returns what has arrived so far: read until the end, or just past the limit.
+    buffer = bytearray()
+    while len(buffer) <= limit:
+        chunk = await request.content.read(limit + 1 - len(buffer))
+        if not chunk:
+            break
+        buffer += chunk
+    raw = bytes(buffer)
     if len(raw) > limit:
         raise errors.request_entity_too_large(limit=limit)
     if not raw.strip():

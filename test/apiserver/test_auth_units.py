@@ -109,7 +109,7 @@ def test_audit_logs_one_json_line_per_dump(caplog: pytest.LogCaptureFixture) -> 
                                   "?container=app")
     request[context.USER] = UserInfo(name="alice", groups=("team-a", "system:authenticated"))
     with caplog.at_level(logging.INFO, logger="coredump.audit"):
-        audit_dump(request=request, namespace="a", pod="web", cores=2, bytes_sent=12345, outcome="complete")
+        audit_dump(request=request, namespace="a", pod="web", cores=2, bytes_sent=12345, outcome="complete", code=200)
     records = [r for r in caplog.records if r.name == "coredump.audit"]
     assert len(records) == 1
     text = JsonFormatter().format(records[0])
