@@ -12,6 +12,7 @@ from apiserver.auth.options import add_auth_flags, parse_bool, parse_duration
 from apiserver.handlers.io import DEFAULT_MAX_BODY_BYTES
 from apiserver.limits import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT,
                               DEFAULT_MAX_REQUESTS_INFLIGHT, DEFAULT_READ_HEADER_TIMEOUT)
+from apiserver.retention.setup import add_retention_flags
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="kubeconfig for reading pods (default: in-cluster configuration when available)")
 
     add_auth_flags(parser)
+    add_retention_flags(parser)
 
     dev = parser.add_argument_group("development")
     dev.add_argument("--dev", action="store_true",

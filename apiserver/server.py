@@ -27,6 +27,7 @@ from apiserver.handlers import dump, endpoints, meta
 from apiserver.handlers.io import BODY_LIMIT_KEY
 from apiserver.limits import ConnectionLimits, Middleware, inflight_limit
 from apiserver.middleware import observe_requests, status_errors
+from apiserver.retention import setup as retention_setup
 from apiserver.registry.coredata import CoreData
 from apiserver.registry.endpoints import EndpointRegistry
 from apiserver.registry.store import ObjectStore, StoreUnavailable
@@ -238,6 +239,9 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
         listener = await start_listener(runner=runner, sock=sock, context=context, connections=connections)
         background.append(asyncio.create_task(reload_serving_certificate(
             context=context, cert=cert, key=key, interval=args.tls_cert_reload_interval), name="cert-reload"))
+        if retention_setup.enabled(args):
+            background.append(asyncio.create_task(
+                retention_setup.run(args, storage_root=storage_root, dev=args.dev), name="retention"))
         if args.auto_create_endpoints:
             background.append(asyncio.create_task(coredata.run_autocreate(registry=registry), name="autocreate"))
         logger.info("serving", extra={"address": f"https://{host}:{port}", "storage_root": str(storage_root),
