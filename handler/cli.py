@@ -35,6 +35,16 @@ def parse_size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
 
 
+def _bool(text: str) -> bool:
+    import argparse
+    t = text.strip().lower()
+    if t in ("true", "1", "yes"):
+        return True
+    if t in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"not true or false: {text!r}")
+
+
 def build_parser() -> "argparse.ArgumentParser":
     import argparse
     from pathlib import Path
@@ -57,6 +67,11 @@ def build_parser() -> "argparse.ArgumentParser":
     p.add_argument("--rate-first", type=int, help="per container and window: keep the first N cores")
     p.add_argument("--rate-latest", type=int, help="... and the latest M")
     p.add_argument("--rate-window", type=float, help="rate-limit window in seconds")
+    p.add_argument("--rate-latest-interval", type=float,
+                   help="past the first N, take a new 'latest' core at most this often (seconds); others are discarded uncompressed")
+    p.add_argument("--capture-default", type=_bool, metavar="true|false",
+                   help="keep cores of pods whose pod and namespace have no coredump.example.io/capture annotation")
+    p.add_argument("--compress-level", type=int, choices=range(0, 4), metavar="0-3", help="ISA-L gzip level")
     p.add_argument("--previous-pattern-file", type=Path, help="file holding the node's previous core_pattern")
     p.add_argument("--foreign", choices=["previous", "drop"], help="cores of non-pod processes")
     p.add_argument("--storage-timeout", type=float, help="seconds a storage probe may take before spooling")
