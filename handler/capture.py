@@ -14,10 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import stat
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from handler import elfinfo, foreign, layout
 from handler.config import HandlerConfig
@@ -223,20 +225,69 @@ def _cmdline(cfg: HandlerConfig, pid: int) -> str | None:
     return " ".join(a.decode("utf-8", "replace") for a in raw.split(b"\0") if a) or None
 
 
+class NotACore(ValueError):
+    """``import`` was given something that is not an ELF core or a gzip of one."""
+
+
+def sniff_core(path: Path) -> Any:
+    """The opener for an importable core (``open``, or ``igzip.open`` for a gzipped one); else :class:`NotACore`."""
+    from isal import igzip
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise NotACore(f"{path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise NotACore(f"{path}: not a regular file")
+    if st.st_size == 0:
+        raise NotACore(f"{path}: empty file, not a core")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:2] == b"\x1f\x8b":
+        try:
+            with igzip.open(path, "rb") as g:
+                head = g.read(64)
+        except (OSError, EOFError, ValueError) as e:
+            raise NotACore(f"{path}: gzip file that cannot be read: {e}") from None
+        if elfinfo.is_core_file(head):
+            return igzip.open
+        raise NotACore(f"{path}: gzip file whose content is not an ELF core")
+    if elfinfo.is_core_file(head):
+        return open
+    what = "an ELF file but not a core (e_type is not ET_CORE)" if head[:4] == b"\x7fELF" else "not an ELF core"
+    raise NotACore(f"{path}: {what}; import takes an ELF core file or a gzip of one")
+
+
+class NoPlaceToFile(OSError):
+    """Storage cannot take the core now and no spool directory was given: nothing is written."""
+
+
 def import_core(cfg: HandlerConfig, path: Path, *, ident: PodIdentity, pid: int | None, sig: int | None,
                 comm: str | None, timestamp: float | None) -> Filed:
-    """File an existing core file (uncompressed ELF core) exactly as if the kernel had sent it."""
-    info = elfinfo.core_process_info(path)
+    """
+    File an existing core file (an ELF core, or a gzip of one) as if the kernel had sent it; never rate
+    limited. Writes only under directories given by flag or config file: the storage root, the spool (only
+    if given) and outcome records (only if a state dir was given). Raises :class:`NotACore` before writing.
+    """
+    opener = sniff_core(path)
+    info = elfinfo.core_process_info(path, opener=opener)
     pid = pid if pid is not None else int(info.get("pid", 0))
     sig = sig if sig is not None else int(info.get("signal", 0))
     comm = comm if comm is not None else str(info.get("comm", "") or path.name)
     timestamp = timestamp if timestamp is not None else path.stat().st_mtime
-    meta = base_metadata(ident=ident, pid=pid, sig=sig, timestamp=timestamp, comm=comm, exe=None,
-                         build_id=elfinfo.build_id_from_core(path), node=cfg.node)
+    exe = info.get("exe")
+    cmdline = info.get("cmdline")
+    meta = base_metadata(ident=ident, pid=pid, sig=sig, timestamp=timestamp, comm=comm,
+                         exe=exe if isinstance(exe, str) else None,
+                         build_id=elfinfo.build_id_from_core(path, opener=opener), node=cfg.node,
+                         cmdline=cmdline if isinstance(cmdline, str) else None)
     core_id = layout.make_core_id(timestamp=timestamp, comm=comm, pid=pid, signal=sig)
     started = time.monotonic()
     spool_reason = storage_usable(cfg.storage_root, timeout=cfg.storage_timeout)
-    filed = file_core(cfg, chunks=file_chunks(path, chunk_size=cfg.chunk_size), meta=meta, core_id=core_id,
-                      ident=ident, spool_reason=spool_reason)
-    write_outcome(cfg.outcomes_dir, outcome_record(filed, duration=time.monotonic() - started, source="import"))
+    if spool_reason and "spool_dir" not in cfg.explicit:
+        raise NoPlaceToFile(f"storage unusable ({spool_reason}) and no --spool-dir given: nothing written")
+    chunks = file_chunks(path, chunk_size=cfg.chunk_size, opener=None if opener is open else opener)
+    filed = file_core(cfg, chunks=chunks, meta=meta, core_id=core_id, ident=ident, spool_reason=spool_reason,
+                      rate_limit=False)
+    if "state_dir" in cfg.explicit:
+        write_outcome(cfg.outcomes_dir, outcome_record(filed, duration=time.monotonic() - started, source="import"))
     return filed

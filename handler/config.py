@@ -66,6 +66,8 @@ class HandlerConfig:
     chunk_size: int = 1 << 20
     compress_level: int = 1               # ISA-L gzip level 0-3 (README, Core ingest: speed against size)
     extra: dict[str, Any] = field(default_factory=dict)
+    # The settings that came from the config file or a flag (not defaults): ``import`` writes only there.
+    explicit: frozenset[str] = frozenset()
 
     _PATHS = ("storage_root", "spool_dir", "state_dir", "proc_root", "host_root", "previous_pattern_file")
 
@@ -85,6 +87,7 @@ class HandlerConfig:
         known = {k: v for k, v in data.items() if k in names}
         cfg = cls(**known)
         cfg.extra = {k: v for k, v in data.items() if k not in names}
+        cfg.explicit = frozenset(known)
         for name in cls._PATHS:
             value = getattr(cfg, name)
             if value is not None and not isinstance(value, Path):
@@ -94,7 +97,7 @@ class HandlerConfig:
     def to_json(self) -> str:
         out = {}
         for f in dataclasses.fields(self):
-            if f.name == "extra":
+            if f.name in ("extra", "explicit"):
                 continue
             v = getattr(self, f.name)
             out[f.name] = str(v) if isinstance(v, Path) else v

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import struct
 from pathlib import Path
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +96,11 @@ def _read_at(f: BinaryIO, segs, vaddr: int, size: int) -> bytes | None:
     return None
 
 
-def build_id_from_core(path: Path) -> str | None:
-    """The build-id of the main executable recorded in an ELF core file (or None)."""
+def build_id_from_core(path: Path, *, opener: Callable[..., Any] = open) -> str | None:
+    """The build-id of the main executable recorded in an ELF core file (or None); ``opener`` may be
+    ``isal.igzip.open`` for a gzipped core (it seeks, forward reads decompress)."""
     try:
-        with open(path, "rb") as f:
+        with opener(path, "rb") as f:
             elf = _Elf(f.read(64))
             if elf.type != ET_CORE:
                 return None
@@ -141,7 +143,7 @@ def build_id_from_core(path: Path) -> str | None:
                                 if bid:
                                     return bid
                     return None
-    except (OSError, ValueError, struct.error) as e:
+    except (OSError, EOFError, ValueError, struct.error) as e:
         logger.debug("no build-id in core %s: %s", path, e)
     return None
 
@@ -161,7 +163,7 @@ def _nt_file(desc: bytes, end: str) -> list[tuple[int, int, str]]:
     return [(a, b, names[i].decode("utf-8", "replace")) for i, (a, b, _o) in enumerate(ranges) if i < len(names)]
 
 
-def core_process_info(path: Path) -> dict[str, int | str]:
+def core_process_info(path: Path, *, opener: Callable[..., Any] = open) -> dict[str, int | str]:
     """
     What a (64-bit Linux) core's notes say of its process, where present: ``pid`` and ``signal``
     (NT_PRSTATUS), ``comm`` and ``cmdline`` (NT_PRPSINFO's fname and psargs, the kernel keeps 80 bytes of the
@@ -170,7 +172,7 @@ def core_process_info(path: Path) -> dict[str, int | str]:
     """
     info: dict[str, int | str] = {}
     try:
-        with open(path, "rb") as f:
+        with opener(path, "rb") as f:
             elf = _Elf(f.read(64))
             if elf.type != ET_CORE or not elf.is64:
                 return info
@@ -205,7 +207,7 @@ def core_process_info(path: Path) -> dict[str, int | str]:
                 if exe:
                     info["exe"] = exe
                     break
-    except (OSError, ValueError, struct.error) as e:
+    except (OSError, EOFError, ValueError, struct.error) as e:
         logger.debug("no process info in core %s: %s", path, e)
     return info
 

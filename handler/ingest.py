@@ -153,8 +153,10 @@ def ingest(chunks: Iterable[Any], sink: Callable[[bytes], None], *, max_size: in
 class FileChunks:
     """A file's chunks through a :class:`BufferPool` (``readinto``): import and drain read with flat memory."""
 
-    def __init__(self, path: os.PathLike[str] | str, *, chunk_size: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, path: os.PathLike[str] | str, *, chunk_size: int = DEFAULT_CHUNK,
+                 opener: Callable[..., Any] | None = None) -> None:
         self.path = path
+        self.opener = opener
         self.pool = BufferPool(count=POOL_BUFFERS, size=chunk_size)
         self.manual_release = False
         self._views: dict[int, bytearray] = {}
@@ -166,7 +168,7 @@ class FileChunks:
             self.pool.give(buf)
 
     def __iter__(self):
-        with open(self.path, "rb", buffering=0) as f:
+        with (self.opener(self.path, "rb") if self.opener else open(self.path, "rb", buffering=0)) as f:
             previous: memoryview | None = None
             while True:
                 if previous is not None and not self.manual_release:
@@ -183,9 +185,10 @@ class FileChunks:
                 yield chunk
 
 
-def file_chunks(path: os.PathLike[str] | str, *, chunk_size: int = DEFAULT_CHUNK) -> FileChunks:
-    """Chunks of a file (for import and for draining raw spooled cores)."""
-    return FileChunks(path, chunk_size=chunk_size)
+def file_chunks(path: os.PathLike[str] | str, *, chunk_size: int = DEFAULT_CHUNK,
+                opener: Callable[..., Any] | None = None) -> FileChunks:
+    """Chunks of a file (for import and for draining raw spooled cores); ``opener`` e.g. ``isal.igzip.open``."""
+    return FileChunks(path, chunk_size=chunk_size, opener=opener)
 
 
 def copy_stored(src: os.PathLike[str] | str, sink: Callable[[bytes], None], *, chunk_size: int = DEFAULT_CHUNK) -> None:
