@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                                comm=" ".join(args.comm), rlimit=None if args.rlimit < 0 or args.rlimit >= 1 << 62 else args.rlimit)
         return capture(cfg, spec, early=early)
     if args.command == "import":
-        from handler.capture import NoPlaceToFile, NotACore, import_core
+        from handler.capture import NotACore, import_core
         from handler.resolve import PodIdentity
         try:
             ident = PodIdentity(namespace=layout.validate_namespace(args.namespace),
