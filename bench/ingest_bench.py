@@ -1,88 +1,91 @@
 #!/usr/bin/env python3
 """
-Ingest benchmark of ``coredump-handler``: a core-like stream through the handler vs ``cat > file`` and
-``gzip -1 > file``, all measured in the same run, on the same filesystem, from the same generator.
+Ingest benchmark of ``coredump-handler`` on REAL kernel cores, against ``cat > file`` and ``gzip -1 > file``
+measured in the same run, on the same filesystem, interleaved, median of ``--rounds`` rounds.
 
-The stream mixes pages like a real core: zero pages, text-like pages (strings, small integers, pointers) and
-random pages (already-compressed or encrypted heap). Each consumer reads it from a pipe, as the handler reads
-the kernel's pipe. Reported per size: MB/s, peak RSS of the consumer (``wait4`` rusage), the compressed
-size, and for the handler the time from process start to its first read. Ratios are against cat and gzip -1
-of the same run.
+The cores come from a C program compiled here that fills N GiB (1/3 random, 1/3 zero, 1/3 repetitive text
+pages) and crashes under ``ulimit -c unlimited``; they are cached under ``~/.cache/coredump-bench`` (not in the
+repository; ``--clean`` removes them). Each consumer reads the core from a pipe (``cat core |``), as the
+handler reads the kernel's pipe. Reported per size and consumer: MB/s, ratio to cat and gzip -1, peak RSS
+(the consumer's own VmHWM, polled), stored size, and for the handler the time the crashing process would be
+held (its first read to its exit). Consumers:
 
-    .venv/bin/python bench/ingest_bench.py                 # 1G,4G
-    .venv/bin/python bench/ingest_bench.py --sizes 256M    # quick
+* ``handler Lk``: the real ``coredump-handler capture`` end to end (metadata, sha256, fsync), ISA-L level k;
+* ``previous``: the pipeline before this change (a bytearray per chunk, a hasher thread, a compress pool);
+* ``igzip_threaded``: ``isal.igzip_threaded`` (one gzip stream, 2 threads) with sha256 in the main thread;
+
+    .venv/bin/python bench/ingest_bench.py                       # 1G, 3 rounds
+    .venv/bin/python bench/ingest_bench.py --sizes 4G,8G --rounds 1 --consumers cat,handler
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import logging
 import os
-import random
 import shutil
+import statistics
 import subprocess
 import sys
-import select
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from handler.agent.events import human_size as human
-from handler.cli import parse_size
-
-logger = logging.getLogger(__name__)
-
-PAGE = 4096
-BLOCK_PAGES = 16384                     # a 64 MiB block, repeated (with rotation) to reach the size
-MIX = (("zero", 0.40), ("text", 0.30), ("random", 0.30))
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "coredump-bench"
+REPO = Path(__file__).resolve().parent.parent
 POD_UID = "00000000-0000-4000-8000-000000000001"
 CID = "b" * 64
+GIB = 1 << 30
+
+CRASHER_C = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+int main(int argc, char **argv) {
+    size_t size = strtoull(argv[1], 0, 10), page = 4096, n = size / page;
+    unsigned char *m = mmap(0, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return 2;
+    uint64_t x = 88172645463325252ull;
+    static const char text[] = "malloc free std::string GLIBC_2.34 request handler timeout /usr/lib/libc.so.6 ";
+    for (size_t i = 0; i < n; i++) {
+        unsigned char *p = m + i * page;
+        switch (i % 3) {
+        case 0: for (size_t j = 0; j < page; j += 8) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; memcpy(p + j, &x, 8); } break;
+        case 1: memset(p, 0, page); break;
+        default: for (size_t j = 0; j < page; j++) p[j] = text[(j + i) % (sizeof text - 1)]; break;
+        }
+    }
+    *(volatile int *)0 = 1;
+    return 0;
+}
+"""
 
 
-def build_block(seed: int = 1) -> bytes:
-    rnd = random.Random(seed)
-    words = [w.encode() for w in ("malloc", "free", "std::string", "GLIBC_2.34", "main", "libc.so.6", "errno",
-                                  "config", "request", "handler", "0x7ffd", "timeout", "user", "/usr/lib")]
-    pages = []
-    for _ in range(BLOCK_PAGES):
-        kind = rnd.choices([k for k, _ in MIX], weights=[w for _, w in MIX])[0]
-        if kind == "zero":
-            pages.append(bytes(PAGE))
-        elif kind == "random":
-            pages.append(os.urandom(PAGE))
-        else:
-            buf = bytearray()
-            while len(buf) < PAGE:
-                if rnd.random() < 0.5:
-                    buf += rnd.choice(words) + b"\0"
-                else:
-                    buf += (0x7F0000000000 + rnd.randrange(1 << 20) * 8).to_bytes(8, "little")
-            pages.append(bytes(buf[:PAGE]))
-    return b"".join(pages)
-
-
-def generate(size: int, block_file: Path) -> None:
-    """Write ``size`` bytes of the core-like stream to stdout (run as a separate process)."""
-    block = block_file.read_bytes()
-    out = sys.stdout.buffer.fileno()
-    view = memoryview(block)
-    written, shift = 0, 0
-    while written < size:
-        # Rotate the block each round so the stream does not repeat at a fixed distance.
-        part = view[shift:] if shift else view
-        n = min(len(part), size - written)
-        while n:
-            k = os.write(out, part[:n])
-            part, n, written = part[k:], n - k, written + k
-        shift = (shift + 7 * PAGE) % len(block)
+def real_core(gib: int) -> Path:
+    """A cached real core of a process that filled ``gib`` GiB (made on first use)."""
+    d = CACHE / f"real-{gib}G"
+    core = d / "core"
+    if core.exists() and (d / "done").exists():
+        return core
+    CACHE.mkdir(parents=True, exist_ok=True)
+    exe = CACHE / "bigcrash"
+    if not exe.exists():
+        (CACHE / "bigcrash.c").write_text(CRASHER_C)
+        subprocess.run(["gcc", "-O2", "-o", str(exe), str(CACHE / "bigcrash.c")], check=True)
+    d.mkdir(exist_ok=True)
+    core.unlink(missing_ok=True)
+    print(f"making a real {gib} GiB core in {d} ...", flush=True)
+    subprocess.run(["sh", "-c", f'ulimit -c unlimited && exec "{exe}" {gib * GIB}'], cwd=d)
+    if not core.exists():
+        raise SystemExit(f"no core in {d}: is core_pattern 'core'? ({Path('/proc/sys/kernel/core_pattern').read_text().strip()})")
+    (d / "done").touch()
+    return core
 
 
 class PeakRss:
-    """Peak RSS of a running process: the last VmHWM seen (the high-water mark of its own address space).
-
-    rusage's ru_maxrss is not used: Linux carries the parent's high-water mark over fork and exec.
-    """
+    """Peak RSS of a running process: the last VmHWM seen (ru_maxrss would carry the parent's over fork)."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -99,7 +102,7 @@ class PeakRss:
                         self.peak = max(self.peak, int(line.split()[1]) * 1024)
             except (OSError, ValueError, IndexError):
                 pass
-            self._stop.wait(0.01)
+            self._stop.wait(0.02)
 
     def stop(self) -> int:
         self._stop.set()
@@ -107,20 +110,17 @@ class PeakRss:
         return self.peak
 
 
-def run_consumer(gen_cmd: list[str], cmd: list[str], *, stdout_path: Path | None, env: dict | None = None,
-                 ) -> tuple[float, int, float]:
-    """(seconds, peak RSS bytes, start wall time) of ``cmd`` reading the generator's stream."""
-    gen = subprocess.Popen(gen_cmd, stdout=subprocess.PIPE)
-    assert gen.stdout is not None
-    # Like the kernel, the stream is ready before the consumer starts: wait for the generator's first bytes.
-    select.select([gen.stdout], [], [])
+def run_piped(core: Path, cmd: list[str], *, stdout_path: Path | None, env: dict | None = None) -> tuple[float, int, float]:
+    """(seconds, peak RSS, wall time at start) of ``cmd`` reading ``cat core`` from a pipe."""
+    feeder = subprocess.Popen(["cat", str(core)], stdout=subprocess.PIPE)
+    assert feeder.stdout is not None
     out = open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL
     try:
         started_wall = time.time()
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=gen.stdout, stdout=out, env=env)
+        proc = subprocess.Popen(cmd, stdin=feeder.stdout, stdout=out, env=env, cwd=REPO)
         peak = PeakRss(proc.pid)
-        gen.stdout.close()
+        feeder.stdout.close()
         # WNOWAIT: the last VmHWM is read from the exited (not yet reaped) process.
         os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
         elapsed = time.perf_counter() - t0
@@ -129,13 +129,13 @@ def run_consumer(gen_cmd: list[str], cmd: list[str], *, stdout_path: Path | None
     finally:
         if stdout_path:
             out.close()
-    gen.wait()
+    feeder.wait()
     if proc.returncode != 0:
-        raise SystemExit(f"{cmd[0]} failed with exit {proc.returncode}")
+        raise SystemExit(f"{cmd} failed with exit {proc.returncode}")
     return elapsed, rss, started_wall
 
 
-def make_node(base: Path) -> list[str]:
+def make_node(base: Path, *, level: int) -> list[str]:
     proc = base / "proc" / "4242"
     proc.mkdir(parents=True)
     (base / "storage").mkdir()
@@ -147,74 +147,172 @@ def make_node(base: Path) -> list[str]:
     return [sys.executable, "-m", "handler.cli", "--config", str(base / "none.json"), "--storage-root",
             str(base / "storage"), "--spool-dir", str(base / "spool"), "--state-dir", str(base / "state"),
             "--proc-root", str(base / "proc"), "--host-root", str(base / "host"), "--crictl", "",
-            "--rate-first", "0", "--rate-latest", "0", "capture", "4242", "4242", "11", str(int(time.time())),
-            "-1", "bench"]
+            "--rate-first", "0", "--rate-latest", "0", "--compress-level", str(level),
+            "capture", "4242", "4242", "11", str(int(time.time())), "-1", "bench"]
 
 
-def bench_size(size: int, workdir: Path, block_file: Path) -> list[dict]:
-    gen_cmd = [sys.executable, __file__, "--generate", str(size), "--block-file", str(block_file)]
-    rows = []
-    t, rss, _ = run_consumer(gen_cmd, ["cat"], stdout_path=None)
-    rows.append({"name": "generator → /dev/null (ceiling)", "s": t, "rss": None, "out": None})
-    target = workdir / "cat.out"
-    t, rss, _ = run_consumer(gen_cmd, ["cat"], stdout_path=target)
-    rows.append({"name": "cat > file", "s": t, "rss": rss, "out": target.stat().st_size})
-    target.unlink()
-    target = workdir / "gzip.out"
-    t, rss, _ = run_consumer(gen_cmd, ["gzip", "-1"], stdout_path=target)
-    rows.append({"name": "gzip -1 > file", "s": t, "rss": rss, "out": target.stat().st_size})
-    target.unlink()
-    node = workdir / "node"
-    args = make_node(node)
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    t, rss, started = run_consumer(gen_cmd, args, stdout_path=None, env=env)
-    (outcome,) = [json.loads(p.read_text()) for p in (node / "state/outcomes").glob("*.json")]
-    if outcome.get("result") != "stored" or outcome.get("size") != size:
-        raise SystemExit(f"handler did not store the stream: {outcome}")
-    first = (outcome["firstReadAt"] - started) if outcome.get("firstReadAt") else None
-    rows.append({"name": "coredump-handler (isal gzip + sha256 + fsync)", "s": t, "rss": rss,
-                 "out": outcome["storedSize"], "first_read": first})
-    shutil.rmtree(node)
-    for r in rows:
-        r["mbps"] = size / r["s"] / 1e6
+# --- variants run in a child process: stdin -> gzip file (argv[3]) with fsync, sha256 printed -------------
+
+def _variant_previous(out: Path) -> str:
+    """The pipeline before flat memory: a new bytearray per chunk, a hasher thread, a pool of compress futures."""
+    import queue
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    from isal import isal_zlib
+    h = hashlib.sha256()
+    hq: queue.Queue = queue.Queue(maxsize=4)
+
+    def hasher() -> None:
+        while (c := hq.get()) is not None:
+            h.update(c)
+    ht = threading.Thread(target=hasher, daemon=True)
+    ht.start()
+    rq: queue.Queue = queue.Queue(maxsize=4)
+
+    def reader() -> None:
+        while True:
+            buf = bytearray(1 << 20)
+            view = memoryview(buf)
+            filled = 0
+            while filled < len(buf):
+                n = os.readv(0, [view[filled:]])
+                if not n:
+                    break
+                filled += n
+            view.release()
+            if filled:
+                del buf[filled:]
+                rq.put(buf)
+            if filled < (1 << 20):
+                rq.put(None)
+                return
+    threading.Thread(target=reader, daemon=True).start()
+    pool = ThreadPoolExecutor(max_workers=2)
+    pending: deque = deque()
+    with open(out, "wb", buffering=0) as f:
+        while (chunk := rq.get()) is not None:
+            hq.put(chunk)
+            pending.append(pool.submit(isal_zlib.compress, chunk, 1, 31))
+            while len(pending) > 2 or (pending and pending[0].done()):
+                f.write(pending.popleft().result())
+        while pending:
+            f.write(pending.popleft().result())
+        os.fsync(f.fileno())
+    hq.put(None)
+    ht.join()
+    return h.hexdigest()
+
+
+def _variant_igzip_threaded(out: Path) -> str:
+    from isal import igzip_threaded
+    h = hashlib.sha256()
+    buf = bytearray(1 << 20)
+    with open(out, "wb", buffering=0) as raw:
+        with igzip_threaded.open(raw, "wb", compresslevel=1, threads=2) as gz:
+            while n := os.readv(0, [buf]):
+                view = memoryview(buf)[:n]
+                h.update(view)
+                gz.write(view)
+                view.release()
+        os.fsync(raw.fileno())
+    return h.hexdigest()
+
+
+VARIANTS = {"previous": _variant_previous, "igzip_threaded": _variant_igzip_threaded}
+
+
+def bench_round(core: Path, workdir: Path, consumers: list[str]) -> dict[str, dict]:
+    rows: dict[str, dict] = {}
+    for name in consumers:
+        if name == "cat":
+            target = workdir / "cat.out"
+            t, rss, _ = run_piped(core, ["cat"], stdout_path=target)
+            rows[name] = {"s": t, "rss": rss, "out": target.stat().st_size}
+            target.unlink()
+        elif name == "gzip":
+            target = workdir / "gzip.out"
+            t, rss, _ = run_piped(core, ["gzip", "-1"], stdout_path=target)
+            rows[name] = {"s": t, "rss": rss, "out": target.stat().st_size}
+            target.unlink()
+        elif name.startswith("handler"):
+            level = int(name[len("handler-L"):]) if name.startswith("handler-L") else 1
+            node = workdir / "node"
+            args = make_node(node, level=level)
+            env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+            t, rss, started = run_piped(core, args, stdout_path=None, env=env)
+            ended = started + t
+            (outcome,) = [json.loads(p.read_text()) for p in (node / "state/outcomes").glob("*.json")]
+            if outcome.get("result") != "stored" or outcome.get("size") != core.stat().st_size:
+                raise SystemExit(f"handler did not store the core: {outcome}")
+            held = ended - outcome["firstReadAt"] if outcome.get("firstReadAt") else None
+            rows[name] = {"s": t, "rss": rss, "out": outcome["storedSize"], "held": held}
+            shutil.rmtree(node)
+        else:
+            target = workdir / f"{name}.gz"
+            t, rss, _ = run_piped(core, [sys.executable, __file__, "--variant", name, str(target)], stdout_path=None)
+            rows[name] = {"s": t, "rss": rss, "out": target.stat().st_size}
+            target.unlink()
     return rows
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n}"
+
+
+def report(gib: int, core: Path, rounds: list[dict[str, dict]]) -> None:
+    size = core.stat().st_size
+    names = list(rounds[0])
+    med = {n: {k: statistics.median(r[n][k] for r in rounds if r[n].get(k) is not None)
+               for k in rounds[0][n] if any(r[n].get(k) is not None for r in rounds)} for n in names}
+    print(f"\n{gib} GiB real core ({human(size)}), median of {len(rounds)} interleaved round(s)")
+    print("| consumer | MB/s | vs cat | vs gzip -1 | peak RSS (max) | stored / input | held (first read → exit) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for n in names:
+        m = med[n]
+        mbps = size / m["s"] / 1e6
+        vs_cat = f"{med['cat']['s'] / m['s']:.2f}x" if "cat" in med else ""
+        vs_gz = f"{med['gzip']['s'] / m['s']:.1f}x" if "gzip" in med else ""
+        peak = max(r[n]["rss"] for r in rounds)
+        held = f"{m['held']:.1f} s" if m.get("held") is not None else ""
+        print(f"| {n} | {mbps:.0f} | {vs_cat} | {vs_gz} | {human(peak)} | {m['out'] / size:.4f} | {held} |")
+    print("rounds (seconds): " + "; ".join(", ".join(f"{n} {r[n]['s']:.1f}" for n in names) for r in rounds))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="1G,4G", help="comma-separated stream sizes (default %(default)s)")
-    p.add_argument("--dir", type=Path, default=None,
-                   help="directory for the outputs (default: a temp dir under the repository, same filesystem)")
-    p.add_argument("--generate", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--block-file", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--sizes", default="1", help="comma-separated core sizes in GiB (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--consumers", default="cat,gzip,handler,handler-L3,previous,igzip_threaded")
+    p.add_argument("--dir", type=Path, default=REPO, help="where outputs go (default: the repository's filesystem)")
+    p.add_argument("--clean", action="store_true", help="remove the cached cores and exit")
+    p.add_argument("--variant", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.generate is not None:
-        generate(args.generate, args.block_file)
+    if args.variant:
+        print(VARIANTS[args.variant[0]](Path(args.variant[1])))
         return 0
-    base = args.dir or Path(__file__).resolve().parent
-    print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, dir {base}")
-    print(f"stream: {', '.join(f'{int(w * 100)}% {k}' for k, w in MIX)} pages")
-    with tempfile.TemporaryDirectory(dir=base, prefix=".ingest-bench-block-") as bd:
-        block_file = Path(bd) / "block"
-        block_file.write_bytes(build_block())
-        for size_text in args.sizes.split(","):
-            print_size(size_text, base, block_file)
+    if args.clean:
+        shutil.rmtree(CACHE, ignore_errors=True)
+        return 0
+    consumers = args.consumers.split(",")
+    print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, outputs in {args.dir}")
+    for gib in (int(s.rstrip("Gg")) for s in args.sizes.split(",")):
+        core = real_core(gib)
+        subprocess.run(["cat", str(core)], stdout=subprocess.DEVNULL, check=True)   # into the page cache
+        rounds = []
+        with tempfile.TemporaryDirectory(dir=args.dir, prefix=".ingest-bench-") as d:
+            for i in range(args.rounds):
+                # Interleaved: each round runs every consumer once, the order rotated.
+                order = consumers[i % len(consumers):] + consumers[:i % len(consumers)]
+                row = bench_round(core, Path(d), order)
+                rounds.append({n: row[n] for n in consumers})
+                print(f"  round {i + 1}: " + ", ".join(f"{n} {row[n]['s']:.1f}s" for n in consumers), flush=True)
+        report(gib, core, rounds)
     return 0
-
-
-def print_size(size_text: str, base: Path, block_file: Path) -> None:
-    size = parse_size(size_text)
-    with tempfile.TemporaryDirectory(dir=base, prefix=".ingest-bench-") as d:
-        rows = bench_size(size, Path(d), block_file)
-    cat = next(r for r in rows if r["name"] == "cat > file")
-    gz = next(r for r in rows if r["name"] == "gzip -1 > file")
-    print(f"\n{size_text} ({human(size)})")
-    print("| consumer | MB/s | vs cat | vs gzip -1 | peak RSS | output | first read |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        fr = f"{r['first_read'] * 1000:.0f} ms" if r.get("first_read") is not None else ""
-        print(f"| {r['name']} | {r['mbps']:.0f} | {r['mbps'] / cat['mbps']:.2f}x | {r['mbps'] / gz['mbps']:.1f}x"
-              f" | {human(r['rss']) if r['rss'] else ''} | {human(r['out']) if r['out'] else ''} | {fr} |")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ if TYPE_CHECKING:
 # Deliberately light: ``capture`` starts reading the core (handler.early) before the heavy imports below run.
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONFIG = "/host/var/lib/coredump/handler.json"   # same as handler.config.DEFAULT_CONFIG_FILE
+DEFAULT_CONFIG = "/host/var/lib/coredump/handler.json"
+# ``import`` exit codes: stored; refused (not a core, a bad name: nothing written); spooled (the agent files it
+# when storage is back); error (nothing filed). 1 is left to Python itself.
+IMPORT_STORED, IMPORT_REFUSED, IMPORT_SPOOLED, IMPORT_ERROR = 0, 2, 3, 4   # same as handler.config.DEFAULT_CONFIG_FILE
 
 
 def parse_size(text: str) -> int:
@@ -33,6 +36,29 @@ def parse_size(text: str) -> int:
         return int(t)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def _bool(text: str) -> bool:
+    import argparse
+    t = text.strip().lower()
+    if t in ("true", "1", "yes"):
+        return True
+    if t in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"not true or false: {text!r}")
+
+
+def _epoch(text: str) -> float:
+    import argparse
+    import math
+    try:
+        t = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    # Up to the last second of year 9999: what an RFC 3339 timestamp (and a core id) can say.
+    if not math.isfinite(t) or not 0 <= t < 253402300800:
+        raise argparse.ArgumentTypeError(f"not a time between 1970 and 9999: {text!r}")
+    return t
 
 
 def build_parser() -> "argparse.ArgumentParser":
@@ -57,6 +83,11 @@ def build_parser() -> "argparse.ArgumentParser":
     p.add_argument("--rate-first", type=int, help="per container and window: keep the first N cores")
     p.add_argument("--rate-latest", type=int, help="... and the latest M")
     p.add_argument("--rate-window", type=float, help="rate-limit window in seconds")
+    p.add_argument("--rate-latest-interval", type=float,
+                   help="past the first N, take a new 'latest' core at most this often (seconds); others are discarded uncompressed")
+    p.add_argument("--capture-default", type=_bool, metavar="true|false",
+                   help="keep cores of pods whose pod and namespace have no coredump.example.io/capture annotation")
+    p.add_argument("--compress-level", type=int, choices=range(0, 4), metavar="0-3", help="ISA-L gzip level")
     p.add_argument("--previous-pattern-file", type=Path, help="file holding the node's previous core_pattern")
     p.add_argument("--foreign", choices=["previous", "drop"], help="cores of non-pod processes")
     p.add_argument("--storage-timeout", type=float, help="seconds a storage probe may take before spooling")
@@ -82,7 +113,7 @@ def build_parser() -> "argparse.ArgumentParser":
     i.add_argument("--pid", type=int, help="default: from the core's notes")
     i.add_argument("--signal", type=int, help="default: from the core's notes")
     i.add_argument("--comm", help="default: from the core's notes")
-    i.add_argument("--time", type=float, help="crash time, seconds since the epoch (default: file mtime)")
+    i.add_argument("--time", type=_epoch, help="crash time, seconds since the epoch (default: file mtime)")
     i.add_argument("file", type=Path)
 
     sub.add_parser("drain", help="file what waits in the spool")
@@ -147,26 +178,26 @@ def main(argv: list[str] | None = None) -> int:
                                comm=" ".join(args.comm), rlimit=None if args.rlimit < 0 or args.rlimit >= 1 << 62 else args.rlimit)
         return capture(cfg, spec, early=early)
     if args.command == "import":
-        from handler.capture import import_core
+        from handler.capture import NotACore, import_core
         from handler.resolve import PodIdentity
         try:
             ident = PodIdentity(namespace=layout.validate_namespace(args.namespace),
                                 pod=layout.validate_pod_name(args.pod), pod_uid=layout.validate_pod_uid(args.pod_uid),
                                 container=layout.validate_container(args.container), container_id=args.container_id)
-            if not args.file.is_file():
-                raise FileNotFoundError(f"{args.file}: no such file")
             filed = import_core(cfg, args.file, ident=ident, pid=args.pid, sig=args.signal, comm=args.comm,
                                 timestamp=args.time)
-        except (layout.InvalidName, OSError) as e:
+        except (layout.InvalidName, NotACore) as e:
+            print(f"coredump-handler: refused: {e}", file=sys.stderr)
+            return IMPORT_REFUSED
+        except OSError as e:
             print(f"coredump-handler: {e}", file=sys.stderr)
-            return 2
+            return IMPORT_ERROR
         if filed.stored is not None:
             print(filed.stored.core_path)
-        elif filed.spooled is not None:
-            print(f"spooled (storage unusable: {filed.reason}): {filed.spooled.data_path}")
-        else:
-            print("rate-limited: not kept")
-        return 0
+            return IMPORT_STORED
+        assert filed.spooled is not None
+        print(f"spooled (storage unusable: {filed.reason}): {filed.spooled.data_path}")
+        return IMPORT_SPOOLED
     if args.command == "drain":
         from handler.drain import drain
         report = drain(cfg)

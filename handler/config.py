@@ -54,13 +54,20 @@ class HandlerConfig:
     rate_first: int = 5                    # cores kept at the start of a window, per container
     rate_latest: int = 5                   # plus the latest this many
     rate_window: float = 3600.0            # seconds
+    # Past the first N, a core replaces the oldest of the latest M at most this often; the rest are not compressed.
+    rate_latest_interval: float = 60.0
+    # Whether a core is kept when neither its pod nor its namespace says (annotation coredump.example.io/capture).
+    capture_default: bool = True
     # The node's core_pattern before the agent replaced it: non-pod crashes go there.
     previous_pattern_file: Path | None = None
     foreign: str = "previous"             # previous | drop
     storage_timeout: float = 5.0          # a storage probe slower than this sends the core to the spool
     stall_timeout: float = 60.0           # no progress for this long: give up, so the crashing process can die
     chunk_size: int = 1 << 20
+    compress_level: int = 1               # ISA-L gzip level 0-3 (README, Core ingest: speed against size)
     extra: dict[str, Any] = field(default_factory=dict)
+    # The settings that came from the config file or a flag (not defaults): ``import`` writes only there.
+    explicit: frozenset[str] = frozenset()
 
     _PATHS = ("storage_root", "spool_dir", "state_dir", "proc_root", "host_root", "previous_pattern_file")
 
@@ -80,6 +87,7 @@ class HandlerConfig:
         known = {k: v for k, v in data.items() if k in names}
         cfg = cls(**known)
         cfg.extra = {k: v for k, v in data.items() if k not in names}
+        cfg.explicit = frozenset(known)
         for name in cls._PATHS:
             value = getattr(cfg, name)
             if value is not None and not isinstance(value, Path):
@@ -89,7 +97,7 @@ class HandlerConfig:
     def to_json(self) -> str:
         out = {}
         for f in dataclasses.fields(self):
-            if f.name == "extra":
+            if f.name in ("extra", "explicit"):
                 continue
             v = getattr(self, f.name)
             out[f.name] = str(v) if isinstance(v, Path) else v

@@ -12,6 +12,7 @@ import fcntl
 import logging
 import os
 import queue
+import select
 import stat
 import threading
 import time
@@ -22,6 +23,7 @@ QUEUE_DEPTH = 4
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_SIZE = 1 << 20
 DEFAULT_CHUNK = 1 << 20
+DEFAULT_STALL = 60.0           # same as HandlerConfig.stall_timeout
 
 
 class Progress:
@@ -45,32 +47,91 @@ def widen_pipe(fd: int) -> None:
         logger.debug("cannot widen pipe: %s", e)
 
 
+class BufferPool:
+    """A fixed set of equal buffers, lent out and given back: the handler's memory does not grow with the core."""
+
+    def __init__(self, *, count: int, size: int) -> None:
+        self.size = size
+        self.count = count
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(count):
+            self._free.put(bytearray(size))
+
+    def take(self) -> bytearray:
+        return self._free.get()
+
+    def give(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+
+# Buffers a reader owns: the queue ahead of the consumer, one being filled, and one per compressing worker.
+POOL_BUFFERS = QUEUE_DEPTH + 4
+
+STALLED, KILLED = "stalled", "killed"
+
+
 class ChunkReader:
-    """Reads ``fd`` on a thread into a bounded queue, so reading starts at once and overlaps compression."""
+    """
+    Reads ``fd`` on a thread into pooled buffers, so reading starts at once and overlaps compression.
+
+    Iterating yields ``memoryview`` chunks; a consumer that keeps a chunk past the next iteration (the ingest
+    workers do) must call :meth:`release` with it, a plain loop may ignore that (the previous chunk goes back
+    to the pool when the next is asked for, unless :attr:`manual_release` is set).
+
+    The stream ends at EOF, after ``stall_timeout`` seconds without a byte (``end_reason`` "stalled"), or
+    when :meth:`stop` is called ("killed": the handler was told to stop); whatever arrived before is kept.
+    """
 
     _EOF = object()
 
-    def __init__(self, fd: int, *, chunk_size: int, progress: Progress | None = None) -> None:
+    def __init__(self, fd: int, *, chunk_size: int, progress: Progress | None = None,
+                 stall_timeout: float | None = None, pool: BufferPool | None = None) -> None:
         self.fd = fd
         self.chunk_size = chunk_size
         self.progress = progress
+        self.stall_timeout = stall_timeout
+        self.pool = pool or BufferPool(count=POOL_BUFFERS, size=chunk_size)
         self.queue: queue.Queue[object] = queue.Queue(maxsize=QUEUE_DEPTH)
         self.error: BaseException | None = None
+        self.end_reason: str | None = None
+        self.manual_release = False
         self.first_read_at: float | None = None   # wall clock, so a caller outside can compare
+        self._stop_reason: str | None = None
+        self._views: dict[int, bytearray] = {}
         self._thread = threading.Thread(target=self._run, name="core-reader", daemon=True)
 
     def start(self) -> "ChunkReader":
         self._thread.start()
         return self
 
+    def stop(self, reason: str = KILLED) -> None:
+        """End the stream at the next poll (within 0.2 s); bytes already read are still delivered."""
+        self._stop_reason = reason
+
+    def _wait_readable(self, poller: select.poll) -> bool:
+        waiting_since = time.monotonic()
+        while True:
+            if self._stop_reason is not None:
+                self.end_reason = self._stop_reason
+                return False
+            if poller.poll(200):
+                return True
+            if self.stall_timeout and time.monotonic() - waiting_since > self.stall_timeout:
+                self.end_reason = STALLED
+                return False
+
     def _run(self) -> None:
         try:
+            poller = select.poll()
+            poller.register(self.fd, select.POLLIN | select.POLLHUP | select.POLLERR)
             while True:
-                buf = bytearray(self.chunk_size)
+                buf = self.pool.take()
                 view = memoryview(buf)
                 filled = 0
                 # Fill whole chunks: a pipe returns at most its buffer per read.
                 while filled < self.chunk_size:
+                    if not self._wait_readable(poller):
+                        break
                     n = os.readv(self.fd, [view[filled:]])
                     if self.first_read_at is None:
                         self.first_read_at = time.time()
@@ -81,8 +142,9 @@ class ChunkReader:
                         self.progress.advance(n)
                 view.release()
                 if filled:
-                    del buf[filled:]
-                    self.queue.put(bytes(buf) if filled < self.chunk_size // 4 else buf)
+                    self.queue.put((buf, filled))
+                else:
+                    self.pool.give(buf)
                 if filled < self.chunk_size:
                     break
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
@@ -90,20 +152,35 @@ class ChunkReader:
         finally:
             self.queue.put(self._EOF)
 
+    def release(self, chunk: memoryview) -> None:
+        """Give the buffer under ``chunk`` back to the pool (the view must not be used afterwards)."""
+        buf = self._views.pop(id(chunk), None)
+        chunk.release()
+        if buf is not None:
+            self.pool.give(buf)
+
     def __iter__(self):
+        previous: memoryview | None = None
         while True:
+            if previous is not None and not self.manual_release:
+                self.release(previous)
+            previous = None
             item = self.queue.get()
             if item is self._EOF:
                 if self.error is not None:
                     raise self.error
                 return
-            yield item
+            buf, n = item
+            chunk = memoryview(buf)[:n]
+            self._views[id(chunk)] = buf
+            previous = chunk
+            yield chunk
 
 
-def start_reading(fd: int, *, chunk_size: int) -> ChunkReader:
-    """Widen the kernel's pipe and start reading it, with a :class:`Progress` for the stall watchdog."""
+def start_reading(fd: int, *, chunk_size: int, stall_timeout: float | None = None) -> ChunkReader:
+    """Widen the kernel's pipe and start reading it, with a :class:`Progress` for the watchdog."""
     widen_pipe(fd)
-    return ChunkReader(fd, chunk_size=chunk_size, progress=Progress()).start()
+    return ChunkReader(fd, chunk_size=chunk_size, progress=Progress(), stall_timeout=stall_timeout).start()
 
 
 class EarlyStart:
@@ -143,6 +220,10 @@ def start_capture(argv: list[str], *, default_config: str, stdin_fd: int = 0) ->
         chunk = int(cfg.get("chunk_size") or DEFAULT_CHUNK)
     except (OSError, ValueError, TypeError):
         chunk = DEFAULT_CHUNK
+    try:
+        stall = float(_flag(head, "--stall-timeout") or cfg.get("stall_timeout") or DEFAULT_STALL)
+    except (ValueError, TypeError):
+        stall = DEFAULT_STALL
     proc_root = _flag(head, "--proc-root") or cfg.get("proc_root")
     try:
         with open(os.path.join(proc_root or "/proc", str(pid), "cgroup")) as f:
@@ -152,4 +233,5 @@ def start_capture(argv: list[str], *, default_config: str, stdin_fd: int = 0) ->
     from handler.cgroup import identity_from_cgroup_text
     if not text or identity_from_cgroup_text(text) is None:
         return EarlyStart(cgroup_text=text, reader=None)
-    return EarlyStart(cgroup_text=text, reader=start_reading(stdin_fd, chunk_size=chunk))
+    return EarlyStart(cgroup_text=text, reader=start_reading(stdin_fd, chunk_size=chunk,
+                                                                      stall_timeout=stall))

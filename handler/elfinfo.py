@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import struct
 from pathlib import Path
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +96,11 @@ def _read_at(f: BinaryIO, segs, vaddr: int, size: int) -> bytes | None:
     return None
 
 
-def build_id_from_core(path: Path) -> str | None:
-    """The build-id of the main executable recorded in an ELF core file (or None)."""
+def build_id_from_core(path: Path, *, opener: Callable[..., Any] = open) -> str | None:
+    """The build-id of the main executable recorded in an ELF core file (or None); ``opener`` may be
+    ``isal.igzip.open`` for a gzipped core (it seeks, forward reads decompress)."""
     try:
-        with open(path, "rb") as f:
+        with opener(path, "rb") as f:
             elf = _Elf(f.read(64))
             if elf.type != ET_CORE:
                 return None
@@ -141,23 +143,42 @@ def build_id_from_core(path: Path) -> str | None:
                                 if bid:
                                     return bid
                     return None
-    except (OSError, ValueError, struct.error) as e:
+    except (OSError, EOFError, ValueError, struct.error) as e:
         logger.debug("no build-id in core %s: %s", path, e)
     return None
 
 
 NT_PRSTATUS, NT_PRPSINFO = 1, 3
+NT_FILE = 0x46494C45
+AT_ENTRY = 9
 
 
-def core_process_info(path: Path) -> dict[str, int | str]:
-    """pid, signal and comm recorded in a (64-bit Linux) core's NT_PRSTATUS / NT_PRPSINFO notes, where present."""
+def _nt_file(desc: bytes, end: str) -> list[tuple[int, int, str]]:
+    """(start, end, path) of each file mapping in an NT_FILE note (64-bit layout)."""
+    count, _page = struct.unpack_from(end + "QQ", desc, 0)
+    if count > 1 << 20:
+        return []
+    ranges = [struct.unpack_from(end + "QQQ", desc, 16 + 24 * i) for i in range(count)]
+    names = desc[16 + 24 * count:].split(b"\0")
+    return [(a, b, names[i].decode("utf-8", "replace")) for i, (a, b, _o) in enumerate(ranges) if i < len(names)]
+
+
+def core_process_info(path: Path, *, opener: Callable[..., Any] = open) -> dict[str, int | str]:
+    """
+    What a (64-bit Linux) core's notes say of its process, where present: ``pid`` and ``signal``
+    (NT_PRSTATUS), ``comm`` and ``cmdline`` (NT_PRPSINFO's fname and psargs, the kernel keeps 80 bytes of the
+    command line), and ``exe``: the NT_FILE mapping that holds the executable's entry point or program headers
+    (auxv AT_ENTRY / AT_PHDR). That is how ``exe`` is known for a core whose process is gone (import, drain).
+    """
     info: dict[str, int | str] = {}
     try:
-        with open(path, "rb") as f:
+        with opener(path, "rb") as f:
             elf = _Elf(f.read(64))
             if elf.type != ET_CORE or not elf.is64:
                 return info
             f.seek(elf.phoff)
+            files: list[tuple[int, int, str]] = []
+            anchors: list[int] = []
             for t, off, _va, fs, _ms in elf.phdrs(f.read(elf.phentsize * elf.phnum)):
                 if t != PT_NOTE or not 0 < fs <= 64 * MAX_NOTES:
                     continue
@@ -170,6 +191,87 @@ def core_process_info(path: Path) -> dict[str, int | str]:
                         info["pid"] = struct.unpack_from(elf.end + "i", desc, 32)[0]
                     elif ntype == NT_PRPSINFO and len(desc) >= 56:
                         info["comm"] = desc[40:56].split(b"\0", 1)[0].decode("utf-8", "replace")
-    except (OSError, ValueError, struct.error) as e:
+                        if len(desc) >= 136:
+                            args = desc[56:136].split(b"\0", 1)[0].decode("utf-8", "replace").strip()
+                            if args:
+                                info["cmdline"] = args
+                    elif ntype == NT_FILE and not files:
+                        files = _nt_file(desc, elf.end)
+                    elif ntype == NT_AUXV:
+                        for i in range(0, len(desc) - 15, 16):
+                            key, val = struct.unpack_from(elf.end + "QQ", desc, i)
+                            if key in (AT_ENTRY, AT_PHDR) and val:
+                                anchors.append(val)
+            for addr in anchors:
+                exe = next((p for a, b, p in files if a <= addr < b and p.startswith("/")), None)
+                if exe:
+                    info["exe"] = exe
+                    break
+    except (OSError, EOFError, ValueError, struct.error) as e:
         logger.debug("no process info in core %s: %s", path, e)
     return info
+
+
+def is_core_file(head: bytes) -> bool:
+    """True when ``head`` (at least 64 bytes) starts an ELF core (``e_type == ET_CORE``)."""
+    try:
+        return len(head) >= 64 and _Elf(head).type == ET_CORE
+    except (ValueError, struct.error):
+        return False
+
+
+class CoreShape:
+    """
+    The extent of an ELF core read as a stream: where its notes end and how long the whole core is, from the
+    ELF and program headers at its start (copied while they pass, at most ``limit`` bytes).
+
+    After the stream: ``is_core`` says whether it was an ELF core at all, ``notes_end`` and ``expected_size``
+    are offsets (None when unknown). A stream that stops before ``expected_size`` was cut.
+    """
+
+    def __init__(self, *, limit: int = 8 << 20) -> None:
+        self.limit = limit
+        self._head = bytearray()
+        self._need = 64
+        self._elf: _Elf | None = None
+        self.done = False
+        self.is_core: bool | None = None
+        self.notes_end: int | None = None
+        self.expected_size: int | None = None
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        view = memoryview(chunk)
+        while not self.done and view:
+            take = min(len(view), self._need - len(self._head))
+            self._head += view[:take]
+            view = view[take:]
+            if len(self._head) < self._need:
+                return
+            self._advance()
+
+    def _advance(self) -> None:
+        try:
+            if self._elf is None:
+                self._elf = _Elf(bytes(self._head[:64]))
+                self.is_core = self._elf.type == ET_CORE
+                need = self._elf.phoff + self._elf.phentsize * self._elf.phnum
+                if not self.is_core or self._elf.phnum in (0, 0xFFFF) or need > self.limit:
+                    self.done = True
+                    return
+                self._need = need
+                return
+            hdrs = self._elf.phdrs(bytes(self._head[self._elf.phoff:self._need]))
+        except (ValueError, struct.error):
+            self.is_core = False
+            self.done = True
+            return
+        ends = [off + fs for _t, off, _va, fs, _ms in hdrs if fs]
+        notes = [off + fs for t, off, _va, fs, _ms in hdrs if t == PT_NOTE and fs]
+        self.notes_end = max(notes, default=self._need)
+        self.expected_size = max(ends, default=self._need)
+        self.done = True
+        self._head = bytearray()
+
+    def has_notes(self, received: int) -> bool:
+        """Whether ``received`` bytes hold the ELF header, program headers and every note."""
+        return self.notes_end is not None and received >= self.notes_end

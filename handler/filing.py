@@ -19,6 +19,7 @@ from typing import Any
 
 from handler import layout, ratelimit
 from handler.config import HandlerConfig
+from handler.early import KILLED, STALLED
 from handler.ingest import IngestResult, ingest
 from handler.resolve import PodIdentity
 from handler.spool import SpoolEntry, SpoolWriter
@@ -34,7 +35,8 @@ def signal_name(sig: int) -> str | None:
 
 
 def base_metadata(*, ident: PodIdentity | None, pid: int, sig: int, timestamp: float, comm: str | None,
-                  exe: str | None, build_id: str | None, node: str | None) -> dict[str, Any]:
+                  exe: str | None, build_id: str | None, node: str | None,
+                  cmdline: str | None = None) -> dict[str, Any]:
     """Everything known before the bytes are read; sizes and digest are added after ingest."""
     return {
         "coreID": None,
@@ -54,6 +56,10 @@ def base_metadata(*, ident: PodIdentity | None, pid: int, sig: int, timestamp: f
         "buildID": build_id,
         "timestamp": layout.rfc3339(timestamp),
         "compression": "gzip",
+        "labels": dict(ident.record.labels) if ident and ident.record else None,
+        "annotations": dict(ident.record.annotations) if ident and ident.record else None,
+        "owner": dict(ident.record.owner) if ident and ident.record and ident.record.owner else None,
+        "cmdline": layout.sanitize_text(cmdline) if cmdline else None,
     }
 
 
@@ -148,6 +154,14 @@ class FailoverSink:
         self.writer.abort()
 
 
+# A stream cut by these is kept as a truncated core when its ELF header and notes arrived.
+PARTIAL_REASONS = (STALLED, KILLED)
+
+
+class PartialCoreLost(Exception):
+    """The stream stopped before anything a debugger could use (the ELF header and notes) had arrived."""
+
+
 @dataclass
 class Filed:
     result: str                          # "stored" or "spooled"
@@ -158,14 +172,21 @@ class Filed:
     reason: str | None = None
 
 
-def apply_rate_limit(cfg: HandlerConfig, stored: layout.StoredCore) -> tuple[int, bool]:
-    """Record a committed core with the rate limiter; remove what falls out. Returns (removed, this one kept)."""
-    ref = stored.ref
-    decision = ratelimit.record(cfg.ratelimit_dir, key=f"{ref.namespace}/{ref.pod}/{ref.pod_uid}/{ref.container}",
-                                core_id=ref.core_id, now=time.time(), first=cfg.rate_first,
-                                latest=cfg.rate_latest, window=cfg.rate_window)
+def rate_key(*, namespace: str, pod: str, pod_uid: str, container: str) -> str:
+    return f"{namespace}/{pod}/{pod_uid}/{container}"
+
+
+def reserve_rate_slot(cfg: HandlerConfig, *, ident: PodIdentity, core_id: str) -> ratelimit.Decision:
+    """Ask the rate limiter before a byte is compressed whether this core is kept (kernel path)."""
+    return ratelimit.record(cfg.ratelimit_dir, key=rate_key(namespace=ident.namespace, pod=ident.pod,
+                                                               pod_uid=ident.pod_uid, container=ident.container),
+                            core_id=core_id, now=time.time(), first=cfg.rate_first, latest=cfg.rate_latest,
+                            window=cfg.rate_window, latest_interval=cfg.rate_latest_interval)
+
+
+def _evict(cfg: HandlerConfig, ref: layout.CoreRef, core_ids: list[str]) -> int:
     removed = 0
-    for core_id in decision.evict:
+    for core_id in core_ids:
         victim = layout.CoreRef(namespace=ref.namespace, pod=ref.pod, pod_uid=ref.pod_uid,
                                 container=ref.container, core_id=core_id)
         gone = layout.remove_core(layout.StoredCore(ref=victim, metadata={}, core_path=victim.core_path(cfg.storage_root),
@@ -173,17 +194,37 @@ def apply_rate_limit(cfg: HandlerConfig, stored: layout.StoredCore) -> tuple[int
         removed += 1
         logger.info("rate limit: removed core %s of %s/%s/%s (%s)", core_id, ref.namespace, ref.pod,
                     ref.container, "gone" if gone else "already gone")
-    return removed, decision.keep
+    return removed
+
+
+def apply_rate_limit(cfg: HandlerConfig, stored: layout.StoredCore, *,
+                     reserved: ratelimit.Decision | None = None, reserved_id: str | None = None) -> tuple[int, bool]:
+    """
+    Apply the rate limit to a committed core: the decision ``reserved`` before compression (kernel path),
+    or one taken now (drain: the bytes are already compressed). Returns (cores removed, this one kept).
+    """
+    ref = stored.ref
+    key = rate_key(namespace=ref.namespace, pod=ref.pod, pod_uid=ref.pod_uid, container=ref.container)
+    if reserved is not None:
+        ratelimit.rename(cfg.ratelimit_dir, key=key, old=reserved_id or ref.core_id, new=ref.core_id)
+        return _evict(cfg, ref, reserved.evict), True
+    decision = ratelimit.record(cfg.ratelimit_dir, key=key, core_id=ref.core_id, now=time.time(),
+                                first=cfg.rate_first, latest=cfg.rate_latest, window=cfg.rate_window)
+    victims = decision.evict + ([] if decision.keep else [ref.core_id])
+    return _evict(cfg, ref, victims), decision.keep
 
 
 def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, Any], core_id: str,
               ident: PodIdentity | None, spool_reason: str | None,
-              stored_result: IngestResult | None = None, dropped: int = 0) -> Filed:
+              stored_result: IngestResult | None = None, dropped: int = 0,
+              reserved: ratelimit.Decision | None = None, rate_limit: bool = True) -> Filed:
     """
     Ingest ``chunks`` and commit them, to storage when ``ident`` is known and ``spool_reason`` is None,
     to the spool otherwise. With ``stored_result`` (spool drain) the chunks are already gzipped and are
     copied unchanged. ``dropped`` bytes the source already left out (the shim's maximum) make the core
-    truncated, in the metadata that is committed.
+    truncated, in the metadata that is committed. ``reserved`` is the rate limiter's decision taken before
+    compression (kernel path); without it a stored core is rate limited now, unless ``rate_limit`` is False
+    (import: a person asked for this core).
     """
     def new_spool() -> SpoolWriter:
         return SpoolWriter(cfg.spool_dir, name=core_id)
@@ -209,7 +250,10 @@ def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, An
                 sink.write(chunk)
             result = stored_result
         else:
-            result = ingest(chunks, sink.write, max_size=cfg.max_core_size)
+            result = ingest(chunks, sink.write, max_size=cfg.max_core_size, level=cfg.compress_level)
+            if result.truncation_reason in PARTIAL_REASONS and not result.notes_complete:
+                raise PartialCoreLost(f"core {result.truncation_reason} after {result.observed_size} bytes, "
+                                      "before its ELF header and notes had arrived: nothing worth keeping")
         if dropped:
             result = dataclasses.replace(result, observed_size=result.observed_size + dropped, truncated=True,
                                          truncation_reason="spooled by the shim: larger than its maximum")
@@ -219,7 +263,8 @@ def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, An
         sink.abort()
         raise
     if isinstance(committed, layout.StoredCore):
-        removed, kept = apply_rate_limit(cfg, committed)
+        removed, kept = (apply_rate_limit(cfg, committed, reserved=reserved, reserved_id=core_id)
+                         if rate_limit or reserved is not None else (0, True))
         return Filed(result="stored", stored=committed if kept else None, spooled=None,
                      metadata=committed.metadata, rate_limited=removed)
     return Filed(result="spooled", stored=None, spooled=committed, metadata=meta, reason=sink.failover_reason)

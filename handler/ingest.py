@@ -1,29 +1,33 @@
 """
-Streaming ingest: read a core in bounded chunks, hash it, compress it once (ISA-L gzip level 1), hand the bytes on.
+Streaming ingest: read a core in bounded chunks, hash it, compress it once (ISA-L gzip), hand the bytes on.
 
-Memory is constant for any core size: a reader thread fills at most ``QUEUE_DEPTH`` chunks ahead, the sha256
-runs on its own thread (hashlib and isal both release the GIL, so two cores work at once), and the compressed
-output goes straight to the sink. Past ``max_size`` the stream is still read to its end, only counted, so the
-kernel finishes the dump and the size the kernel sent is known.
+Memory is flat for any core size: the chunks live in a fixed pool of reusable buffers (:class:`BufferPool`,
+filled with ``readinto``/``readv``), and there are few hand-offs between threads. ``COMPRESS_THREADS`` workers
+each take the next chunk from the source (hashing it in order while they hold the source), compress it on
+their own (the one-shot ``isal_zlib.compress`` releases the GIL, so both CPUs work), and write it in turn.
+Each chunk is its own gzip member: 18 bytes per MiB, readable by every gzip reader.
+``bench/ingest_bench.py`` measures this against the previous pipeline and ``isal.igzip_threaded``.
+
+Past ``max_size`` the stream is still read to its end, only counted, so the kernel finishes the dump and the
+size the kernel sent is known. A stream that ends before the size its ELF headers announce, or that a
+:class:`~handler.early.ChunkReader` ended (stall, stop), is marked truncated with the reason.
 """
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-import queue
 import threading
-from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from isal import isal_zlib
 
-from handler.early import QUEUE_DEPTH
+from handler.early import DEFAULT_CHUNK, KILLED, POOL_BUFFERS, BufferPool
+from handler.elfinfo import CoreShape
 
-logger = logging.getLogger(__name__)
-
+# ISA-L level 1 is ~5x faster than level 3 on real cores but stores ~5% more than gzip -1 (see README, Core
+# ingest); the agent's --compress-level picks.
 COMPRESS_LEVEL = 1
 COMPRESS_THREADS = 2
 
@@ -35,84 +39,159 @@ class IngestResult:
     sha256: str             # of the stored (uncompressed) bytes
     truncated: bool
     truncation_reason: str | None
+    # Whether the ELF header, program headers and notes all arrived (None: the stream is not an ELF core).
+    notes_complete: bool | None = None
 
 
-class _Hasher:
-    """sha256 on its own thread; ``QUEUE_DEPTH`` chunks in flight at most."""
+class _Run:
+    """One ingest: workers share the source under a lock, compress apart, write in sequence order."""
 
-    def __init__(self) -> None:
-        self.h = hashlib.sha256()
-        self.q: queue.Queue[bytes | bytearray | None] = queue.Queue(maxsize=QUEUE_DEPTH)
-        self.t = threading.Thread(target=self._run, name="core-hasher", daemon=True)
-        self.t.start()
+    def __init__(self, chunks: Iterable[Any], sink: Callable[[bytes], None], *, max_size: int,
+                 level: int) -> None:
+        self.it = iter(chunks)
+        self.release: Callable[[Any], None] | None = getattr(chunks, "release", None)
+        self.sink = sink
+        self.max_size = max_size
+        self.level = level
+        self.hash = hashlib.sha256()
+        self.shape = CoreShape()
+        self.size = self.observed = 0
+        self.take_lock = threading.Lock()
+        self.turn = threading.Condition()
+        self.next_seq = self.written_seq = 0
+        self.exhausted = False
+        self.error: BaseException | None = None
 
-    def _run(self) -> None:
-        while (chunk := self.q.get()) is not None:
-            self.h.update(chunk)
+    def _give_back(self, chunk: Any) -> None:
+        if self.release is not None:
+            self.release(chunk)
 
-    def update(self, chunk: bytes | bytearray) -> None:
-        self.q.put(chunk)
-
-    def hexdigest(self) -> str:
-        self.q.put(None)
-        self.t.join()
-        return self.h.hexdigest()
-
-
-def ingest(chunks, sink: Callable[[bytes], None], *, max_size: int = 0,
-           level: int = COMPRESS_LEVEL) -> IngestResult:
-    """
-    Compress ``chunks`` (an iterable of bytes) into ``sink``, up to ``max_size`` bytes (0 = all), counting
-    the rest; returns sizes and the sha256 of what was stored.
-
-    Each chunk becomes its own gzip member: the one-shot ``isal_zlib.compress`` releases the GIL (the
-    streaming compressobj does not), so reading and hashing run while a chunk compresses. A member per MiB
-    costs 18 bytes and a reset dictionary, nothing measurable; gzip readers read concatenated members.
-    """
-    hasher = _Hasher()
-    size = observed = 0
-    workers = max(1, min(COMPRESS_THREADS, os.cpu_count() or 1))
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="core-compress")
-    # Compressed chunks in flight, written in order; bounded so memory stays constant.
-    pending: deque[Future[bytes]] = deque()
-    try:
-        for chunk in chunks:
-            n = len(chunk)
-            observed += n
-            if max_size and size + n > max_size:
-                chunk = memoryview(chunk)[: max(0, max_size - size)]
+    def _take(self) -> tuple[int, Any, Any] | None:
+        with self.take_lock:
+            if self.exhausted or self.error is not None:
+                return None
+            for chunk in self.it:
                 n = len(chunk)
+                self.observed += n
+                if not self.shape.done:
+                    self.shape.feed(chunk)
+                piece = chunk
+                if self.max_size and self.size + n > self.max_size:
+                    keep = max(0, self.max_size - self.size)
+                    if not keep:
+                        self._give_back(chunk)
+                        continue
+                    piece = memoryview(chunk)[:keep]
+                self.size += len(piece)
+                self.hash.update(piece)
+                seq = self.next_seq
+                self.next_seq += 1
+                return seq, chunk, piece
+            self.exhausted = True
+            return None
+
+    def work(self) -> None:
+        try:
+            while (item := self._take()) is not None:
+                seq, chunk, piece = item
+                try:
+                    out = isal_zlib.compress(piece, self.level, 31)
+                finally:
+                    if piece is not chunk:
+                        piece.release()
+                    self._give_back(chunk)
+                with self.turn:
+                    while self.written_seq != seq and self.error is None:
+                        self.turn.wait()
+                    if self.error is not None:
+                        return
+                    self.sink(out)
+                    self.written_seq += 1
+                    self.turn.notify_all()
+        except BaseException as e:  # noqa: BLE001 - re-raised by ingest() in the caller's thread
+            with self.turn:
+                if self.error is None:
+                    self.error = e
+                self.turn.notify_all()
+
+
+def ingest(chunks: Iterable[Any], sink: Callable[[bytes], None], *, max_size: int = 0,
+           level: int = COMPRESS_LEVEL, threads: int = COMPRESS_THREADS) -> IngestResult:
+    """
+    Compress ``chunks`` (bytes-like; a source with ``release(chunk)`` gets each chunk back once it is hashed
+    and compressed) into ``sink``, up to ``max_size`` bytes (0 = all), counting the rest; returns sizes, the
+    sha256 of what was stored and whether the stream was cut.
+    """
+    if hasattr(chunks, "manual_release"):
+        chunks.manual_release = True    # the workers hold chunks past the next iteration
+    run = _Run(chunks, sink, max_size=max_size, level=level)
+    workers = [threading.Thread(target=run.work, name=f"core-compress-{i}", daemon=True)
+               for i in range(max(1, min(threads, os.cpu_count() or 1)))]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    if run.error is not None:
+        raise run.error
+    if run.size == 0:
+        sink(isal_zlib.compress(b"", level, 31))   # an empty core is still a valid gzip file
+    shape = run.shape
+    ended_by = getattr(chunks, "end_reason", None)
+    reason = None
+    if ended_by:
+        reason = ended_by
+    elif shape.expected_size is not None and run.observed < shape.expected_size:
+        # The stream stopped before the end its own headers announce: the dump was cut off.
+        reason = KILLED
+    elif run.observed > run.size:
+        reason = f"core larger than the maximum size of {max_size} bytes"
+    notes = None if shape.is_core is not True else shape.has_notes(run.observed)
+    return IngestResult(size=run.size, observed_size=run.observed, sha256=run.hash.hexdigest(),
+                        truncated=reason is not None, truncation_reason=reason, notes_complete=notes)
+
+
+class FileChunks:
+    """A file's chunks through a :class:`BufferPool` (``readinto``): import and drain read with flat memory."""
+
+    def __init__(self, path: os.PathLike[str] | str, *, chunk_size: int = DEFAULT_CHUNK,
+                 opener: Callable[..., Any] | None = None) -> None:
+        self.path = path
+        self.opener = opener
+        self.pool = BufferPool(count=POOL_BUFFERS, size=chunk_size)
+        self.manual_release = False
+        self._views: dict[int, bytearray] = {}
+
+    def release(self, chunk: memoryview) -> None:
+        buf = self._views.pop(id(chunk), None)
+        chunk.release()
+        if buf is not None:
+            self.pool.give(buf)
+
+    def __iter__(self):
+        with (self.opener(self.path, "rb") if self.opener else open(self.path, "rb", buffering=0)) as f:
+            previous: memoryview | None = None
+            while True:
+                if previous is not None and not self.manual_release:
+                    self.release(previous)
+                previous = None
+                buf = self.pool.take()
+                n = f.readinto(buf)
                 if not n:
-                    continue
-                chunk = bytes(chunk)
-            size += n
-            hasher.update(chunk)
-            pending.append(pool.submit(isal_zlib.compress, chunk, level, 31))
-            while len(pending) > workers or (pending and pending[0].done()):
-                sink(pending.popleft().result())
-        while pending:
-            sink(pending.popleft().result())
-        if size == 0:
-            sink(isal_zlib.compress(b"", level, 31))   # an empty core is still a valid gzip file
-    finally:
-        for f in pending:
-            f.cancel()
-        pool.shutdown(wait=True)
-        digest = hasher.hexdigest()
-    truncated = observed > size
-    reason = f"core larger than the maximum size of {max_size} bytes" if truncated else None
-    return IngestResult(size=size, observed_size=observed, sha256=digest, truncated=truncated,
-                        truncation_reason=reason)
+                    self.pool.give(buf)
+                    return
+                chunk = memoryview(buf)[:n]
+                self._views[id(chunk)] = buf
+                previous = chunk
+                yield chunk
 
 
-def file_chunks(path: os.PathLike[str] | str, *, chunk_size: int = 1 << 20):
-    """Chunks of a file (for import and for draining raw spooled cores)."""
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(chunk_size):
-            yield chunk
+def file_chunks(path: os.PathLike[str] | str, *, chunk_size: int = DEFAULT_CHUNK,
+                opener: Callable[..., Any] | None = None) -> FileChunks:
+    """Chunks of a file (for import and for draining raw spooled cores); ``opener`` e.g. ``isal.igzip.open``."""
+    return FileChunks(path, chunk_size=chunk_size, opener=opener)
 
 
-def copy_stored(src: os.PathLike[str] | str, sink: Callable[[bytes], None], *, chunk_size: int = 1 << 20) -> None:
+def copy_stored(src: os.PathLike[str] | str, sink: Callable[[bytes], None], *, chunk_size: int = DEFAULT_CHUNK) -> None:
     """Copy an already compressed core unchanged (draining the handler's spool never recompresses)."""
     for chunk in file_chunks(src, chunk_size=chunk_size):
         sink(chunk)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from handler import layout
 from handler.cgroup import CgroupIdentity, identity_from_cgroup_text
+from handler.podrecord import PodRecord, read_pod
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,8 @@ class PodIdentity:
     container_id: str           # "<runtime>://<id>" as Kubernetes prints it in containerStatuses
     image: str | None = None
     image_digest: str | None = None
+    # The agent's record of the pod (labels, annotations, owner), when it has one.
+    record: PodRecord | None = None
 
 
 def read_cgroup(proc_root: Path, pid: int) -> str | None:
@@ -114,9 +117,13 @@ def _add_image(ident: PodIdentity, info: dict) -> None:
 
 
 def resolve_pod(*, proc_root: Path, host_root: Path, container_logs: str, pid: int, crictl: str | None,
-                crictl_timeout: float, cgroup_text: str | None = None, runtime: str = "containerd") -> PodIdentity | CgroupIdentity | None:
+                crictl_timeout: float, cgroup_text: str | None = None, runtime: str = "containerd",
+                state_dir: Path | None = None) -> PodIdentity | CgroupIdentity | None:
     """
     The pod identity of a crashing pid.
+
+    Sources, none of them an API call: the agent's pod record in ``state_dir`` (names, labels, owner, image
+    and digest), the kubelet's log links (names), and the CRI if ``crictl`` is set (names, image).
 
     Returns a :class:`PodIdentity` when names were found, the bare :class:`CgroupIdentity` when the process is
     in a pod whose names cannot be found (yet), and None when it is not in a pod at all.
@@ -131,10 +138,16 @@ def resolve_pod(*, proc_root: Path, host_root: Path, container_logs: str, pid: i
     if cg.container_id is None:
         return cg
     runtime = cg.runtime or runtime
+    record = read_pod(state_dir, cg.pod_uid) if state_dir is not None else None
     ident = names_from_log_links(Path(host_root) / container_logs, container_id=cg.container_id)
+    if ident is None and record is not None:
+        c = record.container(container_id=cg.container_id)
+        if c is not None:
+            ident = PodIdentity(namespace=record.namespace, pod=record.name, pod_uid=record.uid, container=c.name,
+                                container_id=cg.container_id)
     info = None
     if crictl:
-        # The CRI is the only source of the image; it is also the fallback for names.
+        # The CRI is optional: the agent's record names the image; the CRI is the fallback for names.
         info = inspect_with_crictl(crictl, container_id=cg.container_id, timeout=crictl_timeout)
     if ident is None and info is not None:
         ident = _from_crictl(info, container_id=cg.container_id)
@@ -142,6 +155,12 @@ def resolve_pod(*, proc_root: Path, host_root: Path, container_logs: str, pid: i
         _add_image(ident, info)
     if ident is None:
         return cg
+    if record is not None and (record.namespace, record.name) == (ident.namespace, ident.pod):
+        ident.record = record
+        c = record.container(container_id=cg.container_id, name=ident.container)
+        if c is not None:
+            ident.image = c.image or ident.image
+            ident.image_digest = c.image_digest or ident.image_digest
     if ident.pod_uid and ident.pod_uid != cg.pod_uid:
         logger.warning("pod uid mismatch for %s: cgroup %s, names %s; trusting the cgroup",
                        cg.container_id[:12], cg.pod_uid, ident.pod_uid)

@@ -36,6 +36,7 @@ The ``fake_kube`` fixture (async, function scope) yields a :class:`FakeKube`:
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import ipaddress
@@ -182,6 +183,10 @@ class FakeKube:
         self.namespaces: dict[str, dict[str, Any]] = {}
         self.leases: dict[tuple[str, str], dict[str, Any]] = {}
         self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
+        # (resourceVersion, collection, type, object) of every change, for watches that resume from a version.
+        self.changes: list[tuple[int, str, str, dict[str, Any]]] = []
+        self._changed: asyncio.Condition | None = None
+        self.list_requests: list[str] = []
         self.events: list[dict[str, Any]] = []
         self.sar_requests: list[dict[str, Any]] = []
         self.token_reviews: list[dict[str, Any]] = []
@@ -213,20 +218,55 @@ class FakeKube:
         return added
 
     def add_pod(self, *, namespace: str, name: str, uid: str | None = None,
-                containers: Iterable[str] = ("app",), node_name: str = "node-1") -> dict[str, Any]:
+                containers: Iterable[str] = ("app",), node_name: str = "node-1",
+                labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None,
+                owner_references: list[dict[str, Any]] | None = None,
+                container_statuses: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"name": name, "namespace": namespace, "uid": uid or str(uuid.uuid4()),
+                                    "resourceVersion": self._next_rv(), "creationTimestamp": _timestamp()}
+        for key, value in (("labels", labels), ("annotations", annotations), ("ownerReferences", owner_references)):
+            if value:
+                metadata[key] = value
         pod = {
-            "kind": "Pod", "apiVersion": "v1",
-            "metadata": {"name": name, "namespace": namespace, "uid": uid or str(uuid.uuid4()),
-                         "resourceVersion": self._next_rv(), "creationTimestamp": _timestamp()},
+            "kind": "Pod", "apiVersion": "v1", "metadata": metadata,
             "spec": {"nodeName": node_name,
                      "containers": [{"name": c, "image": f"example/{c}:1"} for c in containers]},
-            "status": {"phase": "Running"},
+            "status": {"phase": "Running", **({"containerStatuses": container_statuses} if container_statuses else {})},
         }
+        kind = "MODIFIED" if (namespace, name) in self.pods else "ADDED"
         self.pods[(namespace, name)] = pod
+        self._record("pods", kind, pod)
         return pod
 
     def delete_pod(self, *, namespace: str, name: str) -> None:
-        self.pods.pop((namespace, name), None)
+        pod = self.pods.pop((namespace, name), None)
+        if pod is not None:
+            gone = json.loads(json.dumps(pod))
+            gone["metadata"]["resourceVersion"] = self._next_rv()
+            self._record("pods", "DELETED", gone)
+
+    def set_namespace(self, name: str, *, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        kind = "MODIFIED" if name in self.namespaces else "ADDED"
+        ns = {"kind": "Namespace", "apiVersion": "v1",
+              "metadata": {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": self._next_rv(),
+                           **({"annotations": annotations} if annotations else {})},
+              "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+        self.namespaces[name] = ns
+        self._record("namespaces", kind, ns)
+        return ns
+
+    def _record(self, collection: str, kind: str, obj: dict[str, Any]) -> None:
+        self.changes.append((int(obj["metadata"]["resourceVersion"]), collection, kind, obj))
+        if self._changed is not None:
+            cond = self._changed
+
+            async def wake() -> None:
+                async with cond:
+                    cond.notify_all()
+            try:
+                asyncio.get_running_loop().create_task(wake())
+            except RuntimeError:
+                pass
 
     def add_namespace(self, name: str, *, labels: dict[str, str] | None = None,
                       annotations: dict[str, str] | None = None) -> dict[str, Any]:
@@ -238,6 +278,7 @@ class FakeKube:
                            **({"annotations": dict(annotations)} if annotations else {})},
               "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
         self.namespaces[name] = ns
+        self._record("namespaces", "ADDED", ns)
         return ns
 
     def set_authentication_configmap(
@@ -300,6 +341,9 @@ class FakeKube:
         app.router.add_get(leases + "/{name}", self._get_lease)
         app.router.add_post(leases, self._create_lease)
         app.router.add_put(leases + "/{name}", self._replace_lease)
+        app.router.add_get("/api/v1/pods", self._list_pods)
+        app.router.add_get("/api/v1/namespaces", self._list_namespaces)
+        self._changed = asyncio.Condition()
         app.router.add_post("/api/v1/namespaces/{namespace}/events", self._post_core_event)
         app.router.add_post("/apis/events.k8s.io/v1/namespaces/{namespace}/events", self._post_events_event)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -474,6 +518,81 @@ class FakeKube:
         if ns is None:
             return _status(404, "NotFound", f'namespaces "{name}" not found', name=name, kind="namespaces")
         return web.json_response(ns)
+    # Field selectors the real server accepts for pods (a subset: the ones with a use here); others are a 400.
+    _POD_FIELDS = {"spec.nodeName": lambda o: o["spec"].get("nodeName", ""),
+                   "metadata.name": lambda o: o["metadata"]["name"],
+                   "metadata.namespace": lambda o: o["metadata"]["namespace"],
+                   "status.phase": lambda o: o["status"].get("phase", "")}
+    _NAMESPACE_FIELDS = {"metadata.name": lambda o: o["metadata"]["name"],
+                         "status.phase": lambda o: o["status"].get("phase", "")}
+
+    def _selector(self, text: str, fields: dict[str, Any]) -> Any:
+        tests = []
+        for term in filter(None, text.split(",")):
+            for op in ("!=", "==", "="):
+                if op in term:
+                    key, value = term.split(op, 1)
+                    break
+            else:
+                raise ValueError(f'invalid selector: {text!r}; can\'t understand {term!r}')
+            if key not in fields:
+                raise ValueError(f'field label not supported: {key}')
+            tests.append((fields[key], op == "!=", value))
+        return lambda obj: all((get(obj) != v) if neg else (get(obj) == v) for get, neg, v in tests)
+
+    async def _list_or_watch(self, request: web.Request, *, collection: str, kind: str,
+                             objects: Any, fields: dict[str, Any]) -> web.StreamResponse:
+        q = request.query
+        self.list_requests.append(request.path_qs)
+        try:
+            match = self._selector(q.get("fieldSelector", ""), fields)
+        except ValueError as e:
+            return _status(400, "BadRequest", str(e))
+        if q.get("watch") not in ("true", "1"):
+            items = []
+            for obj in objects():
+                if match(obj):
+                    item = json.loads(json.dumps(obj))
+                    item.pop("kind", None)
+                    item.pop("apiVersion", None)
+                    items.append(item)
+            return web.json_response({"kind": f"{kind}List", "apiVersion": "v1",
+                                      "metadata": {"resourceVersion": str(self._resource_version)}, "items": items})
+        try:
+            since = int(q.get("resourceVersion") or self._resource_version)
+        except ValueError:
+            return _status(400, "BadRequest", f"invalid resourceVersion {q.get('resourceVersion')!r}")
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        if self.changes and since < self.changes[0][0] - 1:
+            await resp.write(json.dumps({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
+                                        "status": "Failure", "reason": "Expired", "code": 410,
+                                        "message": f"too old resource version: {since}"}}).encode() + b"\n")
+            return resp
+        deadline = asyncio.get_running_loop().time() + float(q.get("timeoutSeconds") or 1800)
+        assert self._changed is not None
+        while True:
+            for rv, coll, typ, obj in list(self.changes):
+                if coll == collection and rv > since:
+                    since = rv
+                    if match(obj):
+                        await resp.write(json.dumps({"type": typ, "object": obj}).encode() + b"\n")
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return resp
+            try:
+                async with self._changed:
+                    await asyncio.wait_for(self._changed.wait(), timeout=min(left, 1.0))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _list_pods(self, request: web.Request) -> web.StreamResponse:
+        return await self._list_or_watch(request, collection="pods", kind="Pod", objects=lambda: self.pods.values(),
+                                         fields=self._POD_FIELDS)
+
+    async def _list_namespaces(self, request: web.Request) -> web.StreamResponse:
+        return await self._list_or_watch(request, collection="namespaces", kind="Namespace",
+                                         objects=lambda: self.namespaces.values(), fields=self._NAMESPACE_FIELDS)
 
     async def _record_event(self, request: web.Request, *, api_version: str) -> web.StreamResponse:
         namespace = request.match_info["namespace"]

@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rate-first", type=int, default=h.rate_first, help="keep the first N cores per container and window")
     g.add_argument("--rate-latest", type=int, default=h.rate_latest, help="... and the latest M")
     g.add_argument("--rate-window", type=_duration, default=h.rate_window, help="window (%(default)ss)")
+    g.add_argument("--rate-latest-interval", type=_duration, default=h.rate_latest_interval,
+                   help="past the first N, take a new 'latest' core at most this often (%(default)ss); "
+                        "the others are discarded uncompressed and counted")
+    g.add_argument("--capture-default", choices=["true", "false"], default="true" if h.capture_default else "false",
+                   help="keep cores of pods when neither the pod nor its namespace has the annotation "
+                        "coredump.example.io/capture (%(default)s)")
+    g.add_argument("--compress-level", type=int, choices=range(0, 4), default=h.compress_level,
+                   help="ISA-L gzip level 0-3 (%(default)s; 3 stores ~5%% less, at a quarter of the speed)")
     g.add_argument("--crictl", default=h.crictl, help="crictl for names and images ('' disables)")
     g.add_argument("--runtime", default=h.runtime, help="containerID scheme when the cgroup does not tell (%(default)s)")
     g.add_argument("--container-logs", default=h.container_logs, help="kubelet log links under --host-root")
@@ -76,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--node-name", default=os.environ.get("NODE_NAME"), help="this node (env NODE_NAME)")
     g.add_argument("--kubeconfig", help="default: in-cluster config")
     g.add_argument("--no-events", dest="events", action="store_false", help="do not post CoreDumped Events")
+    g.add_argument("--no-pod-records", dest="pod_records", action="store_false",
+                   help="do not watch this node's pods and the namespaces (cores then carry no labels, owner, "
+                        "image digest or capture annotations)")
     g = p.add_argument_group("cloudevents")
     g.add_argument("--event-sinks-file", type=Path, default=None,
                    help="YAML file of CloudEvents sinks (a mounted ConfigMap, re-read when it changes); "
@@ -94,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     handler = HandlerConfig(max_core_size=args.max_core_size, rate_first=args.rate_first,
                             rate_latest=args.rate_latest, rate_window=args.rate_window,
+                            rate_latest_interval=args.rate_latest_interval,
+                            capture_default=args.capture_default == "true", compress_level=args.compress_level,
                             crictl=args.crictl or None, runtime=args.runtime, container_logs=args.container_logs, foreign=args.foreign)
     return AgentConfig(
         sysctl_root=args.sysctl_root, proc_root=args.proc_root, host_root=args.host_root, host_dir=args.host_dir,
@@ -102,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         shim_spool_max_bytes=args.shim_spool_max_bytes, drain_interval=args.drain_interval,
         watch_interval=args.watch_interval, retention_interval=args.retention_interval, max_age=args.max_age,
         max_namespace_bytes=args.max_namespace_bytes, metrics_bind_address=args.metrics_bind_address,
-        metrics_port=args.metrics_port, events=args.events, kubeconfig=args.kubeconfig,
+        metrics_port=args.metrics_port, events=args.events, pod_records=args.pod_records, kubeconfig=args.kubeconfig,
         event_sinks_file=args.event_sinks_file, outbox_max_events=args.outbox_max_events,
         outbox_max_bytes=args.outbox_max_bytes, handler=handler)
 

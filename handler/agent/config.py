@@ -38,6 +38,8 @@ class AgentConfig:
     metrics_bind_address: str = "0.0.0.0"
     metrics_port: int = 9402
     events: bool = True
+    # Watch this node's pods and the namespaces into records the handler reads (needs --node-name).
+    pod_records: bool = True
     kubeconfig: str | None = None
     # CloudEvents: the admin's sinks file (a mounted ConfigMap); None = no events. The outbox is bounded per sink.
     event_sinks_file: Path | None = None

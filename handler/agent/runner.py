@@ -195,9 +195,23 @@ class Agent:
         if self.cfg.max_age or self.cfg.max_namespace_bytes:
             tasks.append(asyncio.create_task(self._every(self.cfg.retention_interval, self.retention_once,
                                                          "retention")))
+        if self.cfg.pod_records and self.cfg.node:
+            tasks.append(asyncio.create_task(self._watch_pods(), name="pod-records"))
         logger.info("agent running; core_pattern %r", self.cfg.core_pattern)
         await self._stop.wait()
         await self.shutdown(tasks)
+
+    async def _watch_pods(self) -> None:
+        from handler.agent.pods import PodWatcher, kube_client
+        try:
+            api = await kube_client(self.cfg.kubeconfig)
+        except Exception as e:  # noqa: BLE001 - cores are still filed, with less context
+            logger.error("no API access for pod records: %s; cores carry no pod labels, owner or digest", e)
+            return
+        try:
+            await PodWatcher(api_client=api, node=self.cfg.node, state_dir=self.cfg.handler.state_dir).run()
+        finally:
+            await api.close()
 
     async def shutdown(self, tasks: list[asyncio.Task]) -> None:
         # Deliberately not restoring core_pattern: see the module docstring.

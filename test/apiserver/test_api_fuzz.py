@@ -568,7 +568,8 @@ def baseline_request(operation: Operation, schemas: Schemas) -> FuzzRequest:
 def import_core(server: RunningServer, tmp_path: Path) -> str:
     """File a core for CORE_POD through the real ``coredump-handler import``; returns its core id."""
     core = tmp_path / "core"
-    core.write_bytes(b"\x7fELF" + bytes(range(256)) * 64)
+    # An ELF header saying ET_CORE (import takes only cores), then filler.
+    core.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(9) + (4).to_bytes(2, "little") + bytes(46) + bytes(range(256)) * 64)
     # Every handler path is given: its defaults are the node's (/host/var/lib/coredump), never a test machine's.
     subprocess.run([str(BIN / "coredump-handler"), "--config", str(tmp_path / "absent.json"),
                     "--storage-root", str(server.storage_root), "--spool-dir", str(tmp_path / "spool"),
