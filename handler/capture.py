@@ -23,8 +23,8 @@ from typing import Any
 
 from handler import elfinfo, foreign, layout
 from handler.config import HandlerConfig
-from handler.filing import (Filed, PartialCoreLost, base_metadata, file_core, outcome_record, reserve_rate_slot,
-                            storage_usable)
+from handler.filing import (Explain, Filed, PartialCoreLost, base_metadata, file_core, outcome_record,
+                            reserve_rate_slot, storage_usable)
 from handler.ingest import file_chunks
 from handler.early import KILLED, ChunkReader, EarlyStart, Progress, start_reading
 from handler.podrecord import capture_wanted, read_namespace_annotations
@@ -193,7 +193,7 @@ def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int 
         meta["_podUID"] = (ident.pod_uid if isinstance(ident, CgroupIdentity) else None)
     try:
         filed = file_core(cfg, chunks=reader, meta=meta, core_id=core_id, ident=pod, spool_reason=spool_reason,
-                          reserved=reserved)
+                          reserved=reserved, explain_target=Explain(proc_pid=cfg.proc_root / str(spec.pid)))
     except PartialCoreLost as e:
         logger.error("core of pid %d lost: %s", spec.pid, e)
         write_outcome(cfg.outcomes_dir, {"result": ERROR, "source": "kernel", "pid": spec.pid,
@@ -287,7 +287,7 @@ def import_core(cfg: HandlerConfig, path: Path, *, ident: PodIdentity, pid: int 
         raise NoPlaceToFile(f"storage unusable ({spool_reason}) and no --spool-dir given: nothing written")
     chunks = file_chunks(path, chunk_size=cfg.chunk_size, opener=None if opener is open else opener)
     filed = file_core(cfg, chunks=chunks, meta=meta, core_id=core_id, ident=ident, spool_reason=spool_reason,
-                      rate_limit=False)
+                      rate_limit=False, explain_target=Explain(proc_pid=None))
     if "state_dir" in cfg.explicit:
         write_outcome(cfg.outcomes_dir, outcome_record(filed, duration=time.monotonic() - started, source="import"))
     return filed

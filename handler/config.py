@@ -64,6 +64,11 @@ class HandlerConfig:
     storage_timeout: float = 5.0          # a storage probe slower than this sends the core to the spool
     stall_timeout: float = 60.0           # no progress for this long: give up, so the crashing process can die
     chunk_size: int = 1 << 20
+    # After the commit, while the process is held: keep its objects by build-id and unwind it (handler.explain).
+    explain: bool = True
+    objects_max_bytes: int = 512 << 20     # bytes of objects copied per core
+    objects_max_seconds: float = 1.0       # time spent copying objects per core
+    unwind_timeout: float = 5.0            # wall time of the unwinding child
     compress_level: int = 1               # ISA-L gzip level 0-3 (README, Core ingest: speed against size)
     extra: dict[str, Any] = field(default_factory=dict)
     # The settings that came from the config file or a flag (not defaults): ``import`` writes only there.

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import signal as signals
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from handler import layout, ratelimit
+from handler import explain, layout, ratelimit, sparsecore
 from handler.config import HandlerConfig
 from handler.early import KILLED, STALLED
 from handler.ingest import IngestResult, ingest
@@ -214,10 +215,31 @@ def apply_rate_limit(cfg: HandlerConfig, stored: layout.StoredCore, *,
     return _evict(cfg, ref, victims), decision.keep
 
 
+@dataclass(frozen=True)
+class Explain:
+    """Explain the core after its commit (backtrace, objects): ``proc_pid`` while the process is held, or None."""
+
+    proc_pid: Path | None
+
+
+def _explain(cfg: HandlerConfig, stored: layout.StoredCore, sparse: Path, target: Explain) -> layout.StoredCore:
+    """Add the backtrace and objects to a committed core; any failure leaves the core as it was committed."""
+    try:
+        extra = explain.explain(sparse=sparse, proc_pid=target.proc_pid, storage_root=cfg.storage_root,
+                                budget=explain.Budget(object_bytes=cfg.objects_max_bytes,
+                                                      object_seconds=cfg.objects_max_seconds,
+                                                      unwind_seconds=cfg.unwind_timeout))
+        return layout.amend_metadata(stored, extra)
+    except Exception as e:  # noqa: BLE001 - the core is committed; explaining it is a bonus
+        logger.error("core %s: no backtrace (%s)", stored.ref.core_id, e, extra={"core": stored.ref.core_id})
+        return stored
+
+
 def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, Any], core_id: str,
               ident: PodIdentity | None, spool_reason: str | None,
               stored_result: IngestResult | None = None, dropped: int = 0,
-              reserved: ratelimit.Decision | None = None, rate_limit: bool = True) -> Filed:
+              reserved: ratelimit.Decision | None = None, rate_limit: bool = True,
+              explain_target: Explain | None = None) -> Filed:
     """
     Ingest ``chunks`` and commit them, to storage when ``ident`` is known and ``spool_reason`` is None,
     to the spool otherwise. With ``stored_result`` (spool drain) the chunks are already gzipped and are
@@ -244,13 +266,38 @@ def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, An
     sink = FailoverSink(writer, spool=new_spool)
     if spool_reason:
         sink.failover_reason = spool_reason
+    scratch = None
+    sparse: sparsecore.SparseCore | None = None
+    if explain_target is not None and cfg.explain and stored_result is None and isinstance(writer, layout.CoreWriter):
+        try:
+            scratch = tempfile.TemporaryDirectory(prefix="coredump-explain-")
+            sparse = sparsecore.SparseCore(Path(scratch.name) / f"{core_id}.sparse")
+        except OSError as e:
+            logger.warning("no sparse copy for a backtrace: %s", e)
+            sparse = None
+    try:
+        return _file_core(cfg, chunks=chunks, meta=meta, core_id=core_id, sink=sink, stored_result=stored_result,
+                          dropped=dropped, reserved=reserved, rate_limit=rate_limit, sparse=sparse,
+                          explain_target=explain_target)
+    finally:
+        if sparse is not None:
+            sparse.abort()
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, Any], core_id: str,
+               sink: FailoverSink, stored_result: IngestResult | None, dropped: int,
+               reserved: ratelimit.Decision | None, rate_limit: bool, sparse: sparsecore.SparseCore | None,
+               explain_target: Explain | None) -> Filed:
     try:
         if stored_result is not None:
             for chunk in chunks:
                 sink.write(chunk)
             result = stored_result
         else:
-            result = ingest(chunks, sink.write, max_size=cfg.max_core_size, level=cfg.compress_level)
+            result = ingest(chunks, sink.write, max_size=cfg.max_core_size, level=cfg.compress_level,
+                            tap=sparse.feed if sparse is not None else None)
             if result.truncation_reason in PARTIAL_REASONS and not result.notes_complete:
                 raise PartialCoreLost(f"core {result.truncation_reason} after {result.observed_size} bytes, "
                                       "before its ELF header and notes had arrived: nothing worth keeping")
@@ -261,10 +308,14 @@ def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, An
         committed = sink.commit(meta)
     except BaseException:
         sink.abort()
+        if sparse is not None:
+            sparse.abort()
         raise
     if isinstance(committed, layout.StoredCore):
         removed, kept = (apply_rate_limit(cfg, committed, reserved=reserved, reserved_id=core_id)
                          if rate_limit or reserved is not None else (0, True))
+        if kept and sparse is not None and explain_target is not None:
+            committed = _explain(cfg, committed, sparse.close(), explain_target)
         return Filed(result="stored", stored=committed if kept else None, spooled=None,
                      metadata=committed.metadata, rate_limited=removed)
     return Filed(result="spooled", stored=None, spooled=committed, metadata=meta, reason=sink.failover_reason)
@@ -278,6 +329,8 @@ def outcome_record(filed: Filed, *, duration: float, source: str) -> dict[str, A
         "container": m.get("container"), "coreID": m.get("coreID"), "signal": m.get("signal"),
         "signalName": m.get("signalName"), "size": m.get("size"), "observedSize": m.get("observedSize"),
         "storedSize": (filed.stored.metadata.get("storedSize") if filed.stored else None),
-        "truncated": m.get("truncated"), "rateLimited": filed.rate_limited, "kept": filed.stored is not None
+        "truncated": m.get("truncated"), "exe": m.get("exe"),
+        "topFrame": (m.get("topFrames") or [None])[0], "signature": m.get("signature"),
+        "rateLimited": filed.rate_limited, "kept": filed.stored is not None
         or filed.result == "spooled", "reason": filed.reason, "node": m.get("node"),
     }

@@ -47,8 +47,9 @@ class _Run:
     """One ingest: workers share the source under a lock, compress apart, write in sequence order."""
 
     def __init__(self, chunks: Iterable[Any], sink: Callable[[bytes], None], *, max_size: int,
-                 level: int) -> None:
+                 level: int, tap: Callable[[Any], None] | None = None) -> None:
         self.it = iter(chunks)
+        self.tap = tap
         self.release: Callable[[Any], None] | None = getattr(chunks, "release", None)
         self.sink = sink
         self.max_size = max_size
@@ -84,6 +85,8 @@ class _Run:
                     piece = memoryview(chunk)[:keep]
                 self.size += len(piece)
                 self.hash.update(piece)
+                if self.tap is not None:
+                    self.tap(piece)  # in stream order, under the take lock (the sparse copy for backtraces)
                 seq = self.next_seq
                 self.next_seq += 1
                 return seq, chunk, piece
@@ -116,15 +119,16 @@ class _Run:
 
 
 def ingest(chunks: Iterable[Any], sink: Callable[[bytes], None], *, max_size: int = 0,
-           level: int = COMPRESS_LEVEL, threads: int = COMPRESS_THREADS) -> IngestResult:
+           level: int = COMPRESS_LEVEL, threads: int = COMPRESS_THREADS,
+           tap: Callable[[Any], None] | None = None) -> IngestResult:
     """
     Compress ``chunks`` (bytes-like; a source with ``release(chunk)`` gets each chunk back once it is hashed
     and compressed) into ``sink``, up to ``max_size`` bytes (0 = all), counting the rest; returns sizes, the
-    sha256 of what was stored and whether the stream was cut.
+    sha256 of what was stored and whether the stream was cut. ``tap`` sees every stored byte in order.
     """
     if hasattr(chunks, "manual_release"):
         chunks.manual_release = True    # the workers hold chunks past the next iteration
-    run = _Run(chunks, sink, max_size=max_size, level=level)
+    run = _Run(chunks, sink, max_size=max_size, level=level, tap=tap)
     workers = [threading.Thread(target=run.work, name=f"core-compress-{i}", daemon=True)
                for i in range(max(1, min(threads, os.cpu_count() or 1)))]
     for w in workers:

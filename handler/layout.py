@@ -520,3 +520,31 @@ class CoreWriter:
     def __exit__(self, *exc: object) -> None:
         if self.committed is None:
             self.abort()
+
+
+def amend_metadata(core: StoredCore, extra: dict[str, Any]) -> StoredCore:
+    """Add keys to a committed core's metadata (its backtrace, its objects): a new file written, fsynced and
+    renamed over the old one, so a reader sees the old or the new metadata, never part of either. The keys of
+    :data:`METADATA_KEYS` cannot be changed this way."""
+    fixed = set(METADATA_KEYS) & set(extra)
+    if fixed:
+        raise ValueError(f"cannot amend {sorted(fixed)} of a committed core")
+    meta = {**core.metadata, **extra}
+    body = (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode()
+    directory = core.meta_path.parent
+    tmp = directory / f".{core.ref.core_id}.{secrets.token_hex(6)}{META_SUFFIX}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, core.meta_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return StoredCore(ref=core.ref, metadata=meta, core_path=core.core_path, meta_path=core.meta_path)

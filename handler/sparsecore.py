@@ -216,18 +216,22 @@ class SparseCore:
         self._head = bytearray()
 
     def close(self) -> Path:
-        """Give the copy the stream's length (the rest stays holes) and close it."""
-        try:
-            os.ftruncate(self._fd, self._pos)
-        finally:
-            os.close(self._fd)
+        """Give the copy the stream's length (the rest stays holes) and close it (once; later calls do nothing)."""
+        if self._fd >= 0:
+            try:
+                os.ftruncate(self._fd, self._pos)
+            finally:
+                os.close(self._fd)
+                self._fd = -1
         return self.path
 
     def abort(self) -> None:
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
         try:
             os.unlink(self.path)
         except OSError:

@@ -28,8 +28,10 @@ def event_body(rec: dict[str, Any], *, node: str | None) -> dict[str, Any]:
     container = rec.get("container")
     sig = rec.get("signalName") or f"signal {rec.get('signal')}"
     trunc = " (truncated)" if rec.get("truncated") else ""
-    message = (f"Container {container} dumped core: {sig} (signal {rec.get('signal')}), "
-               f"{human_size(rec.get('observedSize'))}{trunc}; core {rec.get('coreID')}")
+    exe = f" in {rec['exe']}" if isinstance(rec.get("exe"), str) and rec.get("exe") else ""
+    top = f" at {rec['topFrame']}" if isinstance(rec.get("topFrame"), str) and rec.get("topFrame") else ""
+    message = (f"Container {container} dumped core: {sig} (signal {rec.get('signal')}){exe}{top}, "
+               f"{human_size(rec.get('observedSize'))}{trunc}; core {rec.get('coreID')}")[:1024]
     return {
         "apiVersion": "v1",
         "kind": "Event",
