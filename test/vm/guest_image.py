@@ -51,6 +51,8 @@ PINS = {
 HOST_PACKAGES = {"qemu-system-x86_64": "qemu-system-x86", "mmdebstrap": "mmdebstrap", "busybox": "busybox-static",
                  "mke2fs": "e2fsprogs", "debugfs": "e2fsprogs", "gcc": "gcc"}
 VENV = "/opt/coredump/venv"
+# arch-capabilities off: nested KVM hosts refuse that MSR for a plain "-cpu host" (qemu aborts).
+KVM_CPU = "host,-arch-capabilities"
 
 
 @dataclass
@@ -234,6 +236,7 @@ def build_base(*, directory: Path, kernel: tuple[str, str]) -> None:
         mke2fs(src=tree, dest=work / "rootfs.img", size_mb=size, label="root")
         shutil.rmtree(tree)
         shutil.rmtree(debs)
+        shutil.rmtree(wheels)
         (work / "pins.json").write_text(json.dumps({"pins": PINS, "kernel": kernel}, indent=2) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
@@ -273,8 +276,13 @@ def build_project_disk(*, dest: Path, work: Path) -> None:
     mke2fs(src=stage, dest=dest, size_mb=max(64, _dir_bytes(stage) * 2 >> 20), label="project")
 
 
-def kvm_usable() -> bool:
-    """KVM when /dev/kvm exists and opens; COREDUMP_VM_ACCEL=tcg forces software emulation."""
+def kvm_usable(*, kernel: Path, work: Path) -> bool:
+    """
+    KVM when /dev/kvm opens and really runs our kernel; COREDUMP_VM_ACCEL=tcg forces software emulation.
+
+    Opening is not enough: nested hosts may expose /dev/kvm and then fail or hang the guest (seen here: an
+    internal KVM error with ``-cpu host``). So the kernel boots once without a root disk, up to its panic.
+    """
     if os.environ.get("COREDUMP_VM_ACCEL", "") == "tcg":
         return False
     try:
@@ -282,7 +290,19 @@ def kvm_usable() -> bool:
     except OSError:
         return False
     os.close(fd)
-    return True
+    console = work / "kvm-probe.log"
+    console.unlink(missing_ok=True)
+    try:
+        subprocess.run(["qemu-system-x86_64", "-enable-kvm", "-cpu", KVM_CPU, "-m", "256", "-nodefaults",
+                        "-no-reboot", "-display", "none", "-serial", f"file:{console}", "-kernel", str(kernel),
+                        "-append", "console=ttyS0 panic=-1"], check=False, timeout=20, capture_output=True)
+    except subprocess.TimeoutExpired:
+        pass
+    text = console.read_text(errors="replace") if console.exists() else ""
+    ok = "Kernel panic" in text and "VFS" in text
+    if not ok:
+        logger.warning("KVM is there but does not run the guest kernel; using TCG")
+    return ok
 
 
 @dataclass
@@ -298,21 +318,10 @@ def boot(*, base: Base, project: Path, work: Path, timeout: float, cpus: int = 2
     results_img = work / "results.img"
     mke2fs(src=None, dest=results_img, size_mb=256, label="results")
     console = work / "console.log"
-    kvm = kvm_usable()
-    accel = ["-enable-kvm", "-cpu", "host"] if kvm else ["-accel", "tcg", "-cpu", "max"]
-    argv = ["qemu-system-x86_64", *accel, "-smp", str(cpus), "-m", str(memory_mb), "-nodefaults", "-no-reboot",
-            "-display", "none", "-serial", f"file:{console}",
-            "-kernel", str(base.kernel), "-initrd", str(base.initrd),
-            "-append", "console=ttyS0 panic=-1 quiet loglevel=4",
-            "-drive", f"file={base.rootfs},if=virtio,format=raw,snapshot=on",
-            "-drive", f"file={project},if=virtio,format=raw,readonly=on",
-            "-drive", f"file={results_img},if=virtio,format=raw"]
+    kvm = kvm_usable(kernel=base.kernel, work=work)
     t0 = time.monotonic()
-    logger.info("+ %s", " ".join(argv))
-    try:
-        subprocess.run(argv, check=False, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        pass
+    _qemu(kvm=kvm, base=base, project=project, results_img=results_img, console=console, timeout=timeout,
+          cpus=cpus, memory_mb=memory_mb)
     seconds = time.monotonic() - t0
     out = work / "results"
     shutil.rmtree(out, ignore_errors=True)
@@ -320,3 +329,22 @@ def boot(*, base: Base, project: Path, work: Path, timeout: float, cpus: int = 2
     subprocess.run(["debugfs", "-R", f"rdump / {out}", str(results_img)], check=True, capture_output=True)
     text = console.read_text(errors="replace") if console.exists() else ""
     return Boot(results=out, console=text, accel="kvm" if kvm else "tcg", seconds=seconds)
+
+
+def _qemu(*, kvm: bool, base: Base, project: Path, results_img: Path, console: Path, timeout: float, cpus: int,
+          memory_mb: int) -> int:
+    console.unlink(missing_ok=True)
+    accel = ["-enable-kvm", "-cpu", KVM_CPU] if kvm else ["-accel", "tcg", "-cpu", "max"]
+    argv = ["qemu-system-x86_64", *accel, "-smp", str(cpus), "-m", str(memory_mb), "-nodefaults", "-no-reboot",
+            "-display", "none", "-serial", f"file:{console}",
+            "-kernel", str(base.kernel), "-initrd", str(base.initrd),
+            "-append", "console=ttyS0 panic=-1 quiet loglevel=4",
+            "-drive", f"file={base.rootfs},if=virtio,format=raw,snapshot=on",
+            "-drive", f"file={project},if=virtio,format=raw,readonly=on",
+            "-drive", f"file={results_img},if=virtio,format=raw"]
+    logger.info("+ %s", " ".join(argv))
+    try:
+        return subprocess.run(argv, check=False, timeout=timeout, stdin=subprocess.DEVNULL).returncode
+    except subprocess.TimeoutExpired:
+        logger.error("the guest did not power off within %.0fs", timeout)
+        return -1

@@ -153,6 +153,8 @@ OUTSIDE = CGROUP / "system.slice" / "crash-test.service"
 class Crasher:
     """A crashing process held at a read on stdin until :meth:`trigger`; its host pid, exe and comm are known."""
 
+    claimed: set[int] = set()   # pids already taken by a Crasher (several may share a pod's cgroup)
+
     def __init__(self, *, pod: Pod | None, mode: str = "segv") -> None:
         cg = pod.cgroup if pod is not None else OUTSIDE
         cg.mkdir(parents=True, exist_ok=True)
@@ -180,11 +182,14 @@ class Crasher:
         except OSError:
             return None
         for p in pids:
+            if int(p) in Crasher.claimed:
+                continue
             try:
                 if Path(f"/proc/{p}/comm").read_text().strip() == "crasher":
                     # Wait until it is at its read: its filler is written and the core will be whole.
                     if "pipe_read" in Path(f"/proc/{p}/wchan").read_text() or \
                             Path(f"/proc/{p}/stat").read_text().split(")")[1].split()[0] == "S":
+                        Crasher.claimed.add(int(p))
                         return int(p)
             except OSError:
                 continue
