@@ -1,7 +1,7 @@
 """
 The VM suite's one guest: built (or taken from the cache), booted once per session, its observations loaded.
 
-Every test here is marked ``vm`` (``scripts/test -m 'not vm'`` runs the fast suite alone). The guest is built
+Every test here is marked ``vm`` (``pytestmark`` in each module) (``scripts/test -m 'not vm'`` runs the fast suite alone). The guest is built
 and booted only when a ``vm`` test is selected. The build and the boot times are printed at the end of the run.
 """
 from __future__ import annotations
@@ -37,13 +37,6 @@ class GuestRun:
         if not out.get("ok"):
             pytest.fail(f"scenario {name} failed in the guest:\n{out.get('error')}\nshim log:\n{out.get('shimLog')}")
         return out["data"]
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(item.fspath).parents:
-            item.add_marker(pytest.mark.vm)
 
 
 @pytest.fixture(scope="session")

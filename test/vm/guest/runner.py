@@ -412,8 +412,7 @@ def scenario_5_readonly(node: Node) -> dict:
     set_export(rw=False)
     try:
         c = crash(pod)
-        spooled = wait_for(lambda: [e for e in spool_listing() if e["name"].endswith(".json")
-                                    or e["name"].endswith(".info")], timeout=WAIT)
+        wait_for(lambda: [e for e in spool_listing() if e["name"].endswith((".json", ".info"))], timeout=WAIT)
         spooled = spool_listing()
         on_nfs = c["pid"] in stored_cores()
         shim_log = (HOST_DIR / "shim.log").read_text() if (HOST_DIR / "shim.log").exists() else ""
