@@ -7,6 +7,7 @@ the same way whatever way it came in.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import signal as signals
@@ -79,14 +80,23 @@ def storage_usable(root: Path, *, timeout: float) -> str | None:
             st = os.statvfs(root)
             if not os.path.isdir(root):
                 verdict.append(f"{root} is not a directory")
-            elif st.f_flag & os.ST_RDONLY or not os.access(root, os.W_OK):
+            elif st.f_flag & os.ST_RDONLY:
                 verdict.append(f"{root} is read-only")
             elif st.f_bavail * st.f_frsize < 1 << 20:
                 verdict.append(f"{root} is full")
             else:
+                # A real create, not access(2): an NFS client answers access(2) from its access cache, which
+                # kept saying "read-only" long after the export was writable again (seen in the VM suite).
+                probe_path = os.path.join(root, f".probe-{os.getpid()}-{threading.get_ident()}")
+                fd = os.open(probe_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                os.close(fd)
+                os.unlink(probe_path)
                 verdict.append(None)
         except OSError as e:
-            verdict.append(f"{root}: {e.strerror or e}")
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                verdict.append(f"{root} is read-only ({e.strerror})")
+            else:
+                verdict.append(f"{root}: {e.strerror or e}")
 
     t = threading.Thread(target=probe, name="storage-probe", daemon=True)
     t.start()
