@@ -85,6 +85,11 @@ CORE_SCHEMA: dict[str, Any] = {
         "exe": {"type": "string", "description": "Path of the crashed executable."},
         "buildID": {"type": "string", "description": "ELF build-id of the executable, to find matching debug symbols."},
         "truncated": {"type": "boolean", "description": "True when the core was cut at the size limit."},
+        "signature": {"type": "string", "description": "Crash signature: a hash of the crashing thread's top "
+                                                        "frames, the same for crashes on the same code path."},
+        "topFrames": {"type": "array", "items": {"type": "string"},
+                      "description": "Top frames of the crashing thread (module!function or module+offset); the "
+                                     "full backtrace is in the core's metadata in the dump."},
     },
 }
 

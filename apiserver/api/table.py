@@ -77,6 +77,12 @@ def _size(num: int | None) -> str:
     return f"{value:.0f}Ti"
 
 
+def _top_frame(obj: dict[str, Any]) -> str:
+    cores = _status(obj).get("cores") or []
+    frames = (cores[-1].get("topFrames") if cores and isinstance(cores[-1], dict) else None) or []
+    return str(frames[0]) if frames else "<none>"
+
+
 COLUMNS: list[Column] = [
     Column("Name", "string", "Name of the pod whose cores this endpoint serves.",
            lambda o: o["metadata"]["name"], format="name"),
@@ -88,6 +94,8 @@ COLUMNS: list[Column] = [
            lambda o: _status(o).get("lastSignal") or "<none>"),
     Column("Last Crash", "string", "How long ago the newest core was written.",
            lambda o: age(_status(o).get("lastCrash")) if _status(o).get("lastCrash") else "<none>"),
+    Column("Top Frame", "string", "Where the newest core's crashing thread was: its top frame.",
+           lambda o: _top_frame(o)),
     Column("Age", "date", "CreationTimestamp of the endpoint.",
            lambda o: age(o["metadata"].get("creationTimestamp"))),
     Column("Containers", "string", "Containers that dumped core.", _containers, priority=1),
@@ -95,4 +103,6 @@ COLUMNS: list[Column] = [
            lambda o: _size(_status(o).get("totalSize")), priority=1),
     Column("Stored Size", "string", "Size of all cores on storage.",
            lambda o: _size(_status(o).get("storedSize")), priority=1),
+    Column("Signature", "string", "Crash signature of the newest core.",
+           lambda o: ((_status(o).get("cores") or [{}])[-1].get("signature") or "<none>"), priority=1),
 ]

@@ -43,7 +43,22 @@ def core_entry(core: StoredCore) -> dict[str, Any]:
         "exe": meta.get("exe") or "",
         "buildID": meta.get("buildID") or "",
         "truncated": bool(meta.get("truncated")),
+        **_explained(meta),
     }
+
+
+def _explained(meta: dict[str, Any]) -> dict[str, Any]:
+    """Signature and top frames, when the handler stored them (checked: storage is written by every node)."""
+    out: dict[str, Any] = {}
+    sig = meta.get("signature")
+    if isinstance(sig, str) and 0 < len(sig) <= 64 and sig.isalnum():
+        out["signature"] = sig
+    frames = meta.get("topFrames")
+    if isinstance(frames, list):
+        top = [f[:256] for f in frames[:3] if isinstance(f, str)]
+        if top:
+            out["topFrames"] = top
+    return out
 
 
 def summarize(cores: Iterable[StoredCore]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def test_create_get_table_yaml_describe_delete(apiserver: RunningServer, version
     assert created.stdout.strip() == f"coredumpendpoint.coredump.example.io/{name} created"
 
     table = apiserver.kubectl("get", "coredumpendpoints", version=version).stdout.splitlines()
-    assert table[0].split() == ["NAME", "POD", "UID", "CORES", "LAST", "SIGNAL", "LAST", "CRASH", "AGE"]
+    assert table[0].split() == ["NAME", "POD", "UID", "CORES", "LAST", "SIGNAL", "LAST", "CRASH", "TOP", "FRAME", "AGE"]
     row = next(line.split() for line in table[1:] if line.startswith(name + " "))
     assert row[:5] == [name, uid, "0", "<none>", "<none>"]
 
@@ -133,3 +133,25 @@ def test_forbidden_and_not_found_read_like_builtin_resources(apiserver: RunningS
     denied = apiserver.kubectl("delete", "cde", "nope", context="dev-viewer", version=version, check=False)
     assert denied.returncode == 1
     assert "Error from server (Forbidden)" in denied.stderr and 'User "dev-viewer" cannot delete' in denied.stderr
+
+
+def test_the_top_frame_and_signature_of_the_last_crash_are_shown(apiserver: RunningServer) -> None:
+    """What the handler learned of a crash (its signature and top frames) is in status and in `kubectl get`."""
+    import gzip
+
+    from handler import layout
+
+    uid = str(uuid.uuid4())
+    with layout.CoreWriter(apiserver.storage_root, namespace="explained", pod="api-0", pod_uid=uid,
+                           container="app", core_id="20261201T101500Z-api-7-11") as w:
+        w.write(gzip.compress(b"\x7fELF core"))
+        stored = w.commit({"size": 9, "signal": 11, "signalName": "SIGSEGV"})
+    layout.amend_metadata(stored, {"signature": "5e1fcafe00112233", "topFrames": [
+        "api!parse_request", "api!handle", "libc.so.6!__libc_start_main"]})
+    apiserver.kubectl("create", "-f", "-", input=_manifest("api-0", pod_uid=uid, namespace="explained"))
+    out = apiserver.kubectl("get", "cde", "-n", "explained", "-o", "wide").stdout.splitlines()
+    header, row = out[0], out[1]
+    assert "TOP FRAME" in header and "SIGNATURE" in header
+    assert "api!parse_request" in row.split() and "5e1fcafe00112233" in row.split()
+    core = json.loads(apiserver.kubectl("get", "cde", "api-0", "-n", "explained", "-o", "json").stdout)
+    assert core["status"]["cores"][0]["topFrames"][:2] == ["api!parse_request", "api!handle"]

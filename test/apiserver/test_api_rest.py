@@ -310,7 +310,7 @@ def test_table_and_partial_object_metadata(apiserver: RunningServer) -> None:
     table = apiserver.request("GET", collection_path("tables"), headers={"Accept": TABLE}).json()
     assert table["kind"] == "Table" and table["apiVersion"] == "meta.k8s.io/v1"
     assert [c["name"] for c in table["columnDefinitions"] if c["priority"] == 0] == \
-        ["Name", "Pod UID", "Cores", "Last Signal", "Last Crash", "Age"]
+        ["Name", "Pod UID", "Cores", "Last Signal", "Last Crash", "Top Frame", "Age"]
     row = table["rows"][0]
     assert row["cells"][:3] == ["tabled", obj["spec"]["podUID"], 0]
     assert row["object"]["kind"] == "PartialObjectMetadata" and row["object"]["metadata"]["name"] == "tabled"
