@@ -64,7 +64,7 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _issue(*, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, subject: x509.Name,
-           key: ec.EllipticCurvePrivateKey, usage: ExtendedKeyUsageOID,
+           key: ec.EllipticCurvePrivateKey, usage: x509.ObjectIdentifier,
            sans: list[x509.GeneralName] | None = None) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
     builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
@@ -113,11 +113,12 @@ def prepare(*, directory: Path, port: int, storage_root: Path | None) -> DevFile
         ca_cert_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
         for stale in ("serving.crt", "admin.crt", "viewer.crt"):
             (directory / stale).unlink(missing_ok=True)
-    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+    ca_key = loaded
 
-    def ensure(stem: str, subject: x509.Name, usage: ExtendedKeyUsageOID,
+    def ensure(stem: str, subject: x509.Name, usage: x509.ObjectIdentifier,
                sans: list[x509.GeneralName] | None = None) -> tuple[Path, Path]:
         cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
         if not (cert_path.exists() and key_path.exists()):

@@ -38,7 +38,8 @@ class CgroupIdentity:
 
 def cgroup_paths(text: str) -> list[str]:
     """The cgroup paths of a ``/proc/<pid>/cgroup`` text, v2's unified line first."""
-    unified, legacy = [], []
+    unified: list[str] = []
+    legacy: list[str] = []
     for line in text.splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3:

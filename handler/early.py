@@ -170,6 +170,7 @@ class ChunkReader:
                 if self.error is not None:
                     raise self.error
                 return
+            assert isinstance(item, tuple)
             buf, n = item
             chunk = memoryview(buf)[:n]
             self._views[id(chunk)] = buf

@@ -100,7 +100,8 @@ def mapped_objects(core_head: bytes, read_at: Callable[[int, int], bytes]) -> li
     parsed = sparsecore.parse_head(core_head)
     if parsed is None or parsed[1] is None:
         return []
-    loads, (noff, nsize), _machine = parsed
+    loads, notes, _machine = parsed
+    noff, nsize = notes
     if noff + nsize > len(core_head):
         return []
     out: dict[str, Mapped] = {}

@@ -97,7 +97,7 @@ def pod_from_api(pod: dict[str, Any]) -> PodRecord | None:
     spec = pod.get("spec") or {}
     status = pod.get("status") or {}
     uid, ns, name = meta.get("uid"), meta.get("namespace"), meta.get("name")
-    if not all(isinstance(v, str) and v for v in (uid, ns, name)):
+    if not (isinstance(uid, str) and uid and isinstance(ns, str) and ns and isinstance(name, str) and name):
         return None
     owner = None
     for ref in meta.get("ownerReferences") or []:

@@ -122,6 +122,8 @@ def json_patch(target: Any, operations: Any) -> Any:
             doc = _add(doc, path, copy.deepcopy(op["value"]))
         elif kind in ("move", "copy"):
             source = op.get("from")
+            if not isinstance(source, str):
+                raise errors.bad_request(f"a JSON patch {kind} operation needs a string 'from'")
             value = copy.deepcopy(_get(doc, source))
             if kind == "move":
                 if isinstance(path, str) and isinstance(source, str) and path.startswith(source + "/"):

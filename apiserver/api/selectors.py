@@ -26,7 +26,9 @@ FIELD_LABELS = ("metadata.name", "metadata.namespace")
 
 def _split_top_level(text: str) -> list[str]:
     """Split on commas that are not inside an `in (...)` set."""
-    parts, depth, current = [], 0, []
+    parts: list[str] = []
+    current: list[str] = []
+    depth = 0
     for char in text:
         if char == "(":
             depth += 1

@@ -86,7 +86,7 @@ class SubjectAccessReviewAuthorizer:
         return decision
 
     async def _review(self, spec: dict[str, Any]) -> Decision:
-        body = {"apiVersion": SUBJECT_ACCESS_REVIEW_API_VERSION, "kind": "SubjectAccessReview", "spec": spec}
+        body: Any = {"apiVersion": SUBJECT_ACCESS_REVIEW_API_VERSION, "kind": "SubjectAccessReview", "spec": spec}
         try:
             answer = await call_cluster(
                 start=lambda: self._api.create_subject_access_review(body, _preload_content=False,

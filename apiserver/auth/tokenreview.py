@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Any
 from collections.abc import Callable
 
 from aiohttp import web
@@ -61,7 +62,8 @@ class TokenReviewAuthenticator:
 
     async def _review(self, token: str) -> UserInfo | str:
         """The user, or the reason the cluster rejected the token. Raises 401 when there is no usable answer."""
-        body = {"apiVersion": TOKEN_REVIEW_API_VERSION, "kind": "TokenReview", "spec": {"token": token}}
+        # A plain dict (kubernetes-asyncio serializes it as is): the answer is read raw and strictly anyway.
+        body: Any = {"apiVersion": TOKEN_REVIEW_API_VERSION, "kind": "TokenReview", "spec": {"token": token}}
         try:
             answer = await call_cluster(
                 start=lambda: self._api.create_token_review(body, _preload_content=False,

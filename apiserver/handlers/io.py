@@ -31,7 +31,7 @@ YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml")
 class _NoAliasLoader(yaml.SafeLoader):
     """YAML without anchors/aliases: they buy nothing for one object and allow billion-laughs bodies."""
 
-    def compose_node(self, parent: Any, index: Any) -> Any:  # type: ignore[override]
+    def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(None, None, "YAML aliases are not allowed", event.start_mark)

@@ -106,7 +106,7 @@ async def _storage_check(request: web.Request) -> str | None:
 
 
 async def _health(request: web.Request, *, name: str, with_storage: bool) -> web.Response:
-    checks = [("ping", None)]
+    checks: list[tuple[str, str | None]] = [("ping", None)]
     if with_storage:
         checks.append(("storage", await _storage_check(request)))
     failed = [check for check, problem in checks if problem]

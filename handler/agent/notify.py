@@ -367,7 +367,8 @@ class Notifier:
             await asyncio.to_thread(self.outbox.remove, entry)
             self.metrics.inc("coredump_cloudevents_dropped_total", sink=sink.name, reason="namespace-gone")
             return None
-        data = stored.get("data") if isinstance(stored.get("data"), dict) else {}
+        raw = stored.get("data")
+        data: dict[str, Any] = raw if isinstance(raw, dict) else {}
         signal = data.get("signal") if isinstance(data.get("signal"), int) else None
         if annotations.get(OPT_OUT_ANNOTATION) == "false" or \
                 not sink.wants(namespace=namespace, signal=signal, labels=labels):

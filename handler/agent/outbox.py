@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,7 @@ class Outbox:
                 st = os.lstat(queue / name)
             except FileNotFoundError:
                 continue
-            if not os.path.stat.S_ISREG(st.st_mode):
+            if not stat.S_ISREG(st.st_mode):
                 continue
             out.append(Entry(path=queue / name, event_id=m["id"], size=st.st_size))
         return out

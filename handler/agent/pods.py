@@ -117,7 +117,7 @@ class PodWatcher:
         if kind == "DELETED":
             if isinstance(uid, str):
                 self._deleted[uid] = time.monotonic()
-        else:
+        elif isinstance(uid, str):
             self._deleted.pop(uid, None)
             await asyncio.to_thread(self._write_pod, obj)
         await asyncio.to_thread(self._expire_deleted)

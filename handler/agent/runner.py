@@ -208,6 +208,7 @@ class Agent:
         except Exception as e:  # noqa: BLE001 - cores are still filed, with less context
             logger.error("no API access for pod records: %s; cores carry no pod labels, owner or digest", e)
             return
+        assert self.cfg.node is not None  # the task starts only with a node name
         try:
             await PodWatcher(api_client=api, node=self.cfg.node, state_dir=self.cfg.handler.state_dir).run()
         finally:

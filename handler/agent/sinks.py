@@ -202,6 +202,7 @@ def _sink(raw: Any, index: int) -> Sink:
         raise SinkConfigError(f"{where}: timeout: {e}") from None
     if not 0 < timeout <= 300:
         raise SinkConfigError(f"{where}: timeout must be more than 0 and at most 5m")
+    assert isinstance(url, str)  # checked above
     return Sink(name=name, url=url, mode=mode, namespaces=namespaces, namespace_selector=selector,
                 signals=signals, ca_file=files["caFile"], token_file=files["tokenFile"], timeout=timeout)
 
