@@ -217,3 +217,38 @@ class ControlPlane:
 
     def get_json(self, *args: str) -> dict:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+
+def https_get(cp: ControlPlane, path: str, *, user: str = "admin", headers: dict[str, str] | None = None,
+              read_delay: float = 0.0, chunk: int = 1 << 16) -> tuple[int, dict[str, str], bytes, str | None]:
+    """GET ``path`` on kube-apiserver with the client certificate ``pki/<user>.crt``.
+
+    Returns (status, headers, body, error): ``error`` says why the body ended early (the connection was cut);
+    ``read_delay`` sleeps between chunks of ``chunk`` bytes to make a slow client.
+    """
+    import http.client
+    ctx = ssl.create_default_context(cafile=str(cp.ca))
+    ctx.load_cert_chain(str(cp.pki / f"{user}.crt"), str(cp.pki / f"{user}.key"))
+    conn = http.client.HTTPSConnection("127.0.0.1", cp.port, context=ctx, timeout=120)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        parts: list[bytes] = []
+        error = None
+        try:
+            while True:
+                data = resp.read1(chunk) if hasattr(resp, "read1") else resp.read(chunk)
+                if not data:
+                    break
+                parts.append(data)
+                if read_delay:
+                    time.sleep(read_delay)
+        except (http.client.IncompleteRead, ConnectionError, ssl.SSLError) as e:
+            error = repr(e)
+        body = b"".join(parts)
+        length = resp.getheader("Content-Length")
+        if error is None and length is not None and int(length) != len(body):
+            error = f"body ended after {len(body)} of {length} bytes"
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body, error
+    finally:
+        conn.close()

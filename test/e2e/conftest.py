@@ -55,3 +55,39 @@ def server_up(installed: Installation) -> Installation:
     if installed.server is None:
         installed.start_server()
     return installed
+
+
+@pytest.fixture(scope="session")
+def real_core(tmp_path_factory: pytest.TempPathFactory):
+    from workloads import CRASHER_C, make_core
+    import subprocess
+    d = tmp_path_factory.mktemp("crasher")
+    (d / "crasher.c").write_text(CRASHER_C)
+    exe = d / "crasher"
+    subprocess.run(["gcc", "-g", "-O0", "-o", str(exe), str(d / "crasher.c")], check=True)
+    return make_core(exe, d / "segv", "segv")
+
+
+@pytest.fixture(scope="session")
+def teams(installed: Installation, real_core) -> dict:
+    """team-a and team-b, each with a pod that has one real core on storage and its CoredumpEndpoint."""
+    from workloads import endpoint_yaml, file_core, make_namespace, make_pod
+    cp = installed.cp
+    out = {}
+    for ns in ("team-a", "team-b"):
+        make_namespace(cp, ns)
+        uid = make_pod(cp, ns, "crasher")
+        file_core(installed, real_core.path, namespace=ns, pod="crasher", uid=uid)
+        out[ns] = uid
+    return out
+
+
+@pytest.fixture(scope="session")
+def users(installed: Installation, teams: dict) -> dict[str, Path]:
+    """alice: the shipped coredump:dump role in team-a; victor: view in team-a; eddie: cluster edit (aggregated)."""
+    cp = installed.cp
+    cp.kubectl("create", "rolebinding", "alice-dump", "-n", "team-a", "--clusterrole", "coredump:dump",
+               "--user", "alice")
+    cp.kubectl("create", "rolebinding", "victor-view", "-n", "team-a", "--clusterrole", "view", "--user", "victor")
+    cp.kubectl("create", "rolebinding", "eddie-edit", "-n", "team-b", "--clusterrole", "edit", "--user", "eddie")
+    return {name: cp.user_kubeconfig(name) for name in ("alice", "victor", "eddie")}
