@@ -152,6 +152,7 @@ class ControlPlane:
             "--tls-cert-file", str(serving[0]), "--tls-private-key-file", str(serving[1]),
             "--client-ca-file", str(self.ca),
             "--authorization-mode", "RBAC",
+            "--allow-privileged=true",  # as kubeadm and every cluster that runs privileged DaemonSets
             "--anonymous-auth=false",
             "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
             "--service-account-key-file", str(sa_pub), "--service-account-signing-key-file", str(sa_key),
