@@ -4,7 +4,7 @@ The real control plane of the e2e suite: etcd, kube-apiserver and kube-controlle
 (:mod:`pki`), and stopped (SIGTERM, then SIGKILL) when the session ends, also on failure or Ctrl-C.
 
 kube-apiserver runs RBAC, service-account tokens (TokenRequest), the aggregation layer with a front-proxy CA,
-and a short ``--request-timeout`` (``E2E_REQUEST_TIMEOUT``, default 10s) so that a slow dump is cut by it.
+and a short ``--request-timeout`` (``E2E_REQUEST_TIMEOUT``, default 20s) so that a slow dump is cut by it.
 kube-controller-manager runs the namespace, garbage-collector, service-account and ClusterRole-aggregation
 controllers.
 """
@@ -26,7 +26,7 @@ from pki import CA, service_account_keys
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-REQUEST_TIMEOUT = os.environ.get("E2E_REQUEST_TIMEOUT", "10s")
+REQUEST_TIMEOUT = os.environ.get("E2E_REQUEST_TIMEOUT", "20s")
 CONTROLLERS = ",".join(f"{c}-controller" for c in (
     "namespace", "garbage-collector", "serviceaccount", "serviceaccount-token", "root-ca-certificate-publisher",
     "clusterrole-aggregation"))
