@@ -113,7 +113,7 @@ class Installation:
             if o["kind"] == "Service" and (o["metadata"].get("namespace"), o["metadata"]["name"]) == (ns, name):
                 o = dict(o, spec={"type": "ExternalName", "externalName": "localhost",
                                   "ports": [{"name": "https", "port": self.port, "protocol": "TCP"}]})
-            if o is self.apiservice or (o["kind"] == "APIService" and o["spec"].get("group") == GROUP):
+            if o["kind"] == "APIService" and o["spec"].get("group") == GROUP:
                 o = dict(o, spec=dict(o["spec"], service=dict(o["spec"]["service"], port=self.port)))
             applied.append(o)
         self.cp.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(applied))

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from cluster import https_get
 from fixtures_apiserver import kubectl_binary
 
 KUBECTLS = ["1.27", "1.33"]
@@ -22,9 +23,15 @@ def test_api_resources_and_explain_through_the_aggregator(server_up, version: st
 
 
 def test_aggregated_discovery_lists_the_group(server_up) -> None:
-    out = server_up.cp.kubectl("get", "--raw", "/apis", "--as", "e2e-admin",
-                               check=False)
-    doc = json.loads(server_up.cp.kubectl("get", "--raw", "/apis").stdout)
-    groups = {g["name"]: g for g in doc["groups"]}
-    assert groups["coredump.example.io"]["preferredVersion"]["version"] == "v1alpha1"
-    assert out.returncode == 0
+    """kube-apiserver's aggregated discovery (what kubectl >= 1.30 reads) carries our group and resources."""
+    accept = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json;q=0.5"
+    status, headers, body, error = https_get(server_up.cp, "/apis", headers={"Accept": accept})
+    assert status == 200 and error is None
+    doc = json.loads(body)
+    assert doc["kind"] == "APIGroupDiscoveryList"
+    (group,) = [g for g in doc["items"] if g["metadata"]["name"] == "coredump.example.io"]
+    (version,) = group["versions"]
+    assert version["version"] == "v1alpha1" and version.get("freshness", "Current") == "Current"
+    (res,) = [r for r in version["resources"] if r["resource"] == "coredumpendpoints"]
+    assert res["responseKind"]["kind"] == "CoredumpEndpoint" and res["scope"] == "Namespaced"
+    assert {"dump"} <= {sub["subresource"] for sub in res.get("subresources", [])}
