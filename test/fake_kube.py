@@ -71,6 +71,9 @@ Failure = Literal["unreachable"] | int | None
 
 # --- certificates -------------------------------------------------------------------------------------------
 
+# kube-apiserver's default --api-audiences: its --service-account-issuer.
+API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
@@ -415,7 +418,9 @@ class FakeKube:
                 user["uid"] = found.uid
             if found.extra:
                 user["extra"] = found.extra
-            status = {"authenticated": True, "user": user, "audiences": spec.get("audiences") or []}
+            # Like kube-apiserver: a review without spec.audiences is checked against (and answers with)
+            # the API server's own audiences, by default its service-account issuer.
+            status = {"authenticated": True, "user": user, "audiences": spec.get("audiences") or [API_AUDIENCE]}
         answer = {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
                   "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}
         return web.json_response(answer, status=201)

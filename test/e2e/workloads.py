@@ -1,0 +1,69 @@
+"""
+Namespaces, pods and cores for the e2e flows: real Pod objects (no kubelet runs them, they stay Pending) and
+real kernel cores of test/handler's crashing program, filed on our storage by the handler's ``import``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cluster import REPO, ControlPlane
+from install import Installation
+
+_spec = importlib.util.spec_from_file_location("handler_test_fixtures", REPO / "test/handler/conftest.py")
+handler_fixtures = importlib.util.module_from_spec(_spec)
+assert _spec.loader is not None
+sys.modules[_spec.name] = handler_fixtures
+_spec.loader.exec_module(handler_fixtures)
+RealCore = handler_fixtures.RealCore
+CRASHER_C = handler_fixtures.CRASHER_C
+make_core = handler_fixtures._make_core
+
+
+def wait_for(predicate, what: str, *, timeout: float = 60.0, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def make_namespace(cp: ControlPlane, name: str) -> None:
+    cp.kubectl("create", "namespace", name)
+    wait_for(lambda: cp.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
+             f"service account default in {name}")
+
+
+def make_pod(cp: ControlPlane, namespace: str, name: str, *, container: str = "app") -> str:
+    """Creates a Pod object and returns its uid."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace},
+           "spec": {"containers": [{"name": container, "image": "registry.invalid/crasher:1"}]}}
+    out = cp.kubectl("create", "-f", "-", "-o", "json", input=json.dumps(pod)).stdout
+    return json.loads(out)["metadata"]["uid"]
+
+
+def file_core(inst: Installation, core: Path, *, namespace: str, pod: str, uid: str, container: str = "app") -> None:
+    """Files one real core on storage as the node's handler does."""
+    work = inst.base / "handler"
+    subprocess.run([sys.executable, "-m", "handler.cli", "--config", str(work / "no-config.json"),
+                    "--storage-root", str(inst.storage), "--spool-dir", str(work / "spool"),
+                    "--state-dir", str(work / "state"), "--crictl", "", "--node", "node-1",
+                    "import", "--namespace", namespace, "--pod", pod, "--pod-uid", uid, "--container", container,
+                    str(core)], check=True, capture_output=True, timeout=120)
+
+
+def dump_path(namespace: str, name: str) -> str:
+    return f"/apis/coredump.example.io/v1alpha1/namespaces/{namespace}/coredumpendpoints/{name}/dump"
+
+
+def endpoint_yaml(namespace: str, name: str, uid: str | None = None) -> str:
+    spec = {"podUID": uid} if uid else {}
+    return json.dumps({"apiVersion": "coredump.example.io/v1alpha1", "kind": "CoredumpEndpoint",
+                       "metadata": {"name": name, "namespace": namespace}, "spec": spec})
