@@ -29,6 +29,10 @@ WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet"}
 GROUP = "coredump.example.io"
 
 
+# Where the base kustomization reads the certificates deploy/make-certs.sh makes (its default --out).
+TLS_FILES = "tls/run-deploy-make-certs.sh-first"
+
+
 def copy_repo_manifests(dest: Path) -> Path:
     """A copy of manifests/ and deploy/ (the TLS files are written into the copy, never the repo)."""
     for name in ("manifests", "deploy"):
@@ -38,7 +42,8 @@ def copy_repo_manifests(dest: Path) -> Path:
 
 def make_certs(manifests: Path, *, namespace: str | None = None, service: str | None = None,
                out: Path | None = None) -> None:
-    argv = ["sh", str(manifests.parent / "deploy/make-certs.sh"), "--out", str(out or manifests / "tls"), "--new-ca"]
+    argv = ["sh", str(manifests.parent / "deploy/make-certs.sh"), "--out", str(out or manifests / TLS_FILES),
+            "--new-ca"]
     if namespace:
         argv += ["--namespace", namespace]
     if service:
@@ -101,7 +106,7 @@ class Installation:
         return svc["namespace"], svc["name"]
 
     def tls_dir(self) -> Path:
-        return self.base / "render/manifests/tls"
+        return self.base / "render/manifests" / TLS_FILES
 
     def apply(self) -> None:
         self.objects = render(self.base / "render")

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -100,7 +101,8 @@ class ProxyRule:
 
     connection: int
     after: int
-    action: str  # "cut" | "hold"
+    action: str  # "cut" | "hold" | "slow" (from ``after`` bytes on, forward at ``rate`` bytes/s: a slow client)
+    rate: int = 1 << 20
 
 
 class CuttingProxy:
@@ -163,6 +165,11 @@ class CuttingProxy:
                 data = upstream.recv(65536)
                 if not data:
                     break
+                if rule is not None and rule.action == "slow" and sent + len(data) >= rule.after:
+                    client.sendall(data)
+                    sent += len(data)
+                    time.sleep(len(data) / rule.rate)
+                    continue
                 if rule is not None and sent + len(data) >= rule.after:
                     client.sendall(data[: max(0, rule.after - sent)])
                     if rule.action == "hold":
