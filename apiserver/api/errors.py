@@ -138,17 +138,23 @@ def unauthorized(message: str = "Unauthorized") -> ApiError:
 
 
 def forbidden(*, user: str, verb: str, resource: str, namespace: str | None, name: str | None = None,
-              subresource: str | None = None, reason: str = "") -> ApiError:
-    """403 worded the way kube-apiserver words it, so kubectl prints the familiar Forbidden line."""
+              subresource: str | None = None, reason: str = "", group: str = GROUP) -> ApiError:
+    """
+    403 worded the way kube-apiserver words it, so kubectl prints the familiar Forbidden line. ``group`` is
+    the API group of the request's path ("" for the core group), not always ours.
+    """
     what = resource + (f"/{subresource}" if subresource else "")
     target = f' "{name}"' if name else ""
     scope = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
-    message = (f'{_qualified(resource)}{target} is forbidden: User "{user}" cannot {verb} resource "{what}" '
-               f'in API group "{GROUP}"{scope}')
+    qualified = f"{resource}.{group}" if group else resource
+    message = (f'{qualified}{target} is forbidden: User "{user}" cannot {verb} resource "{what}" '
+               f'in API group "{group}"{scope}')
     if reason:
         message += f": {reason}"
-    return ApiError(code=403, reason="Forbidden", message=message,
-                    details=_details(name=name, resource=resource))
+    details: dict[str, Any] = {"group": group, "kind": resource}
+    if name:
+        details["name"] = name
+    return ApiError(code=403, reason="Forbidden", message=message, details=details)
 
 
 def forbidden_path(*, user: str, verb: str, path: str) -> ApiError:

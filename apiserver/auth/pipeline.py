@@ -92,7 +92,8 @@ def _forbidden(attributes: RequestAttributes, reason: str) -> errors.ApiError:
     if attributes.is_resource_request:
         return errors.forbidden(user=attributes.user.name, verb=attributes.verb, resource=attributes.resource,
                                 namespace=attributes.namespace or None, name=attributes.name or None,
-                                subresource=attributes.subresource or None, reason=reason)
+                                subresource=attributes.subresource or None, reason=reason,
+                                group=attributes.api_group)
     error = errors.forbidden_path(user=attributes.user.name, verb=attributes.verb, path=attributes.path)
     if reason:
         error.message += f": {reason}"
