@@ -210,14 +210,15 @@ def test_gdb_gives_a_backtrace_of_a_real_core_and_caches_it(world: PluginWorld) 
     printed = ok(plugin(world, *args, "--print"))
     assert printed.split()[0] == "gdb" and str(cached) in printed and str(world.crasher) in printed
     assert cached.stat().st_mtime_ns == stamp  # served from the cache, not downloaded again
-    alone = plugin(world, "gdb", "web-0", "-n", "shop", "--core", segv.ref.core_id, "--print")
+    # traced-0's executable (/usr/bin/crasher) is not on this machine, and its dump has no objects
+    alone = plugin(world, "gdb", "traced-0", "--print")
     assert alone.returncode == 0 and b"gdb opens the core alone" in alone.stderr and b"-c " in alone.stdout
 
 
 def test_bt_prints_the_stored_backtrace_or_says_there_is_none(world: PluginWorld) -> None:
     out = ok(plugin(world, "bt", "traced-0"))
     assert "#0   crash_here (crasher) at crasher.c:5" in out and "#1   main" in out
-    none = ok(plugin(world, "bt", "web-0", "-n", "shop"))
+    none = ok(plugin(world, "bt", "bad-0"))
     assert none.count("\n") == 1 and "no backtrace was stored" in none
 
 
