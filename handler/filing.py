@@ -122,11 +122,11 @@ class FailoverSink:
         logger.error("storage failed mid-core (%s); moving the core to the spool", err)
         self.failover_reason = f"storage error: {err.strerror or err}"
         new = self._spool()
-        tmp = old.partial()
-        if tmp is not None:
+        partial = old.open_partial()
+        if partial is not None:
             # What storage accepted so far is read back; if even that fails the core cannot be made whole.
             left = self.written
-            with open(tmp, "rb") as f:
+            with partial as f:
                 while left and (chunk := f.read(min(1 << 20, left))):
                     new.write(chunk)
                     left -= len(chunk)
@@ -178,7 +178,8 @@ def apply_rate_limit(cfg: HandlerConfig, stored: layout.StoredCore) -> tuple[int
 
 def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, Any], core_id: str,
               ident: PodIdentity | None, spool_reason: str | None,
-              stored_result: IngestResult | None = None, dropped: int = 0) -> Filed:
+              stored_result: IngestResult | None = None, dropped: int = 0,
+              truncation_reason: str | None = None) -> Filed:
     """
     Ingest ``chunks`` and commit them, to storage when ``ident`` is known and ``spool_reason`` is None,
     to the spool otherwise. With ``stored_result`` (spool drain) the chunks are already gzipped and are
@@ -210,9 +211,10 @@ def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, An
             result = stored_result
         else:
             result = ingest(chunks, sink.write, max_size=cfg.max_core_size)
-        if dropped:
+        if dropped or truncation_reason:
             result = dataclasses.replace(result, observed_size=result.observed_size + dropped, truncated=True,
-                                         truncation_reason="spooled by the shim: larger than its maximum")
+                                         truncation_reason=truncation_reason
+                                         or "spooled by the shim: larger than its maximum")
         add_result(meta, result)
         committed = sink.commit(meta)
     except BaseException:
