@@ -1,31 +1,38 @@
 """
 Draining the spool into storage: cores the handler spooled (storage away) and raw cores the shim spooled (agent away).
 
-Storage is committed first and the spool entry removed after, so a crash in between files a core twice at
-worst, never zero times. Entries that cannot be filed yet (storage still away, pod names not found) stay.
-Raw cores of processes that turn out not to be in a pod move to ``<spool>/host/``: kept, logged, counted.
+Storage is committed first and the spool entry removed after, so a crash in between never files a core zero
+times; and never twice either: every core filed from the spool carries the entry's stable key
+(``spoolEntry``: node, kind and entry name) in its metadata, and before filing, the drain looks for a core of the
+same base id with that key (committed, or incomplete: then its commit is completed) and only removes the entry
+if it finds one. Entries that cannot be filed yet (storage still away, pod names not found) stay. Raw cores of
+processes that turn out not to be in a pod move to ``<spool>/host/``: kept, logged, counted. A raw core the
+shim could not spool whole carries ``truncated=<reason>`` in its ``.info`` and is filed truncated with that
+reason. The shim's own failures (spool full before a byte was kept) are in the outcomes it writes itself.
+
+Every file is reached through :mod:`handler.safefs` (never through a link in the spool).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from handler import elfinfo, layout
+from handler import elfinfo, faults, layout, safefs
 from handler.config import HandlerConfig
 from handler.filing import base_metadata, file_core, outcome_record, storage_usable
-from handler.ingest import IngestResult, file_chunks
+from handler.ingest import IngestResult
 from handler.outcome import DRAINED, ERROR, write_outcome
 from handler.resolve import PodIdentity, identity_from_cgroup_text, resolve_pod
-from handler.spool import SpoolEntry, list_entries, read_shim_info
+from handler.spool import SpoolEntry, list_entries, parse_shim_info
 
 logger = logging.getLogger(__name__)
 
 HOST_DIR = "host"
+KEY_FIELD = "spoolEntry"
 
 
 @dataclass
@@ -46,8 +53,36 @@ def _resolve(cfg: HandlerConfig, cgroup_text: str | None) -> PodIdentity | None:
     return ident if isinstance(ident, PodIdentity) else None
 
 
+def entry_key(cfg: HandlerConfig, entry: SpoolEntry) -> str:
+    """The stable key of a spool entry: the same entry drained twice carries the same key."""
+    return f"{cfg.node or ''}/{entry.kind}/{entry.name}"
+
+
+def _already_filed(cfg: HandlerConfig, entry: SpoolEntry, ident: PodIdentity, core_id: str) -> bool:
+    found = layout.find_by_key(cfg.storage_root, namespace=ident.namespace, pod=ident.pod, pod_uid=ident.pod_uid,
+                               container=ident.container, core_id=core_id, key=entry_key(cfg, entry),
+                               key_field=KEY_FIELD)
+    if found is None:
+        return False
+    logger.warning("spool entry %s was already filed as %s (a drain stopped before removing it); removing it",
+                   entry.name, found.ref.core_id)
+    return True
+
+
+def _open_data(entry: SpoolEntry) -> safefs.ReadFile:
+    data = entry.open_data()
+    if data is None:
+        raise FileNotFoundError(f"{entry.data_path} is gone (or not a regular file)")
+    return data
+
+
 def _drain_handler_entry(cfg: HandlerConfig, entry: SpoolEntry, report: DrainReport) -> None:
-    meta: dict[str, Any] = json.loads(entry.meta_path.read_text())
+    raw = entry.read_meta()
+    if raw is None:
+        raise FileNotFoundError(f"{entry.meta_path} is gone (or not a regular file)")
+    meta: dict[str, Any] = json.loads(raw)
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a JSON object")
     if meta.get("namespace") is None:
         ident = _resolve(cfg, meta.get("_cgroup"))
         if ident is None:
@@ -64,9 +99,15 @@ def _drain_handler_entry(cfg: HandlerConfig, entry: SpoolEntry, report: DrainRep
                           truncated=clean["truncated"], truncation_reason=clean["truncationReason"])
     core_id = layout.make_core_id(timestamp=_timestamp(clean), comm=clean.get("comm"), pid=clean.get("pid") or 0,
                                   signal=clean.get("signal") or 0)
+    if _already_filed(cfg, entry, ident, core_id):
+        entry.remove()
+        report.drained += 1
+        return
+    clean[KEY_FIELD] = entry_key(cfg, entry)
     started = time.monotonic()
-    filed = file_core(cfg, chunks=file_chunks(entry.data_path), meta=clean, core_id=core_id, ident=ident,
-                      spool_reason=None, stored_result=result)
+    with _open_data(entry) as data:
+        filed = file_core(cfg, chunks=data.chunks(), meta=clean, core_id=core_id, ident=ident,
+                          spool_reason=None, stored_result=result)
     _finish(cfg, entry, filed, started, report)
 
 
@@ -78,13 +119,19 @@ def _timestamp(meta: dict[str, Any]) -> float:
 
 
 def _drain_shim_entry(cfg: HandlerConfig, entry: SpoolEntry, report: DrainReport) -> None:
-    info = read_shim_info(entry.meta_path)
+    raw = entry.read_meta()
+    if raw is None:
+        raise FileNotFoundError(f"{entry.meta_path} is gone (or not a regular file)")
+    info = parse_shim_info(raw.decode(errors="replace"))
     cg = identity_from_cgroup_text(info.get("cgroup", ""))
     if cg is None:
         host = cfg.spool_dir / HOST_DIR
-        host.mkdir(parents=True, exist_ok=True)
-        os.rename(entry.data_path, host / entry.data_path.name)
-        os.rename(entry.meta_path, host / entry.meta_path.name)
+        spool = safefs.open_root(cfg.spool_dir)
+        if spool is None:
+            raise FileNotFoundError(f"{cfg.spool_dir} is gone")
+        with spool, spool.make_sub(HOST_DIR, mode=0o700) as host_dir:
+            spool.rename(entry.data_path.name, entry.data_path.name, dst_dir=host_dir)
+            spool.rename(entry.meta_path.name, entry.meta_path.name, dst_dir=host_dir)
         logger.warning("spooled core %s is not from a pod; kept in %s", entry.name, host)
         write_outcome(cfg.outcomes_dir, {"result": "host", "source": "shim-spool", "reason": "not in a pod",
                                          "pid": int(info.get("pid") or 0)})
@@ -96,15 +143,28 @@ def _drain_shim_entry(cfg: HandlerConfig, entry: SpoolEntry, report: DrainReport
         report.reasons.append(f"{entry.name}: pod names still unknown (pod uid {cg.pod_uid})")
         return
     pid, sig = int(info.get("pid") or 0), int(info.get("signal") or 0)
-    ts = float(info.get("time") or entry.data_path.stat().st_mtime)
     comm = info.get("comm")
-    meta = base_metadata(ident=ident, pid=pid, sig=sig, timestamp=ts, comm=comm, exe=None,
-                         build_id=elfinfo.build_id_from_core(entry.data_path), node=cfg.node)
-    core_id = layout.make_core_id(timestamp=ts, comm=comm, pid=pid, signal=sig)
-    started = time.monotonic()
-    # ``rest``: bytes past the shim's maximum, counted but not kept.
-    filed = file_core(cfg, chunks=file_chunks(entry.data_path, chunk_size=cfg.chunk_size), meta=meta,
-                      core_id=core_id, ident=ident, spool_reason=None, dropped=int(info.get("rest") or 0))
+    with _open_data(entry) as data:
+        ts = float(info.get("time") or data.st.st_mtime)
+        core_id = layout.make_core_id(timestamp=ts, comm=comm, pid=pid, signal=sig)
+        if _already_filed(cfg, entry, ident, core_id):
+            entry.remove()
+            report.drained += 1
+            return
+        # The descriptor opened safely, by its /proc name: the ELF reader never sees the spool's names.
+        build_id = elfinfo.build_id_from_core(f"/proc/self/fd/{data.fd}")
+        meta = base_metadata(ident=ident, pid=pid, sig=sig, timestamp=ts, comm=comm, exe=None, build_id=build_id,
+                             node=cfg.node)
+        meta[KEY_FIELD] = entry_key(cfg, entry)
+        started = time.monotonic()
+        # ``rest``: bytes the shim did not keep (past its maximum, or after a failed write), counted not kept;
+        # ``truncated``: why the shim could not keep them all.
+        dropped = int(info.get("rest") or 0)
+        why = info.get("truncated") or None
+        if why is None and dropped:
+            why = "spooled by the shim: larger than its maximum"
+        filed = file_core(cfg, chunks=data.chunks(cfg.chunk_size), meta=meta, core_id=core_id, ident=ident,
+                          spool_reason=None, dropped=dropped, truncation_reason=why)
     _finish(cfg, entry, filed, started, report)
 
 
@@ -114,6 +174,7 @@ def _finish(cfg: HandlerConfig, entry: SpoolEntry, filed, started: float, report
         entry.remove()
         report.waiting += 1
         return
+    faults.point("drain:filed")
     entry.remove()
     report.drained += 1
     rec = outcome_record(filed, duration=time.monotonic() - started, source=f"{entry.kind}-spool")

@@ -139,11 +139,11 @@ class FailoverSink:
         logger.error("storage failed mid-core (%s); moving the core to the spool", err)
         self.failover_reason = f"storage error: {err.strerror or err}"
         new = self._spool()
-        tmp = old.partial()
-        if tmp is not None:
+        partial = old.open_partial()
+        if partial is not None:
             # What storage accepted so far is read back; if even that fails the core cannot be made whole.
             left = self.written
-            with open(tmp, "rb") as f:
+            with partial as f:
                 while left and (chunk := f.read(min(1 << 20, left))):
                     new.write(chunk)
                     left -= len(chunk)
@@ -249,7 +249,7 @@ def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, An
               ident: PodIdentity | None, spool_reason: str | None,
               stored_result: IngestResult | None = None, dropped: int = 0,
               reserved: ratelimit.Decision | None = None, rate_limit: bool = True,
-              explain_target: Explain | None = None) -> Filed:
+              explain_target: Explain | None = None, truncation_reason: str | None = None) -> Filed:
     """
     Ingest ``chunks`` and commit them, to storage when ``ident`` is known and ``spool_reason`` is None,
     to the spool otherwise. With ``stored_result`` (spool drain) the chunks are already gzipped and are
@@ -288,7 +288,7 @@ def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, An
     try:
         return _file_core(cfg, chunks=chunks, meta=meta, core_id=core_id, sink=sink, stored_result=stored_result,
                           dropped=dropped, reserved=reserved, rate_limit=rate_limit, sparse=sparse,
-                          explain_target=explain_target)
+                          explain_target=explain_target, truncation_reason=truncation_reason)
     finally:
         if sparse is not None:
             sparse.abort()
@@ -299,7 +299,7 @@ def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, An
 def _file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, Any], core_id: str,
                sink: FailoverSink, stored_result: IngestResult | None, dropped: int,
                reserved: ratelimit.Decision | None, rate_limit: bool, sparse: sparsecore.SparseCore | None,
-               explain_target: Explain | None) -> Filed:
+               explain_target: Explain | None, truncation_reason: str | None = None) -> Filed:
     try:
         if stored_result is not None:
             for chunk in chunks:
@@ -311,9 +311,10 @@ def _file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, A
             if result.truncation_reason in PARTIAL_REASONS and not result.notes_complete:
                 raise PartialCoreLost(f"core {result.truncation_reason} after {result.observed_size} bytes, "
                                       "before its ELF header and notes had arrived: nothing worth keeping")
-        if dropped:
+        if dropped or truncation_reason:
             result = dataclasses.replace(result, observed_size=result.observed_size + dropped, truncated=True,
-                                         truncation_reason="spooled by the shim: larger than its maximum")
+                                         truncation_reason=truncation_reason
+                                         or "spooled by the shim: larger than its maximum")
         add_result(meta, result)
         committed = sink.commit(meta)
     except BaseException:

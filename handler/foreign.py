@@ -2,9 +2,10 @@
 Cores of processes that are not in a pod go where the node's previous ``core_pattern`` would have sent them.
 
 * previous pattern is a pipe (``|/usr/lib/systemd/systemd-coredump %P ...``): the program lives on the host, not
-  in the agent's container, so the handler reads nothing and hands the expanded command back to the shim
-  (on stdout, shell-quoted, exit code :data:`EXIT_FORWARD`); the shim runs it on the host with the untouched
-  stdin.
+  in the agent's container, so the handler reads nothing and exits :data:`EXIT_FORWARD`; the shim then runs the
+  command itself, on the host, with the untouched stdin, from :func:`shim_forward_script`, which the agent wrote
+  into its host dir when it saved the pattern. Nothing the handler prints is ever run: the command comes from
+  the agent, and the crash's values (comm, exe) only ever reach it as quoted shell variables.
 * previous pattern is a file name (``core``, ``/var/crash/core.%e.%p``): the handler writes the file itself
   where the kernel would have, through ``/proc/<pid>/cwd`` (relative) or ``/proc/<pid>/root`` (absolute),
   i.e. in the crashing process's own filesystem view, honouring its ``RLIMIT_CORE`` like the kernel does.
@@ -65,6 +66,47 @@ def pipe_command(previous: str, spec: CrashSpecifiers) -> list[str]:
     """The argv of a previous pipe pattern for this crash (split before expansion, as the kernel does now)."""
     argv = previous.lstrip("|").strip().split()
     return [expand(a, spec) for a in argv]
+
+
+# Specifiers the shim can fill in itself (see handler/shim.sh, forward()): as the kernel and :func:`expand` do.
+SHIM_SPECIFIERS = frozenset("PIstcCehugpiEfd")
+
+
+def shim_forward_script(previous: str) -> str | None:
+    """
+    The previous pipe pattern as a POSIX sh ``set --`` line for the shim: literal parts single-quoted, each
+    specifier a double-quoted ``${sp_X}`` the shim sets from the crash (unknown specifiers vanish, as in
+    :func:`expand`). Split on whitespace before expansion, as the kernel does. None for a file pattern.
+    """
+    if not previous.startswith("|"):
+        return None
+    words = []
+    for arg in previous[1:].strip().split():
+        parts: list[str] = []
+        literal: list[str] = []
+        i = 0
+        while i < len(arg):
+            if arg[i] == "%" and i + 1 < len(arg):
+                spec = arg[i + 1]
+                i += 2
+                if spec == "%":
+                    literal.append("%")
+                    continue
+                if literal:
+                    parts.append(shlex.quote("".join(literal)))
+                    literal = []
+                if spec in SHIM_SPECIFIERS:
+                    parts.append(f'"${{sp_{spec}}}"')
+                continue
+            literal.append(arg[i])
+            i += 1
+        if literal:
+            parts.append(shlex.quote("".join(literal)))
+        words.append("".join(parts) or "''")
+    if not words:
+        return None
+    return "# written by coredump-agent from the node's previous core_pattern; read by the shim\nset -- " \
+        + " ".join(words) + "\n"
 
 
 def shell_command(argv: list[str]) -> str:

@@ -9,7 +9,8 @@ Two kinds of entries, both committed by renaming their small description file la
   (``key=value`` lines: pid, tid, signal, time, comm, the pid's cgroup taken while it was still alive,
   and ``rest=`` bytes that did not fit); draining runs them through the normal ingest.
 
-Hidden names are writes in flight. Nothing here talks to shared storage.
+Hidden names are writes in flight. Nothing here talks to shared storage. Every access goes through
+:mod:`handler.safefs` with the spool directory as its root: a link in the spool is never followed.
 """
 from __future__ import annotations
 
@@ -17,14 +18,19 @@ import json
 import logging
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from handler import faults, safefs
 
 logger = logging.getLogger(__name__)
 
 HANDLER_DATA, HANDLER_META = ".core.gz", ".json"
 SHIM_DATA, SHIM_INFO = ".core", ".info"
+SPOOL_MODE, ENTRY_MODE = 0o700, 0o600
+INFO_MAX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -34,13 +40,30 @@ class SpoolEntry:
     data_path: Path
     meta_path: Path
 
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_path.parent
+
     def remove(self) -> None:
         # Description first: a half-removed entry must not look committed.
-        for p in (self.meta_path, self.data_path):
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+        d = safefs.open_root(self.spool_dir)
+        if d is None:
+            return
+        with d:
+            d.unlink(self.meta_path.name)
+            faults.point("spool:entry-half-removed")
+            d.unlink(self.data_path.name)
+
+    def open_data(self) -> safefs.ReadFile | None:
+        """The entry's data, a regular file opened without following a link; None if it is not there."""
+        d = safefs.open_root(self.spool_dir)
+        if d is None:
+            return None
+        with d:
+            return d.open_read(self.data_path.name)
+
+    def read_meta(self) -> bytes | None:
+        return safefs.read_bytes(self.spool_dir, self.meta_path.name, limit=INFO_MAX_BYTES)
 
 
 class SpoolWriter:
@@ -49,14 +72,16 @@ class SpoolWriter:
     def __init__(self, spool_dir: Path, *, name: str) -> None:
         self.spool_dir = Path(spool_dir)
         self.name = f"{name}.{secrets.token_hex(4)}"
-        self._tmp = self.spool_dir / f".{self.name}{HANDLER_DATA}.tmp"
+        self._tmp_name = f".{self.name}{HANDLER_DATA}.tmp"
+        self._tmp = self.spool_dir / self._tmp_name
+        self._dir: safefs.Dir | None = None
         self._file: Any = None
         self.committed: SpoolEntry | None = None
 
     def open(self):
         if self._file is None:
-            self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._dir = safefs.make_dirs(self.spool_dir, mode=SPOOL_MODE, root_mode=SPOOL_MODE)
+            fd = self._dir.create(self._tmp_name, mode=ENTRY_MODE)
             self._file = os.fdopen(fd, "wb", buffering=0)
         return self._file
 
@@ -68,35 +93,37 @@ class SpoolWriter:
 
     def commit(self, metadata: dict[str, Any]) -> SpoolEntry:
         f = self.open()
+        assert self._dir is not None
         os.fsync(f.fileno())
         f.close()
-        data = self.spool_dir / f"{self.name}{HANDLER_DATA}"
-        meta = self.spool_dir / f"{self.name}{HANDLER_META}"
-        os.rename(self._tmp, data)
-        tmp_meta = self.spool_dir / f".{self.name}{HANDLER_META}.tmp"
-        with open(tmp_meta, "w") as mf:
-            json.dump(metadata, mf)
-            mf.flush()
-            os.fsync(mf.fileno())
-        os.rename(tmp_meta, meta)
-        self.committed = SpoolEntry(kind="handler", name=self.name, data_path=data, meta_path=meta)
+        data_name, meta_name = f"{self.name}{HANDLER_DATA}", f"{self.name}{HANDLER_META}"
+        self._dir.rename(self._tmp_name, data_name)
+        # The description is the commit point: written, fsynced, renamed last.
+        self._dir.replace_atomically(meta_name, json.dumps(metadata).encode(), mode=ENTRY_MODE)
+        self._dir.fsync()
+        self._dir.close()
+        self._dir = None
+        self.committed = SpoolEntry(kind="handler", name=self.name, data_path=self.spool_dir / data_name,
+                                    meta_path=self.spool_dir / meta_name)
         return self.committed
 
     def abort(self) -> None:
         if self._file is not None and not self._file.closed:
             self._file.close()
-        try:
-            self._tmp.unlink()
-        except FileNotFoundError:
-            pass
+        if self._dir is not None:
+            self._dir.unlink(self._tmp_name)
+            self._dir.close()
+            self._dir = None
 
 
 def list_entries(spool_dir: Path) -> list[SpoolEntry]:
-    """Committed spool entries, oldest name first."""
-    try:
-        names = {e.name for e in os.scandir(spool_dir) if not e.name.startswith(".")}
-    except FileNotFoundError:
+    """Committed spool entries (regular files only, never links), oldest name first."""
+    spool_dir = Path(spool_dir)
+    d = safefs.open_root(spool_dir)
+    if d is None:
         return []
+    with d:
+        names = {n for n in d.entries("file") if not n.startswith(".")}
     entries = []
     for n in sorted(names):
         if n.endswith(HANDLER_META):
@@ -110,11 +137,11 @@ def list_entries(spool_dir: Path) -> list[SpoolEntry]:
     return entries
 
 
-def read_shim_info(path: Path) -> dict[str, str]:
+def parse_shim_info(text: str) -> dict[str, str]:
     """The ``key=value`` description the shim wrote; ``cgroup`` lines are gathered into one text."""
     info: dict[str, str] = {}
     cgroup: list[str] = []
-    for line in Path(path).read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         key, sep, value = line.partition("=")
         if not sep:
             continue
@@ -126,12 +153,17 @@ def read_shim_info(path: Path) -> dict[str, str]:
     return info
 
 
+def read_shim_info(path: Path) -> dict[str, str]:
+    """:func:`parse_shim_info` of the file at ``path`` (a regular file in the spool, never through a link)."""
+    raw = safefs.read_bytes(Path(path).parent, Path(path).name, limit=INFO_MAX_BYTES)
+    if raw is None:
+        raise FileNotFoundError(f"{path} is gone (or not a regular file)")
+    return parse_shim_info(raw.decode(errors="replace"))
+
+
 def spool_bytes(spool_dir: Path) -> int:
-    total = 0
-    try:
-        for e in os.scandir(spool_dir):
-            if e.is_file(follow_symlinks=False):
-                total += e.stat(follow_symlinks=False).st_size
-    except FileNotFoundError:
-        pass
-    return total
+    d = safefs.open_root(spool_dir)
+    if d is None:
+        return 0
+    with d:
+        return sum(st.st_size for _, st in d.all_entries() if stat.S_ISREG(st.st_mode))

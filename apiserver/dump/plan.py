@@ -12,7 +12,7 @@ the stored core bodies are never recompressed (DESIGN §3). Because every segmen
 the response has a ``Content-Length``, any byte range maps to segments, and the ``ETag`` (a hash of
 the in-memory members and of the identity of each stored file) changes whenever the bytes would.
 
-Blocking (it stats files): call :func:`build_plan` through ``asyncio.to_thread``.
+Blocking (it stats files, through :mod:`handler.safefs`): call :func:`build_plan` through ``asyncio.to_thread``.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from handler import layout
 from handler.layout import StoredCore
 
 from apiserver.dump.select import core_time
@@ -59,13 +60,17 @@ class MemorySegment:
 
 @dataclasses.dataclass(frozen=True)
 class FileSegment:
-    """A stored ``.core.gz``, sent as it is; ``device``/``inode``/``mtime_ns`` pin the exact file."""
+    """A stored ``.core.gz``, sent as it is; ``device``/``inode``/``mtime_ns`` pin the exact file.
+
+    ``core`` is how the stream reaches it again (beneath the storage root, never through a link); ``path`` is
+    for messages and the ETag only, never opened."""
 
     path: Path
     size: int
     device: int
     inode: int
     mtime_ns: int
+    core: StoredCore
 
 
 Segment = MemorySegment | FileSegment
@@ -124,10 +129,10 @@ def build_plan(cores: Sequence[StoredCore]) -> DumpPlan:
         size = meta.get("size")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise PlanError(f"core {core.ref.core_id}: metadata has no valid size")
-        try:
-            st = os.stat(core.core_path)
-        except FileNotFoundError:
-            raise PlanError(f"core {core.ref.core_id}: stored file is gone") from None
+        # Through safefs: a link (or anything not a regular file) planted as the data file is "gone".
+        st = layout.stat_core(core)
+        if st is None:
+            raise PlanError(f"core {core.ref.core_id}: stored file is gone")
         mtime = int(core_time(core) or 0)
         base = f"{core.ref.container}/{core.ref.core_id}"
         body = metadata_bytes(meta)
@@ -139,7 +144,7 @@ def build_plan(cores: Sequence[StoredCore]) -> DumpPlan:
         pending = _padding(size)
         member = MemorySegment(_gzip_member(head))
         stored = FileSegment(path=core.core_path, size=st.st_size, device=st.st_dev, inode=st.st_ino,
-                             mtime_ns=st.st_mtime_ns)
+                             mtime_ns=st.st_mtime_ns, core=core)
         segments += [member, stored]
         digest.update(b"M%d:" % member.size + hashlib.sha256(member.data).digest())
         digest.update(b"F%d:%d:%d:%d:" % (stored.size, stored.device, stored.inode, stored.mtime_ns)

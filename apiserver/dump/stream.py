@@ -4,9 +4,12 @@ The bytes of a byte range of a :class:`~apiserver.dump.plan.DumpPlan`, as an asy
 Stored cores are read in a worker thread in large chunks (``os.pread``: no shared file offset,
 one copy from the page cache) with one chunk read ahead, so the disk and the TLS writer overlap
 and memory stays at about two chunks per download. Each stored file is checked against the
-identity the plan recorded (device, inode, size): a core removed or replaced since the plan was
-made ends the stream with :class:`CoreVanished` instead of sending different bytes under the same
-ETag. Closing the generator (client gone) stops reading at once.
+identity the plan recorded (device, inode, size) on the descriptor actually opened: it is opened
+through :func:`handler.layout.open_core` (every level beneath the storage root without following a
+link, the file itself ``O_NOFOLLOW`` and a regular file), so a core removed, replaced, or swapped for
+a link (into another namespace, at a key) since the plan was made ends the stream with
+:class:`CoreVanished` instead of sending other bytes under the same ETag. Closing the generator
+(client gone) stops reading at once.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
+
+from handler import faults, layout
 
 from apiserver.dump.plan import DumpPlan, FileSegment, MemorySegment
 
@@ -27,13 +32,13 @@ class CoreVanished(Exception):
 
 
 def _open_checked(seg: FileSegment) -> int:
-    try:
-        fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise CoreVanished(f"{seg.path.name} was removed during the download") from None
-    st = os.fstat(fd)
+    faults.point("dump:before-open")
+    opened = layout.open_core(seg.core)
+    if opened is None:
+        raise CoreVanished(f"{seg.path.name} was removed (or is no longer a regular file) during the download")
+    fd, st = opened.fd, opened.st
     if (st.st_dev, st.st_ino, st.st_size) != (seg.device, seg.inode, seg.size):
-        os.close(fd)
+        opened.close()
         raise CoreVanished(f"{seg.path.name} changed during the download")
     try:
         # The whole body is read once, front to back: let the kernel read ahead generously.

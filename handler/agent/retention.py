@@ -3,7 +3,9 @@ Retention of stored cores: a maximum age, and a maximum of stored bytes per name
 
 Over a namespace's limit, the oldest cores of that namespace go first, and the namespaces using the most are
 trimmed first (like systemd-coredump's MaxUse, but per namespace, so one crash-looping team cannot evict
-everyone else's cores). Uncommitted debris older than the grace period is swept on the way.
+everyone else's cores). Uncommitted debris older than the grace period is swept on the way, and interrupted
+commits are completed (see :mod:`handler.layout`). Every access goes through :mod:`handler.layout`, which reaches
+storage only through :mod:`handler.safefs`: a planted link is never followed, sized or deleted through.
 """
 from __future__ import annotations
 
@@ -26,13 +28,6 @@ class RetentionReport:
     namespace_bytes: dict[str, int] = field(default_factory=dict)
 
 
-def _stored_bytes(core: layout.StoredCore) -> int:
-    try:
-        return core.core_path.stat().st_size + core.meta_path.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
 def apply(root: Path, *, max_age: float = 0, max_namespace_bytes: int = 0, now: float | None = None) -> RetentionReport:
     now = time.time() if now is None else now
     report = RetentionReport()
@@ -51,7 +46,7 @@ def apply(root: Path, *, max_age: float = 0, max_namespace_bytes: int = 0, now: 
                             core.ref.container, core.ref.core_id, max_age)
             continue
         # Oldest first within a namespace: the core id starts with the UTC time.
-        by_ns[core.ref.namespace].append((core.ref.core_id, _stored_bytes(core), core))
+        by_ns[core.ref.namespace].append((core.ref.core_id, layout.stored_bytes(core), core))
     usage = {ns: sum(s for _, s, _ in cores) for ns, cores in by_ns.items()}
     if max_namespace_bytes:
         for ns in sorted(usage, key=lambda n: -usage[n]):
@@ -66,5 +61,5 @@ def apply(root: Path, *, max_age: float = 0, max_namespace_bytes: int = 0, now: 
     report.namespace_bytes = usage
     for d in dirs:
         report.debris += layout.sweep_debris(d, now=now)
-        layout._prune_empty_dirs(Path(root), d)
+        layout.prune_empty_dirs(Path(root), d)
     return report

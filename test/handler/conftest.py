@@ -233,11 +233,10 @@ def agent_env(node: NodeTree, tmp_path: Path) -> AgentEnv:
                       handler=HandlerConfig(crictl=None))
     agent = Agent(cfg)
     agent.cfg.handler.host_root = node.host
-    # The shim checks the agent's mount namespace under the proc root it is given.
-    own = node.proc / str(os.getpid()) / "ns"
-    own.mkdir(parents=True)
-    (own / "mnt").symlink_to(f"/proc/{os.getpid()}/ns/mnt")
+    # The shim checks the agent's identity (stat, mount namespace) under the proc root it is given: the
+    # agent (this process) is real, so its entry in the fake proc tree is the real one.
+    (node.proc / str(os.getpid())).symlink_to(f"/proc/{os.getpid()}")
     agent.setup()
     with open(host_dir / "shim.conf", "a") as f:
-        f.write(f"PROC={node.proc}\n")
+        f.write(f"PROC={node.proc}\nKMSG={tmp_path / 'kmsg'}\n")
     return AgentEnv(node=node, sysctl=sysctl, host_dir=host_dir, agent=agent)

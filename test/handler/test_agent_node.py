@@ -77,7 +77,7 @@ def test_agent_sigterm_leaves_the_shim_in_place_and_uninstall_gives_the_pattern_
     while time.monotonic() < deadline and not (
             pid_file.exists() and (sysctl_root / "kernel/core_pattern").read_text().strip() == ours):
         time.sleep(0.05)
-    assert pid_file.read_text().strip() == str(proc.pid)
+    assert pid_file.read_text().split()[0] == str(proc.pid)  # "<pid> <starttime> <mount ns>"
     assert (sysctl_root / "kernel/core_pattern").read_text().strip() == ours
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0, proc.stderr.read() if proc.stderr else ""

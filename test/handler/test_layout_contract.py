@@ -145,7 +145,7 @@ def test_layout_delete_cores_removes_one_incarnation_or_all(tmp_path: Path) -> N
     assert layout.list_crashed_pods(tmp_path) == [("team-a", "keep", UID)]
 
 
-def test_layout_sweep_removes_only_old_debris(tmp_path: Path) -> None:
+def test_layout_sweep_removes_old_temp_files_and_keeps_incomplete_cores(tmp_path: Path) -> None:
     stored = write_core(tmp_path)
     d = stored.core_path.parent
     (d / ".20261123T101500Z-x-9-11.abc.core.gz.tmp").write_bytes(b"t")
@@ -154,8 +154,11 @@ def test_layout_sweep_removes_only_old_debris(tmp_path: Path) -> None:
     old = os.stat(d).st_mtime - 3600
     for name in (".20261123T101500Z-x-9-11.abc.core.gz.tmp", "20261123T101500Z-x-8-11.core.gz"):
         os.utime(d / name, (old, old))
-    assert layout.sweep_debris(d) == 2
-    assert sorted(p.name for p in d.iterdir()) == [stored.core_path.name, stored.meta_path.name]
+    # The temp file of a write that never committed goes; a public data file is never deleted by a sweep.
+    assert layout.sweep_debris(d) == 1
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        [stored.core_path.name, stored.meta_path.name, "20261123T101500Z-x-8-11.core.gz"])
+    assert [c.ref.core_id for c in layout.list_cores(tmp_path, namespace="team-a")] == [stored.ref.core_id]
 
 
 def test_layout_core_ref_paths_and_validation(tmp_path: Path) -> None:
@@ -171,10 +174,10 @@ def test_layout_failed_metadata_write_leaves_no_core_but_keeps_the_bytes(tmp_pat
     w.write(b"precious")
     real_rename = os.rename
 
-    def failing_rename(src, dst):
+    def failing_rename(src, dst, **kw):
         if str(dst).endswith(".json"):
             raise OSError(28, "No space left on device")
-        return real_rename(src, dst)
+        return real_rename(src, dst, **kw)
 
     monkeypatch.setattr(os, "rename", failing_rename)
     with pytest.raises(OSError):

@@ -73,7 +73,8 @@ def test_shim_runs_the_previous_pipe_program_on_the_host_for_non_pod_processes(a
     prog = tmp_path / "systemd-coredump"
     prog.write_text(f'#!/bin/sh\necho "$@" > {out}.args\ncat > {out}\n')
     prog.chmod(0o755)
-    (agent_env.host_dir / "previous_core_pattern").write_text(f"|{prog} %P %s %e\n")
+    from handler.agent import sysctl
+    sysctl.save_previous(agent_env.agent.cfg, f"|{prog} %P %s %e")  # as the agent does when it takes over
     agent_env.node.add_process(segv_core.pid, cgroup="0::/system.slice/cron.service\n", exe=segv_core.exe)
     r = agent_env.crash(segv_core.path, pid=segv_core.pid, signal=11)
     assert r.returncode == 0, r.stderr
