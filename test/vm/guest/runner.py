@@ -296,7 +296,8 @@ class Agent:
 
     def ready(self) -> bool:
         try:
-            published = (HOST_DIR / "agent.pid").read_text().strip() == str(self.pid)
+            # agent.pid is "<pid> <start time> <mount ns>": the pid comes first
+            published = (HOST_DIR / "agent.pid").read_text().split()[:1] == [str(self.pid)]
         except OSError:
             published = False
         return published and sysctl_read("kernel.core_pattern").startswith(f"|{HOST_DIR}/shim ")
@@ -469,7 +470,8 @@ def _rollout(node: Node, *, surge: bool, pod: Pod) -> dict:
     have = stored_cores()
     return {"surge": surge, "oldExit": old_rc, "crashes": loop.crashes, "patterns": sorted(set(loop.patterns)),
             "storedPids": [p for p in pids if p in have], "loopError": loop.error, "spoolAfter": spool_listing(),
-            "pidFile": (HOST_DIR / "agent.pid").read_text().strip() if (HOST_DIR / "agent.pid").exists() else None,
+            "pidFile": ((HOST_DIR / "agent.pid").read_text().split() or [None])[0]
+            if (HOST_DIR / "agent.pid").exists() else None,
             "newPid": new.pid}
 
 
