@@ -18,7 +18,17 @@ def test_api_resources_and_explain_through_the_aggregator(server_up, version: st
     (row,) = [line for line in out.splitlines() if line.startswith("coredumpendpoints")]
     assert "coredump.example.io/v1alpha1" in row and "true" in row and "CoredumpEndpoint" in row
     assert "get" in row and "list" in row and "watch" in row
-    explain = cp.kubectl("explain", "coredumpendpoint.spec", binary=kubectl).stdout
+    # kube-apiserver merges our OpenAPI into its own a little after the APIService is Available (its aggregation
+    # controller syncs in the background): wait for it, with a deadline, saying what was last seen.
+    import time
+    deadline = time.monotonic() + 120
+    while True:
+        got = cp.kubectl("explain", "coredumpendpoint.spec", binary=kubectl, check=False)
+        if got.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert got.returncode == 0, got.stderr
+    explain = got.stdout
     assert "KIND:" in explain and "CoredumpEndpoint" in explain and "FIELD" in explain
 
 
