@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from handler import backtrace, objects, sparsecore
+from handler import backtrace, objects, safefs, sparsecore
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +58,18 @@ def _sysroot(root: Path, kept: list[dict[str, Any]], into: Path) -> None:
             continue
         dst = into / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        src = objects.object_dir(root, rec["buildID"]) / objects.OBJECT_NAME
+        build_id = rec["buildID"]
         try:
-            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with gzip.open(os.fdopen(fd, "rb")) as i, open(dst, "wb") as o:
+            objects.validate_build_id(build_id)
+            d = safefs.open_dir(root, objects.STORE_DIR, build_id[:2], build_id[2:])
+            src = d.open_read(objects.OBJECT_NAME) if d is not None else None
+            if d is not None:
+                d.close()
+            if src is None:
+                raise FileNotFoundError(f"object {build_id} is not stored (or not a regular file)")
+            with src, gzip.open(os.fdopen(os.dup(src.fd), "rb")) as i, open(dst, "wb") as o:
                 shutil.copyfileobj(i, o, 1 << 20)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, ValueError) as e:
             logger.warning("cannot unpack stored object %s: %s", rec["buildID"], e,
                            extra={"buildID": rec["buildID"]})
             continue

@@ -39,7 +39,7 @@ from typing import Any
 
 from isal import isal_zlib
 
-from handler import sparsecore
+from handler import safefs, sparsecore
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +150,13 @@ def _mkdirs(root: Path, parts: list[str]) -> int:
 
 
 def is_stored(root: Path, build_id: str) -> bool:
-    d = object_dir(root, build_id)
-    try:
-        return stat.S_ISREG(os.lstat(d / INFO_NAME).st_mode) and stat.S_ISREG(os.lstat(d / OBJECT_NAME).st_mode)
-    except OSError:
+    """Both files committed, reached beneath ``root`` without following a link at any level."""
+    validate_build_id(build_id)
+    d = safefs.open_dir(root, STORE_DIR, build_id[:2], build_id[2:])
+    if d is None:
         return False
+    with d:
+        return d.stat(INFO_NAME) is not None and d.stat(OBJECT_NAME) is not None
 
 
 def _copy(src: int, dir_fd: int, *, build_id: str, deadline: float, budget: int) -> tuple[str, dict[str, Any]]:
