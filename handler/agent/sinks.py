@@ -25,6 +25,7 @@ delivery of what was already configured.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
@@ -37,13 +38,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from handler.flags import parse_duration
+
 logger = logging.getLogger(__name__)
 
 OPT_OUT_ANNOTATION = "coredump.example.io/events"
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)(h|m|s|ms))+$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(h|ms|m|s)")
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 _SINK_KEYS = {"name", "url", "mode", "namespaces", "namespaceSelector", "signals", "caFile", "tokenFile", "timeout"}
 _OPERATORS = {"In", "NotIn", "Exists", "DoesNotExist"}
 
@@ -114,13 +114,6 @@ class SinkSet:
 
     def by_name(self) -> dict[str, Sink]:
         return {s.name: s for s in self.sinks}
-
-
-def parse_duration(text: str) -> float:
-    """A Go duration without sign (``10s``, ``1m30s``, ``500ms``) in seconds."""
-    if not isinstance(text, str) or not _DURATION.match(text):
-        raise ValueError(f"not a duration: {text!r} (use e.g. 10s, 1m30s)")
-    return sum(float(n) * _UNITS[u] for n, u in _DURATION_PART.findall(text))
 
 
 def _signal_number(value: Any, where: str) -> int:
@@ -198,7 +191,7 @@ def _sink(raw: Any, index: int) -> Sink:
         raise SinkConfigError(f"{where}: caFile needs an https:// url")
     try:
         timeout = parse_duration(raw.get("timeout", "10s"))
-    except ValueError as e:
+    except argparse.ArgumentTypeError as e:
         raise SinkConfigError(f"{where}: timeout: {e}") from None
     if not 0 < timeout <= 300:
         raise SinkConfigError(f"{where}: timeout must be more than 0 and at most 5m")
