@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="create a CoredumpEndpoint for every pod that has cores but no endpoint (default true)")
     cores.add_argument("--kubeconfig", type=Path,
                        help="kubeconfig for reading pods (default: in-cluster configuration when available)")
+    cores.add_argument("--status-resync-interval", type=float, default=600.0, metavar="SECONDS",
+                       help="seconds between full status reconciles over every endpoint, which catch any change "
+                            "of storage no notification reported (default 600)")
 
     add_auth_flags(parser)
     add_retention_flags(parser)
@@ -112,6 +115,8 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
             parser.error("--storage-root is required (or use --dev)")
     if not 0 <= args.secure_port <= 65535:
         parser.error(f"--secure-port {args.secure_port} is not a port number")
+    if args.status_resync_interval <= 0:
+        parser.error("--status-resync-interval must be positive")
     if args.tls_cert_reload_interval <= 0:
         parser.error("--tls-cert-reload-interval must be positive")
     for flag in ("read_header_timeout", "idle_timeout"):

@@ -30,6 +30,7 @@ from apiserver.middleware import observe_requests, status_errors
 from apiserver.retention import setup as retention_setup
 from apiserver.registry.coredata import CoreData
 from apiserver.registry.endpoints import EndpointRegistry
+from apiserver.registry.statusreconciler import StatusReconciler
 from apiserver.registry.store import ObjectStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,21 @@ def add_routes(app: web.Application) -> None:
     router.add_patch(item, endpoints.patch_endpoint)
     router.add_delete(item, endpoints.delete_endpoint)
     router.add_get(f"{item}/{r.SUBRESOURCE_DUMP}", dump.get_dump)
+    add_status_routes(app, item=item)
+
+
+def add_status_routes(app: web.Application, *, item: str) -> None:
+    """The ``status`` subresource: readable; client writes are refused (the server computes status)."""
+    app.router.add_get(f"{item}/status", endpoints.get_endpoint_status)
+    app.router.add_put(f"{item}/status", endpoints.write_endpoint_status)
+    app.router.add_patch(f"{item}/status", endpoints.write_endpoint_status)
+
+
+def status_tasks(args: argparse.Namespace, *, registry: EndpointRegistry,
+                 storage_root: Path) -> list[asyncio.Task[None]]:
+    """The stored status's background work: the slow full reconcile (see :mod:`apiserver.registry.statusreconciler`)."""
+    reconciler = StatusReconciler(registry=registry, root=storage_root)
+    return [asyncio.create_task(reconciler.run(interval=args.status_resync_interval), name="status-resync")]
 
 
 def encode_documents() -> None:
@@ -244,6 +260,7 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
                 retention_setup.run(args, storage_root=storage_root, dev=args.dev), name="retention"))
         if args.auto_create_endpoints:
             background.append(asyncio.create_task(coredata.run_autocreate(registry=registry), name="autocreate"))
+        background += status_tasks(args, registry=registry, storage_root=storage_root)
         logger.info("serving", extra={"address": f"https://{host}:{port}", "storage_root": str(storage_root),
                                       "store": "etcd" if args.etcd_servers else "memory"})
         if dev_files:

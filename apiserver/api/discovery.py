@@ -40,6 +40,9 @@ def api_resource_list() -> dict[str, Any]:
             # Like pods/log: a read-only subresource whose kind is the parent's.
             {"name": f"{r.PLURAL}/{r.SUBRESOURCE_DUMP}", "singularName": "", "namespaced": True,
              "kind": r.KIND, "verbs": ["get"]},
+            # Only get: status is the server's (client PUT/PATCH are answered 405, see the handler).
+            {"name": f"{r.PLURAL}/status", "singularName": "", "namespaced": True,
+             "kind": r.KIND, "verbs": ["get"]},
         ],
     }
 
@@ -57,6 +60,8 @@ def aggregated_discovery(version: str) -> dict[str, Any]:
                     "resource": r.PLURAL, "responseKind": response_kind, "scope": "Namespaced",
                     "singularResource": r.SINGULAR, "verbs": r.VERBS, "shortNames": r.SHORT_NAMES,
                     "subresources": [{"subresource": r.SUBRESOURCE_DUMP, "responseKind": response_kind,
+                                      "verbs": ["get"]},
+                                     {"subresource": "status", "responseKind": response_kind,
                                       "verbs": ["get"]}],
                 }],
                 "freshness": "Current",

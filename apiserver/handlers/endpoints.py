@@ -53,6 +53,22 @@ async def get_endpoint(request: web.Request) -> web.Response:
     return render_one(request, obj)
 
 
+async def get_endpoint_status(request: web.Request) -> web.Response:
+    """``GET .../NAME/status``: the whole object, as kube-apiserver answers for a status subresource."""
+    return await get_endpoint(request)
+
+
+async def write_endpoint_status(request: web.Request) -> web.Response:
+    """
+    ``PUT``/``PATCH .../NAME/status``: 405 for every client. Status is computed by the server from storage
+    (the truth); a status written by a client would be wrong, and overwritten at the next reconcile.
+    405, not 403: no RBAC rule could make it allowed, and 403 would send an admin to look for one.
+    """
+    raise errors.ApiError(code=405, reason="MethodNotAllowed",
+                          message=f"status of {r.PLURAL}.{r.GROUP} \"{_name(request)}\" is computed by the server "
+                                  "from the stored cores and cannot be written by clients")
+
+
 async def list_endpoints(request: web.Request) -> web.StreamResponse:
     namespace = request.match_info.get("namespace")
     labels = parse_label_selector(request.query.get("labelSelector"))

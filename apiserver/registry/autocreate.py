@@ -8,7 +8,11 @@ of that pod's name exists, one is created with ``spec.podUID`` set and the annot
 ``coredump.example.io/auto-created: "true"``. So an endpoint deleted while its cores are kept stays
 deleted until that pod crashes again (or this server restarts and rescans); to be rid of it for good,
 delete it with the cores (``coredump.example.io/delete-cores: "true"``). Replicas racing to create the
-same endpoint see AlreadyExists, which is fine.
+same endpoint see AlreadyExists, which is fine: the store's create is atomic, so there is one ADDED per
+incarnation however many replicas scan.
+
+Every incarnation the scan acts on is then handed to the status reconciler (:mod:`.statusreconciler`),
+so an existing endpoint whose pod filed another core gets its new status and a MODIFIED event.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from handler.layout import StoredCore
 
 from apiserver.api import errors
 from apiserver.registry.corestatus import StatusCache, summarize
+from apiserver.registry.statusreconciler import StatusReconciler
 
 if TYPE_CHECKING:
     from apiserver.registry.endpoints import EndpointRegistry
@@ -50,9 +55,11 @@ def _scan_storage(root: Path, seen: dict[Incarnation, str]) -> tuple[dict[Incarn
 
 
 class AutoCreator:
-    def __init__(self, *, root: Path, registry: "EndpointRegistry", status_cache: StatusCache | None = None) -> None:
+    def __init__(self, *, root: Path, registry: "EndpointRegistry", status_cache: StatusCache | None = None,
+                 reconciler: StatusReconciler | None = None) -> None:
         self.root = root
         self.registry = registry
+        self.reconciler = reconciler or StatusReconciler(registry=registry, root=root)
         # Fed from each scan's listing: the endpoint reads and creates that follow find their status there
         # instead of walking each incarnation's directory again.
         self.status_cache = status_cache
@@ -79,6 +86,11 @@ class AutoCreator:
             if (namespace, pod) not in handled_pods and await self._ensure(namespace=namespace, pod=pod, uid=uid):
                 created.append(key)
             handled_pods.add((namespace, pod))
+            try:
+                await self.reconciler.reconcile(namespace=namespace, pod=pod, uid=uid)
+            except Exception as error:  # noqa: BLE001 - one failed write (etcd blip) must not stop the scan
+                logger.warning("status of %s/%s not updated: %s; retried at the next scan", namespace, pod, error)
+                continue
             self.seen[key] = newest[key]
         return created
 

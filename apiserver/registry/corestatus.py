@@ -1,6 +1,8 @@
 """
 ``status`` of a CoredumpEndpoint, computed from storage: the cores of its pod incarnation, summed up.
 
+The status is stored with the object (:mod:`.statusreconciler` writes it); this module computes it.
+
 Reads are batched and cached briefly: a ``list`` of thousands of endpoints costs one trip to a worker
 thread for the incarnations not seen in the last few seconds, not one per object.
 """
@@ -151,3 +153,9 @@ class StatusCache:
 
 def empty_status() -> dict[str, Any]:
     return summarize([])
+
+
+async def read_statuses(*, root: Path, keys: list[Key]) -> dict[Key, dict[str, Any]]:
+    """The statuses of ``keys`` read from storage now (no cache), in a worker thread: what the status
+    reconciler compares with the stored status."""
+    return await asyncio.to_thread(_read, root, list(keys))

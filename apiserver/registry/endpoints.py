@@ -4,7 +4,13 @@ The CoredumpEndpoint registry: Kubernetes object semantics on top of an :class:`
 It owns what kube-apiserver's generic registry owns for a custom resource: server-managed metadata
 (uid, creationTimestamp, generation, resourceVersion), generateName, validation and field validation,
 optimistic concurrency, dryRun, list paging and resourceVersion semantics, and watch filtering. It asks
-:class:`CoreData` for what only storage knows (status, a deleted pod's uid, purging cores).
+:class:`CoreData` for what only storage knows (a new object's status, a deleted pod's uid, purging cores).
+
+``status`` is stored with the object, as for a CRD with the status subresource: reads (get, list, watch)
+return the stored status and never walk storage; writes through the main resource (create, update,
+patch) drop the incoming status and keep the stored one; only :meth:`EndpointRegistry.write_status`
+(called by the server's status reconciler, :mod:`.statusreconciler`) changes it, with a resourceVersion
+precondition.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from apiserver.api import resource as r
 from apiserver.api.conventions import encode_continue, decode_continue
 from apiserver.api.selectors import FieldSelector, Predicate
 from apiserver.registry.coredata import CoreData
+from apiserver.registry.corestatus import empty_status
 from apiserver.registry.store import (
     KeyExists, KeyNotFound, ListPage, ObjectStore, RevisionCompacted, RevisionConflict, StoreEvent,
     StoreUnavailable,
@@ -79,6 +86,14 @@ class WatchItem:
     initial_events_end: bool = False
 
 
+def _with_status(obj: dict[str, Any]) -> dict[str, Any]:
+    """An object as read: its stored status (an object stored before status was stored gets an empty one
+    until the reconciler writes it)."""
+    if not isinstance(obj.get("status"), dict):
+        obj["status"] = empty_status()
+    return obj
+
+
 def _selection(labels: Predicate | None, fields: FieldSelector | None) -> Predicate:
     """Label and field selectors as one predicate, the same for lists and watches."""
     return lambda obj: (labels is None or labels(obj)) and (fields is None or fields.predicate(obj))
@@ -108,12 +123,10 @@ class EndpointRegistry:
     # ---- reads ------------------------------------------------------------------------------------
 
     async def get(self, *, namespace: str, name: str, with_status: bool = True) -> dict[str, Any]:
-        """The object; ``with_status=False`` skips reading storage for callers that need only its spec."""
+        """The object with its stored status (``with_status`` is kept for callers; status costs nothing now)."""
         with _store_errors(name):
             obj = await self.store.get(key_for(namespace, name))
-        if with_status:
-            await self.coredata.fill_status([obj])
-        return obj
+        return _with_status(obj)
 
     async def list(
         self,
@@ -167,7 +180,8 @@ class EndpointRegistry:
             if next_token or page.continue_key is None or len(matched) == limit:
                 break
             start_after = page.continue_key
-        await self.coredata.fill_status(matched)
+        for obj in matched:
+            _with_status(obj)
         return ListResult(items=matched, resource_version=str(revision), continue_token=next_token)
 
     async def _read_page(self, prefix: str, *, limit: int | None, start_after: str | None, revision: int | None,
@@ -242,6 +256,9 @@ class EndpointRegistry:
         metadata["generation"] = 1
         if not obj["spec"].get("podUID"):
             obj["spec"]["podUID"] = await self.coredata.default_pod_uid(namespace=namespace, name=name)
+        # The client's status is dropped: the stored one is the server's, read from storage now.
+        obj.pop("status", None)
+        await self.coredata.fill_status([obj])
         if options.dry_run:
             with _store_errors(name):
                 try:
@@ -254,7 +271,6 @@ class EndpointRegistry:
         else:
             with _store_errors(name):
                 created = await self.store.create(key_for(namespace, name), obj)
-        await self.coredata.fill_status([created])
         return WriteResult(obj=created, warnings=warnings)
 
     async def update(self, *, namespace: str, name: str, body: Any,
@@ -293,6 +309,8 @@ class EndpointRegistry:
                 metadata.pop(field, None)
         metadata.pop("resourceVersion", None)
         metadata.pop("selfLink", None)
+        # Writes through the main resource never change status (as for a CRD with the status subresource).
+        new["status"] = _with_status(current)["status"]
         if new["spec"] != current["spec"]:
             metadata["generation"] = old_meta.get("generation", 1) + 1
         if options.dry_run:
@@ -303,7 +321,6 @@ class EndpointRegistry:
             with _store_errors(name):
                 result = await self.store.update(key_for(metadata["namespace"], name), new,
                                                  expected_revision=revision)
-        await self.coredata.fill_status([result])
         return WriteResult(obj=result, warnings=warnings)
 
     async def patch(self, *, namespace: str, name: str, apply_patch: Any,
@@ -349,8 +366,7 @@ class EndpointRegistry:
                 deleted = await self.store.delete(key_for(namespace, name),
                                                   expected_revision=int(current["metadata"]["resourceVersion"]))
             await self.coredata.on_delete(deleted)
-        await self.coredata.fill_status([deleted])
-        return deleted
+        return _with_status(deleted)
 
     async def delete_collection(self, *, namespace: str, labels: Predicate | None = None, fields: FieldSelector | None = None,
                                 dry_run: bool = False) -> ListResult:
@@ -389,15 +405,30 @@ class EndpointRegistry:
             async for event in events:
                 if not selected(event.obj):
                     continue
-                # Each watch gets its own objects from the store, so the status can be filled in place.
-                await self.coredata.fill_status([event.obj])
-                yield WatchItem(type=event.type.value, obj=event.obj, revision=event.revision)
+                yield WatchItem(type=event.type.value, obj=_with_status(event.obj), revision=event.revision)
         finally:
             close = getattr(events, "aclose", None)
             if close is not None:
                 # The client is gone or the watch failed: nothing is left to report about closing it.
                 with contextlib.suppress(Exception):
                     await close()
+
+    # ---- status (the server's own writes) --------------------------------------------------------------
+
+    async def read_stored(self, *, namespace: str, name: str) -> dict[str, Any]:
+        """The object as stored (status as stored, possibly absent); store errors propagate as they are."""
+        return await self.store.get(key_for(namespace, name))
+
+    async def write_status(self, *, current: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        """
+        Store ``status`` on ``current`` (as read by :meth:`read_stored`) with a compare-and-swap on its
+        resourceVersion: a new resourceVersion and a MODIFIED event. Store errors propagate as they are
+        (:class:`RevisionConflict`, :class:`KeyNotFound`): the reconciler decides what they mean.
+        """
+        meta = current["metadata"]
+        new = {**current, "status": status}
+        return await self.store.update(key_for(meta["namespace"], meta["name"]), new,
+                                       expected_revision=int(meta["resourceVersion"]))
 
     async def check(self) -> None:
         with _store_errors(""):

@@ -200,7 +200,8 @@ async def test_discovery_for_a_user_without_groups(server: Server) -> None:
         status, body = await server.request("GET", path, token="token-lonely")
         assert status == 200, (path, body)
     status, body = await server.request("GET", GV, token="token-lonely")
-    assert [r["name"] for r in body["resources"]] == ["coredumpendpoints", "coredumpendpoints/dump"]
+    assert [r["name"] for r in body["resources"]] == ["coredumpendpoints", "coredumpendpoints/dump",
+                                                     "coredumpendpoints/status"]
     assert server.fake.sar_requests[-1]["spec"]["groups"] == ["system:authenticated"]
 
 

@@ -181,9 +181,9 @@ async def test_fill_status_of_many_objects_reads_storage_once_per_batch(
     assert objs[1]["status"]["cores"][0]["id"] != "changed"  # every object gets its own copy
 
 
-async def test_auto_create_scan_feeds_the_status_cache(
+async def test_reads_return_the_stored_status_without_walking_storage(
         dev_registry: EndpointRegistry, storage_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The scan has listed every core already: the reads and creates it makes do not walk storage again."""
+    """Status is stored: after the scan has written it, get and list never walk storage."""
     from apiserver.registry import corestatus
     from apiserver.registry.autocreate import AutoCreator
 
@@ -198,6 +198,7 @@ async def test_auto_create_scan_feeds_the_status_cache(
     monkeypatch.setattr(corestatus, "_read", lambda root, keys: calls.append(keys) or real(root, keys))
     creator = AutoCreator(root=storage_root, registry=dev_registry, status_cache=cache)
     assert sorted(await creator.scan()) == [("a", "p-1", uids[1]), ("a", "p-2", uids[2])]
-    assert calls == []
+    calls.clear()  # the scan's reconciles read each changed incarnation; reads must not
     assert (await dev_registry.get(namespace="a", name="p-2"))["status"]["coreCount"] == 1
+    assert [o["status"]["coreCount"] for o in (await dev_registry.list(namespace="a")).items] == [1, 1, 1]
     assert calls == []
