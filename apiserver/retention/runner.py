@@ -96,9 +96,9 @@ class ConfigMapPolicies:
         return out
 
 
-def _apply(root: Path, planned: list[Removal], cores: list[IndexedCore], *, now: float,
+def _apply(root: Path, planned: list[Removal], cores: list[IndexedCore], *, covered: set[Incarnation], now: float,
            ops: Ops) -> tuple[list[Removal], int, set[Incarnation]]:
-    """Blocking: remove ``planned``, record each changed incarnation, prune emptied containers."""
+    """Blocking: remove ``planned``, record each changed incarnation an endpoint shows, prune emptied containers."""
     done: list[Removal] = []
     failed = 0
     touched: set[Incarnation] = set()
@@ -115,6 +115,8 @@ def _apply(root: Path, planned: list[Removal], cores: list[IndexedCore], *, now:
     for r in done:
         by_incarnation.setdefault(r.core.incarnation, []).append(r)
     for incarnation, removals in by_incarnation.items():
+        if incarnation not in covered:
+            continue  # no endpoint to tell: no record, so its directories go with its last core
         try:
             storage.record_removal(root, incarnation, reason=removals[-1].reason, count=len(removals), now=now,
                                    ops=ops)
@@ -128,9 +130,12 @@ def _apply(root: Path, planned: list[Removal], cores: list[IndexedCore], *, now:
     return done, failed, touched
 
 
-def _collect(root: Path, walked: storage.Walked, *, now: float, debris_grace: float, object_grace: float,
-             ops: Ops) -> tuple[int, list[str]]:
-    """Blocking: the debris sweep of every container directory, then the object collector."""
+def _collect(root: Path, walked: storage.Walked, *, covered: set[Incarnation], now: float, debris_grace: float,
+             object_grace: float, ops: Ops) -> tuple[int, list[str]]:
+    """Blocking: the debris sweep of every container directory, stale removal records, then the object collector."""
+    for incarnation in walked.records:
+        if incarnation not in covered:
+            storage.drop_record(root, incarnation, ops=ops)
     debris = 0
     for d in walked.container_dirs:
         try:
@@ -177,7 +182,7 @@ class Retention:
         planned = plan_mod.plan(cores, policy_of=lambda ns: policies.get(ns, Policy()), now=self.clock())
         if planned:
             report.removals, report.failed, report.reconciled = await asyncio.to_thread(
-                _apply, self.root, planned, cores, now=self.clock(), ops=ops)
+                _apply, self.root, planned, cores, covered=index.covered, now=self.clock(), ops=ops)
         for incarnation in sorted(report.reconciled):
             if incarnation in index.covered:
                 try:
@@ -217,7 +222,7 @@ class Retention:
         self.uncovered = uncovered
         report.cores, report.uncovered = len(walked.cores), len(uncovered)
         report.debris, report.objects = await asyncio.to_thread(
-            _collect, self.root, walked, now=self.clock(), debris_grace=self.debris_grace,
+            _collect, self.root, walked, covered=index.covered, now=self.clock(), debris_grace=self.debris_grace,
             object_grace=self.object_grace, ops=ops)
         if self.metrics is not None:
             self.metrics.collected(debris=report.debris, objects=len(report.objects))

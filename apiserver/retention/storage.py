@@ -11,6 +11,8 @@ through a link and nothing outside ``<root>/<namespace>/`` is touched.
   status producer reads it, so an endpoint whose cores retention removed says so (``status.lastRemoval``) and
   every replica computes the same status from storage. It is a file, not a directory, at the uid level: readers of
   the layout list only directories there, and it keeps the uid directory (and the record) when the last core goes.
+  Only incarnations an endpoint shows get one; :func:`drop_record` removes it (and the emptied directories) once
+  neither cores nor an endpoint are left.
 - :func:`walk` is the slow reconcile: every committed core, every container directory (for the debris sweep) and
   every build-id a core's metadata references (for the object collector), in one pass over the tree.
 - :func:`sweep` is the debris sweep of one container directory (one place calls it), with the grace of the flag.
@@ -86,6 +88,27 @@ def record_removal(root: Path, incarnation: Incarnation, *, reason: str, count: 
         d.replace_atomically(RECORD_NAME, body, mode=layout.FILE_MODE)
 
 
+def drop_record(root: Path, incarnation: Incarnation, *, ops: Ops) -> None:
+    """Remove the record of an incarnation that has no cores and no endpoint left, then its empty directories."""
+    ops["record"] += 1
+    namespace, pod, uid = incarnation
+    d = safefs.open_dir(root, namespace, pod)
+    if d is None:
+        return
+    with d:
+        uid_dir = d.sub(uid)
+        if uid_dir is None:
+            return
+        with uid_dir:
+            uid_dir.unlink(RECORD_NAME)
+        if not d.rmdir(uid):
+            return  # a core arrived meanwhile: its directory stays
+    ns_dir = safefs.open_dir(root, namespace)
+    if ns_dir is not None:
+        with ns_dir:
+            ns_dir.rmdir(pod)
+
+
 def read_removal(root: Path, incarnation: Incarnation) -> dict[str, Any] | None:
     """The removal record of an incarnation, checked field by field (storage is written by every node)."""
     namespace, pod, uid = incarnation
@@ -115,6 +138,7 @@ class Walked:
     container_dirs: list[Path] = field(default_factory=list)
     referenced: set[str] = field(default_factory=set)
     complete: bool = True   # False when a part of the tree could not be read: the object collector then waits
+    records: list[Incarnation] = field(default_factory=list)  # removal records of incarnations with no container
 
 
 def _dirs(d: safefs.Dir, validator: Any) -> list[str]:
@@ -127,8 +151,9 @@ def _dirs(d: safefs.Dir, validator: Any) -> list[str]:
     return names
 
 
-def _container_dirs(root: Path, namespace: str) -> list[Path]:
-    """Every container directory of a namespace, committed cores or not (debris lives in new ones too)."""
+def _container_dirs(root: Path, namespace: str, records: list[Incarnation]) -> list[Path]:
+    """Every container directory of a namespace, committed cores or not (debris lives in new ones too); the
+    incarnations left with only a removal record are added to ``records``."""
     out: list[Path] = []
     ns_dir = safefs.open_dir(root, namespace)
     if ns_dir is None:
@@ -144,8 +169,11 @@ def _container_dirs(root: Path, namespace: str) -> list[Path]:
                     if uid_dir is None:
                         continue
                     with uid_dir:
+                        containers = _dirs(uid_dir, layout.validate_container)
                         out.extend(layout.container_dir(root, namespace=namespace, pod=pod, pod_uid=uid, container=c)
-                                   for c in _dirs(uid_dir, layout.validate_container))
+                                   for c in containers)
+                        if not containers and uid_dir.stat(RECORD_NAME) is not None:
+                            records.append((namespace, pod, uid))
     return out
 
 
@@ -161,7 +189,7 @@ def walk(root: Path, *, ops: Ops) -> Walked:
     for ns in namespaces:
         try:
             cores = layout.list_cores(root, namespace=ns)
-            out.container_dirs.extend(_container_dirs(root, ns))
+            out.container_dirs.extend(_container_dirs(root, ns, out.records))
         except OSError as e:
             logger.warning("retention walk: cannot read namespace %s: %s", ns, e, extra={"namespace": ns})
             out.complete = False

@@ -253,6 +253,10 @@ async def test_watchers_see_the_removal_and_a_pod_whose_last_core_went_says_so(
     # the record is part of storage, so any replica's resync computes the same status
     assert (await corestatus.read_statuses(root=root, keys=[("team-a", "web-0", UID)]))[
         ("team-a", "web-0", UID)] == gone
+    # once the endpoint is deleted too, the slow reconcile removes the record and the emptied directories
+    await registry.delete(namespace="team-a", name="web-0")
+    await controller(root, registry).full_reconcile()
+    assert not (root / "team-a" / "web-0").exists() and (root / "team-a" / "web-1").exists()
 
 
 async def test_a_pass_reads_the_stored_status_not_the_storage(
@@ -290,6 +294,7 @@ async def test_cores_no_endpoint_covers_are_found_by_the_slow_reconcile(
     report = await retention.run_pass()
     assert [(r.core.pod_uid, r.reason) for r in report.removals] == [(UID2, "age")]
     assert not orphan.meta_path.exists() and not orphan.core_path.exists()
+    assert not (root / "team-a" / "web-0" / UID2).exists()  # no endpoint shows it: no record, directories pruned
     assert (await retention.run_pass()).removals == []  # removed once, not planned again
 
 
