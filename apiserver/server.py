@@ -257,7 +257,8 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
             context=context, cert=cert, key=key, interval=args.tls_cert_reload_interval), name="cert-reload"))
         if retention_setup.enabled(args):
             background.append(asyncio.create_task(
-                retention_setup.run(args, storage_root=storage_root, dev=args.dev), name="retention"))
+                retention_setup.run(args, storage_root=storage_root, registry=registry, dev=args.dev),
+                name="retention"))
         if args.auto_create_endpoints:
             background.append(asyncio.create_task(coredata.run_autocreate(registry=registry), name="autocreate"))
         background += status_tasks(args, registry=registry, storage_root=storage_root)

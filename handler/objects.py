@@ -236,7 +236,7 @@ def keep_objects(root: Path, proc_pid: Path, objects: list[Mapped], *, max_bytes
     for m in objects:
         rec: dict[str, Any] = {"path": m.path, "buildID": m.build_id}
         try:
-            if is_stored(root, m.build_id):
+            if claim(root, m.build_id):
                 rec["state"] = "stored-earlier"
                 records.append(rec)
                 continue
@@ -280,52 +280,117 @@ def referenced_build_ids(metadata: dict[str, Any]) -> set[str]:
     return out
 
 
+def claim(root: Path, build_id: str) -> bool:
+    """
+    Use an object stored earlier: True if it is stored, after refreshing its mark (the mtime of its
+    ``object.json``) so the collector keeps it while the core that uses it is being filed. False if it is not
+    stored, or went between looking and marking (the collector renamed it away): then store it again.
+    """
+    validate_build_id(build_id)
+    d = safefs.open_dir(root, STORE_DIR, build_id[:2], build_id[2:])
+    if d is None:
+        return False
+    with d:
+        if d.stat(OBJECT_NAME) is None or d.stat(INFO_NAME) is None:
+            return False
+        try:
+            os.utime(INFO_NAME, dir_fd=d.fd, follow_symlinks=False)
+        except OSError:
+            return False
+    return True
+
+
 def stored_build_ids(root: Path) -> list[tuple[str, float]]:
-    """(build-id, time its info was written) of every stored object (a walk of the store; blocking)."""
-    base = Path(root) / STORE_DIR
+    """(build-id, mtime of its info: when stored or last claimed) of every stored object (a walk; blocking)."""
     out = []
-    try:
-        heads = os.listdir(base)
-    except FileNotFoundError:
+    base = safefs.open_dir(root, STORE_DIR)
+    if base is None:
         return []
-    for head in heads:
-        if not re.fullmatch(r"[0-9a-f]{2}", head) or os.path.islink(base / head):
-            continue
-        for rest in os.listdir(base / head):
-            build_id = head + rest
-            if not BUILD_ID_RE.match(build_id) or os.path.islink(base / head / rest):
+    with base:
+        for head in base.entries("dir"):
+            if not re.fullmatch(r"[0-9a-f]{2}", head):
                 continue
-            try:
-                st = os.lstat(base / head / rest / INFO_NAME)
-            except OSError:
-                st = os.lstat(base / head / rest)
-            out.append((build_id, st.st_mtime))
+            head_dir = base.sub(head)
+            if head_dir is None:
+                continue
+            with head_dir:
+                for rest in head_dir.entries("dir"):
+                    if not BUILD_ID_RE.match(head + rest):
+                        continue
+                    st = _mark(head_dir, rest)
+                    if st is not None:
+                        out.append((head + rest, st))
     return out
 
 
+def _mark(head_dir: safefs.Dir, name: str) -> float | None:
+    """The mark of the object directory ``name``: its info's mtime, else the directory's own."""
+    d = head_dir.sub(name)
+    if d is None:
+        return None
+    with d:
+        st = d.lstat(INFO_NAME)
+    if st is None:
+        st = head_dir.lstat(name)
+    return None if st is None else st.st_mtime
+
+
+def _remove_dir(head_dir: safefs.Dir, name: str) -> bool:
+    d = head_dir.sub(name)
+    if d is None:
+        return False
+    with d:
+        for entry, _st in d.all_entries():
+            d.unlink(entry)
+    return head_dir.rmdir(name)
+
+
 def collect_garbage(root: Path, *, referenced: set[str], now: float, grace: float = 3600.0) -> list[str]:
-    """Remove objects no stored core references and older than ``grace`` (a core being filed may reference an
-    object it just stored before its metadata says so); returns the build-ids removed. Never follows a link."""
+    """
+    Remove objects no stored core references whose mark is older than ``grace``; returns the build-ids removed.
+
+    The mark (the info's mtime) is set when an object is stored and refreshed by :func:`claim` when a new core
+    uses it; ``grace`` must exceed the time from storing or claiming to the core's metadata naming the object.
+    Race-free against a concurrent claim: the directory is first renamed to a hidden name (a claim after that
+    finds nothing and stores the object anew), then its mark is read again, and an object claimed before the
+    rename is put back. A hidden leftover of a collector that died is removed after ``grace``. Never follows a
+    link (every level is opened through :mod:`handler.safefs`).
+    """
     removed = []
-    for build_id, mtime in stored_build_ids(root):
-        if build_id in referenced or now - mtime < grace:
-            continue
-        d = object_dir(root, build_id)
-        try:
-            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            for name in os.listdir(fd):
-                try:
-                    os.unlink(name, dir_fd=fd)
-                except IsADirectoryError:
-                    pass
-        finally:
-            os.close(fd)
-        try:
-            os.rmdir(d)
-            removed.append(build_id)
-        except OSError:
-            pass
+    base = safefs.open_dir(root, STORE_DIR)
+    if base is None:
+        return []
+    with base:
+        for head in base.entries("dir"):
+            if not re.fullmatch(r"[0-9a-f]{2}", head):
+                continue
+            head_dir = base.sub(head)
+            if head_dir is None:
+                continue
+            with head_dir:
+                for rest in head_dir.entries("dir"):
+                    build_id = head + rest
+                    if rest.startswith("."):
+                        mark = _mark(head_dir, rest)
+                        if ".gc." in rest and mark is not None and now - mark >= grace:
+                            _remove_dir(head_dir, rest)  # left by a collector that died mid-way
+                        continue
+                    if not BUILD_ID_RE.match(build_id) or build_id in referenced:
+                        continue
+                    mark = _mark(head_dir, rest)
+                    if mark is None or now - mark < grace:
+                        continue
+                    condemned = f".{rest}.gc.{secrets.token_hex(4)}"
+                    try:
+                        head_dir.rename(rest, condemned)
+                    except OSError:
+                        continue
+                    if _mark(head_dir, condemned) != mark:
+                        try:  # claimed before the rename: put it back (unless it was stored anew meanwhile)
+                            head_dir.rename(condemned, rest)
+                            continue
+                        except OSError:
+                            pass
+                    if _remove_dir(head_dir, condemned):
+                        removed.append(build_id)
     return removed

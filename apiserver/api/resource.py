@@ -115,6 +115,16 @@ STATUS_SCHEMA: dict[str, Any] = {
         "lastCrash": {"type": "string", "format": "date-time", "description": "Time of the newest core."},
         "lastSignal": {"type": "string", "description": "Signal name of the newest core."},
         "cores": {"type": "array", "items": CORE_SCHEMA, "description": "The stored cores, oldest first."},
+        "lastRemoval": {
+            "type": "object",
+            "description": "The last retention pass that removed cores of this pod; with coreCount 0, retention "
+                           "removed the last one.",
+            "properties": {
+                "time": {"type": "string", "format": "date-time", "description": "When the cores were removed."},
+                "reason": {"type": "string", "description": "Why: age, pod-count or namespace-bytes."},
+                "cores": {"type": "integer", "format": "int32", "description": "How many that pass removed."},
+            },
+        },
     },
 }
 

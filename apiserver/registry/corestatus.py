@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from apiserver.retention import storage as retention_storage
 from handler import layout
 from handler.layout import StoredCore
 
@@ -88,7 +89,11 @@ def _read(root: Path, keys: list[Key]) -> dict[Key, dict[str, Any]]:
         except OSError as error:
             logger.warning("cannot read the cores of %s/%s (%s): %s", namespace, pod, uid, error)
             cores = []
-        result[(namespace, pod, uid)] = summarize(cores)
+        status = summarize(cores)
+        removal = retention_storage.read_removal(root, (namespace, pod, uid))
+        if removal is not None:
+            status["lastRemoval"] = removal  # retention removed cores of it (maybe the last one)
+        result[(namespace, pod, uid)] = status
     return result
 
 

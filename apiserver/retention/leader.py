@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import socket
 import uuid
@@ -59,8 +60,10 @@ class LeaseElector:
                 logger.info("no longer leading %s/%s", self.namespace, self.name,
                             extra={"lease": f"{self.namespace}/{self.name}"})
 
-            config = electionconfig.Config(lock, self.lease_duration, self.renew_deadline, self.retry_period,
-                                           started, stopped)
+            # Whole seconds: the library writes str(lease_duration) into the Lease and reads it back with int(),
+            # so a float (15.0) fails every attempt; the Lease API's leaseDurationSeconds is an integer anyway.
+            config = electionconfig.Config(lock, math.ceil(self.lease_duration), self.renew_deadline,
+                                           self.retry_period, started, stopped)
             try:
                 await leaderelection.LeaderElection(config).run()
                 last_error = None

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from apiserver.retention.policy import Policy
 
 
+Incarnation = tuple[str, str, str]  # (namespace, pod, pod uid)
+
+
 @dataclass(frozen=True)
 class IndexedCore:
     namespace: str
@@ -31,6 +34,10 @@ class IndexedCore:
     @property
     def key(self) -> tuple[str, str, str, str, str]:
         return (self.namespace, self.pod, self.pod_uid, self.container, self.core_id)
+
+    @property
+    def incarnation(self) -> Incarnation:
+        return (self.namespace, self.pod, self.pod_uid)
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ def plan(cores: Iterable[IndexedCore], *, policy_of: Callable[[str], Policy], no
         items.sort(key=lambda c: (c.time, c.core_id))
         gone: set[tuple[str, ...]] = set()
 
-        def remove(c: IndexedCore, reason: str) -> None:
+        def remove(c: IndexedCore, reason: str, gone: set[tuple[str, ...]] = gone) -> None:
             if c.key not in gone:
                 gone.add(c.key)
                 out.append(Removal(core=c, reason=reason))

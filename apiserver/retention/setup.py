@@ -1,26 +1,33 @@
 """
-Retention in the API server: its flags, its metrics, and the task :func:`start` adds to the server.
+Retention in the API server: its flags, its metrics, and the task :func:`run` adds to the server.
 
 In a cluster, every replica campaigns for the Lease ``--retention-lease-name`` in ``--retention-lease-namespace``
-and only the holder runs passes; in dev mode (one process, no cluster) the pass runs directly. Retention is off
-unless one of the ``--retention-max-*`` limits is set.
+and only the holder runs passes; in dev mode (one process, no cluster) the passes run directly. Retention (with
+the debris sweep, the object collector and the usage figures) is off unless one of the ``--retention-max-*``
+limits is set.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 from apiserver.metrics import REGISTRY
+from apiserver.retention.index import StatusIndex, status_index
 from apiserver.retention.leader import LeaseElector
+from apiserver.retention.plan import Incarnation
 from apiserver.retention.policy import Policy
-from apiserver.retention.runner import ConfigMapPolicies, Retention, remove_from_storage, storage_index
+from apiserver.retention.runner import ConfigMapPolicies, Retention
+from apiserver.retention.storage import Ops
+from apiserver.registry.statusreconciler import StatusReconciler
 from handler.flags import parse_duration, parse_retention_duration, parse_size
+
+if TYPE_CHECKING:
+    from apiserver.registry.endpoints import EndpointRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +38,17 @@ STORED_BYTES = Gauge("coredump_namespace_stored_bytes", "Stored (compressed) byt
 STORED_CORES = Gauge("coredump_namespace_stored_cores", "Stored cores per namespace, at the last retention pass.",
                      ["namespace"], registry=REGISTRY)
 LEADING = Gauge("coredump_retention_leader", "1 while this replica holds the retention Lease.", registry=REGISTRY)
+PASS_DURATION = Histogram("coredump_retention_pass_duration_seconds", "Time of one retention pass (pass: from "
+                          "the stored status; full: the slow reconcile that walks the storage).", ["kind"],
+                          buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600), registry=REGISTRY)
+STORAGE_OPS = Counter("coredump_retention_storage_operations_total", "Storage operations of retention passes, by "
+                      "kind of pass and operation (remove, record, prune, read, walk, sweep, gc); per pass: divide "
+                      "by coredump_retention_pass_duration_seconds_count.", ["kind", "operation"],
+                      registry=REGISTRY)
+DEBRIS_REMOVED = Counter("coredump_retention_debris_removed_files_total", "Temp files of dead writes removed by the "
+                         "debris sweep (older than --debris-grace).", registry=REGISTRY)
+OBJECTS_REMOVED = Counter("coredump_retention_removed_objects_total", "Objects of the build-id store removed "
+                          "because no stored core references them.", registry=REGISTRY)
 
 
 class _Metrics:
@@ -43,6 +61,15 @@ class _Metrics:
         for ns, (size, count) in per_namespace.items():
             STORED_BYTES.labels(namespace=ns).set(size)
             STORED_CORES.labels(namespace=ns).set(count)
+
+    def finished(self, *, kind: str, seconds: float, ops: Ops) -> None:
+        PASS_DURATION.labels(kind=kind).observe(seconds)
+        for operation, count in ops.items():
+            STORAGE_OPS.labels(kind=kind, operation=operation).inc(count)
+
+    def collected(self, *, debris: int, objects: int) -> None:
+        DEBRIS_REMOVED.inc(debris)
+        OBJECTS_REMOVED.inc(objects)
 
 
 def add_retention_flags(parser: argparse.ArgumentParser) -> None:
@@ -60,10 +87,25 @@ def add_retention_flags(parser: argparse.ArgumentParser) -> None:
                    help="the most maxBytes a namespace may ask for (default: --retention-max-namespace-bytes)")
     g.add_argument("--retention-namespace-limit-cores-per-pod", type=int, default=None,
                    help="the most maxCoresPerPod a namespace may ask for (default: --retention-max-cores-per-pod)")
-    g.add_argument("--retention-interval", type=parse_duration, default=300.0, help="time between passes (5m)")
+    g.add_argument("--retention-interval", type=parse_duration, default=300.0,
+                   help="time between passes (5m); a pass reads the stored status, not the storage")
+    g.add_argument("--retention-full-interval", type=_positive_duration, default=6 * 3600.0,
+                   help="time between slow reconciles (6h): a walk of the whole storage that finds cores no endpoint "
+                        "covers, sweeps debris and removes objects no core references")
+    g.add_argument("--debris-grace", type=_positive_duration, default=15 * 60.0,
+                   help="temp files of a write untouched this long are debris (15m); a live writer keeps its own fresh")
+    g.add_argument("--object-grace", type=_positive_duration, default=3600.0,
+                   help="an object stored or reused this recently is kept even if no core references it yet (1h)")
     g.add_argument("--retention-lease-namespace", default=os.environ.get("POD_NAMESPACE", "coredump-system"),
                    help="namespace of the Lease (default: env POD_NAMESPACE, else coredump-system)")
     g.add_argument("--retention-lease-name", default="coredump-retention", help="name of the Lease")
+
+
+def _positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
+    return seconds
 
 
 def policies_from(args: argparse.Namespace) -> tuple[Policy, Policy]:
@@ -93,15 +135,29 @@ async def _api_client(kubeconfig: Path | None) -> Any:
     return client.ApiClient(configuration=cfg)
 
 
-async def run(args: argparse.Namespace, *, storage_root: Path, dev: bool) -> None:
+def controller(args: argparse.Namespace, *, storage_root: Path, registry: "EndpointRegistry",
+               policies: Any) -> Retention:
+    """The controller over the stored status of ``registry``, reconciling through its one status writer."""
+    reconciler = StatusReconciler(registry=registry, root=storage_root)
+
+    async def index(ops: Ops) -> StatusIndex:
+        return await status_index(registry=registry, root=storage_root, ops=ops)
+
+    async def reconcile(incarnation: Incarnation) -> bool:
+        namespace, pod, uid = incarnation
+        return await reconciler.reconcile(namespace=namespace, pod=pod, uid=uid)
+
+    return Retention(root=storage_root, index=index, policies=policies, reconcile=reconcile, metrics=_Metrics(),
+                     interval=args.retention_interval, full_interval=args.retention_full_interval,
+                     debris_grace=args.debris_grace, object_grace=args.object_grace)
+
+
+async def run(args: argparse.Namespace, *, storage_root: Path, registry: "EndpointRegistry", dev: bool) -> None:
     """Retention until cancelled: elected in a cluster, direct in dev mode."""
     default, maximum = policies_from(args)
 
     async def no_policies(namespaces: Any) -> dict[str, Policy]:
         return {ns: default for ns in namespaces}
-
-    async def changed(incarnations: set[tuple[str, str, str]]) -> None:
-        logger.debug("retention changed %d incarnations", len(incarnations))
 
     api = None if dev else await _api_client(args.kubeconfig)
     try:
@@ -110,9 +166,7 @@ async def run(args: argparse.Namespace, *, storage_root: Path, dev: bool) -> Non
             policies = ConfigMapPolicies(client.CoreV1Api(api), default=default, maximum=maximum).policies
         else:
             policies = no_policies
-        retention = Retention(index=lambda: asyncio.to_thread(storage_index, storage_root), policies=policies,
-                              remove=lambda core: remove_from_storage(storage_root, core), removed=changed,
-                              metrics=_Metrics(), interval=args.retention_interval)
+        retention = controller(args, storage_root=storage_root, registry=registry, policies=policies)
         if api is None:
             await retention.run()
             return
