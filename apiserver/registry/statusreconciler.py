@@ -34,7 +34,8 @@ RESYNC_INTERVAL_SECONDS = 600.0
 _ATTEMPTS = 5
 
 
-def _key_of(obj: dict[str, Any]) -> Key | None:
+def key_of(obj: dict[str, Any]) -> Key | None:
+    """The incarnation an endpoint is bound to (namespace, name, spec.podUID), or None."""
     meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
     ns, name, uid = meta.get("namespace"), meta.get("name"), spec.get("podUID")
     if isinstance(ns, str) and isinstance(name, str) and isinstance(uid, str) and uid:
@@ -54,7 +55,7 @@ class StatusReconciler:
                 current = await self.registry.read_stored(namespace=namespace, name=pod)
             except KeyNotFound:
                 return False  # no endpoint (yet): the auto-creator makes it, with its status
-            if _key_of(current) != (namespace, pod, uid):
+            if key_of(current) != (namespace, pod, uid):
                 return False  # the endpoint of that name belongs to another incarnation
             return_value = await self._write_if_changed(current)
             if return_value is not None:
@@ -65,7 +66,7 @@ class StatusReconciler:
 
     async def _write_if_changed(self, current: dict[str, Any]) -> bool | None:
         """True written, False equal or gone, None conflict (read again)."""
-        key = _key_of(current)
+        key = key_of(current)
         if key is None:
             return False
         status = (await read_statuses(root=self.root, keys=[key]))[key]
@@ -87,7 +88,7 @@ class StatusReconciler:
         listed = await self.registry.list(namespace=None)
         written = 0
         for obj in listed.items:
-            key = _key_of(obj)
+            key = key_of(obj)
             if key is None:
                 continue
             try:
