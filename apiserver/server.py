@@ -92,12 +92,12 @@ def status_tasks(args: argparse.Namespace, *, registry: EndpointRegistry, coreda
     if args.dev:
         detector = ChangeDetector(root=storage_root, on_change=creator.changed)
         tasks.append(asyncio.create_task(detector.run(), name="storage-changes"))
-    elif coredata.pods.api_client is not None:
+    if coredata.pods.api_client is not None:  # in a cluster, or dev mode given a --kubeconfig
         pending = PendingIncarnations(handler=creator.changed)
         events = EventWatch(api=coredata.pods.api_client, pending=pending)
         tasks += [asyncio.create_task(pending.run(), name="core-notifications"),
                   asyncio.create_task(events.run(), name="coredumped-events")]
-    else:
+    elif not args.dev:
         logger.warning("no cluster access: new cores reach watchers at the next full pass "
                        "(--status-resync-interval %.0f s)", args.status_resync_interval)
     return tasks

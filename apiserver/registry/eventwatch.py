@@ -26,7 +26,6 @@ import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 from kubernetes_asyncio import client, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -152,6 +151,8 @@ class EventWatch:
                                         _request_timeout=self.timeout_seconds + REQUEST_TIMEOUT_SECONDS)
             self.watching.set()
             async for event in stream_iter:
+                if not isinstance(event, dict):  # the library hands back a line it could not parse as it is
+                    raise ValueError(f"the Event watch sent a line that is not JSON: {str(event)[:200]!r}")
                 if stream.resource_version:
                     self.resource_version = str(stream.resource_version)
                 if event.get("type") not in ("ADDED", "MODIFIED"):
@@ -186,7 +187,9 @@ class EventWatch:
                     continue
                 logger.warning("CoreDumped Event watch failed: %s %s; retrying in %.1f s", error.status,
                                error.reason, delay)
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as error:
+            # Anything else: the connection (aiohttp, OSError, timeouts), or a line the library could not
+            # decode (it raises a bare Exception for JSON without type/object): back off, never end the watch.
+            except Exception as error:  # noqa: BLE001
                 logger.warning("CoreDumped Event watch failed: %s; retrying in %.1f s", error or type(error).__name__,
                                delay)
                 # The same failure twice at one resourceVersion (an Event we cannot decode): list again past it.
