@@ -14,12 +14,15 @@ Why not inotify: one watch per directory at four levels must be re-armed as dire
 it says nothing on NFS, where the same root is shared by every node; the mtime walk behaves the same on
 every filesystem. It is O(incarnations) per pass, which is why only dev mode uses it: a cluster gets the
 agent's Events (:mod:`.eventwatch`). Links are never followed (:mod:`handler.safefs`) and names that are
-not valid at their level are skipped.
+not valid at their level are skipped. Timestamps are coarse (two commits within one clock tick leave the
+same mtime), so an incarnation whose directory changed within the last second is looked at once more on the
+next pass.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,7 @@ from handler import layout, safefs
 logger = logging.getLogger(__name__)
 
 INTERVAL_SECONDS = 1.0
+RACY_SECONDS = 1.0
 
 Incarnation = tuple[str, str, str]
 Signature = tuple[tuple[str, int, int], ...]  # (container, inode, mtime_ns) of each container directory
@@ -44,9 +48,16 @@ def _valid_subdirs(d: safefs.Dir, validator: Callable[[str], str]) -> list[str]:
     return names
 
 
-def snapshot(root: Path) -> dict[Incarnation, Signature]:
-    """Blocking: the signature of every incarnation directory under ``root`` (directory levels only)."""
+def snapshot(root: Path, *, racy: set[Incarnation] | None = None,
+             racy_seconds: float = RACY_SECONDS) -> dict[Incarnation, Signature]:
+    """
+    Blocking: the signature of every incarnation directory under ``root`` (directory levels only). Into
+    ``racy`` go the incarnations with a container directory changed within ``racy_seconds`` of now: a
+    second change within the filesystem's timestamp granularity (the kernel's coarse clock, a jiffy) would
+    leave the same mtime, so those are looked at once more on the next pass (git's "racy" entries).
+    """
     found: dict[Incarnation, Signature] = {}
+    recent_ns = time.time_ns() - int(racy_seconds * 1e9)
     top = safefs.open_root(root)
     if top is None:
         return found
@@ -71,6 +82,8 @@ def snapshot(root: Path) -> dict[Incarnation, Signature]:
                                     st = uid_dir.lstat(container)
                                     if st is not None:
                                         signature.append((container, st.st_ino, st.st_mtime_ns))
+                                        if racy is not None and st.st_mtime_ns >= recent_ns:
+                                            racy.add((namespace, pod, uid))
                             found[(namespace, pod, uid)] = tuple(signature)
     return found
 
@@ -82,17 +95,21 @@ def changed(before: dict[Incarnation, Signature], after: dict[Incarnation, Signa
 
 class ChangeDetector:
     def __init__(self, *, root: Path, on_change: Callable[..., Awaitable[Any]],
-                 interval: float = INTERVAL_SECONDS) -> None:
+                 interval: float = INTERVAL_SECONDS, racy_seconds: float = RACY_SECONDS) -> None:
         self.root = Path(root)
+        self.racy_seconds = racy_seconds
         self.on_change = on_change
         self.interval = interval
         self._last: dict[Incarnation, Signature] | None = None
+        self._racy: set[Incarnation] = set()
 
     async def poll(self) -> list[Incarnation]:
         """One pass; the first one hands over every incarnation there (nothing filed at startup is missed)."""
-        current = await asyncio.to_thread(snapshot, self.root)
+        racy: set[Incarnation] = set()
+        current = await asyncio.to_thread(snapshot, self.root, racy=racy, racy_seconds=self.racy_seconds)
         previous, self._last = self._last, current
-        keys = changed(previous or {}, current)
+        keys = sorted(set(changed(previous or {}, current)) | self._racy)
+        self._racy = racy
         for namespace, pod, uid in keys:
             try:
                 await self.on_change(namespace=namespace, pod=pod, uid=uid)

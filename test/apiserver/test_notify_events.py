@@ -24,7 +24,10 @@ from apiserver.registry.endpoints import EndpointRegistry
 from apiserver.registry.eventwatch import EventWatch, PendingIncarnations, incarnation_of
 
 from test_dump_fixtures import *  # noqa: F401,F403
-from test_coredata_registry import T0, cluster_registry, new_uid, store_core  # noqa: F401
+import test_coredata_registry
+from test_coredata_registry import T0, new_uid, store_core
+
+cluster_registry = test_coredata_registry.cluster_registry  # the fixture, shared
 
 DEADLINE = 30.0
 AGENT_TOKEN = "agent-token"

@@ -64,7 +64,8 @@ class KubectlWatch:
             if predicate(events):
                 return events
             if self.process.poll() is not None:
-                raise AssertionError(f"kubectl watch ended: {self.process.stderr.read() if self.process.stderr else ''}")
+                stderr = self.process.stderr.read() if self.process.stderr else ""
+                raise AssertionError(f"kubectl watch ended: {stderr}")
             time.sleep(0.05)
         raise AssertionError(f"no such events within {DEADLINE} s: {events}")
 
@@ -118,7 +119,8 @@ def test_kubectl_wait_for_the_core_count_returns(apiserver: RunningServer, versi
         assert time.monotonic() < deadline, "the endpoint was never auto-created"
         time.sleep(0.05)
     waiting = subprocess.Popen([kubectl_binary(version), "--kubeconfig", str(apiserver.kubeconfig), "-n", namespace,
-                                "wait", f"cde/{pod}", "--for=jsonpath={.status.coreCount}=2", f"--timeout={DEADLINE:.0f}s"],
+                                "wait", f"cde/{pod}", "--for=jsonpath={.status.coreCount}=2",
+                                f"--timeout={DEADLINE:.0f}s"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "HOME": str(apiserver.dev_dir)})
     file_core(apiserver, namespace=namespace, pod=pod, uid=uid, minute=2)
