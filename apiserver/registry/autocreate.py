@@ -95,9 +95,12 @@ class AutoCreator:
         if self.create:
             status = (await read_statuses(root=self.root, keys=[key]))[key]
             newest = status["cores"][-1]["id"] if status["cores"] else ""
+            ensured: bool | None = False
             if newest and self.seen.get(key) != newest:
-                created = await self._ensure(namespace=namespace, pod=pod, uid=uid)
-            self.seen[key] = newest
+                ensured = await self._ensure(namespace=namespace, pod=pod, uid=uid)
+            created = ensured is True
+            if ensured is not None:  # a failed create is tried again by the next notice or full pass
+                self.seen[key] = newest
         written = await self.reconciler.reconcile(namespace=namespace, pod=pod, uid=uid)
         return created or written
 
@@ -118,11 +121,15 @@ class AutoCreator:
         created: list[Incarnation] = []
         to_reconcile: dict[Incarnation, None] = {}
         handled_pods: set[tuple[str, str]] = set()
+        failed: set[Incarnation] = set()
         for key in changed:
             namespace, pod, uid = key
-            if self.create and (namespace, pod) not in handled_pods and await self._ensure(
-                    namespace=namespace, pod=pod, uid=uid):
-                created.append(key)
+            if self.create and (namespace, pod) not in handled_pods:
+                ensured = await self._ensure(namespace=namespace, pod=pod, uid=uid)
+                if ensured:
+                    created.append(key)
+                elif ensured is None:
+                    failed.add(key)  # not marked seen: the next pass tries again
             handled_pods.add((namespace, pod))
             to_reconcile[key] = None
         empty = empty_status()
@@ -137,18 +144,19 @@ class AutoCreator:
             except Exception as error:  # noqa: BLE001 - one failed write (etcd blip) must not stop the pass
                 logger.warning("status of %s/%s not updated: %s; retried at the next pass", namespace, pod, error)
                 continue
-            if key in newest:
+            if key in newest and key not in failed:
                 self.seen[key] = newest[key]
         return created
 
-    async def _ensure(self, *, namespace: str, pod: str, uid: str) -> bool:
+    async def _ensure(self, *, namespace: str, pod: str, uid: str) -> bool | None:
+        """True: created; False: an endpoint of that name exists (or a replica created it first); None: failed."""
         try:
             await self.registry.get(namespace=namespace, name=pod, with_status=False)
             return False
         except errors.ApiError as error:
             if error.code != 404:
                 logger.warning("auto-create: cannot read endpoint %s/%s: %s", namespace, pod, error.message)
-                return False
+                return None
         body: dict[str, Any] = {
             "apiVersion": API_VERSION, "kind": "CoredumpEndpoint",
             "metadata": {"name": pod, "namespace": namespace, "annotations": {AUTO_CREATED_ANNOTATION: "true"}},
@@ -157,9 +165,10 @@ class AutoCreator:
         try:
             await self.registry.create(namespace=namespace, body=body)
         except errors.ApiError as error:
-            if error.code != 409:
-                logger.warning("auto-create: cannot create endpoint %s/%s: %s", namespace, pod, error.message)
-            return False
+            if error.code == 409:
+                return False
+            logger.warning("auto-create: cannot create endpoint %s/%s: %s", namespace, pod, error.message)
+            return None
         logger.info("auto-created endpoint %s/%s for pod uid %s", namespace, pod, uid)
         return True
 
