@@ -10,10 +10,11 @@ storage and tries again. Reading the object before storage is what keeps two rep
 older status over a newer one: a status stored before our object read came from a storage read older
 than ours, and one stored after it fails our compare-and-swap.
 
-What triggers a reconcile: the auto-create scan (each incarnation with a new core), the Event watch
-(:mod:`.eventwatch`, one incarnation per ``CoreDumped`` Event) and :meth:`StatusReconciler.resync`, a full
-pass over every endpoint every ``--status-resync-interval`` that catches anything missed (cores removed
-by retention or by hand, a notification lost while the cluster was unreachable).
+What triggers a reconcile: :meth:`apiserver.registry.autocreate.AutoCreator.changed` for one incarnation
+(a CoreDumped Event, :mod:`.eventwatch`; dev mode's storage change detector, :mod:`.changedetect`; a
+client's write to the status subresource) and the slow full pass (:meth:`AutoCreator.scan`, every
+``--status-resync-interval``), which reconciles every endpoint whose status differs from one storage walk.
+:meth:`StatusReconciler.resync` (every endpoint, one directory read each) remains for callers without a walk.
 """
 from __future__ import annotations
 
