@@ -26,8 +26,8 @@ logger = logging.getLogger(__name__)
 ADMIN = ("dev-admin", "system:masters")
 VIEWER = ("dev-viewer", "dev-viewers")
 VALIDITY = dt.timedelta(days=365)
-# A crash imported by hand shows up as an endpoint within this many seconds (the cluster default is 30 s):
-# one user, one small storage tree, so scanning it often costs nothing.
+# A crash imported by hand shows up as an endpoint (or a MODIFIED event) within this many seconds: the
+# storage change detector (apiserver.registry.changedetect) looks at the directory levels every second.
 AUTOCREATE_INTERVAL = 2.0
 
 

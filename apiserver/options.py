@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     cores.add_argument("--kubeconfig", type=Path,
                        help="kubeconfig for reading pods (default: in-cluster configuration when available)")
     cores.add_argument("--status-resync-interval", type=float, default=600.0, metavar="SECONDS",
-                       help="seconds between full status reconciles over every endpoint, which catch any change "
-                            "of storage no notification reported (default 600)")
+                       help="seconds between full passes (one storage walk: endpoints auto-created, every "
+                            "status reconciled), which catch any change no notification reported (default 600)")
 
     add_auth_flags(parser)
     add_retention_flags(parser)

@@ -23,14 +23,16 @@ from apiserver.api import resource as r
 from apiserver.auth.options import AuthConfigError, AuthSetup, DevAuth, build_auth
 from apiserver.auth.static import dev_rules
 from apiserver.context import REGISTRY, SHUTTING_DOWN, STORAGE_ROOT
-from apiserver.handlers import dump, endpoints, meta
+from apiserver.handlers import devreviews, dump, endpoints, meta
 from apiserver.handlers.io import BODY_LIMIT_KEY
 from apiserver.limits import ConnectionLimits, Middleware, inflight_limit
 from apiserver.middleware import observe_requests, status_errors
 from apiserver.retention import setup as retention_setup
 from apiserver.registry.coredata import CoreData
 from apiserver.registry.endpoints import EndpointRegistry
-from apiserver.registry.statusreconciler import StatusReconciler
+from apiserver.registry.autocreate import AutoCreator
+from apiserver.registry.changedetect import ChangeDetector
+from apiserver.registry.eventwatch import EventWatch, PendingIncarnations
 from apiserver.registry.store import ObjectStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -69,17 +71,36 @@ def add_routes(app: web.Application) -> None:
 
 
 def add_status_routes(app: web.Application, *, item: str) -> None:
-    """The ``status`` subresource: readable; client writes are refused (the server computes status)."""
+    """The ``status`` subresource: readable; a client's write re-reads the status from storage (the server's)."""
     app.router.add_get(f"{item}/status", endpoints.get_endpoint_status)
     app.router.add_put(f"{item}/status", endpoints.write_endpoint_status)
     app.router.add_patch(f"{item}/status", endpoints.write_endpoint_status)
 
 
-def status_tasks(args: argparse.Namespace, *, registry: EndpointRegistry,
+def status_tasks(args: argparse.Namespace, *, registry: EndpointRegistry, coredata: CoreData,
                  storage_root: Path) -> list[asyncio.Task[None]]:
-    """The stored status's background work: the slow full reconcile (see :mod:`apiserver.registry.statusreconciler`)."""
-    reconciler = StatusReconciler(registry=registry, root=storage_root)
-    return [asyncio.create_task(reconciler.run(interval=args.status_resync_interval), name="status-resync")]
+    """
+    Endpoints and stored status kept in step with storage (:mod:`apiserver.registry.autocreate`): the slow
+    full pass every ``--status-resync-interval``, and the notification path: the agent's CoreDumped Events
+    in a cluster (:mod:`apiserver.registry.eventwatch`), the storage change detector in dev mode
+    (:mod:`apiserver.registry.changedetect`).
+    """
+    creator = AutoCreator(root=storage_root, registry=registry, status_cache=coredata.status_cache,
+                          create=args.auto_create_endpoints)
+    coredata.autocreator = creator
+    tasks = [asyncio.create_task(creator.run(interval=args.status_resync_interval), name="status-full-pass")]
+    if args.dev:
+        detector = ChangeDetector(root=storage_root, on_change=creator.changed)
+        tasks.append(asyncio.create_task(detector.run(), name="storage-changes"))
+    if coredata.pods.api_client is not None:  # in a cluster, or dev mode given a --kubeconfig
+        pending = PendingIncarnations(handler=creator.changed)
+        events = EventWatch(api=coredata.pods.api_client, pending=pending)
+        tasks += [asyncio.create_task(pending.run(), name="core-notifications"),
+                  asyncio.create_task(events.run(), name="coredumped-events")]
+    elif not args.dev:
+        logger.warning("no cluster access: new cores reach watchers at the next full pass "
+                       "(--status-resync-interval %.0f s)", args.status_resync_interval)
+    return tasks
 
 
 def encode_documents() -> None:
@@ -223,8 +244,7 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
     except StoreUnavailable as error:
         raise StartupError(f"object storage unavailable: {error}") from None
     coredata = CoreData(storage_root=storage_root, kubeconfig=str(args.kubeconfig) if args.kubeconfig else None,
-                        in_cluster=not args.dev and args.kubeconfig is None,
-                        **({"autocreate_interval": devmode.AUTOCREATE_INTERVAL} if args.dev else {}))
+                        in_cluster=not args.dev and args.kubeconfig is None)
     auth: AuthSetup | None = None
     runner: web.AppRunner | None = None
     listener: asyncio.base_events.Server | None = None
@@ -248,6 +268,8 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
                         outer_middlewares=limit_middlewares(
                             connections=connections, max_requests_inflight=args.max_requests_inflight,
                             max_mutating_requests_inflight=args.max_mutating_requests_inflight))
+        if dev_auth is not None:
+            devreviews.add_routes(app, rules=dev_auth.rules)
         # keepalive_timeout: aiohttp closes a connection idle between requests after --idle-timeout.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, handle_signals=False,
                                keepalive_timeout=args.idle_timeout)
@@ -259,9 +281,7 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
             background.append(asyncio.create_task(
                 retention_setup.run(args, storage_root=storage_root, registry=registry, dev=args.dev),
                 name="retention"))
-        if args.auto_create_endpoints:
-            background.append(asyncio.create_task(coredata.run_autocreate(registry=registry), name="autocreate"))
-        background += status_tasks(args, registry=registry, storage_root=storage_root)
+        background += status_tasks(args, registry=registry, coredata=coredata, storage_root=storage_root)
         logger.info("serving", extra={"address": f"https://{host}:{port}", "storage_root": str(storage_root),
                                       "store": "etcd" if args.etcd_servers else "memory"})
         if dev_files:

@@ -4,6 +4,7 @@ How fast the API server answers, against the floor of the same machine: the real
 connections, next to a trivial aiohttp HTTPS server with the same certificates that answers fixed bytes.
 
     .venv/bin/python bench/apiserver_bench.py [--backends memory,etcd] [--objects 10000] [--duration 10]
+    .venv/bin/python bench/apiserver_bench.py --notify [--objects 10000] [--repetitions 10]   (bench/notify_bench.py)
 
 Measured per backend:
   * GET of one object at a fixed rate (open loop: every request has a scheduled time and its latency is
@@ -469,9 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watchers", type=int, default=100, help="concurrent watchers (default 100)")
     parser.add_argument("--repetitions", type=int, default=10, help="events timed to the watchers (default 10)")
     parser.add_argument("--serve-baseline", type=Path, metavar="DEV_DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--notify", action="store_true",
+                        help="instead: commit → watcher latency and idle storage calls (bench/notify_bench.py)")
     args = parser.parse_args(argv)
     if args.serve_baseline:
         serve_baseline(args.serve_baseline)
+        return 0
+    if args.notify:
+        import notify_bench
+        notify_bench.print_rows(notify_bench.rows(rounds=args.repetitions * 3, endpoints=args.objects,
+                                                  idle_seconds=60.0))
         return 0
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = set(backends) - {"memory", "etcd"}

@@ -8,6 +8,9 @@ Endpoints (shapes as the real API server answers them):
 - ``POST /apis/authorization.k8s.io/v1/subjectaccessreviews`` (decided by a rule table, see ``allow``)
 - ``GET  /api/v1/namespaces/{ns}/pods/{name}`` (404 ``Status`` when absent)
 - ``POST /api/v1/namespaces/{ns}/events`` and ``POST /apis/events.k8s.io/v1/namespaces/{ns}/events`` (recorded)
+- ``GET  /api/v1/events`` (core/v1 Events of every namespace, list or watch, with kube-apiserver's Event field
+  selectors, resourceVersion resume, ``limit``; ``.compact()`` makes older versions 410 Gone, ``.drop_watches()``
+  ends every open watch; ``.list_count["events"]`` counts the LISTs)
 
 Callers authenticate with a bearer token from ``.tokens``; anything else gets a 401 ``Status``.
 
@@ -190,6 +193,9 @@ class FakeKube:
         self.changes: list[tuple[int, str, str, dict[str, Any]]] = []
         self._changed: asyncio.Condition | None = None
         self.list_requests: list[str] = []
+        self.list_count: dict[str, int] = {}  # LISTs (not watches) per collection
+        self.compacted = 0  # watches from before this resourceVersion get 410 (see compact())
+        self.watch_generation = 0  # bumped by drop_watches()
         self.events: list[dict[str, Any]] = []
         self.sar_requests: list[dict[str, Any]] = []
         self.token_reviews: list[dict[str, Any]] = []
@@ -260,6 +266,9 @@ class FakeKube:
 
     def _record(self, collection: str, kind: str, obj: dict[str, Any]) -> None:
         self.changes.append((int(obj["metadata"]["resourceVersion"]), collection, kind, obj))
+        self._notify()
+
+    def _notify(self) -> None:
         if self._changed is not None:
             cond = self._changed
 
@@ -346,6 +355,7 @@ class FakeKube:
         app.router.add_put(leases + "/{name}", self._replace_lease)
         app.router.add_get("/api/v1/pods", self._list_pods)
         app.router.add_get("/api/v1/namespaces", self._list_namespaces)
+        app.router.add_get("/api/v1/events", self._list_events)
         self._changed = asyncio.Condition()
         app.router.add_post("/api/v1/namespaces/{namespace}/events", self._post_core_event)
         app.router.add_post("/apis/events.k8s.io/v1/namespaces/{namespace}/events", self._post_events_event)
@@ -361,6 +371,7 @@ class FakeKube:
         self.url = f"https://127.0.0.1:{sock.getsockname()[1]}"
 
     async def close(self) -> None:
+        self.drop_watches()  # open watches end within a second, instead of holding cleanup up until they time out
         if self._runner:
             await self._runner.cleanup()
 
@@ -528,6 +539,15 @@ class FakeKube:
                    "metadata.name": lambda o: o["metadata"]["name"],
                    "metadata.namespace": lambda o: o["metadata"]["namespace"],
                    "status.phase": lambda o: o["status"].get("phase", "")}
+    # The field selectors kube-apiserver supports on core/v1 Events (pkg/registry/core/event/strategy.go).
+    _EVENT_FIELDS = {"metadata.name": lambda o: o["metadata"]["name"],
+                     "metadata.namespace": lambda o: o["metadata"]["namespace"],
+                     **{f"involvedObject.{k}": (lambda k: lambda o: str((o.get("involvedObject") or {}).get(k) or ""))(k)
+                        for k in ("kind", "namespace", "name", "uid", "apiVersion", "resourceVersion", "fieldPath")},
+                     "reason": lambda o: o.get("reason") or "",
+                     "reportingComponent": lambda o: o.get("reportingComponent") or "",
+                     "source": lambda o: (o.get("source") or {}).get("component") or "",
+                     "type": lambda o: o.get("type") or ""}
     _NAMESPACE_FIELDS = {"metadata.name": lambda o: o["metadata"]["name"],
                          "status.phase": lambda o: o["status"].get("phase", "")}
 
@@ -553,7 +573,8 @@ class FakeKube:
             match = self._selector(q.get("fieldSelector", ""), fields)
         except ValueError as e:
             return _status(400, "BadRequest", str(e))
-        if q.get("watch") not in ("true", "1"):
+        if q.get("watch", "").lower() not in ("true", "1"):  # Go's strconv.ParseBool: kubernetes-asyncio sends True
+            self.list_count[collection] = self.list_count.get(collection, 0) + 1
             items = []
             for obj in objects():
                 if match(obj):
@@ -561,6 +582,8 @@ class FakeKube:
                     item.pop("kind", None)
                     item.pop("apiVersion", None)
                     items.append(item)
+            if (q.get("limit") or "").isdigit() and int(q["limit"]) > 0:
+                items = items[:int(q["limit"])]  # (no continue token: the callers here only want the version)
             return web.json_response({"kind": f"{kind}List", "apiVersion": "v1",
                                       "metadata": {"resourceVersion": str(self._resource_version)}, "items": items})
         try:
@@ -569,14 +592,16 @@ class FakeKube:
             return _status(400, "BadRequest", f"invalid resourceVersion {q.get('resourceVersion')!r}")
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         await resp.prepare(request)
-        if self.changes and since < self.changes[0][0] - 1:
+        oldest = max(self.compacted, self.changes[0][0] - 1 if self.changes else 0)
+        if since < oldest:
             await resp.write(json.dumps({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
                                         "status": "Failure", "reason": "Expired", "code": 410,
                                         "message": f"too old resource version: {since}"}}).encode() + b"\n")
             return resp
         deadline = asyncio.get_running_loop().time() + float(q.get("timeoutSeconds") or 1800)
         assert self._changed is not None
-        while True:
+        generation = self.watch_generation
+        while generation == self.watch_generation:
             for rv, coll, typ, obj in list(self.changes):
                 if coll == collection and rv > since:
                     since = rv
@@ -590,10 +615,26 @@ class FakeKube:
                     await asyncio.wait_for(self._changed.wait(), timeout=min(left, 1.0))
             except asyncio.TimeoutError:
                 pass
+        return resp
 
     async def _list_pods(self, request: web.Request) -> web.StreamResponse:
         return await self._list_or_watch(request, collection="pods", kind="Pod", objects=lambda: self.pods.values(),
                                          fields=self._POD_FIELDS)
+
+    async def _list_events(self, request: web.Request) -> web.StreamResponse:
+        return await self._list_or_watch(request, collection="events", kind="Event",
+                                         objects=lambda: (e for e in self.events if e["apiVersion"] == "v1"),
+                                         fields=self._EVENT_FIELDS)
+
+    def compact(self) -> None:
+        """As etcd compaction: every watch from a resourceVersion before now gets 410 Gone (a relist is needed)."""
+        self.compacted = self._resource_version
+        self.changes.clear()
+
+    def drop_watches(self) -> None:
+        """End every open watch now (an API server restart): clients must resume from their last resourceVersion."""
+        self.watch_generation += 1
+        self._notify()
 
     async def _list_namespaces(self, request: web.Request) -> web.StreamResponse:
         return await self._list_or_watch(request, collection="namespaces", kind="Namespace",
@@ -618,6 +659,8 @@ class FakeKube:
             metadata["name"] = metadata["generateName"] + secrets.token_hex(3)
         metadata.update(uid=str(uuid.uuid4()), resourceVersion=self._next_rv(), creationTimestamp=_timestamp())
         self.events.append(body)
+        if api_version == "v1":
+            self._record("events", "ADDED", body)
         return web.json_response(body, status=201)
 
     async def _post_core_event(self, request: web.Request) -> web.StreamResponse:

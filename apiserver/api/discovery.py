@@ -31,6 +31,9 @@ def api_group_list() -> dict[str, Any]:
     return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]}
 
 
+STATUS_VERBS = ["get", "patch", "update"]
+
+
 def api_resource_list() -> dict[str, Any]:
     return {
         "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": r.API_VERSION,
@@ -40,9 +43,9 @@ def api_resource_list() -> dict[str, Any]:
             # Like pods/log: a read-only subresource whose kind is the parent's.
             {"name": f"{r.PLURAL}/{r.SUBRESOURCE_DUMP}", "singularName": "", "namespaced": True,
              "kind": r.KIND, "verbs": ["get"]},
-            # Only get: status is the server's (client PUT/PATCH are answered 405, see the handler).
+            # Status is the server's: a client's PUT/PATCH only asks it to be re-read from storage now.
             {"name": f"{r.PLURAL}/status", "singularName": "", "namespaced": True,
-             "kind": r.KIND, "verbs": ["get"]},
+             "kind": r.KIND, "verbs": STATUS_VERBS},
         ],
     }
 
@@ -62,7 +65,7 @@ def aggregated_discovery(version: str) -> dict[str, Any]:
                     "subresources": [{"subresource": r.SUBRESOURCE_DUMP, "responseKind": response_kind,
                                       "verbs": ["get"]},
                                      {"subresource": "status", "responseKind": response_kind,
-                                      "verbs": ["get"]}],
+                                      "verbs": STATUS_VERBS}],
                 }],
                 "freshness": "Current",
             }],

@@ -87,6 +87,9 @@ def dev_rules() -> list[Rule]:
         discovery_rule(),
         rule(verbs=["get", "list", "watch"], groups=["dev-viewers"], resources=["coredumpendpoints"],
              namespaces=["default"], api_groups=[GROUP]),
+        # system:basic-user's: anyone may ask what they may do (kubectl auth can-i).
+        rule(verbs=["create"], groups=[AUTHENTICATED_GROUP],
+             resources=["selfsubjectaccessreviews", "selfsubjectrulesreviews"], api_groups=["authorization.k8s.io"]),
     ]
 
 

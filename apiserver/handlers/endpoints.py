@@ -60,13 +60,25 @@ async def get_endpoint_status(request: web.Request) -> web.Response:
 
 async def write_endpoint_status(request: web.Request) -> web.Response:
     """
-    ``PUT``/``PATCH .../NAME/status``: 405 for every client. Status is computed by the server from storage
-    (the truth); a status written by a client would be wrong, and overwritten at the next reconcile.
-    405, not 403: no RBAC rule could make it allowed, and 403 would send an admin to look for one.
+    ``PUT``/``PATCH .../NAME/status`` (authorized as ``update``/``patch`` on ``coredumpendpoints/status``):
+    the body is validated like any write and its status ignored; the server re-reads the endpoint's cores
+    from storage now and answers the stored object (see :meth:`EndpointRegistry.refresh_status`). Status is
+    the server's: a client cannot set it, only ask for it to be brought up to date.
     """
-    raise errors.ApiError(code=405, reason="MethodNotAllowed",
-                          message=f"status of {r.PLURAL}.{r.GROUP} \"{_name(request)}\" is computed by the server "
-                                  "from the stored cores and cannot be written by clients")
+    registry = _registry(request)
+    if request.method == "PATCH":
+        body = await io.read_body(request, allowed=io.PATCH_TYPES)
+        content_type = request.content_type
+        if content_type not in (patch.MERGE_PATCH, patch.JSON_PATCH):
+            raise errors.unsupported_media_type(content_type)
+        current = await registry.get(namespace=_ns(request), name=_name(request))
+        data = patch.apply(content_type=content_type, target=current, patch=body.data)
+    else:
+        body = await io.read_body(request, allowed=io.WRITE_TYPES)
+        data = body.data
+    result = await registry.refresh_status(namespace=_ns(request), name=_name(request), body=data,
+                                           options=io.write_options(request, body))
+    return render_one(request, result.obj, warnings=result.warnings)
 
 
 async def list_endpoints(request: web.Request) -> web.StreamResponse:

@@ -15,17 +15,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from handler import layout
 
 from apiserver.api import errors
-from apiserver.registry.autocreate import INTERVAL_SECONDS, AutoCreator
+from apiserver.registry.autocreate import AutoCreator
 from apiserver.registry.corestatus import StatusCache, empty_status
 from apiserver.registry.pods import PodLookup
-
-if TYPE_CHECKING:
-    from apiserver.registry.endpoints import EndpointRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -38,13 +35,12 @@ def _pod_uid_required(*, name: str, message: str) -> errors.ApiError:
 
 
 class CoreData:
-    def __init__(self, *, storage_root: Path, kubeconfig: str | None = None, in_cluster: bool = False,
-                 autocreate_interval: float = INTERVAL_SECONDS) -> None:
+    def __init__(self, *, storage_root: Path, kubeconfig: str | None = None, in_cluster: bool = False) -> None:
         self.storage_root = Path(storage_root)
         self.pods = PodLookup(kubeconfig=kubeconfig, in_cluster=in_cluster)
         self.status_cache = StatusCache(root=self.storage_root)
-        self.autocreate_interval = autocreate_interval
-        self._autocreator: AutoCreator | None = None
+        # The server's auto-creator (set by apiserver.server), told when a deletion purged a pod's cores.
+        self.autocreator: AutoCreator | None = None
 
     async def start(self) -> None:
         await self.pods.start()
@@ -100,11 +96,6 @@ class CoreData:
             logger.warning("not deleting cores of %s/%s: %s", namespace, name, error)
             return
         self.status_cache.invalidate(namespace=namespace, pod=name)
-        if self._autocreator is not None:
-            self._autocreator.forget(namespace=namespace, pod=name)
+        if self.autocreator is not None:
+            self.autocreator.forget(namespace=namespace, pod=name)
         logger.info("deleted %d cores of %s/%s (uid %s) with its endpoint", removed, namespace, name, uid)
-
-    async def run_autocreate(self, *, registry: "EndpointRegistry") -> None:
-        """Until cancelled: create an endpoint for every crashed pod that has none (see :mod:`.autocreate`)."""
-        self._autocreator = AutoCreator(root=self.storage_root, registry=registry, status_cache=self.status_cache)
-        await self._autocreator.run(interval=self.autocreate_interval)

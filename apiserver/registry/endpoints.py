@@ -30,6 +30,7 @@ from apiserver.api.conventions import encode_continue, decode_continue
 from apiserver.api.selectors import FieldSelector, Predicate
 from apiserver.registry.coredata import CoreData
 from apiserver.registry.corestatus import empty_status
+from apiserver.registry.statusreconciler import StatusReconciler, key_of
 from apiserver.registry.store import (
     KeyExists, KeyNotFound, ListPage, ObjectStore, RevisionCompacted, RevisionConflict, StoreEvent,
     StoreUnavailable,
@@ -429,6 +430,37 @@ class EndpointRegistry:
         new = {**current, "status": status}
         return await self.store.update(key_for(meta["namespace"], meta["name"]), new,
                                        expected_revision=int(meta["resourceVersion"]))
+
+    async def refresh_status(self, *, namespace: str, name: str, body: Any,
+                             options: WriteOptions = WriteOptions()) -> WriteResult:
+        """
+        A client's PUT or PATCH of the status subresource: the body is checked as for any write (400 or 422
+        Status), a resourceVersion or uid in it is a precondition (409 when stale), and its ``status`` is
+        ignored: the endpoint's status is re-read from storage now (the truth) and the stored object is
+        returned. So a status write means "re-read storage now", and RBAC decides who may ask for it.
+        """
+        obj = self._validated(body, namespace=namespace)
+        warnings = self._field_check(body, options)
+        if obj["metadata"].get("name") != name:
+            raise errors.bad_request(f'the name of the object ({obj["metadata"].get("name")}) does not match the '
+                                     f"name on the URL ({name})")
+        with _store_errors(name):
+            current = await self.store.get(key_for(namespace, name))
+        expected, uid = obj["metadata"].get("resourceVersion"), obj["metadata"].get("uid")
+        if expected and not str(expected).isdigit():
+            raise errors.bad_request(f'metadata.resourceVersion: Invalid value: "{expected}": must be an integer')
+        if expected and expected != current["metadata"]["resourceVersion"]:
+            raise errors.conflict(name=name, message="the object has been modified; please apply your changes to "
+                                                     "the latest version and try again")
+        if uid and uid != current["metadata"]["uid"]:
+            raise errors.conflict(name=name, message=f"Precondition failed: UID in precondition: {uid}, "
+                                                     f'UID in object meta: {current["metadata"]["uid"]}')
+        key = key_of(current)
+        if key is not None and not options.dry_run:
+            reconciler = StatusReconciler(registry=self, root=self.coredata.storage_root)
+            with _store_errors(name):
+                await reconciler.reconcile(namespace=key[0], pod=key[1], uid=key[2])
+        return WriteResult(obj=await self.get(namespace=namespace, name=name), warnings=warnings)
 
     async def check(self) -> None:
         with _store_errors(""):

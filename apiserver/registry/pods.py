@@ -31,6 +31,11 @@ class PodLookup:
     def configured(self) -> bool:
         return self._api is not None
 
+    @property
+    def api_client(self) -> client.ApiClient | None:
+        """The cluster client once started (also used for the CoredumpEndpoint Event watch), else None."""
+        return self._api
+
     async def start(self) -> None:
         if self.kubeconfig:
             self._api = await config.new_client_from_config(config_file=self.kubeconfig, persist_config=False)

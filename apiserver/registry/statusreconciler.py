@@ -10,10 +10,11 @@ storage and tries again. Reading the object before storage is what keeps two rep
 older status over a newer one: a status stored before our object read came from a storage read older
 than ours, and one stored after it fails our compare-and-swap.
 
-What triggers a reconcile: the auto-create scan (each incarnation with a new core), the Event watch
-(:mod:`.eventwatch`, one incarnation per ``CoreDumped`` Event) and :meth:`StatusReconciler.resync`, a full
-pass over every endpoint every ``--status-resync-interval`` that catches anything missed (cores removed
-by retention or by hand, a notification lost while the cluster was unreachable).
+What triggers a reconcile: :meth:`apiserver.registry.autocreate.AutoCreator.changed` for one incarnation
+(a CoreDumped Event, :mod:`.eventwatch`; dev mode's storage change detector, :mod:`.changedetect`; a
+client's write to the status subresource) and the slow full pass (:meth:`AutoCreator.scan`, every
+``--status-resync-interval``), which reconciles every endpoint whose status differs from one storage walk.
+:meth:`StatusReconciler.resync` (every endpoint, one directory read each) remains for callers without a walk.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ RESYNC_INTERVAL_SECONDS = 600.0
 _ATTEMPTS = 5
 
 
-def _key_of(obj: dict[str, Any]) -> Key | None:
+def key_of(obj: dict[str, Any]) -> Key | None:
+    """The incarnation an endpoint is bound to (namespace, name, spec.podUID), or None."""
     meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
     ns, name, uid = meta.get("namespace"), meta.get("name"), spec.get("podUID")
     if isinstance(ns, str) and isinstance(name, str) and isinstance(uid, str) and uid:
@@ -54,7 +56,7 @@ class StatusReconciler:
                 current = await self.registry.read_stored(namespace=namespace, name=pod)
             except KeyNotFound:
                 return False  # no endpoint (yet): the auto-creator makes it, with its status
-            if _key_of(current) != (namespace, pod, uid):
+            if key_of(current) != (namespace, pod, uid):
                 return False  # the endpoint of that name belongs to another incarnation
             return_value = await self._write_if_changed(current)
             if return_value is not None:
@@ -65,7 +67,7 @@ class StatusReconciler:
 
     async def _write_if_changed(self, current: dict[str, Any]) -> bool | None:
         """True written, False equal or gone, None conflict (read again)."""
-        key = _key_of(current)
+        key = key_of(current)
         if key is None:
             return False
         status = (await read_statuses(root=self.root, keys=[key]))[key]
@@ -87,7 +89,7 @@ class StatusReconciler:
         listed = await self.registry.list(namespace=None)
         written = 0
         for obj in listed.items:
-            key = _key_of(obj)
+            key = key_of(obj)
             if key is None:
                 continue
             try:

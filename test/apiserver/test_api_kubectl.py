@@ -8,6 +8,7 @@ import json
 import queue
 import subprocess
 import threading
+import time
 import uuid
 
 import pytest
@@ -148,9 +149,13 @@ def test_the_top_frame_and_signature_of_the_last_crash_are_shown(apiserver: Runn
         stored = w.commit({"size": 9, "signal": 11, "signalName": "SIGSEGV"})
     layout.amend_metadata(stored, {"signature": "5e1fcafe00112233", "topFrames": [
         "api!parse_request", "api!handle", "libc.so.6!__libc_start_main"]})
-    apiserver.kubectl("create", "-f", "-", input=_manifest("api-0", pod_uid=uid, namespace="explained"))
-    out = apiserver.kubectl("get", "cde", "-n", "explained", "-o", "wide").stdout.splitlines()
-    header, row = out[0], out[1]
+    # Dev mode notices the commit and the amendment on its own (auto-create, then the amended status).
+    deadline = time.monotonic() + 30
+    while "5e1fcafe00112233" not in (out := apiserver.kubectl("get", "cde", "-n", "explained", "-o", "wide",
+                                                              check=False).stdout):
+        assert time.monotonic() < deadline, out
+        time.sleep(0.1)
+    header, row = out.splitlines()[0], out.splitlines()[1]
     assert "TOP FRAME" in header and "SIGNATURE" in header
     assert "api!parse_request" in row.split() and "5e1fcafe00112233" in row.split()
     core = json.loads(apiserver.kubectl("get", "cde", "api-0", "-n", "explained", "-o", "json").stdout)

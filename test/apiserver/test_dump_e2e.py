@@ -71,10 +71,11 @@ def test_deleted_pod_flow_and_delete_cores_opt_in(server: RunningServer, real_co
                data=real_core.read_bytes(), when=T0)
     store_core(server.storage_root, namespace="shop", pod="gone-0", pod_uid=new_uid(), container="app",
                data=b"an earlier incarnation", when=T0 - datetime.timedelta(days=1))
-    # Two incarnations stored and no live pod: the user names the one they want.
+    # Two incarnations stored and no live pod: the user names the one they want (apply: dev mode may have
+    # auto-created it already, bound to the newest incarnation, within a second of the commit).
     manifest = tmp_path / "cde.yaml"
     manifest.write_text(yaml.safe_dump(endpoint_manifest("gone-0", namespace="shop", pod_uid=uid)))
-    server.kubectl("create", "-f", str(manifest))
+    server.kubectl("apply", "-f", str(manifest))
     got = json.loads(server.kubectl("get", "cde", "-n", "shop", "gone-0", "-o", "json").stdout)
     assert got["status"]["coreCount"] == 1 and got["status"]["lastSignal"] == "SIGSEGV"
 

@@ -153,6 +153,9 @@ def test_deploy_component_service_accounts_have_what_they_need(variant: Rendered
                                            service_account="coredump-apiserver")
                        for r in rules_of(variant, "ClusterRole", b["roleRef"]["name"])]
     assert all(allows(apiserver_rules, group="", resource="pods", verb=v) for v in ("get", "list", "watch"))
+    # The CoreDumped Event watch that brings each new core to watchers within seconds; never more than reading.
+    assert all(allows(apiserver_rules, group="", resource="events", verb=v) for v in ("list", "watch"))
+    assert not any(allows(apiserver_rules, group="", resource="events", verb=v) for v in ("create", "delete"))
     agent_rules = [r for b in bound_to(variant, "ClusterRole", "coredump-agent", service_account="coredump-agent")
                    for r in rules_of(variant, "ClusterRole", b["roleRef"]["name"])]
     assert allows(agent_rules, group="", resource="events", verb="create")

@@ -67,3 +67,35 @@ def test_agent_posts_core_dumped_event_on_the_real_pod(installed, real_core) -> 
         assert "SIGSEGV" in events and "Container app dumped core" in events
     (ev,) = [e for e in cp.get_json("events", "-n", "team-events")["items"] if e["reason"] == "CoreDumped"]
     assert ev["involvedObject"]["uid"] == uid and ev["source"]["component"] == "coredump-agent"
+
+
+def test_each_new_core_reaches_a_watcher_through_the_agents_event(installed, real_core) -> None:
+    """
+    Notified, not polled, for real: the agent's CoreDumped Event goes to kube-apiserver, our server's Event
+    watch (its own service account and ClusterRole) re-reads that incarnation, and a watcher through the
+    aggregator sees ADDED, then MODIFIED with the new coreCount; kubectl wait on the count returns. The server's
+    full pass is 10 minutes away, so only the Event can have brought them.
+    """
+    cp = installed.cp
+    make_namespace(cp, "team-notify")
+    uid = make_pod(cp, "team-notify", "flaky")
+    watch = subprocess.Popen([kubectl_binary("1.33"), "--kubeconfig", str(cp.admin_kubeconfig), "get", "cde",
+                              "-n", "team-notify", "-w", "--output-watch-events", "-o", "json"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        file_core(installed, real_core.path, namespace="team-notify", pod="flaky", uid=uid)
+        wait_for(lambda: cp.kubectl("get", "cde", "flaky", "-n", "team-notify", check=False).returncode == 0,
+                 "the endpoint, auto-created on the Event", timeout=60)
+        file_core(installed, real_core.path, namespace="team-notify", pod="flaky", uid=uid)
+        waited = cp.kubectl("wait", "cde/flaky", "-n", "team-notify", "--for=jsonpath={.status.coreCount}=2",
+                            "--timeout=60s", binary=kubectl_binary("1.27"), check=False, timeout=90)
+        assert waited.returncode == 0, waited.stderr
+    finally:
+        watch.terminate()
+        out, _ = watch.communicate(timeout=30)
+    decoder, events, rest = json.JSONDecoder(), [], out.strip()
+    while rest:
+        event, end = decoder.raw_decode(rest)
+        events.append((event["type"], event["object"]["status"]["coreCount"]))
+        rest = rest[end:].strip()
+    assert events[:1] == [("ADDED", 1)] and ("MODIFIED", 2) in events, events

@@ -4,6 +4,7 @@ real kernel cores of test/handler's crashing program, filed on our storage by th
 """
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import subprocess
@@ -12,7 +13,9 @@ import time
 from pathlib import Path
 
 from cluster import REPO, ControlPlane
-from install import Installation
+from install import Installation, service_account_of
+
+from handler.outcome import read_outcomes
 
 _spec = importlib.util.spec_from_file_location("handler_test_fixtures", REPO / "test/handler/conftest.py")
 handler_fixtures = importlib.util.module_from_spec(_spec)
@@ -49,14 +52,46 @@ def make_pod(cp: ControlPlane, namespace: str, name: str, *, container: str = "a
     return json.loads(out)["metadata"]["uid"]
 
 
-def file_core(inst: Installation, core: Path, *, namespace: str, pod: str, uid: str, container: str = "app") -> None:
-    """Files one real core on storage as the node's handler does."""
+def file_core(inst: Installation, core: Path, *, namespace: str, pod: str, uid: str, container: str = "app",
+              notify: bool = True) -> None:
+    """
+    Files one real core on storage as the node's handler does, then (``notify``) does what the agent's outcome
+    pass does with the handler's outcome record: posts the CoreDumped Event on the pod through the real
+    kube-apiserver, with the agent's own service account and EventPoster. That Event is how our server learns
+    of the core within seconds (its full pass is minutes away).
+    """
     work = inst.base / "handler"
     subprocess.run([sys.executable, "-m", "handler.cli", "--config", str(work / "no-config.json"),
                     "--storage-root", str(inst.storage), "--spool-dir", str(work / "spool"),
                     "--state-dir", str(work / "state"), "--crictl", "", "--node", "node-1",
                     "import", "--namespace", namespace, "--pod", pod, "--pod-uid", uid, "--container", container,
                     str(core)], check=True, capture_output=True, timeout=120)
+    outcomes = work / "state" / "outcomes"
+    if notify:
+        post_core_dumped_events(inst, outcomes)
+    else:
+        for path, _record in read_outcomes(outcomes):
+            path.unlink()
+
+
+def post_core_dumped_events(inst: Installation, outcomes: Path) -> None:
+    """The agent's outcome pass for the handler's records in ``outcomes``: one CoreDumped Event each."""
+    from handler.agent.events import EventPoster
+    kubeconfig = getattr(inst, "_agent_kubeconfig", None)
+    if kubeconfig is None:
+        kubeconfig = inst.token_kubeconfig(*service_account_of(inst.objects, "DaemonSet"))
+        inst._agent_kubeconfig = kubeconfig  # type: ignore[attr-defined]
+
+    async def post() -> None:
+        poster = EventPoster(kubeconfig=str(kubeconfig), node="node-1")
+        try:
+            for path, record in read_outcomes(outcomes):
+                if record.get("result") == "stored" and record.get("kept"):
+                    await poster.post(record)
+                path.unlink()
+        finally:
+            await poster.close()
+    asyncio.run(post())
 
 
 def dump_path(namespace: str, name: str) -> str:
