@@ -208,6 +208,10 @@ class WatchCache:
                 change = self._ring[cursor % self._capacity]
                 cursor += 1
                 assert change is not None
+                if change.revision <= start:
+                    # The client's version came from a quorum read the cache had not caught up with: it
+                    # already has this change.
+                    continue
                 event = self._for_watcher(change, prefix=prefix, selected=selected)
                 if event is not None:
                     sent = max(sent, change.revision)

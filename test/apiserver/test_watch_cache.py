@@ -321,3 +321,23 @@ async def test_a_list_not_older_than_a_version_waits_for_the_cache_and_a_future_
         with pytest.raises(errors.ApiError) as raised:
             await cache.wait_fresh(current + 100)
         assert raised.value.code == 504 and raised.value.reason == "Timeout"
+
+
+async def test_a_watch_from_a_version_the_cache_has_not_reached_yet_skips_what_the_client_has() -> None:
+    store = FlakyStore()
+    await store.start()
+    async with running_cache(store) as cache:
+        store.break_watches()  # the cache's watch lags (here: stalls) behind the store
+        await until(lambda: store.watch_calls >= 2)
+        # Written and read back (a quorum read) before the cache had it: the client's version is ahead.
+        created = await create(store, "already-listed")
+        ahead = int(created["metadata"]["resourceVersion"])
+        assert cache.revision < ahead
+        watcher = Watcher(cache.watch(prefix=KEY_ROOT, selected=everything, resource_version=ahead,
+                                      initial_events=False, initial_events_end=False, bookmarks=False))
+        await asyncio.sleep(0.05)  # the watch is established before the cache catches up
+        store.heal()
+        await until(lambda: cache.revision >= ahead)
+        await create(store, "new")
+        assert await watcher.names(1) == [("ADDED", "new")]
+        await watcher.close()
