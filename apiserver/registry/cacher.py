@@ -26,6 +26,9 @@ Contract:
 - **Selectors.** Each watcher's predicate is applied to the new and the previous object, as kube-apiserver
   does: an object that starts matching arrives as ADDED, one that stops matching as DELETED.
 - Objects handed out are shared with the cache: callers must not mutate them (copy to change anything).
+- :meth:`WatchCache.list_encoded` also returns each object's serialized form, computed once per object version
+  and reused by every LIST until the object changes (kube-apiserver's cachingObject does the same): a LIST of
+  many objects costs a join, not an encoding of each.
 
 Written here rather than taken from a library: the protocol (resourceVersion windows, 410, bookmarks,
 progress requests) is Kubernetes' own and no Python library implements it.
@@ -123,6 +126,7 @@ class WatchCache:
         self._fresh_timeout = fresh_timeout
         self._objects: dict[str, dict[str, Any]] = {}
         self._keys: list[str] = []  # sorted keys of _objects
+        self._encoded: dict[str, bytes] = {}  # serialized objects, by key, dropped when the object changes
         self._ring: list[_Change | None] = [None] * capacity
         self._first = 0  # sequence number of the oldest change kept
         self._next = 0  # sequence number the next change gets
@@ -156,6 +160,20 @@ class WatchCache:
             if selected(obj):
                 items.append(obj)
         return items, self._revision
+
+    def list_encoded(self, prefix: str, selected: Predicate,
+                     encode: Callable[[dict[str, Any]], bytes]) -> tuple[list[dict[str, Any]], list[bytes], int]:
+        """:meth:`list`, and each object as ``encode`` serializes it (memoized until the object changes)."""
+        items, revision = self.list(prefix, selected)
+        cached = self._encoded
+        encoded = []
+        for obj in items:
+            key = self._key_of(obj)
+            data = cached.get(key)
+            if data is None:
+                data = cached[key] = encode(obj)
+            encoded.append(data)
+        return items, encoded, revision
 
     async def wait_fresh(self, revision: int) -> None:
         """Return once the cache is at ``revision`` or newer; 504 Too large resource version after the timeout."""
@@ -389,8 +407,10 @@ class WatchCache:
         if key not in self._objects:
             bisect.insort(self._keys, key)
         self._objects[key] = obj
+        self._encoded.pop(key, None)
 
     def _remove(self, key: str) -> None:
+        self._encoded.pop(key, None)
         if self._objects.pop(key, None) is not None:
             del self._keys[bisect.bisect_left(self._keys, key)]
 

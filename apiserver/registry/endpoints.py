@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime as dt
+import json
 import logging
 import secrets
 import uuid
@@ -77,6 +78,13 @@ class ListResult:
     items: list[dict[str, Any]]
     resource_version: str
     continue_token: str | None
+    # From the watch cache: each item as compact JSON (``encode_item``), so that a plain JSON answer is a join.
+    encoded: list[bytes] | None = None
+
+
+def encode_item(obj: dict[str, Any]) -> bytes:
+    """An object as it appears in a compact JSON answer (the encoding ``handlers.io.respond`` uses)."""
+    return json.dumps(_with_status(dict(obj)), separators=(",", ":")).encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,10 +223,10 @@ class EndpointRegistry:
             await cache.wait_fresh(resource_version)
         if fields is not None and fields.namespace is not None and namespace and fields.namespace != namespace:
             return ListResult(items=[], resource_version=str(cache.revision), continue_token=None)
-        items, revision = cache.list(prefix_for(namespace), _selection(labels, fields))
+        items, encoded, revision = cache.list_encoded(prefix_for(namespace), _selection(labels, fields), encode_item)
         # Cached objects are shared: each answer gets its own top level (status may be added).
         return ListResult(items=[_with_status(dict(obj)) for obj in items], resource_version=str(revision),
-                          continue_token=None)
+                          continue_token=None, encoded=encoded)
 
     async def _read_page(self, prefix: str, *, limit: int | None, start_after: str | None, revision: int | None,
                          continued: bool) -> ListPage:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -341,3 +342,32 @@ async def test_a_watch_from_a_version_the_cache_has_not_reached_yet_skips_what_t
         await create(store, "new")
         assert await watcher.names(1) == [("ADDED", "new")]
         await watcher.close()
+
+
+async def test_a_cached_list_answers_the_same_bytes_as_encoding_it_and_follows_changes() -> None:
+    from apiserver.api import conventions
+    from apiserver.api import resource as r
+    from apiserver.handlers.endpoints import _joined_list
+    store = MemoryStore()
+    await store.start()
+    async with running_cache(store) as cache:
+        registry = EndpointRegistry(store=store, coredata=None, cache=cache)  # type: ignore[arg-type]
+
+        async def both() -> tuple[bytes, bytes]:
+            result = await registry.list(namespace="ns", resource_version=0)
+            out = conventions.list_object(kind=r.LIST_KIND, api_version=r.API_VERSION, items=result.items,
+                                          resource_version=result.resource_version)
+            assert result.encoded is not None
+            return _joined_list(out, result.encoded).body, json.dumps(out, separators=(",", ":")).encode()
+
+        await create(store, "a", team="x")
+        last = await create(store, "b")
+        await until(lambda: cache.revision >= int(last["metadata"]["resourceVersion"]))
+        joined, encoded = await both()
+        assert joined == encoded
+        changed = await store.get(key_for("ns", "a"))
+        changed["metadata"]["labels"] = {"team": "y"}
+        changed = await store.update(key_for("ns", "a"), changed, expected_revision=None)
+        await until(lambda: cache.revision >= int(changed["metadata"]["resourceVersion"]))
+        joined, encoded = await both()
+        assert joined == encoded and b'"team":"y"' in joined and b'"team":"x"' not in joined
