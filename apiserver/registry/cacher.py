@@ -134,6 +134,7 @@ class WatchCache:
         self._horizon = 0  # every change after this revision is in the window
         self._changed = asyncio.Event()
         self._progress = ProgressRequests()
+        self._progress_asked = float("-inf")
         self._closed = False
         self._started = False
 
@@ -186,7 +187,7 @@ class WatchCache:
             if remaining <= 0 or self._closed:
                 raise errors.too_large_resource_version(requested=revision, current=self._revision)
             changed = self._changed
-            self._progress.request()
+            self._ask_progress()
             try:
                 async with asyncio.timeout(min(remaining, PROGRESS_RETRY)):
                     await changed.wait()
@@ -348,6 +349,13 @@ class WatchCache:
         """Keep the revision moving while nothing changes, so bookmarks tell watchers something new."""
         while True:
             await asyncio.sleep(PROGRESS_INTERVAL)
+            self._ask_progress()
+
+    def _ask_progress(self) -> None:
+        """One progress request per PROGRESS_RETRY at most, however many readers wait (they share the answer)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._progress_asked >= PROGRESS_RETRY:
+            self._progress_asked = now
             self._progress.request()
 
     def _apply(self, event: StoreEvent) -> None:
