@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from apiserver.api import resource as r
-from apiserver.registry.store import ListPage, ObjectStore, StoreEvent
+from apiserver.registry.store import ListPage, ObjectStore, ProgressRequests, StoreEvent
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -164,8 +164,9 @@ class InstrumentedStore(ObjectStore):
         with self._timed("delete"):
             return await self._inner.delete(key, expected_revision=expected_revision)
 
-    def watch(self, prefix: str, *, from_revision: int) -> AsyncIterator[StoreEvent]:
-        return self._inner.watch(prefix, from_revision=from_revision)
+    def watch(self, prefix: str, *, from_revision: int,
+              progress: ProgressRequests | None = None) -> AsyncIterator[StoreEvent]:
+        return self._inner.watch(prefix, from_revision=from_revision, progress=progress)
 
     async def compact(self, revision: int) -> None:
         await self._inner.compact(revision)

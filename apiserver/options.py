@@ -10,6 +10,7 @@ from pathlib import Path
 
 from apiserver.auth.options import add_auth_flags, parse_bool, parse_duration
 from apiserver.handlers.io import DEFAULT_MAX_BODY_BYTES
+from apiserver.registry.cacher import DEFAULT_BOOKMARK_INTERVAL, DEFAULT_CAPACITY
 from apiserver.limits import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT,
                               DEFAULT_MAX_REQUESTS_INFLIGHT, DEFAULT_READ_HEADER_TIMEOUT)
 from apiserver.retention.setup import add_retention_flags
@@ -81,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_argument("--etcd-cafile", type=Path, help="CA bundle to verify etcd's serving certificate")
     storage.add_argument("--etcd-certfile", type=Path, help="client certificate for etcd")
     storage.add_argument("--etcd-keyfile", type=Path, help="client key for etcd")
+    storage.add_argument("--watch-cache-size", type=int, default=DEFAULT_CAPACITY, metavar="EVENTS",
+                         help="changes the watch cache keeps: how old a resourceVersion a watch may resume from, "
+                              "and how far a watcher may fall behind before its watch is closed (default 1000)")
+    storage.add_argument("--watch-bookmark-interval", type=parse_duration, default=DEFAULT_BOOKMARK_INTERVAL,
+                         metavar="DURATION",
+                         help="how often a watch with allowWatchBookmarks gets a BOOKMARK (default 1m)")
 
     cores = parser.add_argument_group("core storage")
     cores.add_argument("--storage-root", type=Path, help="root of the shared core storage (NFS/CephFS mount)")
@@ -117,6 +124,10 @@ def check(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--secure-port {args.secure_port} is not a port number")
     if args.status_resync_interval <= 0:
         parser.error("--status-resync-interval must be positive")
+    if args.watch_cache_size < 1:
+        parser.error("--watch-cache-size must be at least 1")
+    if args.watch_bookmark_interval <= 0:
+        parser.error("--watch-bookmark-interval must be positive")
     if args.tls_cert_reload_interval <= 0:
         parser.error("--tls-cert-reload-interval must be positive")
     for flag in ("read_header_timeout", "idle_timeout"):

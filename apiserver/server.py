@@ -29,9 +29,10 @@ from apiserver.limits import ConnectionLimits, Middleware, inflight_limit
 from apiserver.middleware import observe_requests, status_errors
 from apiserver.retention import setup as retention_setup
 from apiserver.registry.coredata import CoreData
-from apiserver.registry.endpoints import EndpointRegistry
 from apiserver.registry.autocreate import AutoCreator
+from apiserver.registry.cacher import WatchCache
 from apiserver.registry.changedetect import ChangeDetector
+from apiserver.registry.endpoints import KEY_ROOT, EndpointRegistry, key_of
 from apiserver.registry.eventwatch import EventWatch, PendingIncarnations
 from apiserver.registry.store import ObjectStore, StoreUnavailable
 
@@ -153,6 +154,12 @@ def make_store(args: argparse.Namespace) -> ObjectStore:
     return MemoryStore()
 
 
+def watch_cache(args: argparse.Namespace, *, store: ObjectStore) -> WatchCache:
+    """The watch cache in front of ``store`` (see :mod:`apiserver.registry.cacher`); started by the caller."""
+    return WatchCache(store=store, prefix=KEY_ROOT, key_of=key_of, capacity=args.watch_cache_size,
+                      bookmark_interval=args.watch_bookmark_interval)
+
+
 def instrumented(store: ObjectStore) -> ObjectStore:
     """The store with every call timed for ``/metrics`` (``etcd_request_duration_seconds``)."""
     return metrics.InstrumentedStore(store)
@@ -245,13 +252,20 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
         raise StartupError(f"object storage unavailable: {error}") from None
     coredata = CoreData(storage_root=storage_root, kubeconfig=str(args.kubeconfig) if args.kubeconfig else None,
                         in_cluster=not args.dev and args.kubeconfig is None)
+    cache = watch_cache(args, store=store)
+    try:
+        await cache.start()
+    except StoreUnavailable as error:
+        await store.close()
+        raise StartupError(f"object storage unavailable: {error}") from None
     auth: AuthSetup | None = None
     runner: web.AppRunner | None = None
     listener: asyncio.base_events.Server | None = None
     background: list[asyncio.Task[None]] = []
     try:
         await coredata.start()
-        registry = EndpointRegistry(store=store, coredata=coredata)
+        registry = EndpointRegistry(store=store, coredata=coredata, cache=cache)
+        background.append(asyncio.create_task(cache.run(), name="watch-cache"))
         dev_auth = DevAuth(client_ca_file=dev_files.ca_cert, rules=dev_rules()) if dev_files else None
         try:
             auth = await build_auth(args=args, dev=dev_auth)
@@ -294,6 +308,7 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
         for task in background:
             with contextlib.suppress(BaseException):
                 await task
+        await cache.close()
         if listener is not None:
             listener.close()  # no new connections; the runner ends the open ones
         if runner is not None:

@@ -26,7 +26,6 @@ from apiserver.registry.store import RevisionCompacted, StoreError
 logger = logging.getLogger(__name__)
 
 MIN_REQUEST_TIMEOUT = 1800  # kube-apiserver's --min-request-timeout: watches end between 1x and 2x of it
-BOOKMARK_INTERVAL = 60.0
 
 
 def _check_send_initial_events(request: web.Request) -> bool:
@@ -89,8 +88,7 @@ async def serve_watch(request: web.Request, *, namespace: str | None, labels: An
     await response.prepare(request)
 
     items = request.app[REGISTRY].watch(namespace=namespace, labels=labels, fields=fields,
-                                        resource_version=rv, send_initial_events=send_initial)
-    last_revision = rv or 0
+                                        resource_version=rv, send_initial_events=send_initial, bookmarks=bookmarks)
     deadline = asyncio.get_running_loop().time() + timeout
     pending: asyncio.Task[WatchItem] | None = None
     stopping = asyncio.ensure_future(request.app[SHUTTING_DOWN].wait())
@@ -101,15 +99,12 @@ async def serve_watch(request: web.Request, *, namespace: str | None, labels: An
                 break
             if pending is None:
                 pending = asyncio.ensure_future(items.__anext__())
-            done, _ = await asyncio.wait({pending, stopping}, timeout=min(remaining, BOOKMARK_INTERVAL),
+            done, _ = await asyncio.wait({pending, stopping}, timeout=remaining,
                                          return_when=asyncio.FIRST_COMPLETED)
             if stopping in done:
                 break  # clients re-establish watches against another replica or after the restart
             if not done:
-                if bookmarks and last_revision:
-                    await response.write(encoder.frame(WatchItem(type="BOOKMARK", obj=None,
-                                                                 revision=last_revision)))
-                continue
+                continue  # periodic bookmarks come from the watch cache, which knows the revision
             task, pending = pending, None
             try:
                 item = task.result()
@@ -130,7 +125,6 @@ async def serve_watch(request: web.Request, *, namespace: str | None, labels: An
                 break
             if item.type == "BOOKMARK" and not bookmarks:
                 continue
-            last_revision = max(last_revision, item.revision)
             await response.write(encoder.frame(item))
     except ConnectionResetError:
         # The client hung up: the normal end of most watches, not an error to report.

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime as dt
+import json
 import logging
 import secrets
 import uuid
@@ -28,6 +29,7 @@ from apiserver.api import errors
 from apiserver.api import resource as r
 from apiserver.api.conventions import encode_continue, decode_continue
 from apiserver.api.selectors import FieldSelector, Predicate
+from apiserver.registry.cacher import WatchCache
 from apiserver.registry.coredata import CoreData
 from apiserver.registry.corestatus import empty_status
 from apiserver.registry.statusreconciler import StatusReconciler, key_of
@@ -77,6 +79,13 @@ class ListResult:
     items: list[dict[str, Any]]
     resource_version: str
     continue_token: str | None
+    # From the watch cache: each item as compact JSON (``encode_item``), so that a plain JSON answer is a join.
+    encoded: list[bytes] | None = None
+
+
+def encode_item(obj: dict[str, Any]) -> bytes:
+    """An object as it appears in a compact JSON answer (the encoding ``handlers.io.respond`` uses)."""
+    return json.dumps(_with_status(dict(obj)), separators=(",", ":")).encode()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,10 +125,30 @@ def _store_errors(name: str) -> Iterator[None]:
         raise errors.service_unavailable(f"storage is unavailable: {error}") from None
 
 
+def key_of(obj: dict[str, Any]) -> str:
+    """The store key of a stored object."""
+    return key_for(obj["metadata"]["namespace"], obj["metadata"]["name"])
+
+
+def serves_list_from_cache(*, resource_version: int | None, exact: bool, limit: int | None,
+                           continue_token: str | None) -> bool:
+    """
+    kube-apiserver's rule (without ConsistentListFromCache): ``resourceVersion=0`` (its limit is ignored) and
+    ``NotOlderThan`` a version without limit come from the watch cache; a consistent read (no resourceVersion),
+    ``Exact``, a limit with a non-zero version and a continue token are read from the store.
+    """
+    if continue_token or exact or resource_version is None:
+        return False
+    return resource_version == 0 or limit is None
+
+
 class EndpointRegistry:
-    def __init__(self, *, store: ObjectStore, coredata: CoreData) -> None:
+    """:param cache: the watch cache serving watches and cacheable lists; without it both go to the store."""
+
+    def __init__(self, *, store: ObjectStore, coredata: CoreData, cache: WatchCache | None = None) -> None:
         self.store = store
         self.coredata = coredata
+        self.cache = cache
 
     # ---- reads ------------------------------------------------------------------------------------
 
@@ -145,6 +174,10 @@ class EndpointRegistry:
         compacted); without ``exact`` it only must not be newer than what the store has.
         """
         prefix = prefix_for(namespace)
+        if self.cache is not None and serves_list_from_cache(resource_version=resource_version, exact=exact,
+                                                             limit=limit, continue_token=continue_token):
+            return await self._list_cached(self.cache, namespace=namespace, labels=labels, fields=fields,
+                                           resource_version=resource_version or 0)
         start_after: str | None = None
         revision: int | None = None
         if continue_token:
@@ -184,6 +217,17 @@ class EndpointRegistry:
         for obj in matched:
             _with_status(obj)
         return ListResult(items=matched, resource_version=str(revision), continue_token=next_token)
+
+    async def _list_cached(self, cache: WatchCache, *, namespace: str | None, labels: Predicate | None,
+                           fields: FieldSelector | None, resource_version: int) -> ListResult:
+        if resource_version:
+            await cache.wait_fresh(resource_version)
+        if fields is not None and fields.namespace is not None and namespace and fields.namespace != namespace:
+            return ListResult(items=[], resource_version=str(cache.revision), continue_token=None)
+        items, encoded, revision = cache.list_encoded(prefix_for(namespace), _selection(labels, fields), encode_item)
+        # Cached objects are shared: each answer gets its own top level (status may be added).
+        return ListResult(items=[_with_status(dict(obj)) for obj in items], resource_version=str(revision),
+                          continue_token=None, encoded=encoded)
 
     async def _read_page(self, prefix: str, *, limit: int | None, start_after: str | None, revision: int | None,
                          continued: bool) -> ListPage:
@@ -384,13 +428,21 @@ class EndpointRegistry:
     # ---- watch ------------------------------------------------------------------------------------
 
     async def watch(self, *, namespace: str | None, labels: Predicate | None = None, fields: FieldSelector | None = None,
-                    resource_version: int | None, send_initial_events: bool) -> AsyncIterator[WatchItem]:
+                    resource_version: int | None, send_initial_events: bool,
+                    bookmarks: bool = False) -> AsyncIterator[WatchItem]:
         """
         ADDED/MODIFIED/DELETED items in revision order. With no resourceVersion (or with
         ``send_initial_events``) the watch starts with synthetic ADDED events for what exists; with
         ``send_initial_events`` a BOOKMARK marks their end. RevisionCompacted propagates to the caller,
-        which reports it in-stream as a 410 ERROR event.
+        which reports it in-stream as a 410 ERROR event. Served by the watch cache when there is one
+        (with periodic BOOKMARKs when ``bookmarks``).
         """
+        if self.cache is not None:
+            async for item in self._watch_cached(self.cache, namespace=namespace, labels=labels, fields=fields,
+                                                 resource_version=resource_version,
+                                                 send_initial_events=send_initial_events, bookmarks=bookmarks):
+                yield item
+            return
         selected = _selection(labels, fields)
         if resource_version is None or resource_version == 0 or send_initial_events:
             snapshot = await self.list(namespace=namespace, labels=labels, fields=fields)
@@ -413,6 +465,24 @@ class EndpointRegistry:
                 # The client is gone or the watch failed: nothing is left to report about closing it.
                 with contextlib.suppress(Exception):
                     await close()
+
+    async def _watch_cached(self, cache: WatchCache, *, namespace: str | None, labels: Predicate | None,
+                            fields: FieldSelector | None, resource_version: int | None, send_initial_events: bool,
+                            bookmarks: bool) -> AsyncIterator[WatchItem]:
+        if send_initial_events and resource_version != 0:
+            # A consistent start (no resourceVersion) or one not older than the client's: wait for the cache.
+            await cache.wait_fresh(resource_version or await self._current_revision())
+        events = cache.watch(prefix=prefix_for(namespace), selected=_selection(labels, fields),
+                             resource_version=resource_version,
+                             initial_events=send_initial_events or not resource_version,
+                             initial_events_end=send_initial_events, bookmarks=bookmarks)
+        try:
+            async for event in events:
+                obj = _with_status(dict(event.obj)) if event.obj is not None else None
+                yield WatchItem(type=event.type, obj=obj, revision=event.revision,
+                                initial_events_end=event.initial_events_end)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
 
     # ---- status (the server's own writes) --------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from apiserver.registry.store import (
     KeyNotFound,
     ListPage,
     ObjectStore,
+    ProgressRequests,
     RevisionCompacted,
     RevisionConflict,
     StoreError,
@@ -79,9 +80,27 @@ def parse_endpoints(values: str | Iterable[str]) -> list[str]:
     return endpoints
 
 
-async def _watch_requests(create: rpc.WatchRequest, ended: asyncio.Event) -> AsyncIterator[rpc.WatchRequest]:
+async def _watch_requests(create: rpc.WatchRequest, ended: asyncio.Event,
+                          progress: asyncio.Event | None = None) -> AsyncIterator[rpc.WatchRequest]:
+    """The request side of a watch stream: the create request, then a progress request whenever ``progress``
+    is set, until ``ended`` (half-closing the request side early could end the watch)."""
     yield create
-    await ended.wait()  # half-closing the request side early could end the watch
+    if progress is None:
+        await ended.wait()
+        return
+    ending = asyncio.ensure_future(ended.wait())
+    try:
+        while not ended.is_set():
+            wanted = asyncio.ensure_future(progress.wait())
+            try:
+                await asyncio.wait({ending, wanted}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                wanted.cancel()
+            if progress.is_set() and not ended.is_set():
+                progress.clear()
+                yield rpc.WatchRequest(progress_request=rpc.WatchProgressRequest())
+    finally:
+        ending.cancel()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,7 +425,8 @@ class EtcdStore(ObjectStore):
 
     # -- watch -------------------------------------------------------------------------------
 
-    async def watch(self, prefix: str, *, from_revision: int) -> AsyncIterator[StoreEvent]:
+    async def watch(self, prefix: str, *, from_revision: int,
+                    progress: ProgressRequests | None = None) -> AsyncIterator[StoreEvent]:
         check_prefix(prefix)
         if self._closed:
             raise StoreUnavailable("the etcd store is closed")
@@ -414,8 +434,10 @@ class EtcdStore(ObjectStore):
         create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
             key=start, range_end=end, start_revision=from_revision + 1, prev_kv=True))
         ended = asyncio.Event()
+        wanted = asyncio.Event() if progress is not None else None
+        unsubscribe = progress.subscribe(wanted.set) if progress is not None and wanted is not None else None
         endpoint = self._endpoints[self._current]
-        call = self._connection(endpoint).watch.Watch(_watch_requests(create, ended))
+        call = self._connection(endpoint).watch.Watch(_watch_requests(create, ended, wanted))
         self._watches.add(call)
         try:
             async for response in call:
@@ -423,6 +445,9 @@ class EtcdStore(ObjectStore):
                     raise RevisionCompacted(requested=from_revision, compacted=response.compact_revision)
                 if response.canceled:
                     raise StoreUnavailable(f"etcd {endpoint.url} canceled the watch: {response.cancel_reason}")
+                if not response.events and not response.created and progress is not None:
+                    # etcd's answer to a progress request: every event up to this revision was sent.
+                    yield StoreEvent(type=EventType.PROGRESS, key="", obj={}, revision=response.header.revision)
                 for event in response.events:
                     yield self._event(event)
             if not self._closed:
@@ -442,6 +467,8 @@ class EtcdStore(ObjectStore):
                 return
             raise
         finally:
+            if unsubscribe is not None:
+                unsubscribe()
             ended.set()
             call.cancel()
             self._watches.discard(call)

@@ -27,6 +27,7 @@ from apiserver.registry.store import (
     KeyNotFound,
     ListPage,
     ObjectStore,
+    ProgressRequests,
     RevisionCompacted,
     RevisionConflict,
     StoreError,
@@ -270,7 +271,8 @@ class MemoryStore(ObjectStore):
 
     # -- watch -------------------------------------------------------------------------------
 
-    async def watch(self, prefix: str, *, from_revision: int) -> AsyncIterator[StoreEvent]:
+    async def watch(self, prefix: str, *, from_revision: int,
+                    progress: ProgressRequests | None = None) -> AsyncIterator[StoreEvent]:
         self._check_open()
         check_prefix(prefix)
         if from_revision + 1 < self._compacted:
@@ -283,6 +285,7 @@ class MemoryStore(ObjectStore):
         ]
         watcher = _Watcher(prefix=prefix, queue=asyncio.Queue(maxsize=self._watch_queue_size))
         self._watchers.add(watcher)
+        unsubscribe = progress.subscribe(lambda: self._progress(watcher)) if progress is not None else None
         last = from_revision
         try:
             for event in backlog:
@@ -296,12 +299,27 @@ class MemoryStore(ObjectStore):
                 event = await watcher.queue.get()
                 if event is None:
                     return
+                if event.type is EventType.PROGRESS:
+                    yield event
+                    continue
                 if event.revision <= last:
                     continue  # already replayed from the backlog
                 last = event.revision
                 yield self._export_event(event)
         finally:
             self._watchers.discard(watcher)
+            if unsubscribe is not None:
+                unsubscribe()
+
+    def _progress(self, watcher: _Watcher) -> None:
+        # Queued behind every event already queued for this watcher: it says exactly what etcd's says.
+        if watcher.closed or watcher.overflowed:
+            return
+        with_revision_only = StoreEvent(type=EventType.PROGRESS, key="", obj={}, revision=self._revision)
+        try:
+            watcher.queue.put_nowait(with_revision_only)
+        except asyncio.QueueFull:
+            pass  # the watcher is about to be ended for lagging anyway
 
     @staticmethod
     def _export_event(event: StoreEvent) -> StoreEvent:

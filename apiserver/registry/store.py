@@ -18,7 +18,7 @@ import dataclasses
 import enum
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,30 @@ class EventType(str, enum.Enum):
     ADDED = "ADDED"
     MODIFIED = "MODIFIED"
     DELETED = "DELETED"
+    # Only on a watch given ``progress``: every change up to ``revision`` has been delivered (etcd's progress
+    # notification); ``key`` is "" and ``obj`` is empty.
+    PROGRESS = "PROGRESS"
+
+
+class ProgressRequests:
+    """
+    How a watcher asks its store watch for a :attr:`EventType.PROGRESS` event (etcd's ``WatchProgressRequest``).
+
+    The backend subscribes while the watch runs; :meth:`request` is answered, soon, by one PROGRESS event
+    after every change it had to deliver at that moment. Requests made while no watch runs are dropped.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: list[Callable[[], None]] = []
+
+    def request(self) -> None:
+        for listener in list(self._listeners):
+            listener()
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` on every request until the returned function is called."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +186,13 @@ class ObjectStore(abc.ABC):
         """Remove the object and return it as it last was, ``resourceVersion`` = the delete revision."""
 
     @abc.abstractmethod
-    def watch(self, prefix: str, *, from_revision: int) -> AsyncIterator[StoreEvent]:
+    def watch(self, prefix: str, *, from_revision: int,
+              progress: ProgressRequests | None = None) -> AsyncIterator[StoreEvent]:
         """
         Every change under ``prefix`` with revision > ``from_revision``, in order, until the caller
         stops iterating or the store closes. :class:`RevisionCompacted` (raised on first iteration)
-        when ``from_revision`` is older than the oldest kept revision.
+        when ``from_revision`` is older than the oldest kept revision. With ``progress``, each of its
+        requests is answered in order with a :attr:`EventType.PROGRESS` event.
         """
 
     async def compact(self, revision: int) -> None:

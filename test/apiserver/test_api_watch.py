@@ -178,7 +178,8 @@ def test_two_servers_on_one_etcd_see_each_others_writes_and_events(tmp_path: Any
 def test_compacted_resource_version_is_a_410_error_event(tmp_path: Any, etcd_server: Any, etcd_prefix: str,
                                                          etcd_args: list[str], watches: list[Watch]) -> None:
     from apiserver.registry.etcd import EtcdStore
-    server = start_apiserver(tmp_path, *etcd_args)
+    # A watch cache of 2 changes: after 4 creates the first one's version is older than its window too.
+    server = start_apiserver(tmp_path, *etcd_args, "--watch-cache-size", "2")
     try:
         old = create(server, "c0", "compact")["metadata"]["resourceVersion"]
         for i in range(1, 4):
@@ -203,24 +204,5 @@ def test_compacted_resource_version_is_a_410_error_event(tmp_path: Any, etcd_ser
         listed = server.request("GET", collection_path("compact") + f"?resourceVersion={old}"
                                 "&resourceVersionMatch=Exact")
         assert listed.status == 410 and listed.json()["reason"] == "Expired"
-    finally:
-        server.stop()
-
-
-@pytest.mark.etcd
-def test_etcd_going_away_ends_the_watch_with_an_error_event(tmp_path: Any, etcd_server: Any,
-                                                            etcd_args: list[str], watches: list[Watch]) -> None:
-    server = start_apiserver(tmp_path, *etcd_args)
-    try:
-        rv = server.request("GET", collection_path("gone")).json()["metadata"]["resourceVersion"]
-        watch = open_watch(server, watches, collection_path("gone") + f"?watch=true&resourceVersion={rv}")
-        etcd_server.stop()
-        try:
-            events = watch.rest()
-        finally:
-            etcd_server.start()
-        assert [e["type"] for e in events] == ["ERROR"]
-        assert events[0]["object"]["code"] == 503 and events[0]["object"]["reason"] == "ServiceUnavailable"
-        assert server.alive() and server.request("GET", "/readyz").status == 200
     finally:
         server.stop()
