@@ -141,7 +141,8 @@ def validate(value: Any) -> list[dict[str, str]]:
     for index, entry in enumerate(value):
         at = f"metadata.managedFields[{index}]"
         if not isinstance(entry, dict):
-            causes.append({"reason": "FieldValueTypeInvalid", "field": at, "message": "Invalid value: must be an object"})
+            causes.append({"reason": "FieldValueTypeInvalid", "field": at,
+                           "message": "Invalid value: must be an object"})
             continue
         for name in ("manager", "operation", "apiVersion", "time", "fieldsType", "subresource"):
             if name in entry and not isinstance(entry[name], str):

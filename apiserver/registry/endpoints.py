@@ -43,6 +43,7 @@ KEY_ROOT = f"/{r.PLURAL}/"
 FIELD_VALIDATION_VALUES = ("Ignore", "Warn", "Strict")
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # kube-apiserver's: no vowels, no look-alikes
 _LIST_CHUNK = 500
+ManagedFields = list[dict[str, Any]]  # metadata.managedFields as stored (see apiserver.apply.managed)
 CONTINUE_EXPIRED = (
     "The provided continue parameter is too old to display a consistent list result. You can start a new list "
     "without the continue parameter.")
@@ -97,7 +98,7 @@ def _with_status(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-def _set_managed_fields(obj: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+def _set_managed_fields(obj: dict[str, Any], entries: ManagedFields) -> None:
     """Store the entries, or no key at all when there are none (as kube-apiserver omits an empty list)."""
     if entries:
         obj["metadata"]["managedFields"] = entries
@@ -249,7 +250,7 @@ class EndpointRegistry:
             raise errors.invalid(name=obj["metadata"].get("name", ""), causes=causes)
 
     async def create(self, *, namespace: str, body: Any, options: WriteOptions = WriteOptions(),
-                     managed_fields: list[dict[str, Any]] | None = None) -> WriteResult:
+                     managed_fields: ManagedFields | None = None) -> WriteResult:
         """``managed_fields`` given (by :meth:`apply`): the object's entries; else an Update is recorded."""
         obj = self._validated(body, namespace=namespace)
         warnings = self._field_check(body, options)
@@ -307,7 +308,7 @@ class EndpointRegistry:
 
     async def _replace(self, *, current: dict[str, Any], new: dict[str, Any], warnings: list[str],
                        expected: int | None, options: WriteOptions,
-                       managed_fields: list[dict[str, Any]] | None = None) -> WriteResult:
+                       managed_fields: ManagedFields | None = None) -> WriteResult:
         name = current["metadata"]["name"]
         metadata, old_meta = new["metadata"], current["metadata"]
         if metadata.get("uid") and metadata["uid"] != old_meta["uid"]:
@@ -399,7 +400,7 @@ class EndpointRegistry:
                 if current is None:
                     created = await self.create(namespace=namespace, body=applied.obj, options=options,
                                                 managed_fields=entries)
-                    return WriteResult(obj=created.obj, warnings=warnings + created.warnings), True
+                    return WriteResult(obj=created.obj, warnings=[*warnings, *created.warnings]), True
                 new = self._validated(applied.obj, namespace=namespace)
                 result = await self._replace(current=current, new=new, warnings=warnings,
                                              expected=int(pinned) if pinned else None, options=options,

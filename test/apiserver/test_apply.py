@@ -187,7 +187,8 @@ def test_every_write_records_an_update_entry_for_its_manager(server: RunningServ
     json_patched = server.request("PATCH", item_path(name) + "?fieldManager=kubectl-patch",
                                   body=[{"op": "add", "path": "/metadata/annotations", "value": {"n": "v"}}],
                                   content_type="application/json-patch+json").json()
-    assert managers(json_patched)[("kubectl-patch", "Update")] == {"f:metadata": {"f:annotations": {".": {}, "f:n": {}}}}
+    assert managers(json_patched)[("kubectl-patch", "Update")] == {
+        "f:metadata": {"f:annotations": {".": {}, "f:n": {}}}}
 
     replaced_body = dict(json_patched)
     replaced_body["metadata"] = {**json_patched["metadata"], "labels": {"a": "2"}}
@@ -242,7 +243,8 @@ def test_status_is_never_owned_nor_applied(server: RunningServer) -> None:
 def test_apply_options_are_checked_as_kube_apiserver_checks_them(server: RunningServer) -> None:
     name = "sa-options"
     missing = status_of(apply(server, name, config(name), manager=None), 422, "Invalid")
-    assert missing["message"] == 'PatchOptions.meta.k8s.io "" is invalid: fieldManager: Required value: is required for apply patch'
+    assert missing["message"] == ('PatchOptions.meta.k8s.io "" is invalid: fieldManager: Required value: is required '
+                                  "for apply patch")
     assert missing["details"]["causes"] == [{"reason": "FieldValueRequired", "field": "fieldManager",
                                              "message": "Required value: is required for apply patch"}]
     long = status_of(apply(server, name, config(name), manager="m" * 129), 422, "Invalid")
