@@ -242,6 +242,11 @@ def _cap(managers: Managers) -> Managers:
     return out
 
 
+def _known_versions(managers: Managers) -> Managers:
+    """Entries of this kind's one version: structured-merge-diff drops entries whose version it cannot convert to."""
+    return {key: entry for key, entry in managers.items() if entry.api_version == r.API_VERSION}
+
+
 def _incoming(live: Mapping[str, Any] | None, new: Mapping[str, Any]) -> Managers:
     """kube-apiserver's decodeLiveOrNew: the sent entries, a reset, or the stored ones."""
     live_value = (live or {}).get("metadata", {}).get("managedFields")
@@ -270,7 +275,7 @@ def check_sent(obj: Mapping[str, Any]) -> None:
 def record_update(*, live: Mapping[str, Any] | None, new: Mapping[str, Any], manager: str,
                   subresource: str = "") -> list[dict[str, Any]]:
     """The managedFields of ``new`` (a create when ``live`` is None) written by ``manager``."""
-    managers = _incoming(live, new)
+    managers = _known_versions(_incoming(live, new))
     comparison = fieldset.compare(fieldset.tracked(live), fieldset.tracked(new))
     taken = comparison.changed - STRIPPED
     gone = comparison.removed
@@ -314,7 +319,7 @@ def record_apply(*, live: Mapping[str, Any] | None, config: Mapping[str, Any], m
     conflict error when the result changes fields other managers own and ``force`` is false.
     """
     live_tracked = fieldset.tracked(live)
-    managers = decode_or_empty((live or {}).get("metadata", {}).get("managedFields"))
+    managers = _known_versions(decode_or_empty((live or {}).get("metadata", {}).get("managedFields")))
     key = (manager, APPLY, "", subresource)
     previous = managers.pop(key, None)
     applied = fieldset.field_set(config) - STRIPPED

@@ -314,6 +314,8 @@ class EndpointRegistry:
         if metadata.get("uid") and metadata["uid"] != old_meta["uid"]:
             raise errors.conflict(name=name, message=f'Precondition failed: UID in precondition: {metadata["uid"]}, '
                                                      f'UID in object meta: {old_meta["uid"]}')
+        if not isinstance(new.get("spec"), dict):
+            self._raise_if_invalid(new)  # 422 for a spec that is not an object, before anything reads it
         old_uid, new_uid = current["spec"].get("podUID"), new["spec"].get("podUID")
         if new_uid is None:
             new["spec"]["podUID"] = old_uid

@@ -318,3 +318,26 @@ def test_strict_field_validation_refuses_unknown_fields_in_an_apply(server: Runn
     warned = apply(server, "sa-strict", body)
     assert warned.status == 201 and 'unknown field \\"spec.bogus\\"' in warned.headers.get("Warning", "")
     assert "bogus" not in json.dumps(warned.json())
+
+
+@pytest.mark.parametrize("spec", [[1], "x", 7])
+def test_a_spec_that_is_not_an_object_is_422_on_an_existing_object(server: RunningServer, spec: Any) -> None:
+    name = "sa-spec"
+    if server.request("GET", item_path(name)).status == 404:
+        assert apply(server, name, config(name, pod_uid=new_uid())).status == 201
+    body = config(name)
+    body["spec"] = spec
+    status_of(apply(server, name, body), 422, "Invalid")
+    merge = server.request("PATCH", item_path(name), body={"spec": spec}, content_type="application/merge-patch+json")
+    assert status_of(merge, 422, "Invalid")["details"]["causes"][0]["field"] == "spec"
+
+
+def test_entries_of_an_unknown_api_version_are_dropped(server: RunningServer) -> None:
+    name = "sa-version"
+    assert apply(server, name, config(name, labels={"a": "1"}, pod_uid=new_uid())).status == 201
+    foreign = [{"manager": "old", "operation": "Update", "apiVersion": "coredump.example.io/v0",
+                "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:labels": {"f:a": {}}}}}]
+    patched = server.request("PATCH", item_path(name) + "?fieldManager=p", content_type="application/merge-patch+json",
+                             body={"metadata": {"managedFields": foreign, "labels": {"b": "2"}}})
+    assert patched.status == 200, patched.body
+    assert set(managers(patched.json())) == {("p", "Update")}
