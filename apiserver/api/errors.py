@@ -114,7 +114,7 @@ def unsupported_media_type(content_type: str) -> ApiError:
     return ApiError(code=415, reason="UnsupportedMediaType",
                     message=f'the body of the request was in an unknown format - accepted media types include: '
                             f'application/json, application/yaml, application/merge-patch+json, '
-                            f'application/json-patch+json (got "{content_type}")')
+                            f'application/json-patch+json, application/apply-patch+yaml (got "{content_type}")')
 
 
 def request_entity_too_large(*, limit: int) -> ApiError:

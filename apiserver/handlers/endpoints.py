@@ -4,6 +4,7 @@ form the client asked for (object, Table or PartialObjectMetadata). No rules liv
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from typing import Any
@@ -15,10 +16,11 @@ from apiserver.api import resource as r
 from apiserver.api.conventions import Form
 from apiserver.api.selectors import parse_field_selector, parse_label_selector
 from apiserver.api.table import COLUMNS
+from apiserver.apply import managed
 from apiserver.context import REGISTRY
 from apiserver.handlers import io
 from apiserver.handlers.watch import serve_watch
-from apiserver.registry.endpoints import EndpointRegistry
+from apiserver.registry.endpoints import EndpointRegistry, WriteOptions
 
 logger = logging.getLogger(__name__)
 
@@ -132,32 +134,62 @@ def _joined_list(out: dict[str, Any], encoded: list[bytes]) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
+def _write_options(request: web.Request, body: io.Body, *, kind: str, apply: bool = False) -> WriteOptions:
+    """The write options with the request's field manager: ``fieldManager``, else (not for apply) the
+    user agent's first word, as kube-apiserver derives it; 422 worded as kube-apiserver words it."""
+    options = io.write_options(request, body)
+    manager = request.query.get("fieldManager", "")
+    causes = managed.field_manager_causes(manager, field="fieldManager")
+    if apply and not manager:
+        causes.insert(0, {"reason": "FieldValueRequired", "field": "fieldManager",
+                          "message": "Required value: is required for apply patch"})
+    if not apply and "force" in request.query and kind == "PatchOptions":
+        causes.insert(0, {"reason": "FieldValueForbidden", "field": "force",
+                          "message": "Forbidden: may not be specified for non-apply patch"})
+    if causes:
+        raise managed.options_invalid(kind=kind, causes=causes)
+    if not manager:
+        manager = managed.manager_from_user_agent(request.headers.get("User-Agent", ""))
+    return dataclasses.replace(options, field_manager=manager)
+
+
 async def create_endpoint(request: web.Request) -> web.Response:
     body = await io.read_body(request, allowed=io.WRITE_TYPES)
     result = await _registry(request).create(namespace=_ns(request), body=body.data,
-                                             options=io.write_options(request, body))
+                                             options=_write_options(request, body, kind="CreateOptions"))
     return render_one(request, result.obj, status=201, warnings=result.warnings)
 
 
 async def replace_endpoint(request: web.Request) -> web.Response:
     body = await io.read_body(request, allowed=io.WRITE_TYPES)
     result = await _registry(request).update(namespace=_ns(request), name=_name(request), body=body.data,
-                                             options=io.write_options(request, body))
+                                             options=_write_options(request, body, kind="UpdateOptions"))
     return render_one(request, result.obj, warnings=result.warnings)
 
 
 async def patch_endpoint(request: web.Request) -> web.Response:
     body = await io.read_body(request, allowed=io.PATCH_TYPES)
     content_type = request.content_type
+    if content_type == patch.APPLY_PATCH:
+        return await _apply_endpoint(request, body)
     if content_type not in (patch.MERGE_PATCH, patch.JSON_PATCH):
         raise errors.unsupported_media_type(content_type)
+    options = _write_options(request, body, kind="PatchOptions")
 
     def apply(current: dict[str, Any]) -> Any:
         return patch.apply(content_type=content_type, target=current, patch=body.data)
 
     result = await _registry(request).patch(namespace=_ns(request), name=_name(request), apply_patch=apply,
-                                            options=io.write_options(request, body))
+                                            options=options)
     return render_one(request, result.obj, warnings=result.warnings)
+
+
+async def _apply_endpoint(request: web.Request, body: io.Body) -> web.Response:
+    """Server-side apply: 201 when it created the object, 200 otherwise."""
+    options = _write_options(request, body, kind="PatchOptions", apply=True)
+    result, created = await _registry(request).apply(namespace=_ns(request), name=_name(request), body=body.data,
+                                                     force=io.query_bool(request, "force"), options=options)
+    return render_one(request, result.obj, status=201 if created else 200, warnings=result.warnings)
 
 
 async def _delete_options(request: web.Request) -> dict[str, Any]:

@@ -123,7 +123,7 @@ async def read_body(request: web.Request, *, allowed: tuple[str, ...]) -> Body:
         raise errors.request_entity_too_large(limit=limit)
     if not raw.strip():
         raise errors.bad_request("the request body is empty")
-    if content_type in YAML_TYPES:
+    if content_type in YAML_TYPES or content_type == patch.APPLY_PATCH:  # an apply body is YAML (or JSON)
         return _yaml_decode(raw)
     return _json_decode(raw)
 

@@ -29,10 +29,12 @@ from apiserver.api import errors
 from apiserver.api import resource as r
 from apiserver.api.conventions import encode_continue, decode_continue
 from apiserver.api.selectors import FieldSelector, Predicate
+from apiserver.apply import managed
+from apiserver.apply.config import applied_config
 from apiserver.registry.cacher import WatchCache
 from apiserver.registry.coredata import CoreData
 from apiserver.registry.corestatus import empty_status
-from apiserver.registry.statusreconciler import StatusReconciler, key_of
+from apiserver.registry.statusreconciler import StatusReconciler, key_of as incarnation_of
 from apiserver.registry.store import (
     KeyExists, KeyNotFound, ListPage, ObjectStore, RevisionCompacted, RevisionConflict, StoreEvent,
     StoreUnavailable,
@@ -44,6 +46,7 @@ KEY_ROOT = f"/{r.PLURAL}/"
 FIELD_VALIDATION_VALUES = ("Ignore", "Warn", "Strict")
 _GENERATE_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # kube-apiserver's: no vowels, no look-alikes
 _LIST_CHUNK = 500
+ManagedFields = list[dict[str, Any]]  # metadata.managedFields as stored (see apiserver.apply.managed)
 CONTINUE_EXPIRED = (
     "The provided continue parameter is too old to display a consistent list result. You can start a new list "
     "without the continue parameter.")
@@ -66,6 +69,7 @@ class WriteOptions:
     dry_run: bool = False
     field_validation: str = "Warn"
     duplicate_fields: tuple[str, ...] = ()  # found by the body decoder, which alone sees the raw document
+    field_manager: str = managed.SERVER_MANAGER  # who the write's managedFields entry names
 
 
 @dataclasses.dataclass
@@ -102,6 +106,14 @@ def _with_status(obj: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(obj.get("status"), dict):
         obj["status"] = empty_status()
     return obj
+
+
+def _set_managed_fields(obj: dict[str, Any], entries: ManagedFields) -> None:
+    """Store the entries, or no key at all when there are none (as kube-apiserver omits an empty list)."""
+    if entries:
+        obj["metadata"]["managedFields"] = entries
+    else:
+        obj["metadata"].pop("managedFields", None)
 
 
 def _selection(labels: Predicate | None, fields: FieldSelector | None) -> Predicate:
@@ -282,7 +294,9 @@ class EndpointRegistry:
         if causes:
             raise errors.invalid(name=obj["metadata"].get("name", ""), causes=causes)
 
-    async def create(self, *, namespace: str, body: Any, options: WriteOptions = WriteOptions()) -> WriteResult:
+    async def create(self, *, namespace: str, body: Any, options: WriteOptions = WriteOptions(),
+                     managed_fields: ManagedFields | None = None) -> WriteResult:
+        """``managed_fields`` given (by :meth:`apply`): the object's entries; else an Update is recorded."""
         obj = self._validated(body, namespace=namespace)
         warnings = self._field_check(body, options)
         metadata = obj["metadata"]
@@ -303,6 +317,10 @@ class EndpointRegistry:
             obj["spec"]["podUID"] = await self.coredata.default_pod_uid(namespace=namespace, name=name)
         # The client's status is dropped: the stored one is the server's, read from storage now.
         obj.pop("status", None)
+        if managed_fields is None:
+            managed.check_sent(obj)
+            managed_fields = managed.record_update(live=None, new=obj, manager=options.field_manager)
+        _set_managed_fields(obj, managed_fields)
         await self.coredata.fill_status([obj])
         if options.dry_run:
             with _store_errors(name):
@@ -334,12 +352,15 @@ class EndpointRegistry:
                                     expected=int(expected) if expected else None, options=options)
 
     async def _replace(self, *, current: dict[str, Any], new: dict[str, Any], warnings: list[str],
-                       expected: int | None, options: WriteOptions) -> WriteResult:
+                       expected: int | None, options: WriteOptions,
+                       managed_fields: ManagedFields | None = None) -> WriteResult:
         name = current["metadata"]["name"]
         metadata, old_meta = new["metadata"], current["metadata"]
         if metadata.get("uid") and metadata["uid"] != old_meta["uid"]:
             raise errors.conflict(name=name, message=f'Precondition failed: UID in precondition: {metadata["uid"]}, '
                                                      f'UID in object meta: {old_meta["uid"]}')
+        if not isinstance(new.get("spec"), dict):
+            self._raise_if_invalid(new)  # 422 for a spec that is not an object, before anything reads it
         old_uid, new_uid = current["spec"].get("podUID"), new["spec"].get("podUID")
         if new_uid is None:
             new["spec"]["podUID"] = old_uid
@@ -358,6 +379,13 @@ class EndpointRegistry:
         new["status"] = _with_status(current)["status"]
         if new["spec"] != current["spec"]:
             metadata["generation"] = old_meta.get("generation", 1) + 1
+        if managed_fields is None:
+            managed.check_sent(new)
+            managed_fields = managed.record_update(live=current, new=new, manager=options.field_manager)
+        _set_managed_fields(new, managed_fields)
+        if new == {**current, "metadata": {k: v for k, v in old_meta.items() if k != "resourceVersion"}}:
+            # Nothing changes: no write, no new resourceVersion, no event (kube-apiserver skips such writes).
+            return WriteResult(obj=_with_status(current), warnings=warnings)
         if options.dry_run:
             result = copy.deepcopy(new)
             result["metadata"]["resourceVersion"] = old_meta["resourceVersion"]
@@ -389,6 +417,47 @@ class EndpointRegistry:
             except errors.ApiError as error:
                 # A concurrent write between our read and CAS: retry, unless the patch pinned a version.
                 if error.reason != "Conflict" or pinned:
+                    raise
+        raise errors.conflict(name=name, message="the object keeps changing; try again")
+
+    async def apply(self, *, namespace: str, name: str, body: Any, force: bool,
+                    options: WriteOptions) -> tuple[WriteResult, bool]:
+        """
+        Server-side apply of ``body`` by ``options.field_manager`` (see :mod:`apiserver.apply`): the result
+        and whether the object was created. A ``metadata.resourceVersion`` in the configuration is a
+        precondition, as in kube-apiserver.
+        """
+        config = applied_config(body, namespace=namespace, name=name)
+        warnings = self._field_check(body, options)
+        pinned = config["metadata"].get("resourceVersion") or None
+        if pinned is not None and not str(pinned).isdigit():
+            raise errors.bad_request(f'metadata.resourceVersion: Invalid value: "{pinned}": must be an integer')
+        for _attempt in range(5):
+            current: dict[str, Any] | None
+            try:
+                with _store_errors(name):
+                    current = await self.store.get(key_for(namespace, name))
+            except errors.ApiError as error:
+                if error.reason != "NotFound":
+                    raise
+                current = None
+            applied = managed.record_apply(live=current, config=config, manager=options.field_manager, force=force)
+            entries = applied.obj["metadata"].get("managedFields", [])
+            try:
+                if current is None:
+                    created = await self.create(namespace=namespace, body=applied.obj, options=options,
+                                                managed_fields=entries)
+                    return WriteResult(obj=created.obj, warnings=[*warnings, *created.warnings]), True
+                new = self._validated(applied.obj, namespace=namespace)
+                result = await self._replace(current=current, new=new, warnings=warnings,
+                                             expected=int(pinned) if pinned else None, options=options,
+                                             managed_fields=entries)
+                return result, False
+            except errors.ApiError as error:
+                # Created or changed by someone else between our read and write: apply again on the new state.
+                raced = error.reason == "AlreadyExists" or (error.reason == "Conflict" and not pinned
+                                                            and "has been modified" in error.message)
+                if not raced:
                     raise
         raise errors.conflict(name=name, message="the object keeps changing; try again")
 
@@ -525,7 +594,7 @@ class EndpointRegistry:
         if uid and uid != current["metadata"]["uid"]:
             raise errors.conflict(name=name, message=f"Precondition failed: UID in precondition: {uid}, "
                                                      f'UID in object meta: {current["metadata"]["uid"]}')
-        key = key_of(current)
+        key = incarnation_of(current)
         if key is not None and not options.dry_run:
             reconciler = StatusReconciler(registry=self, root=self.coredata.storage_root)
             with _store_errors(name):
