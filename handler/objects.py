@@ -96,6 +96,11 @@ def _build_id_of_elf(data: bytes) -> str | None:
     return None
 
 
+def build_id_of_bytes(data: bytes) -> str | None:
+    """The GNU build-id of an ELF image (its first 64 KiB are enough), or None."""
+    return _build_id_of_elf(data[:65536])
+
+
 def build_id_of_file(fd: int) -> str | None:
     return _build_id_of_elf(os.pread(fd, 65536, 0))
 

@@ -178,18 +178,19 @@ def inspect_stored(root: Path, build_id: str) -> StoredObject | str:
                         stored_size=st.st_size)
 
 
-def _exe_path(metadata: dict[str, Any], wanted: list[Wanted]) -> str | None:
-    """The executable among the core's objects: the recorded exe (as seen from the node, it may carry a host
-    prefix), else the first object (the lowest mapping: the executable for PIE and non-PIE programs alike)."""
-    exe = metadata.get("exe")
-    paths = [w.path for w in wanted]
+def _exe_path(metadata: dict[str, Any], kept: list[Wanted]) -> str | None:
+    """The executable, if the archive carries it: the recorded exe among the core's objects (as the node saw it,
+    it may carry a host prefix), else the first object recorded (the lowest mapping: the executable of PIE and
+    non-PIE programs alike)."""
+    records = metadata.get("objects")
+    paths = [p for r in records if isinstance(r, dict) and (p := normalize_path(r.get("path")))] \
+        if isinstance(records, list) else []
+    exe, chosen = metadata.get("exe"), None
     if isinstance(exe, str):
-        if exe in paths:
-            return exe
-        for p in paths:
-            if exe.endswith(p) and exe[: -len(p)].startswith("/"):
-                return p
-    return paths[0] if paths else None
+        chosen = next((p for p in paths if exe == p or (exe.endswith(p) and exe[: -len(p)].startswith("/"))), None)
+    if chosen is None and paths:
+        chosen = paths[0]
+    return chosen if chosen in {w.path for w in kept} else None
 
 
 def gdb_script(*, sysroot: str | None, exe: str | None, search: list[str], core_name: str, title: str) -> bytes:
