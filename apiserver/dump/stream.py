@@ -114,12 +114,14 @@ async def _object_chunks(seg: ObjectSegment, *, start: int, end: int, chunk_size
     fd = await loop.run_in_executor(None, _open_object, seg)
     inflater = _Inflater(seg)
     held: bytes | None = None
+    step: asyncio.Future[bytes] | None = None
     try:
         pos = 0
         while pos < end:
             length = min(chunk_size, end - pos)
-            data = await loop.run_in_executor(None, functools.partial(_object_step, fd, inflater, pos=pos,
-                                                                      length=length, seg=seg))
+            step = loop.run_in_executor(None, functools.partial(_object_step, fd, inflater, pos=pos, length=length,
+                                                                seg=seg))
+            data = await step
             lo, hi = max(start, pos) - pos, min(end, pos + len(data)) - pos
             pos += len(data)
             if hi > lo:
@@ -132,7 +134,10 @@ async def _object_chunks(seg: ObjectSegment, *, start: int, end: int, chunk_size
         if held is not None:
             yield held
     finally:
-        os.close(fd)
+        if step is not None and not step.done():
+            step.add_done_callback(lambda fut: _close_after(fut, fd))  # cancelled mid-read: close when it ends
+        else:
+            _close_after(step, fd)
 
 
 def _open_checked(seg: FileSegment) -> int:
