@@ -24,6 +24,7 @@ import functools
 import hashlib
 import logging
 import os
+import typing
 from collections.abc import AsyncIterator
 
 from isal import isal_zlib
@@ -47,6 +48,8 @@ class ObjectMismatch(CoreVanished):
 
 
 _INFLATE_STEP = 1 << 20
+# ISA-L's error class (its stubs type it as an instance, hence the cast).
+_BAD_GZIP = typing.cast("type[Exception]", isal_zlib.error)
 
 
 class _Inflater:
@@ -74,7 +77,7 @@ class _Inflater:
                 self.z = isal_zlib.decompressobj(31)  # another member: a concatenation is still one gzip file
             try:
                 self._count(self.z.decompress(buf, _INFLATE_STEP))
-            except isal_zlib.error as exc:
+            except _BAD_GZIP as exc:
                 raise self._fail(f"is not valid gzip ({exc})") from None
             buf = self.z.unused_data if self.z.eof else self.z.unconsumed_tail
 
@@ -82,7 +85,7 @@ class _Inflater:
         try:
             while not self.z.eof and (chunk := self.z.decompress(b"", _INFLATE_STEP)):
                 self._count(chunk)
-        except isal_zlib.error as exc:
+        except _BAD_GZIP as exc:
             raise self._fail(f"is not valid gzip ({exc})") from None
         if not self.z.eof:
             raise self._fail("ends inside its gzip data")
