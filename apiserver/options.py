@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from apiserver.auth.options import add_auth_flags, parse_bool, parse_duration
+from apiserver.dump.options import add_dump_flags
 from apiserver.handlers.io import DEFAULT_MAX_BODY_BYTES
 from apiserver.registry.cacher import DEFAULT_BOOKMARK_INTERVAL, DEFAULT_CAPACITY
 from apiserver.limits import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT,
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_auth_flags(parser)
     add_retention_flags(parser)
+    add_dump_flags(parser)
 
     dev = parser.add_argument_group("development")
     dev.add_argument("--dev", action="store_true",

@@ -23,6 +23,7 @@ from apiserver.api import resource as r
 from apiserver.auth.options import AuthConfigError, AuthSetup, DevAuth, build_auth
 from apiserver.auth.static import dev_rules
 from apiserver.context import REGISTRY, SHUTTING_DOWN, STORAGE_ROOT
+from apiserver.dump.options import OBJECT_LIMITS, object_limits
 from apiserver.handlers import devreviews, dump, endpoints, meta
 from apiserver.handlers.io import BODY_LIMIT_KEY
 from apiserver.limits import ConnectionLimits, Middleware, inflight_limit
@@ -284,6 +285,7 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
                             max_mutating_requests_inflight=args.max_mutating_requests_inflight))
         if dev_auth is not None:
             devreviews.add_routes(app, rules=dev_auth.rules)
+        app[OBJECT_LIMITS] = object_limits(args)
         # keepalive_timeout: aiohttp closes a connection idle between requests after --idle-timeout.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, handle_signals=False,
                                keepalive_timeout=args.idle_timeout)

@@ -17,8 +17,13 @@ Contract:
   the final name that never replaces (two nodes storing the same object race harmlessly), the JSON last.
 - Bounded by a byte and a time budget per core; what is skipped is recorded with its reason, and the core is
   always kept whatever happens here. The result is the list the core's metadata carries (``objects``).
-- Objects are served only through a core that references them (the API server checks the core's metadata): a
-  build-id is never a way into another namespace's binaries.
+- An object already stored counts for a core (``stored-earlier``) only when the file this process mapped is the
+  same bytes (size and sha256 against ``object.json``): the build-id note a core shows is in memory the crashing
+  program controls, so a build-id alone never makes another namespace's object "referenced" by this core. Each
+  record the core keeps says so with the ``sha256`` of the bytes the handler read.
+- Readers (the API server's ``dump?objects=true``): :func:`read_info` (``object.json`` validated: its build-id is
+  the directory's, sizes bounded) and :func:`open_object`, both beneath the root without following a link. The
+  dump serves an object through a core only when that core's record carries the sha256 the object's info has.
 """
 from __future__ import annotations
 
@@ -89,6 +94,11 @@ def _build_id_of_elf(data: bytes) -> str | None:
             if ntype == NT_GNU_BUILD_ID and 4 <= len(desc) <= 64:
                 return desc.hex()
     return None
+
+
+def build_id_of_bytes(data: bytes) -> str | None:
+    """The GNU build-id of an ELF image (its first 64 KiB are enough), or None."""
+    return _build_id_of_elf(data[:65536])
 
 
 def build_id_of_file(fd: int) -> str | None:
@@ -236,12 +246,17 @@ def keep_objects(root: Path, proc_pid: Path, objects: list[Mapped], *, max_bytes
     for m in objects:
         rec: dict[str, Any] = {"path": m.path, "buildID": m.build_id}
         try:
-            if claim(root, m.build_id):
+            if clock() > deadline:
+                raise _Skip("time budget")
+            # claim: refreshes the object's mark so the collector keeps it while this core is filed.
+            earlier = read_info(root, m.build_id) if claim(root, m.build_id) else None
+            if earlier is not None:
+                # Stored by another crash: this process's own file must be the same bytes, else the core's claim
+                # (a build-id note in memory it controls) would make a stranger's object "its" object.
+                rec["sha256"] = _same_as_stored(proc_pid, m, earlier, deadline=deadline, clock=clock)
                 rec["state"] = "stored-earlier"
                 records.append(rec)
                 continue
-            if clock() > deadline:
-                raise _Skip("time budget")
             if budget <= 0:
                 raise _Skip("byte budget")
             src = _open_object(proc_pid, m)
@@ -255,12 +270,18 @@ def keep_objects(root: Path, proc_pid: Path, objects: list[Mapped], *, max_bytes
                 try:
                     result, info = _copy(src, dir_fd, build_id=m.build_id, deadline=deadline, budget=budget)
                     _write_info(dir_fd, {**info, "buildID": m.build_id, "path": m.path})
+                    if result == "exists":
+                        # Another crash stored it first: it counts as this core's only if it is these very bytes.
+                        other = read_info(root, m.build_id)
+                        if other is None or other.sha256 != info["sha256"]:
+                            raise _Skip(DIFFERS)
                 finally:
                     os.close(dir_fd)
             finally:
                 os.close(src)
             budget -= info["size"]
-            rec.update(state="stored" if result == "stored" else "stored-earlier", size=info["size"])
+            rec.update(state="stored" if result == "stored" else "stored-earlier", size=info["size"],
+                       sha256=info["sha256"])
         except _Skip as e:
             rec.update(state="skipped", reason=str(e))
         except OSError as e:
@@ -268,6 +289,80 @@ def keep_objects(root: Path, proc_pid: Path, objects: list[Mapped], *, max_bytes
             rec.update(state="skipped", reason=f"unreadable: {reason}")
         records.append(rec)
     return records
+
+
+DIFFERS = "differs from the stored object with this build-id"
+INFO_MAX_BYTES = 64 << 10
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """A stored object's ``object.json``, validated: never trusted beyond what is checked here."""
+
+    build_id: str
+    size: int         # of the object itself (decompressed)
+    sha256: str       # of the object itself
+    stored_size: int  # of executable.gz, as the writer counted it
+
+
+def _valid_int(value: object, *, limit: int) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= limit else None
+
+
+def read_info(root: Path, build_id: str) -> ObjectInfo | None:
+    """The stored object's info, or None if absent, reached through a link, malformed, or naming another
+    build-id than the directory it is in (a planted or mixed-up file). Blocking."""
+    validate_build_id(build_id)
+    raw = safefs.read_bytes(root, STORE_DIR, build_id[:2], build_id[2:], INFO_NAME, limit=INFO_MAX_BYTES + 1)
+    if raw is None or len(raw) > INFO_MAX_BYTES:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or doc.get("buildID") != build_id:
+        return None
+    size = _valid_int(doc.get("size"), limit=MAX_OBJECT)
+    stored = _valid_int(doc.get("storedSize"), limit=2 * MAX_OBJECT)
+    sha = doc.get("sha256")
+    if size is None or stored is None or not isinstance(sha, str) or not _SHA256_RE.match(sha):
+        return None
+    return ObjectInfo(build_id=build_id, size=size, sha256=sha, stored_size=stored)
+
+
+def open_object(root: Path, build_id: str) -> safefs.ReadFile | None:
+    """The stored ``executable.gz`` opened for reading (a regular file, no link at any level), or None. Blocking."""
+    validate_build_id(build_id)
+    d = safefs.open_dir(root, STORE_DIR, build_id[:2], build_id[2:])
+    if d is None:
+        return None
+    with d:
+        return d.open_read(OBJECT_NAME)
+
+
+def _same_as_stored(proc_pid: Path, m: Mapped, stored: ObjectInfo, *, deadline: float,
+                    clock: Callable[[], float]) -> str:
+    """The sha256 of the file the process mapped, when it is byte for byte the stored object; else _Skip."""
+    src = _open_object(proc_pid, m)
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Skip("not a regular file")
+        if st.st_size != stored.size:
+            raise _Skip(DIFFERS)
+        sha = hashlib.sha256()
+        pos = 0
+        while chunk := os.pread(src, CHUNK, pos):
+            if clock() > deadline:
+                raise _Skip("time budget")
+            sha.update(chunk)
+            pos += len(chunk)
+    finally:
+        os.close(src)
+    if pos != stored.size or sha.hexdigest() != stored.sha256:
+        raise _Skip(DIFFERS)
+    return stored.sha256
 
 
 def referenced_build_ids(metadata: dict[str, Any]) -> set[str]:

@@ -1,5 +1,6 @@
 """
-The query of ``GET .../coredumpendpoints/NAME/dump``: ``container``, ``core`` and ``since``, validated.
+The query of ``GET .../coredumpendpoints/NAME/dump``: ``container``, ``core``, ``since`` and ``objects``
+(``true``/``false``: the ELF objects the cores reference, see :mod:`.objects`), validated.
 
 Nothing from the query ever reaches a path: each value is checked against the storage layout's
 own name rules and only then used as a filter on what ``handler.layout.list_cores`` returns.
@@ -19,7 +20,7 @@ from apiserver.api import errors
 
 logger = logging.getLogger(__name__)
 
-ALLOWED = ("container", "core", "since")
+ALLOWED = ("container", "core", "since", "objects")
 
 # RFC 3339 date-time (section 5.6): a full date, a time and a mandatory offset. A '+' in a query
 # string decodes to a space unless the client escaped it, so " 02:00" is read as "+02:00".
@@ -34,6 +35,7 @@ class DumpQuery:
     container: str | None = None
     core: str | None = None
     since: datetime.datetime | None = None
+    objects: bool = False
 
     def describe(self) -> str:
         """The filters in words, for messages such as "no cores match ..."."""
@@ -92,4 +94,9 @@ def parse_query(query: MultiMapping[str]) -> DumpQuery:
             since = parse_rfc3339(values["since"])
         except ValueError as exc:
             raise errors.bad_request(f"invalid query parameter 'since' {values['since']!r}: {exc}") from None
-    return DumpQuery(container=container, core=core, since=since)
+    objects = False
+    if "objects" in values:
+        if values["objects"] not in ("true", "false"):
+            raise errors.bad_request(f"invalid query parameter 'objects' {values['objects']!r}: true or false")
+        objects = values["objects"] == "true"
+    return DumpQuery(container=container, core=core, since=since, objects=objects)

@@ -4,7 +4,9 @@
 Authorization (``get coredumpendpoints/dump`` in NS) happened in the auth middleware. Here: the
 query is validated (400), the endpoint looked up (404 if absent), its incarnation's cores selected
 (404 if none match), the archive planned (size, ETag), a ``Range`` honoured under ``If-Range``,
-and the bytes streamed. Every dump request that got here is audited once, whatever its outcome: a refusal
+and the bytes streamed. ``objects=true`` adds the ELF objects those cores' metadata records as verified at their
+capture (``apiserver.dump.objects``): reached only through a core of this namespace's dump, never by a build-id
+the client names. Every dump request that got here is audited once, whatever its outcome: a refusal
 (404, 400, 409) with its code, a transfer with the bytes actually sent. (A 403 is audited by the auth
 pipeline, which refuses it before this handler.)
 """
@@ -23,6 +25,8 @@ from handler import layout
 from apiserver import context, metrics
 from apiserver.auth.audit import audit_dump
 from apiserver.api import errors
+from apiserver.dump.objects import ObjectLimits
+from apiserver.dump.options import OBJECT_LIMITS
 from apiserver.dump.plan import DumpPlan, PlanError, build_plan
 from apiserver.dump.query import DumpQuery, parse_query
 from apiserver.dump.ranges import select_range
@@ -66,8 +70,9 @@ async def _get_dump(request: web.Request, *, namespace: str, name: str) -> web.S
     plan = None
     if pod_uid:
         try:
+            limits = request.app.get(OBJECT_LIMITS, ObjectLimits()) if query.objects else None
             plan = await asyncio.to_thread(_plan, request.app[context.STORAGE_ROOT], namespace=namespace, pod=name,
-                                           pod_uid=pod_uid, query=query)
+                                           pod_uid=pod_uid, query=query, objects=limits)
         except layout.InvalidName as exc:
             raise errors.internal(f"coredumpendpoint {namespace}/{name} has an unusable spec.podUID: {exc}; "
                                   "delete it and create it again with the pod's uid") from None
@@ -101,10 +106,13 @@ async def _get_dump(request: web.Request, *, namespace: str, name: str) -> web.S
     return await _send(request, response, plan=plan, namespace=namespace, pod=name, start=start, end=end)
 
 
-def _plan(root: Path, *, namespace: str, pod: str, pod_uid: str, query: DumpQuery) -> DumpPlan | None:
+def _plan(root: Path, *, namespace: str, pod: str, pod_uid: str, query: DumpQuery,
+          objects: ObjectLimits | None) -> DumpPlan | None:
     """Blocking: the archive of the matching cores, ``None`` if none match (one trip to a worker thread)."""
     cores = select_cores(root=root, namespace=namespace, pod=pod, pod_uid=pod_uid, query=query)
-    return build_plan(cores) if cores else None
+    if not cores:
+        return None
+    return build_plan(cores) if objects is None else build_plan(cores, objects=objects)
 
 
 async def _send(request: web.Request, response: web.StreamResponse, *, plan: DumpPlan, namespace: str, pod: str,
