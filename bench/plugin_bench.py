@@ -12,8 +12,12 @@ storage root served by ``coredump-apiserver --dev``. Each round, interleaved:
 - through a local TCP proxy, ``get -o DIR`` without cuts and with CUTS forced cuts: the difference per cut is
   the resume overhead.
 
+With ``--before REV`` the plugin as of git revision REV (its ``kubectl_coredump/`` unpacked into a temporary
+directory, run by the same Python) is timed too, interleaved in the same rounds: before and after under the
+same load.
+
 Prints each round and the medians; ratios are curl time / plugin time (≥ 1 means as fast as curl).
-``.venv/bin/python bench/plugin_bench.py [--size-mib 1024] [--rounds 3] [--cuts 5]``
+``.venv/bin/python bench/plugin_bench.py [--size-mib 1024] [--rounds 3] [--cuts 5] [--before REV]``
 """
 from __future__ import annotations
 
@@ -60,11 +64,25 @@ def timed(command: list[str], *, env: dict[str, str], stdout: Path | None = None
     return seconds
 
 
+def plugin_at(revision: str, *, work: Path) -> list[str]:
+    """A command running ``kubectl_coredump`` as of ``revision`` (unpacked from git) with this Python."""
+    target = work / "before"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", revision, "kubectl_coredump"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    code = (f"import sys; sys.path.insert(0, {str(target)!r}); import kubectl_coredump; "
+            f"assert kubectl_coredump.__file__.startswith({str(target)!r}); "
+            f"from kubectl_coredump.cli import main; sys.exit(main())")
+    return [sys.executable, "-c", code]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cuts", type=int, default=5)
+    parser.add_argument("--before", metavar="REV", help="also time the plugin as of this git revision")
     options = parser.parse_args()
     core = real_core(options.size_mib)
     work = Path(tempfile.mkdtemp(prefix="plugin-bench-"))
@@ -89,14 +107,24 @@ def main() -> None:
                 "--key", str(dev / "admin.key"), "-o", str(work / "curl.tar.gz"), server.url + path + "/dump"]
         print(f"core {core} ({core.stat().st_size >> 20} MiB), archive {size / 2**20:.0f} MiB; "
               f"load average {os.getloadavg()[0]:.1f}")
+        before = plugin_at(options.before, work=work) if options.before else None
         rows = []
+        old_rows = []
         for round_ in range(1, options.rounds + 1):
             t_curl = timed(curl, env=env)
             t_raw = timed([str(PLUGIN), "get", "big-0", "-q", "-o", "-"], env=env, stdout=work / "plugin.tar.gz")
-            shutil.rmtree(work / "out", ignore_errors=True)
-            t_dir = timed([str(PLUGIN), "get", "big-0", "-q", "-o", str(work / "out")], env=env)
             if (work / "curl.tar.gz").read_bytes() != (work / "plugin.tar.gz").read_bytes():
                 raise SystemExit("get -o - differs from curl's bytes")
+            if before:
+                old_raw = timed([*before, "get", "big-0", "-q", "-o", "-"], env=env, stdout=work / "plugin.tar.gz")
+            shutil.rmtree(work / "out", ignore_errors=True)
+            t_dir = timed([str(PLUGIN), "get", "big-0", "-q", "-o", str(work / "out")], env=env)
+            if before:
+                shutil.rmtree(work / "out", ignore_errors=True)
+                old_dir = timed([*before, "get", "big-0", "-q", "-o", str(work / "out")], env=env)
+                old_rows.append((t_curl, old_raw, old_dir))
+                print(f"round {round_} before ({options.before}): get -o - {old_raw:.2f}s ({t_curl / old_raw:.2f}x)  "
+                      f"get -o DIR {old_dir:.2f}s ({t_curl / old_dir:.2f}x)")
             proxy = CuttingProxy(server.port, [])
             kc = kubeconfig_via(server.kubeconfig, port=proxy.port, target=work / "kc-proxy")
             shutil.rmtree(work / "out", ignore_errors=True)
@@ -109,7 +137,8 @@ def main() -> None:
             proxy = CuttingProxy(server.port, rules)
             kc = kubeconfig_via(server.kubeconfig, port=proxy.port, target=work / "kc-cut")
             shutil.rmtree(work / "out", ignore_errors=True)
-            t_cut = timed([str(PLUGIN), "get", "big-0", "-q", "-o", str(work / "out")], env={**env, "KUBECONFIG": str(kc)})
+            t_cut = timed([str(PLUGIN), "get", "big-0", "-q", "-o", str(work / "out")],
+                          env={**env, "KUBECONFIG": str(kc)})
             cuts = proxy.connections - 1
             proxy.close()
             per_cut = (t_cut - t_proxy) / max(cuts, 1)
@@ -121,6 +150,11 @@ def main() -> None:
         print(f"median: curl {med[0]:.2f}s  get -o - {med[1]:.2f}s ({med[0] / med[1]:.2f}x curl)  "
               f"get -o DIR {med[2]:.2f}s ({med[0] / med[2]:.2f}x curl)  resume overhead {med[3]:+.2f}s per cut "
               f"(targets: >= 0.9x, < 1 s)")
+        if old_rows:
+            old = [statistics.median(r[i] for r in old_rows) for i in range(3)]
+            print(f"median before ({options.before}): get -o - {old[1]:.2f}s ({old[0] / old[1]:.2f}x curl)  "
+                  f"get -o DIR {old[2]:.2f}s ({old[0] / old[2]:.2f}x curl)")
+        print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         if server is not None:
             server.stop()

@@ -8,7 +8,6 @@ Commands: ``list``, ``describe``, ``get``, ``gdb``, ``bt``. Global flags (``--ku
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shlex
 import sys
@@ -104,13 +103,14 @@ def _err(text: str) -> None:
     sys.stderr.flush()
 
 
-async def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from kubectl_coredump import commands
-    from kubectl_coredump.kubeconfig import Client, resolve_target
+    from kubectl_coredump.kubeconfig import load_credentials, resolve_target
+    from kubectl_coredump.transport import Client
 
     target = resolve_target(kubeconfig=args.kubeconfig, context=args.context, namespace=args.namespace)
-    async with Client(target) as client:
-        return await commands.COMMANDS[args.command](client, args, target.namespace)
+    with Client(load_credentials(target)) as client:
+        return commands.COMMANDS[args.command](client, args, target.namespace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"arguments after -- are for gdb only: {shlex.join(extra)}")
     args.gdb_args = extra
     try:
-        code = asyncio.run(run(args))
+        code = run(args)
     except PluginError as exc:
         _err(f"error: {exc.message}")
         code = int(exc.code)

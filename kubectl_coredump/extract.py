@@ -12,11 +12,11 @@ link under ``sysroot/`` is materialized as a hard link or copy of the archive fi
 inside the archive's own name space, so nothing can point outside the output directory. A core is
 written to ``NAME.part`` and renamed only once its sha256 matched.
 
-Runs in a worker thread: :class:`ExtractSink` hands it the downloaded bytes through a bounded queue.
+Runs in a worker thread: :class:`ExtractSink` hands it the downloaded bytes through a bounded queue (so
+the download's TLS and the extraction's gunzip + sha256 + writes use two cores).
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -27,7 +27,6 @@ import posixpath
 import queue
 import shutil
 import tarfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +127,7 @@ def _mkdirs(base: Path, parts: list[str]) -> Path:
             os.mkdir(current, 0o755)
         except FileExistsError:
             if current.is_symlink() or not current.is_dir():
-                raise PluginError(f"{current} exists and is not a directory; choose another -o directory")
+                raise PluginError(f"{current} exists and is not a directory; choose another -o directory") from None
     return current
 
 
@@ -220,7 +219,8 @@ class Extractor:
         folder = _mkdirs(self.directory, [container])
         if kind == "json":
             if member.size > MAX_METADATA_BYTES:
-                raise PluginError(f"{member.name}: metadata of {member.size} bytes is too large", code=Exit.VERIFY_FAILED)
+                raise PluginError(f"{member.name}: metadata of {member.size} bytes is too large",
+                                  code=Exit.VERIFY_FAILED)
             source = archive.extractfile(member)
             assert source is not None
             data = source.read()
@@ -307,7 +307,7 @@ class Extractor:
 
 
 class ExtractSink:
-    """A download sink that extracts in a worker thread as the bytes arrive (``async with``)."""
+    """A download sink that extracts in a worker thread as the bytes arrive (``with``)."""
 
     def __init__(self, *, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -315,62 +315,56 @@ class ExtractSink:
         self._extractor = Extractor(directory=directory, chunks=self._chunks)
         self._written = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract")
-        self._future: asyncio.Future[Extracted] | None = None
-        self._lock = threading.Lock()
+        self._future: concurrent.futures.Future[Extracted] | None = None
 
     @property
     def written(self) -> int:
         return self._written
 
-    async def __aenter__(self) -> "ExtractSink":
-        self._future = asyncio.get_running_loop().run_in_executor(self._pool, self._extractor.run)
+    def __enter__(self) -> "ExtractSink":
+        self._future = self._pool.submit(self._extractor.run)
         return self
 
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None and self._future is not None:
             if not self._future.done():
                 try:
-                    await self._put(RuntimeError("download failed"))
+                    self._put(RuntimeError("download failed"))
                 except BaseException:  # noqa: BLE001 - the download's own error is the one to report
                     pass
             try:
-                await self._future  # let it clean up its partial files before the error is reported
+                self._future.result()  # let it clean up its partial files before the error is reported
             except BaseException:  # noqa: BLE001 - the download's own error is the one to report
                 pass
         self._pool.shutdown(wait=False)
 
-    async def _put(self, item: object) -> None:
+    def _put(self, item: object) -> None:
         assert self._future is not None
-        try:
-            self._chunks.put_nowait(item)
-            return
-        except queue.Full:
-            pass
         while True:
-            if self._future.done():
-                self._future.result()  # the extractor failed: raise its error here
-                raise PluginError("the extraction stopped unexpectedly")
             try:
-                await asyncio.to_thread(self._chunks.put, item, True, 0.5)
+                self._chunks.put(item, timeout=0.5)
                 return
             except queue.Full:
-                continue
+                if self._future.done():
+                    self._future.result()  # the extractor failed: raise its error here
+                    raise PluginError("the extraction stopped unexpectedly") from None
 
-    async def write(self, data: bytes) -> None:
+    def write(self, data: memoryview) -> None:
         assert self._future is not None
         if self._future.done():
             self._future.result()
-        await self._put(data)
+            raise PluginError("the extraction stopped before the end of the archive")
+        self._put(bytes(data))
         self._written += len(data)
 
-    async def restart(self) -> None:
-        await self._put(_RESTART)
+    def restart(self) -> None:
+        self._put(_RESTART)
         self._written = 0
 
-    async def finish(self) -> Extracted:
+    def finish(self) -> Extracted:
         assert self._future is not None
-        await self._put(_EOF)
-        return await self._future
+        self._put(_EOF)
+        return self._future.result()
 
 
 class StdoutSink:
@@ -378,25 +372,18 @@ class StdoutSink:
 
     def __init__(self) -> None:
         self._written = 0
-        self._out = os.fdopen(os.dup(1), "wb", buffering=0)
+        self._fd = 1
 
     @property
     def written(self) -> int:
         return self._written
 
-    async def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        await asyncio.to_thread(self._write_all, view)
+    def write(self, data: memoryview) -> None:
+        view = data
+        while view:
+            view = view[os.write(self._fd, view):]
         self._written += len(data)
 
-    def _write_all(self, view: memoryview) -> None:
-        while view:
-            count = self._out.write(view)
-            view = view[count or 0:]
-
-    async def restart(self) -> None:
+    def restart(self) -> None:
         raise PluginError("the archive changed on the server while it was written to stdout (a core was added or "
                           "removed); run the command again", code=Exit.INCOMPLETE)
-
-    def close(self) -> None:
-        self._out.close()

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 DUMP = "/apis/coredump.example.io/v1alpha1/namespaces/{ns}/coredumpendpoints/{pod}/dump"
 
 
-def plugin(world: PluginWorld, *args: str, kubeconfig: Path | None = None, **kw: object) -> subprocess.CompletedProcess[bytes]:
+def plugin(world: PluginWorld, *args: str, kubeconfig: Path | None = None,
+           **kw: object) -> subprocess.CompletedProcess[bytes]:
     env = {"XDG_CACHE_HOME": str(world.cache), **kw.pop("env", {})}  # type: ignore[dict-item]
     return run_plugin(kubeconfig or world.kubeconfig, *args, env=env, **kw)  # type: ignore[arg-type]
 
@@ -162,8 +163,8 @@ def proxy_kubeconfig(world: PluginWorld, tmp_path: Path) -> Iterator[tuple[Cutti
 def test_get_resumes_across_forced_cuts_byte_identical(world: PluginWorld, proxy_kubeconfig, tmp_path: Path) -> None:
     size = len(raw_dump(world, "default", "big-0"))
     assert size > 8 << 20
-    rules = [ProxyRule(connection=0, after=size // 5, action="cut"), ProxyRule(connection=1, after=size // 3, action="cut"),
-             ProxyRule(connection=2, after=100, action="cut")]
+    rules = [ProxyRule(connection=0, after=size // 5, action="cut"),
+             ProxyRule(connection=1, after=size // 3, action="cut"), ProxyRule(connection=2, after=100, action="cut")]
     proxy, kubeconfig = proxy_kubeconfig(rules)
     result = plugin(world, "get", "big-0", "-o", str(tmp_path / "big"), kubeconfig=kubeconfig)
     ok(result)
