@@ -27,6 +27,7 @@ import posixpath
 import queue
 import shutil
 import tarfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ from kubectl_coredump.model import safe_name
 MAX_METADATA_BYTES = 16 * 1024 * 1024
 COPY_CHUNK = 1 << 20
 QUEUE_CHUNKS = 32  # 32 MiB in flight at most
+THREADED_WRITE_BYTES = 8 << 20  # a member larger than this is hashed and written by a thread of its own
+WRITE_BUFFERS = 4
 _EOF = object()
 _RESTART = object()
 
@@ -105,6 +108,86 @@ class _QueueReader(io.RawIOBase):
         return True
 
 
+class _Writer:
+    """Hashes and writes one file's chunks, in a thread of its own when ``threaded`` (buffers rotate through queues)."""
+
+    def __init__(self, *, fd: int, digest: "hashlib._Hash | None", threaded: bool) -> None:
+        self._fd = fd
+        self._digest = digest
+        self._free: "queue.Queue[memoryview]" = queue.Queue()
+        for _ in range(WRITE_BUFFERS if threaded else 1):
+            self._free.put(memoryview(bytearray(COPY_CHUNK)))
+        self._full: "queue.Queue[memoryview | None]" = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="extract-write", daemon=True) if threaded else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _consume(self, chunk: memoryview) -> None:
+        if self._digest is not None:
+            self._digest.update(chunk)
+        while chunk:
+            chunk = chunk[os.write(self._fd, chunk):]
+
+    def _run(self) -> None:
+        while (chunk := self._full.get()) is not None:
+            try:
+                if self._error is None:
+                    self._consume(chunk)
+            except BaseException as exc:  # noqa: BLE001 - reported to the producer by buffer()/close()
+                self._error = exc
+            self._free.put(memoryview(chunk.obj))  # the whole buffer the chunk is a slice of
+
+    def buffer(self) -> memoryview:
+        if self._error is not None:
+            raise self._error
+        return self._free.get()
+
+    def submit(self, chunk: memoryview) -> None:
+        if self._thread is None:
+            self._consume(chunk)
+            self._free.put(memoryview(chunk.obj))
+        else:
+            self._full.put(chunk)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._full.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class _Forward:
+    """The decompressed archive as tarfile's "r:" mode reads it: ``seek`` goes forward only (by reading)."""
+
+    def __init__(self, stream: igzip.GzipFile) -> None:
+        self._stream = stream
+        self._position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._position += len(data)
+        return data
+
+    def readinto(self, buffer: memoryview) -> int:
+        count = self._stream.readinto(buffer)
+        self._position += count
+        return count
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self._position + offset
+        if whence not in (io.SEEK_SET, io.SEEK_CUR) or target < self._position:
+            raise tarfile.ReadError("the archive would have to be read backwards")
+        while self._position < target:
+            if not self.read(min(target - self._position, COPY_CHUNK)):
+                break
+        return self._position
+
+
 def _parts(name: str) -> list[str] | None:
     if name.startswith("/") or "\\" in name:
         return None
@@ -170,8 +253,11 @@ class Extractor:
         links: dict[str, str] = {}
         files: dict[str, Path] = {}
         dirs: set[str] = set()
-        with igzip.GzipFile(fileobj=reader, mode="rb") as gz, \
-                tarfile.open(fileobj=gz, mode="r|", bufsize=COPY_CHUNK) as archive:
+        # "r:" over the forward-only gzip stream: tarfile reads exactly the header blocks, so the data of a
+        # member is read by _write without tarfile's stream-mode buffering (three copies of every byte).
+        with igzip.GzipFile(fileobj=reader, mode="rb") as gz:
+            self._stream = _Forward(gz)
+            archive = tarfile.open(fileobj=self._stream, mode="r:")  # type: ignore[call-overload]
             pending_meta: dict[tuple[str, str], dict[str, Any]] = {}
             for member in archive:
                 parts = _parts(member.name)
@@ -187,6 +273,7 @@ class Extractor:
                     self.result.gdb_scripts.append(path)
                 else:
                     self.result.skipped.append(member.name)
+            archive.close()
             # Drain the rest of the stream: the end-of-archive member and anything after it.
             while gz.read(COPY_CHUNK):
                 pass
@@ -195,18 +282,32 @@ class Extractor:
 
     def _write(self, archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path, *,
                digest: "hashlib._Hash | None" = None) -> Path:
-        source = archive.extractfile(member)
-        assert source is not None
+        """
+        The member's bytes into a new file at ``path``: read straight from the decompressed stream (tarfile
+        has parsed the header and stands at the data) into reusable buffers, hashed and written from them;
+        a large member is hashed and written by a second thread while this one decompresses (both release
+        the GIL, so they use two cores).
+        """
+        stream = self._stream  # where archive reads from
+        if stream.tell() != member.offset_data:
+            stream.seek(member.offset_data)  # forward only: the stream cannot go back
         fd = _open_new(path)
         self.result.written.append(path)
-        with os.fdopen(fd, "wb") as out:
-            while True:
-                chunk = source.read(COPY_CHUNK)
-                if not chunk:
-                    break
-                if digest is not None:
-                    digest.update(chunk)
-                out.write(chunk)
+        sink = _Writer(fd=fd, digest=digest, threaded=member.size > THREADED_WRITE_BYTES)
+        try:
+            remaining = member.size
+            while remaining:
+                buffer = sink.buffer()
+                count = stream.readinto(buffer[: min(remaining, len(buffer))])
+                if not count:
+                    raise EOFError(f"the archive ends inside {member.name}")
+                sink.submit(buffer[:count])
+                remaining -= count
+        finally:
+            try:
+                sink.close()
+            finally:
+                os.close(fd)
         return path
 
     def _core_member(self, archive: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str],
