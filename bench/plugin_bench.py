@@ -16,7 +16,8 @@ With ``--before REV`` the plugin as of git revision REV (its ``kubectl_coredump/
 directory, run by the same Python) is timed too, interleaved in the same rounds: before and after under the
 same load.
 
-Prints each round and the medians; ratios are curl time / plugin time (≥ 1 means as fast as curl).
+Prints each round and the medians; ratios are curl time / plugin time (≥ 1 means as fast as curl), the
+median of each round's ratio (a plugin run against the curl run of its own round).
 ``.venv/bin/python bench/plugin_bench.py [--size-mib 1024] [--rounds 3] [--cuts 5] [--before REV]``
 """
 from __future__ import annotations
@@ -64,6 +65,12 @@ def timed(command: list[str], *, env: dict[str, str], stdout: Path | None = None
     return seconds
 
 
+def byte_compile(package: Path) -> None:
+    """What ``pip install`` does: without it (PYTHONDONTWRITEBYTECODE, an editable install) every run would
+    compile the plugin's modules from source, a cost no installed plugin pays."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=True)
+
+
 def plugin_at(revision: str, *, work: Path) -> list[str]:
     """A command running ``kubectl_coredump`` as of ``revision`` (unpacked from git) with this Python."""
     target = work / "before"
@@ -71,6 +78,7 @@ def plugin_at(revision: str, *, work: Path) -> list[str]:
     archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", revision, "kubectl_coredump"], check=True,
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    byte_compile(target / "kubectl_coredump")
     code = (f"import sys; sys.path.insert(0, {str(target)!r}); import kubectl_coredump; "
             f"assert kubectl_coredump.__file__.startswith({str(target)!r}); "
             f"from kubectl_coredump.cli import main; sys.exit(main())")
@@ -85,6 +93,7 @@ def main() -> None:
     parser.add_argument("--before", metavar="REV", help="also time the plugin as of this git revision")
     options = parser.parse_args()
     core = real_core(options.size_mib)
+    byte_compile(HERE.parent / "kubectl_coredump")
     work = Path(tempfile.mkdtemp(prefix="plugin-bench-"))
     server = None
     try:
@@ -147,13 +156,18 @@ def main() -> None:
                   f"({t_curl / t_raw:.2f}x)  get -o DIR {t_dir:.2f}s ({t_curl / t_dir:.2f}x)  via proxy "
                   f"{t_proxy:.2f}s, with {cuts} cuts {t_cut:.2f}s: {per_cut:+.2f}s per cut")
         med = [statistics.median(r[i] for r in rows) for i in range(4)]
-        print(f"median: curl {med[0]:.2f}s  get -o - {med[1]:.2f}s ({med[0] / med[1]:.2f}x curl)  "
-              f"get -o DIR {med[2]:.2f}s ({med[0] / med[2]:.2f}x curl)  resume overhead {med[3]:+.2f}s per cut "
+
+        def ratio(table: list[tuple[float, ...]], column: int) -> float:
+            """The median of the rounds' ratios: each plugin run against the curl run of its own round."""
+            return statistics.median(r[0] / r[column] for r in table)
+
+        print(f"median: curl {med[0]:.2f}s  get -o - {med[1]:.2f}s ({ratio(rows, 1):.2f}x curl)  "
+              f"get -o DIR {med[2]:.2f}s ({ratio(rows, 2):.2f}x curl)  resume overhead {med[3]:+.2f}s per cut "
               f"(targets: >= 0.9x, < 1 s)")
         if old_rows:
             old = [statistics.median(r[i] for r in old_rows) for i in range(3)]
-            print(f"median before ({options.before}): get -o - {old[1]:.2f}s ({old[0] / old[1]:.2f}x curl)  "
-                  f"get -o DIR {old[2]:.2f}s ({old[0] / old[2]:.2f}x curl)")
+            print(f"median before ({options.before}): get -o - {old[1]:.2f}s ({ratio(old_rows, 1):.2f}x curl)  "
+                  f"get -o DIR {old[2]:.2f}s ({ratio(old_rows, 2):.2f}x curl)")
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         if server is not None:

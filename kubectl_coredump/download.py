@@ -17,6 +17,7 @@ no per-chunk allocation, no event loop between the socket and the file.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -157,3 +158,25 @@ def _attempt(client: Client, *, path: str, query: Sequence[tuple[str, str]], sin
             raise _Cut(exc.message) from None
     finally:
         response.close()
+
+
+class StdoutSink:
+    """The archive unchanged on stdout; it cannot start over, so a changed archive fails the command."""
+
+    def __init__(self) -> None:
+        self._written = 0
+        self._fd = 1
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    def write(self, data: memoryview) -> None:
+        view = data
+        while view:
+            view = view[os.write(self._fd, view):]
+        self._written += len(data)
+
+    def restart(self) -> None:
+        raise PluginError("the archive changed on the server while it was written to stdout (a core was added or "
+                          "removed); run the command again", code=Exit.INCOMPLETE)

@@ -466,25 +466,3 @@ class ExtractSink:
         assert self._future is not None
         self._put(_EOF)
         return self._future.result()
-
-
-class StdoutSink:
-    """The archive unchanged on stdout; it cannot start over, so a changed archive fails the command."""
-
-    def __init__(self) -> None:
-        self._written = 0
-        self._fd = 1
-
-    @property
-    def written(self) -> int:
-        return self._written
-
-    def write(self, data: memoryview) -> None:
-        view = data
-        while view:
-            view = view[os.write(self._fd, view):]
-        self._written += len(data)
-
-    def restart(self) -> None:
-        raise PluginError("the archive changed on the server while it was written to stdout (a core was added or "
-                          "removed); run the command again", code=Exit.INCOMPLETE)

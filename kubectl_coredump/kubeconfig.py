@@ -36,6 +36,7 @@ from kubectl_coredump.transport import Credentials
 # Users with these are loaded by kubernetes-asyncio (kubectl_coredump.fallback).
 FALLBACK_KEYS = ("exec", "auth-provider", "username", "password")
 IMPERSONATION_KEYS = ("as", "as-uid", "as-groups", "as-user-extra")
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +64,28 @@ def kubeconfig_paths(*, flag: str | None, environ: Mapping[str, str]) -> tuple[s
 def _read(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
+            data = yaml.load(handle, Loader=_LOADER)  # noqa: S506 - a safe loader (libyaml's when built)
     except FileNotFoundError:
         return {}
     except (OSError, yaml.YAMLError) as exc:
         raise PluginError(f"cannot read kubeconfig {path}: {exc}") from None
     return data if isinstance(data, dict) else {}
+
+
+def read_contexts(paths: tuple[str, ...]) -> list[str]:
+    """The names of the contexts these kubeconfig files define (for completion; unreadable files count as empty)."""
+    names: list[str] = []
+    for path in paths:
+        try:
+            config = _read(path)
+        except PluginError:
+            continue
+        entries = config.get("contexts")
+        for entry in entries if isinstance(entries, list) else []:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            if isinstance(name, str) and name not in names:
+                names.append(name)
+    return names
 
 
 def resolve_target(*, kubeconfig: str | None, context: str | None, namespace: str | None,

@@ -113,8 +113,9 @@ def tls_context(credentials: Credentials) -> ssl.SSLContext:
 class _TLSConnection(http.client.HTTPSConnection):
     """``HTTPSConnection`` checking (and sending as SNI) ``server_name`` instead of the host when given."""
 
-    def __init__(self, host: str, port: int | None, *, context: ssl.SSLContext, server_name: str | None) -> None:
-        super().__init__(host, port, timeout=CONNECT_TIMEOUT, context=context)
+    def __init__(self, host: str, port: int | None, *, context: ssl.SSLContext, server_name: str | None,
+                 timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
         self._server_name = server_name
 
     def connect(self) -> None:
@@ -142,7 +143,7 @@ class Response:
         try:
             return self._raw.readinto(buffer)
         except TimeoutError as exc:
-            raise ConnectionProblem(f"no byte from {self._client.server} for {READ_TIMEOUT:.0f} s") from exc
+            raise ConnectionProblem(f"no byte from {self._client.server} in time") from exc
         except (OSError, http.client.HTTPException) as exc:
             raise ConnectionProblem(f"the connection broke ({type(exc).__name__}: {exc})".replace(": )", ")")) \
                 from exc
@@ -169,8 +170,11 @@ class Response:
 class Client:
     """Requests to one API server with one set of :class:`Credentials` (use ``with``)."""
 
-    def __init__(self, credentials: Credentials) -> None:
+    def __init__(self, credentials: Credentials, *, timeout: float | None = None) -> None:
+        """``timeout`` (seconds) bounds the connect and each read (default: CONNECT_TIMEOUT, READ_TIMEOUT)."""
         self.credentials = credentials
+        self._connect_timeout = timeout or CONNECT_TIMEOUT
+        self._read_timeout = timeout or READ_TIMEOUT
         parts = urlsplit(credentials.server if "://" in credentials.server else f"https://{credentials.server}")
         if parts.scheme not in ("https", "http") or not parts.hostname:
             raise PluginError(f"the kubeconfig's cluster server {credentials.server!r} is not an http(s) URL")
@@ -204,9 +208,10 @@ class Client:
     def _connect(self) -> http.client.HTTPConnection:
         if self._context is not None:
             connection: http.client.HTTPConnection = _TLSConnection(
-                self._host, self._port, context=self._context, server_name=self.credentials.tls_server_name)
+                self._host, self._port, context=self._context, server_name=self.credentials.tls_server_name,
+                timeout=self._connect_timeout)
         else:
-            connection = http.client.HTTPConnection(self._host, self._port, timeout=CONNECT_TIMEOUT)
+            connection = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
         try:
             connection.connect()
         except ssl.SSLCertVerificationError as exc:
@@ -224,7 +229,7 @@ class Client:
         return connection
 
     def get(self, path: str, *, query: Sequence[tuple[str, str]] = (), headers: Mapping[str, str] | None = None,
-            read_timeout: float = READ_TIMEOUT) -> Response:
+            read_timeout: float | None = None) -> Response:
         """
         ``GET path`` with the user's credentials; the response is returned with its body unread, whatever
         its status (the caller reads it and closes the response).
@@ -240,7 +245,7 @@ class Client:
                 self._connection = self._connect()
             connection = self._connection
             assert connection.sock is not None
-            connection.sock.settimeout(read_timeout)
+            connection.sock.settimeout(read_timeout or self._read_timeout)
             try:
                 connection.request("GET", target, headers=request_headers)
                 raw = connection.getresponse()

@@ -135,6 +135,9 @@ def test_get_extracts_verified_cores_ready_for_gdb(world: PluginWorld, tmp_path:
     assert future.returncode == 3 and b"no cores" in future.stderr
     nope = plugin(world, "get", "web-0", "-n", "shop", "-c", "nope", "-o", str(tmp_path / "n"))
     assert nope.returncode == 3 and b"app, sidecar" in nope.stderr
+    assert not (tmp_path / "f").exists() and not (tmp_path / "n").exists()  # a failed get leaves no directory
+    missing = plugin(world, "get", "no-such-pod", "-o", str(tmp_path / "m"))
+    assert missing.returncode == 3 and b'"no-such-pod" not found' in missing.stderr
 
 
 def test_get_to_stdout_is_the_archive_unchanged(world: PluginWorld) -> None:
