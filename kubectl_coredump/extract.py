@@ -2,14 +2,16 @@
 Unpack a dump archive as it downloads, verifying every core against the sha256 of its metadata.
 
 The archive (``apiserver/dump/plan.py``) is a tar stream in concatenated gzip members: per core
-``<container>/<core-id>.json`` then ``<container>/<core-id>.core``; with ``?objects=true`` also files under
-``sysroot/`` and gdb command files at the top. ISA-L's ``igzip`` reads every member (Python's
-``tarfile`` ``r|gz`` would stop after the first) and is several times faster than ``gzip``.
+``<container>/<core-id>.json`` then ``<container>/<core-id>.core``; with ``?objects=true`` also the ELF
+objects under ``sysroot/`` (or ``sysroot.<container>_<core-id>/`` for a core whose objects conflict with
+another's), a gdb command file ``<container>_<core-id>.gdb`` per core and ``manifest.json`` at the top.
+ISA-L's ``igzip`` reads every member (Python's ``tarfile`` ``r|gz`` would stop after the first) and is
+several times faster than ``gzip``.
 
 The archive comes from the server and is untrusted: only those names are accepted (each component a
 plain name, never ``..``), only regular files and directories are written, never through a link, and a
-link under ``sysroot/`` is materialized as a hard link or copy of the archive file it names, resolved
-inside the archive's own name space, so nothing can point outside the output directory. A core is
+link under a sysroot is materialized as a hard link or copy of the sysroot file of the archive it names,
+resolved inside the archive's own name space, so nothing can point outside the output directory. A core is
 written to ``NAME.part`` and renamed only once its sha256 matched.
 
 Runs in a worker thread: :class:`ExtractSink` hands it the downloaded bytes through a bounded queue (so
@@ -37,6 +39,7 @@ from kubectl_coredump.errors import Exit, PluginError
 from kubectl_coredump.model import safe_name
 
 MAX_METADATA_BYTES = 16 * 1024 * 1024
+MANIFEST = "manifest.json"  # what ?objects=true says it carried for each core
 COPY_CHUNK = 1 << 20
 QUEUE_CHUNKS = 32  # 32 MiB in flight at most
 THREADED_WRITE_BYTES = 8 << 20  # a member larger than this is hashed and written by a thread of its own
@@ -66,7 +69,8 @@ class ExtractedCore:
 class Extracted:
     directory: Path
     cores: list[ExtractedCore] = dataclasses.field(default_factory=list)
-    sysroot: Path | None = None
+    sysroot: Path | None = None  # the first sysroot of the archive (sysroot/ when every core shares one)
+    sysroots: list[Path] = dataclasses.field(default_factory=list)
     gdb_scripts: list[Path] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     written: list[Path] = dataclasses.field(default_factory=list)
@@ -188,6 +192,11 @@ class _Forward:
         return self._position
 
 
+def _is_sysroot(component: str) -> bool:
+    """``sysroot`` (shared by the archive's cores) or ``sysroot.<container>_<core-id>`` (a core's own)."""
+    return component == "sysroot" or (component.startswith("sysroot.") and bool(safe_name(component[8:])))
+
+
 def _parts(name: str) -> list[str] | None:
     if name.startswith("/") or "\\" in name:
         return None
@@ -264,20 +273,22 @@ class Extractor:
                 if parts is None:
                     self.result.skipped.append(member.name)
                     continue
-                if parts[0] == "sysroot" and len(parts) > 1:
+                if _is_sysroot(parts[0]) and len(parts) > 1:
                     self._sysroot_member(archive, member, parts, links=links, files=files, dirs=dirs)
                 elif len(parts) == 2 and member.isfile() and parts[1].endswith((".json", ".core")):
                     self._core_member(archive, member, parts, pending_meta)
-                elif len(parts) == 1 and member.isfile() and safe_name(parts[0]) and parts[0].endswith(".gdb"):
+                elif len(parts) == 1 and member.isfile() and safe_name(parts[0]) and \
+                        (parts[0].endswith(".gdb") or parts[0] == MANIFEST):
                     path = self._write(archive, member, self.directory / parts[0])
-                    self.result.gdb_scripts.append(path)
+                    if parts[0] != MANIFEST:
+                        self.result.gdb_scripts.append(path)
                 else:
                     self.result.skipped.append(member.name)
             archive.close()
             # Drain the rest of the stream: the end-of-archive member and anything after it.
             while gz.read(COPY_CHUNK):
                 pass
-        if self.result.sysroot is not None:
+        if links:
             self._materialize_links(links=links, files=files, dirs=dirs)
 
     def _write(self, archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path, *,
@@ -357,33 +368,40 @@ class Extractor:
 
     def _sysroot_member(self, archive: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str], *,
                         links: dict[str, str], files: dict[str, Path], dirs: set[str]) -> None:
-        inner = "/".join(parts[1:])
-        self.result.sysroot = _mkdirs(self.directory, ["sysroot"])
+        """A member under a sysroot (``sysroot/`` or ``sysroot.<container>_<core-id>/``), keyed by its full name."""
+        root = _mkdirs(self.directory, [parts[0]])
+        if root not in self.result.sysroots:
+            self.result.sysroots.append(root)
+        self.result.sysroot = self.result.sysroot or root
+        name = "/".join(parts)
         if member.isdir():
-            _mkdirs(self.result.sysroot, parts[1:])
-            dirs.add(inner)
+            _mkdirs(root, parts[1:])
+            dirs.add(name)
         elif member.isfile():
-            folder = _mkdirs(self.result.sysroot, parts[1:-1])
+            folder = _mkdirs(root, parts[1:-1])
             for i in range(1, len(parts) - 1):
-                dirs.add("/".join(parts[1:i + 1]))
-            files[inner] = self._write(archive, member, folder / parts[-1])
+                dirs.add("/".join(parts[: i + 1]))
+            files[name] = self._write(archive, member, folder / parts[-1])
         elif member.issym() or member.islnk():
-            links[inner] = member.linkname
+            links[name] = member.linkname
         else:
             self.result.skipped.append(member.name)
 
     def _materialize_links(self, *, links: dict[str, str], files: dict[str, Path], dirs: set[str]) -> None:
-        """Each link under sysroot/ becomes a hard link (or copy) of the archive file it resolves to."""
-        assert self.result.sysroot is not None
+        """
+        Each link under a sysroot becomes a hard link (or copy) of the archive file it resolves to: an
+        absolute target inside the link's own sysroot, a relative one from the link's directory (it may
+        name another sysroot of the archive); anything that resolves to no file of the archive is skipped.
+        """
         for name, target in links.items():
             current, hops = name, 0
             resolved: Path | None = None
             while hops < 40:
                 hops += 1
-                base = posixpath.dirname(current)
                 link_target = links[current]
-                path = posixpath.normpath(link_target.lstrip("/") if link_target.startswith("/")
-                                          else posixpath.join(base, link_target))
+                root = current.split("/", 1)[0]
+                path = posixpath.normpath(posixpath.join(root, link_target.lstrip("/")) if link_target.startswith("/")
+                                          else posixpath.join(posixpath.dirname(current), link_target))
                 if path.startswith("..") or path == ".":
                     break
                 if path in files:
@@ -395,9 +413,9 @@ class Extractor:
                 break
             parts = _parts(name)
             if resolved is None or parts is None or name in files:
-                self.result.skipped.append(f"sysroot/{name} -> {target}")
+                self.result.skipped.append(f"{name} -> {target}")
                 continue
-            folder = _mkdirs(self.result.sysroot, parts[:-1])
+            folder = _mkdirs(self.directory, parts[:-1])
             destination = folder / parts[-1]
             try:
                 os.link(resolved, destination, follow_symlinks=False)
