@@ -240,6 +240,8 @@ class Client:
         if self.credentials.authorization:
             request_headers["Authorization"] = self.credentials.authorization
         for attempt in (1, 2):
+            if self._connection is not None and self._connection.sock is None:
+                self.discard()  # http.client closed it (the server said Connection: close)
             reused = self._connection is not None
             if self._connection is None:
                 self._connection = self._connect()

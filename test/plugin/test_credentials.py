@@ -213,3 +213,45 @@ def test_impersonation_and_proxies_are_refused_not_ignored(world: PluginWorld, t
     proxied = run_plugin(_kubeconfig(tmp_path / "b", server=world.server.url,
                                      cluster={**ca, "proxy-url": "http://127.0.0.1:9"}, user=user), "list")
     assert proxied.returncode == 1 and b"proxy-url" in proxied.stderr and proxied.stderr.count(b"\n") == 1
+
+
+class _ClosesKeptConnections(http.server.BaseHTTPRequestHandler):
+    """Says HTTP/1.1 keep-alive, then closes the connection after every answer (an idle timeout of zero)."""
+
+    protocol_version = "HTTP/1.1"
+    connections: list[str] = []
+
+    def setup(self) -> None:
+        super().setup()
+        self.connections.append(str(self.client_address))  # one handler per connection
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404,
+                           "reason": "NotFound", "details": {"name": "gone-0", "kind": "coredumpendpoints"},
+                           "message": 'coredumpendpoints "gone-0" not found'}).encode()
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_once(world: PluginWorld, tmp_path: Path) -> None:
+    """get asks for the dump, then (404) for the endpoint on the kept connection, which the server closed."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ClosesKeptConnections)
+    _ClosesKeptConnections.connections = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        kubeconfig = _kubeconfig(tmp_path / "kc", server=f"http://127.0.0.1:{server.server_port}", cluster={},
+                                 user={"token": "t"})
+        result = run_plugin(kubeconfig, "get", "gone-0", "-o", str(tmp_path / "out"))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 3, result.stderr
+    assert b'"gone-0" not found' in result.stderr and result.stderr.count(b"\n") == 1
+    assert len(_ClosesKeptConnections.connections) == 2  # the dump's, then a new one for the endpoint
