@@ -1,10 +1,10 @@
 """
 HTTP(S) to the API server a kubeconfig names, verified the way kubectl verifies it, with blocking sockets.
 
-The plugin is one command at a time, so it needs no event loop: ``http.client`` over ``ssl`` does the
-protocol in C (a 1 GiB download costs a few hundred Python calls per MiB less than a streaming asyncio
-client, and nothing to import). One connection is kept alive between requests (the endpoint GET and the
-dump that follows it share it, like kubectl's); a stale one is replaced once.
+The plugin is one command at a time, so it needs no event loop: the body is read by ``ssl`` in C straight
+into the caller's buffer (bench/plugin_bench.py: the client's CPU for a 354 MiB dump is within 0.1 s of
+curl's), and there is no HTTP client library to import. One connection is kept alive between requests (the
+endpoint GET and the dump that follows it share it, like kubectl's); one the server closed is replaced once.
 
 TLS, as client-go's ``transport.TLSConfigFor``: the cluster's CA (data or file) when given, else the
 system's roots; the name checked (and sent as SNI) is ``tls-server-name`` when given, else the server's
