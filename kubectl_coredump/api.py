@@ -14,10 +14,8 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
-
 from kubectl_coredump.errors import Exit, PluginError
-from kubectl_coredump.kubeconfig import Client, ConnectionProblem
+from kubectl_coredump.transport import Client, Response
 
 GROUP = "coredump.example.io"
 VERSION = "v1alpha1"
@@ -82,7 +80,8 @@ def error_for(*, status: int, body: bytes, request: Request, server: str) -> Plu
 def _error_for(*, status: int, body: bytes, request: Request, server: str) -> PluginError:
     st = _status(body)
     message = _one_line(st.get("message") or body[:300].decode("utf-8", "replace") or f"HTTP {status}")
-    details = st.get("details") if isinstance(st.get("details"), dict) else {}
+    details = st.get("details")
+    details = details if isinstance(details, dict) else {}
     if status == 401:
         return PluginError(f"not authenticated to {server} (401 Unauthorized): the credentials of this kubeconfig "
                            "context are missing or expired; log in again (kubectl auth whoami shows who you are)",
@@ -106,27 +105,21 @@ def _error_for(*, status: int, body: bytes, request: Request, server: str) -> Pl
     return PluginError(f"the API server answered {status} {st.get('reason') or ''}: {message}".replace("  ", " "))
 
 
-async def read_bounded(response: aiohttp.ClientResponse, *, limit: int = MAX_JSON_BYTES) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
+def read_bounded(response: Response, *, limit: int = MAX_JSON_BYTES) -> bytes:
+    """The whole body (at most ``limit`` bytes, else an error), and the response closed."""
     try:
-        async for chunk in response.content.iter_chunked(1 << 20):
-            size += len(chunk)
-            if size > limit:
-                raise PluginError(f"the API server sent more than {limit} bytes for one object list; "
-                                  "narrow it with -n or -l")
-            chunks.append(chunk)
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise ConnectionProblem(f"the connection to the API server broke: {exc}") from exc
+        body = response.read_bounded(limit=limit)
     finally:
-        response.release()
-    return b"".join(chunks)
+        response.close()
+    if body is None:
+        raise PluginError(f"the API server sent more than {limit} bytes for one object list; narrow it with -n or -l")
+    return body
 
 
-async def get_json(client: Client, path: str, *, request: Request,
-                   query: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
-    response = await client.get(path, query=query)
-    body = await read_bounded(response)
+def get_json(client: Client, path: str, *, request: Request,
+             query: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    response = client.get(path, query=query)
+    body = read_bounded(response)
     if response.status != 200:
         raise error_for(status=response.status, body=body, request=request, server=client.server)
     try:
@@ -138,17 +131,17 @@ async def get_json(client: Client, path: str, *, request: Request,
     return data
 
 
-async def list_endpoints(client: Client, *, namespace: str | None, selector: str | None) -> list[dict[str, Any]]:
+def list_endpoints(client: Client, *, namespace: str | None, selector: str | None) -> list[dict[str, Any]]:
     """Every CoredumpEndpoint in ``namespace`` (all namespaces when ``None``), with its status."""
     query = [("labelSelector", selector)] if selector else []
-    data = await get_json(client, collection_path(namespace), query=query,
+    data = get_json(client, collection_path(namespace), query=query,
                           request=Request(verb="list", resource=RESOURCE, namespace=namespace))
     items = data.get("items")
     return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
 
 
-async def get_endpoint(client: Client, *, namespace: str, name: str) -> dict[str, Any]:
-    return await get_json(client, item_path(namespace, name),
+def get_endpoint(client: Client, *, namespace: str, name: str) -> dict[str, Any]:
+    return get_json(client, item_path(namespace, name),
                           request=Request(verb="get", resource=RESOURCE, namespace=namespace, name=name))
 
 

@@ -8,7 +8,6 @@ Commands: ``list``, ``describe``, ``get``, ``gdb``, ``bt``. Global flags (``--ku
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shlex
 import sys
@@ -91,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "else the recorded path if it exists here)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no notes")
 
+    p = sub.add_parser("completion", help="print a shell completion script", formatter_class=formatter,
+                       description="kubectl (1.26+) completes 'kubectl coredump ...' with an executable "
+                                   "kubectl_complete-coredump on PATH; this prints it. Install it beside the plugin:\n"
+                                   '  S="$(dirname "$(command -v kubectl-coredump)")/kubectl_complete-coredump"\n'
+                                   '  kubectl coredump completion > "$S" && chmod +x "$S"\n'
+                                   "'completion bash' prints a bash function for the kubectl-coredump executable "
+                                   "itself (source <(kubectl-coredump completion bash)).", epilog=EXIT_CODES_HELP)
+    p.add_argument("shell", nargs="?", choices=("kubectl", "bash"), default="kubectl",
+                   help="kubectl (default): the kubectl_complete-coredump script; bash: a bash function")
+
     p = sub.add_parser("bt", help="print the stored backtrace of a core (no download)", formatter_class=formatter,
                        description="The backtrace the node recorded at capture, from the API (no core download).",
                        epilog=EXIT_CODES_HELP)
@@ -104,18 +113,22 @@ def _err(text: str) -> None:
     sys.stderr.flush()
 
 
-async def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     from kubectl_coredump import commands
-    from kubectl_coredump.kubeconfig import Client, resolve_target
+    from kubectl_coredump.kubeconfig import load_credentials, resolve_target
+    from kubectl_coredump.transport import Client
 
     target = resolve_target(kubeconfig=args.kubeconfig, context=args.context, namespace=args.namespace)
-    async with Client(target) as client:
-        return await commands.COMMANDS[args.command](client, args, target.namespace)
+    with Client(load_credentials(target)) as client:
+        return commands.COMMANDS[args.command](client, args, target.namespace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["__complete"]:  # cobra's protocol, what kubectl_complete-coredump runs
+        from kubectl_coredump import complete
+        return complete.main(argv[1:])
+    parser = build_parser()
     # Everything after the first "--" is gdb's (argparse would take gdb's own options as ours).
     extra: list[str] = []
     if "--" in argv:
@@ -125,8 +138,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command != "gdb":
         parser.error(f"arguments after -- are for gdb only: {shlex.join(extra)}")
     args.gdb_args = extra
+    if args.command == "completion":
+        from kubectl_coredump import complete
+        sys.stdout.write(complete.BASH_SCRIPT if args.shell == "bash" else complete.KUBECTL_SCRIPT)
+        return Exit.OK
     try:
-        code = asyncio.run(run(args))
+        code = run(args)
     except PluginError as exc:
         _err(f"error: {exc.message}")
         code = int(exc.code)

@@ -1,31 +1,35 @@
 """
-The five commands of ``kubectl coredump``, each ``async (client, args, namespace) -> exit code``.
+The five commands of ``kubectl coredump``, each ``(client, args, namespace) -> exit code``.
 
-Kept apart from :mod:`kubectl_coredump.cli` so that ``--help`` and usage errors answer at once, without
-importing kubernetes-asyncio (about a second and a half of CPU).
+Kept apart from :mod:`kubectl_coredump.cli` so that ``--help`` and usage errors import nothing more. The
+extractor, the metadata reader and the gdb cache are imported by the commands that use them: ``get -o -``
+starts as fast as it can (it is measured against curl).
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import os
 import re
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kubectl_coredump import api, gdb, tables
-from kubectl_coredump.download import download
+from kubectl_coredump import api, tables
+from kubectl_coredump.download import StdoutSink, download
 from kubectl_coredump.errors import Exit, PluginError
-from kubectl_coredump.extract import Extracted, ExtractSink, StdoutSink
-from kubectl_coredump.kubeconfig import Client
-from kubectl_coredump.metadata import fetch_metadata
 from kubectl_coredump.model import Core, Endpoint, human_size, parse_time
 from kubectl_coredump.progress import Progress, wanted
+from kubectl_coredump.transport import Client
+
+if TYPE_CHECKING:
+    from kubectl_coredump import gdb
+    from kubectl_coredump.extract import Extracted
 
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
@@ -58,8 +62,8 @@ def _err(text: str) -> None:
     sys.stderr.flush()
 
 
-async def _endpoint(client: Client, *, namespace: str, pod: str) -> Endpoint:
-    return Endpoint.from_object(await api.get_endpoint(client, namespace=namespace, name=pod))
+def _endpoint(client: Client, *, namespace: str, pod: str) -> Endpoint:
+    return Endpoint.from_object(api.get_endpoint(client, namespace=namespace, name=pod))
 
 
 def _existing(endpoint: Endpoint) -> str:
@@ -104,10 +108,10 @@ def _check_filters(endpoint: Endpoint, *, core_id: str | None, container: str | 
         raise PluginError(f"no core {core_id} in {where}; its cores: {_existing(endpoint)}", code=Exit.NOT_FOUND)
 
 
-async def cmd_list(client: Client, args: argparse.Namespace, namespace: str) -> int:
+def cmd_list(client: Client, args: argparse.Namespace, namespace: str) -> int:
     scope = None if args.all_namespaces else namespace
     endpoints = [Endpoint.from_object(o) for o in
-                 await api.list_endpoints(client, namespace=scope, selector=args.selector)]
+                 api.list_endpoints(client, namespace=scope, selector=args.selector)]
     crashed = [e for e in endpoints if e.cores]
     if not crashed:
         _err(f"No cores found{' in ' + repr(namespace) + ' namespace' if scope else ''}.")
@@ -117,15 +121,16 @@ async def cmd_list(client: Client, args: argparse.Namespace, namespace: str) -> 
     return Exit.OK
 
 
-async def cmd_describe(client: Client, args: argparse.Namespace, namespace: str) -> int:
-    endpoint = await _endpoint(client, namespace=namespace, pod=args.pod)
+def cmd_describe(client: Client, args: argparse.Namespace, namespace: str) -> int:
+    endpoint = _endpoint(client, namespace=namespace, pod=args.pod)
     cores = list(endpoint.cores)
     metadata: dict[str, dict[str, Any]] = {}
     if args.core:
         core = pick_core(endpoint, core_id=args.core, container=None)
         cores = [core]
         try:
-            metadata[core.id] = await fetch_metadata(client, namespace=namespace, name=args.pod,
+            from kubectl_coredump.metadata import fetch_metadata
+            metadata[core.id] = fetch_metadata(client, namespace=namespace, name=args.pod,
                                                      container=core.container, core_id=core.id)
         except PluginError as exc:
             if exc.code != Exit.FORBIDDEN:
@@ -135,13 +140,14 @@ async def cmd_describe(client: Client, args: argparse.Namespace, namespace: str)
     return Exit.OK
 
 
-async def cmd_bt(client: Client, args: argparse.Namespace, namespace: str) -> int:
-    endpoint = await _endpoint(client, namespace=namespace, pod=args.pod)
+def cmd_bt(client: Client, args: argparse.Namespace, namespace: str) -> int:
+    endpoint = _endpoint(client, namespace=namespace, pod=args.pod)
     core = pick_core(endpoint, core_id=args.core, container=args.container)
     lines = tables.stored_backtrace(core.raw)
     if not lines:
         try:
-            meta = await fetch_metadata(client, namespace=namespace, name=args.pod, container=core.container,
+            from kubectl_coredump.metadata import fetch_metadata
+            meta = fetch_metadata(client, namespace=namespace, name=args.pod, container=core.container,
                                         core_id=core.id)
             lines = tables.stored_backtrace(meta)
         except PluginError as exc:
@@ -172,19 +178,34 @@ OBJECTS_REJECTED = ("this coredump API server does not serve objects (?objects=t
                     "run again without --objects")
 
 
-async def _fetch_into(client: Client, *, namespace: str, pod: str, query: list[tuple[str, str]], directory: Path,
-                      progress: Progress) -> Extracted:
-    async with ExtractSink(directory=directory) as sink:
-        await download(client, namespace=namespace, name=pod, query=query, sink=sink, progress=progress)
-        extracted = await sink.finish()
+def _fetch_into(client: Client, *, namespace: str, pod: str, query: list[tuple[str, str]], directory: Path,
+                progress: Progress) -> Extracted:
+    from kubectl_coredump.extract import ExtractSink
+
+    created = not directory.exists()
+    try:
+        with ExtractSink(directory=directory) as sink:
+            download(client, namespace=namespace, name=pod, query=query, sink=sink, progress=progress)
+            extracted = sink.finish()
+    except BaseException:
+        if created:
+            _remove_empty(directory)  # nothing kept of a failed run: no empty directories either
+        raise
     progress.finish()
     return extracted
 
 
-async def cmd_get(client: Client, args: argparse.Namespace, namespace: str) -> int:
+def _remove_empty(directory: Path) -> None:
+    for folder in sorted((p for p in directory.rglob("*") if p.is_dir() and not p.is_symlink()),
+                         key=lambda p: len(p.parts), reverse=True) + [directory]:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def cmd_get(client: Client, args: argparse.Namespace, namespace: str) -> int:
     since = since_value(args.since) if args.since else None
-    endpoint = await _endpoint(client, namespace=namespace, pod=args.pod)
-    _check_filters(endpoint, core_id=args.core, container=args.container)
     query = _query(container=args.container, core=args.core, since=since, objects=args.objects)
     label = f"{namespace}/{args.pod}"
     show = wanted(quiet=args.quiet)
@@ -198,19 +219,20 @@ async def cmd_get(client: Client, args: argparse.Namespace, namespace: str) -> i
             if sys.stdout.isatty():
                 raise PluginError("refusing to write a tar.gz to a terminal; redirect stdout (> cores.tar.gz) or use "
                                   "-o DIR", code=Exit.USAGE)
-            sink = StdoutSink()
-            try:
-                await download(client, namespace=namespace, name=args.pod, query=query, sink=sink, progress=progress)
-            finally:
-                sink.close()
+            download(client, namespace=namespace, name=args.pod, query=query, sink=StdoutSink(), progress=progress)
             progress.finish()
             return Exit.OK
         directory = Path(args.output or f"coredump-{namespace}-{args.pod}")
-        extracted = await _fetch_into(client, namespace=namespace, pod=args.pod, query=query, directory=directory,
+        extracted = _fetch_into(client, namespace=namespace, pod=args.pod, query=query, directory=directory,
                                       progress=progress)
     except PluginError as exc:
         if args.objects and _objects_rejected(exc):
             raise PluginError(OBJECTS_REJECTED, code=Exit.USAGE) from None
+        if exc.code == Exit.NOT_FOUND:
+            # The dump matched nothing (asked first, as curl would: one request on the way that works); the
+            # endpoint says what exists, for an error that lists it.
+            endpoint = _endpoint(client, namespace=namespace, pod=args.pod)
+            _check_filters(endpoint, core_id=args.core, container=args.container)
         raise
     for core in extracted.cores:
         meta = core.metadata
@@ -229,7 +251,8 @@ async def cmd_get(client: Client, args: argparse.Namespace, namespace: str) -> i
     return Exit.OK
 
 
-async def _gdb_copy(client: Client, *, namespace: str, endpoint: Endpoint, core: Core, quiet: bool) -> gdb.CachedCore:
+def _gdb_copy(client: Client, *, namespace: str, endpoint: Endpoint, core: Core, quiet: bool) -> gdb.CachedCore:
+    from kubectl_coredump import gdb
     final = gdb.cache_dir(root=gdb.cache_root(), namespace=namespace, pod=endpoint.name, pod_uid=endpoint.pod_uid,
                           container=core.container, core_id=core.id)
     copy = gdb.cached(final, container=core.container, core_id=core.id)
@@ -245,13 +268,13 @@ async def _gdb_copy(client: Client, *, namespace: str, endpoint: Endpoint, core:
     try:
         query = _query(container=core.container, core=core.id, since=None, objects=True)
         try:
-            extracted = await _fetch_into(client, namespace=namespace, pod=endpoint.name, query=query,
+            extracted = _fetch_into(client, namespace=namespace, pod=endpoint.name, query=query,
                                           directory=staging, progress=progress)
         except PluginError as exc:
             if not _objects_rejected(exc):
                 raise
             progress.note("note: this server keeps no objects (?objects=true); downloading the core alone")
-            extracted = await _fetch_into(client, namespace=namespace, pod=endpoint.name, query=query[:-1],
+            extracted = _fetch_into(client, namespace=namespace, pod=endpoint.name, query=query[:-1],
                                           directory=staging, progress=progress)
         found = [c for c in extracted.cores if c.core_id == core.id and c.container == core.container]
         if not found:
@@ -266,12 +289,13 @@ async def _gdb_copy(client: Client, *, namespace: str, endpoint: Endpoint, core:
     return copy
 
 
-async def cmd_gdb(client: Client, args: argparse.Namespace, namespace: str) -> int:
-    endpoint = await _endpoint(client, namespace=namespace, pod=args.pod)
+def cmd_gdb(client: Client, args: argparse.Namespace, namespace: str) -> int:
+    from kubectl_coredump import gdb
+    endpoint = _endpoint(client, namespace=namespace, pod=args.pod)
     core = pick_core(endpoint, core_id=args.core, container=args.container)
     if args.exe and not os.path.isfile(args.exe):
         raise PluginError(f"--exe {args.exe}: no such file", code=Exit.USAGE)
-    copy = await _gdb_copy(client, namespace=namespace, endpoint=endpoint, core=core, quiet=args.quiet)
+    copy = _gdb_copy(client, namespace=namespace, endpoint=endpoint, core=core, quiet=args.quiet)
     command, notes = gdb.command(copy, container=core.container, core_id=core.id, gdb_args=list(args.gdb_args),
                                  exe=Path(args.exe).resolve() if args.exe else None)
     if not args.quiet:
@@ -283,8 +307,13 @@ async def cmd_gdb(client: Client, args: argparse.Namespace, namespace: str) -> i
     if shutil.which("gdb") is None:
         raise PluginError("gdb is not installed here (apt-get install gdb); the command would be: "
                           + shlex.join(command))
-    process = await asyncio.create_subprocess_exec(*command)
-    return await process.wait()
+    client.discard()  # gdb may run for hours: no idle connection kept meanwhile
+    # ^C is gdb's (it interrupts the debuggee): caught here, not ignored (an ignored signal would stay so in gdb)
+    previous = signal.signal(signal.SIGINT, lambda number, frame: None)
+    try:
+        return subprocess.run(command).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 COMMANDS = {"list": cmd_list, "describe": cmd_describe, "get": cmd_get, "gdb": cmd_gdb, "bt": cmd_bt}

@@ -9,21 +9,24 @@ sink starts over (a file sink can; stdout cannot and the command fails, saying t
 
 Retries are bounded: :data:`MAX_FAILURES` attempts in a row that bring no new byte, with exponential
 backoff between them; an attempt that brought bytes resumes at once and resets the count.
+
+The body is read with blocking ``readinto`` into one reusable buffer of :data:`CHUNK` bytes and handed
+to the sink as a view of it (stdout writes it straight to the fd; the extractor copies it into its queue):
+no per-chunk allocation, no event loop between the socket and the file.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
+import os
 import re
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
-import aiohttp
-
 from kubectl_coredump import api
 from kubectl_coredump.errors import Exit, PluginError
-from kubectl_coredump.kubeconfig import Client, ConnectionProblem
 from kubectl_coredump.progress import Progress
+from kubectl_coredump.transport import Client, ConnectionProblem
 
 MAX_FAILURES = 8
 BACKOFF_FIRST = 0.5
@@ -39,9 +42,11 @@ class Sink(Protocol):
     @property
     def written(self) -> int: ...
 
-    async def write(self, data: bytes) -> None: ...
+    def write(self, data: memoryview) -> None:
+        """Take these bytes (a view of the downloader's buffer, valid only during the call)."""
+        ...
 
-    async def restart(self) -> None:
+    def restart(self) -> None:
         """Discard everything written: the archive changed. Raise PluginError when that is impossible."""
         ...
 
@@ -69,24 +74,25 @@ class _ArchiveChanged(Exception):
     pass
 
 
-async def download(client: Client, *, namespace: str, name: str, query: Sequence[tuple[str, str]], sink: Sink,
-                   progress: Progress, max_failures: int = MAX_FAILURES) -> Result:
+def download(client: Client, *, namespace: str, name: str, query: Sequence[tuple[str, str]], sink: Sink,
+             progress: Progress, max_failures: int = MAX_FAILURES) -> Result:
     path = api.dump_path(namespace, name)
     archive = _Archive()
+    buffer = memoryview(bytearray(CHUNK))
     failures = 0
     resumes = 0
     while True:
         before = sink.written
         try:
-            await _attempt(client, path=path, query=query, sink=sink, archive=archive, progress=progress,
-                           request=api.dump_request(namespace, name))
+            _attempt(client, path=path, query=query, sink=sink, archive=archive, progress=progress,
+                     request=api.dump_request(namespace, name), buffer=buffer)
             if archive.total is None or sink.written == archive.total:
                 return Result(size=sink.written, etag=archive.etag, resumes=resumes)
             reason = f"the body ended at {sink.written} of {archive.total} bytes"
         except _Cut as exc:
             reason = str(exc)
         except _ArchiveChanged:
-            await sink.restart()
+            sink.restart()
             progress.note("the archive changed on the server (a core was added or removed): downloading it again")
             archive.etag, archive.total = None, None
             continue
@@ -100,11 +106,11 @@ async def download(client: Client, *, namespace: str, name: str, query: Sequence
         progress.resumed()
         progress.note(f"resuming at byte {sink.written}: {reason}")
         if failures:
-            await asyncio.sleep(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1)))
+            time.sleep(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1)))
 
 
-async def _attempt(client: Client, *, path: str, query: Sequence[tuple[str, str]], sink: Sink, archive: _Archive,
-                   progress: Progress, request: api.Request) -> None:
+def _attempt(client: Client, *, path: str, query: Sequence[tuple[str, str]], sink: Sink, archive: _Archive,
+             progress: Progress, request: api.Request, buffer: memoryview) -> None:
     """One request, recording what it learns in ``archive``. Raises _Cut when it should be retried."""
     offset = sink.written
     etag, total = archive.etag, archive.total
@@ -113,19 +119,19 @@ async def _attempt(client: Client, *, path: str, query: Sequence[tuple[str, str]
         headers["Range"] = f"bytes={offset}-"
         headers["If-Range"] = etag
     try:
-        response = await client.get(path, query=query, headers=headers)
+        response = client.get(path, query=query, headers=headers)
     except ConnectionProblem as exc:
         raise _Cut(exc.message) from None
     try:
         status = response.status
         # 404 while resuming: a restarted replica may not have re-created the endpoint yet (bounded retries).
         if status in RETRY_STATUSES or (status == 404 and offset):
-            body = await api.read_bounded(response, limit=1 << 16)
+            body = api.read_bounded(response, limit=1 << 16)
             raise _Cut(api.error_for(status=status, body=body, request=request, server=client.server).message)
         if status == 416 and total is not None and offset == total:
             return
         if status not in (200, 206):
-            body = await api.read_bounded(response, limit=1 << 16)
+            body = api.read_bounded(response, limit=1 << 16)
             raise api.error_for(status=status, body=body, request=request, server=client.server)
         new_etag = response.headers.get("ETag")
         length = response.content_length
@@ -142,27 +148,35 @@ async def _attempt(client: Client, *, path: str, query: Sequence[tuple[str, str]
         archive.etag, archive.total = new_etag or etag, total
         progress.start(total=total, offset=offset)
         try:
-            async for chunk in _chunks(response):
-                if total is not None and sink.written + len(chunk) > total:
+            while count := response.readinto(buffer):
+                if total is not None and sink.written + count > total:
                     raise PluginError("the server sent more bytes than its Content-Length; the archive is "
                                       "damaged", code=Exit.VERIFY_FAILED)
-                await sink.write(chunk)
+                sink.write(buffer[:count])
                 progress.advance(done=sink.written)
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionError, TimeoutError) as exc:
-            raise _Cut(f"the connection broke ({type(exc).__name__}: {exc})".replace(": )", ")")) from None
+        except ConnectionProblem as exc:
+            raise _Cut(exc.message) from None
     finally:
-        response.release()
+        response.close()
 
 
-async def _chunks(response: aiohttp.ClientResponse):  # type: ignore[no-untyped-def]
-    """The body in pieces of about :data:`CHUNK` bytes (fewer, larger writes downstream)."""
-    pending: list[bytes] = []
-    size = 0
-    async for piece in response.content.iter_any():
-        pending.append(piece)
-        size += len(piece)
-        if size >= CHUNK:
-            yield b"".join(pending)
-            pending, size = [], 0
-    if pending:
-        yield b"".join(pending)
+class StdoutSink:
+    """The archive unchanged on stdout; it cannot start over, so a changed archive fails the command."""
+
+    def __init__(self) -> None:
+        self._written = 0
+        self._fd = 1
+
+    @property
+    def written(self) -> int:
+        return self._written
+
+    def write(self, data: memoryview) -> None:
+        view = data
+        while view:
+            view = view[os.write(self._fd, view):]
+        self._written += len(data)
+
+    def restart(self) -> None:
+        raise PluginError("the archive changed on the server while it was written to stdout (a core was added or "
+                          "removed); run the command again", code=Exit.INCOMPLETE)

@@ -2,21 +2,23 @@
 Unpack a dump archive as it downloads, verifying every core against the sha256 of its metadata.
 
 The archive (``apiserver/dump/plan.py``) is a tar stream in concatenated gzip members: per core
-``<container>/<core-id>.json`` then ``<container>/<core-id>.core``; with ``?objects=true`` also files under
-``sysroot/`` and gdb command files at the top. ISA-L's ``igzip`` reads every member (Python's
-``tarfile`` ``r|gz`` would stop after the first) and is several times faster than ``gzip``.
+``<container>/<core-id>.json`` then ``<container>/<core-id>.core``; with ``?objects=true`` also the ELF
+objects under ``sysroot/`` (or ``sysroot.<container>_<core-id>/`` for a core whose objects conflict with
+another's), a gdb command file ``<container>_<core-id>.gdb`` per core and ``manifest.json`` at the top.
+ISA-L's ``igzip`` reads every member (Python's ``tarfile`` ``r|gz`` would stop after the first) and is
+several times faster than ``gzip``.
 
 The archive comes from the server and is untrusted: only those names are accepted (each component a
 plain name, never ``..``), only regular files and directories are written, never through a link, and a
-link under ``sysroot/`` is materialized as a hard link or copy of the archive file it names, resolved
-inside the archive's own name space, so nothing can point outside the output directory. A core is
+link under a sysroot is materialized as a hard link or copy of the sysroot file of the archive it names,
+resolved inside the archive's own name space, so nothing can point outside the output directory. A core is
 written to ``NAME.part`` and renamed only once its sha256 matched.
 
-Runs in a worker thread: :class:`ExtractSink` hands it the downloaded bytes through a bounded queue.
+Runs in a worker thread: :class:`ExtractSink` hands it the downloaded bytes through a bounded queue (so
+the download's TLS and the extraction's gunzip + sha256 + writes use two cores).
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -37,8 +39,11 @@ from kubectl_coredump.errors import Exit, PluginError
 from kubectl_coredump.model import safe_name
 
 MAX_METADATA_BYTES = 16 * 1024 * 1024
+MANIFEST = "manifest.json"  # what ?objects=true says it carried for each core
 COPY_CHUNK = 1 << 20
 QUEUE_CHUNKS = 32  # 32 MiB in flight at most
+THREADED_WRITE_BYTES = 8 << 20  # a member larger than this is hashed and written by a thread of its own
+WRITE_BUFFERS = 4
 _EOF = object()
 _RESTART = object()
 
@@ -64,7 +69,8 @@ class ExtractedCore:
 class Extracted:
     directory: Path
     cores: list[ExtractedCore] = dataclasses.field(default_factory=list)
-    sysroot: Path | None = None
+    sysroot: Path | None = None  # the first sysroot of the archive (sysroot/ when every core shares one)
+    sysroots: list[Path] = dataclasses.field(default_factory=list)
     gdb_scripts: list[Path] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     written: list[Path] = dataclasses.field(default_factory=list)
@@ -106,6 +112,91 @@ class _QueueReader(io.RawIOBase):
         return True
 
 
+class _Writer:
+    """Hashes and writes one file's chunks, in a thread of its own when ``threaded`` (buffers rotate through queues)."""
+
+    def __init__(self, *, fd: int, digest: "hashlib._Hash | None", threaded: bool) -> None:
+        self._fd = fd
+        self._digest = digest
+        self._free: "queue.Queue[memoryview]" = queue.Queue()
+        for _ in range(WRITE_BUFFERS if threaded else 1):
+            self._free.put(memoryview(bytearray(COPY_CHUNK)))
+        self._full: "queue.Queue[memoryview | None]" = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="extract-write", daemon=True) if threaded else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _consume(self, chunk: memoryview) -> None:
+        if self._digest is not None:
+            self._digest.update(chunk)
+        while chunk:
+            chunk = chunk[os.write(self._fd, chunk):]
+
+    def _run(self) -> None:
+        while (chunk := self._full.get()) is not None:
+            try:
+                if self._error is None:
+                    self._consume(chunk)
+            except BaseException as exc:  # noqa: BLE001 - reported to the producer by buffer()/close()
+                self._error = exc
+            self._free.put(memoryview(chunk.obj))  # the whole buffer the chunk is a slice of
+
+    def buffer(self) -> memoryview:
+        if self._error is not None:
+            raise self._error
+        return self._free.get()
+
+    def submit(self, chunk: memoryview) -> None:
+        if self._thread is None:
+            self._consume(chunk)
+            self._free.put(memoryview(chunk.obj))
+        else:
+            self._full.put(chunk)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._full.put(None)
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class _Forward:
+    """The decompressed archive as tarfile's "r:" mode reads it: ``seek`` goes forward only (by reading)."""
+
+    def __init__(self, stream: igzip.GzipFile) -> None:
+        self._stream = stream
+        self._position = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        self._position += len(data)
+        return data
+
+    def readinto(self, buffer: memoryview) -> int:
+        count = self._stream.readinto(buffer)
+        self._position += count
+        return count
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset if whence == io.SEEK_SET else self._position + offset
+        if whence not in (io.SEEK_SET, io.SEEK_CUR) or target < self._position:
+            raise tarfile.ReadError("the archive would have to be read backwards")
+        while self._position < target:
+            if not self.read(min(target - self._position, COPY_CHUNK)):
+                break
+        return self._position
+
+
+def _is_sysroot(component: str) -> bool:
+    """``sysroot`` (shared by the archive's cores) or ``sysroot.<container>_<core-id>`` (a core's own)."""
+    return component == "sysroot" or (component.startswith("sysroot.") and bool(safe_name(component[8:])))
+
+
 def _parts(name: str) -> list[str] | None:
     if name.startswith("/") or "\\" in name:
         return None
@@ -128,7 +219,7 @@ def _mkdirs(base: Path, parts: list[str]) -> Path:
             os.mkdir(current, 0o755)
         except FileExistsError:
             if current.is_symlink() or not current.is_dir():
-                raise PluginError(f"{current} exists and is not a directory; choose another -o directory")
+                raise PluginError(f"{current} exists and is not a directory; choose another -o directory") from None
     return current
 
 
@@ -171,43 +262,63 @@ class Extractor:
         links: dict[str, str] = {}
         files: dict[str, Path] = {}
         dirs: set[str] = set()
-        with igzip.GzipFile(fileobj=reader, mode="rb") as gz, \
-                tarfile.open(fileobj=gz, mode="r|", bufsize=COPY_CHUNK) as archive:
+        # "r:" over the forward-only gzip stream: tarfile reads exactly the header blocks, so the data of a
+        # member is read by _write without tarfile's stream-mode buffering (three copies of every byte).
+        with igzip.GzipFile(fileobj=reader, mode="rb") as gz:
+            self._stream = _Forward(gz)
+            archive = tarfile.open(fileobj=self._stream, mode="r:")  # type: ignore[call-overload]
             pending_meta: dict[tuple[str, str], dict[str, Any]] = {}
             for member in archive:
                 parts = _parts(member.name)
                 if parts is None:
                     self.result.skipped.append(member.name)
                     continue
-                if parts[0] == "sysroot" and len(parts) > 1:
+                if _is_sysroot(parts[0]) and len(parts) > 1:
                     self._sysroot_member(archive, member, parts, links=links, files=files, dirs=dirs)
                 elif len(parts) == 2 and member.isfile() and parts[1].endswith((".json", ".core")):
                     self._core_member(archive, member, parts, pending_meta)
-                elif len(parts) == 1 and member.isfile() and safe_name(parts[0]) and parts[0].endswith(".gdb"):
+                elif len(parts) == 1 and member.isfile() and safe_name(parts[0]) and \
+                        (parts[0].endswith(".gdb") or parts[0] == MANIFEST):
                     path = self._write(archive, member, self.directory / parts[0])
-                    self.result.gdb_scripts.append(path)
+                    if parts[0] != MANIFEST:
+                        self.result.gdb_scripts.append(path)
                 else:
                     self.result.skipped.append(member.name)
+            archive.close()
             # Drain the rest of the stream: the end-of-archive member and anything after it.
             while gz.read(COPY_CHUNK):
                 pass
-        if self.result.sysroot is not None:
+        if links:
             self._materialize_links(links=links, files=files, dirs=dirs)
 
     def _write(self, archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path, *,
                digest: "hashlib._Hash | None" = None) -> Path:
-        source = archive.extractfile(member)
-        assert source is not None
+        """
+        The member's bytes into a new file at ``path``: read straight from the decompressed stream (tarfile
+        has parsed the header and stands at the data) into reusable buffers, hashed and written from them;
+        a large member is hashed and written by a second thread while this one decompresses (both release
+        the GIL, so they use two cores).
+        """
+        stream = self._stream  # where archive reads from
+        if stream.tell() != member.offset_data:
+            stream.seek(member.offset_data)  # forward only: the stream cannot go back
         fd = _open_new(path)
         self.result.written.append(path)
-        with os.fdopen(fd, "wb") as out:
-            while True:
-                chunk = source.read(COPY_CHUNK)
-                if not chunk:
-                    break
-                if digest is not None:
-                    digest.update(chunk)
-                out.write(chunk)
+        sink = _Writer(fd=fd, digest=digest, threaded=member.size > THREADED_WRITE_BYTES)
+        try:
+            remaining = member.size
+            while remaining:
+                buffer = sink.buffer()
+                count = stream.readinto(buffer[: min(remaining, len(buffer))])
+                if not count:
+                    raise EOFError(f"the archive ends inside {member.name}")
+                sink.submit(buffer[:count])
+                remaining -= count
+        finally:
+            try:
+                sink.close()
+            finally:
+                os.close(fd)
         return path
 
     def _core_member(self, archive: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str],
@@ -220,7 +331,8 @@ class Extractor:
         folder = _mkdirs(self.directory, [container])
         if kind == "json":
             if member.size > MAX_METADATA_BYTES:
-                raise PluginError(f"{member.name}: metadata of {member.size} bytes is too large", code=Exit.VERIFY_FAILED)
+                raise PluginError(f"{member.name}: metadata of {member.size} bytes is too large",
+                                  code=Exit.VERIFY_FAILED)
             source = archive.extractfile(member)
             assert source is not None
             data = source.read()
@@ -256,33 +368,40 @@ class Extractor:
 
     def _sysroot_member(self, archive: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str], *,
                         links: dict[str, str], files: dict[str, Path], dirs: set[str]) -> None:
-        inner = "/".join(parts[1:])
-        self.result.sysroot = _mkdirs(self.directory, ["sysroot"])
+        """A member under a sysroot (``sysroot/`` or ``sysroot.<container>_<core-id>/``), keyed by its full name."""
+        root = _mkdirs(self.directory, [parts[0]])
+        if root not in self.result.sysroots:
+            self.result.sysroots.append(root)
+        self.result.sysroot = self.result.sysroot or root
+        name = "/".join(parts)
         if member.isdir():
-            _mkdirs(self.result.sysroot, parts[1:])
-            dirs.add(inner)
+            _mkdirs(root, parts[1:])
+            dirs.add(name)
         elif member.isfile():
-            folder = _mkdirs(self.result.sysroot, parts[1:-1])
+            folder = _mkdirs(root, parts[1:-1])
             for i in range(1, len(parts) - 1):
-                dirs.add("/".join(parts[1:i + 1]))
-            files[inner] = self._write(archive, member, folder / parts[-1])
+                dirs.add("/".join(parts[: i + 1]))
+            files[name] = self._write(archive, member, folder / parts[-1])
         elif member.issym() or member.islnk():
-            links[inner] = member.linkname
+            links[name] = member.linkname
         else:
             self.result.skipped.append(member.name)
 
     def _materialize_links(self, *, links: dict[str, str], files: dict[str, Path], dirs: set[str]) -> None:
-        """Each link under sysroot/ becomes a hard link (or copy) of the archive file it resolves to."""
-        assert self.result.sysroot is not None
+        """
+        Each link under a sysroot becomes a hard link (or copy) of the archive file it resolves to: an
+        absolute target inside the link's own sysroot, a relative one from the link's directory (it may
+        name another sysroot of the archive); anything that resolves to no file of the archive is skipped.
+        """
         for name, target in links.items():
             current, hops = name, 0
             resolved: Path | None = None
             while hops < 40:
                 hops += 1
-                base = posixpath.dirname(current)
                 link_target = links[current]
-                path = posixpath.normpath(link_target.lstrip("/") if link_target.startswith("/")
-                                          else posixpath.join(base, link_target))
+                root = current.split("/", 1)[0]
+                path = posixpath.normpath(posixpath.join(root, link_target.lstrip("/")) if link_target.startswith("/")
+                                          else posixpath.join(posixpath.dirname(current), link_target))
                 if path.startswith("..") or path == ".":
                     break
                 if path in files:
@@ -294,9 +413,9 @@ class Extractor:
                 break
             parts = _parts(name)
             if resolved is None or parts is None or name in files:
-                self.result.skipped.append(f"sysroot/{name} -> {target}")
+                self.result.skipped.append(f"{name} -> {target}")
                 continue
-            folder = _mkdirs(self.result.sysroot, parts[:-1])
+            folder = _mkdirs(self.directory, parts[:-1])
             destination = folder / parts[-1]
             try:
                 os.link(resolved, destination, follow_symlinks=False)
@@ -307,7 +426,7 @@ class Extractor:
 
 
 class ExtractSink:
-    """A download sink that extracts in a worker thread as the bytes arrive (``async with``)."""
+    """A download sink that extracts in a worker thread as the bytes arrive (``with``)."""
 
     def __init__(self, *, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -315,88 +434,53 @@ class ExtractSink:
         self._extractor = Extractor(directory=directory, chunks=self._chunks)
         self._written = 0
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract")
-        self._future: asyncio.Future[Extracted] | None = None
-        self._lock = threading.Lock()
+        self._future: concurrent.futures.Future[Extracted] | None = None
 
     @property
     def written(self) -> int:
         return self._written
 
-    async def __aenter__(self) -> "ExtractSink":
-        self._future = asyncio.get_running_loop().run_in_executor(self._pool, self._extractor.run)
+    def __enter__(self) -> "ExtractSink":
+        self._future = self._pool.submit(self._extractor.run)
         return self
 
-    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None and self._future is not None:
             if not self._future.done():
                 try:
-                    await self._put(RuntimeError("download failed"))
+                    self._put(RuntimeError("download failed"))
                 except BaseException:  # noqa: BLE001 - the download's own error is the one to report
                     pass
             try:
-                await self._future  # let it clean up its partial files before the error is reported
+                self._future.result()  # let it clean up its partial files before the error is reported
             except BaseException:  # noqa: BLE001 - the download's own error is the one to report
                 pass
         self._pool.shutdown(wait=False)
 
-    async def _put(self, item: object) -> None:
+    def _put(self, item: object) -> None:
         assert self._future is not None
-        try:
-            self._chunks.put_nowait(item)
-            return
-        except queue.Full:
-            pass
         while True:
-            if self._future.done():
-                self._future.result()  # the extractor failed: raise its error here
-                raise PluginError("the extraction stopped unexpectedly")
             try:
-                await asyncio.to_thread(self._chunks.put, item, True, 0.5)
+                self._chunks.put(item, timeout=0.5)
                 return
             except queue.Full:
-                continue
+                if self._future.done():
+                    self._future.result()  # the extractor failed: raise its error here
+                    raise PluginError("the extraction stopped unexpectedly") from None
 
-    async def write(self, data: bytes) -> None:
+    def write(self, data: memoryview) -> None:
         assert self._future is not None
         if self._future.done():
             self._future.result()
-        await self._put(data)
+            raise PluginError("the extraction stopped before the end of the archive")
+        self._put(bytes(data))
         self._written += len(data)
 
-    async def restart(self) -> None:
-        await self._put(_RESTART)
+    def restart(self) -> None:
+        self._put(_RESTART)
         self._written = 0
 
-    async def finish(self) -> Extracted:
+    def finish(self) -> Extracted:
         assert self._future is not None
-        await self._put(_EOF)
-        return await self._future
-
-
-class StdoutSink:
-    """The archive unchanged on stdout; it cannot start over, so a changed archive fails the command."""
-
-    def __init__(self) -> None:
-        self._written = 0
-        self._out = os.fdopen(os.dup(1), "wb", buffering=0)
-
-    @property
-    def written(self) -> int:
-        return self._written
-
-    async def write(self, data: bytes) -> None:
-        view = memoryview(data)
-        await asyncio.to_thread(self._write_all, view)
-        self._written += len(data)
-
-    def _write_all(self, view: memoryview) -> None:
-        while view:
-            count = self._out.write(view)
-            view = view[count or 0:]
-
-    async def restart(self) -> None:
-        raise PluginError("the archive changed on the server while it was written to stdout (a core was added or "
-                          "removed); run the command again", code=Exit.INCOMPLETE)
-
-    def close(self) -> None:
-        self._out.close()
+        self._put(_EOF)
+        return self._future.result()

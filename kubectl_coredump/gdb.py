@@ -6,9 +6,12 @@ The cache is ``$XDG_CACHE_HOME/kubectl-coredump`` (``~/.cache/kubectl-coredump``
 ``verified.json`` (the sha256 checked at download, with the core file's size and mtime). A cached core is
 used while its file still has that size and mtime; otherwise it is downloaded again.
 
-The executable: ``sysroot/<exe>`` when the archive carried objects (``?objects=true``; gdb then gets
-``set sysroot`` so shared libraries load from there too), else the recorded exe path if that file exists on
-this machine, else none: gdb opens the core alone and the user is told so.
+With objects (``?objects=true``) the archive carries the core's own gdb command file,
+``<container>_<core-id>.gdb`` (``set sysroot``, ``solib-search-path``, ``file``, ``core-file``, relative to
+the archive's top): gdb runs it with ``-cd`` there, then the user's arguments. Otherwise (or with
+``--exe``) the executable is ``sysroot/<exe>`` when a sysroot came (gdb also gets ``set sysroot``), else the
+recorded exe path if that file exists on this machine, else none: gdb opens the core alone and the user is
+told so.
 """
 from __future__ import annotations
 
@@ -73,20 +76,23 @@ def commit(*, staging: Path, final: Path, core: Path, sha256: str) -> None:
 def command(copy: CachedCore, *, container: str, core_id: str, gdb_args: list[str],
             exe: Path | None = None) -> tuple[list[str], list[str]]:
     """The gdb command line for a cached core, and notes for the user about what it could not find."""
+    script = copy.directory / f"{container}_{core_id}.gdb"
+    if exe is None and script.is_file():
+        # ?objects=true wrote this core's command file (sysroot, solib path, file, core-file, all relative
+        # to the archive's top): gdb runs it from there, then the user's own arguments.
+        return ["gdb", f"-cd={copy.directory}", "-x", str(script), *gdb_args], []
     core = copy.directory / container / f"{core_id}.core"
     notes: list[str] = []
     exe_recorded = copy.metadata.get("exe") if isinstance(copy.metadata.get("exe"), str) else ""
-    sysroot = copy.directory / "sysroot"
+    own = copy.directory / f"sysroot.{container}_{core_id}"
+    sysroot = own if own.is_dir() else copy.directory / "sysroot"
     args = ["gdb"]
-    scripts = sorted(copy.directory.glob("*.gdb"))
     executable: Path | None = exe
     if sysroot.is_dir():
         args += ["-ex", f"set sysroot {sysroot}"]
         candidate = sysroot / exe_recorded.lstrip("/") if exe_recorded else None
         if executable is None and candidate is not None and candidate.is_file():
             executable = candidate
-        for script in scripts:
-            args += ["-x", str(script)]
     if executable is None and exe_recorded and os.path.isfile(exe_recorded):
         executable = Path(exe_recorded)
         notes.append(f"note: using {exe_recorded} from this machine; it must be the same build as in the pod "

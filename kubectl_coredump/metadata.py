@@ -14,38 +14,35 @@ import tarfile
 import zlib
 from typing import Any
 
-import aiohttp
-
 from kubectl_coredump import api
 from kubectl_coredump.errors import Exit, PluginError
-from kubectl_coredump.kubeconfig import Client, ConnectionProblem
+from kubectl_coredump.transport import Client
 
 HEAD_BYTES = 4 * 1024 * 1024  # compressed bytes asked for; the metadata member is far smaller
 MAX_METADATA_BYTES = 16 * 1024 * 1024
 
 
-async def fetch_metadata(client: Client, *, namespace: str, name: str, container: str, core_id: str) -> dict[str, Any]:
-    response = await client.get(api.dump_path(namespace, name), query=[("container", container), ("core", core_id)],
+def fetch_metadata(client: Client, *, namespace: str, name: str, container: str, core_id: str) -> dict[str, Any]:
+    response = client.get(api.dump_path(namespace, name), query=[("container", container), ("core", core_id)],
                                 headers={"Range": f"bytes=0-{HEAD_BYTES - 1}"})
     try:
         if response.status not in (200, 206):
-            body = await api.read_bounded(response, limit=1 << 16)
+            body = api.read_bounded(response, limit=1 << 16)
             raise api.error_for(status=response.status, body=body, request=api.dump_request(namespace, name),
                                 server=client.server)
         inflater = zlib.decompressobj(31)
         plain = bytearray()
         received = 0
-        async for piece in response.content.iter_any():
-            received += len(piece)
-            plain += inflater.decompress(piece, MAX_METADATA_BYTES + 1024 - len(plain))
+        buffer = memoryview(bytearray(1 << 16))
+        while count := response.readinto(buffer):
+            received += count
+            plain += inflater.decompress(buffer[:count], MAX_METADATA_BYTES + 1024 - len(plain))
             if inflater.eof or len(plain) > MAX_METADATA_BYTES or received >= HEAD_BYTES:
                 break
     except zlib.error as exc:
         raise PluginError(f"the dump of {container}/{core_id} is damaged: {exc}", code=Exit.VERIFY_FAILED) from None
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise ConnectionProblem(f"the connection to the API server broke: {exc}") from exc
     finally:
-        response.close()  # stop the transfer: the rest is the core
+        response.close()  # stop the transfer (the rest is the core): the connection is dropped
     return _parse(bytes(plain), container=container, core_id=core_id)
 
 

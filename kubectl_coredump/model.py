@@ -92,6 +92,10 @@ class Core:
         return self.signal_name or (str(self.signal) if self.signal else "-")
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Endpoint:
     namespace: str
@@ -103,10 +107,11 @@ class Endpoint:
 
     @classmethod
     def from_object(cls, obj: dict[str, Any]) -> "Endpoint":
-        metadata = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
-        spec = obj.get("spec") if isinstance(obj.get("spec"), dict) else {}
-        status = obj.get("status") if isinstance(obj.get("status"), dict) else {}
-        entries = status.get("cores") if isinstance(status.get("cores"), list) else []
+        metadata = _dict(obj.get("metadata"))
+        spec = _dict(obj.get("spec"))
+        status = _dict(obj.get("status"))
+        entries = status.get("cores")
+        entries = entries if isinstance(entries, list) else []
         cores = tuple(Core.from_status(e) for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str))
         return cls(namespace=_str(metadata.get("namespace")), name=_str(metadata.get("name")),
                    pod_uid=_str(spec.get("podUID")), cores=cores, status=status, raw=obj)

@@ -22,7 +22,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """Columns padded like ``kubectl get``: upper-case headers, three spaces between columns."""
     cells = [list(headers)] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join("   ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    return "\n".join("   ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in cells)
 
 
 def list_table(endpoints: Sequence[Endpoint], *, all_namespaces: bool) -> str:
@@ -115,7 +115,8 @@ def describe(endpoint: Endpoint, *, cores: Sequence[Core], metadata: dict[str, d
         out += ["", f"Core {core.id}",
                 f"  Container:   {core.container or '-'}",
                 f"  Time:        {core.time or '-'}",
-                f"  Signal:      {core.signal_text}" + (f" ({core.signal})" if core.signal and core.signal_name else ""),
+                f"  Signal:      {core.signal_text}"
+                + (f" ({core.signal})" if core.signal and core.signal_name else ""),
                 f"  Executable:  {core.exe or '-'}",
                 f"  Build ID:    {core.build_id or '-'}",
                 f"  Size:        {human_size(core.size)} ({human_size(core.stored_size)} stored)"

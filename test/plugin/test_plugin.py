@@ -8,24 +8,30 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
+import os
 import subprocess
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import PluginWorld
+from conftest import BIG_HEAP, T0, PluginWorld
 from fixtures_apiserver import kubectl_binary
-from plugin_harness import PLUGIN, CuttingProxy, ProxyRule, kubeconfig_via, run_plugin
+from plugin_harness import PLUGIN, CuttingProxy, ProxyRule, crash, import_core, kubeconfig_via, run_plugin
+
+from handler import layout
 
 pytestmark = pytest.mark.slow
 
 DUMP = "/apis/coredump.example.io/v1alpha1/namespaces/{ns}/coredumpendpoints/{pod}/dump"
 
 
-def plugin(world: PluginWorld, *args: str, kubeconfig: Path | None = None, **kw: object) -> subprocess.CompletedProcess[bytes]:
+def plugin(world: PluginWorld, *args: str, kubeconfig: Path | None = None,
+           **kw: object) -> subprocess.CompletedProcess[bytes]:
     env = {"XDG_CACHE_HOME": str(world.cache), **kw.pop("env", {})}  # type: ignore[dict-item]
     return run_plugin(kubeconfig or world.kubeconfig, *args, env=env, **kw)  # type: ignore[arg-type]
 
@@ -62,7 +68,6 @@ def test_help_of_every_command_names_the_exit_codes() -> None:
 
 def test_kubectl_finds_the_plugin_and_runs_it(world: PluginWorld) -> None:
     kubectl = kubectl_binary(None)
-    import os
     env = {**os.environ, "PATH": f"{PLUGIN.parent}{os.pathsep}{os.environ['PATH']}"}
     listed = subprocess.run([kubectl, "plugin", "list"], capture_output=True, env=env)
     assert str(PLUGIN).encode() in listed.stdout, listed
@@ -130,6 +135,9 @@ def test_get_extracts_verified_cores_ready_for_gdb(world: PluginWorld, tmp_path:
     assert future.returncode == 3 and b"no cores" in future.stderr
     nope = plugin(world, "get", "web-0", "-n", "shop", "-c", "nope", "-o", str(tmp_path / "n"))
     assert nope.returncode == 3 and b"app, sidecar" in nope.stderr
+    assert not (tmp_path / "f").exists() and not (tmp_path / "n").exists()  # a failed get leaves no directory
+    missing = plugin(world, "get", "no-such-pod", "-o", str(tmp_path / "m"))
+    assert missing.returncode == 3 and b'"no-such-pod" not found' in missing.stderr
 
 
 def test_get_to_stdout_is_the_archive_unchanged(world: PluginWorld) -> None:
@@ -162,8 +170,8 @@ def proxy_kubeconfig(world: PluginWorld, tmp_path: Path) -> Iterator[tuple[Cutti
 def test_get_resumes_across_forced_cuts_byte_identical(world: PluginWorld, proxy_kubeconfig, tmp_path: Path) -> None:
     size = len(raw_dump(world, "default", "big-0"))
     assert size > 8 << 20
-    rules = [ProxyRule(connection=0, after=size // 5, action="cut"), ProxyRule(connection=1, after=size // 3, action="cut"),
-             ProxyRule(connection=2, after=100, action="cut")]
+    rules = [ProxyRule(connection=0, after=size // 5, action="cut"),
+             ProxyRule(connection=1, after=size // 3, action="cut"), ProxyRule(connection=2, after=100, action="cut")]
     proxy, kubeconfig = proxy_kubeconfig(rules)
     result = plugin(world, "get", "big-0", "-o", str(tmp_path / "big"), kubeconfig=kubeconfig)
     ok(result)
@@ -181,7 +189,6 @@ def test_get_resumes_across_forced_cuts_byte_identical(world: PluginWorld, proxy
 def test_get_resumes_across_a_server_restart(world: PluginWorld, proxy_kubeconfig, tmp_path: Path) -> None:
     proxy, kubeconfig = proxy_kubeconfig([ProxyRule(connection=0, after=3 << 20, action="hold")])
     env = {"XDG_CACHE_HOME": str(world.cache), "KUBECONFIG": str(kubeconfig)}
-    import os
     process = subprocess.Popen([str(PLUGIN), "get", "big-0", "-o", str(tmp_path / "big")], env={**os.environ, **env},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -196,6 +203,54 @@ def test_get_resumes_across_a_server_restart(world: PluginWorld, proxy_kubeconfi
     assert process.returncode == 0, err.decode()
     assert b"resuming at byte" in err
     assert extracted_digests(tmp_path / "big") == expected_digests(world, "default", "big-0")
+
+
+def test_an_archive_changed_between_cut_and_resume_starts_over(world: PluginWorld, proxy_kubeconfig,
+                                                                tmp_path: Path) -> None:
+    """
+    A core filed while the download is cut: the resume's If-Range (the first response's ETag) no longer
+    matches, the server sends the whole new archive (200), and -o DIR starts over and ends with every core
+    verified and nothing of the first archive spliced in; -o - cannot start over and says so (exit 7).
+    """
+    uid = str(uuid.uuid4())
+    item = "/apis/coredump.example.io/v1alpha1/namespaces/default/coredumpendpoints/change-0"
+    import_core(root=world.root, work=tmp_path, core=crash(world.crasher, tmp_path / "c1", heap=BIG_HEAP),
+                namespace="default", pod="change-0", pod_uid=uid, container="app", time=T0 + 300)
+    deadline = time.monotonic() + 60
+    while world.server.request("GET", item).status != 200:  # auto-created from storage
+        assert time.monotonic() < deadline, "the endpoint was never auto-created"
+        time.sleep(0.2)
+    small = crash(world.crasher, tmp_path / "c2", heap=100_000)
+    env = {**os.environ, "XDG_CACHE_HOME": str(world.cache)}
+
+    def cut_while_a_core_is_filed(output: str, at: float) -> subprocess.CompletedProcess[bytes]:
+        proxy, kubeconfig = proxy_kubeconfig([ProxyRule(connection=0, after=3 << 20, action="hold")])
+        process = subprocess.Popen([str(PLUGIN), "get", "change-0", "-o", output],
+                                   env={**env, "KUBECONFIG": str(kubeconfig)}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        try:
+            assert proxy.held.wait(60), "the download never reached the hold point"
+            import_core(root=world.root, work=tmp_path, core=small, namespace="default", pod="change-0", pod_uid=uid,
+                        container="app", time=at)
+            proxy.release()
+            out, err = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+    result = cut_while_a_core_is_filed(str(tmp_path / "out"), T0 + 400)
+    assert result.returncode == 0, result.stderr.decode()
+    assert b"the archive changed on the server" in result.stderr
+    stored = {f"{c.ref.container}/{c.ref.core_id}": c.metadata["sha256"]
+              for c in layout.list_cores(world.root, namespace="default", pod="change-0", pod_uid=uid)}
+    assert len(stored) == 2
+    assert extracted_digests(tmp_path / "out") == stored
+    assert not list((tmp_path / "out").rglob("*.part"))
+
+    streamed = cut_while_a_core_is_filed("-", T0 + 500)
+    assert streamed.returncode == 7, streamed.stderr.decode()
+    assert b"archive changed on the server while it was written to stdout" in streamed.stderr
 
 
 def test_gdb_gives_a_backtrace_of_a_real_core_and_caches_it(world: PluginWorld) -> None:
@@ -281,7 +336,6 @@ def test_kubeconfig_merges_paths_like_kubectl(world: PluginWorld, tmp_path: Path
              "contexts": []}
     (tmp_path / "a").write_text(yaml.safe_dump(first))
     (tmp_path / "b").write_text(yaml.safe_dump(config))
-    import os
     merged = run_plugin(None, "get", "traced-0", "-o", str(tmp_path / "o"),
                         env={"KUBECONFIG": os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")]),
                              "XDG_CACHE_HOME": str(world.cache)})
