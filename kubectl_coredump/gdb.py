@@ -80,7 +80,11 @@ def command(copy: CachedCore, *, container: str, core_id: str, gdb_args: list[st
     if exe is None and script.is_file():
         # ?objects=true wrote this core's command file (sysroot, solib path, file, core-file, all relative
         # to the archive's top): gdb runs it from there, then the user's own arguments.
-        return ["gdb", f"-cd={copy.directory}", "-x", str(script), *gdb_args], []
+        script_notes: list[str] = []
+        if not any(line.startswith("file ") for line in script.read_text(errors="replace").splitlines()):
+            script_notes.append("note: the dump carries no executable for this core (see manifest.json): gdb opens the "
+                         "core alone (addresses only)")
+        return ["gdb", f"-cd={copy.directory}", "-x", str(script), *gdb_args], script_notes
     core = copy.directory / container / f"{core_id}.core"
     notes: list[str] = []
     exe_recorded = copy.metadata.get("exe") if isinstance(copy.metadata.get("exe"), str) else ""
