@@ -793,7 +793,11 @@ class CoreWriter:
                       container=self.base.container, core_id=core_id)
         meta, body = self._metadata_body(metadata, ref, stored_size)
         name = inflight.temp_name(core_id, self._writer, self._token, META_SUFFIX)
-        d.write_new(name, body, mode=FILE_MODE)
+        try:
+            d.write_new(name, body, mode=FILE_MODE)
+        except BaseException:
+            d.unlink(name)  # a metadata temp cut by a full filesystem must not be left to pair with the data
+            raise
         return ref, meta, name
 
     def _free_ids(self, d: safefs.Dir) -> Iterator[str]:
@@ -818,36 +822,39 @@ class CoreWriter:
         d = self._dir
         stored_size = os.fstat(f.fileno()).st_size
         free = self._free_ids(d)
-        ref, meta, meta_tmp = self._write_meta_temp(d, metadata, self._next_id(free), stored_size)
-        faults.point("commit:meta-written")
+        meta_tmp: str | None = None
+        named: str | None = None
+        linked = False
         try:
+            ref, meta, meta_tmp = self._write_meta_temp(d, metadata, self._next_id(free), stored_size)
+            faults.point("commit:meta-written")
             os.fsync(f.fileno())
             faults.point("commit:data-synced")
             while True:
                 try:
                     linked = d.link_no_replace(self._tmp_name, ref.core_id + CORE_SUFFIX)
+                    named = ref.core_id + CORE_SUFFIX
                     break
                 except FileExistsError:
                     # Taken since we looked (another writer of the same base id): relabel for the next free id.
                     d.unlink(meta_tmp)
+                    meta_tmp = None
                     ref, meta, meta_tmp = self._write_meta_temp(d, metadata, self._next_id(free), stored_size)
-        except BaseException:
-            d.unlink(meta_tmp)
-            raise
-        faults.point("commit:data-named")
-        try:
+            faults.point("commit:data-named")
             d.rename(meta_tmp, ref.core_id + META_SUFFIX)
         except BaseException:
-            # Uncommitted: take the final data name away again, keeping the temp file (a caller may still
-            # move its bytes elsewhere; abort() removes it).
-            d.unlink(meta_tmp)
-            if linked:
-                d.unlink(ref.core_id + CORE_SUFFIX)
-            else:
-                try:
-                    d.rename(ref.core_id + CORE_SUFFIX, self._tmp_name)
-                except OSError:
-                    pass
+            # Uncommitted (a full or failing filesystem): take the final data name away again, keeping the temp
+            # file (a caller may still move its bytes elsewhere; abort() removes it).
+            if meta_tmp is not None:
+                d.unlink(meta_tmp)
+            if named is not None:
+                if linked:
+                    d.unlink(named)
+                else:
+                    try:
+                        d.rename(named, self._tmp_name)
+                    except OSError:
+                        pass
             raise
         faults.point("commit:meta-named")
         self._close_file()
