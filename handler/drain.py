@@ -27,7 +27,7 @@ from handler.filing import base_metadata, file_core, outcome_record, storage_usa
 from handler.ingest import IngestResult
 from handler.outcome import DRAINED, ERROR, write_outcome
 from handler.resolve import PodIdentity, identity_from_cgroup_text, resolve_pod
-from handler.spool import SpoolEntry, list_entries, parse_shim_info
+from handler.spool import SpoolEntry, list_entries, parse_shim_info, sweep_orphans
 
 logger = logging.getLogger(__name__)
 
@@ -192,6 +192,7 @@ def _finish(cfg: HandlerConfig, entry: SpoolEntry, filed, started: float, report
 def drain(cfg: HandlerConfig) -> DrainReport:
     """File every committed spool entry that can be filed now."""
     report = DrainReport()
+    sweep_orphans(cfg.spool_dir)
     entries = list_entries(cfg.spool_dir)
     if not entries:
         return report
