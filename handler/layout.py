@@ -338,6 +338,21 @@ def iter_all_cores(root: Path) -> Iterator[StoredCore]:
         yield from list_cores(root, namespace=ns)
 
 
+def iter_container_dirs(root: Path) -> Iterator[Path]:
+    """Every real container directory under ``root`` (validated names at each level, no link followed), whether
+    it holds committed cores or not: a sweep must also reach a directory whose only core is an interrupted one."""
+    root = Path(root)
+    for ns in _namespaces(root):
+        ns_dir = safefs.open_dir(root, ns)
+        if ns_dir is None:
+            continue
+        with ns_dir:
+            for p, pod_dir in _sub_or_all(ns_dir, None, validate_pod_name):
+                for u, uid_dir in _sub_or_all(pod_dir, None, validate_pod_uid):
+                    for c in _valid_names(uid_dir, validate_container):
+                        yield container_dir(root, namespace=ns, pod=p, pod_uid=u, container=c)
+
+
 def stat_core(core: StoredCore) -> os.stat_result | None:
     """The stat of a core's data file, reached without links; None if it is not (or no longer) a regular file."""
     d = open_container(core.root, core.ref)

@@ -183,3 +183,13 @@ def test_hostile_temp_names_are_judged_by_their_mark_alone(tmp_path: Path) -> No
     # the first names this process with another start time: a reused pid, so dead; the others fall to their age
     assert layout.sweep_debris(d, node=THIS, proc_root=PROC) == 3
     assert os.listdir(d) == []
+
+
+def test_retention_completes_an_interrupted_core_alone_in_its_directory(node: NodeTree, segv_core: RealCore) -> None:
+    """The first core of a container, killed in its commit: no committed core shows the sweep its directory."""
+    from handler.agent import retention
+    directory = _killed_in_commit(node, segv_core, "commit:data-named")
+    assert list(layout.iter_container_dirs(node.storage)) == [directory]
+    retention.apply(node.storage, now=time.time() + 2 * GRACE)
+    (core,) = layout.list_cores(node.storage, namespace="team-a")
+    assert gzip.decompress(core.core_path.read_bytes()) == segv_core.path.read_bytes()
