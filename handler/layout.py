@@ -37,8 +37,10 @@ import logging
 import os
 import re
 import secrets
+import signal as signals
 import stat
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -47,7 +49,7 @@ from typing import Any, BinaryIO
 
 from isal import igzip, isal_zlib
 
-from handler import faults, inflight, safefs
+from handler import elfinfo, faults, inflight, safefs
 
 logger = logging.getLogger(__name__)
 
@@ -539,6 +541,105 @@ def _finish_write(d: safefs.Dir, w: _PendingWrite) -> str | None:
     return None
 
 
+# A salvaged member's output is held until the member ends (its CRC checked): members are one input chunk (1 MiB
+# by default); a planted file with a bigger one is salvaged only up to it.
+_SALVAGE_MEMBER_MAX = 16 << 20
+KILLED_MID_STREAM = "killed"
+
+
+def _whole_members(f: safefs.ReadFile) -> tuple[int, int, str, elfinfo.CoreShape]:
+    """(compressed bytes of the whole gzip members at the start of ``f``, their uncompressed size, its sha256, the
+    ELF shape of that content). Reading stops at the first cut or damaged member; memory stays bounded."""
+    shape = elfinfo.CoreShape()
+    digest = hashlib.sha256()
+    good = size = 0
+    base = 0                      # compressed offset where ``buf`` starts
+    obj = zlib.decompressobj(31)
+    pending: list[bytes] = []
+    pending_len = 0
+    try:
+        for chunk in f.chunks(1 << 20):
+            buf = chunk
+            while buf:
+                out = obj.decompress(buf, 1 << 20)
+                pending.append(out)
+                pending_len += len(out)
+                if pending_len > _SALVAGE_MEMBER_MAX:
+                    return good, size, digest.hexdigest(), shape
+                if obj.eof:
+                    for piece in pending:
+                        digest.update(piece)
+                        if not shape.done:
+                            shape.feed(piece)
+                    size += pending_len
+                    pending, pending_len = [], 0
+                    base += len(buf) - len(obj.unused_data)
+                    good = base
+                    buf = obj.unused_data
+                    obj = zlib.decompressobj(31)
+                elif obj.unconsumed_tail:
+                    base += len(buf) - len(obj.unconsumed_tail)
+                    buf = obj.unconsumed_tail
+                else:
+                    base += len(buf)
+                    buf = b""
+    except zlib.error:
+        pass
+    return good, size, digest.hexdigest(), shape
+
+
+def _salvage(d: safefs.Dir, w: _PendingWrite, ref: CoreRef) -> str | None:
+    """
+    A write whose writer died before its commit (SIGKILL, the OOM killer, a node losing power): keep what it wrote
+    as a core truncated ``killed`` (or whole, if its headers say all of it is there) if the ELF header, program headers and every note are in its whole gzip
+    members (what a debugger needs: the same rule as for a stalled or killed stream). The cut last member is
+    trimmed off, the metadata is made from what the names say (core id: time, comm, pid, signal; directory: the
+    pod; temp name: the node), then the write is committed like an interrupted commit. None: nothing to keep.
+    """
+    assert w.data is not None and w.data_name is not None
+    m = CORE_ID_RE.match(w.data_name.core_id)
+    f = d.open_read(w.data)
+    if m is None or f is None:
+        return None
+    with f:
+        good, size, sha, shape = _whole_members(f)
+        ino = (f.st.st_dev, f.st.st_ino)
+    if not good or shape.is_core is not True or not shape.has_notes(size):
+        return None
+    try:
+        fd = os.open(w.data, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=d.fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != ino:
+            return None
+        os.ftruncate(fd, good)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    # Killed after the last byte but before its commit, the core is whole: its own headers say how long it is.
+    cut = shape.expected_size is None or size < shape.expected_size
+    sig = int(m["signal"])
+    try:
+        signal_name: str | None = signals.Signals(sig).name
+    except ValueError:
+        signal_name = None
+    node = w.data_name.writer.node
+    meta: dict[str, Any] = {k: None for k in METADATA_KEYS}
+    meta.update(
+        coreID=w.data_name.core_id, namespace=ref.namespace, pod=ref.pod, podUID=ref.pod_uid,
+        container=ref.container, node=None if node == inflight.UNKNOWN_NODE else node, pid=int(m["pid"]),
+        signal=sig, signalName=signal_name, comm=m["comm"], timestamp=rfc3339(core_id_time(w.data_name.core_id)),
+        size=size, observedSize=size, storedSize=good, sha256=sha, truncated=cut,
+        truncationReason=KILLED_MID_STREAM if cut else None, compression="gzip",
+        recovered="the handler was killed mid-stream; the debris sweep kept what it had written",
+    )
+    meta_name = inflight.temp_name(w.data_name.core_id, w.data_name.writer, w.token, META_SUFFIX)
+    d.write_new(meta_name, (json.dumps(meta, indent=2) + "\n").encode(), mode=FILE_MODE)
+    return _finish_write(d, _PendingWrite(token=w.token, data=w.data, data_name=w.data_name, metas=[meta_name]))
+
+
 def _complete_incomplete(d: safefs.Dir, core_id: str, temps: list[str]) -> bool:
     """Rename the metadata temp of a public ``core_id`` into place (finishing an interrupted commit)."""
     for name in temps:
@@ -589,6 +690,12 @@ def sweep_debris(directory: Path, *, now: float | None = None, grace: float = OR
                 cid = _finish_write(d, w)
                 if cid is not None:
                     logger.warning("completed the interrupted commit of core %s/%s", d.path, cid)
+                    entries[cid + META_SUFFIX] = entries[w.data]
+            elif recover:
+                cid = _salvage(d, w, ref)
+                if cid is not None:
+                    logger.warning("kept core %s/%s, cut where its writer was killed (truncated: killed)",
+                                   d.path, cid)
                     entries[cid + META_SUFFIX] = entries[w.data]
             for name in w.names():
                 if d.unlink(name):

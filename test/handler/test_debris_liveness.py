@@ -44,7 +44,8 @@ def _temps(directory: Path) -> list[Path]:
     return sorted(directory.glob(".*.tmp")) if directory.is_dir() else []
 
 
-def _start_stalled(node: NodeTree, core: RealCore, *, heartbeat: float) -> tuple[subprocess.Popen, bytes]:
+def _start_stalled(node: NodeTree, core: RealCore, *, heartbeat: float,
+                   send: int | None = None) -> tuple[subprocess.Popen, bytes]:
     # The agent's handler.json carries the heartbeat; here the handler's --config file does.
     (node.base / "no-config.json").write_text(json.dumps({"heartbeat_interval": heartbeat}))
     proc = subprocess.Popen(node.handler_args("--stall-timeout", "600", "capture", str(core.pid), str(core.pid),
@@ -52,7 +53,7 @@ def _start_stalled(node: NodeTree, core: RealCore, *, heartbeat: float) -> tuple
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     data = core.path.read_bytes()
     assert proc.stdin is not None
-    proc.stdin.write(data[: len(data) // 2])
+    proc.stdin.write(data[: len(data) // 2 if send is None else send])
     proc.stdin.flush()
     return proc, data
 
@@ -88,36 +89,55 @@ def test_a_stalled_writer_keeps_its_temp_file_through_every_sweep(node: NodeTree
     assert _temps(directory) == []
 
 
-def test_a_dead_writers_temp_goes_at_once_on_its_node_and_after_the_grace_elsewhere(node: NodeTree,
-                                                                                     segv_core: RealCore) -> None:
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if proc.stdin:
+        proc.stdin.close()
+
+
+def test_a_dead_writers_partial_core_is_kept_after_the_grace_elsewhere(node: NodeTree, segv_core: RealCore) -> None:
+    """SIGKILLed mid-stream (the OOM killer, say) after the notes arrived: kept as a core truncated ``killed``."""
+    from handler import elfinfo
     directory = _pod(node, segv_core)
-    proc, _ = _start_stalled(node, segv_core, heartbeat=0.2)
+    proc, data = _start_stalled(node, segv_core, heartbeat=0.2)
     try:
-        _wait_for("the handler's temp file", lambda: _temps(directory))
+        # the first chunk (1 MiB) compressed and written: the notes are in it
+        _wait_for("the first chunk on storage", lambda: any(p.stat().st_size for p in _temps(directory)))
     finally:
-        proc.send_signal(signal.SIGKILL)  # killed mid-stream: no commit was reached, nothing to complete
-        proc.wait()
-        if proc.stdin:
-            proc.stdin.close()
+        _kill(proc)
     (tmp,) = _temps(directory)
     mark = tmp.stat().st_mtime
-    # Elsewhere: within the grace it may be a live write; after it, it is debris.
+    # Elsewhere: within the grace it may be a live write; after it, its writer is gone.
     assert layout.sweep_debris(directory, now=mark + GRACE - 1, node=OTHER, proc_root=PROC) == 0
-    assert tmp.exists()
-    assert layout.sweep_debris(directory, now=mark + GRACE + 1, node=OTHER, proc_root=PROC) == 1
+    assert tmp.exists() and layout.list_cores(node.storage, namespace="team-a") == []
+    layout.sweep_debris(directory, now=mark + GRACE + 1, node=OTHER, proc_root=PROC)
     assert _temps(directory) == []
-    assert layout.list_cores(node.storage, namespace="team-a") == []
+    (core,) = layout.list_cores(node.storage, namespace="team-a")
+    m = core.metadata
+    assert m["truncated"] is True and m["truncationReason"] == "killed"
+    kept = gzip.decompress(core.core_path.read_bytes())
+    assert 0 < len(kept) < len(data) and kept == data[: len(kept)]  # a prefix of the core, never more
+    assert m["size"] == len(kept) and m["sha256"] == hashlib.sha256(kept).hexdigest()
+    assert (m["pid"], m["signal"], m["comm"], m["node"]) == (segv_core.pid, 11, "crasher", THIS)
+    assert m["storedSize"] == core.core_path.stat().st_size
+    raw = node.base / "kept.core"
+    raw.write_bytes(kept)
+    assert elfinfo.core_process_info(raw).get("pid") == segv_core.pid  # the notes are all there
 
 
 def test_its_own_node_sweeps_a_dead_writer_without_waiting(node: NodeTree, segv_core: RealCore) -> None:
+    """Killed before anything a debugger could use arrived: nothing to keep, the temp goes at once."""
     directory = _pod(node, segv_core)
-    proc, _ = _start_stalled(node, segv_core, heartbeat=60)
-    _wait_for("the handler's temp file", lambda: _temps(directory))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc, _ = _start_stalled(node, segv_core, heartbeat=60, send=200)
+    try:
+        _wait_for("the handler's temp file", lambda: _temps(directory))
+    finally:
+        _kill(proc)
     assert layout.sweep_debris(directory, node=OTHER, proc_root=PROC) == 0  # fresh mark, unknown pid: kept
     assert layout.sweep_debris(directory, node=THIS, proc_root=PROC) == 1   # its pid is gone: debris now
     assert _temps(directory) == []
+    assert layout.list_cores(node.storage, namespace="team-a") == []
 
 
 def _killed_in_commit(node: NodeTree, core: RealCore, step: str = "commit:meta-written") -> Path:
