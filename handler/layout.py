@@ -588,13 +588,22 @@ def _whole_members(f: safefs.ReadFile) -> tuple[int, int, str, elfinfo.CoreShape
     return good, size, digest.hexdigest(), shape
 
 
+def _is_public(entries: dict[str, os.stat_result], name: str) -> bool:
+    """Whether the temp ``name`` is a second name of a public data file (its writer died right after the commit,
+    before unlinking it): then it is no core of its own."""
+    st = entries[name]
+    return any(not n.startswith(".") and n.endswith(CORE_SUFFIX) and (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino)
+               for n, o in entries.items())
+
+
 def _salvage(d: safefs.Dir, w: _PendingWrite, ref: CoreRef) -> str | None:
     """
     A write whose writer died before its commit (SIGKILL, the OOM killer, a node losing power): keep what it wrote
-    as a core truncated ``killed`` (or whole, if its headers say all of it is there) if the ELF header, program headers and every note are in its whole gzip
-    members (what a debugger needs: the same rule as for a stalled or killed stream). The cut last member is
-    trimmed off, the metadata is made from what the names say (core id: time, comm, pid, signal; directory: the
-    pod; temp name: the node), then the write is committed like an interrupted commit. None: nothing to keep.
+    as a core truncated ``killed`` (or whole, if its own headers say all of it is there) if the ELF header, program
+    headers and every note are in its whole gzip members (what a debugger needs: the same rule as for a stalled or
+    killed stream). The cut last member is trimmed off, the metadata is made from what the names say (core id:
+    time, comm, pid, signal; directory: the pod; temp name: the node), then the write is committed like an
+    interrupted commit. None: nothing to keep.
     """
     assert w.data is not None and w.data_name is not None
     m = CORE_ID_RE.match(w.data_name.core_id)
@@ -691,7 +700,7 @@ def sweep_debris(directory: Path, *, now: float | None = None, grace: float = OR
                 if cid is not None:
                     logger.warning("completed the interrupted commit of core %s/%s", d.path, cid)
                     entries[cid + META_SUFFIX] = entries[w.data]
-            elif recover:
+            elif recover and not _is_public(entries, w.data):
                 cid = _salvage(d, w, ref)
                 if cid is not None:
                     logger.warning("kept core %s/%s, cut where its writer was killed (truncated: killed)",
