@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -110,29 +111,35 @@ class PeakRss:
         return self.peak
 
 
-def run_piped(core: Path, cmd: list[str], *, stdout_path: Path | None, env: dict | None = None) -> tuple[float, int, float]:
-    """(seconds, peak RSS, wall time at start) of ``cmd`` reading ``cat core`` from a pipe."""
+def run_piped(core: Path, cmd: list[str], *, stdout_path: Path | None, env: dict | None = None,
+              cwd: Path = REPO) -> tuple[float, int, float, float]:
+    """(seconds, peak RSS, wall time at start, CPU seconds) of ``cmd`` reading ``cat core`` from a pipe. The CPU
+    seconds (user + system, its threads and the children it reaped) are far steadier on a loaded machine than
+    wall time: they say what the consumer costs, the wall time what it got."""
     feeder = subprocess.Popen(["cat", str(core)], stdout=subprocess.PIPE)
     assert feeder.stdout is not None
     out = open(stdout_path, "wb") if stdout_path else subprocess.DEVNULL
     try:
         started_wall = time.time()
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdin=feeder.stdout, stdout=out, env=env, cwd=REPO)
+        proc = subprocess.Popen(cmd, stdin=feeder.stdout, stdout=out, env=env, cwd=cwd)
         peak = PeakRss(proc.pid)
         feeder.stdout.close()
         # WNOWAIT: the last VmHWM is read from the exited (not yet reaped) process.
         os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
         elapsed = time.perf_counter() - t0
         rss = peak.stop()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc.wait()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     finally:
         if stdout_path:
             out.close()
     feeder.wait()
     if proc.returncode != 0:
         raise SystemExit(f"{cmd} failed with exit {proc.returncode}")
-    return elapsed, rss, started_wall
+    return elapsed, rss, started_wall, cpu
 
 
 def make_node(base: Path, *, level: int) -> list[str]:
@@ -222,36 +229,40 @@ def _variant_igzip_threaded(out: Path) -> str:
 VARIANTS = {"previous": _variant_previous, "igzip_threaded": _variant_igzip_threaded}
 
 
-def bench_round(core: Path, workdir: Path, consumers: list[str]) -> dict[str, dict]:
+def bench_round(core: Path, workdir: Path, consumers: list[str], *, baseline: Path | None = None) -> dict[str, dict]:
     rows: dict[str, dict] = {}
     for name in consumers:
         if name == "cat":
             target = workdir / "cat.out"
-            t, rss, _ = run_piped(core, ["cat"], stdout_path=target)
-            rows[name] = {"s": t, "rss": rss, "out": target.stat().st_size}
+            t, rss, _, cpu = run_piped(core, ["cat"], stdout_path=target)
+            rows[name] = {"s": t, "rss": rss, "out": target.stat().st_size, "cpu": cpu}
             target.unlink()
         elif name == "gzip":
             target = workdir / "gzip.out"
-            t, rss, _ = run_piped(core, ["gzip", "-1"], stdout_path=target)
-            rows[name] = {"s": t, "rss": rss, "out": target.stat().st_size}
+            t, rss, _, cpu = run_piped(core, ["gzip", "-1"], stdout_path=target)
+            rows[name] = {"s": t, "rss": rss, "out": target.stat().st_size, "cpu": cpu}
             target.unlink()
-        elif name.startswith("handler"):
+        elif name.startswith("handler") or name == "baseline":
+            # "baseline": the handler of another checkout (--baseline), so a change is measured against what
+            # it changes in the same run, interleaved.
             level = int(name[len("handler-L"):]) if name.startswith("handler-L") else 1
             node = workdir / "node"
             args = make_node(node, level=level)
             env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-            t, rss, started = run_piped(core, args, stdout_path=None, env=env)
+            cwd = baseline if name == "baseline" and baseline is not None else REPO
+            t, rss, started, cpu = run_piped(core, args, stdout_path=None, env=env, cwd=cwd)
             ended = started + t
             (outcome,) = [json.loads(p.read_text()) for p in (node / "state/outcomes").glob("*.json")]
             if outcome.get("result") != "stored" or outcome.get("size") != core.stat().st_size:
                 raise SystemExit(f"handler did not store the core: {outcome}")
             held = ended - outcome["firstReadAt"] if outcome.get("firstReadAt") else None
-            rows[name] = {"s": t, "rss": rss, "out": outcome["storedSize"], "held": held}
+            rows[name] = {"s": t, "rss": rss, "out": outcome["storedSize"], "held": held, "cpu": cpu}
             shutil.rmtree(node)
         else:
             target = workdir / f"{name}.gz"
-            t, rss, _ = run_piped(core, [sys.executable, __file__, "--variant", name, str(target)], stdout_path=None)
-            rows[name] = {"s": t, "rss": rss, "out": target.stat().st_size}
+            t, rss, _, cpu = run_piped(core, [sys.executable, __file__, "--variant", name, str(target)],
+                                       stdout_path=None)
+            rows[name] = {"s": t, "rss": rss, "out": target.stat().st_size, "cpu": cpu}
             target.unlink()
     return rows
 
@@ -270,8 +281,9 @@ def report(gib: int, core: Path, rounds: list[dict[str, dict]]) -> None:
     med = {n: {k: statistics.median(r[n][k] for r in rounds if r[n].get(k) is not None)
                for k in rounds[0][n] if any(r[n].get(k) is not None for r in rounds)} for n in names}
     print(f"\n{gib} GiB real core ({human(size)}), median of {len(rounds)} interleaved round(s)")
-    print("| consumer | MB/s | vs cat | vs gzip -1 | peak RSS (max) | stored / input | held (first read → exit) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("| consumer | MB/s | vs cat | vs gzip -1 | CPU s | peak RSS (max) | stored / input "
+          "| held (first read → exit) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for n in names:
         m = med[n]
         mbps = size / m["s"] / 1e6
@@ -279,7 +291,8 @@ def report(gib: int, core: Path, rounds: list[dict[str, dict]]) -> None:
         vs_gz = f"{med['gzip']['s'] / m['s']:.1f}x" if "gzip" in med else ""
         peak = max(r[n]["rss"] for r in rounds)
         held = f"{m['held']:.1f} s" if m.get("held") is not None else ""
-        print(f"| {n} | {mbps:.0f} | {vs_cat} | {vs_gz} | {human(peak)} | {m['out'] / size:.4f} | {held} |")
+        print(f"| {n} | {mbps:.0f} | {vs_cat} | {vs_gz} | {m['cpu']:.2f} | {human(peak)} | {m['out'] / size:.4f} "
+              f"| {held} |")
     print("rounds (seconds): " + "; ".join(", ".join(f"{n} {r[n]['s']:.1f}" for n in names) for r in rounds))
 
 
@@ -290,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--consumers", default="cat,gzip,handler,handler-L3,previous,igzip_threaded")
     p.add_argument("--dir", type=Path, default=REPO, help="where outputs go (default: the repository's filesystem)")
     p.add_argument("--clean", action="store_true", help="remove the cached cores and exit")
+    p.add_argument("--baseline", type=Path, help="a checkout of another commit: adds consumer 'baseline', its handler")
     p.add_argument("--variant", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.variant:
@@ -299,19 +313,23 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(CACHE, ignore_errors=True)
         return 0
     consumers = args.consumers.split(",")
+    if args.baseline is not None and "baseline" not in consumers:
+        consumers.append("baseline")
     print(f"kernel {os.uname().release}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, outputs in {args.dir}")
     for gib in (int(s.rstrip("Gg")) for s in args.sizes.split(",")):
         core = real_core(gib)
+        print("load average (1, 5, 15 min) at the start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
         subprocess.run(["cat", str(core)], stdout=subprocess.DEVNULL, check=True)   # into the page cache
         rounds = []
         with tempfile.TemporaryDirectory(dir=args.dir, prefix=".ingest-bench-") as d:
             for i in range(args.rounds):
                 # Interleaved: each round runs every consumer once, the order rotated.
                 order = consumers[i % len(consumers):] + consumers[:i % len(consumers)]
-                row = bench_round(core, Path(d), order)
+                row = bench_round(core, Path(d), order, baseline=args.baseline)
                 rounds.append({n: row[n] for n in consumers})
                 print(f"  round {i + 1}: " + ", ".join(f"{n} {row[n]['s']:.1f}s" for n in consumers), flush=True)
         report(gib, core, rounds)
+        print("load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     return 0
 
 

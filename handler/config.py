@@ -70,6 +70,8 @@ class HandlerConfig:
     objects_max_seconds: float = 1.0       # time spent copying objects per core
     unwind_timeout: float = 5.0            # wall time of the unwinding child
     compress_level: int = 1               # ISA-L gzip level 0-3 (README, Core ingest: speed against size)
+    # How often a writer marks its temp file on storage as alive (handler.inflight; at most 60 s).
+    heartbeat_interval: float = 60.0
     extra: dict[str, Any] = field(default_factory=dict)
     # The settings that came from the config file or a flag (not defaults): ``import`` writes only there.
     explicit: frozenset[str] = frozenset()

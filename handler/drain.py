@@ -27,7 +27,7 @@ from handler.filing import base_metadata, file_core, outcome_record, storage_usa
 from handler.ingest import IngestResult
 from handler.outcome import DRAINED, ERROR, write_outcome
 from handler.resolve import PodIdentity, identity_from_cgroup_text, resolve_pod
-from handler.spool import SpoolEntry, list_entries, parse_shim_info
+from handler.spool import SpoolEntry, list_entries, parse_shim_info, sweep_orphans
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,17 @@ def entry_key(cfg: HandlerConfig, entry: SpoolEntry) -> str:
     return f"{cfg.node or ''}/{entry.kind}/{entry.name}"
 
 
+class InFlight(Exception):
+    """The entry's core is being committed by a writer that is still alive: neither file it again nor remove it."""
+
+
 def _already_filed(cfg: HandlerConfig, entry: SpoolEntry, ident: PodIdentity, core_id: str) -> bool:
-    found = layout.find_by_key(cfg.storage_root, namespace=ident.namespace, pod=ident.pod, pod_uid=ident.pod_uid,
-                               container=ident.container, core_id=core_id, key=entry_key(cfg, entry),
-                               key_field=KEY_FIELD)
+    try:
+        found = layout.find_by_key(cfg.storage_root, namespace=ident.namespace, pod=ident.pod,
+                                   pod_uid=ident.pod_uid, container=ident.container, core_id=core_id,
+                                   key=entry_key(cfg, entry), key_field=KEY_FIELD)
+    except layout.WriteInFlight as e:
+        raise InFlight(str(e)) from e
     if found is None:
         return False
     logger.warning("spool entry %s was already filed as %s (a drain stopped before removing it); removing it",
@@ -185,6 +192,7 @@ def _finish(cfg: HandlerConfig, entry: SpoolEntry, filed, started: float, report
 def drain(cfg: HandlerConfig) -> DrainReport:
     """File every committed spool entry that can be filed now."""
     report = DrainReport()
+    sweep_orphans(cfg.spool_dir)
     entries = list_entries(cfg.spool_dir)
     if not entries:
         return report
@@ -199,6 +207,9 @@ def drain(cfg: HandlerConfig) -> DrainReport:
                 _drain_handler_entry(cfg, entry, report)
             else:
                 _drain_shim_entry(cfg, entry, report)
+        except InFlight as e:
+            report.waiting += 1
+            report.reasons.append(f"{entry.name}: {e}")
         except (OSError, ValueError, KeyError, layout.InvalidName) as e:
             why = f"metadata has no {e}" if isinstance(e, KeyError) else str(e)
             report.errors += 1

@@ -6,6 +6,8 @@ comma-separated list of ``<name>[@<n>][=<action>]``: at the n-th time (1-based, 
 
 * ``kill`` (the default): the process SIGKILLs itself there, as a node losing power or the OOM killer would,
   with no cleanup, no ``finally`` and no flush;
+* ``enospc``: the point raises ``OSError(ENOSPC)``, as a write, fsync, link or rename on a full filesystem does
+  (on NFS a full export may answer only at fsync or close);
 * ``pause``: it creates ``<name>.reached`` in the directory :data:`DIR_ENV` names and waits until the test creates
   ``<name>.go`` there (a handshake, not a timing: the test does its deed in between, e.g. swaps a file for a
   link between a dump's plan and its open).
@@ -14,6 +16,7 @@ The variable is read once, at import; in production it is unset and each point i
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -49,6 +52,8 @@ def point(name: str) -> None:
     _SEEN[name] = _SEEN.get(name, 0) + 1
     if _SEEN[name] != nth:
         return
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (injected at {name})")
     if action == "pause":
         d = Path(os.environ.get(DIR_ENV, "."))
         (d / f"{name}.reached").touch()

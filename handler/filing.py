@@ -264,7 +264,8 @@ def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, An
     writer: layout.CoreWriter | SpoolWriter
     if ident is not None and spool_reason is None:
         writer = layout.CoreWriter(cfg.storage_root, namespace=ident.namespace, pod=ident.pod,
-                                   pod_uid=ident.pod_uid, container=ident.container, core_id=core_id)
+                                   pod_uid=ident.pod_uid, container=ident.container, core_id=core_id,
+                                   node=cfg.node, heartbeat=cfg.heartbeat_interval)
         try:
             writer.open()
         except OSError as e:

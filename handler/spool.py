@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ HANDLER_DATA, HANDLER_META = ".core.gz", ".json"
 SHIM_DATA, SHIM_INFO = ".core", ".info"
 SPOOL_MODE, ENTRY_MODE = 0o700, 0o600
 INFO_MAX_BYTES = 1 << 20
+# A half-written or half-removed entry older than this belongs to no live writer (the shim and the handler write
+# a core's bytes continuously, and name an entry's two files within moments of each other).
+ORPHAN_GRACE_SECONDS = 60 * 60
 
 
 @dataclass(frozen=True)
@@ -167,3 +171,33 @@ def spool_bytes(spool_dir: Path) -> int:
         return 0
     with d:
         return sum(st.st_size for _, st in d.all_entries() if stat.S_ISREG(st.st_mode))
+
+
+def sweep_orphans(spool_dir: Path, *, now: float | None = None, grace: float = ORPHAN_GRACE_SECONDS) -> int:
+    """
+    Remove what is left of entries that will never be committed or were half removed, once older than
+    ``grace``: hidden temp files, and a data file or description without its partner (a drain killed between
+    its two unlinks; a shim or handler killed between its two renames). Committed entries are never touched.
+    Returns how many files were removed.
+    """
+    now = time.time() if now is None else now
+    d = safefs.open_root(spool_dir)
+    if d is None:
+        return 0
+    removed = 0
+    with d:
+        files = {n: st for n, st in d.all_entries() if stat.S_ISREG(st.st_mode)}
+        pairs = ((HANDLER_DATA, HANDLER_META), (HANDLER_META, HANDLER_DATA), (SHIM_DATA, SHIM_INFO),
+                 (SHIM_INFO, SHIM_DATA))
+        for name, st in sorted(files.items()):
+            if now - st.st_mtime < grace:
+                continue
+            if name.startswith("."):
+                orphan = name.endswith(".tmp")
+            else:
+                orphan = any(name.endswith(own) and name[: -len(own)] + other not in files for own, other in pairs)
+            if orphan and d.unlink(name):
+                removed += 1
+                logger.warning("removed %s/%s: part of a spool entry that was never committed or half removed",
+                               d.path, name)
+    return removed

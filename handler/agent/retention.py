@@ -59,7 +59,8 @@ def apply(root: Path, *, max_age: float = 0, max_namespace_bytes: int = 0, now: 
                                 max_namespace_bytes, core.ref.pod, core.ref.container, core.ref.core_id)
                 usage[ns] -= size
     report.namespace_bytes = usage
-    for d in dirs:
+    # Every container directory, not only those with committed cores: an interrupted first core is in one alone.
+    for d in dirs | set(layout.iter_container_dirs(root)):
         report.debris += layout.sweep_debris(d, now=now)
         layout.prune_empty_dirs(Path(root), d)
     return report

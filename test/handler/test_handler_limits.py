@@ -50,9 +50,14 @@ def test_handler_killed_mid_stream_commits_nothing(node: NodeTree, segv_core: Re
     proc.stdin.close()
     assert layout.list_cores(node.storage, namespace="team-a") == []
     assert visible_files(node.storage) == []
-    # The debris is swept once it is old enough not to be a write in flight.
+    # The debris is swept once it is old enough not to be a write in flight: what the writer had on storage
+    # is kept as a core truncated "killed" if its notes were in it (else removed), never as a whole core.
     (d,) = {p.parent for p in node.storage.rglob(".*.tmp")}
-    assert layout.sweep_debris(d, now=time.time() + layout.ORPHAN_GRACE_SECONDS + 1) == 1
+    layout.sweep_debris(d, now=time.time() + layout.ORPHAN_GRACE_SECONDS + 1)
+    assert list(node.storage.rglob(".*.tmp")) == []
+    for core in layout.list_cores(node.storage, namespace="team-a"):
+        kept = gzip.decompress(core.core_path.read_bytes())
+        assert core.metadata["truncationReason"] == "killed" and kept == data[: len(kept)] and len(kept) < len(data)
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
