@@ -25,6 +25,7 @@ from apiserver.retention.runner import ConfigMapPolicies, Retention
 from apiserver.retention.storage import Ops
 from apiserver.registry.statusreconciler import StatusReconciler
 from handler.flags import parse_duration, parse_retention_duration, parse_size
+from handler import inflight
 
 if TYPE_CHECKING:
     from apiserver.registry.endpoints import EndpointRegistry
@@ -92,8 +93,9 @@ def add_retention_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--retention-full-interval", type=_positive_duration, default=6 * 3600.0,
                    help="time between slow reconciles (6h): a walk of the whole storage that finds cores no endpoint "
                         "covers, sweeps debris and removes objects no core references")
-    g.add_argument("--debris-grace", type=_positive_duration, default=15 * 60.0,
-                   help="temp files of a write untouched this long are debris (15m); a live writer keeps its own fresh")
+    g.add_argument("--debris-grace", type=_debris_grace, default=15 * 60.0,
+                   help="temp files of a write untouched this long are debris (15m, at least 4m: four of the "
+                        "writers' heartbeats); a live writer keeps its own fresh")
     g.add_argument("--object-grace", type=_positive_duration, default=3600.0,
                    help="an object stored or reused this recently is kept even if no core references it yet (1h)")
     g.add_argument("--retention-lease-namespace", default=os.environ.get("POD_NAMESPACE", "coredump-system"),
@@ -106,6 +108,13 @@ def _positive_duration(text: str) -> float:
     if seconds <= 0:
         raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
     return seconds
+
+
+def _debris_grace(text: str) -> float:
+    try:
+        return inflight.check_grace(parse_duration(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def policies_from(args: argparse.Namespace) -> tuple[Policy, Policy]:
