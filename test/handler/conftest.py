@@ -230,9 +230,11 @@ def agent_env(node: NodeTree, tmp_path: Path) -> AgentEnv:
     cfg = AgentConfig(sysctl_root=sysctl, proc_root=node.proc, host_root=Path("/"), host_dir=str(host_dir),
                       storage_root=node.storage, node="node-1", events=False, metrics_port=0,
                       handler_command=f"{PYTHON} -m handler.cli",
-                      handler=HandlerConfig(crictl=None))
+                      # The agent's host root is / (its host dir is a temp dir); the kubelet's log links are in
+                      # the fake node's host tree, named relative to it.
+                      handler=HandlerConfig(crictl=None,
+                                            container_logs=str((node.host / "var/log/containers").relative_to("/"))))
     agent = Agent(cfg)
-    agent.cfg.handler.host_root = node.host
     # The shim checks the agent's identity (stat, mount namespace) under the proc root it is given: the
     # agent (this process) is real, so its entry in the fake proc tree is the real one.
     (node.proc / str(os.getpid())).symlink_to(f"/proc/{os.getpid()}")

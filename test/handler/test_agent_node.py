@@ -59,7 +59,7 @@ def test_handler_defaults_are_where_a_default_agent_puts_things() -> None:
     from handler.agent.config import AgentConfig
     from handler.config import DEFAULT_CONFIG_FILE, HandlerConfig
 
-    agent = AgentConfig().finish()
+    agent = AgentConfig()
     handler = HandlerConfig()
     assert cli.DEFAULT_CONFIG == str(DEFAULT_CONFIG_FILE) == str(agent.handler_config_file)
     for name in ("storage_root", "spool_dir", "state_dir", "proc_root", "host_root"):

@@ -29,7 +29,7 @@ def test_a_stalled_stream_keeps_its_partial_core_marked_stalled(node: NodeTree, 
     setup_pod(node, segv_core)
     data = segv_core.path.read_bytes()
     sent = data[: notes_end(segv_core) + 8192]
-    proc = start_capture(node, segv_core, "--stall-timeout", "1")
+    proc = start_capture(node, segv_core, "--stall-timeout", "1s")
     assert proc.stdin is not None
     proc.stdin.write(sent)
     proc.stdin.flush()
