@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge
 
@@ -21,6 +21,9 @@ from apiserver.retention.leader import LeaseElector
 from apiserver.retention.policy import Policy
 from apiserver.retention.runner import ConfigMapPolicies, Retention, remove_from_storage, storage_index
 from handler.flags import parse_duration, parse_retention_duration, parse_size
+
+if TYPE_CHECKING:
+    from apiserver.options import Config
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ def add_retention_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--retention-lease-name", default="coredump-retention", help="name of the Lease")
 
 
-def policies_from(args: argparse.Namespace) -> tuple[Policy, Policy]:
+def policies_from(args: Config) -> tuple[Policy, Policy]:
     default = Policy(max_age=args.retention_max_age, max_bytes=args.retention_max_namespace_bytes,
                      max_cores_per_pod=args.retention_max_cores_per_pod)
 
@@ -79,7 +82,7 @@ def policies_from(args: argparse.Namespace) -> tuple[Policy, Policy]:
     return default, maximum
 
 
-def enabled(args: argparse.Namespace) -> bool:
+def enabled(args: Config) -> bool:
     return bool(args.retention_max_age or args.retention_max_namespace_bytes or args.retention_max_cores_per_pod)
 
 
@@ -93,7 +96,7 @@ async def _api_client(kubeconfig: Path | None) -> Any:
     return client.ApiClient(configuration=cfg)
 
 
-async def run(args: argparse.Namespace, *, storage_root: Path, dev: bool) -> None:
+async def run(args: Config, *, storage_root: Path, dev: bool) -> None:
     """Retention until cancelled: elected in a cluster, direct in dev mode."""
     default, maximum = policies_from(args)
 

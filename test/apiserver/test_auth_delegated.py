@@ -21,7 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from apiserver import context
-from apiserver.auth.options import AuthConfigError, AuthSetup, add_auth_flags, build_auth
+from apiserver.auth.options import AuthConfigError, AuthOptions, AuthSetup, add_auth_flags, build_auth
 from fake_kube import FakeKube
 
 GV = "/apis/coredump.example.io/v1alpha1"
@@ -58,17 +58,17 @@ async def _whoami(request: web.Request) -> web.Response:
                               "extra": {k: list(v) for k, v in user.extra.items()}, "verb": attributes.verb})
 
 
-def parse_flags(*flags: str) -> argparse.Namespace:
+def parse_flags(*flags: str) -> AuthOptions:
     parser = argparse.ArgumentParser()
     add_auth_flags(parser)
-    return parser.parse_args(list(flags))
+    return AuthOptions.from_args(parser.parse_args(list(flags)))
 
 
 async def start_app(fake: FakeKube, directory: Path, *extra_flags: str) -> tuple[web.AppRunner, App]:
     kubeconfig = fake.write_kubeconfig(directory / "server.kubeconfig")
     args = parse_flags("--authentication-kubeconfig", str(kubeconfig), "--authorization-kubeconfig",
                        str(kubeconfig), *extra_flags)
-    setup = await build_auth(args=args, dev=None)
+    setup = await build_auth(options=args, dev=None)
     app = web.Application(middlewares=[setup.middleware])
     app.router.add_get("/{tail:.*}", _whoami)
     serving = fake.client_ca.issue(cn="coredump-apiserver", server=True, directory=directory)
@@ -222,7 +222,7 @@ async def test_anonymous_access_when_switched_on(fake_kube: FakeKube, tmp_path: 
 async def test_front_proxy_ca_rotation_is_followed(fake_kube: FakeKube, tmp_path: Path) -> None:
     from fake_kube import TestCA
 
-    runner, app = await start_app(fake_kube, tmp_path, "--authentication-config-refresh-interval=0.05")
+    runner, app = await start_app(fake_kube, tmp_path, "--authentication-config-refresh-interval=50ms")
     try:
         fake_kube.allow(verbs=["get"], non_resource_urls=["/whoami"], users=["alice"])
         alice = [("X-Remote-User", "alice")]
@@ -275,12 +275,12 @@ async def test_bad_authentication_sources_are_named_at_startup(fake_kube: FakeKu
     cluster = ("--authentication-kubeconfig", kubeconfig, "--authorization-kubeconfig", kubeconfig)
     missing = tmp_path / "missing.crt"
     with pytest.raises(AuthConfigError, match=f"^--client-ca-file {re.escape(str(missing))}: No such file"):
-        await build_auth(args=parse_flags(*cluster, "--authentication-skip-lookup", f"--client-ca-file={missing}"),
+        await build_auth(options=parse_flags(*cluster, "--authentication-skip-lookup", f"--client-ca-file={missing}"),
                          dev=None)
     with pytest.raises(AuthConfigError, match=r"^--authorization-kubeconfig \S+: no such file$"):
-        await build_auth(args=parse_flags("--authentication-kubeconfig", kubeconfig,
+        await build_auth(options=parse_flags("--authentication-kubeconfig", kubeconfig,
                                           f"--authorization-kubeconfig={missing}"), dev=None)
     fake_kube.auth_configmap["requestheader-allowed-names"] = "front-proxy-client"  # not a JSON list
     with pytest.raises(AuthConfigError, match="^configmap kube-system/extension-apiserver-authentication key "
                                               "requestheader-allowed-names: expected a JSON list of strings"):
-        await build_auth(args=parse_flags(*cluster), dev=None)
+        await build_auth(options=parse_flags(*cluster), dev=None)
