@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--suid-dumpable", type=int, choices=[0, 1, 2], default=d.suid_dumpable,
                    help="fs.suid_dumpable (2: set-uid programs dump too, into the pipe)")
     g.add_argument("--handler-command", default=d.handler_command,
-                   help="the handler inside this container, run by the shim through nsenter")
+                   help="the handler inside this container, run by the shim through nsenter (<python>: the agent's "
+                        "interpreter, /usr/local/bin/python in the image)")
     g.add_argument("--nsenter", default=d.nsenter, help="nsenter on the host")
     g.add_argument("--shim-spool-max-bytes", type=flags.parse_size, default=str(d.shim_spool_max_bytes),
                    help="raw bytes the shim spools per core while the agent is away (0: all)")
