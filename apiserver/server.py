@@ -28,6 +28,8 @@ from apiserver.limits import ConnectionLimits, Middleware, inflight_limit
 from apiserver.options import Config
 from apiserver.middleware import observe_requests, status_errors
 from apiserver.retention import setup as retention_setup
+from apiserver.registry.autocreate import INTERVAL_SECONDS as AUTOCREATE_INTERVAL
+from apiserver.registry.autocreate import AutoCreator
 from apiserver.registry.coredata import CoreData
 from apiserver.registry.endpoints import EndpointRegistry
 from apiserver.registry.statusreconciler import StatusReconciler
@@ -165,15 +167,17 @@ def _file_identity(*paths: Path) -> tuple[tuple[int, int, int], ...]:
     return tuple(identity)
 
 
-async def reload_serving_certificate(*, context: ssl.SSLContext, cert: Path, key: Path, interval: float) -> None:
+async def reload_serving_certificate(*, context: ssl.SSLContext, cert: Path, key: Path, interval: float,
+                                     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
     """
     Load the serving certificate again whenever its files change, as kube-apiserver's dynamic serving
     certificate does: cert-manager and kubelet-projected Secrets renew the files in place, and new TLS
     handshakes must present the new certificate without a restart. A broken pair keeps the old one.
+    ``sleep`` is the clock (tests move a fake one).
     """
     seen = await asyncio.to_thread(_file_identity, cert, key)
     while True:
-        await asyncio.sleep(interval)
+        await sleep(interval)
         try:
             current = await asyncio.to_thread(_file_identity, cert, key)
             if current == seen:
@@ -224,8 +228,7 @@ async def serve(config: Config, *, stop: asyncio.Event) -> None:
     except StoreUnavailable as error:
         raise StartupError(f"object storage unavailable: {error}") from None
     coredata = CoreData(storage_root=storage_root, kubeconfig=str(config.kubeconfig) if config.kubeconfig else None,
-                        in_cluster=not config.dev and config.kubeconfig is None,
-                        **({"autocreate_interval": devmode.AUTOCREATE_INTERVAL} if config.dev else {}))
+                        in_cluster=not config.dev and config.kubeconfig is None)
     auth: AuthSetup | None = None
     runner: web.AppRunner | None = None
     listener: asyncio.base_events.Server | None = None
@@ -260,7 +263,10 @@ async def serve(config: Config, *, stop: asyncio.Event) -> None:
             background.append(asyncio.create_task(
                 retention_setup.run(config, storage_root=storage_root, dev=config.dev), name="retention"))
         if config.auto_create_endpoints:
-            background.append(asyncio.create_task(coredata.run_autocreate(registry=registry), name="autocreate"))
+            autocreator = AutoCreator(root=storage_root, registry=registry, status_cache=coredata.status_cache)
+            coredata.on_purge(autocreator.forget)
+            interval = devmode.AUTOCREATE_INTERVAL if config.dev else AUTOCREATE_INTERVAL
+            background.append(asyncio.create_task(autocreator.run(interval=interval), name="autocreate"))
         background += status_tasks(config, registry=registry, storage_root=storage_root)
         logger.info("serving", extra={"address": f"https://{host}:{port}", "storage_root": str(storage_root),
                                       "store": "etcd" if config.etcd_servers else "memory"})

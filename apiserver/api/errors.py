@@ -87,6 +87,14 @@ def conflict(*, name: str, message: str, resource: str = RESOURCE) -> ApiError:
     )
 
 
+def field_cause(field: str, message: str, reason: str = "FieldValueInvalid") -> dict[str, str]:
+    """
+    One ``details.causes`` entry of a 422 Status, shaped as metav1.StatusCause (``reason`` is the
+    field.ErrorType, e.g. ``FieldValueRequired``): every field error of the server is built here.
+    """
+    return {"reason": reason, "message": message, "field": field}
+
+
 def invalid(*, name: str, causes: list[dict[str, str]], kind: str = "CoredumpEndpoint") -> ApiError:
     """422: the object is well-formed but its fields break the rules; ``causes`` name each field."""
     summary = ", ".join(f"{c['field']}: {c['message']}" for c in causes)

@@ -143,8 +143,7 @@ OBJECT_META_FIELDS = {
 
 # ---- validation ------------------------------------------------------------------------------------
 
-def _cause(field: str, message: str, reason: str = "FieldValueInvalid") -> dict[str, str]:
-    return {"reason": reason, "message": message, "field": field}
+_cause = errors.field_cause
 
 
 def unknown_fields(body: dict[str, Any]) -> list[str]:

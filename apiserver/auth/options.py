@@ -157,8 +157,12 @@ async def _api_client(kubeconfig: Path | None, *, flag: str) -> client.ApiClient
     return client.ApiClient(configuration=configuration)
 
 
-async def build_auth(*, options: AuthOptions, dev: DevAuth | None) -> AuthSetup:
-    """The middleware and TLS settings for ``options``; raises :class:`AuthConfigError` with one clear line."""
+async def build_auth(*, options: AuthOptions, dev: DevAuth | None,
+                     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> AuthSetup:
+    """
+    The middleware and TLS settings for ``options``; raises :class:`AuthConfigError` with one clear line.
+    ``sleep`` is the clock of the refresh of CA files and the ConfigMap (tests move a fake one).
+    """
     always_allow, anonymous = options.authorization_always_allow_paths, options.anonymous_auth
 
     if dev is not None:
@@ -184,10 +188,11 @@ async def build_auth(*, options: AuthOptions, dev: DevAuth | None) -> AuthSetup:
             client_ca_file=options.client_ca_file,
             requestheader_ca_file=options.requestheader_client_ca_file,
             requestheader_names=RequestHeaderNames(
-                allowed_names=options.requestheader_allowed_names, username_headers=options.requestheader_username_headers,
+                allowed_names=options.requestheader_allowed_names,
+                username_headers=options.requestheader_username_headers,
                 uid_headers=options.requestheader_uid_headers, group_headers=options.requestheader_group_headers,
                 extra_headers_prefixes=options.requestheader_extra_headers_prefix),
-            refresh_interval=options.authentication_config_refresh_interval)
+            refresh_interval=options.authentication_config_refresh_interval, sleep=sleep)
         await delegated.refresh()
         delegated.start()
         closers.append(delegated.close)

@@ -2,8 +2,9 @@
 What storage (and the cluster) knows about an endpoint's pod: its cores (status), its uid, purging them.
 
 The registry calls this; the work is in small modules: :mod:`.corestatus` (status from storage,
-batched and cached), :mod:`.pods` (live pods through kubernetes-asyncio) and :mod:`.autocreate`
-(endpoints for crashed pods that have none).
+batched and cached) and :mod:`.pods` (live pods through kubernetes-asyncio). The auto-creator
+(:mod:`.autocreate`) sits above the registry and is composed in ``apiserver.server``; it hears of purged
+cores through :meth:`CoreData.on_purge`, so this module never reaches up to it.
 
 Deleting an endpoint keeps its cores. An endpoint annotated ``coredump.example.io/delete-cores: "true"``
 takes its incarnation's cores with it when it is deleted (``kubectl annotate cde POD
@@ -14,18 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from handler import layout
 
 from apiserver.api import errors
-from apiserver.registry.autocreate import INTERVAL_SECONDS, AutoCreator
 from apiserver.registry.corestatus import StatusCache, empty_status
 from apiserver.registry.pods import PodLookup
-
-if TYPE_CHECKING:
-    from apiserver.registry.endpoints import EndpointRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +31,20 @@ DELETE_CORES_ANNOTATION = "coredump.example.io/delete-cores"
 
 
 def _pod_uid_required(*, name: str, message: str) -> errors.ApiError:
-    return errors.invalid(name=name, causes=[{"type": "FieldValueRequired", "reason": "FieldValueRequired",
-                                              "field": "spec.podUID", "message": f"Required value: {message}"}])
+    return errors.invalid(name=name, causes=[errors.field_cause("spec.podUID", f"Required value: {message}",
+                                                                "FieldValueRequired")])
 
 
 class CoreData:
-    def __init__(self, *, storage_root: Path, kubeconfig: str | None = None, in_cluster: bool = False,
-                 autocreate_interval: float = INTERVAL_SECONDS) -> None:
+    def __init__(self, *, storage_root: Path, kubeconfig: str | None = None, in_cluster: bool = False) -> None:
         self.storage_root = Path(storage_root)
         self.pods = PodLookup(kubeconfig=kubeconfig, in_cluster=in_cluster)
         self.status_cache = StatusCache(root=self.storage_root)
-        self.autocreate_interval = autocreate_interval
-        self._autocreator: AutoCreator | None = None
+        self._purge_listeners: list[Callable[..., None]] = []
+
+    def on_purge(self, listener: Callable[..., None]) -> None:
+        """Call ``listener(namespace=..., pod=...)`` after a pod's cores were purged with its endpoint."""
+        self._purge_listeners.append(listener)
 
     async def start(self) -> None:
         await self.pods.start()
@@ -100,11 +100,6 @@ class CoreData:
             logger.warning("not deleting cores of %s/%s: %s", namespace, name, error)
             return
         self.status_cache.invalidate(namespace=namespace, pod=name)
-        if self._autocreator is not None:
-            self._autocreator.forget(namespace=namespace, pod=name)
+        for listener in self._purge_listeners:
+            listener(namespace=namespace, pod=name)
         logger.info("deleted %d cores of %s/%s (uid %s) with its endpoint", removed, namespace, name, uid)
-
-    async def run_autocreate(self, *, registry: "EndpointRegistry") -> None:
-        """Until cancelled: create an endpoint for every crashed pod that has none (see :mod:`.autocreate`)."""
-        self._autocreator = AutoCreator(root=self.storage_root, registry=registry, status_cache=self.status_cache)
-        await self._autocreator.run(interval=self.autocreate_interval)

@@ -5,7 +5,6 @@ middleware built by ``build_auth`` from real flags, talking to the fake kube-api
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import re
 import socket
@@ -23,6 +22,7 @@ from multidict import CIMultiDict
 from apiserver import context
 from apiserver.auth.options import AuthConfigError, AuthOptions, AuthSetup, add_auth_flags, build_auth
 from fake_kube import FakeKube
+from fake_clock import FakeClock
 
 GV = "/apis/coredump.example.io/v1alpha1"
 
@@ -64,11 +64,12 @@ def parse_flags(*flags: str) -> AuthOptions:
     return AuthOptions.from_args(parser.parse_args(list(flags)))
 
 
-async def start_app(fake: FakeKube, directory: Path, *extra_flags: str) -> tuple[web.AppRunner, App]:
+async def start_app(fake: FakeKube, directory: Path, *extra_flags: str,
+                    clock: FakeClock | None = None) -> tuple[web.AppRunner, App]:
     kubeconfig = fake.write_kubeconfig(directory / "server.kubeconfig")
     args = parse_flags("--authentication-kubeconfig", str(kubeconfig), "--authorization-kubeconfig",
                        str(kubeconfig), *extra_flags)
-    setup = await build_auth(options=args, dev=None)
+    setup = await build_auth(options=args, dev=None, **({"sleep": clock.sleep} if clock else {}))
     app = web.Application(middlewares=[setup.middleware])
     app.router.add_get("/{tail:.*}", _whoami)
     serving = fake.client_ca.issue(cn="coredump-apiserver", server=True, directory=directory)
@@ -222,8 +223,10 @@ async def test_anonymous_access_when_switched_on(fake_kube: FakeKube, tmp_path: 
 async def test_front_proxy_ca_rotation_is_followed(fake_kube: FakeKube, tmp_path: Path) -> None:
     from fake_kube import TestCA
 
-    runner, app = await start_app(fake_kube, tmp_path, "--authentication-config-refresh-interval=50ms")
+    clock = FakeClock()
+    runner, app = await start_app(fake_kube, tmp_path, "--authentication-config-refresh-interval=30s", clock=clock)
     try:
+        await clock.asleep()
         fake_kube.allow(verbs=["get"], non_resource_urls=["/whoami"], users=["alice"])
         alice = [("X-Remote-User", "alice")]
         old_cert = front_proxy(app)
@@ -232,9 +235,11 @@ async def test_front_proxy_ca_rotation_is_followed(fake_kube: FakeKube, tmp_path
         rotated = TestCA(tmp_path, name="front-proxy-ca-2")
         new_cert = rotated.issue(cn="front-proxy-client", directory=tmp_path)
         fake_kube.set_authentication_configmap(requestheader_ca=rotated.pem)
+        with pytest.raises(aiohttp.ClientError):  # not before the refresh: TLS does not know the new CA yet
+            await app.get("/whoami", cert=new_cert, headers=alice)
         reads = fake_kube.configmap_reads
-        while fake_kube.configmap_reads < reads + 2:  # one full refresh after the change
-            await asyncio.sleep(0.02)
+        await clock.advance(30)
+        assert fake_kube.configmap_reads == reads + 1
 
         status, body = await app.get("/whoami", cert=new_cert, headers=alice)
         assert (status, body["user"]) == (200, "alice")

@@ -26,6 +26,7 @@ from multidict import CIMultiDict
 
 from fake_kube import FakeKube
 from test_dump_fixtures import store_core
+from waiting import await_until
 
 GV = "/apis/coredump.example.io/v1alpha1"
 SERVER = Path(sys.executable).parent / "coredump-apiserver"
@@ -169,10 +170,7 @@ async def test_rbac_decides_per_namespace_verb_and_dump(server: Server) -> None:
     assert (status, body["reason"]) == (403, "Forbidden")
     assert 'cannot get resource "coredumpendpoints/dump"' in body["message"]
     # Refused before the dump handler, and still audited: who tried, where, and that it was refused.
-    for _ in range(100):
-        if len(server.audit_lines()) >= 2:
-            break
-        await asyncio.sleep(0.05)
+    await await_until(lambda: len(server.audit_lines()) >= 2, what="two audit lines")
     denied = [(line["user"], line["namespace"], line["pod"], line["code"], line["outcome"], line["bytes"])
               for line in server.audit_lines()]
     assert denied == [("alice", "b", "web", 403, "denied", 0), ("alice", "a", "web", 403, "denied", 0)]
@@ -184,10 +182,8 @@ async def test_rbac_decides_per_namespace_verb_and_dump(server: Server) -> None:
     fake.allow(verbs=["get"], users=["bob"], resources=["coredumpendpoints/dump"], namespaces=["a"])
     status, body = await server.request("GET", f"{a}/web/dump", token="token-bob")
     assert status == 200 and body[:2] == b"\x1f\x8b"
-    for _ in range(100):  # the line is written as the response ends; give the log pipe a moment
-        if len(server.audit_lines()) > 2:
-            break
-        await asyncio.sleep(0.05)
+    # The line is written as the response ends; give the log pipe a moment.
+    await await_until(lambda: len(server.audit_lines()) > 2, what="the granted dump's audit line")
     [audit] = server.audit_lines()[2:]
     assert (audit["user"], audit["namespace"], audit["pod"], audit["cores"]) == ("bob", "a", "web", 1)
     assert (audit["code"], audit["outcome"]) == (200, "complete")

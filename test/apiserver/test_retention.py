@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from apiserver.retention.plan import IndexedCore, plan
 from apiserver.retention.policy import Policy, PolicyError, effective, parse_namespace_policy
 from apiserver.retention.runner import ConfigMapPolicies, Retention, remove_from_storage, storage_index
 from handler import layout
+from waiting import await_until
 
 UID = "0b5a6c1e-1111-4a2b-9c3d-000000000001"
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
@@ -69,11 +69,7 @@ async def _api(fake_kube, tmp_path: Path, name: str) -> client.ApiClient:
 
 
 async def wait_for(check, *, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    await await_until(check, what=what, timeout=timeout)
 
 
 class Replica:

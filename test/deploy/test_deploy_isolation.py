@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from apiserver.registry.etcd import EtcdStore
-from apiserver.registry.etcd_local import find_etcd, free_port
+from etcd_launcher import find_etcd, free_port
 from apiserver.registry.store import StoreUnavailable
 from deploy_helpers import (MANIFESTS, NAMESPACE, NODE_NAMESPACE, Rendered, container_flags, kustomize,
                             pod_spec, run_make_certs)

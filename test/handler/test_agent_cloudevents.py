@@ -12,13 +12,14 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event
-from conftest import POD_UID, AgentEnv, RealCore, cgroup_text
+from handler_harness import POD_UID, AgentEnv, RealCore, cgroup_text
 
 from handler import layout
 from handler.agent.notify import EVENT_TYPE, NamespaceUnknown, event_id
 from handler.agent.outbox import Outbox
 from handler.agent.runner import Agent
 from handler.agent.sinks import SinkConfigError, parse_sinks
+from waiting import await_until
 
 
 @dataclass
@@ -82,11 +83,7 @@ class Namespaces:
 
 
 async def wait_for(check: Callable[[], object], *, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    await await_until(check, what=what, timeout=timeout)
 
 
 def write_sinks(path: Path, *sinks: dict) -> Path:

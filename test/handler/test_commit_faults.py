@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import CONTAINER_ID, POD_UID, NodeTree, RealCore, cgroup_text
+from handler_harness import CONTAINER_ID, POD_UID, NodeTree, RealCore, cgroup_text
 
 from handler import layout
 

@@ -1,7 +1,7 @@
 """Crash loops are cheap: the rate limit is decided before compression; cores over it are read, discarded, counted."""
 from __future__ import annotations
 
-from conftest import NodeTree, RealCore
+from handler_harness import NodeTree, RealCore
 from test_handler_limits import setup_pod
 
 from handler import layout

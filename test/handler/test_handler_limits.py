@@ -14,10 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO, NodeTree, RealCore, cgroup_text
+from handler_harness import REPO, NodeTree, RealCore, cgroup_text
 
 from handler import layout
 from handler.outcome import read_outcomes
+from waiting import wait_until
 
 
 def setup_pod(node: NodeTree, core: RealCore, *, pid: int | None = None) -> int:
@@ -41,10 +42,7 @@ def test_handler_killed_mid_stream_commits_nothing(node: NodeTree, segv_core: Re
     proc.stdin.write(data[: len(data) // 2])
     proc.stdin.flush()
     # Wait until the handler is mid-core: its hidden temp file exists.
-    deadline = time.monotonic() + 30
-    while not [p for p in node.storage.rglob(".*.tmp")] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert [p for p in node.storage.rglob(".*.tmp")], "handler never started writing"
+    wait_until(lambda: list(node.storage.rglob(".*.tmp")), what="the handler's temp file", interval=0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stdin.close()

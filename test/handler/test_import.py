@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import POD_UID, REPO, PYTHON, NodeTree, RealCore
+from handler_harness import POD_UID, REPO, PYTHON, NodeTree, RealCore
 
 from handler import layout
 

@@ -17,6 +17,10 @@ import threading
 import time
 from pathlib import Path
 
+from fixtures_apiserver import RunningServer
+
+from handler import layout
+
 BIN = Path(sys.executable).parent
 PLUGIN = BIN / "kubectl-coredump"
 
@@ -203,3 +207,20 @@ def kubeconfig_via(source: Path, *, port: int, target: Path) -> Path:
 
 def kubectl_for_plugin() -> str | None:
     return shutil.which("kubectl")
+
+
+@dataclasses.dataclass
+class PluginWorld:
+    server: RunningServer
+    root: Path
+    crasher: Path
+    cache: Path
+    uids: dict[str, str]
+    originals: dict[str, bytes]  # "<ns>/<pod>/<container>/<core-id>" -> sha256 of the core file
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.server.kubeconfig
+
+    def cores(self, namespace: str, pod: str) -> list[layout.StoredCore]:
+        return layout.list_cores(self.root, namespace=namespace, pod=pod, pod_uid=self.uids[f"{namespace}/{pod}"])

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PluginWorld
 from fixtures_apiserver import kubectl_binary
-from plugin_harness import PLUGIN, CuttingProxy, ProxyRule, kubeconfig_via, run_plugin
+from plugin_harness import PLUGIN, CuttingProxy, PluginWorld, ProxyRule, kubeconfig_via, run_plugin
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,6 @@
 """
-A single-member etcd on 127.0.0.1 for the tests and the API server benchmark (never used in production).
+A single-member etcd on 127.0.0.1 for the tests and the API server benchmark (never used in production, so it is
+not in the installed package; ``bench/apiserver_bench.py`` puts test/ on ``sys.path`` to import it).
 
 ``EtcdServer`` picks free ports once, so its ``endpoint`` stays the same across :meth:`EtcdServer.stop`
 and :meth:`EtcdServer.start` on the same data dir: a caller can check what survives a restart. As a
