@@ -7,7 +7,6 @@ Typed keys for what the aiohttp application and each request carry, so modules s
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,8 +15,6 @@ from aiohttp import web
 if TYPE_CHECKING:
     from apiserver.auth import RequestAttributes, UserInfo
     from apiserver.registry.endpoints import EndpointRegistry
-
-logger = logging.getLogger(__name__)
 
 REGISTRY: web.AppKey["EndpointRegistry"] = web.AppKey("registry")
 STORAGE_ROOT: web.AppKey[Path] = web.AppKey("storage_root", Path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
-import logging
 import os
 import shlex
 import sys
@@ -20,8 +19,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-logger = logging.getLogger(__name__)
 
 ADMIN = ("dev-admin", "system:masters")
 VIEWER = ("dev-viewer", "dev-viewers")

@@ -6,7 +6,6 @@ runs point the handler at temporary trees. Expected failures print one line and 
 """
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -17,8 +16,6 @@ if TYPE_CHECKING:
     from handler.config import HandlerConfig
 
 # Deliberately light: ``capture`` starts reading the core (handler.early) before the heavy imports below run.
-logger = logging.getLogger(__name__)
-
 DEFAULT_CONFIG = "/host/var/lib/coredump/handler.json"  # same as handler.config.DEFAULT_CONFIG_FILE
 # ``import`` exit codes: stored; refused (not a core, a bad name: nothing written); spooled (the agent files it
 # when storage is back); error (nothing filed). 1 is left to Python itself.

@@ -6,9 +6,6 @@ import logging
 import sys
 import time
 
-logger = logging.getLogger(__name__)
-
-
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {

@@ -25,7 +25,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import logging
 import os
 import re
 import secrets
@@ -40,8 +39,6 @@ from typing import Any
 from isal import isal_zlib
 
 from handler import safefs, sparsecore
-
-logger = logging.getLogger(__name__)
 
 STORE_DIR = ".build-id"
 OBJECT_NAME = "executable.gz"

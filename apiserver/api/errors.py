@@ -8,10 +8,7 @@ read exactly as they do for built-in resources.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 GROUP = "coredump.example.io"
 RESOURCE = "coredumpendpoints"

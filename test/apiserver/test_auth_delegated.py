@@ -4,98 +4,18 @@ middleware built by ``build_auth`` from real flags, talking to the fake kube-api
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import re
-import socket
-import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
-from aiohttp import web
-from multidict import CIMultiDict
 
-from apiserver import context
-from apiserver.auth.options import AuthConfigError, AuthOptions, AuthSetup, add_auth_flags, build_auth
+from apiserver.auth.options import AuthConfigError, build_auth
+from apiserver_harness import App, front_proxy, parse_flags, start_app
 from fake_kube import FakeKube
 from fake_clock import FakeClock
 
 GV = "/apis/coredump.example.io/v1alpha1"
-
-
-@dataclasses.dataclass
-class App:
-    url: str
-    fake: FakeKube
-    setup: AuthSetup
-    certs: Path
-
-    def client_ssl(self, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.fake.ca_file))
-        if cert:
-            ctx.load_cert_chain(*cert)
-        return ctx
-
-    async def get(self, path: str, *, cert: tuple[Path, Path] | None = None, token: str | None = None,
-                  headers: list[tuple[str, str]] | None = None) -> tuple[int, dict[str, Any]]:
-        all_headers = list(headers or [])
-        if token:
-            all_headers.append(("Authorization", f"Bearer {token}"))
-        async with aiohttp.ClientSession() as session:
-            async with session.get(self.url + path, ssl=self.client_ssl(cert),
-                                   headers=CIMultiDict(all_headers)) as response:
-                return response.status, await response.json()
-
-
-async def _whoami(request: web.Request) -> web.Response:
-    user = request[context.USER]
-    attributes = request[context.ATTRIBUTES]
-    return web.json_response({"user": user.name, "groups": list(user.groups),
-                              "extra": {k: list(v) for k, v in user.extra.items()}, "verb": attributes.verb})
-
-
-def parse_flags(*flags: str) -> AuthOptions:
-    parser = argparse.ArgumentParser()
-    add_auth_flags(parser)
-    return AuthOptions.from_args(parser.parse_args(list(flags)))
-
-
-async def start_app(fake: FakeKube, directory: Path, *extra_flags: str,
-                    clock: FakeClock | None = None) -> tuple[web.AppRunner, App]:
-    kubeconfig = fake.write_kubeconfig(directory / "server.kubeconfig")
-    args = parse_flags("--authentication-kubeconfig", str(kubeconfig), "--authorization-kubeconfig",
-                       str(kubeconfig), *extra_flags)
-    setup = await build_auth(options=args, dev=None, **({"sleep": clock.sleep} if clock else {}))
-    app = web.Application(middlewares=[setup.middleware])
-    app.router.add_get("/{tail:.*}", _whoami)
-    serving = fake.client_ca.issue(cn="coredump-apiserver", server=True, directory=directory)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(*serving)
-    setup.configure_ssl(ctx)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.SockSite(runner, sock, ssl_context=ctx).start()
-    return runner, App(url=f"https://127.0.0.1:{sock.getsockname()[1]}", fake=fake, setup=setup, certs=directory)
-
-
-@pytest_asyncio.fixture
-async def app(fake_kube: FakeKube, tmp_path: Path) -> AsyncIterator[App]:
-    runner, started = await start_app(fake_kube, tmp_path)
-    try:
-        yield started
-    finally:
-        await runner.cleanup()
-        await started.setup.close()
-
-
-def front_proxy(app: App, cn: str = "front-proxy-client") -> tuple[Path, Path]:
-    return app.fake.issue_client_cert(app.certs, cn=cn, ca="front-proxy")
 
 
 async def test_front_proxy_headers_need_the_front_proxy_certificate(app: App) -> None:

@@ -18,8 +18,7 @@ import yaml
 from handler import layout
 
 from fixtures_apiserver import RunningServer, endpoint_manifest, start_apiserver
-from test_dump_fixtures import *  # noqa: F401,F403
-from test_dump_fixtures import DUMP_PATH, new_uid, store_core
+from apiserver_harness import DUMP_PATH, new_uid, store_core
 from waiting import wait_until
 
 pytestmark = pytest.mark.kubectl

@@ -23,8 +23,7 @@ from multidict import CIMultiDict
 
 from handler import layout
 
-from test_dump_fixtures import *  # noqa: F401,F403
-from test_dump_fixtures import DumpServer, new_uid, store_core
+from apiserver_harness import DumpServer, new_uid, store_core
 from waiting import await_until
 
 T0 = datetime.datetime(2026, 11, 23, 10, 0, tzinfo=datetime.timezone.utc)

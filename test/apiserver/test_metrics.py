@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fake_kube import FakeKube
 from fixtures_apiserver import RunningServer, collection_path, endpoint_manifest, item_path
-from test_auth_server import GV, run_server
+from apiserver_harness import GV, run_server
 from waiting import wait_until
 
 

@@ -194,3 +194,15 @@ def make_sysctl_tree(base: Path, *, core_pattern: str = "core") -> Path:
     (root / "kernel/core_pipe_limit").write_text("0\n")
     (root / "fs/suid_dumpable").write_text("0\n")
     return root
+
+
+def setup_pod(node: NodeTree, core: RealCore, *, pid: int | None = None) -> int:
+    pid = pid or core.pid
+    node.add_process(pid, cgroup=cgroup_text("containerd-systemd:v2"), exe=core.exe)
+    if not any((node.host / "var/log/containers").iterdir()):
+        node.add_log_link(namespace="team-a", pod="web-0", container="app")
+    return pid
+
+
+def visible_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]

@@ -7,7 +7,7 @@ import subprocess
 import time
 
 from handler_harness import REPO, NodeTree, RealCore, gdb_backtrace
-from test_handler_limits import setup_pod, visible_files
+from handler_harness import setup_pod, visible_files
 
 from handler import elfinfo, layout
 from handler.outcome import read_outcomes

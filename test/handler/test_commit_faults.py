@@ -8,11 +8,9 @@ from __future__ import annotations
 import gzip
 import os
 import signal
-import subprocess
-from pathlib import Path
 
 import pytest
-from handler_harness import CONTAINER_ID, POD_UID, NodeTree, RealCore, cgroup_text
+from handler_harness import POD_UID, NodeTree, RealCore, cgroup_text
 
 from handler import layout
 

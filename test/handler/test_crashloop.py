@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from handler_harness import NodeTree, RealCore
-from test_handler_limits import setup_pod
+from handler_harness import setup_pod
 
 from handler import layout
 from handler.agent.metrics import Metrics

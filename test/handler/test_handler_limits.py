@@ -14,23 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from handler_harness import REPO, NodeTree, RealCore, cgroup_text
+from handler_harness import setup_pod, visible_files, REPO, NodeTree, RealCore, cgroup_text
 
 from handler import layout
 from handler.outcome import read_outcomes
 from waiting import wait_until
-
-
-def setup_pod(node: NodeTree, core: RealCore, *, pid: int | None = None) -> int:
-    pid = pid or core.pid
-    node.add_process(pid, cgroup=cgroup_text("containerd-systemd:v2"), exe=core.exe)
-    if not any((node.host / "var/log/containers").iterdir()):
-        node.add_log_link(namespace="team-a", pod="web-0", container="app")
-    return pid
-
-
-def visible_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
 
 
 def test_handler_killed_mid_stream_commits_nothing(node: NodeTree, segv_core: RealCore) -> None:
