@@ -1,5 +1,5 @@
 """
-The kernel path: one crashing process, its core on stdin, filed per DESIGN §1 or handed to the previous pattern.
+The kernel path: one crashing process, its core on stdin, filed per handler.layout or handed to the previous pattern.
 
 Order matters for the crashing process: reading starts at once (a reader thread fills a few chunks while the
 pod's names are looked up), every external call has a timeout, and a watchdog ends the handler if nothing

@@ -41,7 +41,8 @@ def build_parser() -> "argparse.ArgumentParser":
 
     from handler import flags
     from handler.config import DEFAULT_CONFIG_FILE
-    p = argparse.ArgumentParser(prog="coredump-handler", description="File core dumps of pod processes on shared storage.")
+    p = argparse.ArgumentParser(prog="coredump-handler",
+                                description="File core dumps of pod processes on shared storage.")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_FILE,
                    help="JSON config written by the agent; flags override it")
     p.add_argument("--storage-root", type=Path, help="root of the shared core storage")
@@ -54,7 +55,8 @@ def build_parser() -> "argparse.ArgumentParser":
     p.add_argument("--crictl-timeout", type=flags.parse_positive_duration, help="how long a crictl call may take")
     p.add_argument("--runtime", help="runtime for containerID when the cgroup path does not name it")
     p.add_argument("--node", help="node name recorded in metadata")
-    p.add_argument("--max-core-size", type=flags.parse_size, help="store at most this many bytes per core, e.g. 2Gi (0: all)")
+    p.add_argument("--max-core-size", type=flags.parse_size,
+                   help="store at most this many bytes per core, e.g. 2Gi (0: all)")
     p.add_argument("--rate-first", type=flags.parse_count, help="per container and window: keep the first N cores")
     p.add_argument("--rate-latest", type=flags.parse_count, help="... and the latest M")
     p.add_argument("--rate-window", type=flags.parse_positive_duration, help="the rate-limit window")
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         from handler.capture import capture
         from handler.foreign import CrashSpecifiers
         spec = CrashSpecifiers(pid=args.pid, tid=args.tid, signal=args.signal, time=args.time,
-                               comm=" ".join(args.comm), rlimit=None if args.rlimit < 0 or args.rlimit >= 1 << 62 else args.rlimit)
+                               comm=" ".join(args.comm),
+                               rlimit=None if args.rlimit < 0 or args.rlimit >= 1 << 62 else args.rlimit)
         return capture(cfg, spec, early=early)
     if args.command == "import":
         from handler.capture import NotACore, import_core
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "drain":
         from handler.drain import drain
         report = drain(cfg)
-        print(f"drained {report.drained}, waiting {report.waiting}, not from pods {report.host}, errors {report.errors}")
+        print(f"drained {report.drained}, waiting {report.waiting}, not from pods {report.host}, "
+              f"errors {report.errors}")
         for r in report.reasons:
             print(f"  {r}")
         return 1 if report.errors else 0

@@ -1,4 +1,4 @@
-"""Structured logging for the node side: one JSON object per line (DESIGN §6)."""
+"""Structured logging for the node side: one JSON object per line, as the API server logs."""
 from __future__ import annotations
 
 import json

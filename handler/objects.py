@@ -95,9 +95,11 @@ def build_id_of_file(fd: int) -> str | None:
 def mapped_objects(core_head: bytes, read_at: Callable[[int, int], bytes]) -> list[Mapped]:
     """Mapped ELF objects of a core: ``core_head`` holds headers and notes; ``read_at(offset, size)`` the rest."""
     parsed = sparsecore.parse_head(core_head)
-    if parsed is None or parsed[1] is None:
+    if parsed is None:
         return []
     loads, notes, _machine = parsed
+    if notes is None:
+        return []
     noff, nsize = notes
     if noff + nsize > len(core_head):
         return []

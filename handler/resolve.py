@@ -1,5 +1,6 @@
 """
-pid → container → pod: the cgroup path gives the pod uid and container id, the kubelet's log links (or the CRI) the names.
+pid → container → pod: the cgroup path gives the pod uid and container id, the kubelet's log links (or the CRI)
+the names.
 
 The cgroup shapes of each runtime and driver are parsed in :mod:`handler.cgroup`.
 
@@ -24,7 +25,8 @@ from handler.podrecord import PodRecord, read_pod
 logger = logging.getLogger(__name__)
 
 # /var/log/containers/<pod>_<namespace>_<container>-<64 hex>.log
-_LOG_LINK_RE = re.compile(r"^(?P<pod>[a-z0-9.-]+)_(?P<ns>[a-z0-9-]+)_(?P<container>[a-z0-9-]+)-(?P<id>[0-9a-f]{64})\.log$")
+_LOG_LINK_RE = re.compile(
+    r"^(?P<pod>[a-z0-9.-]+)_(?P<ns>[a-z0-9-]+)_(?P<container>[a-z0-9-]+)-(?P<id>[0-9a-f]{64})\.log$")
 # /var/log/pods/<namespace>_<pod>_<uid>/<container>/N.log
 _POD_LOG_DIR_RE = re.compile(r"^(?P<ns>[a-z0-9-]+)_(?P<pod>[a-z0-9.-]+)_(?P<uid>[0-9a-f-]+)$")
 

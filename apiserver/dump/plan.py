@@ -8,7 +8,7 @@ bodies and padding. So the archive is, for each core::
     <the stored .core.gz, as it is on disk: its members decompress to exactly the core's bytes>
 
 and finally ``gzip( padding | end-of-archive )``. The small members are compressed here, in memory;
-the stored core bodies are never recompressed (DESIGN §3). Because every segment's length is known,
+the stored core bodies are never recompressed (README "Getting the cores"). Because every segment's length is known,
 the response has a ``Content-Length``, any byte range maps to segments, and the ``ETag`` (a hash of
 the in-memory members and of the identity of each stored file) changes whenever the bytes would.
 

@@ -93,6 +93,8 @@ class CoreData:
         annotations = meta.get("annotations") or {}
         if str(annotations.get(DELETE_CORES_ANNOTATION, "")).lower() != "true" or not uid:
             return
+        if not (isinstance(namespace, str) and isinstance(name, str) and isinstance(uid, str)):
+            return  # a stored object always has these; nothing to purge for one that does not
         try:
             removed = await asyncio.to_thread(layout.delete_cores, self.storage_root, namespace=namespace,
                                               pod=name, pod_uid=uid)
