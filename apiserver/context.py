@@ -2,7 +2,8 @@
 Typed keys for what the aiohttp application and each request carry, so modules share state by name.
 
 ``app[REGISTRY]`` is the CoredumpEndpoint registry, ``app[STORAGE_ROOT]`` the shared core storage,
-``app[SHUTTING_DOWN]`` is set when the server stops, ``request[USER]`` the authenticated user and ``request[ATTRIBUTES]`` what it is authorized for.
+``app[SHUTTING_DOWN]`` is set when the server stops, ``request[USER]`` the authenticated user and
+``request[ATTRIBUTES]`` what it is authorized for.
 """
 from __future__ import annotations
 

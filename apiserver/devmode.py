@@ -96,7 +96,8 @@ def prepare(*, directory: Path, port: int, storage_root: Path | None) -> DevFile
     if not (ca_cert_path.exists() and ca_key_path.exists()):
         ca_key = _key()
         now = dt.datetime.now(dt.timezone.utc)
-        ca_cert = (x509.CertificateBuilder().subject_name(_name("coredump-dev-ca")).issuer_name(_name("coredump-dev-ca"))
+        ca_name = _name("coredump-dev-ca")
+        ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
                    .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
                    .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
                    .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)

@@ -58,7 +58,7 @@ def add_limit_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="coredump-apiserver",
+        prog="coredump-apiserver", formatter_class=flags.HelpFormatter,
         description="Aggregated Kubernetes API server for coredump.example.io: CoredumpEndpoint objects and "
                     "the dump subresource that streams a pod's core dumps.")
     serving = parser.add_argument_group("serving")

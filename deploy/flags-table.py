@@ -87,8 +87,9 @@ def rows(script: str) -> list[str]:
     fallback = builtin_defaults(script)
     for command, parser, action in flags(parser_of(script)):
         names = ", ".join(f"`{o}`" for o in action.option_strings)
-        # argparse's own expansion of %(default)s and friends, as --help shows it.
-        meaning = parser._get_formatter()._expand_help(action) if action.help else ""
+        # argparse's own expansion of %(default)s and friends, without the "(default: ...)" --help adds (the
+        # default has its own column).
+        meaning = argparse.HelpFormatter(parser.prog)._expand_help(action) if action.help else ""
         meaning = meaning.replace("|", "\\|").replace("\n", " ")
         if action.choices and not isinstance(action.choices, dict):
             meaning = (meaning + f" (one of {', '.join(map(str, action.choices))})").strip()

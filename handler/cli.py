@@ -41,7 +41,7 @@ def build_parser() -> "argparse.ArgumentParser":
 
     from handler import flags
     from handler.config import DEFAULT_CONFIG_FILE
-    p = argparse.ArgumentParser(prog="coredump-handler",
+    p = argparse.ArgumentParser(prog="coredump-handler", formatter_class=flags.HelpFormatter,
                                 description="File core dumps of pod processes on shared storage.")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_FILE,
                    help="JSON config written by the agent; flags override it")

@@ -106,6 +106,18 @@ def list_of(item: Callable[[str], str]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` shows a flag's default as it is written on the command line, ``(default: 1m)``, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if (switch or not action.option_strings or "%(default)" in text
+                or action.default in (None, argparse.SUPPRESS, "", (), [])):
+            return action.help
+        return f"{text} (default: %(default)s)"
+
+
 def add_bool(group: argparse._ActionsContainer, flag: str, *, default: bool, help: str) -> None:
     """A Kubernetes-style boolean flag: ``--flag`` (true), ``--flag=true``, ``--flag=false``."""
     group.add_argument(flag, type=parse_bool, nargs="?", const=True, default="true" if default else "false",

@@ -61,7 +61,7 @@ class CoreData:
             keys.append((ns, name, uid) if isinstance(ns, str) and isinstance(name, str) and isinstance(uid, str)
                         and uid else None)
         statuses = await self.status_cache.statuses(k for k in keys if k is not None)
-        for obj, key in zip(objs, keys):
+        for obj, key in zip(objs, keys, strict=True):
             # A copy per object: objects are serialized and may be mutated independently.
             status = statuses[key] if key is not None else empty_status()
             obj["status"] = {**status, "cores": [dict(c) for c in status["cores"]]}

@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The agent's options; defaults are written as a user writes them (``10s``, ``64Mi``), see handler.flags."""
     d = AgentConfig()
     h = HandlerConfig()
-    p = argparse.ArgumentParser(prog="coredump-agent", description="Node agent of coredump.example.io.")
+    p = argparse.ArgumentParser(prog="coredump-agent", description="Node agent of coredump.example.io.",
+                                formatter_class=flags.HelpFormatter)
     p.add_argument("command", nargs="?", choices=["run", "uninstall"], default="run",
                    help="run the agent (default) or restore the node's core_pattern and remove the shim")
     g = p.add_argument_group("host paths")
