@@ -18,6 +18,19 @@ from typing import TypeVar, cast
 T = TypeVar("T")
 
 
+class NotYet:
+    """A falsy probe result that still says what was seen (``return NotYet(status)``), for the failure message."""
+
+    def __init__(self, seen: object) -> None:
+        self.seen = seen
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return repr(self.seen)
+
+
 def _failure(what: str, timeout: float, last: object) -> AssertionError:
     return AssertionError(f"timed out after {timeout:g}s waiting for {what}; last seen: {last!r}")
 
