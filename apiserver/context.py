@@ -2,12 +2,12 @@
 Typed keys for what the aiohttp application and each request carry, so modules share state by name.
 
 ``app[REGISTRY]`` is the CoredumpEndpoint registry, ``app[STORAGE_ROOT]`` the shared core storage,
-``app[SHUTTING_DOWN]`` is set when the server stops, ``request[USER]`` the authenticated user and ``request[ATTRIBUTES]`` what it is authorized for.
+``app[SHUTTING_DOWN]`` is set when the server stops, ``request[USER]`` the authenticated user and
+``request[ATTRIBUTES]`` what it is authorized for.
 """
 from __future__ import annotations
 
 import asyncio
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,8 +16,6 @@ from aiohttp import web
 if TYPE_CHECKING:
     from apiserver.auth import RequestAttributes, UserInfo
     from apiserver.registry.endpoints import EndpointRegistry
-
-logger = logging.getLogger(__name__)
 
 REGISTRY: web.AppKey["EndpointRegistry"] = web.AppKey("registry")
 STORAGE_ROOT: web.AppKey[Path] = web.AppKey("storage_root", Path)

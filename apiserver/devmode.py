@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import ipaddress
-import logging
 import os
 import shlex
 import sys
@@ -20,8 +19,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-logger = logging.getLogger(__name__)
 
 ADMIN = ("dev-admin", "system:masters")
 VIEWER = ("dev-viewer", "dev-viewers")
@@ -99,7 +96,8 @@ def prepare(*, directory: Path, port: int, storage_root: Path | None) -> DevFile
     if not (ca_cert_path.exists() and ca_key_path.exists()):
         ca_key = _key()
         now = dt.datetime.now(dt.timezone.utc)
-        ca_cert = (x509.CertificateBuilder().subject_name(_name("coredump-dev-ca")).issuer_name(_name("coredump-dev-ca"))
+        ca_name = _name("coredump-dev-ca")
+        ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
                    .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
                    .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
                    .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp import typedefs as aiohttp_typedefs
 
 from apiserver import metrics
 from apiserver.api import errors
@@ -32,7 +33,7 @@ from apiserver.middleware import is_long_running, status_response
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+Middleware = aiohttp_typedefs.Middleware  # a Protocol: what web.Application accepts
 
 DEFAULT_READ_HEADER_TIMEOUT = 32.0
 DEFAULT_IDLE_TIMEOUT = 90.0

@@ -7,8 +7,6 @@ import logging
 import sys
 from typing import Any
 
-logger = logging.getLogger(__name__)
-
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
 
 

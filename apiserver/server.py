@@ -4,7 +4,6 @@ Assembling and running the server: the aiohttp application with its routes and m
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -27,6 +26,7 @@ from apiserver.dump.options import OBJECT_LIMITS, object_limits
 from apiserver.handlers import devreviews, dump, endpoints, meta
 from apiserver.handlers.io import BODY_LIMIT_KEY
 from apiserver.limits import ConnectionLimits, Middleware, inflight_limit
+from apiserver.options import Config
 from apiserver.middleware import observe_requests, status_errors
 from apiserver.retention import setup as retention_setup
 from apiserver.registry.coredata import CoreData
@@ -79,7 +79,7 @@ def add_status_routes(app: web.Application, *, item: str) -> None:
     app.router.add_patch(f"{item}/status", endpoints.write_endpoint_status)
 
 
-def status_tasks(args: argparse.Namespace, *, registry: EndpointRegistry, coredata: CoreData,
+def status_tasks(config: Config, *, registry: EndpointRegistry, coredata: CoreData,
                  storage_root: Path) -> list[asyncio.Task[None]]:
     """
     Endpoints and stored status kept in step with storage (:mod:`apiserver.registry.autocreate`): the slow
@@ -88,10 +88,10 @@ def status_tasks(args: argparse.Namespace, *, registry: EndpointRegistry, coreda
     (:mod:`apiserver.registry.changedetect`).
     """
     creator = AutoCreator(root=storage_root, registry=registry, status_cache=coredata.status_cache,
-                          create=args.auto_create_endpoints)
-    coredata.autocreator = creator
-    tasks = [asyncio.create_task(creator.run(interval=args.status_resync_interval), name="status-full-pass")]
-    if args.dev:
+                          create=config.auto_create_endpoints)
+    coredata.on_purge(creator.forget)
+    tasks = [asyncio.create_task(creator.run(interval=config.status_resync_interval), name="status-full-pass")]
+    if config.dev:
         detector = ChangeDetector(root=storage_root, on_change=creator.changed)
         tasks.append(asyncio.create_task(detector.run(), name="storage-changes"))
     if coredata.pods.api_client is not None:  # in a cluster, or dev mode given a --kubeconfig
@@ -99,9 +99,9 @@ def status_tasks(args: argparse.Namespace, *, registry: EndpointRegistry, coreda
         events = EventWatch(api=coredata.pods.api_client, pending=pending)
         tasks += [asyncio.create_task(pending.run(), name="core-notifications"),
                   asyncio.create_task(events.run(), name="coredumped-events")]
-    elif not args.dev:
+    elif not config.dev:
         logger.warning("no cluster access: new cores reach watchers at the next full pass "
-                       "(--status-resync-interval %.0f s)", args.status_resync_interval)
+                       "(--status-resync-interval %.0f s)", config.status_resync_interval)
     return tasks
 
 
@@ -145,20 +145,20 @@ def build_app(*, registry: EndpointRegistry, storage_root: Path,
     return app
 
 
-def make_store(args: argparse.Namespace) -> ObjectStore:
-    if args.etcd_servers:
+def make_store(config: Config) -> ObjectStore:
+    if config.etcd_servers:
         from apiserver.registry.etcd import EtcdStore
-        return EtcdStore(endpoints=args.etcd_servers, prefix=args.etcd_prefix, ca_file=args.etcd_cafile,
-                         cert_file=args.etcd_certfile, key_file=args.etcd_keyfile)
+        return EtcdStore(endpoints=list(config.etcd_servers), prefix=config.etcd_prefix, ca_file=config.etcd_cafile,
+                         cert_file=config.etcd_certfile, key_file=config.etcd_keyfile)
     from apiserver.registry.memory import MemoryStore
     logger.warning("no --etcd-servers: CoredumpEndpoint objects live in memory and are lost on restart")
     return MemoryStore()
 
 
-def watch_cache(args: argparse.Namespace, *, store: ObjectStore) -> WatchCache:
+def watch_cache(config: Config, *, store: ObjectStore) -> WatchCache:
     """The watch cache in front of ``store`` (see :mod:`apiserver.registry.cacher`); started by the caller."""
-    return WatchCache(store=store, prefix=KEY_ROOT, key_of=key_of, capacity=args.watch_cache_size,
-                      bookmark_interval=args.watch_bookmark_interval)
+    return WatchCache(store=store, prefix=KEY_ROOT, key_of=key_of, capacity=config.watch_cache_size,
+                      bookmark_interval=config.watch_bookmark_interval)
 
 
 def instrumented(store: ObjectStore) -> ObjectStore:
@@ -194,15 +194,17 @@ def _file_identity(*paths: Path) -> tuple[tuple[int, int, int], ...]:
     return tuple(identity)
 
 
-async def reload_serving_certificate(*, context: ssl.SSLContext, cert: Path, key: Path, interval: float) -> None:
+async def reload_serving_certificate(*, context: ssl.SSLContext, cert: Path, key: Path, interval: float,
+                                     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
     """
     Load the serving certificate again whenever its files change, as kube-apiserver's dynamic serving
     certificate does: cert-manager and kubelet-projected Secrets renew the files in place, and new TLS
     handshakes must present the new certificate without a restart. A broken pair keeps the old one.
+    ``sleep`` is the clock (tests move a fake one).
     """
     seen = await asyncio.to_thread(_file_identity, cert, key)
     while True:
-        await asyncio.sleep(interval)
+        await sleep(interval)
         try:
             current = await asyncio.to_thread(_file_identity, cert, key)
             if current == seen:
@@ -230,30 +232,31 @@ class StartupError(Exception):
     """A problem that stops the server before it serves: printed as one line, exit code 1."""
 
 
-async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
-    host = "127.0.0.1" if args.dev else args.bind_address
+async def serve(config: Config, *, stop: asyncio.Event) -> None:
+    host = "127.0.0.1" if config.dev else config.bind_address
     try:
-        sock = _listen(host, args.secure_port)
+        sock = _listen(host, config.secure_port)
     except OSError as error:
-        raise StartupError(f"cannot listen on {host}:{args.secure_port}: {error.strerror}") from None
+        raise StartupError(f"cannot listen on {host}:{config.secure_port}: {error.strerror}") from None
     port = sock.getsockname()[1]
 
     dev_files = None
-    if args.dev:
-        dev_files = await asyncio.to_thread(devmode.prepare, directory=args.dev_dir, port=port,
-                                            storage_root=args.storage_root)
-        cert, key, storage_root = dev_files.serving_cert, dev_files.serving_key, dev_files.cores
-    else:
-        cert, key, storage_root = args.tls_cert_file, args.tls_private_key_file, args.storage_root
+    if config.dev:
+        dev_files = await asyncio.to_thread(devmode.prepare, directory=config.dev_dir, port=port,
+                                            storage_root=config.storage_root)
+    config = config.complete(dev_files)
+    # options.validate made these required outside dev mode; complete() filled them in dev mode.
+    assert config.tls_cert_file and config.tls_private_key_file and config.storage_root
+    cert, key, storage_root = config.tls_cert_file, config.tls_private_key_file, config.storage_root
 
-    store = instrumented(make_store(args))
+    store = instrumented(make_store(config))
     try:
         await store.start()
     except StoreUnavailable as error:
         raise StartupError(f"object storage unavailable: {error}") from None
-    coredata = CoreData(storage_root=storage_root, kubeconfig=str(args.kubeconfig) if args.kubeconfig else None,
-                        in_cluster=not args.dev and args.kubeconfig is None)
-    cache = watch_cache(args, store=store)
+    coredata = CoreData(storage_root=storage_root, kubeconfig=str(config.kubeconfig) if config.kubeconfig else None,
+                        in_cluster=not config.dev and config.kubeconfig is None)
+    cache = watch_cache(config, store=store)
     try:
         await cache.start()
     except StoreUnavailable as error:
@@ -269,37 +272,37 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
         background.append(asyncio.create_task(cache.run(), name="watch-cache"))
         dev_auth = DevAuth(client_ca_file=dev_files.ca_cert, rules=dev_rules()) if dev_files else None
         try:
-            auth = await build_auth(args=args, dev=dev_auth)
+            auth = await build_auth(options=config.auth, dev=dev_auth)
         except AuthConfigError as error:
             raise StartupError(f"authentication setup failed: {error}") from None
         try:
             context = serving_context(cert=cert, key=key, auth=auth)
         except (OSError, ssl.SSLError) as error:
             raise StartupError(f"cannot load the serving certificate {cert}: {error}") from None
-        connections = ConnectionLimits(max_connections=args.max_connections,
-                                       read_header_timeout=args.read_header_timeout)
+        connections = ConnectionLimits(max_connections=config.max_connections,
+                                       read_header_timeout=config.read_header_timeout)
         app = build_app(registry=registry, storage_root=storage_root, auth_middleware=auth.middleware,
-                        max_body_bytes=args.max_request_body_bytes,
+                        max_body_bytes=config.max_request_body_bytes,
                         outer_middlewares=limit_middlewares(
-                            connections=connections, max_requests_inflight=args.max_requests_inflight,
-                            max_mutating_requests_inflight=args.max_mutating_requests_inflight))
+                            connections=connections, max_requests_inflight=config.max_requests_inflight,
+                            max_mutating_requests_inflight=config.max_mutating_requests_inflight))
         if dev_auth is not None:
             devreviews.add_routes(app, rules=dev_auth.rules)
-        app[OBJECT_LIMITS] = object_limits(args)
+        app[OBJECT_LIMITS] = object_limits(config)
         # keepalive_timeout: aiohttp closes a connection idle between requests after --idle-timeout.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, handle_signals=False,
-                               keepalive_timeout=args.idle_timeout)
+                               keepalive_timeout=config.idle_timeout)
         await runner.setup()
         listener = await start_listener(runner=runner, sock=sock, context=context, connections=connections)
         background.append(asyncio.create_task(reload_serving_certificate(
-            context=context, cert=cert, key=key, interval=args.tls_cert_reload_interval), name="cert-reload"))
-        if retention_setup.enabled(args):
+            context=context, cert=cert, key=key, interval=config.tls_cert_reload_interval), name="cert-reload"))
+        if retention_setup.enabled(config):
             background.append(asyncio.create_task(
-                retention_setup.run(args, storage_root=storage_root, registry=registry, dev=args.dev),
+                retention_setup.run(config, storage_root=storage_root, registry=registry, dev=config.dev),
                 name="retention"))
-        background += status_tasks(args, registry=registry, coredata=coredata, storage_root=storage_root)
+        background += status_tasks(config, registry=registry, coredata=coredata, storage_root=storage_root)
         logger.info("serving", extra={"address": f"https://{host}:{port}", "storage_root": str(storage_root),
-                                      "store": "etcd" if args.etcd_servers else "memory"})
+                                      "store": "etcd" if config.etcd_servers else "memory"})
         if dev_files:
             print(devmode.banner(dev_files, port=port), flush=True)
         await stop.wait()
@@ -322,13 +325,13 @@ async def serve(args: argparse.Namespace, *, stop: asyncio.Event) -> None:
         sock.close()
 
 
-def run(args: argparse.Namespace) -> int:
+def run(config: Config) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(args, stop=stop)
+        await serve(config, stop=stop)
 
     try:
         asyncio.run(main())

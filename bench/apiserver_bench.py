@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -42,11 +43,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from apiserver.registry.etcd_local import EtcdServer, find_etcd
 
 logger = logging.getLogger(__name__)
 
 BIN = Path(sys.executable).parent
+# The test suite's etcd launcher (test-only code, not in the installed package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test"))
+_launcher = importlib.import_module("etcd_launcher")
+EtcdServer, find_etcd = _launcher.EtcdServer, _launcher.find_etcd
 GV = "/apis/coredump.example.io/v1alpha1"
 NAMESPACE = "bench"
 COLLECTION = f"{GV}/namespaces/{NAMESPACE}/coredumpendpoints"

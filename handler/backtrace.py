@@ -21,15 +21,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import os
 import resource
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 SIGNATURE_FRAMES = 5
 MAX_FRAMES = 64

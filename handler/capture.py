@@ -1,5 +1,5 @@
 """
-The kernel path: one crashing process, its core on stdin, filed per DESIGN §1 or handed to the previous pattern.
+The kernel path: one crashing process, its core on stdin, filed per handler.layout or handed to the previous pattern.
 
 Order matters for the crashing process: reading starts at once (a reader thread fills a few chunks while the
 pod's names are looked up), every external call has a timeout, and a watchdog ends the handler if nothing
@@ -151,9 +151,7 @@ def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int 
                      kwargs=dict(timeout=2 * cfg.stall_timeout + WATCHDOG_GRACE, done=done, cfg=cfg,
                                  spec=spec)).start()
     try:
-        ident = resolve_pod(proc_root=cfg.proc_root, host_root=cfg.host_root, container_logs=cfg.container_logs,
-                            pid=spec.pid, crictl=cfg.crictl, crictl_timeout=cfg.crictl_timeout,
-                            cgroup_text=cgroup_text, runtime=cfg.runtime, state_dir=cfg.state_dir)
+        ident = resolve_pod(cfg, pid=spec.pid, cgroup_text=cgroup_text)
     except Exception:  # noqa: BLE001 - bytes are already being read: spool rather than fail
         logger.exception("resolving pid %d failed; spooling", spec.pid)
         ident = cg

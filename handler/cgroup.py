@@ -10,10 +10,7 @@ Shapes understood (cgroup v1 and v2 alike; v1 lists one line per hierarchy, all 
 """
 from __future__ import annotations
 
-import logging
 import re
-
-logger = logging.getLogger(__name__)
 
 _POD_UID_RE = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32})"
                          r"(?:\.slice)?$")

@@ -6,7 +6,6 @@ runs point the handler at temporary trees. Expected failures print one line and 
 """
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -17,35 +16,10 @@ if TYPE_CHECKING:
     from handler.config import HandlerConfig
 
 # Deliberately light: ``capture`` starts reading the core (handler.early) before the heavy imports below run.
-logger = logging.getLogger(__name__)
-
-DEFAULT_CONFIG = "/host/var/lib/coredump/handler.json"
+DEFAULT_CONFIG = "/host/var/lib/coredump/handler.json"  # same as handler.config.DEFAULT_CONFIG_FILE
 # ``import`` exit codes: stored; refused (not a core, a bad name: nothing written); spooled (the agent files it
 # when storage is back); error (nothing filed). 1 is left to Python itself.
-IMPORT_STORED, IMPORT_REFUSED, IMPORT_SPOOLED, IMPORT_ERROR = 0, 2, 3, 4   # same as handler.config.DEFAULT_CONFIG_FILE
-
-
-def parse_size(text: str) -> int:
-    """Bytes from ``123``, ``64K``, ``512M``, ``2G`` (binary units)."""
-    import argparse
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if t and t[-1] in units:
-            return int(float(t[:-1]) * units[t[-1]])
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
-
-
-def _bool(text: str) -> bool:
-    import argparse
-    t = text.strip().lower()
-    if t in ("true", "1", "yes"):
-        return True
-    if t in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"not true or false: {text!r}")
+IMPORT_STORED, IMPORT_REFUSED, IMPORT_SPOOLED, IMPORT_ERROR = 0, 2, 3, 4
 
 
 def _epoch(text: str) -> float:
@@ -65,34 +39,40 @@ def build_parser() -> "argparse.ArgumentParser":
     import argparse
     from pathlib import Path
 
+    from handler import flags
     from handler.config import DEFAULT_CONFIG_FILE
-    p = argparse.ArgumentParser(prog="coredump-handler", description="File core dumps of pod processes on shared storage.")
+    p = argparse.ArgumentParser(prog="coredump-handler", formatter_class=flags.HelpFormatter,
+                                description="File core dumps of pod processes on shared storage.")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_FILE,
-                   help="JSON config written by the agent (default %(default)s); flags override it")
+                   help="JSON config written by the agent; flags override it")
     p.add_argument("--storage-root", type=Path, help="root of the shared core storage")
     p.add_argument("--spool-dir", type=Path, help="node-local spool for cores storage cannot take now")
     p.add_argument("--state-dir", type=Path, help="outcome records and rate-limit state (read by the agent)")
-    p.add_argument("--proc-root", type=Path, help="the host's /proc (default /proc)")
+    p.add_argument("--proc-root", type=Path, help="the host's /proc")
     p.add_argument("--host-root", type=Path, help="the host's / as mounted here (for /var/log/containers)")
     p.add_argument("--container-logs", help="kubelet container log links, relative to --host-root")
     p.add_argument("--crictl", help="crictl binary for names/images; '' disables the CRI lookup")
-    p.add_argument("--crictl-timeout", type=float)
-    p.add_argument("--runtime", help="runtime for containerID when the cgroup path does not name it (containerd)")
+    p.add_argument("--crictl-timeout", type=flags.parse_positive_duration, help="how long a crictl call may take")
+    p.add_argument("--runtime", help="runtime for containerID when the cgroup path does not name it")
     p.add_argument("--node", help="node name recorded in metadata")
-    p.add_argument("--max-core-size", type=parse_size, help="store at most this many bytes per core (0 = all)")
-    p.add_argument("--rate-first", type=int, help="per container and window: keep the first N cores")
-    p.add_argument("--rate-latest", type=int, help="... and the latest M")
-    p.add_argument("--rate-window", type=float, help="rate-limit window in seconds")
-    p.add_argument("--rate-latest-interval", type=float,
-                   help="past the first N, take a new 'latest' core at most this often (seconds); others are discarded uncompressed")
-    p.add_argument("--capture-default", type=_bool, metavar="true|false",
+    p.add_argument("--max-core-size", type=flags.parse_size,
+                   help="store at most this many bytes per core, e.g. 2Gi (0: all)")
+    p.add_argument("--rate-first", type=flags.parse_count, help="per container and window: keep the first N cores")
+    p.add_argument("--rate-latest", type=flags.parse_count, help="... and the latest M")
+    p.add_argument("--rate-window", type=flags.parse_positive_duration, help="the rate-limit window")
+    p.add_argument("--rate-latest-interval", type=flags.parse_duration,
+                   help="past the first N, take a new 'latest' core at most this often; others are discarded "
+                        "uncompressed")
+    p.add_argument("--capture-default", type=flags.parse_bool, metavar="true|false",
                    help="keep cores of pods whose pod and namespace have no coredump.example.io/capture annotation")
     p.add_argument("--compress-level", type=int, choices=range(0, 4), metavar="0-3", help="ISA-L gzip level")
     p.add_argument("--previous-pattern-file", type=Path, help="file holding the node's previous core_pattern")
     p.add_argument("--foreign", choices=["previous", "drop"], help="cores of non-pod processes")
-    p.add_argument("--storage-timeout", type=float, help="seconds a storage probe may take before spooling")
-    p.add_argument("--stall-timeout", type=float, help="give up after this many seconds without progress")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--storage-timeout", type=flags.parse_positive_duration,
+                   help="how long a storage probe may take before the core is spooled")
+    p.add_argument("--stall-timeout", type=flags.parse_positive_duration,
+                   help="give up after this long without progress (the crashing process may then exit)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("capture", help="file the core on stdin (the shim runs this from core_pattern)")
@@ -105,10 +85,10 @@ def build_parser() -> "argparse.ArgumentParser":
     c.add_argument("comm", nargs=argparse.REMAINDER, help="%%e (may have been split on spaces)")
 
     i = sub.add_parser("import", help="file an existing core file")
-    i.add_argument("--namespace", required=True)
-    i.add_argument("--pod", required=True)
-    i.add_argument("--pod-uid", required=True)
-    i.add_argument("--container", required=True)
+    i.add_argument("--namespace", required=True, help="the pod's namespace")
+    i.add_argument("--pod", required=True, help="the pod's name")
+    i.add_argument("--pod-uid", required=True, help="the pod's UID")
+    i.add_argument("--container", required=True, help="the container's name")
     i.add_argument("--container-id", default="", help="runtime://id, if known")
     i.add_argument("--pid", type=int, help="default: from the core's notes")
     i.add_argument("--signal", type=int, help="default: from the core's notes")
@@ -149,10 +129,7 @@ def load_config(args: "argparse.Namespace") -> "HandlerConfig":
     from handler.config import HandlerConfig
     # Every global flag is named after the HandlerConfig field it overrides (deploy/flags-table.py relies on it).
     overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(HandlerConfig)}
-    cfg = HandlerConfig.load(args.config, overrides=overrides)
-    if cfg.crictl == "":
-        cfg.crictl = None
-    return cfg
+    return HandlerConfig.load(args.config, overrides=overrides)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -175,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         from handler.capture import capture
         from handler.foreign import CrashSpecifiers
         spec = CrashSpecifiers(pid=args.pid, tid=args.tid, signal=args.signal, time=args.time,
-                               comm=" ".join(args.comm), rlimit=None if args.rlimit < 0 or args.rlimit >= 1 << 62 else args.rlimit)
+                               comm=" ".join(args.comm),
+                               rlimit=None if args.rlimit < 0 or args.rlimit >= 1 << 62 else args.rlimit)
         return capture(cfg, spec, early=early)
     if args.command == "import":
         from handler.capture import NotACore, import_core
@@ -201,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "drain":
         from handler.drain import drain
         report = drain(cfg)
-        print(f"drained {report.drained}, waiting {report.waiting}, not from pods {report.host}, errors {report.errors}")
+        print(f"drained {report.drained}, waiting {report.waiting}, not from pods {report.host}, "
+              f"errors {report.errors}")
         for r in report.reasons:
             print(f"  {r}")
         return 1 if report.errors else 0

@@ -4,6 +4,11 @@ The handler's configuration: every path it touches and every limit, from a JSON 
 The handler is started by the kernel (through the shim) with only the crash's specifiers on its command
 line, so the agent writes the rest to ``handler.json`` in its state directory; flags override the file,
 which is how tests and ``import`` point it at temporary trees.
+
+The steps are metrics-server's: the flags (``handler.cli.build_parser``, values checked by :mod:`handler.flags`)
+are the options; :meth:`HandlerConfig.load` completes them with the file and the defaults into one frozen
+``HandlerConfig`` that everything downstream receives. A file value of the wrong type is dropped with one log
+line (the default applies): a broken config must never lose a core.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ _LOCAL_DIR = local_dir(HOST_ROOT, HOST_DIR)
 DEFAULT_CONFIG_FILE = _LOCAL_DIR / CONFIG_NAME
 
 
-@dataclass
+@dataclass(frozen=True)
 class HandlerConfig:
     storage_root: Path = STORAGE_ROOT
     spool_dir: Path = _LOCAL_DIR / SPOOL_NAME
@@ -78,6 +83,15 @@ class HandlerConfig:
 
     _PATHS = ("storage_root", "spool_dir", "state_dir", "proc_root", "host_root", "previous_pattern_file")
 
+    def __post_init__(self) -> None:
+        # Completed once here, so every way of making a config (file, flags, the agent) ends the same.
+        for name in self._PATHS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        if self.crictl == "":
+            object.__setattr__(self, "crictl", None)  # '' disables the CRI lookup
+
     @classmethod
     def load(cls, path: Path | None, *, overrides: dict[str, Any] | None = None) -> "HandlerConfig":
         data: dict[str, Any] = {}
@@ -89,17 +103,23 @@ class HandlerConfig:
             except (OSError, ValueError) as e:
                 # A broken config must not lose a core: go on with defaults (which spool if storage is not there).
                 logger.error("unreadable handler config %s: %s; using defaults", path, e)
+        if not isinstance(data, dict):
+            logger.error("handler config %s is not a JSON object; using defaults", path)
+            data = {}
         data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        defaults = cls()
+        known: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in ("extra", "explicit") or f.name not in data:
+                continue
+            value, default = data[f.name], getattr(defaults, f.name)
+            if not _fits(value, default):
+                logger.error("handler config %s: %s=%r is not like %r; using the default", path, f.name, value,
+                             default)
+                continue
+            known[f.name] = value
         names = {f.name for f in dataclasses.fields(cls)}
-        known = {k: v for k, v in data.items() if k in names}
-        cfg = cls(**known)
-        cfg.extra = {k: v for k, v in data.items() if k not in names}
-        cfg.explicit = frozenset(known)
-        for name in cls._PATHS:
-            value = getattr(cfg, name)
-            if value is not None and not isinstance(value, Path):
-                setattr(cfg, name, Path(value))
-        return cfg
+        return cls(**known, extra={k: v for k, v in data.items() if k not in names}, explicit=frozenset(known))
 
     def to_json(self) -> str:
         out = {}
@@ -117,3 +137,18 @@ class HandlerConfig:
     @property
     def ratelimit_dir(self) -> Path:
         return self.state_dir / "ratelimit"
+
+
+def _fits(value: Any, default: Any) -> bool:
+    """Whether a value read from the JSON file can stand where ``default`` stands (paths are strings there)."""
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, (str, Path)):
+        return isinstance(value, (str, Path))
+    return True

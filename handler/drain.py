@@ -47,9 +47,7 @@ class DrainReport:
 def _resolve(cfg: HandlerConfig, cgroup_text: str | None) -> PodIdentity | None:
     if not cgroup_text:
         return None
-    ident = resolve_pod(proc_root=cfg.proc_root, host_root=cfg.host_root, container_logs=cfg.container_logs,
-                        pid=0, crictl=cfg.crictl, crictl_timeout=cfg.crictl_timeout, cgroup_text=cgroup_text,
-                        runtime=cfg.runtime)
+    ident = resolve_pod(cfg, pid=0, cgroup_text=cgroup_text, pod_records=False)
     return ident if isinstance(ident, PodIdentity) else None
 
 

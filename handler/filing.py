@@ -1,5 +1,6 @@
 """
-Filing one core: metadata per DESIGN §1, storage or spool, failover mid-stream, rate limit after commit.
+Filing one core: metadata per the layout contract (handler.layout; README "Storage layout"), storage or
+spool, failover mid-stream, rate limit after commit.
 
 Used by the kernel path (:mod:`handler.capture`), ``import`` and the spool drain alike, so every core is filed
 the same way whatever way it came in.

@@ -1,5 +1,6 @@
 """
-The storage layout contract (DESIGN §1): the one owner of paths, names, the metadata schema and the commit protocol.
+The storage layout contract (README "Storage layout"): the one owner of paths, names, the metadata schema
+and the commit protocol.
 
 A core lives at ``<root>/<namespace>/<pod>/<pod-uid>/<container>/<core-id>.core.gz`` next to
 ``<core-id>.json``. Hidden names (leading ``.``) are temporary files of writes in flight.

@@ -1,13 +1,10 @@
-"""Structured logging for the node side: one JSON object per line (DESIGN §6)."""
+"""Structured logging for the node side: one JSON object per line, as the API server logs."""
 from __future__ import annotations
 
 import json
 import logging
 import sys
 import time
-
-logger = logging.getLogger(__name__)
-
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import logging
 import os
 import re
 import secrets
@@ -45,8 +44,6 @@ from typing import Any
 from isal import isal_zlib
 
 from handler import safefs, sparsecore
-
-logger = logging.getLogger(__name__)
 
 STORE_DIR = ".build-id"
 OBJECT_NAME = "executable.gz"
@@ -108,9 +105,11 @@ def build_id_of_file(fd: int) -> str | None:
 def mapped_objects(core_head: bytes, read_at: Callable[[int, int], bytes]) -> list[Mapped]:
     """Mapped ELF objects of a core: ``core_head`` holds headers and notes; ``read_at(offset, size)`` the rest."""
     parsed = sparsecore.parse_head(core_head)
-    if parsed is None or parsed[1] is None:
+    if parsed is None:
         return []
     loads, notes, _machine = parsed
+    if notes is None:
+        return []
     noff, nsize = notes
     if noff + nsize > len(core_head):
         return []

@@ -14,13 +14,9 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
-
 
 @dataclass
 class Decision:

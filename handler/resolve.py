@@ -1,5 +1,6 @@
 """
-pid → container → pod: the cgroup path gives the pod uid and container id, the kubelet's log links (or the CRI) the names.
+pid → container → pod: the cgroup path gives the pod uid and container id, the kubelet's log links (or the CRI)
+the names.
 
 The cgroup shapes of each runtime and driver are parsed in :mod:`handler.cgroup`.
 
@@ -17,13 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handler import layout
+from handler.config import HandlerConfig
 from handler.cgroup import CgroupIdentity, identity_from_cgroup_text
 from handler.podrecord import PodRecord, read_pod
 
 logger = logging.getLogger(__name__)
 
 # /var/log/containers/<pod>_<namespace>_<container>-<64 hex>.log
-_LOG_LINK_RE = re.compile(r"^(?P<pod>[a-z0-9.-]+)_(?P<ns>[a-z0-9-]+)_(?P<container>[a-z0-9-]+)-(?P<id>[0-9a-f]{64})\.log$")
+_LOG_LINK_RE = re.compile(
+    r"^(?P<pod>[a-z0-9.-]+)_(?P<ns>[a-z0-9-]+)_(?P<container>[a-z0-9-]+)-(?P<id>[0-9a-f]{64})\.log$")
 # /var/log/pods/<namespace>_<pod>_<uid>/<container>/N.log
 _POD_LOG_DIR_RE = re.compile(r"^(?P<ns>[a-z0-9-]+)_(?P<pod>[a-z0-9.-]+)_(?P<uid>[0-9a-f-]+)$")
 
@@ -116,18 +119,21 @@ def _add_image(ident: PodIdentity, info: dict) -> None:
         ident.image_digest = ref
 
 
-def resolve_pod(*, proc_root: Path, host_root: Path, container_logs: str, pid: int, crictl: str | None,
-                crictl_timeout: float, cgroup_text: str | None = None, runtime: str = "containerd",
-                state_dir: Path | None = None) -> PodIdentity | CgroupIdentity | None:
+def resolve_pod(cfg: HandlerConfig, *, pid: int, cgroup_text: str | None = None,
+                pod_records: bool = True) -> PodIdentity | CgroupIdentity | None:
     """
     The pod identity of a crashing pid.
 
-    Sources, none of them an API call: the agent's pod record in ``state_dir`` (names, labels, owner, image
-    and digest), the kubelet's log links (names), and the CRI if ``crictl`` is set (names, image).
+    Sources, none of them an API call: the agent's pod record in ``cfg.state_dir`` (names, labels, owner, image
+    and digest; skipped without ``pod_records``), the kubelet's log links under ``cfg.host_root`` (names), and
+    the CRI if ``cfg.crictl`` is set (names, image).
 
     Returns a :class:`PodIdentity` when names were found, the bare :class:`CgroupIdentity` when the process is
     in a pod whose names cannot be found (yet), and None when it is not in a pod at all.
     """
+    proc_root, host_root, container_logs = cfg.proc_root, cfg.host_root, cfg.container_logs
+    crictl, crictl_timeout, runtime = cfg.crictl, cfg.crictl_timeout, cfg.runtime
+    state_dir = cfg.state_dir if pod_records else None
     if cgroup_text is None:
         cgroup_text = read_cgroup(proc_root, pid)
     if cgroup_text is None:

@@ -19,13 +19,10 @@ core's own length and the caps here, and a stream that is not an x86-64 or aarch
 """
 from __future__ import annotations
 
-import logging
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 MAX_HEAD = 16 << 20
 STACK_BYTES = 1 << 20

@@ -21,8 +21,9 @@ The ``fake_kube`` fixture (async, function scope) yields a :class:`FakeKube`:
   server; the default token is ``.server_token`` (the API server's own service account)
 - ``.add_token(token, *, user, groups=(), uid="", extra=None)`` and ``.tokens`` (token → :class:`FakeUser`)
 - ``.allow(*, verbs, users=(), groups=(), resources=(), namespaces=(), non_resource_urls=())``: add an RBAC-like
-  rule (see :mod:`apiserver.auth.static`); ``system:masters`` may do anything, ``system:authenticated`` may
-  get the discovery paths, as in a real cluster
+  rule to the fake's own small table (:class:`FakeRule`, deliberately not the production rule engine of
+  :mod:`apiserver.auth.static`, so a bug there is not mirrored here); ``system:masters`` may do anything,
+  every user may get the discovery paths, as in a real cluster
 - ``.add_pod(namespace=, name=, uid=None) -> dict`` and ``.delete_pod(namespace=, name=)``
 - ``.add_namespace(name, *, labels=None, annotations=None) -> dict`` (served by ``GET /api/v1/namespaces/{name}``)
 - ``.add_configmap(namespace=, name=, data=)`` (``GET .../configmaps/{name}``) and ``.leases``: Leases with
@@ -61,8 +62,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from apiserver.auth import AUTHENTICATED_GROUP, RequestAttributes, UserInfo
-from apiserver.auth.static import Rule, decide, discovery_rule, rule
+from apiserver.auth import AUTHENTICATED_GROUP
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +165,40 @@ def _timestamp() -> str:
     return _now().strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+@dataclasses.dataclass(frozen=True)
+class FakeRule:
+    """
+    One row of the fake's access table, read as RBAC reads a rule (a few lines, on purpose independent of the
+    server's own matcher): the subject is one of ``users`` or in one of ``groups``; ``verbs`` and ``resources``
+    are exact or ``*``, a resource is ``plural`` or ``plural/subresource`` (``plural/*`` any subresource);
+    ``namespaces`` empty means all; a non-resource URL is exact, or a prefix when it ends in ``*``.
+    """
+
+    verbs: tuple[str, ...]
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    resources: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()
+    non_resource_urls: tuple[str, ...] = ()
+
+    def allows(self, *, user: str, groups: Iterable[str], resource: dict[str, Any] | None,
+               non_resource: dict[str, Any] | None) -> bool:
+        if user not in self.users and not set(groups) & set(self.groups):
+            return False
+        attributes = resource or non_resource or {}
+        if "*" not in self.verbs and attributes.get("verb") not in self.verbs:
+            return False
+        if resource is None:
+            path = str(attributes.get("path", ""))
+            return any(path == url or (url.endswith("*") and path.startswith(url[:-1]))
+                       for url in self.non_resource_urls)
+        if self.namespaces and resource.get("namespace", "") not in self.namespaces:
+            return False
+        plural, sub = resource.get("resource", ""), resource.get("subresource", "")
+        wanted = f"{plural}/{sub}" if sub else plural
+        return any(pattern in ("*", wanted) or (sub and pattern == f"{plural}/*") for pattern in self.resources)
+
+
 class FakeKube:
     """The fake's state and its aiohttp application; start it with :meth:`start` (the fixture does)."""
 
@@ -182,9 +216,13 @@ class FakeKube:
             self.server_token: FakeUser(name="system:serviceaccount:coredump:apiserver",
                                         groups=("system:serviceaccounts", "system:serviceaccounts:coredump")),
         }
-        self.rules: list[Rule] = [rule(verbs=["*"], groups=["system:masters"], resources=["*"],
-                                       non_resource_urls=["*"]),
-                                  discovery_rule()]
+        self.rules: list[FakeRule] = [FakeRule(verbs=("*",), groups=("system:masters",), resources=("*",),
+                                               non_resource_urls=("*",)),
+                                      # system:discovery and system:public-info-viewer
+                                      FakeRule(verbs=("get",), groups=(AUTHENTICATED_GROUP, "system:unauthenticated"),
+                                               non_resource_urls=("/api", "/api/*", "/apis", "/apis/*", "/openapi",
+                                                                  "/openapi/*", "/version", "/version/", "/healthz",
+                                                                  "/livez", "/readyz"))]
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
         self.namespaces: dict[str, dict[str, Any]] = {}
         self.leases: dict[tuple[str, str], dict[str, Any]] = {}
@@ -220,9 +258,9 @@ class FakeKube:
 
     def allow(self, *, verbs: Iterable[str], users: Iterable[str] = (), groups: Iterable[str] = (),
               resources: Iterable[str] = (), namespaces: Iterable[str] = (),
-              non_resource_urls: Iterable[str] = ()) -> Rule:
-        added = rule(verbs=verbs, users=users, groups=groups, resources=resources, namespaces=namespaces,
-                     non_resource_urls=non_resource_urls)
+              non_resource_urls: Iterable[str] = ()) -> FakeRule:
+        added = FakeRule(verbs=tuple(verbs), users=tuple(users), groups=tuple(groups), resources=tuple(resources),
+                         namespaces=tuple(namespaces), non_resource_urls=tuple(non_resource_urls))
         self.rules.append(added)
         return added
 
@@ -444,22 +482,15 @@ class FakeKube:
         if self.sar_answer is not None:
             return web.Response(status=201, body=self.sar_answer[1], headers={"Content-Type": self.sar_answer[0]})
         spec = body.get("spec") or {}
-        user = UserInfo(name=spec.get("user", ""), uid=spec.get("uid", ""), groups=tuple(spec.get("groups") or ()))
-        if ra := spec.get("resourceAttributes"):
-            attributes = RequestAttributes(
-                user=user, verb=ra.get("verb", ""), path="", is_resource_request=True,
-                api_group=ra.get("group", ""), api_version=ra.get("version", ""), resource=ra.get("resource", ""),
-                subresource=ra.get("subresource", ""), namespace=ra.get("namespace", ""), name=ra.get("name", ""))
-        elif nra := spec.get("nonResourceAttributes"):
-            attributes = RequestAttributes(user=user, verb=nra.get("verb", ""), path=nra.get("path", ""),
-                                           is_resource_request=False)
-        else:
+        ra, nra = spec.get("resourceAttributes"), spec.get("nonResourceAttributes")
+        if not ra and not nra:
             return _status(422, "Invalid", 'SubjectAccessReview.authorization.k8s.io "" is invalid: '
                                            'spec.resourceAttributes: Invalid value: "null": exactly one of '
                                            'nonResourceAttributes or resourceAttributes must be specified')
-        decision = decide(self.rules, attributes)
-        status: dict[str, Any] = {"allowed": decision.allowed}
-        if decision.allowed:
+        allowed = any(r.allows(user=spec.get("user", ""), groups=spec.get("groups") or (), resource=ra,
+                               non_resource=nra) for r in self.rules)
+        status: dict[str, Any] = {"allowed": allowed}
+        if allowed:
             status["reason"] = 'RBAC: allowed by fake rule table'
         answer = {"kind": "SubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
                   "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}

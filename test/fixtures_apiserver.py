@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_until
 
 BIN = Path(sys.executable).parent
 KUBECTL_DIR = Path(os.path.realpath(shutil.which("kubectl") or "/nonexistent")).parent
@@ -85,14 +86,8 @@ class RunningServer:
         if not self.port:
             self.stop()
             raise RuntimeError(f"coredump-apiserver did not start: {self.log_path.read_text()[-3000:]}")
-        while time.monotonic() < deadline:
-            try:
-                if self.request("GET", "/readyz").status == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("coredump-apiserver never became ready")
+        wait_until(lambda: self.request("GET", "/readyz").status == 200, what="coredump-apiserver to be ready",
+                   timeout=max(deadline - time.monotonic(), 0.0), ignore=(OSError,))
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

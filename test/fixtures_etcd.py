@@ -1,7 +1,7 @@
 """
 A real etcd for the tests: one server per test session, on free 127.0.0.1 ports, in a temp data dir.
 
-The launcher itself is ``apiserver.registry.etcd_local`` (the API server benchmark uses it too).
+The launcher itself is ``etcd_launcher`` (the API server benchmark uses it too).
 ``etcd_server`` can be stopped and started again on the same data dir and ports, so a test can
 check what survives a restart; ``etcd_prefix`` gives each test a key prefix of its own so that tests
 sharing the server never see each other's objects.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from apiserver.registry.etcd_local import EtcdServer, EtcdTLS, find_etcd
+from etcd_launcher import EtcdServer, EtcdTLS, find_etcd
 
 __all__ = ["EtcdServer", "EtcdTLS", "etcd_in_temp_dir", "etcd_server", "etcd_prefix"]
 

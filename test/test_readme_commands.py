@@ -23,13 +23,13 @@ import re
 import shlex
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fixtures_apiserver import BIN, RunningServer
+from waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -185,11 +185,9 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevSetup]:
                         "--state-dir", str(dev_dir / "state"), "import", "--namespace", FILED_NAMESPACE,
                         "--pod", FILED_POD, "--pod-uid", FILED_UID, "--container", "app", "--time", FILED_TIME,
                         str(core)], check=True, capture_output=True, timeout=COMMAND_TIMEOUT)
-        deadline = time.monotonic() + 30
-        while server.request("GET", f"/apis/coredump.example.io/v1alpha1/namespaces/{FILED_NAMESPACE}/"
-                                    f"coredumpendpoints/{FILED_POD}").status != 200:
-            assert time.monotonic() < deadline, "the dev server did not auto-create the filed pod's endpoint"
-            time.sleep(0.1)
+        wait_until(lambda: server.request("GET", f"/apis/coredump.example.io/v1alpha1/namespaces/{FILED_NAMESPACE}/"
+                                                 f"coredumpendpoints/{FILED_POD}").status == 200,
+                   what="the dev server to auto-create the filed pod's endpoint", interval=0.1)
         yield DevSetup(root=root, server=server, banner=banner)
     finally:
         server.stop()

@@ -12,14 +12,11 @@ import binascii
 import dataclasses
 import enum
 import json
-import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from apiserver.api import errors
-
-logger = logging.getLogger(__name__)
 
 META_GROUP = "meta.k8s.io"
 META_VERSION = "v1"
@@ -183,13 +180,6 @@ def bookmark(*, kind: str, api_version: str, resource_version: str, initial_even
     if initial_events_end:
         metadata["annotations"] = {INITIAL_EVENTS_END_ANNOTATION: "true"}
     return {"kind": kind, "apiVersion": api_version, "metadata": metadata}
-
-
-def success_status(*, details: dict[str, Any] | None = None) -> dict[str, Any]:
-    status: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
-    if details:
-        status["details"] = details
-    return status
 
 
 # Continue tokens: opaque to clients, like kube-apiserver's base64 JSON {"v","rv","start"}.

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from typing import Any
 
 from apiserver.api import resource as r
-
-logger = logging.getLogger(__name__)
 
 AGGREGATED_VERSIONS = ("v2", "v2beta1")
 

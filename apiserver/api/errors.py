@@ -8,10 +8,7 @@ read exactly as they do for built-in resources.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 GROUP = "coredump.example.io"
 RESOURCE = "coredumpendpoints"
@@ -85,6 +82,14 @@ def conflict(*, name: str, message: str, resource: str = RESOURCE) -> ApiError:
         message=f'Operation cannot be fulfilled on {_qualified(resource)} "{name}": {message}',
         details=_details(name=name, resource=resource),
     )
+
+
+def field_cause(field: str, message: str, reason: str = "FieldValueInvalid") -> dict[str, str]:
+    """
+    One ``details.causes`` entry of a 422 Status, shaped as metav1.StatusCause (``reason`` is the
+    field.ErrorType, e.g. ``FieldValueRequired``): every field error of the server is built here.
+    """
+    return {"reason": reason, "message": message, "field": field}
 
 
 def invalid(*, name: str, causes: list[dict[str, str]], kind: str = "CoredumpEndpoint") -> ApiError:

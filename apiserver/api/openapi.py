@@ -13,12 +13,9 @@ import copy
 import functools
 import hashlib
 import json
-import logging
 from typing import Any
 
 from apiserver.api import resource as r
-
-logger = logging.getLogger(__name__)
 
 META = "io.k8s.apimachinery.pkg.apis.meta.v1"
 DEF_ENDPOINT = "io.example.coredump.v1alpha1.CoredumpEndpoint"

@@ -6,12 +6,9 @@ refused with 415, and kubectl falls back to merge patch for kinds it does not co
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Any
 
 from apiserver.api import errors
-
-logger = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"

@@ -7,15 +7,12 @@ the set of fields the server keeps. Validation reports every problem as a Kubern
 """
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable
 from typing import Any
 
 from apiserver.api import errors
 from handler import layout
-
-logger = logging.getLogger(__name__)
 
 GROUP = "coredump.example.io"
 VERSION = "v1alpha1"
@@ -153,8 +150,7 @@ OBJECT_META_FIELDS = {
 
 # ---- validation ------------------------------------------------------------------------------------
 
-def _cause(field: str, message: str, reason: str = "FieldValueInvalid") -> dict[str, str]:
-    return {"reason": reason, "message": message, "field": field}
+_cause = errors.field_cause
 
 
 def unknown_fields(body: dict[str, Any]) -> list[str]:

@@ -7,14 +7,11 @@ Field selectors: ``metadata.name`` and ``metadata.namespace`` with ``=``, ``==``
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 from collections.abc import Callable
 from typing import Any
 
 from apiserver.api import errors
-
-logger = logging.getLogger(__name__)
 
 Predicate = Callable[[dict[str, Any]], bool]
 

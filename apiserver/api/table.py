@@ -6,13 +6,9 @@ Ages are rendered server-side the way kube-apiserver's printers render them (``5
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from typing import Any
 
 from apiserver.api.conventions import Column
-
-logger = logging.getLogger(__name__)
-
 
 def human_duration(seconds: float) -> str:
     """k8s.io/apimachinery/pkg/util/duration.HumanDuration, so ages read the same as for pods."""

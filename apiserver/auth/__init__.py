@@ -10,12 +10,9 @@ front-proxy headers, SubjectAccessReview).
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Protocol
 
 from aiohttp import web
-
-logger = logging.getLogger(__name__)
 
 AUTHENTICATED_GROUP = "system:authenticated"
 MASTERS_GROUP = "system:masters"

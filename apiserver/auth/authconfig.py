@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from kubernetes_asyncio import client
@@ -68,8 +69,9 @@ class DelegatedAuthConfig:
 
     def __init__(self, *, core_api: client.CoreV1Api | None, client_ca_file: Path | None,
                  requestheader_ca_file: Path | None, requestheader_names: RequestHeaderNames,
-                 refresh_interval: float) -> None:
+                 refresh_interval: float, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._core_api = core_api
+        self._sleep = sleep  # the refresh loop's clock (tests move a fake one)
         self._client_ca_file = client_ca_file
         self._requestheader_ca_file = requestheader_ca_file
         self._refresh_interval = refresh_interval
@@ -127,7 +129,7 @@ class DelegatedAuthConfig:
 
     async def _refresh_forever(self) -> None:
         while True:
-            await asyncio.sleep(self._refresh_interval)
+            await self._sleep(self._refresh_interval)
             try:
                 await self.refresh()
             except AuthConfigError as error:

@@ -7,12 +7,9 @@ time instead of sleeping.
 from __future__ import annotations
 
 import collections
-import logging
 import time
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
-
-logger = logging.getLogger(__name__)
 
 V = TypeVar("V")
 

@@ -1,7 +1,8 @@
 """
 Authentication and authorization flags, named as Kubernetes names them, and the setup they produce.
 
-``add_auth_flags(parser)`` adds the flags; ``await build_auth(args=..., dev=...)`` builds an
+``add_auth_flags(parser)`` adds the flags, :meth:`AuthOptions.from_args` turns what they parsed into a frozen
+:class:`AuthOptions`, and ``await build_auth(options=..., dev=...)`` builds an
 :class:`AuthSetup` whose ``middleware`` goes into the aiohttp application and whose ``configure_ssl`` is
 called on the serving ``SSLContext`` (so TLS asks for client certificates and trusts the client and
 front-proxy CAs, also after they rotate). Without ``dev``, everything is delegated to the cluster named
@@ -15,7 +16,6 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import re
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -32,50 +32,15 @@ from apiserver.auth.sar import SubjectAccessReviewAuthorizer
 from apiserver.auth.static import Rule, StaticAuthorizer
 from apiserver.auth.tokenreview import TokenReviewAuthenticator
 from apiserver.auth.x509 import CABundle, X509Authenticator, configure_client_verification
+from handler import flags
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AuthConfigError", "AuthSetup", "DevAuth", "add_auth_flags", "build_auth", "parse_bool",
-           "parse_duration"]
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """A Go duration (``10s``, ``1m30s``, ``500ms``) in seconds; a bare number counts as seconds."""
-    text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    pos, total = 0, 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != pos:
-            break
-        total += float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-        pos = match.end()
-    if pos != len(text) or not text:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use e.g. 10s, 1m30s, 500ms)")
-    return total
-
-
-def parse_bool(text: str) -> bool:
-    """A flag boolean as Go's strconv.ParseBool reads it (true/false, t/f, 1/0), for Kubernetes-style flags."""
-    lowered = text.strip().lower()
-    if lowered in ("1", "t", "true", "yes"):
-        return True
-    if lowered in ("0", "f", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}")
-
-
-def _list(text: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in text.split(",") if item.strip())
+__all__ = ["AuthConfigError", "AuthOptions", "AuthSetup", "DevAuth", "add_auth_flags", "build_auth"]
 
 
 def _path_list(text: str) -> tuple[str, ...]:
-    paths = _list(text)
+    paths = flags.parse_list(text)
     try:
         AlwaysAllowPaths(paths)
     except ValueError as error:
@@ -95,31 +60,58 @@ def add_auth_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--requestheader-client-ca-file", type=Path, default=None,
                        help="CA bundle of the front proxy; X-Remote-* headers are trusted only from its "
                             "certificates (default: from the ConfigMap)")
-    group.add_argument("--requestheader-allowed-names", type=_list, default=(),
+    group.add_argument("--requestheader-allowed-names", type=flags.parse_list, default="",
                        help="comma-separated CNs allowed to send X-Remote-* headers (empty: any CN of that CA)")
-    group.add_argument("--requestheader-username-headers", type=_list, default=("X-Remote-User",),
+    group.add_argument("--requestheader-username-headers", type=flags.parse_list, default="X-Remote-User",
                        help="headers that carry the user name from the front proxy")
-    group.add_argument("--requestheader-uid-headers", type=_list, default=(),
+    group.add_argument("--requestheader-uid-headers", type=flags.parse_list, default="",
                        help="headers that carry the user's UID from the front proxy")
-    group.add_argument("--requestheader-group-headers", type=_list, default=("X-Remote-Group",),
+    group.add_argument("--requestheader-group-headers", type=flags.parse_list, default="X-Remote-Group",
                        help="headers that carry groups (one group per header)")
-    group.add_argument("--requestheader-extra-headers-prefix", type=_list, default=("X-Remote-Extra-",),
+    group.add_argument("--requestheader-extra-headers-prefix", type=flags.parse_list, default="X-Remote-Extra-",
                        help="prefixes of headers that carry the user's extra attributes")
-    group.add_argument("--anonymous-auth", type=parse_bool, nargs="?", const=True, default=False,
-                       help="serve requests without credentials as system:anonymous (default false)")
-    group.add_argument("--authentication-skip-lookup", type=parse_bool, nargs="?", const=True, default=False,
-                       help="do not read the extension-apiserver-authentication ConfigMap")
-    group.add_argument("--authentication-token-webhook-cache-ttl", type=parse_duration, default=10.0,
-                       help="how long TokenReview answers are cached (default 10s)")
-    group.add_argument("--authorization-webhook-cache-authorized-ttl", type=parse_duration, default=10.0,
-                       help="how long allowed SubjectAccessReview answers are cached (default 10s)")
-    group.add_argument("--authorization-webhook-cache-unauthorized-ttl", type=parse_duration, default=10.0,
-                       help="how long denied SubjectAccessReview answers are cached (default 10s)")
-    group.add_argument("--authorization-always-allow-paths", type=_path_list, default=HEALTH_PATHS,
+    flags.add_bool(group, "--anonymous-auth", default=False,
+                   help="serve requests without credentials as system:anonymous")
+    flags.add_bool(group, "--authentication-skip-lookup", default=False,
+                   help="do not read the extension-apiserver-authentication ConfigMap")
+    group.add_argument("--authentication-token-webhook-cache-ttl", type=flags.parse_duration, default="10s",
+                       help="how long TokenReview answers are cached")
+    group.add_argument("--authorization-webhook-cache-authorized-ttl", type=flags.parse_duration, default="10s",
+                       help="how long allowed SubjectAccessReview answers are cached")
+    group.add_argument("--authorization-webhook-cache-unauthorized-ttl", type=flags.parse_duration, default="10s",
+                       help="how long denied SubjectAccessReview answers are cached")
+    group.add_argument("--authorization-always-allow-paths", type=_path_list, default=",".join(HEALTH_PATHS),
                        help="comma-separated paths served without authorization, matched exactly; a trailing * "
-                            "matches a prefix (default: /healthz,/livez,/readyz)")
-    group.add_argument("--authentication-config-refresh-interval", type=parse_duration, default=30.0,
-                       help="how often CA files and the ConfigMap are read again to follow rotation (default 30s)")
+                            "matches a prefix")
+    group.add_argument("--authentication-config-refresh-interval", type=flags.parse_positive_duration,
+                       default="30s", help="how often CA files and the ConfigMap are read again to follow rotation")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AuthOptions:
+    """What the authentication and authorization flags say, each field named after its flag."""
+
+    authentication_kubeconfig: Path | None = None
+    authorization_kubeconfig: Path | None = None
+    client_ca_file: Path | None = None
+    requestheader_client_ca_file: Path | None = None
+    requestheader_allowed_names: tuple[str, ...] = ()
+    requestheader_username_headers: tuple[str, ...] = ("X-Remote-User",)
+    requestheader_uid_headers: tuple[str, ...] = ()
+    requestheader_group_headers: tuple[str, ...] = ("X-Remote-Group",)
+    requestheader_extra_headers_prefix: tuple[str, ...] = ("X-Remote-Extra-",)
+    anonymous_auth: bool = False
+    authentication_skip_lookup: bool = False
+    authentication_token_webhook_cache_ttl: float = 10.0
+    authorization_webhook_cache_authorized_ttl: float = 10.0
+    authorization_webhook_cache_unauthorized_ttl: float = 10.0
+    authorization_always_allow_paths: tuple[str, ...] = HEALTH_PATHS
+    authentication_config_refresh_interval: float = 30.0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "AuthOptions":
+        """The fields of ``args`` (a parse of a parser :func:`add_auth_flags` added to) that are auth options."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclasses.dataclass
@@ -165,9 +157,13 @@ async def _api_client(kubeconfig: Path | None, *, flag: str) -> client.ApiClient
     return client.ApiClient(configuration=configuration)
 
 
-async def build_auth(*, args: argparse.Namespace, dev: DevAuth | None) -> AuthSetup:
-    """The middleware and TLS settings for ``args``; raises :class:`AuthConfigError` with one clear line."""
-    always_allow, anonymous = args.authorization_always_allow_paths, args.anonymous_auth
+async def build_auth(*, options: AuthOptions, dev: DevAuth | None,
+                     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> AuthSetup:
+    """
+    The middleware and TLS settings for ``options``; raises :class:`AuthConfigError` with one clear line.
+    ``sleep`` is the clock of the refresh of CA files and the ConfigMap (tests move a fake one).
+    """
+    always_allow, anonymous = options.authorization_always_allow_paths, options.anonymous_auth
 
     if dev is not None:
         try:
@@ -182,20 +178,21 @@ async def build_auth(*, args: argparse.Namespace, dev: DevAuth | None) -> AuthSe
 
     closers: list[Callable[[], Awaitable[None]]] = []
     try:
-        authn_client = await _api_client(args.authentication_kubeconfig, flag="--authentication-kubeconfig")
+        authn_client = await _api_client(options.authentication_kubeconfig, flag="--authentication-kubeconfig")
         closers.append(authn_client.close)
-        authz_client = await _api_client(args.authorization_kubeconfig, flag="--authorization-kubeconfig")
+        authz_client = await _api_client(options.authorization_kubeconfig, flag="--authorization-kubeconfig")
         closers.append(authz_client.close)
 
         delegated = DelegatedAuthConfig(
-            core_api=None if args.authentication_skip_lookup else client.CoreV1Api(authn_client),
-            client_ca_file=args.client_ca_file,
-            requestheader_ca_file=args.requestheader_client_ca_file,
+            core_api=None if options.authentication_skip_lookup else client.CoreV1Api(authn_client),
+            client_ca_file=options.client_ca_file,
+            requestheader_ca_file=options.requestheader_client_ca_file,
             requestheader_names=RequestHeaderNames(
-                allowed_names=args.requestheader_allowed_names, username_headers=args.requestheader_username_headers,
-                uid_headers=args.requestheader_uid_headers, group_headers=args.requestheader_group_headers,
-                extra_headers_prefixes=args.requestheader_extra_headers_prefix),
-            refresh_interval=args.authentication_config_refresh_interval)
+                allowed_names=options.requestheader_allowed_names,
+                username_headers=options.requestheader_username_headers,
+                uid_headers=options.requestheader_uid_headers, group_headers=options.requestheader_group_headers,
+                extra_headers_prefixes=options.requestheader_extra_headers_prefix),
+            refresh_interval=options.authentication_config_refresh_interval, sleep=sleep)
         await delegated.refresh()
         delegated.start()
         closers.append(delegated.close)
@@ -207,12 +204,12 @@ async def build_auth(*, args: argparse.Namespace, dev: DevAuth | None) -> AuthSe
     authenticators: list[Authenticator] = [
         RequestHeaderAuthenticator(config=delegated.requestheader),
         X509Authenticator(bundle=delegated.client_ca),
-        TokenReviewAuthenticator(api_client=authn_client, cache_ttl=args.authentication_token_webhook_cache_ttl),
+        TokenReviewAuthenticator(api_client=authn_client, cache_ttl=options.authentication_token_webhook_cache_ttl),
     ]
     authorizer = SubjectAccessReviewAuthorizer(
         api_client=authz_client,
-        authorized_ttl=args.authorization_webhook_cache_authorized_ttl,
-        unauthorized_ttl=args.authorization_webhook_cache_unauthorized_ttl)
+        authorized_ttl=options.authorization_webhook_cache_authorized_ttl,
+        unauthorized_ttl=options.authorization_webhook_cache_unauthorized_ttl)
     middleware = make_auth_middleware(authenticator=UnionAuthenticator(authenticators), authorizer=authorizer,
                                       always_allow_paths=always_allow, anonymous=anonymous)
     logger.info("delegated authentication: client CA %d cert(s), front-proxy CA %d cert(s), allowed names %s",

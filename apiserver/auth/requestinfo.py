@@ -9,12 +9,9 @@ GET/HEAD → get (list when there is no name, watch when ``?watch=`` is true or 
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 
 from apiserver.auth import RequestAttributes, UserInfo
-
-logger = logging.getLogger(__name__)
 
 API_PREFIXES = frozenset({"api", "apis"})
 GROUPLESS_API_PREFIXES = frozenset({"api"})

@@ -9,14 +9,11 @@ cluster scope), or on ``non_resource_urls`` (exact, or a prefix ending in ``*``)
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Iterable, Sequence
 
 from apiserver.api.errors import GROUP
 from apiserver.auth import AUTHENTICATED_GROUP, Decision, RequestAttributes
 from apiserver.auth.pipeline import PathMatcher
-
-logger = logging.getLogger(__name__)
 
 DISCOVERY_URLS = (
     "/api", "/api/*", "/apis", "/apis/*", "/openapi", "/openapi/*", "/version", "/version/",

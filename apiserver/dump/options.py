@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from handler.flags import parse_size
+from handler.flags import format_size, parse_size
 
 from apiserver.dump.objects import DEFAULT_MAX_OBJECT_BYTES, DEFAULT_MAX_OBJECTS, ObjectLimits
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from apiserver.options import Config
 
 OBJECT_LIMITS: web.AppKey[ObjectLimits] = web.AppKey("dump_object_limits", ObjectLimits)
 
@@ -34,13 +35,12 @@ def _size(text: str) -> int:
 
 def add_dump_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dump")
-    g.add_argument("--dump-max-objects", type=_positive, default=DEFAULT_MAX_OBJECTS, metavar="COUNT",
-                   help=f"ELF objects one dump?objects=true carries at most; the others are listed in its "
-                        f"manifest.json (default {DEFAULT_MAX_OBJECTS})")
-    g.add_argument("--dump-max-object-bytes", type=_size, default=DEFAULT_MAX_OBJECT_BYTES, metavar="SIZE",
-                   help="bytes of ELF objects (uncompressed) one dump?objects=true carries at most, e.g. 2Gi "
-                        "(default 4Gi)")
+    g.add_argument("--dump-max-objects", type=_positive, default=str(DEFAULT_MAX_OBJECTS), metavar="COUNT",
+                   help="ELF objects one dump?objects=true carries at most; the others are listed in its "
+                        "manifest.json")
+    g.add_argument("--dump-max-object-bytes", type=_size, default=format_size(DEFAULT_MAX_OBJECT_BYTES), metavar="SIZE",
+                   help="bytes of ELF objects (uncompressed) one dump?objects=true carries at most, e.g. 2Gi")
 
 
-def object_limits(args: argparse.Namespace) -> ObjectLimits:
-    return ObjectLimits(max_objects=args.dump_max_objects, max_bytes=args.dump_max_object_bytes)
+def object_limits(config: Config) -> ObjectLimits:
+    return ObjectLimits(max_objects=config.dump_max_objects, max_bytes=config.dump_max_object_bytes)

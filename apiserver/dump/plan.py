@@ -13,7 +13,7 @@ and finally ``gzip( padding | end-of-archive )``. With ``objects`` (``?objects=t
 decompresses to the object), its tar header sized by the object's ``object.json`` — a size the stream checks
 (:mod:`.stream` inflates what it sends and cuts the download if the bytes are not that many, or not the sha256
 the core's record names). The small members are compressed here, in memory;
-the stored core bodies are never recompressed (DESIGN §3). Because every segment's length is known,
+the stored core bodies are never recompressed (README "Getting the cores"). Because every segment's length is known,
 the response has a ``Content-Length``, any byte range maps to segments, and the ``ETag`` (a hash of
 the in-memory members and of the identity of each stored file) changes whenever the bytes would.
 

@@ -33,12 +33,11 @@ def _check_send_initial_events(request: web.Request) -> bool:
         return False
     causes = []
     if request.query.get("resourceVersionMatch") != "NotOlderThan":
-        causes.append({"reason": "FieldValueForbidden", "field": "resourceVersionMatch",
-                       "message": "Forbidden: sendInitialEvents requires setting resourceVersionMatch to "
-                                  "NotOlderThan"})
+        causes.append(errors.field_cause("resourceVersionMatch", "Forbidden: sendInitialEvents requires setting "
+                                         "resourceVersionMatch to NotOlderThan", "FieldValueForbidden"))
     if not io.query_bool(request, "allowWatchBookmarks"):
-        causes.append({"reason": "FieldValueForbidden", "field": "allowWatchBookmarks",
-                       "message": "Forbidden: sendInitialEvents requires setting allowWatchBookmarks to true"})
+        causes.append(errors.field_cause("allowWatchBookmarks", "Forbidden: sendInitialEvents requires setting "
+                                         "allowWatchBookmarks to true", "FieldValueForbidden"))
     if causes:
         raise errors.invalid(name="", causes=causes, kind="ListOptions")
     return True

@@ -2,8 +2,9 @@
 What storage (and the cluster) knows about an endpoint's pod: its cores (status), its uid, purging them.
 
 The registry calls this; the work is in small modules: :mod:`.corestatus` (status from storage,
-batched and cached), :mod:`.pods` (live pods through kubernetes-asyncio) and :mod:`.autocreate`
-(endpoints for crashed pods that have none).
+batched and cached) and :mod:`.pods` (live pods through kubernetes-asyncio). The auto-creator
+(:mod:`.autocreate`) sits above the registry and is composed in ``apiserver.server``; it hears of purged
+cores through :meth:`CoreData.on_purge`, so this module never reaches up to it.
 
 Deleting an endpoint keeps its cores. An endpoint annotated ``coredump.example.io/delete-cores: "true"``
 takes its incarnation's cores with it when it is deleted (``kubectl annotate cde POD
@@ -14,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from handler import layout
 
 from apiserver.api import errors
-from apiserver.registry.autocreate import AutoCreator
 from apiserver.registry.corestatus import StatusCache, empty_status
 from apiserver.registry.pods import PodLookup
 
@@ -30,8 +31,8 @@ DELETE_CORES_ANNOTATION = "coredump.example.io/delete-cores"
 
 
 def _pod_uid_required(*, name: str, message: str) -> errors.ApiError:
-    return errors.invalid(name=name, causes=[{"type": "FieldValueRequired", "reason": "FieldValueRequired",
-                                              "field": "spec.podUID", "message": f"Required value: {message}"}])
+    return errors.invalid(name=name, causes=[errors.field_cause("spec.podUID", f"Required value: {message}",
+                                                                "FieldValueRequired")])
 
 
 class CoreData:
@@ -39,8 +40,11 @@ class CoreData:
         self.storage_root = Path(storage_root)
         self.pods = PodLookup(kubeconfig=kubeconfig, in_cluster=in_cluster)
         self.status_cache = StatusCache(root=self.storage_root)
-        # The server's auto-creator (set by apiserver.server), told when a deletion purged a pod's cores.
-        self.autocreator: AutoCreator | None = None
+        self._purge_listeners: list[Callable[..., None]] = []
+
+    def on_purge(self, listener: Callable[..., None]) -> None:
+        """Call ``listener(namespace=..., pod=...)`` after a pod's cores were purged with its endpoint."""
+        self._purge_listeners.append(listener)
 
     async def start(self) -> None:
         await self.pods.start()
@@ -57,7 +61,7 @@ class CoreData:
             keys.append((ns, name, uid) if isinstance(ns, str) and isinstance(name, str) and isinstance(uid, str)
                         and uid else None)
         statuses = await self.status_cache.statuses(k for k in keys if k is not None)
-        for obj, key in zip(objs, keys):
+        for obj, key in zip(objs, keys, strict=True):
             # A copy per object: objects are serialized and may be mutated independently.
             status = statuses[key] if key is not None else empty_status()
             obj["status"] = {**status, "cores": [dict(c) for c in status["cores"]]}
@@ -89,6 +93,8 @@ class CoreData:
         annotations = meta.get("annotations") or {}
         if str(annotations.get(DELETE_CORES_ANNOTATION, "")).lower() != "true" or not uid:
             return
+        if not (isinstance(namespace, str) and isinstance(name, str) and isinstance(uid, str)):
+            return  # a stored object always has these; nothing to purge for one that does not
         try:
             removed = await asyncio.to_thread(layout.delete_cores, self.storage_root, namespace=namespace,
                                               pod=name, pod_uid=uid)
@@ -96,6 +102,6 @@ class CoreData:
             logger.warning("not deleting cores of %s/%s: %s", namespace, name, error)
             return
         self.status_cache.invalidate(namespace=namespace, pod=name)
-        if self.autocreator is not None:
-            self.autocreator.forget(namespace=namespace, pod=name)
+        for listener in self._purge_listeners:
+            listener(namespace=namespace, pod=name)
         logger.info("deleted %d cores of %s/%s (uid %s) with its endpoint", removed, namespace, name, uid)

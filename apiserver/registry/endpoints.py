@@ -304,8 +304,8 @@ class EndpointRegistry:
         if not metadata.get("name") and generate:
             metadata["name"] = generate + "".join(secrets.choice(_GENERATE_ALPHABET) for _ in range(5))
         if generate is not None and not isinstance(generate, str):
-            raise errors.invalid(name="", causes=[{"reason": "FieldValueTypeInvalid", "field":
-                                                   "metadata.generateName", "message": "must be a string"}])
+            raise errors.invalid(name="", causes=[errors.field_cause("metadata.generateName", "must be a string",
+                                                                     "FieldValueTypeInvalid")])
         self._raise_if_invalid(obj)
         name = metadata["name"]
         for field in ("uid", "resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"):
@@ -366,8 +366,8 @@ class EndpointRegistry:
             new["spec"]["podUID"] = old_uid
         self._raise_if_invalid(new)
         if new_uid is not None and new_uid != old_uid:
-            raise errors.invalid(name=name, causes=[{"reason": "FieldValueInvalid", "field": "spec.podUID",
-                                                     "message": f'Invalid value: "{new_uid}": field is immutable'}])
+            raise errors.invalid(name=name, causes=[errors.field_cause(
+                "spec.podUID", f'Invalid value: "{new_uid}": field is immutable')])
         for field in ("uid", "creationTimestamp", "generation", "deletionTimestamp", "generateName"):
             if field in old_meta:
                 metadata[field] = old_meta[field]

@@ -125,7 +125,6 @@ class _Connection:
     channel: grpc.aio.Channel
     kv: rpc.KVStub
     watch: rpc.WatchStub
-    maintenance: rpc.MaintenanceStub
 
 
 class EtcdStore(ObjectStore):
@@ -251,7 +250,6 @@ class EtcdStore(ObjectStore):
                 channel=channel,
                 kv=rpc.KVStub(channel),
                 watch=rpc.WatchStub(channel),
-                maintenance=rpc.MaintenanceStub(channel),
             )
         return connection
 

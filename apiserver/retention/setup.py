@@ -24,10 +24,11 @@ from apiserver.retention.policy import Policy
 from apiserver.retention.runner import ConfigMapPolicies, Retention
 from apiserver.retention.storage import Ops
 from apiserver.registry.statusreconciler import StatusReconciler
-from handler.flags import parse_duration, parse_retention_duration, parse_size
+from handler.flags import parse_count, parse_duration, parse_retention_duration, parse_size
 from handler import inflight
 
 if TYPE_CHECKING:
+    from apiserver.options import Config
     from apiserver.registry.endpoints import EndpointRegistry
 
 logger = logging.getLogger(__name__)
@@ -75,29 +76,29 @@ class _Metrics:
 
 def add_retention_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("retention (one elected replica enforces it for the cluster)")
-    g.add_argument("--retention-max-age", type=parse_retention_duration, default=0.0,
+    g.add_argument("--retention-max-age", type=parse_retention_duration, default="0s",
                    help="remove cores older than this, e.g. 14d (default 0: keep)")
     g.add_argument("--retention-max-namespace-bytes", type=parse_size, default=0,
                    help="stored bytes per namespace, oldest cores removed first, e.g. 20Gi (default 0: unlimited)")
-    g.add_argument("--retention-max-cores-per-pod", type=int, default=0,
+    g.add_argument("--retention-max-cores-per-pod", type=parse_count, default="0",
                    help="newest cores kept per pod (default 0: unlimited)")
     g.add_argument("--retention-namespace-limit-max-age", type=parse_retention_duration, default=None,
                    help="the longest maxAge a namespace's coredump-retention ConfigMap may ask for "
                         "(default: --retention-max-age, so namespaces may only be stricter)")
     g.add_argument("--retention-namespace-limit-bytes", type=parse_size, default=None,
                    help="the most maxBytes a namespace may ask for (default: --retention-max-namespace-bytes)")
-    g.add_argument("--retention-namespace-limit-cores-per-pod", type=int, default=None,
+    g.add_argument("--retention-namespace-limit-cores-per-pod", type=parse_count, default=None,
                    help="the most maxCoresPerPod a namespace may ask for (default: --retention-max-cores-per-pod)")
-    g.add_argument("--retention-interval", type=parse_duration, default=300.0,
-                   help="time between passes (5m); a pass reads the stored status, not the storage")
-    g.add_argument("--retention-full-interval", type=_positive_duration, default=6 * 3600.0,
-                   help="time between slow reconciles (6h): a walk of the whole storage that finds cores no endpoint "
+    g.add_argument("--retention-interval", type=_positive_duration, default="5m",
+                   help="time between passes; a pass reads the stored status, not the storage")
+    g.add_argument("--retention-full-interval", type=_positive_duration, default="6h",
+                   help="time between slow reconciles: a walk of the whole storage that finds cores no endpoint "
                         "covers, sweeps debris and removes objects no core references")
-    g.add_argument("--debris-grace", type=_debris_grace, default=15 * 60.0,
-                   help="temp files of a write untouched this long are debris (15m, at least 4m: four of the "
+    g.add_argument("--debris-grace", type=_debris_grace, default="15m",
+                   help="temp files of a write untouched this long are debris (at least 4m: four of the "
                         "writers' heartbeats); a live writer keeps its own fresh")
-    g.add_argument("--object-grace", type=_positive_duration, default=3600.0,
-                   help="an object stored or reused this recently is kept even if no core references it yet (1h)")
+    g.add_argument("--object-grace", type=_positive_duration, default="1h",
+                   help="an object stored or reused this recently is kept even if no core references it yet")
     g.add_argument("--retention-lease-namespace", default=os.environ.get("POD_NAMESPACE", "coredump-system"),
                    help="namespace of the Lease (default: env POD_NAMESPACE, else coredump-system)")
     g.add_argument("--retention-lease-name", default="coredump-retention", help="name of the Lease")
@@ -117,7 +118,7 @@ def _debris_grace(text: str) -> float:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def policies_from(args: argparse.Namespace) -> tuple[Policy, Policy]:
+def policies_from(args: Config) -> tuple[Policy, Policy]:
     default = Policy(max_age=args.retention_max_age, max_bytes=args.retention_max_namespace_bytes,
                      max_cores_per_pod=args.retention_max_cores_per_pod)
 
@@ -130,7 +131,7 @@ def policies_from(args: argparse.Namespace) -> tuple[Policy, Policy]:
     return default, maximum
 
 
-def enabled(args: argparse.Namespace) -> bool:
+def enabled(args: Config) -> bool:
     return bool(args.retention_max_age or args.retention_max_namespace_bytes or args.retention_max_cores_per_pod)
 
 
@@ -144,7 +145,7 @@ async def _api_client(kubeconfig: Path | None) -> Any:
     return client.ApiClient(configuration=cfg)
 
 
-def controller(args: argparse.Namespace, *, storage_root: Path, registry: "EndpointRegistry",
+def controller(args: Config, *, storage_root: Path, registry: "EndpointRegistry",
                policies: Any) -> Retention:
     """The controller over the stored status of ``registry``, reconciling through its one status writer."""
     reconciler = StatusReconciler(registry=registry, root=storage_root)
@@ -161,7 +162,7 @@ def controller(args: argparse.Namespace, *, storage_root: Path, registry: "Endpo
                      debris_grace=args.debris_grace, object_grace=args.object_grace)
 
 
-async def run(args: argparse.Namespace, *, storage_root: Path, registry: "EndpointRegistry", dev: bool) -> None:
+async def run(args: Config, *, storage_root: Path, registry: "EndpointRegistry", dev: bool) -> None:
     """Retention until cancelled: elected in a cluster, direct in dev mode."""
     default, maximum = policies_from(args)
 

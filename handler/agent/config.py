@@ -1,7 +1,13 @@
-"""The agent's settings: host paths (all configurable, tests use temp dirs), intervals and limits."""
+"""
+The agent's settings: host paths (all configurable, tests use temp dirs), intervals and limits.
+
+``AgentConfig`` is frozen and complete when made: the handler's paths (storage root, spool and state dirs, proc
+and host roots, the previous core_pattern file, the node name) are derived from the agent's own in
+``__post_init__``, so there is one place they come from and nothing to remember to call.
+"""
 from __future__ import annotations
 
-import logging
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,13 +15,11 @@ from pathlib import Path
 from handler.config import (CONFIG_NAME, HOST_DIR, HOST_ROOT, PROC_ROOT, SPOOL_NAME, STATE_NAME, STORAGE_ROOT,
                             HandlerConfig, local_dir)
 
-logger = logging.getLogger(__name__)
-
 # Names in the host dir that the shim (host view) and the agent (local view) must agree on.
 SHIM_NAME, SHIM_CONF_NAME, SHIM_LOG_NAME, PID_NAME = "shim", "shim.conf", "shim.log", "agent.pid"
 
 
-@dataclass
+@dataclass(frozen=True)
 class AgentConfig:
     sysctl_root: Path = Path("/proc/sys")
     proc_root: Path = PROC_ROOT
@@ -88,14 +92,11 @@ class AgentConfig:
     def sysctl(self, name: str) -> Path:
         return Path(self.sysctl_root) / name.replace(".", "/")
 
-    def finish(self) -> "AgentConfig":
-        """Derive the handler's paths from the agent's: one spool and one state dir, on the host."""
-        h = self.handler
-        h.storage_root = Path(self.storage_root)
-        h.spool_dir = self.local_dir / SPOOL_NAME
-        h.state_dir = self.local_dir / STATE_NAME
-        h.proc_root = Path(self.proc_root)
-        h.host_root = Path(self.host_root)
-        h.previous_pattern_file = self.previous_pattern_file
-        h.node = self.node
-        return self
+    def __post_init__(self) -> None:
+        """Complete: the handler's paths are the agent's (one spool and one state dir, on the host)."""
+        for name in ("sysctl_root", "proc_root", "host_root", "storage_root"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        object.__setattr__(self, "handler", dataclasses.replace(
+            self.handler, storage_root=self.storage_root, spool_dir=self.local_dir / SPOOL_NAME,
+            state_dir=self.local_dir / STATE_NAME, proc_root=self.proc_root, host_root=self.host_root,
+            previous_pattern_file=self.previous_pattern_file, node=self.node))

@@ -36,7 +36,7 @@ EVENT_ATTEMPTS = 3
 class Agent:
     def __init__(self, cfg: AgentConfig, *, poster: EventPoster | None = None,
                  namespaces: NamespaceInfo | None = None) -> None:
-        self.cfg = cfg.finish()
+        self.cfg = cfg
         self.metrics = Metrics()
         self.poster = poster if poster is not None else (
             EventPoster(kubeconfig=cfg.kubeconfig, node=cfg.node) if cfg.events else None)
@@ -242,7 +242,6 @@ def _unlink(path: Path) -> None:
 
 def uninstall(cfg: AgentConfig) -> list[str]:
     """A real uninstall: the node's core_pattern and sysctls back, the shim and its settings gone."""
-    cfg.finish()
     notes = []
     sysctl.restore(cfg)
     install.uninstall_files(cfg)

@@ -8,12 +8,12 @@ import json
 import queue
 import subprocess
 import threading
-import time
 import uuid
 
 import pytest
 import yaml
 from fixtures_apiserver import NEWEST_KUBECTL, OLDEST_KUBECTL, RunningServer, endpoint_manifest, kubectl_binary
+from waiting import NotYet, wait_until
 
 pytestmark = pytest.mark.kubectl
 VERSIONS = [OLDEST_KUBECTL, NEWEST_KUBECTL]
@@ -150,11 +150,11 @@ def test_the_top_frame_and_signature_of_the_last_crash_are_shown(apiserver: Runn
     layout.amend_metadata(stored, {"signature": "5e1fcafe00112233", "topFrames": [
         "api!parse_request", "api!handle", "libc.so.6!__libc_start_main"]})
     # Dev mode notices the commit and the amendment on its own (auto-create, then the amended status).
-    deadline = time.monotonic() + 30
-    while "5e1fcafe00112233" not in (out := apiserver.kubectl("get", "cde", "-n", "explained", "-o", "wide",
-                                                              check=False).stdout):
-        assert time.monotonic() < deadline, out
-        time.sleep(0.1)
+    def amended() -> str | NotYet:
+        out = apiserver.kubectl("get", "cde", "-n", "explained", "-o", "wide", check=False).stdout
+        return out if "5e1fcafe00112233" in out else NotYet(out)
+
+    out = str(wait_until(amended, what="the amended status in kubectl get -o wide"))
     header, row = out.splitlines()[0], out.splitlines()[1]
     assert "TOP FRAME" in header and "SIGNATURE" in header
     assert "api!parse_request" in row.split() and "5e1fcafe00112233" in row.split()

@@ -4,18 +4,25 @@ broken renewal keeps the old one, and bad flags or an unusable port end the prog
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import logging
 import socket
 import ssl
 import subprocess
-import time
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from fake_clock import FakeClock
+from fake_kube import TestCA
 from fixtures_apiserver import BIN, RunningServer, start_apiserver
+from waiting import wait_until
+
+from apiserver.server import reload_serving_certificate
 
 
 def served_serial(server: RunningServer) -> int:
@@ -47,12 +54,9 @@ def renew(dev_dir: Path) -> int:
 
 
 def wait_for_serial(server: RunningServer, serial: int) -> int:
-    deadline = time.monotonic() + 10
-    seen = served_serial(server)
-    while seen != serial and time.monotonic() < deadline:
-        time.sleep(0.1)
-        seen = served_serial(server)
-    return seen
+    wait_until(lambda: served_serial(server) == serial, what=f"the server to present certificate {serial}",
+               timeout=10, interval=0.1)
+    return served_serial(server)
 
 
 def test_renewed_serving_certificate_is_served_without_restart(tmp_path: Path) -> None:
@@ -63,7 +67,8 @@ def test_renewed_serving_certificate_is_served_without_restart(tmp_path: Path) -
         assert renewed != first
         assert wait_for_serial(server, renewed) == renewed
         (server.dev_dir / "serving.crt").write_text("not a certificate")
-        time.sleep(0.6)
+        wait_until(lambda: "serving certificate not reloaded" in server.log_path.read_text(),
+                   what="the server to try the broken renewal")
         assert served_serial(server) == renewed, "a broken renewal must not replace a working certificate"
         assert server.request("GET", "/readyz").status == 200
     finally:
@@ -88,3 +93,49 @@ def test_bad_flags_and_busy_ports_are_one_line_errors(tmp_path: Path) -> None:
                     "--etcd-servers", f"http://127.0.0.1:{port}")
     assert dead_etcd.returncode == 1 and "Traceback" not in dead_etcd.stderr
     assert dead_etcd.stderr.strip().splitlines()[-1].startswith("coredump-apiserver: object storage unavailable")
+
+
+async def test_certificate_reload_follows_renewals_on_its_interval_and_keeps_a_working_pair(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The reload loop on a fake clock, checked by real TLS handshakes against the context it reloads."""
+    ca = TestCA(tmp_path, name="serving-ca")
+    cert, key = ca.issue(cn="first", server=True, directory=tmp_path, stem="serving")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def hang_up(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+    listener = await asyncio.start_server(hang_up, "127.0.0.1", 0, ssl=context)
+    port = listener.sockets[0].getsockname()[1]
+
+    async def served_cn() -> str:
+        client = ssl.create_default_context(cafile=str(ca.cert_file))
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname="127.0.0.1")
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        certificate = x509.load_der_x509_certificate(der)
+        return str(certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+    clock = FakeClock()
+    task = asyncio.create_task(reload_serving_certificate(context=context, cert=cert, key=key, interval=60,
+                                                          sleep=clock.sleep))
+    try:
+        await clock.asleep()
+        await clock.advance(60)  # nothing changed: nothing to do
+        assert await served_cn() == "first"
+        ca.issue(cn="renewed", server=True, directory=tmp_path, stem="serving")
+        assert await served_cn() == "first", "not before the interval"
+        await clock.advance(60)
+        assert await served_cn() == "renewed"
+        cert.write_text("not a certificate")
+        with caplog.at_level(logging.WARNING, logger="apiserver.server"):
+            await clock.advance(60)
+        assert "serving certificate not reloaded" in caplog.text
+        assert await served_cn() == "renewed", "a broken renewal must not replace a working certificate"
+        ca.issue(cn="third", server=True, directory=tmp_path, stem="serving")
+        await clock.advance(60)
+        assert await served_cn() == "third", "a broken renewal must not stop later ones"
+    finally:
+        task.cancel()
+        listener.close()
+        await listener.wait_closed()

@@ -6,7 +6,6 @@ timeoutSeconds, and a compacted resourceVersion reported in-stream as a 410 ERRO
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
 from collections.abc import Iterator
 from typing import Any

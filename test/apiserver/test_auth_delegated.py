@@ -4,97 +4,18 @@ middleware built by ``build_auth`` from real flags, talking to the fake kube-api
 """
 from __future__ import annotations
 
-import argparse
-import asyncio
-import dataclasses
 import re
-import socket
-import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-import pytest_asyncio
-from aiohttp import web
-from multidict import CIMultiDict
 
-from apiserver import context
-from apiserver.auth.options import AuthConfigError, AuthSetup, add_auth_flags, build_auth
+from apiserver.auth.options import AuthConfigError, build_auth
+from apiserver_harness import App, front_proxy, parse_flags, start_app
 from fake_kube import FakeKube
+from fake_clock import FakeClock
 
 GV = "/apis/coredump.example.io/v1alpha1"
-
-
-@dataclasses.dataclass
-class App:
-    url: str
-    fake: FakeKube
-    setup: AuthSetup
-    certs: Path
-
-    def client_ssl(self, cert: tuple[Path, Path] | None = None) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.fake.ca_file))
-        if cert:
-            ctx.load_cert_chain(*cert)
-        return ctx
-
-    async def get(self, path: str, *, cert: tuple[Path, Path] | None = None, token: str | None = None,
-                  headers: list[tuple[str, str]] | None = None) -> tuple[int, dict[str, Any]]:
-        all_headers = list(headers or [])
-        if token:
-            all_headers.append(("Authorization", f"Bearer {token}"))
-        async with aiohttp.ClientSession() as session:
-            async with session.get(self.url + path, ssl=self.client_ssl(cert),
-                                   headers=CIMultiDict(all_headers)) as response:
-                return response.status, await response.json()
-
-
-async def _whoami(request: web.Request) -> web.Response:
-    user = request[context.USER]
-    attributes = request[context.ATTRIBUTES]
-    return web.json_response({"user": user.name, "groups": list(user.groups),
-                              "extra": {k: list(v) for k, v in user.extra.items()}, "verb": attributes.verb})
-
-
-def parse_flags(*flags: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_auth_flags(parser)
-    return parser.parse_args(list(flags))
-
-
-async def start_app(fake: FakeKube, directory: Path, *extra_flags: str) -> tuple[web.AppRunner, App]:
-    kubeconfig = fake.write_kubeconfig(directory / "server.kubeconfig")
-    args = parse_flags("--authentication-kubeconfig", str(kubeconfig), "--authorization-kubeconfig",
-                       str(kubeconfig), *extra_flags)
-    setup = await build_auth(args=args, dev=None)
-    app = web.Application(middlewares=[setup.middleware])
-    app.router.add_get("/{tail:.*}", _whoami)
-    serving = fake.client_ca.issue(cn="coredump-apiserver", server=True, directory=directory)
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(*serving)
-    setup.configure_ssl(ctx)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.SockSite(runner, sock, ssl_context=ctx).start()
-    return runner, App(url=f"https://127.0.0.1:{sock.getsockname()[1]}", fake=fake, setup=setup, certs=directory)
-
-
-@pytest_asyncio.fixture
-async def app(fake_kube: FakeKube, tmp_path: Path) -> AsyncIterator[App]:
-    runner, started = await start_app(fake_kube, tmp_path)
-    try:
-        yield started
-    finally:
-        await runner.cleanup()
-        await started.setup.close()
-
-
-def front_proxy(app: App, cn: str = "front-proxy-client") -> tuple[Path, Path]:
-    return app.fake.issue_client_cert(app.certs, cn=cn, ca="front-proxy")
 
 
 async def test_front_proxy_headers_need_the_front_proxy_certificate(app: App) -> None:
@@ -222,8 +143,10 @@ async def test_anonymous_access_when_switched_on(fake_kube: FakeKube, tmp_path: 
 async def test_front_proxy_ca_rotation_is_followed(fake_kube: FakeKube, tmp_path: Path) -> None:
     from fake_kube import TestCA
 
-    runner, app = await start_app(fake_kube, tmp_path, "--authentication-config-refresh-interval=0.05")
+    clock = FakeClock()
+    runner, app = await start_app(fake_kube, tmp_path, "--authentication-config-refresh-interval=30s", clock=clock)
     try:
+        await clock.asleep()
         fake_kube.allow(verbs=["get"], non_resource_urls=["/whoami"], users=["alice"])
         alice = [("X-Remote-User", "alice")]
         old_cert = front_proxy(app)
@@ -232,9 +155,11 @@ async def test_front_proxy_ca_rotation_is_followed(fake_kube: FakeKube, tmp_path
         rotated = TestCA(tmp_path, name="front-proxy-ca-2")
         new_cert = rotated.issue(cn="front-proxy-client", directory=tmp_path)
         fake_kube.set_authentication_configmap(requestheader_ca=rotated.pem)
+        with pytest.raises(aiohttp.ClientError):  # not before the refresh: TLS does not know the new CA yet
+            await app.get("/whoami", cert=new_cert, headers=alice)
         reads = fake_kube.configmap_reads
-        while fake_kube.configmap_reads < reads + 2:  # one full refresh after the change
-            await asyncio.sleep(0.02)
+        await clock.advance(30)
+        assert fake_kube.configmap_reads == reads + 1
 
         status, body = await app.get("/whoami", cert=new_cert, headers=alice)
         assert (status, body["user"]) == (200, "alice")
@@ -275,12 +200,12 @@ async def test_bad_authentication_sources_are_named_at_startup(fake_kube: FakeKu
     cluster = ("--authentication-kubeconfig", kubeconfig, "--authorization-kubeconfig", kubeconfig)
     missing = tmp_path / "missing.crt"
     with pytest.raises(AuthConfigError, match=f"^--client-ca-file {re.escape(str(missing))}: No such file"):
-        await build_auth(args=parse_flags(*cluster, "--authentication-skip-lookup", f"--client-ca-file={missing}"),
+        await build_auth(options=parse_flags(*cluster, "--authentication-skip-lookup", f"--client-ca-file={missing}"),
                          dev=None)
     with pytest.raises(AuthConfigError, match=r"^--authorization-kubeconfig \S+: no such file$"):
-        await build_auth(args=parse_flags("--authentication-kubeconfig", kubeconfig,
+        await build_auth(options=parse_flags("--authentication-kubeconfig", kubeconfig,
                                           f"--authorization-kubeconfig={missing}"), dev=None)
     fake_kube.auth_configmap["requestheader-allowed-names"] = "front-proxy-client"  # not a JSON list
     with pytest.raises(AuthConfigError, match="^configmap kube-system/extension-apiserver-authentication key "
                                               "requestheader-allowed-names: expected a JSON list of strings"):
-        await build_auth(args=parse_flags(*cluster), dev=None)
+        await build_auth(options=parse_flags(*cluster), dev=None)

@@ -5,105 +5,23 @@ driven over real TLS by aiohttp and by the real kubectl.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import datetime
-import json
 import os
 import shutil
-import ssl
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
 import yaml
-from multidict import CIMultiDict
 
+from apiserver_harness import SERVER, Server, run_server
 from fake_kube import FakeKube
-from test_dump_fixtures import store_core
+from apiserver_harness import store_core
+from waiting import await_until
 
 GV = "/apis/coredump.example.io/v1alpha1"
-SERVER = Path(sys.executable).parent / "coredump-apiserver"
-
-
-@dataclasses.dataclass
-class Server:
-    url: str
-    fake: FakeKube
-    directory: Path
-    storage_root: Path
-    logs: list[str]
-    admin: tuple[Path, Path]
-
-    async def request(self, method: str, path: str, *, cert: tuple[Path, Path] | None = None,
-                      token: str | None = None, headers: list[tuple[str, str]] | None = None,
-                      body: Any = None) -> tuple[int, Any]:
-        ctx = ssl.create_default_context(cafile=str(self.fake.ca_file))
-        if cert:
-            ctx.load_cert_chain(*cert)
-        all_headers = CIMultiDict(headers or [])
-        if token:
-            all_headers["Authorization"] = f"Bearer {token}"
-        async with aiohttp.ClientSession() as session:
-            async with session.request(method, self.url + path, ssl=ctx, headers=all_headers,
-                                       json=body) as response:
-                raw = await response.read()
-                if response.content_type == "application/json":
-                    return response.status, json.loads(raw)
-                return response.status, raw
-
-    def audit_lines(self) -> list[dict[str, Any]]:
-        lines = [json.loads(line) for line in self.logs if line.startswith("{")]
-        return [line for line in lines if line.get("logger") == "coredump.audit"]
-
-
-async def _drain(stream: asyncio.StreamReader, sink: list[str], ready: asyncio.Future[str]) -> None:
-    while line := await stream.readline():
-        text = line.decode(errors="replace").rstrip()
-        sink.append(text)
-        if not ready.done() and text.startswith("{"):
-            with contextlib.suppress(ValueError):
-                entry = json.loads(text)
-                if entry.get("msg") == "serving":
-                    ready.set_result(entry["address"])
-    if not ready.done():
-        ready.set_exception(RuntimeError("coredump-apiserver exited before serving:\n" + "\n".join(sink[-20:])))
-
-
-@contextlib.asynccontextmanager
-async def run_server(fake: FakeKube, directory: Path, *flags: str) -> AsyncIterator[Server]:
-    kubeconfig = fake.write_kubeconfig(directory / "server.kubeconfig")
-    cert, key = fake.client_ca.issue(cn="coredump-apiserver", server=True, directory=directory, stem="serving")
-    storage_root = directory / "cores"
-    storage_root.mkdir(exist_ok=True)
-    proc = await asyncio.create_subprocess_exec(
-        str(SERVER), "--secure-port=0", "--bind-address=127.0.0.1", f"--tls-cert-file={cert}",
-        f"--tls-private-key-file={key}", f"--storage-root={storage_root}", f"--kubeconfig={kubeconfig}",
-        f"--authentication-kubeconfig={kubeconfig}", f"--authorization-kubeconfig={kubeconfig}", *flags,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-    assert proc.stderr is not None
-    logs: list[str] = []
-    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    drain = asyncio.create_task(_drain(proc.stderr, logs, ready))
-    try:
-        address = await asyncio.wait_for(ready, timeout=30)
-        admin = fake.issue_client_cert(directory, cn="test-admin", orgs=["system:masters"])
-        yield Server(url=address, fake=fake, directory=directory, storage_root=storage_root, logs=logs,
-                     admin=admin)
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=15)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
-        await drain
 
 
 @pytest_asyncio.fixture
@@ -169,10 +87,7 @@ async def test_rbac_decides_per_namespace_verb_and_dump(server: Server) -> None:
     assert (status, body["reason"]) == (403, "Forbidden")
     assert 'cannot get resource "coredumpendpoints/dump"' in body["message"]
     # Refused before the dump handler, and still audited: who tried, where, and that it was refused.
-    for _ in range(100):
-        if len(server.audit_lines()) >= 2:
-            break
-        await asyncio.sleep(0.05)
+    await await_until(lambda: len(server.audit_lines()) >= 2, what="two audit lines")
     denied = [(line["user"], line["namespace"], line["pod"], line["code"], line["outcome"], line["bytes"])
               for line in server.audit_lines()]
     assert denied == [("alice", "b", "web", 403, "denied", 0), ("alice", "a", "web", 403, "denied", 0)]
@@ -184,10 +99,8 @@ async def test_rbac_decides_per_namespace_verb_and_dump(server: Server) -> None:
     fake.allow(verbs=["get"], users=["bob"], resources=["coredumpendpoints/dump"], namespaces=["a"])
     status, body = await server.request("GET", f"{a}/web/dump", token="token-bob")
     assert status == 200 and body[:2] == b"\x1f\x8b"
-    for _ in range(100):  # the line is written as the response ends; give the log pipe a moment
-        if len(server.audit_lines()) > 2:
-            break
-        await asyncio.sleep(0.05)
+    # The line is written as the response ends; give the log pipe a moment.
+    await await_until(lambda: len(server.audit_lines()) > 2, what="the granted dump's audit line")
     [audit] = server.audit_lines()[2:]
     assert (audit["user"], audit["namespace"], audit["pod"], audit["cores"]) == ("bob", "a", "web", 1)
     assert (audit["code"], audit["outcome"]) == (200, "complete")

@@ -24,7 +24,7 @@ from apiserver.auth.pipeline import AlwaysAllowPaths
 from apiserver.auth.reviews import (MalformedAnswer, parse_configmap_data, parse_subject_access_review,
                                     parse_token_review)
 from fake_kube import FakeKube
-from test_auth_delegated import App, app, front_proxy, start_app  # noqa: F401 - app is a fixture
+from apiserver_harness import App, front_proxy, start_app
 
 GV = "/apis/coredump.example.io/v1alpha1"
 

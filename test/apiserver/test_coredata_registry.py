@@ -18,39 +18,9 @@ from handler import layout
 from apiserver.api import errors
 from apiserver.registry.coredata import DELETE_CORES_ANNOTATION, CoreData
 from apiserver.registry.endpoints import EndpointRegistry
-from apiserver.registry.memory import MemoryStore
 
-from test_dump_fixtures import *  # noqa: F401,F403
-from test_dump_fixtures import new_uid, store_core
-
-T0 = datetime.datetime(2026, 11, 23, 10, 0, tzinfo=datetime.timezone.utc)
-
-
-def body(name: str, uid: str | None = None, annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    obj: dict[str, Any] = {"apiVersion": "coredump.example.io/v1alpha1", "kind": "CoredumpEndpoint",
-                           "metadata": {"name": name}, "spec": {}}
-    if uid:
-        obj["spec"]["podUID"] = uid
-    if annotations:
-        obj["metadata"]["annotations"] = annotations
-    return obj
-
-
-async def make_registry(coredata: CoreData) -> AsyncIterator[EndpointRegistry]:
-    store = MemoryStore()
-    await store.start()
-    await coredata.start()
-    try:
-        yield EndpointRegistry(store=store, coredata=coredata)
-    finally:
-        await coredata.close()
-        await store.close()
-
-
-@pytest_asyncio.fixture
-async def dev_registry(storage_root: Path) -> AsyncIterator[EndpointRegistry]:
-    async for registry in make_registry(CoreData(storage_root=storage_root)):
-        yield registry
+from apiserver_harness import T0, body, make_registry
+from apiserver_harness import new_uid, store_core
 
 
 @pytest_asyncio.fixture

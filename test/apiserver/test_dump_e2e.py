@@ -9,7 +9,6 @@ import hashlib
 import json
 import subprocess
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +18,8 @@ import yaml
 from handler import layout
 
 from fixtures_apiserver import RunningServer, endpoint_manifest, start_apiserver
-from test_dump_fixtures import *  # noqa: F401,F403
-from test_dump_fixtures import DUMP_PATH, new_uid, store_core
+from apiserver_harness import DUMP_PATH, new_uid, store_core
+from waiting import wait_until
 
 pytestmark = pytest.mark.kubectl
 
@@ -45,12 +44,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, real_core: Path) -> Iterato
 
 
 def test_auto_created_endpoint_lists_the_crashed_pod_and_dumps(server: RunningServer, tmp_path: Path) -> None:
-    for _ in range(100):
-        listed = server.kubectl("get", "coredumpendpoints", "-A", "-o", "json")
-        items = json.loads(listed.stdout)["items"]
-        if items:
-            break
-        time.sleep(0.1)
+    items = wait_until(lambda: json.loads(server.kubectl("get", "coredumpendpoints", "-A", "-o", "json").stdout)[
+        "items"], what="an auto-created endpoint", timeout=10, interval=0.1)
     [obj] = [i for i in items if i["metadata"]["name"] == "cart-0"]
     assert obj["spec"]["podUID"] == CRASHED_UID and obj["status"]["coreCount"] == 1
     archive = tmp_path / "cores.tar.gz"

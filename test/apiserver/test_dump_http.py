@@ -23,8 +23,8 @@ from multidict import CIMultiDict
 
 from handler import layout
 
-from test_dump_fixtures import *  # noqa: F401,F403
-from test_dump_fixtures import DumpServer, new_uid, store_core
+from apiserver_harness import DumpServer, new_uid, store_core
+from waiting import await_until
 
 T0 = datetime.datetime(2026, 11, 23, 10, 0, tzinfo=datetime.timezone.utc)
 
@@ -191,12 +191,9 @@ async def test_client_that_leaves_stops_the_read(dump_server: DumpServer, caplog
             total = int(resp.headers["Content-Length"])
             await resp.content.readexactly(1 << 20)
             resp.close()  # drops the connection mid-body
-    for _ in range(200):
-        records = [vars(r) for r in caplog.records if r.getMessage() == "dump streamed"]
-        if records:
-            break
-        await asyncio.sleep(0.05)
-    assert records and records[0]["outcome"] == "disconnected"
+    records = await await_until(lambda: [vars(r) for r in caplog.records if r.getMessage() == "dump streamed"],
+                                what="the dump's log record")
+    assert records[0]["outcome"] == "disconnected"
     # Stopped within a few chunks of where the client left, not after reading the whole core.
     assert records[0]["bytesSent"] < total / 2
 

@@ -19,8 +19,7 @@ import pytest
 
 from handler import layout
 
-from test_dump_fixtures import *  # noqa: F401,F403
-from test_dump_fixtures import Crasher, DumpServer, DUMP_PATH, new_uid, store_core
+from apiserver_harness import Crasher, DumpServer, DUMP_PATH, new_uid, store_core
 
 pytestmark = pytest.mark.kubectl
 

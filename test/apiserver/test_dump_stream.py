@@ -15,8 +15,7 @@ from handler import layout
 from apiserver.dump.plan import PlanError, build_plan
 from apiserver.dump.stream import CoreVanished, iter_range
 
-from test_dump_fixtures import *  # noqa: F401,F403
-from test_dump_fixtures import new_uid, store_core
+from apiserver_harness import new_uid, store_core
 
 T0 = datetime.datetime(2026, 11, 23, 10, 0, tzinfo=datetime.timezone.utc)
 

@@ -14,8 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from test_dump_fixtures import *  # noqa: F401,F403
-from test_dump_fixtures import DumpServer, new_uid, store_core
+from apiserver_harness import DumpServer, new_uid, store_core
 
 from handler import layout
 

@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fake_kube import FakeKube
 from fixtures_apiserver import RunningServer, collection_path, endpoint_manifest, item_path
-from test_auth_server import GV, run_server
+from apiserver_harness import GV, run_server
+from waiting import wait_until
 
 
 def scrape(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -79,12 +80,8 @@ def test_metrics_need_authorization(apiserver: RunningServer) -> None:
 def test_one_structured_line_per_request(apiserver: RunningServer) -> None:
     path = item_path("nobody-here", "logs")
     assert apiserver.request("GET", path).status == 404
-    for _ in range(100):
-        lines = [line for line in request_lines(apiserver) if line.get("path") == path]
-        if lines:
-            break
-        time.sleep(0.05)
-    [line] = lines
+    [line] = wait_until(lambda: [line for line in request_lines(apiserver) if line.get("path") == path],
+                        what=f"the request line of {path}")
     assert (line["msg"], line["method"], line["user"], line["status"]) == ("request", "GET", "dev-admin", 404)
     assert isinstance(line["bytes"], int) and line["bytes"] > 0
     assert isinstance(line["seconds"], float) and line["seconds"] >= 0

@@ -14,7 +14,6 @@ import shutil
 import ssl
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -29,6 +28,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 from apiserver.api import openapi, openapi_proto
+from waiting import wait_until
 
 # gnostic's messages, as far as our document needs them: "name=number:Type", "*" = repeated, "|" = member of
 # the message's oneof (gnostic names every oneof "oneof"). Fields left out here would decode as unknown.
@@ -284,23 +284,18 @@ def dev_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevServer]:
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         kubeconfig = home / "kubeconfig"
-        deadline = time.monotonic() + START_TIMEOUT
-        server: DevServer | None = None
-        while server is None:
+        def ready() -> DevServer | None:
             assert proc.poll() is None, (home / "server.log").read_text()
-            assert time.monotonic() < deadline, "server did not become ready: " + (home / "server.log").read_text()
-            if kubeconfig.exists():
-                config = yaml.safe_load(kubeconfig.read_text())
-                context = ssl.create_default_context(cafile=config["clusters"][0]["cluster"]["certificate-authority"])
-                user = next(u["user"] for u in config["users"] if u["name"] == "dev-admin")
-                context.load_cert_chain(user["client-certificate"], user["client-key"])
-                candidate = DevServer(kubeconfig, config["clusters"][0]["cluster"]["server"], context)
-                try:
-                    if candidate.get("/readyz", {})[0] == 200:
-                        server = candidate
-                except OSError:
-                    pass
-            time.sleep(0.1)
+            if not kubeconfig.exists():
+                return None
+            config = yaml.safe_load(kubeconfig.read_text())
+            context = ssl.create_default_context(cafile=config["clusters"][0]["cluster"]["certificate-authority"])
+            user = next(u["user"] for u in config["users"] if u["name"] == "dev-admin")
+            context.load_cert_chain(user["client-certificate"], user["client-key"])
+            candidate = DevServer(kubeconfig, config["clusters"][0]["cluster"]["server"], context)
+            return candidate if candidate.get("/readyz", {})[0] == 200 else None
+        server = wait_until(ready, what="the dev server to be ready", timeout=START_TIMEOUT, interval=0.1,
+                            ignore=(OSError,))
         yield server
     finally:
         proc.terminate()

@@ -34,6 +34,7 @@ from apiserver.retention.plan import IndexedCore, plan
 from apiserver.retention.policy import Policy, PolicyError, effective, parse_namespace_policy
 from apiserver.retention.runner import ConfigMapPolicies, PassReport, Retention
 from handler import layout, objects, safefs
+from waiting import await_until
 
 UID = "0b5a6c1e-1111-4a2b-9c3d-000000000001"
 UID2 = "0b5a6c1e-2222-4a2b-9c3d-000000000002"
@@ -90,11 +91,7 @@ async def _api(fake_kube: Any, tmp_path: Path, name: str) -> client.ApiClient:
 
 
 async def wait_for(check: Any, *, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    await await_until(check, what=what, timeout=timeout)
 
 
 def flags(*extra: str) -> argparse.Namespace:

@@ -11,8 +11,7 @@ from apiserver.registry.autocreate import AutoCreator
 from apiserver.registry.endpoints import EndpointRegistry
 from apiserver.registry.statusreconciler import StatusReconciler
 
-from test_dump_fixtures import *  # noqa: F401,F403
-from test_coredata_registry import T0, body, dev_registry, new_uid, store_core  # noqa: F401
+from apiserver_harness import T0, body, new_uid, store_core
 
 
 async def test_each_further_core_is_a_modified_event_with_the_new_count(

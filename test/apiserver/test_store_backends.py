@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from apiserver.registry.etcd import EtcdStore, parse_endpoints
-from apiserver.registry.etcd_local import free_port
+from etcd_launcher import free_port
 from apiserver.registry.memory import MemoryStore
 from apiserver.registry.store import (
     EventType,
@@ -33,6 +33,7 @@ from apiserver.registry.store import (
     StoreEvent,
     StoreUnavailable,
 )
+from waiting import await_until
 
 logger = logging.getLogger(__name__)
 
@@ -584,14 +585,12 @@ async def test_etcd_restart_is_unavailable_then_recovers_with_data(etcd_server: 
     finally:
         await asyncio.to_thread(etcd_server.start)
 
-    async def until_ready() -> None:
-        while True:
-            try:
-                return await etcd_store.check()
-            except StoreUnavailable:
-                await asyncio.sleep(0.1)
+    async def ready() -> bool:
+        await etcd_store.check()
+        return True
 
-    await guarded(until_ready())
+    await await_until(ready, what="the store to reach the restarted etcd", ignore=(StoreUnavailable,),
+                      interval=0.1)
     assert await etcd_store.get("/cde/ns/a") == created
     with pytest.raises(KeyNotFound):
         await etcd_store.get("/cde/ns/b")  # the failed create wrote nothing

@@ -15,7 +15,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,10 +23,11 @@ from typing import Any
 import pytest
 
 from apiserver.registry.etcd import EtcdStore
-from apiserver.registry.etcd_local import find_etcd, free_port
+from etcd_launcher import find_etcd, free_port
 from apiserver.registry.store import StoreUnavailable
 from deploy_helpers import (MANIFESTS, NAMESPACE, NODE_NAMESPACE, Rendered, container_flags, kustomize,
                             pod_spec, run_make_certs)
+from waiting import wait_until
 
 logger = logging.getLogger(__name__)
 
@@ -262,17 +262,11 @@ def script_etcd(script_certs: Path, tmp_path_factory: pytest.TempPathFactory) ->
     try:
         context = ssl.create_default_context(cafile=str(c / "etcd-ca.crt"))
         context.load_cert_chain(str(c / "etcd-client.crt"), str(c / "etcd-client.key"))
-        deadline = time.monotonic() + 30
-        while True:
+        def healthy() -> bool:
             assert process.poll() is None, (base / "etcd.log").read_text()
-            try:
-                with urllib.request.urlopen(f"{client}/health", timeout=1, context=context) as response:
-                    if b'"true"' in response.read():
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (base / "etcd.log").read_text()
-            time.sleep(0.1)
+            with urllib.request.urlopen(f"{client}/health", timeout=1, context=context) as response:
+                return b'"true"' in response.read()
+        wait_until(healthy, what=f"etcd to be healthy (log {base / 'etcd.log'})", ignore=(OSError,), interval=0.1)
         yield ScriptEtcd(endpoint=client, peer_port=int(peer.rsplit(":", 1)[1]))
     finally:
         process.terminate()

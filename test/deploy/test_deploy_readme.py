@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import importlib.util
 import importlib.metadata
 import logging
 import re
+from typing import Any
 
 import pytest
 
@@ -61,26 +63,36 @@ def test_deploy_readme_paths_exist() -> None:
         assert (REPO / path).exists(), f"README names {path}, which does not exist"
 
 
-# Rows whose default the README states better than the parser can: the interpreter path of the machine that runs
-# the parser, a float duration written as an integer, and a store_false flag whose "default" is the feature on.
-README_DEFAULT_BY_HAND = {("coredump-agent", "`--handler-command`"), ("coredump-agent", "`--max-age`"),
-                          ("coredump-agent", "`--no-events`")}
+def flags_table() -> Any:
+    spec = importlib.util.spec_from_file_location("flags_table", REPO / "deploy" / "flags-table.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("script", ["coredump-apiserver", "coredump-agent", "coredump-handler"])
-def test_deploy_readme_flag_defaults_are_the_parsers(script: str) -> None:
-    """The default column of every flag row is what the program really uses (issue 15: the handler's were wrong)."""
-    spec = importlib.util.spec_from_file_location("flags_table", REPO / "deploy" / "flags-table.py")
-    assert spec and spec.loader
-    flags_table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(flags_table)
-    listed: dict[str, list[str]] = {}
-    for line in install_section().splitlines():
-        if line.startswith("| `-"):
-            flag, default = line.split(" | ")[:2]
-            listed.setdefault(flag, []).append(default)
-    for row in flags_table.rows(script):
-        flag, default = row.split(" | ")[:2]
-        if (script, flag.removeprefix("| ")) in README_DEFAULT_BY_HAND:
-            continue
-        assert default in listed.get(flag, []), f"README: {script} {flag} default is not {default}"
+def test_deploy_readme_flag_rows_are_the_parsers(script: str) -> None:
+    """
+    Every row of the README's flag table of ``script`` (name, default, meaning) is what the parser says, in the
+    parser's order, and nothing else is in the table (issue 15: the handler's defaults were wrong).
+    """
+    table = flags_table()
+    lines = install_section().splitlines()
+    marks = [i for i, line in enumerate(lines) if line == f"<!-- flags: {script} -->"]
+    assert len(marks) == 1, f"README install section needs one <!-- flags: {script} --> table"
+    readme_rows = list(itertools.takewhile(lambda line: line.startswith("|"), lines[marks[0] + 1:]))
+    expected = table.HEADER + table.rows(script)
+    for got, want in zip(readme_rows, expected, strict=False):  # the lengths are compared below
+        assert got == want, f"README {script} flag row differs from the parser (run " \
+                            f"'.venv/bin/python deploy/flags-table.py --write README.md'):\n{got}\n{want}"
+    assert len(readme_rows) == len(expected), f"README {script} flag table has {len(readme_rows)} rows, the " \
+                                              f"parser {len(expected)} (deploy/flags-table.py --write README.md)"
+
+
+def test_deploy_flag_table_spells_defaults_as_flags() -> None:
+    """Defaults are shown as a user writes them, so a row can be pasted as a flag value."""
+    rows = {row.split(" | ")[0].removeprefix("| "): row.split(" | ")[1] for row in flags_table().rows("coredump-agent")}
+    assert rows["`--rate-window`"] == "`1h`" and rows["`--outbox-max-bytes`"] == "`64Mi`"
+    assert rows["`--capture-default`"] == "`true`" and rows["`--no-events`"] == "off"
+    assert rows["`--handler-command`"] == "`<python> -m handler.cli`"

@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from pki import CA, service_account_keys
+from waiting import wait_until
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -189,18 +190,13 @@ class ControlPlane:
         self.processes.append(p)
 
     def _wait(self, ready, what: str, *, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
+        def probe() -> bool:
             for p in self.processes:
-                p.check()
-            try:
-                if ready():
-                    return
-            except Exception as e:  # noqa: BLE001 - not up yet; the last error is reported on timeout
-                last = e
-            time.sleep(0.5)
-        raise RuntimeError(f"{what} not ready after {timeout:.0f}s: {last}")
+                p.check()  # a child that died ends the wait at once, with its log
+            return ready()
+        # Not up yet: connection errors and a kubectl that times out; the last one is in the failure.
+        wait_until(probe, what=f"{what} to be ready", timeout=timeout, interval=0.5,
+                   ignore=(OSError, subprocess.SubprocessError))
 
     def stop(self) -> None:
         for p in reversed(self.processes):

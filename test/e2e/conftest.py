@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handler"))  # handler_harness
 
 from cluster import ControlPlane, build  # noqa: E402
 from install import Installation  # noqa: E402
@@ -25,6 +26,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.e2e)
+            # The first test builds the control plane from Go modules (minutes on a cold cache).
+            item.add_marker(pytest.mark.timeout(3600))
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +74,7 @@ def real_core(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def teams(installed: Installation, real_core) -> dict:
     """team-a and team-b, each with a pod that has one real core on storage and its CoredumpEndpoint."""
-    from workloads import endpoint_yaml, file_core, make_namespace, make_pod
+    from workloads import file_core, make_namespace, make_pod
     cp = installed.cp
     out = {}
     for ns in ("team-a", "team-b"):

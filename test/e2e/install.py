@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import yaml
 
 from cluster import REPO, ControlPlane, Process, free_port, write_kubeconfig
+from waiting import NotYet, wait_until
 
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet"}
 GROUP = "coredump.example.io"
@@ -149,17 +149,14 @@ class Installation:
 
     def wait_available(self, *, want: str = "True", timeout: float = 90.0) -> None:
         name = self.apiservice["metadata"]["name"]
-        deadline = time.monotonic() + timeout
-        status = None
-        while time.monotonic() < deadline:
+
+        def available() -> object:
             if self.server is not None:
                 self.server.check()
             api = self.cp.get_json("apiservice", name)
             status = {c["type"]: c for c in api.get("status", {}).get("conditions", [])}.get("Available")
-            if status and status["status"] == want:
-                return
-            time.sleep(0.5)
-        raise RuntimeError(f"APIService {name} not Available={want} after {timeout:.0f}s: {status}")
+            return status if status and status["status"] == want else NotYet(status)
+        wait_until(available, what=f"APIService {name} Available={want}", timeout=timeout, interval=0.5)
 
     def start_agent(self) -> Path:
         """Runs the agent with every host path in a temp dir; returns its host dir (handler config inside)."""

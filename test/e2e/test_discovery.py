@@ -7,6 +7,7 @@ import pytest
 
 from cluster import https_get
 from fixtures_apiserver import kubectl_binary
+from waiting import wait_until
 
 KUBECTLS = ["1.27", "1.33"]
 
@@ -20,15 +21,10 @@ def test_api_resources_and_explain_through_the_aggregator(server_up, version: st
     assert "get" in row and "list" in row and "watch" in row
     # kube-apiserver merges our OpenAPI into its own a little after the APIService is Available (its aggregation
     # controller syncs in the background): wait for it, with a deadline, saying what was last seen.
-    import time
-    deadline = time.monotonic() + 120
-    while True:
+    def explained() -> str:
         got = cp.kubectl("explain", "coredumpendpoint.spec", binary=kubectl, check=False)
-        if got.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert got.returncode == 0, got.stderr
-    explain = got.stdout
+        return got.stdout if got.returncode == 0 else ""
+    explain = wait_until(explained, what="kubectl explain coredumpendpoint.spec", timeout=120, interval=2)
     assert "KIND:" in explain and "CoredumpEndpoint" in explain and "FIELD" in explain
 
 

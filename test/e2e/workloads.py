@@ -5,37 +5,27 @@ real kernel cores of test/handler's crashing program, filed on our storage by th
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from cluster import REPO, ControlPlane
+# The node-side tests' helpers (their crashing program and its real cores): conftest.py puts test/handler on
+# sys.path, and the module's name is unique.
+import handler_harness as handler_fixtures
+from cluster import ControlPlane
 from install import Installation, service_account_of
+from waiting import wait_until
 
 from handler.outcome import read_outcomes
 
-_spec = importlib.util.spec_from_file_location("handler_test_fixtures", REPO / "test/handler/conftest.py")
-handler_fixtures = importlib.util.module_from_spec(_spec)
-assert _spec.loader is not None
-sys.modules[_spec.name] = handler_fixtures
-_spec.loader.exec_module(handler_fixtures)
 RealCore = handler_fixtures.RealCore
 CRASHER_C = handler_fixtures.CRASHER_C
-make_core = handler_fixtures._make_core
+make_core = handler_fixtures.make_core
 
 
 def wait_for(predicate, what: str, *, timeout: float = 60.0, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    return wait_until(predicate, what=what, timeout=timeout, interval=interval)
 
 
 def make_namespace(cp: ControlPlane, name: str) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,13 +11,14 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from cloudevents.core.bindings.http import HTTPMessage, from_http_event
-from conftest import POD_UID, AgentEnv, RealCore, cgroup_text
+from handler_harness import POD_UID, AgentEnv, RealCore, cgroup_text
 
 from handler import layout
 from handler.agent.notify import EVENT_TYPE, NamespaceUnknown, event_id
 from handler.agent.outbox import Outbox
 from handler.agent.runner import Agent
 from handler.agent.sinks import SinkConfigError, parse_sinks
+from waiting import await_until, wait_until
 
 
 @dataclass
@@ -82,11 +82,7 @@ class Namespaces:
 
 
 async def wait_for(check: Callable[[], object], *, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+    await await_until(check, what=what, timeout=timeout)
 
 
 def write_sinks(path: Path, *sinks: dict) -> Path:
@@ -394,17 +390,12 @@ def test_the_readmes_receiver_prints_what_it_promises(tmp_path: Path, mode: str)
                                  "namespace": "team-a", "pod": "web-0"},
                   "data": {"signature": "5e1f", "dumpPath": "/apis/x/dump?core=1"}}
         headers, body = encode(stored, mode=mode)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=5) as resp:
-                    assert resp.status == 204
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.1)
+        def delivered() -> bool:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else "the receiver exited"
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status == 204
+        wait_until(delivered, what="the example receiver to take the event", ignore=(OSError,), interval=0.1)
         line = proc.stdout.readline().split()
         while line and (line[0].startswith("=") or line[0].startswith("(Press")):  # aiohttp's start-up banner
             line = proc.stdout.readline().split()

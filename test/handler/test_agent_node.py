@@ -6,18 +6,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-from conftest import POD_UID, REPO, AgentEnv, make_sysctl_tree
+from handler_harness import POD_UID, REPO, AgentEnv, make_sysctl_tree
 
 from handler import layout
 from handler.agent import retention, sysctl
 from handler.agent.events import EventPoster
 from handler.agent.runner import Agent
 from handler.outcome import write_outcome
+from waiting import wait_until
 
 
 def agent_args(tmp: Path, sysctl_root: Path, *extra: str) -> list[str]:
@@ -59,7 +59,7 @@ def test_handler_defaults_are_where_a_default_agent_puts_things() -> None:
     from handler.agent.config import AgentConfig
     from handler.config import DEFAULT_CONFIG_FILE, HandlerConfig
 
-    agent = AgentConfig().finish()
+    agent = AgentConfig()
     handler = HandlerConfig()
     assert cli.DEFAULT_CONFIG == str(DEFAULT_CONFIG_FILE) == str(agent.handler_config_file)
     for name in ("storage_root", "spool_dir", "state_dir", "proc_root", "host_root"):
@@ -73,10 +73,8 @@ def test_agent_sigterm_leaves_the_shim_in_place_and_uninstall_gives_the_pattern_
     pid_file = tmp_path / "hostdir/agent.pid"
     ours = f"|{tmp_path}/hostdir/shim %P %I %s %t %c %e"
     # Setup publishes the pid before it sets core_pattern (the shim must be there first): wait for both.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (
-            pid_file.exists() and (sysctl_root / "kernel/core_pattern").read_text().strip() == ours):
-        time.sleep(0.05)
+    wait_until(lambda: pid_file.exists() and (sysctl_root / "kernel/core_pattern").read_text().strip() == ours,
+               what="the agent's pid file and core_pattern")
     assert pid_file.read_text().split()[0] == str(proc.pid)  # "<pid> <starttime> <mount ns>"
     assert (sysctl_root / "kernel/core_pattern").read_text().strip() == ours
     proc.send_signal(signal.SIGTERM)

@@ -5,20 +5,18 @@ import asyncio
 import json
 from pathlib import Path
 
-from conftest import CONTAINER_ID, POD_UID, NodeTree, RealCore, cgroup_text
+from handler_harness import CONTAINER_ID, POD_UID, NodeTree, RealCore, cgroup_text
 
 from handler import layout, podrecord
 from handler.agent.pods import PodWatcher, kube_client
+from waiting import await_until
 
 DIGEST = "sha256:" + "ef" * 32
 
 
 async def until(predicate, *, timeout: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.05)
+    await await_until(predicate, what=getattr(predicate, "__doc__", None) or "the watcher's records",
+                      timeout=timeout)
 
 
 async def test_watcher_keeps_records_of_its_nodes_pods_and_the_handler_uses_them(

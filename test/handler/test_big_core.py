@@ -6,7 +6,7 @@ import importlib.util
 import subprocess
 
 import pytest
-from conftest import REPO, NodeTree, cgroup_text
+from handler_harness import REPO, NodeTree, cgroup_text
 
 from handler import layout
 

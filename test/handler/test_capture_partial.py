@@ -6,11 +6,12 @@ import signal
 import subprocess
 import time
 
-from conftest import REPO, NodeTree, RealCore, gdb_backtrace
-from test_handler_limits import setup_pod, visible_files
+from handler_harness import REPO, NodeTree, RealCore, gdb_backtrace
+from handler_harness import setup_pod, visible_files
 
 from handler import elfinfo, layout
 from handler.outcome import read_outcomes
+from waiting import wait_until
 
 
 def notes_end(core: RealCore) -> int:
@@ -29,7 +30,7 @@ def test_a_stalled_stream_keeps_its_partial_core_marked_stalled(node: NodeTree, 
     setup_pod(node, segv_core)
     data = segv_core.path.read_bytes()
     sent = data[: notes_end(segv_core) + 8192]
-    proc = start_capture(node, segv_core, "--stall-timeout", "1")
+    proc = start_capture(node, segv_core, "--stall-timeout", "1s")
     assert proc.stdin is not None
     proc.stdin.write(sent)
     proc.stdin.flush()
@@ -74,9 +75,7 @@ def test_sigterm_to_the_handler_keeps_what_arrived_marked_killed(node: NodeTree,
     proc.stdin.write(sent)
     proc.stdin.flush()
     # Once the handler has the bytes (it reads ahead at once), tell it to stop.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not (node.storage / "team-a").exists():
-        time.sleep(0.05)
+    wait_until((node.storage / "team-a").exists, what="the handler to start filing")
     time.sleep(0.5)
     proc.send_signal(signal.SIGTERM)
     try:

@@ -14,7 +14,7 @@ import pytest
 from handler.agent.cli import build_parser as agent_parser
 from handler.cli import build_parser as handler_parser
 
-from conftest import NodeTree, RealCore, REPO
+from handler_harness import NodeTree, RealCore, REPO
 
 IMPORT_ARGS = ["--namespace", "default", "--pod", "my-pod", "--pod-uid", "5f1c3b2a-8d4e-4f6a-9b7c-0d1e2f3a4b5c",
                "--container", "app", "core"]

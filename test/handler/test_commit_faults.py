@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import POD_UID, NodeTree, RealCore, cgroup_text
+from handler_harness import POD_UID, NodeTree, RealCore, cgroup_text
 
 from handler import layout
 

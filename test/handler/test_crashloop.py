@@ -1,8 +1,8 @@
 """Crash loops are cheap: the rate limit is decided before compression; cores over it are read, discarded, counted."""
 from __future__ import annotations
 
-from conftest import NodeTree, RealCore
-from test_handler_limits import setup_pod
+from handler_harness import NodeTree, RealCore
+from handler_harness import setup_pod
 
 from handler import layout
 from handler.agent.metrics import Metrics
@@ -11,7 +11,7 @@ from handler.outcome import read_outcomes
 
 def test_cores_over_the_limit_are_never_written_and_are_counted(node: NodeTree, segv_core: RealCore) -> None:
     setup_pod(node, segv_core)
-    limits = ("--rate-first", "2", "--rate-latest", "1", "--rate-window", "3600", "--rate-latest-interval", "3600")
+    limits = ("--rate-first", "2", "--rate-latest", "1", "--rate-window", "1h", "--rate-latest-interval", "1h")
     for i in range(6):
         r = node.run_capture(segv_core.path, pid=segv_core.pid, signal=11, time=1795000000 + i, extra=limits)
         assert r.returncode == 0, r.stderr.decode()
@@ -31,7 +31,7 @@ def test_cores_over_the_limit_are_never_written_and_are_counted(node: NodeTree, 
 
 def test_with_interval_zero_each_new_core_replaces_the_oldest_latest(node: NodeTree, segv_core: RealCore) -> None:
     setup_pod(node, segv_core)
-    limits = ("--rate-first", "1", "--rate-latest", "2", "--rate-window", "3600", "--rate-latest-interval", "0")
+    limits = ("--rate-first", "1", "--rate-latest", "2", "--rate-window", "1h", "--rate-latest-interval", "0")
     for i in range(5):
         r = node.run_capture(segv_core.path, pid=segv_core.pid, signal=11, time=1795000000 + i, extra=limits)
         assert r.returncode == 0, r.stderr.decode()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from handler import backtrace, explain, objects, sparsecore
+from waiting import wait_until
 
 PROGRAM = textwrap.dedent(r"""
     #include <signal.h>
@@ -82,10 +83,10 @@ class Held:
 
 def hold(image: Image, base: Path, *args: str) -> Held:
     proc = subprocess.Popen(["chroot", str(image.root), image.exe, *args], start_new_session=True)
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{proc.pid}/stat").read_text().split(")")[-1].split()[0] != "T":
-        assert time.monotonic() < deadline and proc.poll() is None, "the program did not reach its crash"
-        time.sleep(0.02)
+    def stopped() -> bool:
+        assert proc.poll() is None, "the program exited before its crash"
+        return Path(f"/proc/{proc.pid}/stat").read_text().split(")")[-1].split()[0] == "T"
+    wait_until(stopped, what="the program to stop at its crash", interval=0.02)
     prefix = base / f"core-{proc.pid}"
     subprocess.run(["gcore", "-o", str(prefix), str(proc.pid)], check=True, capture_output=True, timeout=120)
     return Held(pid=proc.pid, core=Path(f"{prefix}.{proc.pid}"))

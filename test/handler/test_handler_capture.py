@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import CONTAINER_ID, POD_UID, NodeTree, RealCore, cgroup_text, gdb_backtrace, gunzip_to
+from handler_harness import CONTAINER_ID, POD_UID, NodeTree, RealCore, cgroup_text, gdb_backtrace, gunzip_to
 
 from handler import elfinfo, layout
 

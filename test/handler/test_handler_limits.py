@@ -14,22 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import REPO, NodeTree, RealCore, cgroup_text
+from handler_harness import setup_pod, visible_files, REPO, NodeTree, RealCore, cgroup_text
 
 from handler import layout
 from handler.outcome import read_outcomes
-
-
-def setup_pod(node: NodeTree, core: RealCore, *, pid: int | None = None) -> int:
-    pid = pid or core.pid
-    node.add_process(pid, cgroup=cgroup_text("containerd-systemd:v2"), exe=core.exe)
-    if not any((node.host / "var/log/containers").iterdir()):
-        node.add_log_link(namespace="team-a", pod="web-0", container="app")
-    return pid
-
-
-def visible_files(root: Path) -> list[Path]:
-    return [p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")]
+from waiting import wait_until
 
 
 def test_handler_killed_mid_stream_commits_nothing(node: NodeTree, segv_core: RealCore) -> None:
@@ -41,10 +30,7 @@ def test_handler_killed_mid_stream_commits_nothing(node: NodeTree, segv_core: Re
     proc.stdin.write(data[: len(data) // 2])
     proc.stdin.flush()
     # Wait until the handler is mid-core: its hidden temp file exists.
-    deadline = time.monotonic() + 30
-    while not [p for p in node.storage.rglob(".*.tmp")] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert [p for p in node.storage.rglob(".*.tmp")], "handler never started writing"
+    wait_until(lambda: list(node.storage.rglob(".*.tmp")), what="the handler's temp file", interval=0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stdin.close()
@@ -86,12 +72,12 @@ def test_handler_read_only_storage_spools_then_agent_drains(node: NodeTree, segv
     from handler.agent.runner import Agent
     from handler.config import HandlerConfig
 
-    cfg = AgentConfig(storage_root=node.storage, host_root=node.base / "hostroot", proc_root=node.proc,
-                      events=False, handler=HandlerConfig(crictl=None, container_logs="var/log/containers"))
+    # The agent's spool is the handler's spool: host dir "/" under the fake node's base is where spool/ and
+    # state/ are; the kubelet's log links are in its host tree.
+    cfg = AgentConfig(storage_root=node.storage, host_root=node.base, host_dir="/", proc_root=node.proc,
+                      events=False, handler=HandlerConfig(crictl=None, container_logs="host/var/log/containers"))
+    assert (cfg.handler.spool_dir, cfg.handler.state_dir) == (node.spool, node.state)
     agent = Agent(cfg)
-    # The agent's spool is the handler's spool.
-    agent.cfg.handler.spool_dir, agent.cfg.handler.state_dir = node.spool, node.state
-    agent.cfg.handler.host_root = node.host
     report = asyncio.run(agent.drain_once())
     assert report.drained == 1
     (core,) = layout.list_cores(node.storage, namespace="team-a")
@@ -135,7 +121,7 @@ def test_handler_rate_limit_keeps_first_and_latest_and_counts_the_rest(node: Nod
     small.write_bytes(segv_core.path.read_bytes()[:65536])
     for i in range(9):
         r = node.run_capture(small, pid=segv_core.pid, signal=11, time=1795000000 + i,
-                             extra=("--rate-first", "3", "--rate-latest", "2", "--rate-window", "3600",
+                             extra=("--rate-first", "3", "--rate-latest", "2", "--rate-window", "1h",
                                         "--rate-latest-interval", "0"))
         assert r.returncode == 0, r.stderr.decode()
     kept = [c.metadata["timestamp"][-3:-1] for c in layout.list_cores(node.storage, namespace="team-a")]
@@ -153,7 +139,7 @@ def test_handler_rate_limit_keeps_first_and_latest_and_counts_the_rest(node: Nod
 
 def test_handler_size_limit_keeps_a_marked_truncated_core(node: NodeTree, segv_core: RealCore) -> None:
     setup_pod(node, segv_core)
-    r = node.run_capture(segv_core.path, pid=segv_core.pid, signal=11, extra=("--max-core-size", "1M"))
+    r = node.run_capture(segv_core.path, pid=segv_core.pid, signal=11, extra=("--max-core-size", "1Mi"))
     assert r.returncode == 0, r.stderr.decode()
     (core,) = layout.list_cores(node.storage, namespace="team-a")
     m = core.metadata
@@ -236,7 +222,7 @@ def test_handler_gives_up_on_a_stalled_stream_and_exits(node: NodeTree, segv_cor
     """A writer that stops sending (and never closes) must not keep the handler, and the process, forever.
     Stalled before the ELF notes arrived there is nothing worth keeping (test_capture_partial: after them)."""
     setup_pod(node, segv_core)
-    proc = subprocess.Popen(node.handler_args("--stall-timeout", "1", "capture", str(segv_core.pid),
+    proc = subprocess.Popen(node.handler_args("--stall-timeout", "1s", "capture", str(segv_core.pid),
                                               str(segv_core.pid), "11", "1795000000", "-1", "crasher"),
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     assert proc.stdin is not None

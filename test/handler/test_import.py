@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import POD_UID, REPO, PYTHON, NodeTree, RealCore
+from handler_harness import POD_UID, REPO, PYTHON, NodeTree, RealCore
 
 from handler import layout
 
@@ -62,7 +62,7 @@ def test_a_gzipped_core_is_imported_with_exe_and_command_line_from_its_notes(nod
 
 
 def test_imports_are_not_rate_limited(node: NodeTree, segv_core: RealCore) -> None:
-    limits = ["--rate-first", "1", "--rate-latest", "0", "--rate-window", "3600"]
+    limits = ["--rate-first", "1", "--rate-latest", "0", "--rate-window", "1h"]
     for i in range(3):
         r = run(node, *limits, *IMPORT, "--time", str(1795000000 + i), str(segv_core.path))
         assert r.returncode == 0, r.stderr

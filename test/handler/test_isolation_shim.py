@@ -7,14 +7,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import AgentEnv, RealCore, cgroup_text
+from handler_harness import AgentEnv, RealCore, cgroup_text
 
 from handler import layout
+from waiting import wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"),
                                 reason="needs root, unshare and nsenter")
@@ -36,10 +36,10 @@ def foreign(agent_env: AgentEnv) -> Iterator[int]:
     storage = agent_env.node.storage
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
                              f"mount -t tmpfs none '{storage}' && exec sleep 300"])
-    deadline = time.monotonic() + 30
-    while mount_ns(proc.pid) == mount_ns(os.getpid()) or "sleep" not in Path(f"/proc/{proc.pid}/cmdline").read_text():
-        assert time.monotonic() < deadline and proc.poll() is None, "the foreign process did not start"
-        time.sleep(0.02)
+    def started() -> bool:
+        assert proc.poll() is None, "the foreign process exited"
+        return mount_ns(proc.pid) != mount_ns(os.getpid()) and "sleep" in Path(f"/proc/{proc.pid}/cmdline").read_text()
+    wait_until(started, what="the foreign process in its own mount namespace", interval=0.02)
     (agent_env.node.proc / str(proc.pid)).symlink_to(f"/proc/{proc.pid}")
     yield proc.pid
     proc.kill()

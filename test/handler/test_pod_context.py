@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CONTAINER_ID, POD_UID, NodeTree, RealCore, cgroup_text
-from test_handler_limits import setup_pod
+from handler_harness import CONTAINER_ID, POD_UID, NodeTree, RealCore, cgroup_text
+from handler_harness import setup_pod
 
 from handler import layout, podrecord
 from handler.outcome import read_outcomes

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import AgentEnv, RealCore, cgroup_text
+from handler_harness import AgentEnv, RealCore, cgroup_text
 
 from handler import layout
 

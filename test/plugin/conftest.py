@@ -5,12 +5,10 @@ CoredumpEndpoints for their pods.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import shutil
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,31 +18,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from fixtures_apiserver import RunningServer, endpoint_manifest, collection_path, start_apiserver  # noqa: E402
-from plugin_harness import build_crasher, crash, free_port, import_core  # noqa: E402
+from plugin_harness import BIG_HEAP, T0, PluginWorld, build_crasher, crash, free_port, import_core  # noqa: E402
 
 from handler import layout  # noqa: E402
 from isal import isal_zlib  # noqa: E402
-
-BIG_HEAP = 40 * 1024 * 1024
-T0 = time.time() - 3600
-
-
-@dataclasses.dataclass
-class PluginWorld:
-    server: RunningServer
-    root: Path
-    crasher: Path
-    cache: Path
-    uids: dict[str, str]
-    originals: dict[str, bytes]  # "<ns>/<pod>/<container>/<core-id>" -> sha256 of the core file
-
-    @property
-    def kubeconfig(self) -> Path:
-        return self.server.kubeconfig
-
-    def cores(self, namespace: str, pod: str) -> list[layout.StoredCore]:
-        return layout.list_cores(self.root, namespace=namespace, pod=pod, pod_uid=self.uids[f"{namespace}/{pod}"])
-
 
 def _create_endpoint(server: RunningServer, *, namespace: str, pod: str, uid: str,
                      labels: dict[str, str] | None = None) -> None:

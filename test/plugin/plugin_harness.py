@@ -17,6 +17,10 @@ import threading
 import time
 from pathlib import Path
 
+from fixtures_apiserver import RunningServer
+
+from handler import layout
+
 BIN = Path(sys.executable).parent
 PLUGIN = BIN / "kubectl-coredump"
 
@@ -41,6 +45,10 @@ int main(int argc, char **argv) {
     return 0;
 }
 """
+
+
+BIG_HEAP = 40 * 1024 * 1024  # a heap big enough that a core takes a while to stream
+T0 = time.time() - 3600  # the cores' crash times start an hour ago
 
 
 def run_plugin(kubeconfig: Path | None, *args: str, via_kubectl: str | None = None, env: dict[str, str] | None = None,
@@ -203,3 +211,20 @@ def kubeconfig_via(source: Path, *, port: int, target: Path) -> Path:
 
 def kubectl_for_plugin() -> str | None:
     return shutil.which("kubectl")
+
+
+@dataclasses.dataclass
+class PluginWorld:
+    server: RunningServer
+    root: Path
+    crasher: Path
+    cache: Path
+    uids: dict[str, str]
+    originals: dict[str, bytes]  # "<ns>/<pod>/<container>/<core-id>" -> sha256 of the core file
+
+    @property
+    def kubeconfig(self) -> Path:
+        return self.server.kubeconfig
+
+    def cores(self, namespace: str, pod: str) -> list[layout.StoredCore]:
+        return layout.list_cores(self.root, namespace=namespace, pod=pod, pod_uid=self.uids[f"{namespace}/{pod}"])

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIG_HEAP, T0, PluginWorld
 from fixtures_apiserver import kubectl_binary
-from plugin_harness import PLUGIN, CuttingProxy, ProxyRule, crash, import_core, kubeconfig_via, run_plugin
+from plugin_harness import (BIG_HEAP, PLUGIN, T0, CuttingProxy, PluginWorld, ProxyRule, crash, import_core,
+                            kubeconfig_via, run_plugin)
 
 from handler import layout
 

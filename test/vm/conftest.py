@@ -1,42 +1,24 @@
 """
 The VM suite's one guest: built (or taken from the cache), booted once per session, its observations loaded.
 
-Every test here is marked ``vm`` (``pytestmark`` in each module) (``scripts/test -m 'not vm'`` runs the fast suite alone). The guest is built
-and booted only when a ``vm`` test is selected. The build and the boot times are printed at the end of the run.
+Every test here is marked ``vm`` (``pytestmark`` in each module; ``scripts/test -m 'not vm'`` runs the fast suite
+alone). The guest is built and booted only when a ``vm`` test is selected. The build and the boot times are
+printed at the end of the run.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 import guest_image as image
+from vm_harness import GuestRun
 
 BOOT_TIMEOUT = 600.0   # the whole guest run: the issue's bound under TCG
 TIMES: dict[str, str] = {}
-
-
-@dataclass
-class GuestRun:
-    results: Path
-    console: str
-    runner_log: str
-    accel: str
-    scenarios: dict[str, dict] = field(default_factory=dict)
-
-    def scenario(self, name: str) -> dict:
-        """The observations of one scenario; the test fails with the guest's traceback if it did not run through."""
-        out = self.scenarios.get(name)
-        if out is None:
-            pytest.fail(f"scenario {name} did not report; runner log:\n{self.runner_log[-6000:]}\n"
-                        f"console:\n{self.console[-3000:]}")
-        if not out.get("ok"):
-            pytest.fail(f"scenario {name} failed in the guest:\n{out.get('error')}\nshim log:\n{out.get('shimLog')}")
-        return out["data"]
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import GuestRun
+from vm_harness import GuestRun
 
-pytestmark = pytest.mark.vm
+# The guest image build and the boot (BOOT_TIMEOUT) run in the first test's setup.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
 
 FUNCTION = {"segv": "crash_in_segv_function", "abort": "crash_in_abort_function"}
 

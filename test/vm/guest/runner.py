@@ -285,7 +285,7 @@ class Agent:
         args = " ".join(f"'{a}'" for a in (
             "--host-root", "/host", "--host-dir", str(HOST_DIR), "--storage-root", "/storage",
             "--crictl", "", "--no-events", "--metrics-port", "0", "--metrics-bind-address", "127.0.0.1",
-            "--drain-interval", "1", "--watch-interval", "1", "--node-name", "vm-node", "--rate-first", "1000",
+            "--drain-interval", "1s", "--watch-interval", "1s", "--node-name", "vm-node", "--rate-first", "1000",
             "-v", *extra))
         script = ("mount --rbind / /host && mount -t nfs4 -o vers=4.2 127.0.0.1:/ /storage && "
                   f"exec {VENV}/bin/coredump-agent {args}")

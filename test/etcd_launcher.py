@@ -1,5 +1,6 @@
 """
-A single-member etcd on 127.0.0.1 for the tests and the API server benchmark (never used in production).
+A single-member etcd on 127.0.0.1 for the tests and the API server benchmark (never used in production, so it is
+not in the installed package; ``bench/apiserver_bench.py`` puts test/ on ``sys.path`` to import it).
 
 ``EtcdServer`` picks free ports once, so its ``endpoint`` stays the same across :meth:`EtcdServer.stop`
 and :meth:`EtcdServer.start` on the same data dir: a caller can check what survives a restart. As a
@@ -14,11 +15,11 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from waiting import wait_until
 
 START_TIMEOUT = 30.0
 
@@ -102,25 +103,21 @@ class EtcdServer:
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        last_error = "no answer"
         context = None
         if self.tls:
             context = ssl.create_default_context(cafile=str(self.tls.ca_file))
             context.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
-        while time.monotonic() < deadline:
+
+        def healthy() -> bool:
             if self._process is None or self._process.poll() is not None:
                 raise RuntimeError(f"etcd exited during startup (log {self.log_path}):\n{self._log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1, context=context) as response:
-                    if b'"true"' in response.read():
-                        return
-            except (OSError, urllib.error.URLError) as error:
-                last_error = str(error)
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"etcd did not become healthy in {START_TIMEOUT:.0f}s ({last_error}; log "
-                           f"{self.log_path}):\n{self._log_tail()}")
+            with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1, context=context) as response:
+                return b'"true"' in response.read()
+        try:
+            wait_until(healthy, what="etcd to be healthy", timeout=START_TIMEOUT, ignore=(OSError,))
+        except AssertionError as error:
+            self.stop()
+            raise RuntimeError(f"{error} (log {self.log_path}):\n{self._log_tail()}") from None
 
     def _log_tail(self) -> str:
         try:
