@@ -90,6 +90,13 @@ async def app(fake_kube: FakeKube, tmp_path: Path) -> AsyncIterator[App]:
 
 
 @pytest_asyncio.fixture
+async def cluster_registry(storage_root: Path, fake_kube: FakeKube, tmp_path: Path) -> AsyncIterator[EndpointRegistry]:
+    kubeconfig = fake_kube.write_kubeconfig(tmp_path / "server.kubeconfig")
+    async for registry in make_registry(CoreData(storage_root=storage_root, kubeconfig=str(kubeconfig))):
+        yield registry
+
+
+@pytest_asyncio.fixture
 async def dev_registry(storage_root: Path) -> AsyncIterator[EndpointRegistry]:
     async for registry in make_registry(CoreData(storage_root=storage_root)):
         yield registry

@@ -6,12 +6,10 @@ dev mode, 422 naming spec.podUID otherwise; status computed from storage; the de
 from __future__ import annotations
 
 import datetime
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from handler import layout
 
@@ -19,15 +17,8 @@ from apiserver.api import errors
 from apiserver.registry.coredata import DELETE_CORES_ANNOTATION, CoreData
 from apiserver.registry.endpoints import EndpointRegistry
 
-from apiserver_harness import T0, body, make_registry
+from apiserver_harness import T0, body
 from apiserver_harness import new_uid, store_core
-
-
-@pytest_asyncio.fixture
-async def cluster_registry(storage_root: Path, fake_kube: Any, tmp_path: Path) -> AsyncIterator[EndpointRegistry]:
-    kubeconfig = fake_kube.write_kubeconfig(tmp_path / "server.kubeconfig")
-    async for registry in make_registry(CoreData(storage_root=storage_root, kubeconfig=str(kubeconfig))):
-        yield registry
 
 
 async def test_live_pod_fills_pod_uid_from_the_cluster(cluster_registry: EndpointRegistry, fake_kube: Any) -> None:

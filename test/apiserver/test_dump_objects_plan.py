@@ -27,8 +27,7 @@ from apiserver.dump.objects import ObjectLimits
 from apiserver.dump.plan import ObjectSegment, build_plan
 from apiserver.dump.stream import ObjectMismatch, iter_range
 
-from test_dump_fixtures import *  # noqa: F401,F403
-from test_dump_fixtures import DumpServer, new_uid, store_core
+from apiserver_harness import DumpServer, new_uid, store_core
 
 T0 = datetime.datetime(2026, 11, 23, 10, 0, tzinfo=datetime.timezone.utc)
 

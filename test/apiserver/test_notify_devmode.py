@@ -15,11 +15,7 @@ from apiserver.registry.autocreate import AutoCreator
 from apiserver.registry.changedetect import ChangeDetector, snapshot
 from apiserver.registry.endpoints import EndpointRegistry
 
-from test_dump_fixtures import *  # noqa: F401,F403
-import test_coredata_registry
-from test_coredata_registry import T0, body, new_uid, store_core
-
-dev_registry = test_coredata_registry.dev_registry  # the fixture, shared
+from apiserver_harness import T0, body, new_uid, store_core
 
 
 def core(root: Path, *, pod: str, uid: str, minute: int) -> None:

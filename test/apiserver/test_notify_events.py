@@ -23,11 +23,8 @@ from apiserver.registry.autocreate import AutoCreator
 from apiserver.registry.endpoints import EndpointRegistry
 from apiserver.registry.eventwatch import EventWatch, PendingIncarnations, incarnation_of
 
-from test_dump_fixtures import *  # noqa: F401,F403
-import test_coredata_registry
-from test_coredata_registry import T0, new_uid, store_core
+from apiserver_harness import T0, new_uid, store_core
 
-cluster_registry = test_coredata_registry.cluster_registry  # the fixture, shared
 
 DEADLINE = 30.0
 AGENT_TOKEN = "agent-token"

@@ -22,7 +22,7 @@ import pytest
 from fixtures_apiserver import (NEWEST_KUBECTL, OLDEST_KUBECTL, RunningServer, collection_path, item_path,
                                 kubectl_binary, start_apiserver)
 
-from test_dump_fixtures import new_uid, store_core
+from apiserver_harness import new_uid, store_core
 
 T0 = datetime.datetime(2026, 11, 30, 8, 0, tzinfo=datetime.timezone.utc)
 DEADLINE = 30.0

@@ -16,7 +16,7 @@ from typing import Any
 from fake_kube import FakeKube
 from fixtures_etcd import EtcdServer
 from test_auth_server import GV, Server, run_server
-from test_dump_fixtures import store_core
+from apiserver_harness import store_core
 
 UID_A = "0b5a6c1e-1111-4a2b-9c3d-00000000000a"
 UID_B = "0b5a6c1e-1111-4a2b-9c3d-00000000000b"

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import POD_UID, REPO, NodeTree, RealCore, cgroup_text
+from handler_harness import POD_UID, REPO, NodeTree, RealCore, cgroup_text
 
 from handler import inflight, layout
 

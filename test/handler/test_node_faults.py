@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import POD_UID, REPO, AgentEnv, NodeTree, RealCore, cgroup_text
+from handler_harness import POD_UID, REPO, AgentEnv, NodeTree, RealCore, cgroup_text
 
 from handler import layout
 from handler import spool as spool_mod

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PluginWorld
+from plugin_harness import PluginWorld
 from fixtures_apiserver import kubectl_binary
 from plugin_harness import BIN, run_plugin
 

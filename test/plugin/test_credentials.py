@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import PluginWorld
+from plugin_harness import PluginWorld
 from fixtures_apiserver import kubectl_binary
 from plugin_harness import run_plugin
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from isal import isal_zlib
 
-from conftest import PluginWorld
+from plugin_harness import PluginWorld
 from plugin_harness import crash, run_plugin
 
 pytestmark = pytest.mark.slow
