@@ -48,7 +48,7 @@ def _start_stalled(node: NodeTree, core: RealCore, *, heartbeat: float,
                    send: int | None = None) -> tuple[subprocess.Popen, bytes]:
     # The agent's handler.json carries the heartbeat; here the handler's --config file does.
     (node.base / "no-config.json").write_text(json.dumps({"heartbeat_interval": heartbeat}))
-    proc = subprocess.Popen(node.handler_args("--stall-timeout", "600", "capture", str(core.pid), str(core.pid),
+    proc = subprocess.Popen(node.handler_args("--stall-timeout", "10m", "capture", str(core.pid), str(core.pid),
                                               "11", "1795000000", "-1", "crasher"),
                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     data = core.path.read_bytes()
