@@ -61,7 +61,7 @@ async def test_two_server_replicas_one_enforces_then_the_other_takes_over(
     store_core(root, namespace="team-a", pod="web-1", pod_uid=UID_B, container="app", data=b"young",
                when=now() - timedelta(days=1))
     flags = (f"--storage-root={root}", "--etcd-servers", etcd_server.endpoint, "--etcd-prefix", etcd_prefix,
-             "--retention-max-age=30d", "--retention-interval=200ms", "--status-resync-interval=1",
+             "--retention-max-age=30d", "--retention-interval=200ms", "--status-resync-interval=1s",
              "--auto-create-endpoints=false")
     (tmp_path / "r1").mkdir()
     (tmp_path / "r2").mkdir()
