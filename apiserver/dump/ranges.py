@@ -4,6 +4,7 @@ HTTP range requests for the dump (RFC 9110 §14): one ``bytes`` range, resumed u
 Only a single range is served; a multi-range request gets the whole archive (200), which RFC 9110
 allows and which every resuming client (curl -C, wget -c, browsers) handles.
 """
+
 from __future__ import annotations
 
 import dataclasses

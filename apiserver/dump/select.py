@@ -1,4 +1,5 @@
 """Which stored cores a dump request gets: the endpoint's pod incarnation, narrowed by the query."""
+
 from __future__ import annotations
 
 import logging
@@ -35,4 +36,3 @@ def select_cores(*, root: Path, namespace: str, pod: str, pod_uid: str, query: D
         since = query.since.timestamp()
         cores = [c for c in cores if (t := core_time(c)) is not None and t >= since]
     return cores
-

@@ -9,6 +9,7 @@ revision below the compacted one, or watching from one, raises :class:`RevisionC
 
 Objects are deep-copied on the way in and out, so no caller can change what another one reads.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -213,7 +214,12 @@ class MemoryStore(ObjectStore):
         return current
 
     def _commit(
-        self, key: str, stored: dict[str, Any] | None, type_: EventType, *, last: dict[str, Any] | None = None,
+        self,
+        key: str,
+        stored: dict[str, Any] | None,
+        type_: EventType,
+        *,
+        last: dict[str, Any] | None = None,
     ) -> int:
         self._revision += 1
         revision = self._revision
@@ -271,8 +277,9 @@ class MemoryStore(ObjectStore):
 
     # -- watch -------------------------------------------------------------------------------
 
-    async def watch(self, prefix: str, *, from_revision: int,
-                    progress: ProgressRequests | None = None) -> AsyncIterator[StoreEvent]:
+    async def watch(
+        self, prefix: str, *, from_revision: int, progress: ProgressRequests | None = None
+    ) -> AsyncIterator[StoreEvent]:
         self._check_open()
         check_prefix(prefix)
         if from_revision + 1 < self._compacted:
@@ -280,7 +287,8 @@ class MemoryStore(ObjectStore):
         # Replay and subscribe with no await in between, so no event falls in the gap.
         first = self._events[0].revision if self._events else self._revision + 1
         backlog = [
-            event for event in itertools.islice(self._events, max(0, from_revision + 1 - first), None)
+            event
+            for event in itertools.islice(self._events, max(0, from_revision + 1 - first), None)
             if event.key.startswith(prefix)
         ]
         watcher = _Watcher(prefix=prefix, queue=asyncio.Queue(maxsize=self._watch_queue_size))
@@ -324,5 +332,6 @@ class MemoryStore(ObjectStore):
     @staticmethod
     def _export_event(event: StoreEvent) -> StoreEvent:
         # Each watcher gets its own copy; the shared one stays as stored.
-        return StoreEvent(type=event.type, key=event.key, obj=_export(event.obj, event.revision),
-                          revision=event.revision)
+        return StoreEvent(
+            type=event.type, key=event.key, obj=_export(event.obj, event.revision), revision=event.revision
+        )
