@@ -20,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from handler import elfinfo, faults, layout, safefs
@@ -189,7 +190,7 @@ def _drain_shim_entry(cfg: HandlerConfig, entry: SpoolEntry, report: DrainReport
             report.drained += 1
             return
         # The descriptor opened safely, by its /proc name: the ELF reader never sees the spool's names.
-        build_id = elfinfo.build_id_from_core(f"/proc/self/fd/{data.fd}")
+        build_id = elfinfo.build_id_from_core(Path(f"/proc/self/fd/{data.fd}"))
         meta = base_metadata(
             ident=ident, pid=pid, sig=sig, timestamp=ts, comm=comm, exe=None, build_id=build_id, node=cfg.node
         )

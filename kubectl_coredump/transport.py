@@ -128,8 +128,8 @@ class _TLSConnection(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         http.client.HTTPConnection.connect(self)
-        self.sock = self._context.wrap_socket(
-            self.sock,  # type: ignore[attr-defined]
+        self.sock = self._context.wrap_socket(  # type: ignore[attr-defined]
+            self.sock,
             server_hostname=self._server_name or self.host,
         )
 

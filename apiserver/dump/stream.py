@@ -23,10 +23,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import logging
 import os
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from isal import isal_zlib
 
@@ -35,7 +34,6 @@ from handler import objects as store
 
 from apiserver.dump.plan import DumpPlan, FileSegment, MemorySegment, ObjectSegment
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 1 << 20
 
@@ -211,7 +209,7 @@ def _close_after(fut: "asyncio.Future[bytes] | None", fd: int) -> None:
 
 async def iter_range(
     plan: DumpPlan, *, start: int = 0, end: int | None = None, chunk_size: int = DEFAULT_CHUNK
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield the archive's bytes ``[start, end)`` in order (``end`` defaults to the archive size)."""
     stop = plan.size if end is None else end
     if not 0 <= start <= stop <= plan.size:

@@ -68,13 +68,13 @@ class _Encoder:
                 Form.TABLE: ("Table", conventions.META_API_VERSION),
                 Form.PARTIAL_METADATA: ("PartialObjectMetadata", conventions.META_API_VERSION),
             }.get(self.form, (r.KIND, r.API_VERSION))
-            obj = conventions.bookmark(
+            bookmark = conventions.bookmark(
                 kind=kind,
                 api_version=api_version,
                 resource_version=str(item.revision),
                 initial_events_end=item.initial_events_end,
             )
-            return conventions.watch_event("BOOKMARK", obj)
+            return conventions.watch_event("BOOKMARK", bookmark)
         assert item.obj is not None
         obj: dict[str, Any] = item.obj
         if self.form is Form.TABLE:

@@ -36,6 +36,7 @@ progress requests) is Kubernetes' own and no Python library implements it.
 
 from __future__ import annotations
 
+import builtins
 import asyncio
 import bisect
 import dataclasses
@@ -177,7 +178,7 @@ class WatchCache:
 
     def list_encoded(
         self, prefix: str, selected: Predicate, encode: Callable[[dict[str, Any]], bytes]
-    ) -> tuple[list[dict[str, Any]], list[bytes], int]:
+    ) -> tuple[builtins.list[dict[str, Any]], builtins.list[bytes], int]:
         """:meth:`list`, and each object as ``encode`` serializes it (memoized until the object changes)."""
         items, revision = self.list(prefix, selected)
         cached = self._encoded

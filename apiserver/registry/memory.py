@@ -12,6 +12,7 @@ Objects are deep-copied on the way in and out, so no caller can change what anot
 
 from __future__ import annotations
 
+import builtins
 import asyncio
 import bisect
 import collections
@@ -174,7 +175,7 @@ class MemoryStore(ObjectStore):
         return versions[-1] if versions else (0, None)
 
     @staticmethod
-    def _version_at(versions: list[_Version], revision: int) -> _Version:
+    def _version_at(versions: builtins.list[_Version], revision: int) -> _Version:
         """The key's state at ``revision``: its newest version not after it."""
         index = bisect.bisect_right(versions, revision, key=lambda version: version[0])
         return versions[index - 1] if index else (0, None)
@@ -228,7 +229,9 @@ class MemoryStore(ObjectStore):
             versions = self._versions[key] = []
             bisect.insort(self._keys, key)
         versions.append((revision, stored))
-        event = StoreEvent(type=type_, key=key, obj=stored if stored is not None else last, revision=revision)
+        obj = stored if stored is not None else last
+        assert obj is not None, "a deletion carries the deleted object"
+        event = StoreEvent(type=type_, key=key, obj=obj, revision=revision)
         self._events.append(event)
         self._notify(event)
         if len(self._events) > self._history_limit:
@@ -304,9 +307,10 @@ class MemoryStore(ObjectStore):
                     return
                 if watcher.overflowed:
                     raise RevisionCompacted(requested=last, compacted=self._revision)
-                event = await watcher.queue.get()
-                if event is None:
+                queued = await watcher.queue.get()
+                if queued is None:
                     return
+                event = queued
                 if event.type is EventType.PROGRESS:
                     yield event
                     continue
