@@ -562,10 +562,10 @@ def print_table(rows: list[Row]) -> None:
     headers = ("backend", "metric", "value", "target", "baseline", "ratio")
     cells = [headers] + [tuple(dataclasses.astuple(row)) for row in rows]
     widths = [max(len(str(line[i])) for line in cells) for i in range(len(headers))]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for line in cells[1:]:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |")
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:

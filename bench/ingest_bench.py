@@ -54,7 +54,9 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n; i++) {
         unsigned char *p = m + i * page;
         switch (i % 3) {
-        case 0: for (size_t j = 0; j < page; j += 8) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; memcpy(p + j, &x, 8); } break;
+        case 0:
+            for (size_t j = 0; j < page; j += 8) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; memcpy(p + j, &x, 8); }
+            break;
         case 1: memset(p, 0, page); break;
         default: for (size_t j = 0; j < page; j++) p[j] = text[(j + i) % (sizeof text - 1)]; break;
         }

@@ -43,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "test" / "plugin"))
 sys.path.insert(0, str(HERE.parent / "test"))
 
-from plugin_harness import (
+from plugin_harness import (  # noqa: E402
     PLUGIN,
     CuttingProxy,
     ProxyRule,

@@ -759,7 +759,7 @@ class FakeKube:
         "metadata.name": lambda o: o["metadata"]["name"],
         "metadata.namespace": lambda o: o["metadata"]["namespace"],
         **{
-            f"involvedObject.{k}": (lambda k: lambda o: str((o.get("involvedObject") or {}).get(k) or ""))(k)
+            f"involvedObject.{k}": (lambda k: lambda o: str((o.get("involvedObject") or {}).get(k) or ""))(k)  # noqa: B023
             for k in ("kind", "namespace", "name", "uid", "apiVersion", "resourceVersion", "fieldPath")
         },
         "reason": lambda o: o.get("reason") or "",

@@ -24,7 +24,6 @@ symbolic link to its first place. Blocking (it reads the store through :mod:`han
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import posixpath
 import re
@@ -35,7 +34,6 @@ from typing import Any
 from handler import objects as store
 from handler.layout import StoredCore
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_OBJECTS = 256
 DEFAULT_MAX_OBJECT_BYTES = 4 << 30

@@ -26,7 +26,6 @@ import bisect
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import tarfile
 import zlib
@@ -40,7 +39,6 @@ from handler.layout import StoredCore
 from apiserver.dump.objects import MANIFEST, ObjectLimits, ObjectPlanner
 from apiserver.dump.select import core_time
 
-logger = logging.getLogger(__name__)
 
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE

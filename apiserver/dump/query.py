@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import logging
 import re
 
 from multidict import MultiMapping
@@ -19,7 +18,6 @@ from handler import layout
 
 from apiserver.api import errors
 
-logger = logging.getLogger(__name__)
 
 ALLOWED = ("container", "core", "since", "objects")
 

@@ -8,12 +8,10 @@ allows and which every resuming client (curl -C, wget -c, browsers) handles.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 
 from apiserver.api import errors
 
-logger = logging.getLogger(__name__)
 
 _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 

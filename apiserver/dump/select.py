@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from handler import layout
 from handler.layout import StoredCore
 
 from apiserver.dump.query import DumpQuery, parse_rfc3339
-
-logger = logging.getLogger(__name__)
 
 
 def core_time(core: StoredCore) -> float | None:

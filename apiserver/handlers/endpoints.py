@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from typing import Any
 
 from aiohttp import web
@@ -22,8 +21,6 @@ from apiserver.context import REGISTRY
 from apiserver.handlers import io
 from apiserver.handlers.watch import serve_watch
 from apiserver.registry.endpoints import EndpointRegistry, WriteOptions
-
-logger = logging.getLogger(__name__)
 
 
 def _registry(request: web.Request) -> EndpointRegistry:

@@ -11,7 +11,6 @@ import dataclasses
 import datetime as dt
 import json
 import math
-import logging
 from typing import Any
 
 import yaml
@@ -21,7 +20,6 @@ from apiserver.api import errors, patch
 from apiserver.api.conventions import negotiate
 from apiserver.registry.endpoints import FIELD_VALIDATION_VALUES, WriteOptions
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 3 * 1024 * 1024  # kube-apiserver's limit for a single object
 BODY_LIMIT_KEY: web.AppKey[int] = web.AppKey("max_body_bytes", int)

@@ -15,12 +15,12 @@ precondition.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import dataclasses
 import datetime as dt
 import json
-import logging
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -47,7 +47,6 @@ from apiserver.registry.store import (
     StoreUnavailable,
 )
 
-logger = logging.getLogger(__name__)
 
 KEY_ROOT = f"/{r.PLURAL}/"
 FIELD_VALIDATION_VALUES = ("Ignore", "Warn", "Strict")
@@ -291,7 +290,7 @@ class EndpointRegistry:
 
     # ---- writes -----------------------------------------------------------------------------------
 
-    def _field_check(self, body: dict[str, Any], options: WriteOptions) -> list[str]:
+    def _field_check(self, body: dict[str, Any], options: WriteOptions) -> builtins.list[str]:
         """Strict: 400 on unknown or duplicate fields; Warn: warnings; Ignore: nothing. Unknown fields are dropped."""
         problems = [f'unknown field "{path}"' for path in r.unknown_fields(body)]
         problems += [f'duplicate field "{name}"' for name in options.duplicate_fields]
@@ -398,7 +397,7 @@ class EndpointRegistry:
         *,
         current: dict[str, Any],
         new: dict[str, Any],
-        warnings: list[str],
+        warnings: builtins.list[str],
         expected: int | None,
         options: WriteOptions,
         managed_fields: ManagedFields | None = None,

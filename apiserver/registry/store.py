@@ -18,11 +18,8 @@ import abc
 import dataclasses
 import enum
 import json
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 
 class StoreError(Exception):

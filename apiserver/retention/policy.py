@@ -13,13 +13,11 @@ cluster defaults apply: a typo never deletes more than the admin allowed.
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from handler.flags import parse_retention_duration, parse_size
 
-logger = logging.getLogger(__name__)
 
 CONFIGMAP = "coredump-retention"
 KEYS = ("maxAge", "maxBytes", "maxCoresPerPod")

@@ -10,7 +10,6 @@ limits is set.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
     from apiserver.options import Config
     from apiserver.registry.endpoints import EndpointRegistry
 
-logger = logging.getLogger(__name__)
 
 REMOVED = Counter(
     "coredump_retention_removed_cores_total",

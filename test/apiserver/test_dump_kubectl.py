@@ -137,7 +137,7 @@ async def test_kubectl_dump_extracts_with_gnu_tar_and_tarfile_and_gdb_names_the_
     with open(archive, "rb") as raw, tarfile.open(fileobj=gzip.GzipFile(fileobj=raw), mode="r|") as tf:
         by_stream = {m.name: tf.extractfile(m).read() for m in tf}  # type: ignore[union-attr]
     assert by_file == by_stream
-    for key, core in expected.items():
+    for key in expected:
         assert hashlib.sha256(by_file[key + ".core"]).hexdigest() == json.loads(by_file[key + ".json"])["sha256"]
         info = json.loads(by_file[key + ".json"])
         assert info["size"] == len(by_file[key + ".core"]) and info["podUID"] == shop_pod["uid"]

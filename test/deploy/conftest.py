@@ -2,7 +2,8 @@
 Fixtures for the deployment tests: the real kubectl, the real cert script, and the manifests rendered once.
 
 ``rendered`` renders the base and every overlay with ``kubectl kustomize`` from a copy of ``manifests/``
-whose ``tls/`` certificate directory was filled by ``deploy/make-certs.sh`` (as an admin does before ``kubectl apply -k``).
+whose ``tls/`` certificate directory was filled by ``deploy/make-certs.sh`` (as an admin does before
+``kubectl apply -k``).
 """
 
 from __future__ import annotations

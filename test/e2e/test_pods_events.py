@@ -97,7 +97,7 @@ def test_agent_posts_core_dumped_event_on_the_real_pod(installed, real_core) -> 
                         "team-events",
                         "--for",
                         "pod/crasher",
-                        binary=kubectl_binary(version),
+                        binary=kubectl_binary(version),  # noqa: B023
                         check=False,
                     ).stdout
                 )

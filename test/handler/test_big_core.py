@@ -1,4 +1,7 @@
-"""A large real core through the real handler: stored whole, in flat memory (the 8 GiB run is in bench/ingest_bench.py)."""
+"""
+A large real core through the real handler: stored whole, in flat memory (the 8 GiB run is in
+bench/ingest_bench.py).
+"""
 
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ The guest of the VM suite, built only from Debian packages and this project, and
 Three disks, so a change to the project never rebuilds the Debian part:
 
 * **base** (cached under ``$XDG_CACHE_HOME/coredump-vm/<key>/``, ``key`` = hash of :data:`PINS`, the kernel
-  package version, ``deploy/requirements.txt`` and the initramfs script): a Debian root filesystem made by ``mmdebstrap``
+  package version, ``deploy/requirements.txt`` and the initramfs script): a Debian root filesystem made by
+  ``mmdebstrap``
   into a directory (python3, util-linux, gdb, the NFS server, kmod, iproute2), the kernel's modules from the
   Debian kernel package, a virtual environment at ``/opt/coredump/venv`` with the project's pinned runtime
   dependencies (from PyPI, at build time: the guest has no network) and a ``.pth`` naming ``/project``; written
@@ -306,7 +307,8 @@ def ensure_base() -> Base:
 
 
 def build_project_disk(*, dest: Path, work: Path) -> None:
-    """``handler/`` (byte-compiled, so the guest's cold starts under TCG do not compile), the guest scripts, the crasher."""
+    """``handler/`` (byte-compiled, so the guest's cold starts under TCG do not compile), the guest scripts, the
+    crasher."""
     stage = work / "project"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
