@@ -1,4 +1,5 @@
 """``python -m apiserver`` runs the server like ``coredump-apiserver``."""
+
 import sys
 
 from apiserver.cli import main

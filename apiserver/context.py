@@ -5,6 +5,7 @@ Typed keys for what the aiohttp application and each request carry, so modules s
 ``app[SHUTTING_DOWN]`` is set when the server stops, ``request[USER]`` the authenticated user and
 ``request[ATTRIBUTES]`` what it is authorized for.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -4,6 +4,7 @@ for an admin (``system:masters``) and a restricted viewer, and a kubeconfig with
 
 Files are made once and reused, so a kubeconfig keeps working across restarts of ``--dev``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,21 +57,33 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
-def _issue(*, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, subject: x509.Name,
-           key: ec.EllipticCurvePrivateKey, usage: x509.ObjectIdentifier,
-           sans: list[x509.GeneralName] | None = None) -> x509.Certificate:
+def _issue(
+    *,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    subject: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    usage: x509.ObjectIdentifier,
+    sans: list[x509.GeneralName] | None = None,
+) -> x509.Certificate:
     now = dt.datetime.now(dt.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_cert.subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
-               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-               .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                              critical=False))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(ca_key, hashes.SHA256())
@@ -78,12 +91,17 @@ def _issue(*, ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, sub
 
 def _kubeconfig(*, server: str, ca: Path, users: dict[str, tuple[Path, Path]]) -> dict[str, object]:
     return {
-        "apiVersion": "v1", "kind": "Config",
+        "apiVersion": "v1",
+        "kind": "Config",
         "clusters": [{"name": "coredump-dev", "cluster": {"server": server, "certificate-authority": str(ca)}}],
-        "users": [{"name": user, "user": {"client-certificate": str(cert), "client-key": str(key)}}
-                  for user, (cert, key) in users.items()],
-        "contexts": [{"name": user, "context": {"cluster": "coredump-dev", "user": user, "namespace": "default"}}
-                     for user in users],
+        "users": [
+            {"name": user, "user": {"client-certificate": str(cert), "client-key": str(key)}}
+            for user, (cert, key) in users.items()
+        ],
+        "contexts": [
+            {"name": user, "context": {"cluster": "coredump-dev", "user": user, "namespace": "default"}}
+            for user in users
+        ],
         "current-context": next(iter(users)),
     }
 
@@ -97,16 +115,32 @@ def prepare(*, directory: Path, port: int, storage_root: Path | None) -> DevFile
         ca_key = _key()
         now = dt.datetime.now(dt.timezone.utc)
         ca_name = _name("coredump-dev-ca")
-        ca_cert = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-                   .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + VALIDITY)
-                   .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                   .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                                content_commitment=False, key_encipherment=False,
-                                                data_encipherment=False, key_agreement=False,
-                                                encipher_only=False, decipher_only=False), critical=True)
-                   .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-                   .sign(ca_key, hashes.SHA256()))
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
         _write_private(ca_key_path, _pem_key(ca_key))
         ca_cert_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
         for stale in ("serving.crt", "admin.crt", "viewer.crt"):
@@ -116,8 +150,9 @@ def prepare(*, directory: Path, port: int, storage_root: Path | None) -> DevFile
     assert isinstance(loaded, ec.EllipticCurvePrivateKey)
     ca_key = loaded
 
-    def ensure(stem: str, subject: x509.Name, usage: x509.ObjectIdentifier,
-               sans: list[x509.GeneralName] | None = None) -> tuple[Path, Path]:
+    def ensure(
+        stem: str, subject: x509.Name, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName] | None = None
+    ) -> tuple[Path, Path]:
         cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
         if not (cert_path.exists() and key_path.exists()):
             key = _key()
@@ -126,18 +161,29 @@ def prepare(*, directory: Path, port: int, storage_root: Path | None) -> DevFile
             cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return cert_path, key_path
 
-    serving = ensure("serving", _name("coredump-apiserver-dev"), ExtendedKeyUsageOID.SERVER_AUTH,
-                     [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    serving = ensure(
+        "serving",
+        _name("coredump-apiserver-dev"),
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+    )
     admin = ensure("admin", _name(*ADMIN), ExtendedKeyUsageOID.CLIENT_AUTH)
     viewer = ensure("viewer", _name(*VIEWER), ExtendedKeyUsageOID.CLIENT_AUTH)
     kubeconfig_path = directory / "kubeconfig"
-    kubeconfig = _kubeconfig(server=f"https://127.0.0.1:{port}", ca=ca_cert_path,
-                             users={ADMIN[0]: admin, VIEWER[0]: viewer})
+    kubeconfig = _kubeconfig(
+        server=f"https://127.0.0.1:{port}", ca=ca_cert_path, users={ADMIN[0]: admin, VIEWER[0]: viewer}
+    )
     _write_private(kubeconfig_path, yaml.safe_dump(kubeconfig, sort_keys=False).encode())
     cores = storage_root or directory / "cores"
     cores.mkdir(parents=True, exist_ok=True)
-    return DevFiles(dir=directory, ca_cert=ca_cert_path, serving_cert=serving[0], serving_key=serving[1],
-                    kubeconfig=kubeconfig_path, cores=cores)
+    return DevFiles(
+        dir=directory,
+        ca_cert=ca_cert_path,
+        serving_cert=serving[0],
+        serving_key=serving[1],
+        kubeconfig=kubeconfig_path,
+        cores=cores,
+    )
 
 
 def check_storage_root(*, storage_root: Path | None, directory: Path) -> str | None:
@@ -167,20 +213,22 @@ def banner(files: DevFiles, *, port: int) -> str:
     q = shlex.quote
     base = "/apis/coredump.example.io/v1alpha1/namespaces/default/coredumpendpoints"
     handler = _command("coredump-handler", "handler.cli")
-    return "\n".join([
-        f"coredump-apiserver (dev) serving https://127.0.0.1:{port}, cores from {files.cores}",
-        "Try:",
-        f"  export KUBECONFIG={q(str(files.kubeconfig))}",
-        "  kubectl api-resources --api-group=coredump.example.io",
-        "  kubectl get coredumpendpoints -A",
-        "  (ulimit -c unlimited; sh -c 'kill -SEGV $$')   # exits 139 (SIGSEGV), leaves ./core where core_pattern"
-        " is `core`",
-        f"  {handler} import --storage-root {q(str(files.cores))} --spool-dir {q(str(files.dir / 'spool'))}"
-        f" --state-dir {q(str(files.dir / 'state'))} --namespace default --pod my-pod"
-        " --pod-uid 5f1c3b2a-8d4e-4f6a-9b7c-0d1e2f3a4b5c --container app core",
-        "  until kubectl get coredumpendpoints my-pod 2>/dev/null; do sleep 1; done   # auto-created within"
-        f" {AUTOCREATE_INTERVAL:.0f} s",
-        "  kubectl get coredumpendpoints my-pod -o yaml",
-        f"  kubectl get --raw {base}/my-pod/dump > cores.tar.gz",
-        f"  kubectl --context dev-viewer get --raw {base}/my-pod/dump   # Forbidden: may list, may not dump",
-    ])
+    return "\n".join(
+        [
+            f"coredump-apiserver (dev) serving https://127.0.0.1:{port}, cores from {files.cores}",
+            "Try:",
+            f"  export KUBECONFIG={q(str(files.kubeconfig))}",
+            "  kubectl api-resources --api-group=coredump.example.io",
+            "  kubectl get coredumpendpoints -A",
+            "  (ulimit -c unlimited; sh -c 'kill -SEGV $$')   # exits 139 (SIGSEGV), leaves ./core where core_pattern"
+            " is `core`",
+            f"  {handler} import --storage-root {q(str(files.cores))} --spool-dir {q(str(files.dir / 'spool'))}"
+            f" --state-dir {q(str(files.dir / 'state'))} --namespace default --pod my-pod"
+            " --pod-uid 5f1c3b2a-8d4e-4f6a-9b7c-0d1e2f3a4b5c --container app core",
+            "  until kubectl get coredumpendpoints my-pod 2>/dev/null; do sleep 1; done   # auto-created within"
+            f" {AUTOCREATE_INTERVAL:.0f} s",
+            "  kubectl get coredumpendpoints my-pod -o yaml",
+            f"  kubectl get --raw {base}/my-pod/dump > cores.tar.gz",
+            f"  kubectl --context dev-viewer get --raw {base}/my-pod/dump   # Forbidden: may list, may not dump",
+        ]
+    )

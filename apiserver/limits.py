@@ -17,6 +17,7 @@ Bounded cost per client: what one connection and one request may hold, as kube-a
   one more is answered 429 TooManyRequests with ``Retry-After: 1``. Long-running requests — watches and
   dumps, which last as long as the client reads — are not counted, as kube-apiserver exempts watches.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -68,8 +69,10 @@ class _GuardedProtocol(asyncio.Protocol):
     def _expire(self) -> None:
         self._timer = None
         if self._transport is not None and self._active == 0:
-            logger.debug("closing a connection whose request header is not complete",
-                         extra={"timeout": self._limits.read_header_timeout})
+            logger.debug(
+                "closing a connection whose request header is not complete",
+                extra={"timeout": self._limits.read_header_timeout},
+            )
             metrics.CLOSED_CONNECTIONS.labels(reason="read-header-timeout").inc()
             self._transport.abort()
 
@@ -166,8 +169,13 @@ class ConnectionLimits:
 
 def too_many_requests() -> errors.ApiError:
     """kube-apiserver's answer at the in-flight limit (its text, as a Status, and the same Retry-After)."""
-    return errors.ApiError(code=429, reason="TooManyRequests", message="Too many requests, please try again later.",
-                           details={"retryAfterSeconds": 1}, headers={"Retry-After": "1"})
+    return errors.ApiError(
+        code=429,
+        reason="TooManyRequests",
+        message="Too many requests, please try again later.",
+        details={"retryAfterSeconds": 1},
+        headers={"Retry-After": "1"},
+    )
 
 
 def inflight_limit(*, max_readonly: int, max_mutating: int) -> Middleware:

@@ -1,4 +1,5 @@
 """Structured logs: one JSON object per line, with whatever ``extra`` fields a caller attaches."""
+
 from __future__ import annotations
 
 import datetime as dt

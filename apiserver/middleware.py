@@ -6,6 +6,7 @@ The server's own middlewares: every failure leaves the server as a Kubernetes ``
 mapped to the Status kube-apiserver sends for them; anything else is a bug, logged with its traceback
 and answered 500 InternalError without details a client could exploit.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def status_response(error: errors.ApiError) -> web.Response:
     # default=str: whatever a client managed to put into a message or detail, the Status still encodes.
-    response = web.Response(body=json.dumps(error.to_status(), default=str).encode(), status=error.code,
-                            content_type="application/json")
+    response = web.Response(
+        body=json.dumps(error.to_status(), default=str).encode(), status=error.code, content_type="application/json"
+    )
     for key, value in error.headers.items():
         response.headers[key] = value
     return response
@@ -37,8 +39,9 @@ def status_response(error: errors.ApiError) -> web.Response:
 
 def _from_http_exception(exc: web.HTTPException, *, method: str) -> errors.ApiError:
     if exc.status == 404:
-        return errors.ApiError(code=404, reason="NotFound", message="the server could not find the requested resource",
-                               details={})
+        return errors.ApiError(
+            code=404, reason="NotFound", message="the server could not find the requested resource", details={}
+        )
     if exc.status == 405:
         return errors.method_not_allowed(method=method)
     if exc.status == 413:
@@ -67,8 +70,9 @@ async def status_errors(request: web.Request, handler: Handler) -> web.StreamRes
 def is_long_running(request: web.Request) -> bool:
     """Watches and dumps: they last as long as the client keeps reading (not limited by in-flight caps)."""
     attributes = request_attributes(method=request.method, path=request.path, query=request.query, user=ANONYMOUS)
-    return attributes.verb == "watch" or (attributes.is_resource_request and attributes.verb == "get"
-                                          and attributes.subresource == SUBRESOURCE_DUMP)
+    return attributes.verb == "watch" or (
+        attributes.is_resource_request and attributes.verb == "get" and attributes.subresource == SUBRESOURCE_DUMP
+    )
 
 
 # -- one log line and the request metrics per request -------------------------------------------------------
@@ -99,8 +103,9 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
     failure = ""
     long_running = is_long_running(request)
     attributes = request_attributes(method=request.method, path=request.path, query=request.query, user=ANONYMOUS)
-    labels = metrics.request_labels(verb=attributes.verb, resource=attributes.resource,
-                                    subresource=attributes.subresource)
+    labels = metrics.request_labels(
+        verb=attributes.verb, resource=attributes.resource, subresource=attributes.subresource
+    )
     try:
         if long_running:
             with metrics.longrunning(labels):
@@ -121,14 +126,23 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
         metrics.REQUEST_DURATION.labels(**labels).observe(seconds)
         user = request.get(context.USER)
         fields: dict[str, object] = {
-            "method": request.method, "path": request.path, "user": user.name if user else "",
-            "status": status, "bytes": _bytes_sent(response) if response is not None else 0,
-            "seconds": round(seconds, 6), "remote": request.remote or "",
+            "method": request.method,
+            "path": request.path,
+            "user": user.name if user else "",
+            "status": status,
+            "bytes": _bytes_sent(response) if response is not None else 0,
+            "seconds": round(seconds, 6),
+            "remote": request.remote or "",
             "userAgent": request.headers.get("User-Agent", "")[:256],
         }
         if attributes.is_resource_request:
-            fields.update(verb=attributes.verb, resource=attributes.resource, namespace=attributes.namespace,
-                          objectName=attributes.name, subresource=attributes.subresource)
+            fields.update(
+                verb=attributes.verb,
+                resource=attributes.resource,
+                namespace=attributes.namespace,
+                objectName=attributes.name,
+                subresource=attributes.subresource,
+            )
         if failure:
             fields["error"] = failure
         level = logging.DEBUG if request.path in _QUIET_PATHS else logging.INFO

@@ -10,6 +10,7 @@ The configuration of ``coredump-apiserver``, in metrics-server's steps: options 
 - :meth:`Config.complete`: dev mode's files (serving certificate, cores directory) filled in once the port is
   known, so the server reads the certificate and the storage root from one place.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,13 @@ from apiserver.auth.options import AuthOptions, add_auth_flags
 from apiserver.dump.options import add_dump_flags
 from apiserver.handlers.io import DEFAULT_MAX_BODY_BYTES
 from apiserver.registry.cacher import DEFAULT_BOOKMARK_INTERVAL, DEFAULT_CAPACITY
-from apiserver.limits import (DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT,
-                              DEFAULT_MAX_REQUESTS_INFLIGHT, DEFAULT_READ_HEADER_TIMEOUT)
+from apiserver.limits import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT,
+    DEFAULT_MAX_REQUESTS_INFLIGHT,
+    DEFAULT_READ_HEADER_TIMEOUT,
+)
 from apiserver.retention.setup import add_retention_flags
 from handler import flags
 
@@ -39,82 +45,136 @@ def _server(text: str) -> str:
 def add_limit_flags(parser: argparse.ArgumentParser) -> None:
     """What one client may cost (:mod:`apiserver.limits`); defaults are kube-apiserver's where it has one."""
     limits = parser.add_argument_group("client limits")
-    limits.add_argument("--read-header-timeout", type=flags.parse_positive_duration,
-                        default=flags.format_duration(DEFAULT_READ_HEADER_TIMEOUT), metavar="DURATION",
-                        help="close a connection whose TLS handshake or request header takes longer "
-                             "(kube-apiserver's ReadHeaderTimeout)")
-    limits.add_argument("--idle-timeout", type=flags.parse_positive_duration,
-                        default=flags.format_duration(DEFAULT_IDLE_TIMEOUT), metavar="DURATION",
-                        help="close a keep-alive connection idle this long between requests "
-                             "(kube-apiserver's IdleTimeout)")
-    limits.add_argument("--max-connections", type=flags.parse_count, default=str(DEFAULT_MAX_CONNECTIONS),
-                        help="client connections open at once; more are closed after their handshake (0: no limit)")
-    limits.add_argument("--max-requests-inflight", type=flags.parse_count,
-                        default=str(DEFAULT_MAX_REQUESTS_INFLIGHT),
-                        help="read-only requests served at once, watches and dumps not counted; more get 429 "
-                             "(0: no limit)")
-    limits.add_argument("--max-mutating-requests-inflight", type=flags.parse_count,
-                        default=str(DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT),
-                        help="create/update/patch/delete requests served at once; more get 429 (0: no limit)")
+    limits.add_argument(
+        "--read-header-timeout",
+        type=flags.parse_positive_duration,
+        default=flags.format_duration(DEFAULT_READ_HEADER_TIMEOUT),
+        metavar="DURATION",
+        help="close a connection whose TLS handshake or request header takes longer "
+        "(kube-apiserver's ReadHeaderTimeout)",
+    )
+    limits.add_argument(
+        "--idle-timeout",
+        type=flags.parse_positive_duration,
+        default=flags.format_duration(DEFAULT_IDLE_TIMEOUT),
+        metavar="DURATION",
+        help="close a keep-alive connection idle this long between requests (kube-apiserver's IdleTimeout)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=flags.parse_count,
+        default=str(DEFAULT_MAX_CONNECTIONS),
+        help="client connections open at once; more are closed after their handshake (0: no limit)",
+    )
+    limits.add_argument(
+        "--max-requests-inflight",
+        type=flags.parse_count,
+        default=str(DEFAULT_MAX_REQUESTS_INFLIGHT),
+        help="read-only requests served at once, watches and dumps not counted; more get 429 (0: no limit)",
+    )
+    limits.add_argument(
+        "--max-mutating-requests-inflight",
+        type=flags.parse_count,
+        default=str(DEFAULT_MAX_MUTATING_REQUESTS_INFLIGHT),
+        help="create/update/patch/delete requests served at once; more get 429 (0: no limit)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="coredump-apiserver", formatter_class=flags.HelpFormatter,
+        prog="coredump-apiserver",
+        formatter_class=flags.HelpFormatter,
         description="Aggregated Kubernetes API server for coredump.example.io: CoredumpEndpoint objects and "
-                    "the dump subresource that streams a pod's core dumps.")
+        "the dump subresource that streams a pod's core dumps.",
+    )
     serving = parser.add_argument_group("serving")
     serving.add_argument("--secure-port", type=flags.parse_port, default="6443", help="HTTPS port (0 picks one)")
     serving.add_argument("--bind-address", default="0.0.0.0", help="address to listen on")
     serving.add_argument("--tls-cert-file", type=Path, help="serving certificate (PEM)")
     serving.add_argument("--tls-private-key-file", type=Path, help="serving private key (PEM)")
-    serving.add_argument("--tls-cert-reload-interval", type=flags.parse_positive_duration, default="1m",
-                         metavar="DURATION", help="how often the certificate files are checked for renewal")
-    serving.add_argument("--max-request-body-bytes", type=flags.parse_size,
-                         default=flags.format_size(DEFAULT_MAX_BODY_BYTES),
-                         help="largest accepted request body (kube-apiserver's 3Mi)")
+    serving.add_argument(
+        "--tls-cert-reload-interval",
+        type=flags.parse_positive_duration,
+        default="1m",
+        metavar="DURATION",
+        help="how often the certificate files are checked for renewal",
+    )
+    serving.add_argument(
+        "--max-request-body-bytes",
+        type=flags.parse_size,
+        default=flags.format_size(DEFAULT_MAX_BODY_BYTES),
+        help="largest accepted request body (kube-apiserver's 3Mi)",
+    )
 
     add_limit_flags(parser)
 
     storage = parser.add_argument_group("object storage")
-    storage.add_argument("--etcd-servers", type=flags.list_of(_server), default="",
-                         help="comma-separated etcd URLs; without it objects live in memory (dev and tests only)")
+    storage.add_argument(
+        "--etcd-servers",
+        type=flags.list_of(_server),
+        default="",
+        help="comma-separated etcd URLs; without it objects live in memory (dev and tests only)",
+    )
     storage.add_argument("--etcd-prefix", default="/registry/coredump.example.io", help="key prefix in etcd")
     storage.add_argument("--etcd-cafile", type=Path, help="CA bundle to verify etcd's serving certificate")
     storage.add_argument("--etcd-certfile", type=Path, help="client certificate for etcd")
     storage.add_argument("--etcd-keyfile", type=Path, help="client key for etcd")
-    storage.add_argument("--watch-cache-size", type=flags.parse_count, default=str(DEFAULT_CAPACITY),
-                         metavar="EVENTS",
-                         help="changes the watch cache keeps: how old a resourceVersion a watch may resume from, "
-                              "and how far a watcher may fall behind before its watch is closed")
-    storage.add_argument("--watch-bookmark-interval", type=flags.parse_positive_duration,
-                         default=flags.format_duration(DEFAULT_BOOKMARK_INTERVAL), metavar="DURATION",
-                         help="how often a watch with allowWatchBookmarks gets a BOOKMARK")
+    storage.add_argument(
+        "--watch-cache-size",
+        type=flags.parse_count,
+        default=str(DEFAULT_CAPACITY),
+        metavar="EVENTS",
+        help="changes the watch cache keeps: how old a resourceVersion a watch may resume from, "
+        "and how far a watcher may fall behind before its watch is closed",
+    )
+    storage.add_argument(
+        "--watch-bookmark-interval",
+        type=flags.parse_positive_duration,
+        default=flags.format_duration(DEFAULT_BOOKMARK_INTERVAL),
+        metavar="DURATION",
+        help="how often a watch with allowWatchBookmarks gets a BOOKMARK",
+    )
 
     cores = parser.add_argument_group("core storage")
     cores.add_argument("--storage-root", type=Path, help="root of the shared core storage (NFS/CephFS mount)")
-    flags.add_bool(cores, "--auto-create-endpoints", default=True,
-                   help="create a CoredumpEndpoint for every pod that has cores but no endpoint")
-    cores.add_argument("--kubeconfig", type=Path,
-                       help="kubeconfig for reading pods (default: in-cluster configuration when available)")
-    cores.add_argument("--status-resync-interval", type=flags.parse_positive_duration, default="10m",
-                       metavar="DURATION",
-                       help="time between full passes (one storage walk: endpoints auto-created, every status "
-                            "reconciled), which catch any change of storage no notification reported")
+    flags.add_bool(
+        cores,
+        "--auto-create-endpoints",
+        default=True,
+        help="create a CoredumpEndpoint for every pod that has cores but no endpoint",
+    )
+    cores.add_argument(
+        "--kubeconfig", type=Path, help="kubeconfig for reading pods (default: in-cluster configuration when available)"
+    )
+    cores.add_argument(
+        "--status-resync-interval",
+        type=flags.parse_positive_duration,
+        default="10m",
+        metavar="DURATION",
+        help="time between full passes (one storage walk: endpoints auto-created, every status "
+        "reconciled), which catch any change of storage no notification reported",
+    )
 
     add_auth_flags(parser)
     add_retention_flags(parser)
     add_dump_flags(parser)
 
     dev = parser.add_argument_group("development")
-    dev.add_argument("--dev", action="store_true",
-                     help="serve on 127.0.0.1 with self-signed TLS, dev client certificates and a kubeconfig in "
-                          "--dev-dir; cores from DIR/cores unless --storage-root is given")
+    dev.add_argument(
+        "--dev",
+        action="store_true",
+        help="serve on 127.0.0.1 with self-signed TLS, dev client certificates and a kubeconfig in "
+        "--dev-dir; cores from DIR/cores unless --storage-root is given",
+    )
     dev.add_argument("--dev-dir", type=Path, default=Path(".dev"), help="directory for dev mode files")
 
     logs = parser.add_argument_group("logging")
-    logs.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                      help="log verbosity; logs are one JSON object per line")
+    logs.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity; logs are one JSON object per line",
+    )
     return parser
 
 
@@ -190,8 +250,13 @@ class Config:
         """The configuration the server runs with: in dev mode, on 127.0.0.1 with the dev files."""
         if dev_files is None:
             return self
-        return dataclasses.replace(self, bind_address="127.0.0.1", tls_cert_file=dev_files.serving_cert,
-                                   tls_private_key_file=dev_files.serving_key, storage_root=dev_files.cores)
+        return dataclasses.replace(
+            self,
+            bind_address="127.0.0.1",
+            tls_cert_file=dev_files.serving_cert,
+            tls_private_key_file=dev_files.serving_key,
+            storage_root=dev_files.cores,
+        )
 
 
 def parse(argv: list[str] | None = None) -> Config:

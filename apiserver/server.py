@@ -2,6 +2,7 @@
 Assembling and running the server: the aiohttp application with its routes and middleware chain
 (Status errors → authenticate/authorize → handler), the object store, TLS, and a graceful shutdown.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -79,16 +80,18 @@ def add_status_routes(app: web.Application, *, item: str) -> None:
     app.router.add_patch(f"{item}/status", endpoints.write_endpoint_status)
 
 
-def status_tasks(config: Config, *, registry: EndpointRegistry, coredata: CoreData,
-                 storage_root: Path) -> list[asyncio.Task[None]]:
+def status_tasks(
+    config: Config, *, registry: EndpointRegistry, coredata: CoreData, storage_root: Path
+) -> list[asyncio.Task[None]]:
     """
     Endpoints and stored status kept in step with storage (:mod:`apiserver.registry.autocreate`): the slow
     full pass every ``--status-resync-interval``, and the notification path: the agent's CoreDumped Events
     in a cluster (:mod:`apiserver.registry.eventwatch`), the storage change detector in dev mode
     (:mod:`apiserver.registry.changedetect`).
     """
-    creator = AutoCreator(root=storage_root, registry=registry, status_cache=coredata.status_cache,
-                          create=config.auto_create_endpoints)
+    creator = AutoCreator(
+        root=storage_root, registry=registry, status_cache=coredata.status_cache, create=config.auto_create_endpoints
+    )
     coredata.on_purge(creator.forget)
     tasks = [asyncio.create_task(creator.run(interval=config.status_resync_interval), name="status-full-pass")]
     if config.dev:
@@ -97,11 +100,15 @@ def status_tasks(config: Config, *, registry: EndpointRegistry, coredata: CoreDa
     if coredata.pods.api_client is not None:  # in a cluster, or dev mode given a --kubeconfig
         pending = PendingIncarnations(handler=creator.changed)
         events = EventWatch(api=coredata.pods.api_client, pending=pending)
-        tasks += [asyncio.create_task(pending.run(), name="core-notifications"),
-                  asyncio.create_task(events.run(), name="coredumped-events")]
+        tasks += [
+            asyncio.create_task(pending.run(), name="core-notifications"),
+            asyncio.create_task(events.run(), name="coredumped-events"),
+        ]
     elif not config.dev:
-        logger.warning("no cluster access: new cores reach watchers at the next full pass "
-                       "(--status-resync-interval %.0f s)", config.status_resync_interval)
+        logger.warning(
+            "no cluster access: new cores reach watchers at the next full pass (--status-resync-interval %.0f s)",
+            config.status_resync_interval,
+        )
     return tasks
 
 
@@ -117,21 +124,31 @@ def add_observability_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", metrics.serve_metrics)
 
 
-def limit_middlewares(*, connections: ConnectionLimits | None, max_requests_inflight: int,
-                      max_mutating_requests_inflight: int) -> list[Middleware]:
+def limit_middlewares(
+    *, connections: ConnectionLimits | None, max_requests_inflight: int, max_mutating_requests_inflight: int
+) -> list[Middleware]:
     """Outermost first: the header watchdog stands down, the request is observed, then the in-flight cap."""
     outer: list[Middleware] = [connections.middleware] if connections is not None else []
-    return [*outer, observe_requests, inflight_limit(max_readonly=max_requests_inflight,
-                                                     max_mutating=max_mutating_requests_inflight)]
+    return [
+        *outer,
+        observe_requests,
+        inflight_limit(max_readonly=max_requests_inflight, max_mutating=max_mutating_requests_inflight),
+    ]
 
 
-def build_app(*, registry: EndpointRegistry, storage_root: Path,
-              auth_middleware: Callable[..., Awaitable[web.StreamResponse]],
-              max_body_bytes: int, outer_middlewares: list[Middleware] | None = None) -> web.Application:
+def build_app(
+    *,
+    registry: EndpointRegistry,
+    storage_root: Path,
+    auth_middleware: Callable[..., Awaitable[web.StreamResponse]],
+    max_body_bytes: int,
+    outer_middlewares: list[Middleware] | None = None,
+) -> web.Application:
     encode_documents()
     # Bodies are read through handlers.io with our own limit and Status; aiohttp's limit only backs it up.
-    app = web.Application(middlewares=[*(outer_middlewares or []), status_errors, auth_middleware],
-                          client_max_size=max_body_bytes + 1)
+    app = web.Application(
+        middlewares=[*(outer_middlewares or []), status_errors, auth_middleware], client_max_size=max_body_bytes + 1
+    )
     app[REGISTRY] = registry
     app[STORAGE_ROOT] = storage_root
     app[BODY_LIMIT_KEY] = max_body_bytes
@@ -139,6 +156,7 @@ def build_app(*, registry: EndpointRegistry, storage_root: Path,
 
     async def announce_shutdown(app: web.Application) -> None:
         app[SHUTTING_DOWN].set()
+
     app.on_shutdown.append(announce_shutdown)
     add_routes(app)
     add_observability_routes(app)
@@ -148,17 +166,29 @@ def build_app(*, registry: EndpointRegistry, storage_root: Path,
 def make_store(config: Config) -> ObjectStore:
     if config.etcd_servers:
         from apiserver.registry.etcd import EtcdStore
-        return EtcdStore(endpoints=list(config.etcd_servers), prefix=config.etcd_prefix, ca_file=config.etcd_cafile,
-                         cert_file=config.etcd_certfile, key_file=config.etcd_keyfile)
+
+        return EtcdStore(
+            endpoints=list(config.etcd_servers),
+            prefix=config.etcd_prefix,
+            ca_file=config.etcd_cafile,
+            cert_file=config.etcd_certfile,
+            key_file=config.etcd_keyfile,
+        )
     from apiserver.registry.memory import MemoryStore
+
     logger.warning("no --etcd-servers: CoredumpEndpoint objects live in memory and are lost on restart")
     return MemoryStore()
 
 
 def watch_cache(config: Config, *, store: ObjectStore) -> WatchCache:
     """The watch cache in front of ``store`` (see :mod:`apiserver.registry.cacher`); started by the caller."""
-    return WatchCache(store=store, prefix=KEY_ROOT, key_of=key_of, capacity=config.watch_cache_size,
-                      bookmark_interval=config.watch_bookmark_interval)
+    return WatchCache(
+        store=store,
+        prefix=KEY_ROOT,
+        key_of=key_of,
+        capacity=config.watch_cache_size,
+        bookmark_interval=config.watch_bookmark_interval,
+    )
 
 
 def instrumented(store: ObjectStore) -> ObjectStore:
@@ -166,16 +196,21 @@ def instrumented(store: ObjectStore) -> ObjectStore:
     return metrics.InstrumentedStore(store)
 
 
-async def start_listener(*, runner: web.AppRunner, sock: socket.socket, context: ssl.SSLContext,
-                         connections: ConnectionLimits) -> asyncio.base_events.Server:
+async def start_listener(
+    *, runner: web.AppRunner, sock: socket.socket, context: ssl.SSLContext, connections: ConnectionLimits
+) -> asyncio.base_events.Server:
     """Serve ``runner`` on ``sock`` through the connection limits (what ``web.SockSite`` does, plus the guard).
 
     The TLS handshake is bounded by the header timeout, as Go's http.Server bounds it by ReadHeaderTimeout.
     """
     loop = asyncio.get_running_loop()
     assert runner.server is not None
-    return await loop.create_server(connections.factory(runner.server), sock=sock, ssl=context,
-                                    ssl_handshake_timeout=connections.read_header_timeout)
+    return await loop.create_server(
+        connections.factory(runner.server),
+        sock=sock,
+        ssl=context,
+        ssl_handshake_timeout=connections.read_header_timeout,
+    )
 
 
 def serving_context(*, cert: Path, key: Path, auth: AuthSetup) -> ssl.SSLContext:
@@ -194,8 +229,14 @@ def _file_identity(*paths: Path) -> tuple[tuple[int, int, int], ...]:
     return tuple(identity)
 
 
-async def reload_serving_certificate(*, context: ssl.SSLContext, cert: Path, key: Path, interval: float,
-                                     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+async def reload_serving_certificate(
+    *,
+    context: ssl.SSLContext,
+    cert: Path,
+    key: Path,
+    interval: float,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
     """
     Load the serving certificate again whenever its files change, as kube-apiserver's dynamic serving
     certificate does: cert-manager and kubelet-projected Secrets renew the files in place, and new TLS
@@ -211,8 +252,10 @@ async def reload_serving_certificate(*, context: ssl.SSLContext, cert: Path, key
                 continue
             await asyncio.to_thread(context.load_cert_chain, certfile=str(cert), keyfile=str(key))
         except (OSError, ssl.SSLError) as error:
-            logger.warning("serving certificate not reloaded, keeping the current one",
-                           extra={"cert": str(cert), "error": str(error)})
+            logger.warning(
+                "serving certificate not reloaded, keeping the current one",
+                extra={"cert": str(cert), "error": str(error)},
+            )
             continue
         seen = current
         logger.info("serving certificate reloaded", extra={"cert": str(cert)})
@@ -242,8 +285,9 @@ async def serve(config: Config, *, stop: asyncio.Event) -> None:
 
     dev_files = None
     if config.dev:
-        dev_files = await asyncio.to_thread(devmode.prepare, directory=config.dev_dir, port=port,
-                                            storage_root=config.storage_root)
+        dev_files = await asyncio.to_thread(
+            devmode.prepare, directory=config.dev_dir, port=port, storage_root=config.storage_root
+        )
     config = config.complete(dev_files)
     # options.validate made these required outside dev mode; complete() filled them in dev mode.
     assert config.tls_cert_file and config.tls_private_key_file and config.storage_root
@@ -254,8 +298,11 @@ async def serve(config: Config, *, stop: asyncio.Event) -> None:
         await store.start()
     except StoreUnavailable as error:
         raise StartupError(f"object storage unavailable: {error}") from None
-    coredata = CoreData(storage_root=storage_root, kubeconfig=str(config.kubeconfig) if config.kubeconfig else None,
-                        in_cluster=not config.dev and config.kubeconfig is None)
+    coredata = CoreData(
+        storage_root=storage_root,
+        kubeconfig=str(config.kubeconfig) if config.kubeconfig else None,
+        in_cluster=not config.dev and config.kubeconfig is None,
+    )
     cache = watch_cache(config, store=store)
     try:
         await cache.start()
@@ -279,30 +326,57 @@ async def serve(config: Config, *, stop: asyncio.Event) -> None:
             context = serving_context(cert=cert, key=key, auth=auth)
         except (OSError, ssl.SSLError) as error:
             raise StartupError(f"cannot load the serving certificate {cert}: {error}") from None
-        connections = ConnectionLimits(max_connections=config.max_connections,
-                                       read_header_timeout=config.read_header_timeout)
-        app = build_app(registry=registry, storage_root=storage_root, auth_middleware=auth.middleware,
-                        max_body_bytes=config.max_request_body_bytes,
-                        outer_middlewares=limit_middlewares(
-                            connections=connections, max_requests_inflight=config.max_requests_inflight,
-                            max_mutating_requests_inflight=config.max_mutating_requests_inflight))
+        connections = ConnectionLimits(
+            max_connections=config.max_connections, read_header_timeout=config.read_header_timeout
+        )
+        app = build_app(
+            registry=registry,
+            storage_root=storage_root,
+            auth_middleware=auth.middleware,
+            max_body_bytes=config.max_request_body_bytes,
+            outer_middlewares=limit_middlewares(
+                connections=connections,
+                max_requests_inflight=config.max_requests_inflight,
+                max_mutating_requests_inflight=config.max_mutating_requests_inflight,
+            ),
+        )
         if dev_auth is not None:
             devreviews.add_routes(app, rules=dev_auth.rules)
         app[OBJECT_LIMITS] = object_limits(config)
         # keepalive_timeout: aiohttp closes a connection idle between requests after --idle-timeout.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT, handle_signals=False,
-                               keepalive_timeout=config.idle_timeout)
+        runner = web.AppRunner(
+            app,
+            access_log=None,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+            handle_signals=False,
+            keepalive_timeout=config.idle_timeout,
+        )
         await runner.setup()
         listener = await start_listener(runner=runner, sock=sock, context=context, connections=connections)
-        background.append(asyncio.create_task(reload_serving_certificate(
-            context=context, cert=cert, key=key, interval=config.tls_cert_reload_interval), name="cert-reload"))
+        background.append(
+            asyncio.create_task(
+                reload_serving_certificate(
+                    context=context, cert=cert, key=key, interval=config.tls_cert_reload_interval
+                ),
+                name="cert-reload",
+            )
+        )
         if retention_setup.enabled(config):
-            background.append(asyncio.create_task(
-                retention_setup.run(config, storage_root=storage_root, registry=registry, dev=config.dev),
-                name="retention"))
+            background.append(
+                asyncio.create_task(
+                    retention_setup.run(config, storage_root=storage_root, registry=registry, dev=config.dev),
+                    name="retention",
+                )
+            )
         background += status_tasks(config, registry=registry, coredata=coredata, storage_root=storage_root)
-        logger.info("serving", extra={"address": f"https://{host}:{port}", "storage_root": str(storage_root),
-                                      "store": "etcd" if config.etcd_servers else "memory"})
+        logger.info(
+            "serving",
+            extra={
+                "address": f"https://{host}:{port}",
+                "storage_root": str(storage_root),
+                "store": "etcd" if config.etcd_servers else "memory",
+            },
+        )
         if dev_files:
             print(devmode.banner(dev_files, port=port), flush=True)
         await stop.wait()

@@ -18,6 +18,7 @@ The baseline runs in its own process like the API server, so both share the mach
 answers GET with a small fixed JSON body, serves back the exact bytes of the API's full LIST (the
 transfer floor), and fans one line out to 100 streaming clients (the fan-out floor).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,8 +101,16 @@ def _port_from(process: subprocess.Popen[bytes], marker: bytes, *, what: str) ->
 
 @contextlib.contextmanager
 def apiserver(directory: Path, *, etcd_endpoint: str | None) -> Iterator[int]:
-    command = [str(BIN / "coredump-apiserver"), "--dev", "--dev-dir", str(directory / "dev"), "--secure-port", "0",
-               "--log-level", "warning"]
+    command = [
+        str(BIN / "coredump-apiserver"),
+        "--dev",
+        "--dev-dir",
+        str(directory / "dev"),
+        "--secure-port",
+        "0",
+        "--log-level",
+        "warning",
+    ]
     if etcd_endpoint:
         command += ["--etcd-servers", etcd_endpoint]
     with running(command, log=directory / "apiserver.log", stdout=subprocess.PIPE) as process:
@@ -198,8 +207,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def manifest(name: str) -> dict[str, Any]:
-    return {"apiVersion": "coredump.example.io/v1alpha1", "kind": "CoredumpEndpoint",
-            "metadata": {"name": name, "labels": {"bench": "yes"}}, "spec": {"podUID": str(uuid.uuid4())}}
+    return {
+        "apiVersion": "coredump.example.io/v1alpha1",
+        "kind": "CoredumpEndpoint",
+        "metadata": {"name": name, "labels": {"bench": "yes"}},
+        "spec": {"podUID": str(uuid.uuid4())},
+    }
 
 
 @dataclasses.dataclass
@@ -290,8 +303,14 @@ class FanOut:
     each_ms: list[float]
 
 
-async def watch_fan_out(ssl_context: ssl.SSLContext, *, watch_url: str, post: Callable[[str], Awaitable[None]],
-                        watchers: int, repetitions: int) -> FanOut:
+async def watch_fan_out(
+    ssl_context: ssl.SSLContext,
+    *,
+    watch_url: str,
+    post: Callable[[str], Awaitable[None]],
+    watchers: int,
+    repetitions: int,
+) -> FanOut:
     """Open ``watchers`` streams, make sure each sees events, then time ``repetitions`` events to all of them."""
     connector = aiohttp.TCPConnector(ssl=ssl_context, limit=watchers + 4)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
@@ -324,8 +343,13 @@ async def watch_fan_out(ssl_context: ssl.SSLContext, *, watch_url: str, post: Ca
                 all_ms.append(max(delays))
                 each_ms += delays
                 await asyncio.sleep(0.05)
-            return FanOut(p50_all_ms=statistics.median(all_ms), max_all_ms=max(all_ms),
-                          p50_each_ms=statistics.median(each_ms), all_ms=all_ms, each_ms=each_ms)
+            return FanOut(
+                p50_all_ms=statistics.median(all_ms),
+                max_all_ms=max(all_ms),
+                p50_each_ms=statistics.median(each_ms),
+                all_ms=all_ms,
+                each_ms=each_ms,
+            )
         finally:
             for stream in streams:
                 stream.close()
@@ -363,18 +387,41 @@ async def measure(backend: str, *, port: int, baseline_port: int, dev: Path, arg
         low = await open_loop_get(session, f"{floor}/small", rate=args.rate, duration=args.duration)
         target = f"p99 <= {TARGETS['get_p99_ms']:.0f} ms"
         rows += [
-            Row(backend, f"GET p50 @{args.rate:.0f}/s", f"{api.p50_ms:.1f} ms", "", f"{low.p50_ms:.1f} ms",
-                ratio(api.p50_ms, low.p50_ms)),
-            Row(backend, f"GET p99 @{args.rate:.0f}/s", f"{api.p99_ms:.1f} ms", target, f"{low.p99_ms:.1f} ms",
-                ratio(api.p99_ms, low.p99_ms)),
-            Row(backend, "GET max", f"{api.max_ms:.1f} ms (errors {api.errors}/{api.sent})", "",
-                f"{low.max_ms:.1f} ms", ""),
+            Row(
+                backend,
+                f"GET p50 @{args.rate:.0f}/s",
+                f"{api.p50_ms:.1f} ms",
+                "",
+                f"{low.p50_ms:.1f} ms",
+                ratio(api.p50_ms, low.p50_ms),
+            ),
+            Row(
+                backend,
+                f"GET p99 @{args.rate:.0f}/s",
+                f"{api.p99_ms:.1f} ms",
+                target,
+                f"{low.p99_ms:.1f} ms",
+                ratio(api.p99_ms, low.p99_ms),
+            ),
+            Row(
+                backend,
+                "GET max",
+                f"{api.max_ms:.1f} ms (errors {api.errors}/{api.sent})",
+                "",
+                f"{low.max_ms:.1f} ms",
+                "",
+            ),
         ]
 
         print(f"[{backend}] creating {args.objects} objects ...", file=sys.stderr)
         seconds = await create_objects(session, base, count=args.objects, concurrency=args.concurrency)
-        rows.append(Row(backend, f"create {args.objects} (x{args.concurrency} in flight)",
-                        f"{seconds:.1f} s = {args.objects / seconds:.0f}/s"))
+        rows.append(
+            Row(
+                backend,
+                f"create {args.objects} (x{args.concurrency} in flight)",
+                f"{seconds:.1f} s = {args.objects / seconds:.0f}/s",
+            )
+        )
 
         print(f"[{backend}] LIST ...", file=sys.stderr)
         _, body = await timed_get(session, base + COLLECTION)  # warm: connections, the watch cache
@@ -395,11 +442,21 @@ async def measure(backend: str, *, port: int, baseline_port: int, dev: Path, arg
         floor_median = statistics.median(floors)
         target = f"<= {TARGETS['list_s']} s"
         what = f"{count}, {stored} with stored status, no limit, {len(body) / 1e6:.1f} MB"
-        for label, values in ((f"LIST {what}: consistent (store)", quorum),
-                              (f"LIST {what}: resourceVersion=0 (watch cache)", cached),
-                              (f"LIST {items} (limit=500, {-(-items // 500)} pages, store)", paged)):
-            rows.append(Row(backend, label, f"{statistics.median(values):.2f} s (best {min(values):.2f})", target,
-                            f"{floor_median * 1000:.0f} ms", ratio(statistics.median(values), floor_median)))
+        for label, values in (
+            (f"LIST {what}: consistent (store)", quorum),
+            (f"LIST {what}: resourceVersion=0 (watch cache)", cached),
+            (f"LIST {items} (limit=500, {-(-items // 500)} pages, store)", paged),
+        ):
+            rows.append(
+                Row(
+                    backend,
+                    label,
+                    f"{statistics.median(values):.2f} s (best {min(values):.2f})",
+                    target,
+                    f"{floor_median * 1000:.0f} ms",
+                    ratio(statistics.median(values), floor_median),
+                )
+            )
         async with session.get(base + COLLECTION + "?limit=1") as response:
             revision = json.loads(await response.read())["metadata"]["resourceVersion"]
 
@@ -418,21 +475,51 @@ async def measure(backend: str, *, port: int, baseline_port: int, dev: Path, arg
     # From the list's revision on: without a resourceVersion each watcher would first get every object as ADDED.
     api_rounds, floor_rounds = [], []
     for _ in range(args.rounds):
-        api_rounds.append(await watch_fan_out(context, watch_url=f"{base}{COLLECTION}?watch=true&timeoutSeconds=600"
-                                                                 f"&resourceVersion={revision}",
-                                              post=post_api, watchers=args.watchers, repetitions=args.repetitions))
-        floor_rounds.append(await watch_fan_out(context, watch_url=f"{floor}/watch", post=post_floor,
-                                                watchers=args.watchers, repetitions=args.repetitions))
+        api_rounds.append(
+            await watch_fan_out(
+                context,
+                watch_url=f"{base}{COLLECTION}?watch=true&timeoutSeconds=600&resourceVersion={revision}",
+                post=post_api,
+                watchers=args.watchers,
+                repetitions=args.repetitions,
+            )
+        )
+        floor_rounds.append(
+            await watch_fan_out(
+                context,
+                watch_url=f"{floor}/watch",
+                post=post_floor,
+                watchers=args.watchers,
+                repetitions=args.repetitions,
+            )
+        )
     api_fan, floor_fan = merged(api_rounds), merged(floor_rounds)
     target = f"<= {TARGETS['watch_ms']:.0f} ms"
     rows += [
-        Row(backend, f"event to all {args.watchers} watchers, p50", f"{api_fan.p50_all_ms:.1f} ms", target,
-            f"{floor_fan.p50_all_ms:.1f} ms", ratio(api_fan.p50_all_ms, floor_fan.p50_all_ms)),
-        Row(backend, f"event to all {args.watchers} watchers, max of {args.repetitions}",
-            f"{api_fan.max_all_ms:.1f} ms", target, f"{floor_fan.max_all_ms:.1f} ms",
-            ratio(api_fan.max_all_ms, floor_fan.max_all_ms)),
-        Row(backend, "event to one watcher, p50", f"{api_fan.p50_each_ms:.1f} ms", "",
-            f"{floor_fan.p50_each_ms:.1f} ms", ratio(api_fan.p50_each_ms, floor_fan.p50_each_ms)),
+        Row(
+            backend,
+            f"event to all {args.watchers} watchers, p50",
+            f"{api_fan.p50_all_ms:.1f} ms",
+            target,
+            f"{floor_fan.p50_all_ms:.1f} ms",
+            ratio(api_fan.p50_all_ms, floor_fan.p50_all_ms),
+        ),
+        Row(
+            backend,
+            f"event to all {args.watchers} watchers, max of {args.repetitions}",
+            f"{api_fan.max_all_ms:.1f} ms",
+            target,
+            f"{floor_fan.max_all_ms:.1f} ms",
+            ratio(api_fan.max_all_ms, floor_fan.max_all_ms),
+        ),
+        Row(
+            backend,
+            "event to one watcher, p50",
+            f"{api_fan.p50_each_ms:.1f} ms",
+            "",
+            f"{floor_fan.p50_each_ms:.1f} ms",
+            ratio(api_fan.p50_each_ms, floor_fan.p50_each_ms),
+        ),
     ]
     return rows
 
@@ -440,8 +527,13 @@ async def measure(backend: str, *, port: int, baseline_port: int, dev: Path, arg
 def merged(rounds: list[FanOut]) -> FanOut:
     all_ms = [value for one in rounds for value in one.all_ms]
     each_ms = [value for one in rounds for value in one.each_ms]
-    return FanOut(p50_all_ms=statistics.median(all_ms), max_all_ms=max(all_ms),
-                  p50_each_ms=statistics.median(each_ms), all_ms=all_ms, each_ms=each_ms)
+    return FanOut(
+        p50_all_ms=statistics.median(all_ms),
+        max_all_ms=max(all_ms),
+        p50_each_ms=statistics.median(each_ms),
+        all_ms=all_ms,
+        each_ms=each_ms,
+    )
 
 
 async def _seconds(session: aiohttp.ClientSession, url: str) -> float:
@@ -457,8 +549,9 @@ def run_backend(backend: str, args: argparse.Namespace) -> list[Row]:
             port = stack.enter_context(apiserver(directory, etcd_endpoint=endpoint))
             baseline_port = stack.enter_context(baseline_server(directory))
             try:
-                return asyncio.run(measure(backend, port=port, baseline_port=baseline_port, dev=directory / "dev",
-                                           args=args))
+                return asyncio.run(
+                    measure(backend, port=port, baseline_port=baseline_port, dev=directory / "dev", args=args)
+                )
             except Exception:
                 log = (directory / "apiserver.log").read_text(errors="replace")[-3000:]
                 print(f"[{backend}] failed; API server log tail:\n{log}", file=sys.stderr)
@@ -469,10 +562,10 @@ def print_table(rows: list[Row]) -> None:
     headers = ("backend", "metric", "value", "target", "baseline", "ratio")
     cells = [headers] + [tuple(dataclasses.astuple(row)) for row in rows]
     widths = [max(len(str(line[i])) for line in cells) for i in range(len(headers))]
-    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for line in cells[1:]:
-        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |")
+        print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -483,20 +576,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="GET requests per second (default 200)")
     parser.add_argument("--concurrency", type=int, default=32, help="creates in flight (default 32)")
     parser.add_argument("--watchers", type=int, default=100, help="concurrent watchers (default 100)")
-    parser.add_argument("--repetitions", type=int, default=10, help="events timed to the watchers per round "
-                                                                     "(default 10)")
+    parser.add_argument(
+        "--repetitions", type=int, default=10, help="events timed to the watchers per round (default 10)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of LIST and fan-out (default 5)")
     parser.add_argument("--serve-baseline", type=Path, metavar="DEV_DIR", help=argparse.SUPPRESS)
-    parser.add_argument("--notify", action="store_true",
-                        help="instead: commit → watcher latency and idle storage calls (bench/notify_bench.py)")
+    parser.add_argument(
+        "--notify",
+        action="store_true",
+        help="instead: commit → watcher latency and idle storage calls (bench/notify_bench.py)",
+    )
     args = parser.parse_args(argv)
     if args.serve_baseline:
         serve_baseline(args.serve_baseline)
         return 0
     if args.notify:
         import notify_bench
-        notify_bench.print_rows(notify_bench.rows(rounds=args.repetitions * 3, endpoints=args.objects,
-                                                  idle_seconds=60.0))
+
+        notify_bench.print_rows(
+            notify_bench.rows(rounds=args.repetitions * 3, endpoints=args.objects, idle_seconds=60.0)
+        )
         return 0
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = set(backends) - {"memory", "etcd"}
@@ -507,9 +606,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for backend in backends:
         rows += run_backend(backend, args)
-    print(f"\n{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}; "
-          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}; "
-          f"`{' '.join(['bench/apiserver_bench.py', *(argv if argv is not None else sys.argv[1:])])}`\n")
+    print(
+        f"\n{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, aiohttp {aiohttp.__version__}; "
+        f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}; "
+        f"`{' '.join(['bench/apiserver_bench.py', *(argv if argv is not None else sys.argv[1:])])}`\n"
+    )
     print_table(rows)
     return 0
 

@@ -12,6 +12,7 @@ RSS read again once it is steady. Printed: the median over rounds of the RSS gro
 per 1,000 connections, for both servers, and the ratio. The API server runs with its timeouts raised and
 its connection cap off so that the connections stay open while they are counted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -84,8 +85,18 @@ def process(command: list[str]) -> Iterator[tuple[subprocess.Popen[bytes], int]]
 
 
 def apiserver_command(dev_dir: Path) -> list[str]:
-    return [str(BIN / "coredump-apiserver"), "--dev", "--dev-dir", str(dev_dir), "--secure-port", "0",
-            "--max-connections=0", "--read-header-timeout=30m", "--idle-timeout=30m", "--log-level=warning"]
+    return [
+        str(BIN / "coredump-apiserver"),
+        "--dev",
+        "--dev-dir",
+        str(dev_dir),
+        "--secure-port",
+        "0",
+        "--max-connections=0",
+        "--read-header-timeout=30m",
+        "--idle-timeout=30m",
+        "--log-level=warning",
+    ]
 
 
 def baseline_command(dev_dir: Path) -> list[str]:
@@ -146,14 +157,19 @@ async def run(*, connections: int, rounds: int) -> None:
                 with process(commands[name]) as (proc, port):
                     grown = await measure(proc.pid, port, connections=connections, context=context)
                 results[name].append(grown)
-                print(f"round {index + 1} {name:>18}: +{grown / 2**20:7.1f} MiB for {connections} connections "
-                      f"({grown / connections / 1024:6.1f} kB each)", flush=True)
+                print(
+                    f"round {index + 1} {name:>18}: +{grown / 2**20:7.1f} MiB for {connections} connections "
+                    f"({grown / connections / 1024:6.1f} kB each)",
+                    flush=True,
+                )
         print()
         print(f"median of {rounds} rounds, {connections} idle TLS connections (handshake done, nothing sent):")
         medians = {name: statistics.median(values) for name, values in results.items()}
         for name, grown in medians.items():
-            print(f"  {name:>18}: {grown / connections / 1024:6.1f} kB per connection, "
-                  f"{grown / connections * 1000 / 2**20:6.1f} MiB per 1,000")
+            print(
+                f"  {name:>18}: {grown / connections / 1024:6.1f} kB per connection, "
+                f"{grown / connections * 1000 / 2**20:6.1f} MiB per 1,000"
+            )
         if medians["baseline"] > 0:
             print(f"  ratio coredump-apiserver / baseline: {medians['coredump-apiserver'] / medians['baseline']:.2f}")
     finally:
@@ -162,6 +178,7 @@ async def run(*, connections: int, rounds: int) -> None:
 
 def serve_baseline(dev_dir: Path) -> None:
     """A plain aiohttp HTTPS app with the API server's TLS settings: the floor of an aiohttp TLS connection."""
+
     async def ok(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 

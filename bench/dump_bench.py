@@ -12,6 +12,7 @@ four concurrent 1 GiB dumps (target <= 32 MiB).
 
     .venv/bin/python bench/dump_bench.py [--size-mib 1024] [--runs 3] [--naive-seconds 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,7 @@ def make_core(root: Path, *, size_mib: int) -> dict:
             elif kind < 7:
                 block = bytearray(pattern * 256)
                 for j in range(0, MiB, 4096):
-                    block[j:j + 8] = (i * 256 + j).to_bytes(8, "little")
+                    block[j : j + 8] = (i * 256 + j).to_bytes(8, "little")
                 block = bytes(block)
             else:
                 block = os.urandom(MiB)
@@ -79,15 +80,28 @@ def make_core(root: Path, *, size_mib: int) -> dict:
             w.write(comp.compress(block))
         w.write(comp.flush())
         size = size_mib * MiB
-        stored = w.commit({"pid": 4242, "signal": 11, "signalName": "SIGSEGV", "comm": "crashy", "exe": "/crashy",
-                           "timestamp": layout.rfc3339(when), "size": size, "observedSize": size,
-                           "sha256": digest.hexdigest(), "truncated": False, "truncationReason": None,
-                           "compression": "gzip"})
+        stored = w.commit(
+            {
+                "pid": 4242,
+                "signal": 11,
+                "signalName": "SIGSEGV",
+                "comm": "crashy",
+                "exe": "/crashy",
+                "timestamp": layout.rfc3339(when),
+                "size": size,
+                "observedSize": size,
+                "sha256": digest.hexdigest(),
+                "truncated": False,
+                "truncationReason": None,
+                "compression": "gzip",
+            }
+        )
     return stored.metadata
 
 
-def curl(url: str, *, out: str = "/dev/null", cert: tuple[Path, Path] | None, ca: Path,
-         max_time: float | None = None) -> tuple[int, float]:
+def curl(
+    url: str, *, out: str = "/dev/null", cert: tuple[Path, Path] | None, ca: Path, max_time: float | None = None
+) -> tuple[int, float]:
     cmd = ["curl", "-sS", "--http1.1", "--cacert", str(ca), "-o", out, "-w", "%{size_download} %{time_total}"]
     if cert:
         cmd += ["--cert", str(cert[0]), "--key", str(cert[1])]
@@ -109,6 +123,7 @@ def rss_bytes(pid: int) -> int:
 
 # --- the naive baseline: tarfile + gzip on the fly, served by aiohttp over the same TLS -------------------
 
+
 def naive_server(*, port: int, cert: Path, key: Path, core: Path, meta: Path) -> None:
     import tarfile
 
@@ -129,8 +144,10 @@ def naive_server(*, port: int, cert: Path, key: Path, core: Path, meta: Path) ->
         def produce() -> None:
             try:
                 # gzip's usual level 6 (tarfile's own "w|gz" would use 9, slower still).
-                with gzip.GzipFile(fileobj=Sink(), mode="wb", compresslevel=6) as gz, \
-                        tarfile.open(fileobj=gz, mode="w|") as tf:
+                with (
+                    gzip.GzipFile(fileobj=Sink(), mode="wb", compresslevel=6) as gz,
+                    tarfile.open(fileobj=gz, mode="w|") as tf,
+                ):
                     tf.add(str(meta), arcname=f"{CONTAINER}/{meta.name}")
                     info = tarfile.TarInfo(f"{CONTAINER}/{core.name[:-3]}")
                     info.size = json.loads(meta.read_text())["size"]
@@ -186,8 +203,9 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--naive-seconds", type=float, default=20.0)
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    parser.add_argument("--naive-server", nargs=5, metavar=("PORT", "CERT", "KEY", "CORE", "META"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--naive-server", nargs=5, metavar=("PORT", "CERT", "KEY", "CORE", "META"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.naive_server:
         port, cert, key, core, meta = args.naive_server
@@ -208,18 +226,47 @@ def main() -> int:
 
         port = free_port()
         dev = work / "dev"
-        ours = subprocess.Popen([str(BIN / "coredump-apiserver"), "--dev", "--dev-dir", str(dev), "--storage-root",
-                                 str(root), "--secure-port", str(port)],
-                                stdout=subprocess.DEVNULL, stderr=open(work / "apiserver.log", "wb"))
+        ours = subprocess.Popen(
+            [
+                str(BIN / "coredump-apiserver"),
+                "--dev",
+                "--dev-dir",
+                str(dev),
+                "--storage-root",
+                str(root),
+                "--secure-port",
+                str(port),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(work / "apiserver.log", "wb"),
+        )
         procs.append(ours)
         wait_port(port)
         ca, cert, key = dev / "ca.crt", dev / "serving.crt", dev / "serving.key"
         admin = (dev / "admin.crt", dev / "admin.key")
         url = f"https://127.0.0.1:{port}{DUMP_PATH}"
         for _ in range(100):  # auto-create makes the endpoint at start-up
-            probe = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(ca),
-                                    "--cert", str(admin[0]), "--key", str(admin[1]), "-r", "0-0", url],
-                                   capture_output=True, text=True)
+            probe = subprocess.run(
+                [
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--cacert",
+                    str(ca),
+                    "--cert",
+                    str(admin[0]),
+                    "--key",
+                    str(admin[1]),
+                    "-r",
+                    "0-0",
+                    url,
+                ],
+                capture_output=True,
+                text=True,
+            )
             if probe.stdout == "206":
                 break
             time.sleep(0.1)
@@ -242,12 +289,28 @@ def main() -> int:
         nginx_port = free_port()
         (work / "t").mkdir()
         (work / "nginx.conf").write_text(NGINX_CONF.format(d=work, port=nginx_port, cert=cert, key=key, root=static))
-        procs.append(subprocess.Popen(["nginx", "-c", str(work / "nginx.conf"), "-e", str(work / "nginx-error.log")],
-                                      stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                ["nginx", "-c", str(work / "nginx.conf"), "-e", str(work / "nginx-error.log")],
+                stderr=subprocess.DEVNULL,
+            )
+        )
         naive_port = free_port()
         stored = next(root.rglob("*.core.gz"))
-        procs.append(subprocess.Popen([sys.executable, __file__, "--naive-server", str(naive_port), str(cert),
-                                       str(key), str(stored), str(stored.with_name(stored.name[:-8] + ".json"))]))
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--naive-server",
+                    str(naive_port),
+                    str(cert),
+                    str(key),
+                    str(stored),
+                    str(stored.with_name(stored.name[:-8] + ".json")),
+                ]
+            )
+        )
         wait_port(nginx_port)
         wait_port(naive_port)
         nginx_url = f"https://127.0.0.1:{nginx_port}/cores.tar.gz"
@@ -260,8 +323,13 @@ def main() -> int:
                 assert got == size, (name, got, size)
                 results[name].append(seconds)
         naive_out = work / "naive.tar.gz"
-        naive_bytes, naive_seconds = curl(f"https://127.0.0.1:{naive_port}/naive.tar.gz", out=str(naive_out),
-                                          cert=None, ca=ca, max_time=args.naive_seconds)
+        naive_bytes, naive_seconds = curl(
+            f"https://127.0.0.1:{naive_port}/naive.tar.gz",
+            out=str(naive_out),
+            cert=None,
+            ca=ca,
+            max_time=args.naive_seconds,
+        )
         d = zlib.decompressobj(31)
         naive_payload = 0
         with naive_out.open("rb") as f:
@@ -292,16 +360,35 @@ def main() -> int:
 
         sampler = threading.Thread(target=sample)
         sampler.start()
-        clients = [subprocess.Popen(["curl", "-sS", "--http1.1", "--cacert", str(ca), "--cert", str(admin[0]),
-                                     "--key", str(admin[1]), "-o", "/dev/null", url]) for _ in range(4)]
+        clients = [
+            subprocess.Popen(
+                [
+                    "curl",
+                    "-sS",
+                    "--http1.1",
+                    "--cacert",
+                    str(ca),
+                    "--cert",
+                    str(admin[0]),
+                    "--key",
+                    str(admin[1]),
+                    "-o",
+                    "/dev/null",
+                    url,
+                ]
+            )
+            for _ in range(4)
+        ]
         began = time.monotonic()
         for c in clients:
             c.wait()
         elapsed = time.monotonic() - began
         stop.set()
         sampler.join()
-        print(f"4 concurrent dumps: {4 * size / elapsed / 1e6:.0f} MB/s total; server RSS {before / MiB:.1f} MiB "
-              f"before, peak +{(peak - before) / MiB:.1f} MiB (target <= 32)")
+        print(
+            f"4 concurrent dumps: {4 * size / elapsed / 1e6:.0f} MB/s total; server RSS {before / MiB:.1f} MiB "
+            f"before, peak +{(peak - before) / MiB:.1f} MiB (target <= 32)"
+        )
         return 0
     finally:
         for p in procs:

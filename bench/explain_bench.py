@@ -13,6 +13,7 @@ crashes under ``ulimit -c unlimited`` (this machine's core_pattern is ``core``);
 
 Prints the sparse copy's size on disk and the ratios. Usage: ``python bench/explain_bench.py --sizes 1,4,8``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -89,10 +90,15 @@ def read_sparse(core: Path, dst: Path) -> tuple[float, int]:
 
 def unwind(sparse: Path) -> tuple[float, float, str]:
     import json
+
     t = time.perf_counter()
     # The program ran on this machine, so its files are at their paths under /.
-    proc = subprocess.Popen([sys.executable, "-m", "handler.backtrace", str(sparse), "--root", "/"],
-                            stdout=subprocess.PIPE, text=True, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "handler.backtrace", str(sparse), "--root", "/"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     assert proc.stdout is not None
     text = proc.stdout.read()
     _, _, usage = os.wait4(proc.pid, 0)
@@ -109,8 +115,10 @@ def main() -> int:
     p.add_argument("--sizes", default="1,4,8", help="core sizes in GiB (default 1,4,8)")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args()
-    print(f"{'core':>6} {'read s':>8} {'+sparse s':>9} {'extra':>7} {'sparse MiB':>10} {'unwind s':>8} "
-          f"{'RSS MiB':>8}  top frame")
+    print(
+        f"{'core':>6} {'read s':>8} {'+sparse s':>9} {'extra':>7} {'sparse MiB':>10} {'unwind s':>8} "
+        f"{'RSS MiB':>8}  top frame"
+    )
     for gib in [int(s) for s in args.sizes.split(",")]:
         core = real_core(gib)
         reads, sparses, unwinds = [], [], []

@@ -17,6 +17,7 @@ held (its first read to its exit). Consumers:
     .venv/bin/python bench/ingest_bench.py                       # 1G, 3 rounds
     .venv/bin/python bench/ingest_bench.py --sizes 4G,8G --rounds 1 --consumers cat,handler
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,7 +54,9 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < n; i++) {
         unsigned char *p = m + i * page;
         switch (i % 3) {
-        case 0: for (size_t j = 0; j < page; j += 8) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; memcpy(p + j, &x, 8); } break;
+        case 0:
+            for (size_t j = 0; j < page; j += 8) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; memcpy(p + j, &x, 8); }
+            break;
         case 1: memset(p, 0, page); break;
         default: for (size_t j = 0; j < page; j++) p[j] = text[(j + i) % (sizeof text - 1)]; break;
         }
@@ -80,7 +83,9 @@ def real_core(gib: int) -> Path:
     print(f"making a real {gib} GiB core in {d} ...", flush=True)
     subprocess.run(["sh", "-c", f'ulimit -c unlimited && exec "{exe}" {gib * GIB}'], cwd=d)
     if not core.exists():
-        raise SystemExit(f"no core in {d}: is core_pattern 'core'? ({Path('/proc/sys/kernel/core_pattern').read_text().strip()})")
+        raise SystemExit(
+            f"no core in {d}: is core_pattern 'core'? ({Path('/proc/sys/kernel/core_pattern').read_text().strip()})"
+        )
     (d / "done").touch()
     return core
 
@@ -111,8 +116,9 @@ class PeakRss:
         return self.peak
 
 
-def run_piped(core: Path, cmd: list[str], *, stdout_path: Path | None, env: dict | None = None,
-              cwd: Path = REPO) -> tuple[float, int, float, float]:
+def run_piped(
+    core: Path, cmd: list[str], *, stdout_path: Path | None, env: dict | None = None, cwd: Path = REPO
+) -> tuple[float, int, float, float]:
     """(seconds, peak RSS, wall time at start, CPU seconds) of ``cmd`` reading ``cat core`` from a pipe. The CPU
     seconds (user + system, its threads and the children it reaped) are far steadier on a loaded machine than
     wall time: they say what the consumer costs, the wall time what it got."""
@@ -146,19 +152,48 @@ def make_node(base: Path, *, level: int) -> list[str]:
     proc = base / "proc" / "4242"
     proc.mkdir(parents=True)
     (base / "storage").mkdir()
-    (proc / "cgroup").write_text(f"0::/kubepods.slice/kubepods-pod{POD_UID.replace('-', '_')}.slice/"
-                                 f"cri-containerd-{CID}.scope\n")
+    (proc / "cgroup").write_text(
+        f"0::/kubepods.slice/kubepods-pod{POD_UID.replace('-', '_')}.slice/cri-containerd-{CID}.scope\n"
+    )
     logs = base / "host/var/log/containers"
     logs.mkdir(parents=True)
     (logs / f"bench-0_bench_app-{CID}.log").symlink_to(f"/var/log/pods/bench_bench-0_{POD_UID}/app/0.log")
-    return [sys.executable, "-m", "handler.cli", "--config", str(base / "none.json"), "--storage-root",
-            str(base / "storage"), "--spool-dir", str(base / "spool"), "--state-dir", str(base / "state"),
-            "--proc-root", str(base / "proc"), "--host-root", str(base / "host"), "--crictl", "",
-            "--rate-first", "0", "--rate-latest", "0", "--compress-level", str(level),
-            "capture", "4242", "4242", "11", str(int(time.time())), "-1", "bench"]
+    return [
+        sys.executable,
+        "-m",
+        "handler.cli",
+        "--config",
+        str(base / "none.json"),
+        "--storage-root",
+        str(base / "storage"),
+        "--spool-dir",
+        str(base / "spool"),
+        "--state-dir",
+        str(base / "state"),
+        "--proc-root",
+        str(base / "proc"),
+        "--host-root",
+        str(base / "host"),
+        "--crictl",
+        "",
+        "--rate-first",
+        "0",
+        "--rate-latest",
+        "0",
+        "--compress-level",
+        str(level),
+        "capture",
+        "4242",
+        "4242",
+        "11",
+        str(int(time.time())),
+        "-1",
+        "bench",
+    ]
 
 
 # --- variants run in a child process: stdin -> gzip file (argv[3]) with fsync, sha256 printed -------------
+
 
 def _variant_previous(out: Path) -> str:
     """The pipeline before flat memory: a new bytearray per chunk, a hasher thread, a pool of compress futures."""
@@ -167,12 +202,14 @@ def _variant_previous(out: Path) -> str:
     from concurrent.futures import ThreadPoolExecutor
 
     from isal import isal_zlib
+
     h = hashlib.sha256()
     hq: queue.Queue = queue.Queue(maxsize=4)
 
     def hasher() -> None:
         while (c := hq.get()) is not None:
             h.update(c)
+
     ht = threading.Thread(target=hasher, daemon=True)
     ht.start()
     rq: queue.Queue = queue.Queue(maxsize=4)
@@ -194,6 +231,7 @@ def _variant_previous(out: Path) -> str:
             if filled < (1 << 20):
                 rq.put(None)
                 return
+
     threading.Thread(target=reader, daemon=True).start()
     pool = ThreadPoolExecutor(max_workers=2)
     pending: deque = deque()
@@ -213,6 +251,7 @@ def _variant_previous(out: Path) -> str:
 
 def _variant_igzip_threaded(out: Path) -> str:
     from isal import igzip_threaded
+
     h = hashlib.sha256()
     buf = bytearray(1 << 20)
     with open(out, "wb", buffering=0) as raw:
@@ -245,7 +284,7 @@ def bench_round(core: Path, workdir: Path, consumers: list[str], *, baseline: Pa
         elif name.startswith("handler") or name == "baseline":
             # "baseline": the handler of another checkout (--baseline), so a change is measured against what
             # it changes in the same run, interleaved.
-            level = int(name[len("handler-L"):]) if name.startswith("handler-L") else 1
+            level = int(name[len("handler-L") :]) if name.startswith("handler-L") else 1
             node = workdir / "node"
             args = make_node(node, level=level)
             env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
@@ -260,8 +299,9 @@ def bench_round(core: Path, workdir: Path, consumers: list[str], *, baseline: Pa
             shutil.rmtree(node)
         else:
             target = workdir / f"{name}.gz"
-            t, rss, _, cpu = run_piped(core, [sys.executable, __file__, "--variant", name, str(target)],
-                                       stdout_path=None)
+            t, rss, _, cpu = run_piped(
+                core, [sys.executable, __file__, "--variant", name, str(target)], stdout_path=None
+            )
             rows[name] = {"s": t, "rss": rss, "out": target.stat().st_size, "cpu": cpu}
             target.unlink()
     return rows
@@ -278,11 +318,18 @@ def human(n: float) -> str:
 def report(gib: int, core: Path, rounds: list[dict[str, dict]]) -> None:
     size = core.stat().st_size
     names = list(rounds[0])
-    med = {n: {k: statistics.median(r[n][k] for r in rounds if r[n].get(k) is not None)
-               for k in rounds[0][n] if any(r[n].get(k) is not None for r in rounds)} for n in names}
+    med = {
+        n: {
+            k: statistics.median(r[n][k] for r in rounds if r[n].get(k) is not None)
+            for k in rounds[0][n]
+            if any(r[n].get(k) is not None for r in rounds)
+        }
+        for n in names
+    }
     print(f"\n{gib} GiB real core ({human(size)}), median of {len(rounds)} interleaved round(s)")
-    print("| consumer | MB/s | vs cat | vs gzip -1 | CPU s | peak RSS (max) | stored / input "
-          "| held (first read → exit) |")
+    print(
+        "| consumer | MB/s | vs cat | vs gzip -1 | CPU s | peak RSS (max) | stored / input | held (first read → exit) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for n in names:
         m = med[n]
@@ -291,8 +338,10 @@ def report(gib: int, core: Path, rounds: list[dict[str, dict]]) -> None:
         vs_gz = f"{med['gzip']['s'] / m['s']:.1f}x" if "gzip" in med else ""
         peak = max(r[n]["rss"] for r in rounds)
         held = f"{m['held']:.1f} s" if m.get("held") is not None else ""
-        print(f"| {n} | {mbps:.0f} | {vs_cat} | {vs_gz} | {m['cpu']:.2f} | {human(peak)} | {m['out'] / size:.4f} "
-              f"| {held} |")
+        print(
+            f"| {n} | {mbps:.0f} | {vs_cat} | {vs_gz} | {m['cpu']:.2f} | {human(peak)} | {m['out'] / size:.4f} "
+            f"| {held} |"
+        )
     print("rounds (seconds): " + "; ".join(", ".join(f"{n} {r[n]['s']:.1f}" for n in names) for r in rounds))
 
 
@@ -319,12 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     for gib in (int(s.rstrip("Gg")) for s in args.sizes.split(",")):
         core = real_core(gib)
         print("load average (1, 5, 15 min) at the start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
-        subprocess.run(["cat", str(core)], stdout=subprocess.DEVNULL, check=True)   # into the page cache
+        subprocess.run(["cat", str(core)], stdout=subprocess.DEVNULL, check=True)  # into the page cache
         rounds = []
         with tempfile.TemporaryDirectory(dir=args.dir, prefix=".ingest-bench-") as d:
             for i in range(args.rounds):
                 # Interleaved: each round runs every consumer once, the order rotated.
-                order = consumers[i % len(consumers):] + consumers[:i % len(consumers)]
+                order = consumers[i % len(consumers) :] + consumers[: i % len(consumers)]
                 row = bench_round(core, Path(d), order, baseline=args.baseline)
                 rounds.append({n: row[n] for n in consumers})
                 print(f"  round {i + 1}: " + ", ".join(f"{n} {row[n]['s']:.1f}s" for n in consumers), flush=True)

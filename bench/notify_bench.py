@@ -16,6 +16,7 @@ Measured, interleaved round by round against a floor taken in the same run:
     ``--status-resync-interval`` paces), and for one pass of dev mode's change detector. Per minute:
     idle + full pass / interval; the baseline is the design before issue 11 (a full walk every 30 s).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -47,11 +48,18 @@ def commit_core(root: Path, *, namespace: str, pod: str, uid: str, n: int, fsync
     """One small core filed with the handler's own writer (data first, metadata named last: the commit)."""
     when = T0 + datetime.timedelta(seconds=n)
     core_id = layout.make_core_id(timestamp=when, comm="bench", pid=1000 + n, signal=11)
-    with layout.CoreWriter(root, namespace=namespace, pod=pod, pod_uid=uid, container="app",
-                           core_id=core_id) as writer:
+    with layout.CoreWriter(root, namespace=namespace, pod=pod, pod_uid=uid, container="app", core_id=core_id) as writer:
         writer.write(gzip.compress(b"core %d" % n, 1))
-        writer.commit({"signal": 11, "signalName": "SIGSEGV", "timestamp": layout.rfc3339(when), "size": 6,
-                       "exe": "/bench", "truncated": False})
+        writer.commit(
+            {
+                "signal": 11,
+                "signalName": "SIGSEGV",
+                "timestamp": layout.rfc3339(when),
+                "size": 6,
+                "exe": "/bench",
+                "truncated": False,
+            }
+        )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -84,12 +92,14 @@ def _is(name: str, *, count: int | None = None, label: str | None = None) -> Cal
         if count is not None:
             return (obj.get("status") or {}).get("coreCount") == count
         return ((obj.get("metadata") or {}).get("labels") or {}).get("round") == label
+
     return test
 
 
 async def dev_latency(*, rounds: int) -> tuple[list[float], list[float]]:
     """(commit → watcher ms, API write → watcher ms), interleaved, in dev mode."""
     from apiserver_bench import apiserver, client_ssl
+
     with tempfile.TemporaryDirectory(prefix="notify-bench-dev-") as temp:
         directory = Path(temp)
         with apiserver(directory, etcd_endpoint=None) as port:
@@ -98,10 +108,15 @@ async def dev_latency(*, rounds: int) -> tuple[list[float], list[float]]:
             base = f"https://127.0.0.1:{port}/apis/coredump.example.io/v1alpha1/namespaces/notify/coredumpendpoints"
             uid = str(uuid.uuid4())
             timeout = aiohttp.ClientTimeout(total=None)
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(dev)),
-                                             timeout=timeout) as session:
-                body = {"apiVersion": "coredump.example.io/v1alpha1", "kind": "CoredumpEndpoint",
-                        "metadata": {"name": "floor"}, "spec": {"podUID": str(uuid.uuid4())}}
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=client_ssl(dev)), timeout=timeout
+            ) as session:
+                body = {
+                    "apiVersion": "coredump.example.io/v1alpha1",
+                    "kind": "CoredumpEndpoint",
+                    "metadata": {"name": "floor"},
+                    "spec": {"podUID": str(uuid.uuid4())},
+                }
                 async with session.post(base, json=body) as created:
                     assert created.status == 201, await created.text()
                     rv = (await created.json())["metadata"]["resourceVersion"]
@@ -115,8 +130,11 @@ async def dev_latency(*, rounds: int) -> tuple[list[float], list[float]]:
                         arrived = await asyncio.wait_for(waiting, 30)
                         waiting = asyncio.ensure_future(_read_until(stream, _is("floor", label=str(n))))
                         floor_began = time.perf_counter()
-                        async with session.patch(f"{base}/floor", data=json.dumps({"metadata": {"labels": {
-                                "round": str(n)}}}), headers={"Content-Type": "application/merge-patch+json"}) as r:
+                        async with session.patch(
+                            f"{base}/floor",
+                            data=json.dumps({"metadata": {"labels": {"round": str(n)}}}),
+                            headers={"Content-Type": "application/merge-patch+json"},
+                        ) as r:
                             assert r.status == 200, await r.text()
                         floor_arrived = await asyncio.wait_for(waiting, 30)
                         if n:  # round 0 is the ADDED (auto-create) and warms everything up
@@ -181,33 +199,62 @@ async def event_latency(*, rounds: int) -> tuple[list[float], list[float]]:
             from apiserver.registry.endpoints import WatchItem
 
             async def wait(since: int, test: Callable[[WatchItem], bool]) -> float:
-                async for item in registry.watch(namespace="notify", resource_version=since,
-                                                 send_initial_events=False):
+                async for item in registry.watch(namespace="notify", resource_version=since, send_initial_events=False):
                     if test(item):
                         return time.perf_counter()
                 raise RuntimeError("the watch ended")
+
             notify_ms, floor_ms = [], []
             for n in range(rounds + 1):
                 since = await registry.store.current_revision()
-                waiting = asyncio.ensure_future(wait(since, lambda i, n=n: i.obj is not None and
-                                                     i.obj["metadata"]["name"] == "lat" and
-                                                     i.obj["status"]["coreCount"] == n + 1))
+                waiting = asyncio.ensure_future(
+                    wait(
+                        since,
+                        lambda i, n=n: (
+                            i.obj is not None
+                            and i.obj["metadata"]["name"] == "lat"
+                            and i.obj["status"]["coreCount"] == n + 1
+                        ),
+                    )
+                )
                 await asyncio.to_thread(commit_core, root, namespace="notify", pod="lat", uid=uid, n=n)
                 began = time.perf_counter()
-                await poster.post({"namespace": "notify", "pod": "lat", "podUID": uid, "container": "app",
-                                   "coreID": f"bench-{n}", "signal": 11, "signalName": "SIGSEGV"})
+                await poster.post(
+                    {
+                        "namespace": "notify",
+                        "pod": "lat",
+                        "podUID": uid,
+                        "container": "app",
+                        "coreID": f"bench-{n}",
+                        "signal": 11,
+                        "signalName": "SIGSEGV",
+                    }
+                )
                 arrived = await asyncio.wait_for(waiting, 30)
                 if n == 0:
-                    await registry.create(namespace="notify", body={
-                        "apiVersion": "coredump.example.io/v1alpha1", "kind": "CoredumpEndpoint",
-                        "metadata": {"name": "floor"}, "spec": {"podUID": str(uuid.uuid4())}})
+                    await registry.create(
+                        namespace="notify",
+                        body={
+                            "apiVersion": "coredump.example.io/v1alpha1",
+                            "kind": "CoredumpEndpoint",
+                            "metadata": {"name": "floor"},
+                            "spec": {"podUID": str(uuid.uuid4())},
+                        },
+                    )
                     continue
                 since = await registry.store.current_revision()
-                waiting = asyncio.ensure_future(wait(since, lambda i, n=n: i.obj is not None and
-                                                     i.obj["metadata"].get("labels", {}).get("round") == str(n)))
+                waiting = asyncio.ensure_future(
+                    wait(
+                        since,
+                        lambda i, n=n: i.obj is not None and i.obj["metadata"].get("labels", {}).get("round") == str(n),
+                    )
+                )
                 floor_began = time.perf_counter()
-                await registry.patch(namespace="notify", name="floor", apply_patch=lambda cur, n=n: {
-                    **cur, "metadata": {**cur["metadata"], "labels": {"round": str(n)}}})
+                await registry.patch(
+                    namespace="notify",
+                    name="floor",
+                    apply_patch=lambda cur, n=n: {**cur, "metadata": {**cur["metadata"], "labels": {"round": str(n)}}},
+                )
                 floor_arrived = await asyncio.wait_for(waiting, 30)
                 notify_ms.append((arrived - began) * 1000)
                 floor_ms.append((floor_arrived - floor_began) * 1000)
@@ -233,7 +280,9 @@ def counting() -> Iterator[dict[str, int]]:
         def counted(*args: Any, **kwargs: Any) -> Any:
             counts[name] += 1
             return original(*args, **kwargs)
+
         return counted
+
     for name in COUNTED:
         setattr(os, name, wrap(name))
     try:
@@ -250,14 +299,24 @@ def build_tree(root: Path, *, incarnations: int) -> None:
         directory.mkdir(parents=True)
         core_id = layout.make_core_id(timestamp=T0, comm="idle", pid=i + 1, signal=11)
         (directory / f"{core_id}.core.gz").write_bytes(gzip.compress(b"x", 1))
-        (directory / f"{core_id}.json").write_text(json.dumps({
-            "coreID": core_id, "signal": 11, "signalName": "SIGSEGV", "timestamp": layout.rfc3339(T0), "size": 1,
-            "storedSize": 21}))
+        (directory / f"{core_id}.json").write_text(
+            json.dumps(
+                {
+                    "coreID": core_id,
+                    "signal": 11,
+                    "signalName": "SIGSEGV",
+                    "timestamp": layout.rfc3339(T0),
+                    "size": 1,
+                    "storedSize": 21,
+                }
+            )
+        )
 
 
 async def steady_state(*, endpoints: int, idle_seconds: float) -> dict[str, float]:
     from apiserver.registry.autocreate import AutoCreator
     from apiserver.registry.changedetect import snapshot
+
     with tempfile.TemporaryDirectory(prefix="notify-bench-idle-") as temp:
         directory = Path(temp)
         root = directory / "cores"
@@ -281,11 +340,17 @@ async def steady_state(*, endpoints: int, idle_seconds: float) -> dict[str, floa
             await asyncio.to_thread(snapshot, root)
             detector_s = time.perf_counter() - began
     full_ops, idle_ops, detector_ops = sum(full.values()), sum(idle.values()), sum(detector.values())
-    return {"endpoints": endpoints, "first_pass_s": first_s, "full_pass_s": full_s, "full_pass_ops": full_ops,
-            "idle_ops_per_min": idle_ops * 60 / idle_seconds,
-            "new_ops_per_min": idle_ops * 60 / idle_seconds + full_ops * 60 / FULL_PASS_SECONDS,
-            "old_ops_per_min": full_ops * 60 / OLD_SCAN_SECONDS,
-            "detector_pass_ms": detector_s * 1000, "detector_pass_ops": detector_ops}
+    return {
+        "endpoints": endpoints,
+        "first_pass_s": first_s,
+        "full_pass_s": full_s,
+        "full_pass_ops": full_ops,
+        "idle_ops_per_min": idle_ops * 60 / idle_seconds,
+        "new_ops_per_min": idle_ops * 60 / idle_seconds + full_ops * 60 / FULL_PASS_SECONDS,
+        "old_ops_per_min": full_ops * 60 / OLD_SCAN_SECONDS,
+        "detector_pass_ms": detector_s * 1000,
+        "detector_pass_ops": detector_ops,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,27 +359,44 @@ async def steady_state(*, endpoints: int, idle_seconds: float) -> dict[str, floa
 def rows(*, rounds: int, endpoints: int, idle_seconds: float) -> list[tuple[str, str, str, str]]:
     """(metric, value, baseline, ratio) rows; latency ratios are medians of per-round ratios."""
     out = []
-    for name, measure in (("dev mode: commit → watcher", dev_latency), ("Event path: commit → watcher",
-                                                                          event_latency)):
+    for name, measure in (("dev mode: commit → watcher", dev_latency), ("Event path: commit → watcher", event_latency)):
         notify_ms, floor_ms = asyncio.run(measure(rounds=rounds))
         ratios = [a / b for a, b in zip(notify_ms, floor_ms, strict=True)]
-        out.append((name, summary(notify_ms), "API write → watcher " + summary(floor_ms),
-                    f"{statistics.median(ratios):.1f}x"))
+        out.append(
+            (name, summary(notify_ms), "API write → watcher " + summary(floor_ms), f"{statistics.median(ratios):.1f}x")
+        )
     idle = asyncio.run(steady_state(endpoints=endpoints, idle_seconds=idle_seconds))
-    out.append((f"storage calls/min, {endpoints} endpoints, no crashes",
-                f"{idle['new_ops_per_min']:.0f} (idle {idle['idle_ops_per_min']:.0f} + one full pass of "
-                f"{idle['full_pass_ops']:.0f} calls / {FULL_PASS_SECONDS:.0f} s)",
-                f"{idle['old_ops_per_min']:.0f} (full walk every {OLD_SCAN_SECONDS:.0f} s)",
-                f"{idle['new_ops_per_min'] / idle['old_ops_per_min']:.3f}x"))
-    out.append((f"full pass, {endpoints} endpoints", f"{idle['full_pass_s']:.2f} s (first, creating all: "
-                f"{idle['first_pass_s']:.1f} s)", "", ""))
-    out.append((f"dev change detector pass, {endpoints} incarnations",
-                f"{idle['detector_pass_ms']:.0f} ms, {idle['detector_pass_ops']:.0f} calls", "", ""))
+    out.append(
+        (
+            f"storage calls/min, {endpoints} endpoints, no crashes",
+            f"{idle['new_ops_per_min']:.0f} (idle {idle['idle_ops_per_min']:.0f} + one full pass of "
+            f"{idle['full_pass_ops']:.0f} calls / {FULL_PASS_SECONDS:.0f} s)",
+            f"{idle['old_ops_per_min']:.0f} (full walk every {OLD_SCAN_SECONDS:.0f} s)",
+            f"{idle['new_ops_per_min'] / idle['old_ops_per_min']:.3f}x",
+        )
+    )
+    out.append(
+        (
+            f"full pass, {endpoints} endpoints",
+            f"{idle['full_pass_s']:.2f} s (first, creating all: {idle['first_pass_s']:.1f} s)",
+            "",
+            "",
+        )
+    )
+    out.append(
+        (
+            f"dev change detector pass, {endpoints} incarnations",
+            f"{idle['detector_pass_ms']:.0f} ms, {idle['detector_pass_ops']:.0f} calls",
+            "",
+            "",
+        )
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=30, help="cores timed per path (default 30)")
     parser.add_argument("--endpoints", type=int, default=10_000, help="endpoints for the steady state (10000)")

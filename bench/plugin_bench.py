@@ -22,6 +22,7 @@ Prints each round and the medians; ratios are curl time / plugin time (≥ 1 mea
 median of each round's ratio (a plugin run against the curl run of its own round).
 ``.venv/bin/python bench/plugin_bench.py [--size-mib 1024] [--rounds 3] [--cuts 5] [--before REV]``
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "test" / "plugin"))
 sys.path.insert(0, str(HERE.parent / "test"))
 
-from plugin_harness import (PLUGIN, CuttingProxy, ProxyRule, build_crasher, crash, free_port,  # noqa: E402
-                            import_core, kubeconfig_via)
+from plugin_harness import (  # noqa: E402
+    PLUGIN,
+    CuttingProxy,
+    ProxyRule,
+    build_crasher,
+    crash,
+    free_port,  # noqa: E402
+    import_core,
+    kubeconfig_via,
+)
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubectl-coredump-bench"
 
@@ -88,13 +97,16 @@ def plugin_at(revision: str, *, work: Path) -> list[str]:
     """A command running ``kubectl_coredump`` as of ``revision`` (unpacked from git) with this Python."""
     target = work / "before"
     target.mkdir()
-    archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", revision, "kubectl_coredump"], check=True,
-                             capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(HERE.parent), "archive", revision, "kubectl_coredump"], check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
     byte_compile(target / "kubectl_coredump")
-    code = (f"import sys; sys.path.insert(0, {str(target)!r}); import kubectl_coredump; "
-            f"assert kubectl_coredump.__file__.startswith({str(target)!r}); "
-            f"from kubectl_coredump.cli import main; sys.exit(main())")
+    code = (
+        f"import sys; sys.path.insert(0, {str(target)!r}); import kubectl_coredump; "
+        f"assert kubectl_coredump.__file__.startswith({str(target)!r}); "
+        f"from kubectl_coredump.cli import main; sys.exit(main())"
+    )
     return [sys.executable, "-c", code]
 
 
@@ -113,9 +125,17 @@ def main() -> None:
     try:
         root = work / "cores"
         root.mkdir()
-        import_core(root=root, work=work, core=core, namespace="default", pod="big-0", pod_uid=str(uuid.uuid4()),
-                    container="app")
+        import_core(
+            root=root,
+            work=work,
+            core=core,
+            namespace="default",
+            pod="big-0",
+            pod_uid=str(uuid.uuid4()),
+            container="app",
+        )
         from fixtures_apiserver import start_apiserver
+
         server = start_apiserver(work / "server", "--storage-root", str(root), "--secure-port", str(free_port()))
         path = "/apis/coredump.example.io/v1alpha1/namespaces/default/coredumpendpoints/big-0"
         deadline = time.monotonic() + 60
@@ -126,17 +146,37 @@ def main() -> None:
         size = int(server.request("HEAD", path + "/dump").headers["Content-Length"])
         dev = server.dev_dir
         env = {**os.environ, "KUBECONFIG": str(server.kubeconfig), "XDG_CACHE_HOME": str(work / "xdg")}
-        curl = ["curl", "-sSf", "--cacert", str(dev / "ca.crt"), "--cert", str(dev / "admin.crt"),
-                "--key", str(dev / "admin.key"), "-o", str(work / "curl.tar.gz"), server.url + path + "/dump"]
-        print(f"core {core} ({core.stat().st_size >> 20} MiB), archive {size / 2**20:.0f} MiB; "
-              f"load average {os.getloadavg()[0]:.1f}")
+        curl = [
+            "curl",
+            "-sSf",
+            "--cacert",
+            str(dev / "ca.crt"),
+            "--cert",
+            str(dev / "admin.crt"),
+            "--key",
+            str(dev / "admin.key"),
+            "-o",
+            str(work / "curl.tar.gz"),
+            server.url + path + "/dump",
+        ]
+        print(
+            f"core {core} ({core.stat().st_size >> 20} MiB), archive {size / 2**20:.0f} MiB; "
+            f"load average {os.getloadavg()[0]:.1f}"
+        )
         before = plugin_at(options.before, work=work) if options.before else None
-        cases = [("get -o -", [str(PLUGIN), "get", "big-0", "-q", "-o", "-"], True),
-                 ("get -o DIR", [str(PLUGIN), "get", "big-0", "-q", "-o", str(work / "out")], False)]
+        cases = [
+            ("get -o -", [str(PLUGIN), "get", "big-0", "-q", "-o", "-"], True),
+            ("get -o DIR", [str(PLUGIN), "get", "big-0", "-q", "-o", str(work / "out")], False),
+        ]
         if before:
             cases[1:1] = [(f"before {options.before}: get -o -", [*before, "get", "big-0", "-q", "-o", "-"], True)]
-            cases.append((f"before {options.before}: get -o DIR", [*before, "get", "big-0", "-q", "-o",
-                                                                      str(work / "out")], False))
+            cases.append(
+                (
+                    f"before {options.before}: get -o DIR",
+                    [*before, "get", "big-0", "-q", "-o", str(work / "out")],
+                    False,
+                )
+            )
         ratios: dict[str, list[float]] = {label: [] for label, _, _ in cases}
         walls: dict[str, list[float]] = {label: [] for label, _, _ in cases}
         cpus: dict[str, list[float]] = {label: [] for label, _, _ in cases}
@@ -163,30 +203,43 @@ def main() -> None:
             proxy = CuttingProxy(server.port, [])
             kc = kubeconfig_via(server.kubeconfig, port=proxy.port, target=work / "kc-proxy")
             shutil.rmtree(work / "out", ignore_errors=True)
-            t_proxy = timed([str(PLUGIN), "get", "big-0", "-q", "-o", "-"], env={**env, "KUBECONFIG": str(kc)},
-                            stdout=work / "plugin.tar.gz").wall
+            t_proxy = timed(
+                [str(PLUGIN), "get", "big-0", "-q", "-o", "-"],
+                env={**env, "KUBECONFIG": str(kc)},
+                stdout=work / "plugin.tar.gz",
+            ).wall
             proxy.close()
             # Cuts spread over the archive, one per connection.
-            rules = [ProxyRule(connection=i, after=size // (options.cuts + 1), action="cut")
-                     for i in range(options.cuts)]
+            rules = [
+                ProxyRule(connection=i, after=size // (options.cuts + 1), action="cut") for i in range(options.cuts)
+            ]
             proxy = CuttingProxy(server.port, rules)
             kc = kubeconfig_via(server.kubeconfig, port=proxy.port, target=work / "kc-cut")
-            t_cut = timed([str(PLUGIN), "get", "big-0", "-q", "-o", "-"], env={**env, "KUBECONFIG": str(kc)},
-                          stdout=work / "plugin.tar.gz").wall
+            t_cut = timed(
+                [str(PLUGIN), "get", "big-0", "-q", "-o", "-"],
+                env={**env, "KUBECONFIG": str(kc)},
+                stdout=work / "plugin.tar.gz",
+            ).wall
             if (work / "curl.tar.gz").read_bytes() != (work / "plugin.tar.gz").read_bytes():
                 raise SystemExit("get -o - across cuts differs from curl's bytes")
             cuts = proxy.connections - 1
             proxy.close()
             per_cuts.append((t_cut - t_proxy) / max(cuts, 1))
-            line.append(f"| curl cpu {previous.cpu:.2f}s | via proxy {t_proxy:.2f}s, with {cuts} cuts {t_cut:.2f}s: "
-                        f"{per_cuts[-1]:+.2f}s per cut")
+            line.append(
+                f"| curl cpu {previous.cpu:.2f}s | via proxy {t_proxy:.2f}s, with {cuts} cuts {t_cut:.2f}s: "
+                f"{per_cuts[-1]:+.2f}s per cut"
+            )
             print("  ".join(line), flush=True)
         median = statistics.median
-        print(f"median of {options.rounds} rounds: curl {median(r.wall for r in curl_runs):.2f}s "
-              f"(cpu {median(r.cpu for r in curl_runs):.2f}s)")
+        print(
+            f"median of {options.rounds} rounds: curl {median(r.wall for r in curl_runs):.2f}s "
+            f"(cpu {median(r.cpu for r in curl_runs):.2f}s)"
+        )
         for label, _, _ in cases:
-            print(f"  {label}: {median(walls[label]):.2f}s, {median(ratios[label]):.2f}x curl "
-                  f"(cpu {median(cpus[label]):.2f}s)")
+            print(
+                f"  {label}: {median(walls[label]):.2f}s, {median(ratios[label]):.2f}x curl "
+                f"(cpu {median(cpus[label]):.2f}s)"
+            )
         print(f"  resume overhead {median(per_cuts):+.2f}s per cut (targets: >= 0.9x curl, < 1 s per cut)")
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:

@@ -19,6 +19,7 @@ the tree is built (only), so building 10,000 cores takes seconds.
 
     .venv/bin/python bench/retention_bench.py [--cores 10000] [--per-incarnation 10] [--rounds 3] [--dir DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,6 +77,7 @@ class SyscallCounter:
                 with self._lock:
                     self.counts[name] += 1
             return real(*args, **kwargs)
+
         return counted
 
     @contextmanager
@@ -115,15 +117,23 @@ def before_pass(root: Path) -> int:
     cores = []
     for core in layout.iter_all_cores(root):
         size = core.metadata.get("storedSize")
-        cores.append(IndexedCore(namespace=core.ref.namespace, pod=core.ref.pod, pod_uid=core.ref.pod_uid,
-                                 container=core.ref.container, core_id=core.ref.core_id,
-                                 time=layout.core_id_time(core.ref.core_id).timestamp(),
-                                 stored_size=size if isinstance(size, int) else 0))
+        cores.append(
+            IndexedCore(
+                namespace=core.ref.namespace,
+                pod=core.ref.pod,
+                pod_uid=core.ref.pod_uid,
+                container=core.ref.container,
+                core_id=core.ref.core_id,
+                time=layout.core_id_time(core.ref.core_id).timestamp(),
+                stored_size=size if isinstance(size, int) else 0,
+            )
+        )
     removed = 0
     for r in plan_mod.plan(cores, policy_of=lambda ns: POLICY, now=time.time()):
         c = r.core
-        for stored in layout.list_cores(root, namespace=c.namespace, pod=c.pod, pod_uid=c.pod_uid,
-                                        container=c.container):
+        for stored in layout.list_cores(
+            root, namespace=c.namespace, pod=c.pod, pod_uid=c.pod_uid, container=c.container
+        ):
             if stored.ref.core_id == c.core_id and layout.remove_core(stored):
                 removed += 1
     return removed
@@ -150,8 +160,10 @@ async def main() -> None:
         registry = EndpointRegistry(store=store, coredata=coredata)
         await AutoCreator(root=root, registry=registry).scan()  # the endpoints and their stored status
         listed = await registry.list(namespace=None)
-        print(f"built {args.cores} cores in {len(incarnations)} incarnations ({len(listed.items)} endpoints) "
-              f"in {time.monotonic() - began:.1f}s under {root}")
+        print(
+            f"built {args.cores} cores in {len(incarnations)} incarnations ({len(listed.items)} endpoints) "
+            f"in {time.monotonic() - began:.1f}s under {root}"
+        )
         reconciler = StatusReconciler(registry=registry, root=root)
 
         async def index(ops: Ops) -> StatusIndex:
@@ -196,8 +208,10 @@ async def main() -> None:
                     results.setdefault((method, changes), []).append((sum(counts.values()), seconds))
                     breakdown[(method, changes)] = Counter(counts)
         load = os.getloadavg()
-        print(f"rounds: {args.rounds} (interleaved, order alternating); load average {load[0]:.2f} {load[1]:.2f} "
-              f"{load[2]:.2f} on {os.cpu_count()} CPUs")
+        print(
+            f"rounds: {args.rounds} (interleaved, order alternating); load average {load[0]:.2f} {load[1]:.2f} "
+            f"{load[2]:.2f} on {os.cpu_count()} CPUs"
+        )
         print(f"{'pass':<8}{'changes':>8}{'storage ops':>14}{'wall ms':>10}   breakdown (last round)")
         medians: dict[tuple[str, int], tuple[float, float]] = {}
         for (method, changes), rows in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0] != "before")):

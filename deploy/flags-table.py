@@ -10,6 +10,7 @@ A table in the README is marked by ``<!-- flags: SCRIPT -->`` on the line above 
 that is not a table row; ``test/deploy/test_deploy_readme.py`` checks that every marked table is exactly what
 this prints, so the README's defaults and meanings cannot drift from the code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,19 @@ MARK = re.compile(r"^<!-- flags: ([a-z-]+) -->$")
 
 
 def parser_of(script: str) -> argparse.ArgumentParser:
-    scripts = {ep.name: ep.value for ep in importlib.metadata.distribution("coredump-example-io").entry_points
-               if ep.group == "console_scripts"}
+    scripts = {
+        ep.name: ep.value
+        for ep in importlib.metadata.distribution("coredump-example-io").entry_points
+        if ep.group == "console_scripts"
+    }
     module = importlib.import_module(scripts[script].split(":")[0])
     parser: argparse.ArgumentParser = module.build_parser()
     return parser
 
 
-def flags(parser: argparse.ArgumentParser, *, command: str = "") -> list[tuple[str, argparse.ArgumentParser,
-                                                                              argparse.Action]]:
+def flags(
+    parser: argparse.ArgumentParser, *, command: str = ""
+) -> list[tuple[str, argparse.ArgumentParser, argparse.Action]]:
     """(subcommand, parser, action) of every optional flag, subcommands' after the global ones (help excluded)."""
     out = []
     subcommands = []
@@ -54,12 +59,14 @@ def builtin_defaults(script: str) -> dict[str, object]:
     if script != "coredump-handler":
         return {}
     from handler.config import HandlerConfig
+
     return {f.name: getattr(HandlerConfig(), f.name) for f in dataclasses.fields(HandlerConfig)}
 
 
 def spelled(value: object, action: argparse.Action) -> str:
     """A default as a user writes it on the command line (``1m``, ``64Mi``, ``true``)."""
     from handler import flags as f
+
     durations = (f.parse_duration, f.parse_positive_duration, f.parse_retention_duration)
     if isinstance(value, bool):
         return "true" if value else "false"

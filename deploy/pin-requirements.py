@@ -10,6 +10,7 @@ Environment markers are evaluated for the running interpreter (CPython 3.11 on L
     .venv/bin/python deploy/pin-requirements.py            # rewrite deploy/requirements.txt
     .venv/bin/python deploy/pin-requirements.py --check    # exit 1 when the file is stale
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = render(runtime_closure())
     except metadata.PackageNotFoundError as exc:
-        print(f"pin-requirements: {exc} is not installed in {sys.prefix}; run it with the project's .venv",
-              file=sys.stderr)
+        print(
+            f"pin-requirements: {exc} is not installed in {sys.prefix}; run it with the project's .venv",
+            file=sys.stderr,
+        )
         return 2
     if args.check:
         current = args.output.read_text() if args.output.exists() else ""

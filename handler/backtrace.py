@@ -16,6 +16,7 @@ Contract:
 - :func:`main` (``python -m handler.backtrace``) runs one unwind and prints JSON. The handler and the agent run it
   in a child process under a CPU-time and address-space limit, so a hostile core costs bounded time and memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,7 +73,9 @@ def _candidates(name: str, build_id: str | None, roots: Sequence[Path]) -> Itera
             yield Path(str(root) + os.path.normpath(name))
 
 
-def unwind(core: Path, *, roots: Sequence[Path] = (), max_frames: int = MAX_FRAMES, max_threads: int = MAX_THREADS) -> dict[str, Any]:
+def unwind(
+    core: Path, *, roots: Sequence[Path] = (), max_frames: int = MAX_FRAMES, max_threads: int = MAX_THREADS
+) -> dict[str, Any]:
     """The backtrace of ``core`` (see the module docstring); raises ``ValueError`` for a core drgn cannot read."""
     import drgn
 
@@ -94,8 +97,10 @@ def unwind(core: Path, *, roots: Sequence[Path] = (), max_frames: int = MAX_FRAM
     for module in modules:
         build_id = module.build_id.hex() if module.build_id else None
         for path in _candidates(module.name, build_id, roots):
-            if module.loaded_file_status != drgn.ModuleFileStatus.WANT and \
-                    module.debug_file_status != drgn.ModuleFileStatus.WANT:
+            if (
+                module.loaded_file_status != drgn.ModuleFileStatus.WANT
+                and module.debug_file_status != drgn.ModuleFileStatus.WANT
+            ):
                 break
             try:
                 if path.is_file() and not path.is_symlink():
@@ -114,13 +119,17 @@ def unwind(core: Path, *, roots: Sequence[Path] = (), max_frames: int = MAX_FRAM
         try:
             trace = thread.stack_trace()
         except (LookupError, ValueError, drgn.FaultError) as e:
-            threads.append({"tid": thread.tid, "crashed": thread.tid == crashed.tid, "frames": [],
-                            "error": str(e)[:200]})
+            threads.append(
+                {"tid": thread.tid, "crashed": thread.tid == crashed.tid, "frames": [], "error": str(e)[:200]}
+            )
             continue
         frames = [f for f in (_frame(prog, fr) for fr in list(trace)[:max_frames]) if f is not None]
         threads.append({"tid": thread.tid, "crashed": thread.tid == crashed.tid, "frames": frames})
-    result: dict[str, Any] = {"unwinder": f"{UNWINDER} {drgn.__version__}", "threads": threads,
-                              "threadCount": len(ordered)}
+    result: dict[str, Any] = {
+        "unwinder": f"{UNWINDER} {drgn.__version__}",
+        "threads": threads,
+        "threadCount": len(ordered),
+    }
     if missing:
         result["missingObjects"] = sorted(set(missing))[:64]
     result["signature"] = signature(threads[0]["frames"]) if threads and threads[0]["frames"] else None
@@ -164,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _limit(args.memory_limit, args.cpu_limit)
     try:
-        result = unwind(args.core, roots=args.root, max_frames=args.max_frames,
-                        max_threads=args.max_threads)
+        result = unwind(args.core, roots=args.root, max_frames=args.max_frames, max_threads=args.max_threads)
     except ValueError as e:
         print(json.dumps({"error": str(e)[:500]}))
         return 2

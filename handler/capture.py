@@ -9,6 +9,7 @@ the ELF header and notes are in it. Whether a core is kept at all (the pod's or 
 ``coredump.example.io/capture`` annotation, the crash-loop limit) is decided before a byte is compressed; a
 core not kept is read and discarded at pipe speed and counted.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,8 +24,16 @@ from typing import Any
 
 from handler import elfinfo, foreign, layout
 from handler.config import HandlerConfig
-from handler.filing import (Explain, Filed, PartialCoreLost, base_metadata, file_core, outcome_record,
-                            reserve_rate_slot, storage_usable)
+from handler.filing import (
+    Explain,
+    Filed,
+    PartialCoreLost,
+    base_metadata,
+    file_core,
+    outcome_record,
+    reserve_rate_slot,
+    storage_usable,
+)
 from handler.ingest import file_chunks
 from handler.early import KILLED, ChunkReader, EarlyStart, Progress, start_reading
 from handler.podrecord import capture_wanted, read_namespace_annotations
@@ -39,13 +48,16 @@ EXIT_OK, EXIT_ERROR, EXIT_STALLED = 0, 4, 3
 WATCHDOG_GRACE = 30.0
 
 
-def _watchdog(progress: Progress, *, timeout: float, done: threading.Event, cfg: HandlerConfig,
-              spec: foreign.CrashSpecifiers) -> None:
+def _watchdog(
+    progress: Progress, *, timeout: float, done: threading.Event, cfg: HandlerConfig, spec: foreign.CrashSpecifiers
+) -> None:
     while not done.wait(min(1.0, timeout / 4)):
         if time.monotonic() - progress.last > timeout:
             logger.error("no progress for %.0fs on pid %d; giving up so the process can exit", timeout, spec.pid)
-            write_outcome(cfg.outcomes_dir, {"result": ERROR, "source": "kernel", "pid": spec.pid,
-                                             "signal": spec.signal, "reason": "stalled"})
+            write_outcome(
+                cfg.outcomes_dir,
+                {"result": ERROR, "source": "kernel", "pid": spec.pid, "signal": spec.signal, "reason": "stalled"},
+            )
             os._exit(EXIT_STALLED)
 
 
@@ -93,8 +105,9 @@ def handle_foreign(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_f
         pass
     reader = ChunkReader(stdin_fd, chunk_size=cfg.chunk_size).start()
     try:
-        n = foreign.write_file_core(target, reader, limit=spec.rlimit if spec.rlimit and spec.rlimit > 0 else None,
-                                    owner=owner)
+        n = foreign.write_file_core(
+            target, reader, limit=spec.rlimit if spec.rlimit and spec.rlimit > 0 else None, owner=owner
+        )
     except OSError as e:
         logger.error("cannot write core of pid %d to %s: %s", spec.pid, target, e)
         write_outcome(cfg.outcomes_dir, dict(record, result=ERROR, reason=f"previous pattern: {e}"))
@@ -111,21 +124,55 @@ def discard(reader: ChunkReader) -> int:
     return n
 
 
-def _skip(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, reader: ChunkReader, *, pod: PodIdentity, reason: str,
-          why: str, started: float) -> int:
+def _skip(
+    cfg: HandlerConfig,
+    spec: foreign.CrashSpecifiers,
+    reader: ChunkReader,
+    *,
+    pod: PodIdentity,
+    reason: str,
+    why: str,
+    started: float,
+) -> int:
     n = discard(reader)
-    logger.info("core of pid %d in %s/%s container %s not kept (%s): %d bytes discarded", spec.pid, pod.namespace,
-                pod.pod, pod.container, why, n)
-    write_outcome(cfg.outcomes_dir, {"result": DROPPED, "source": "kernel", "reason": reason, "detail": why,
-                                     "pid": spec.pid, "signal": spec.signal, "namespace": pod.namespace,
-                                     "pod": pod.pod, "podUID": pod.pod_uid, "container": pod.container,
-                                     "observedSize": n, "duration": time.monotonic() - started,
-                                     "firstReadAt": reader.first_read_at})
+    logger.info(
+        "core of pid %d in %s/%s container %s not kept (%s): %d bytes discarded",
+        spec.pid,
+        pod.namespace,
+        pod.pod,
+        pod.container,
+        why,
+        n,
+    )
+    write_outcome(
+        cfg.outcomes_dir,
+        {
+            "result": DROPPED,
+            "source": "kernel",
+            "reason": reason,
+            "detail": why,
+            "pid": spec.pid,
+            "signal": spec.signal,
+            "namespace": pod.namespace,
+            "pod": pod.pod,
+            "podUID": pod.pod_uid,
+            "container": pod.container,
+            "observedSize": n,
+            "duration": time.monotonic() - started,
+            "firstReadAt": reader.first_read_at,
+        },
+    )
     return EXIT_OK
 
 
-def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int = 0, out=sys.stdout,
-            early: EarlyStart | None = None) -> int:
+def capture(
+    cfg: HandlerConfig,
+    spec: foreign.CrashSpecifiers,
+    *,
+    stdin_fd: int = 0,
+    out=sys.stdout,
+    early: EarlyStart | None = None,
+) -> int:
     """File the core on ``stdin_fd``; ``early`` is the reader :mod:`handler.early` may already have started."""
     started = time.monotonic()
     if early is not None:
@@ -137,8 +184,11 @@ def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int 
         return handle_foreign(cfg, spec, stdin_fd=stdin_fd, out=out)
 
     # Read first, look up second: the kernel is not kept waiting on the CRI or a slow mount.
-    reader = early.reader if early is not None and early.reader is not None else start_reading(
-        stdin_fd, chunk_size=cfg.chunk_size, stall_timeout=cfg.stall_timeout)
+    reader = (
+        early.reader
+        if early is not None and early.reader is not None
+        else start_reading(stdin_fd, chunk_size=cfg.chunk_size, stall_timeout=cfg.stall_timeout)
+    )
     reader.stall_timeout = cfg.stall_timeout
     # SIGTERM: stop reading and keep what arrived, marked truncated ("killed").
     signal.signal(signal.SIGTERM, lambda signum, frame: reader.stop(KILLED))
@@ -147,9 +197,13 @@ def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int 
     done = threading.Event()
     # The reader ends a stalled stream itself and the partial core is kept; the watchdog is the last resort
     # for a handler stuck elsewhere (a hung storage write).
-    threading.Thread(target=_watchdog, args=(progress,), daemon=True, name="watchdog",
-                     kwargs=dict(timeout=2 * cfg.stall_timeout + WATCHDOG_GRACE, done=done, cfg=cfg,
-                                 spec=spec)).start()
+    threading.Thread(
+        target=_watchdog,
+        args=(progress,),
+        daemon=True,
+        name="watchdog",
+        kwargs=dict(timeout=2 * cfg.stall_timeout + WATCHDOG_GRACE, done=done, cfg=cfg, spec=spec),
+    ).start()
     try:
         ident = resolve_pod(cfg, pid=spec.pid, cgroup_text=cgroup_text)
     except Exception:  # noqa: BLE001 - bytes are already being read: spool rather than fail
@@ -165,13 +219,16 @@ def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int 
     reserved = None
     if pod is None:
         spool_reason = "pod names not found yet"
-        logger.warning("pid %d is in pod %s but its names are unknown; spooling for the agent to resolve",
-                       spec.pid, cg.pod_uid)
+        logger.warning(
+            "pid %d is in pod %s but its names are unknown; spooling for the agent to resolve", spec.pid, cg.pod_uid
+        )
     else:
         # Decided before a byte is compressed: opt-out, then the crash-loop limit.
-        wanted, why = capture_wanted(pod=pod.record.annotations if pod.record else None,
-                                     namespace=read_namespace_annotations(cfg.state_dir, pod.namespace),
-                                     default=cfg.capture_default)
+        wanted, why = capture_wanted(
+            pod=pod.record.annotations if pod.record else None,
+            namespace=read_namespace_annotations(cfg.state_dir, pod.namespace),
+            default=cfg.capture_default,
+        )
         if not wanted:
             done.set()
             return _skip(cfg, spec, reader, pod=pod, reason="opted-out", why=why, started=started)
@@ -182,27 +239,68 @@ def capture(cfg: HandlerConfig, spec: foreign.CrashSpecifiers, *, stdin_fd: int 
             reserved = reserve_rate_slot(cfg, ident=pod, core_id=core_id)
             if not reserved.keep:
                 done.set()
-                return _skip(cfg, spec, reader, pod=pod, reason="rate-limited",
-                             why=f"{reserved.dropped_in_window} cores over the limit in this window", started=started)
-    meta = base_metadata(ident=pod, pid=spec.pid, sig=spec.signal, timestamp=crashed_at,
-                         comm=spec.comm, exe=exe, build_id=build_id, node=cfg.node, cmdline=_cmdline(cfg, spec.pid))
+                return _skip(
+                    cfg,
+                    spec,
+                    reader,
+                    pod=pod,
+                    reason="rate-limited",
+                    why=f"{reserved.dropped_in_window} cores over the limit in this window",
+                    started=started,
+                )
+    meta = base_metadata(
+        ident=pod,
+        pid=spec.pid,
+        sig=spec.signal,
+        timestamp=crashed_at,
+        comm=spec.comm,
+        exe=exe,
+        build_id=build_id,
+        node=cfg.node,
+        cmdline=_cmdline(cfg, spec.pid),
+    )
     if pod is None:
         meta["_cgroup"] = cgroup_text
-        meta["_podUID"] = (ident.pod_uid if isinstance(ident, CgroupIdentity) else None)
+        meta["_podUID"] = ident.pod_uid if isinstance(ident, CgroupIdentity) else None
     try:
-        filed = file_core(cfg, chunks=reader, meta=meta, core_id=core_id, ident=pod, spool_reason=spool_reason,
-                          reserved=reserved, explain_target=Explain(proc_pid=cfg.proc_root / str(spec.pid)))
+        filed = file_core(
+            cfg,
+            chunks=reader,
+            meta=meta,
+            core_id=core_id,
+            ident=pod,
+            spool_reason=spool_reason,
+            reserved=reserved,
+            explain_target=Explain(proc_pid=cfg.proc_root / str(spec.pid)),
+        )
     except PartialCoreLost as e:
         logger.error("core of pid %d lost: %s", spec.pid, e)
-        write_outcome(cfg.outcomes_dir, {"result": ERROR, "source": "kernel", "pid": spec.pid,
-                                         "signal": spec.signal, "reason": reader.end_reason or KILLED,
-                                         "detail": str(e), "duration": time.monotonic() - started})
+        write_outcome(
+            cfg.outcomes_dir,
+            {
+                "result": ERROR,
+                "source": "kernel",
+                "pid": spec.pid,
+                "signal": spec.signal,
+                "reason": reader.end_reason or KILLED,
+                "detail": str(e),
+                "duration": time.monotonic() - started,
+            },
+        )
         return EXIT_STALLED
     except Exception as e:  # noqa: BLE001 - any failure is one clear log line and an outcome, never a hang
         logger.exception("core of pid %d could not be filed", spec.pid)
-        write_outcome(cfg.outcomes_dir, {"result": ERROR, "source": "kernel", "pid": spec.pid,
-                                         "signal": spec.signal, "reason": str(e),
-                                         "duration": time.monotonic() - started})
+        write_outcome(
+            cfg.outcomes_dir,
+            {
+                "result": ERROR,
+                "source": "kernel",
+                "pid": spec.pid,
+                "signal": spec.signal,
+                "reason": str(e),
+                "duration": time.monotonic() - started,
+            },
+        )
         return EXIT_ERROR
     finally:
         done.set()
@@ -230,6 +328,7 @@ class NotACore(ValueError):
 def sniff_core(path: Path) -> Any:
     """The opener for an importable core (``open``, or ``igzip.open`` for a gzipped one); else :class:`NotACore`."""
     from isal import igzip
+
     try:
         st = os.stat(path)
     except OSError as e:
@@ -259,8 +358,16 @@ class NoPlaceToFile(OSError):
     """Storage cannot take the core now and no spool directory was given: nothing is written."""
 
 
-def import_core(cfg: HandlerConfig, path: Path, *, ident: PodIdentity, pid: int | None, sig: int | None,
-                comm: str | None, timestamp: float | None) -> Filed:
+def import_core(
+    cfg: HandlerConfig,
+    path: Path,
+    *,
+    ident: PodIdentity,
+    pid: int | None,
+    sig: int | None,
+    comm: str | None,
+    timestamp: float | None,
+) -> Filed:
     """
     File an existing core file (an ELF core, or a gzip of one) as if the kernel had sent it; never rate
     limited. Writes only under directories given by flag or config file: the storage root, the spool (only
@@ -274,18 +381,33 @@ def import_core(cfg: HandlerConfig, path: Path, *, ident: PodIdentity, pid: int 
     timestamp = timestamp if timestamp is not None else path.stat().st_mtime
     exe = info.get("exe")
     cmdline = info.get("cmdline")
-    meta = base_metadata(ident=ident, pid=pid, sig=sig, timestamp=timestamp, comm=comm,
-                         exe=exe if isinstance(exe, str) else None,
-                         build_id=elfinfo.build_id_from_core(path, opener=opener), node=cfg.node,
-                         cmdline=cmdline if isinstance(cmdline, str) else None)
+    meta = base_metadata(
+        ident=ident,
+        pid=pid,
+        sig=sig,
+        timestamp=timestamp,
+        comm=comm,
+        exe=exe if isinstance(exe, str) else None,
+        build_id=elfinfo.build_id_from_core(path, opener=opener),
+        node=cfg.node,
+        cmdline=cmdline if isinstance(cmdline, str) else None,
+    )
     core_id = layout.make_core_id(timestamp=timestamp, comm=comm, pid=pid, signal=sig)
     started = time.monotonic()
     spool_reason = storage_usable(cfg.storage_root, timeout=cfg.storage_timeout)
     if spool_reason and "spool_dir" not in cfg.explicit:
         raise NoPlaceToFile(f"storage unusable ({spool_reason}) and no --spool-dir given: nothing written")
     chunks = file_chunks(path, chunk_size=cfg.chunk_size, opener=None if opener is open else opener)
-    filed = file_core(cfg, chunks=chunks, meta=meta, core_id=core_id, ident=ident, spool_reason=spool_reason,
-                      rate_limit=False, explain_target=Explain(proc_pid=None))
+    filed = file_core(
+        cfg,
+        chunks=chunks,
+        meta=meta,
+        core_id=core_id,
+        ident=ident,
+        spool_reason=spool_reason,
+        rate_limit=False,
+        explain_target=Explain(proc_pid=None),
+    )
     if "state_dir" in cfg.explicit:
         write_outcome(cfg.outcomes_dir, outcome_record(filed, duration=time.monotonic() - started, source="import"))
     return filed

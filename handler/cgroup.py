@@ -8,12 +8,15 @@ Shapes understood (cgroup v1 and v2 alike; v1 lists one line per hierarchy, all 
   then ``cri-containerd-<id>.scope``, ``crio-<id>.scope`` or ``docker-<id>.scope`` (sometimes with a child
   cgroup such as ``/container`` below it)
 """
+
 from __future__ import annotations
 
 import re
 
-_POD_UID_RE = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32})"
-                         r"(?:\.slice)?$")
+_POD_UID_RE = re.compile(
+    r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32})"
+    r"(?:\.slice)?$"
+)
 _CONTAINER_RE = re.compile(r"^(?:(?P<rt>cri-containerd|crio|docker|containerd)-)?(?P<id>[0-9a-f]{64})(?:\.scope)?$")
 _RUNTIME_PREFIX = {"cri-containerd": "containerd", "crio": "cri-o", "docker": "docker", "containerd": "containerd"}
 

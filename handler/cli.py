@@ -4,6 +4,7 @@
 Global flags override the agent-written config file (``--config``); every path is a flag so tests and manual
 runs point the handler at temporary trees. Expected failures print one line and exit non-zero, no traceback.
 """
+
 from __future__ import annotations
 
 import signal
@@ -25,6 +26,7 @@ IMPORT_STORED, IMPORT_REFUSED, IMPORT_SPOOLED, IMPORT_ERROR = 0, 2, 3, 4
 def _epoch(text: str) -> float:
     import argparse
     import math
+
     try:
         t = float(text)
     except ValueError:
@@ -41,10 +43,15 @@ def build_parser() -> "argparse.ArgumentParser":
 
     from handler import flags
     from handler.config import DEFAULT_CONFIG_FILE
-    p = argparse.ArgumentParser(prog="coredump-handler", formatter_class=flags.HelpFormatter,
-                                description="File core dumps of pod processes on shared storage.")
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG_FILE,
-                   help="JSON config written by the agent; flags override it")
+
+    p = argparse.ArgumentParser(
+        prog="coredump-handler",
+        formatter_class=flags.HelpFormatter,
+        description="File core dumps of pod processes on shared storage.",
+    )
+    p.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG_FILE, help="JSON config written by the agent; flags override it"
+    )
     p.add_argument("--storage-root", type=Path, help="root of the shared core storage")
     p.add_argument("--spool-dir", type=Path, help="node-local spool for cores storage cannot take now")
     p.add_argument("--state-dir", type=Path, help="outcome records and rate-limit state (read by the agent)")
@@ -55,23 +62,36 @@ def build_parser() -> "argparse.ArgumentParser":
     p.add_argument("--crictl-timeout", type=flags.parse_positive_duration, help="how long a crictl call may take")
     p.add_argument("--runtime", help="runtime for containerID when the cgroup path does not name it")
     p.add_argument("--node", help="node name recorded in metadata")
-    p.add_argument("--max-core-size", type=flags.parse_size,
-                   help="store at most this many bytes per core, e.g. 2Gi (0: all)")
+    p.add_argument(
+        "--max-core-size", type=flags.parse_size, help="store at most this many bytes per core, e.g. 2Gi (0: all)"
+    )
     p.add_argument("--rate-first", type=flags.parse_count, help="per container and window: keep the first N cores")
     p.add_argument("--rate-latest", type=flags.parse_count, help="... and the latest M")
     p.add_argument("--rate-window", type=flags.parse_positive_duration, help="the rate-limit window")
-    p.add_argument("--rate-latest-interval", type=flags.parse_duration,
-                   help="past the first N, take a new 'latest' core at most this often; others are discarded "
-                        "uncompressed")
-    p.add_argument("--capture-default", type=flags.parse_bool, metavar="true|false",
-                   help="keep cores of pods whose pod and namespace have no coredump.example.io/capture annotation")
+    p.add_argument(
+        "--rate-latest-interval",
+        type=flags.parse_duration,
+        help="past the first N, take a new 'latest' core at most this often; others are discarded uncompressed",
+    )
+    p.add_argument(
+        "--capture-default",
+        type=flags.parse_bool,
+        metavar="true|false",
+        help="keep cores of pods whose pod and namespace have no coredump.example.io/capture annotation",
+    )
     p.add_argument("--compress-level", type=int, choices=range(0, 4), metavar="0-3", help="ISA-L gzip level")
     p.add_argument("--previous-pattern-file", type=Path, help="file holding the node's previous core_pattern")
     p.add_argument("--foreign", choices=["previous", "drop"], help="cores of non-pod processes")
-    p.add_argument("--storage-timeout", type=flags.parse_positive_duration,
-                   help="how long a storage probe may take before the core is spooled")
-    p.add_argument("--stall-timeout", type=flags.parse_positive_duration,
-                   help="give up after this long without progress (the crashing process may then exit)")
+    p.add_argument(
+        "--storage-timeout",
+        type=flags.parse_positive_duration,
+        help="how long a storage probe may take before the core is spooled",
+    )
+    p.add_argument(
+        "--stall-timeout",
+        type=flags.parse_positive_duration,
+        help="give up after this long without progress (the crashing process may then exit)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -113,6 +133,7 @@ def share_global_flags(parser: "argparse.ArgumentParser", subparsers: "argparse.
     """
     import argparse
     import copy
+
     shared = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
     for sub in subparsers.choices.values():
         group = sub.add_argument_group("global flags (also accepted before the subcommand)")
@@ -127,6 +148,7 @@ def load_config(args: "argparse.Namespace") -> "HandlerConfig":
     import dataclasses
 
     from handler.config import HandlerConfig
+
     # Every global flag is named after the HandlerConfig field it overrides (deploy/flags-table.py relies on it).
     overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(HandlerConfig)}
     return HandlerConfig.load(args.config, overrides=overrides)
@@ -142,8 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     early = None
     if "capture" in argv:
         from handler.early import start_capture
+
         early = start_capture(argv, default_config=DEFAULT_CONFIG)
     from handler import layout, logs
+
     args = build_parser().parse_args(argv)
     logs.setup(verbose=args.verbose)
     signal.signal(signal.SIGTERM, _terminate)
@@ -151,19 +175,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "capture":
         from handler.capture import capture
         from handler.foreign import CrashSpecifiers
-        spec = CrashSpecifiers(pid=args.pid, tid=args.tid, signal=args.signal, time=args.time,
-                               comm=" ".join(args.comm),
-                               rlimit=None if args.rlimit < 0 or args.rlimit >= 1 << 62 else args.rlimit)
+
+        spec = CrashSpecifiers(
+            pid=args.pid,
+            tid=args.tid,
+            signal=args.signal,
+            time=args.time,
+            comm=" ".join(args.comm),
+            rlimit=None if args.rlimit < 0 or args.rlimit >= 1 << 62 else args.rlimit,
+        )
         return capture(cfg, spec, early=early)
     if args.command == "import":
         from handler.capture import NotACore, import_core
         from handler.resolve import PodIdentity
+
         try:
-            ident = PodIdentity(namespace=layout.validate_namespace(args.namespace),
-                                pod=layout.validate_pod_name(args.pod), pod_uid=layout.validate_pod_uid(args.pod_uid),
-                                container=layout.validate_container(args.container), container_id=args.container_id)
-            filed = import_core(cfg, args.file, ident=ident, pid=args.pid, sig=args.signal, comm=args.comm,
-                                timestamp=args.time)
+            ident = PodIdentity(
+                namespace=layout.validate_namespace(args.namespace),
+                pod=layout.validate_pod_name(args.pod),
+                pod_uid=layout.validate_pod_uid(args.pod_uid),
+                container=layout.validate_container(args.container),
+                container_id=args.container_id,
+            )
+            filed = import_core(
+                cfg, args.file, ident=ident, pid=args.pid, sig=args.signal, comm=args.comm, timestamp=args.time
+            )
         except (layout.InvalidName, NotACore) as e:
             print(f"coredump-handler: refused: {e}", file=sys.stderr)
             return IMPORT_REFUSED
@@ -178,9 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         return IMPORT_SPOOLED
     if args.command == "drain":
         from handler.drain import drain
+
         report = drain(cfg)
-        print(f"drained {report.drained}, waiting {report.waiting}, not from pods {report.host}, "
-              f"errors {report.errors}")
+        print(
+            f"drained {report.drained}, waiting {report.waiting}, not from pods {report.host}, errors {report.errors}"
+        )
         for r in report.reasons:
             print(f"  {r}")
         return 1 if report.errors else 0

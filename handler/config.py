@@ -10,6 +10,7 @@ are the options; :meth:`HandlerConfig.load` completes them with the file and the
 ``HandlerConfig`` that everything downstream receives. A file value of the wrong type is dropped with one log
 line (the default applies): a broken config must never lose a core.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -55,26 +56,26 @@ class HandlerConfig:
     runtime: str = "containerd"
     crictl_timeout: float = 3.0
     node: str | None = None
-    max_core_size: int = 0                 # bytes stored per core; 0 = unlimited
-    rate_first: int = 5                    # cores kept at the start of a window, per container
-    rate_latest: int = 5                   # plus the latest this many
-    rate_window: float = 3600.0            # seconds
+    max_core_size: int = 0  # bytes stored per core; 0 = unlimited
+    rate_first: int = 5  # cores kept at the start of a window, per container
+    rate_latest: int = 5  # plus the latest this many
+    rate_window: float = 3600.0  # seconds
     # Past the first N, a core replaces the oldest of the latest M at most this often; the rest are not compressed.
     rate_latest_interval: float = 60.0
     # Whether a core is kept when neither its pod nor its namespace says (annotation coredump.example.io/capture).
     capture_default: bool = True
     # The node's core_pattern before the agent replaced it: non-pod crashes go there.
     previous_pattern_file: Path | None = None
-    foreign: str = "previous"             # previous | drop
-    storage_timeout: float = 5.0          # a storage probe slower than this sends the core to the spool
-    stall_timeout: float = 60.0           # no progress for this long: give up, so the crashing process can die
+    foreign: str = "previous"  # previous | drop
+    storage_timeout: float = 5.0  # a storage probe slower than this sends the core to the spool
+    stall_timeout: float = 60.0  # no progress for this long: give up, so the crashing process can die
     chunk_size: int = 1 << 20
     # After the commit, while the process is held: keep its objects by build-id and unwind it (handler.explain).
     explain: bool = True
-    objects_max_bytes: int = 512 << 20     # bytes of objects copied per core
-    objects_max_seconds: float = 1.0       # time spent copying objects per core
-    unwind_timeout: float = 5.0            # wall time of the unwinding child
-    compress_level: int = 1               # ISA-L gzip level 0-3 (README, Core ingest: speed against size)
+    objects_max_bytes: int = 512 << 20  # bytes of objects copied per core
+    objects_max_seconds: float = 1.0  # time spent copying objects per core
+    unwind_timeout: float = 5.0  # wall time of the unwinding child
+    compress_level: int = 1  # ISA-L gzip level 0-3 (README, Core ingest: speed against size)
     # How often a writer marks its temp file on storage as alive (handler.inflight; at most 60 s).
     heartbeat_interval: float = 60.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -114,8 +115,7 @@ class HandlerConfig:
                 continue
             value, default = data[f.name], getattr(defaults, f.name)
             if not _fits(value, default):
-                logger.error("handler config %s: %s=%r is not like %r; using the default", path, f.name, value,
-                             default)
+                logger.error("handler config %s: %s=%r is not like %r; using the default", path, f.name, value, default)
                 continue
             known[f.name] = value
         names = {f.name for f in dataclasses.fields(cls)}

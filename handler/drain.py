@@ -12,6 +12,7 @@ reason. The shim's own failures (spool full before a byte was kept) are in the o
 
 Every file is reached through :mod:`handler.safefs` (never through a link in the spool).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from handler import elfinfo, faults, layout, safefs
@@ -62,15 +64,25 @@ class InFlight(Exception):
 
 def _already_filed(cfg: HandlerConfig, entry: SpoolEntry, ident: PodIdentity, core_id: str) -> bool:
     try:
-        found = layout.find_by_key(cfg.storage_root, namespace=ident.namespace, pod=ident.pod,
-                                   pod_uid=ident.pod_uid, container=ident.container, core_id=core_id,
-                                   key=entry_key(cfg, entry), key_field=KEY_FIELD)
+        found = layout.find_by_key(
+            cfg.storage_root,
+            namespace=ident.namespace,
+            pod=ident.pod,
+            pod_uid=ident.pod_uid,
+            container=ident.container,
+            core_id=core_id,
+            key=entry_key(cfg, entry),
+            key_field=KEY_FIELD,
+        )
     except layout.WriteInFlight as e:
         raise InFlight(str(e)) from e
     if found is None:
         return False
-    logger.warning("spool entry %s was already filed as %s (a drain stopped before removing it); removing it",
-                   entry.name, found.ref.core_id)
+    logger.warning(
+        "spool entry %s was already filed as %s (a drain stopped before removing it); removing it",
+        entry.name,
+        found.ref.core_id,
+    )
     return True
 
 
@@ -94,16 +106,34 @@ def _drain_handler_entry(cfg: HandlerConfig, entry: SpoolEntry, report: DrainRep
             report.waiting += 1
             report.reasons.append(f"{entry.name}: pod names still unknown")
             return
-        meta.update(namespace=ident.namespace, pod=ident.pod, podUID=ident.pod_uid, container=ident.container,
-                    containerID=ident.container_id, image=ident.image, imageDigest=ident.image_digest)
+        meta.update(
+            namespace=ident.namespace,
+            pod=ident.pod,
+            podUID=ident.pod_uid,
+            container=ident.container,
+            containerID=ident.container_id,
+            image=ident.image,
+            imageDigest=ident.image_digest,
+        )
     else:
-        ident = PodIdentity(namespace=meta["namespace"], pod=meta["pod"], pod_uid=meta["podUID"],
-                            container=meta["container"], container_id=meta.get("containerID") or "")
+        ident = PodIdentity(
+            namespace=meta["namespace"],
+            pod=meta["pod"],
+            pod_uid=meta["podUID"],
+            container=meta["container"],
+            container_id=meta.get("containerID") or "",
+        )
     clean = {k: v for k, v in meta.items() if not k.startswith("_")}
-    result = IngestResult(size=clean["size"], observed_size=clean["observedSize"], sha256=clean["sha256"],
-                          truncated=clean["truncated"], truncation_reason=clean["truncationReason"])
-    core_id = layout.make_core_id(timestamp=_timestamp(clean), comm=clean.get("comm"), pid=clean.get("pid") or 0,
-                                  signal=clean.get("signal") or 0)
+    result = IngestResult(
+        size=clean["size"],
+        observed_size=clean["observedSize"],
+        sha256=clean["sha256"],
+        truncated=clean["truncated"],
+        truncation_reason=clean["truncationReason"],
+    )
+    core_id = layout.make_core_id(
+        timestamp=_timestamp(clean), comm=clean.get("comm"), pid=clean.get("pid") or 0, signal=clean.get("signal") or 0
+    )
     if _already_filed(cfg, entry, ident, core_id):
         entry.remove()
         report.drained += 1
@@ -111,8 +141,9 @@ def _drain_handler_entry(cfg: HandlerConfig, entry: SpoolEntry, report: DrainRep
     clean[KEY_FIELD] = entry_key(cfg, entry)
     started = time.monotonic()
     with _open_data(entry) as data:
-        filed = file_core(cfg, chunks=data.chunks(), meta=clean, core_id=core_id, ident=ident,
-                          spool_reason=None, stored_result=result)
+        filed = file_core(
+            cfg, chunks=data.chunks(), meta=clean, core_id=core_id, ident=ident, spool_reason=None, stored_result=result
+        )
     _finish(cfg, entry, filed, started, report)
 
 
@@ -138,8 +169,10 @@ def _drain_shim_entry(cfg: HandlerConfig, entry: SpoolEntry, report: DrainReport
             spool.rename(entry.data_path.name, entry.data_path.name, dst_dir=host_dir)
             spool.rename(entry.meta_path.name, entry.meta_path.name, dst_dir=host_dir)
         logger.warning("spooled core %s is not from a pod; kept in %s", entry.name, host)
-        write_outcome(cfg.outcomes_dir, {"result": "host", "source": "shim-spool", "reason": "not in a pod",
-                                         "pid": int(info.get("pid") or 0)})
+        write_outcome(
+            cfg.outcomes_dir,
+            {"result": "host", "source": "shim-spool", "reason": "not in a pod", "pid": int(info.get("pid") or 0)},
+        )
         report.host += 1
         return
     ident = _resolve(cfg, info.get("cgroup"))
@@ -157,9 +190,10 @@ def _drain_shim_entry(cfg: HandlerConfig, entry: SpoolEntry, report: DrainReport
             report.drained += 1
             return
         # The descriptor opened safely, by its /proc name: the ELF reader never sees the spool's names.
-        build_id = elfinfo.build_id_from_core(f"/proc/self/fd/{data.fd}")
-        meta = base_metadata(ident=ident, pid=pid, sig=sig, timestamp=ts, comm=comm, exe=None, build_id=build_id,
-                             node=cfg.node)
+        build_id = elfinfo.build_id_from_core(Path(f"/proc/self/fd/{data.fd}"))
+        meta = base_metadata(
+            ident=ident, pid=pid, sig=sig, timestamp=ts, comm=comm, exe=None, build_id=build_id, node=cfg.node
+        )
         meta[KEY_FIELD] = entry_key(cfg, entry)
         started = time.monotonic()
         # ``rest``: bytes the shim did not keep (past its maximum, or after a failed write), counted not kept;
@@ -168,8 +202,16 @@ def _drain_shim_entry(cfg: HandlerConfig, entry: SpoolEntry, report: DrainReport
         why = info.get("truncated") or None
         if why is None and dropped:
             why = "spooled by the shim: larger than its maximum"
-        filed = file_core(cfg, chunks=data.chunks(cfg.chunk_size), meta=meta, core_id=core_id, ident=ident,
-                          spool_reason=None, dropped=dropped, truncation_reason=why)
+        filed = file_core(
+            cfg,
+            chunks=data.chunks(cfg.chunk_size),
+            meta=meta,
+            core_id=core_id,
+            ident=ident,
+            spool_reason=None,
+            dropped=dropped,
+            truncation_reason=why,
+        )
     _finish(cfg, entry, filed, started, report)
 
 

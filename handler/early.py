@@ -6,6 +6,7 @@ tens of milliseconds. So ``coredump-handler capture`` first decides, with nothin
 whether the crashing process is in a pod (only then may stdin be consumed; a non-pod core may have to be
 handed back unread to the shim), and if so starts the reader thread here; the rest is imported after.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -25,7 +26,7 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 # with CAP_SYS_RESOURCE gets it (the kernel's usermode helper has it; a test or bench process may not).
 PIPE_SIZES = (4 << 20, 1 << 20)
 DEFAULT_CHUNK = 1 << 20
-DEFAULT_STALL = 60.0           # same as HandlerConfig.stall_timeout
+DEFAULT_STALL = 60.0  # same as HandlerConfig.stall_timeout
 
 
 class Progress:
@@ -93,8 +94,15 @@ class ChunkReader:
 
     _EOF = object()
 
-    def __init__(self, fd: int, *, chunk_size: int, progress: Progress | None = None,
-                 stall_timeout: float | None = None, pool: BufferPool | None = None) -> None:
+    def __init__(
+        self,
+        fd: int,
+        *,
+        chunk_size: int,
+        progress: Progress | None = None,
+        stall_timeout: float | None = None,
+        pool: BufferPool | None = None,
+    ) -> None:
         self.fd = fd
         self.chunk_size = chunk_size
         self.progress = progress
@@ -104,7 +112,7 @@ class ChunkReader:
         self.error: BaseException | None = None
         self.end_reason: str | None = None
         self.manual_release = False
-        self.first_read_at: float | None = None   # wall clock, so a caller outside can compare
+        self.first_read_at: float | None = None  # wall clock, so a caller outside can compare
         self._stop_reason: str | None = None
         self._views: dict[int, bytearray] = {}
         self._thread = threading.Thread(target=self._run, name="core-reader", daemon=True)
@@ -221,6 +229,7 @@ def start_capture(argv: list[str], *, default_config: str, stdin_fd: int = 0) ->
         return None
     head = argv[:i]
     import json
+
     # The agent's config for chunk_size and proc_root; a flag wins. HandlerConfig.load reports a broken file.
     cfg: dict = {}
     try:
@@ -241,7 +250,7 @@ def start_capture(argv: list[str], *, default_config: str, stdin_fd: int = 0) ->
     except OSError:
         text = None
     from handler.cgroup import identity_from_cgroup_text
+
     if not text or identity_from_cgroup_text(text) is None:
         return EarlyStart(cgroup_text=text, reader=None)
-    return EarlyStart(cgroup_text=text, reader=start_reading(stdin_fd, chunk_size=chunk,
-                                                                      stall_timeout=stall))
+    return EarlyStart(cgroup_text=text, reader=start_reading(stdin_fd, chunk_size=chunk, stall_timeout=stall))

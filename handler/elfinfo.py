@@ -6,6 +6,7 @@ The build-id is what symbol servers (debuginfod) key on. With the process alive 
 auxiliary vector points at the executable's program headers in memory, whose first page the kernel dumps by
 default (``coredump_filter`` bit 4), and its ``PT_NOTE`` holds the build-id.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,10 +33,12 @@ class _Elf:
         self.end = "<" if head[5] == 1 else ">"
         if self.is64:
             (self.type, _, _, _, self.phoff, _, _, _, self.phentsize, self.phnum) = struct.unpack_from(
-                self.end + "HHIQQQIHHH", head, 16)
+                self.end + "HHIQQQIHHH", head, 16
+            )
         else:
             (self.type, _, _, _, self.phoff, _, _, _, self.phentsize, self.phnum) = struct.unpack_from(
-                self.end + "HHIIIIIHHH", head, 16)
+                self.end + "HHIIIIIHHH", head, 16
+            )
 
     def phdrs(self, data: bytes) -> list[tuple[int, int, int, int, int]]:
         """(type, offset, vaddr, filesz, memsz) of each program header in ``data`` (starting at phoff)."""
@@ -55,9 +58,9 @@ def _notes(data: bytes, end: str):
     while o + 12 <= len(data):
         namesz, descsz, ntype = struct.unpack_from(end + "III", data, o)
         o += 12
-        name = data[o:o + namesz].rstrip(b"\0")
+        name = data[o : o + namesz].rstrip(b"\0")
         o += (namesz + 3) & ~3
-        desc = data[o:o + descsz]
+        desc = data[o : o + descsz]
         o += (descsz + 3) & ~3
         yield name, ntype, desc
 
@@ -133,8 +136,10 @@ def build_id_from_core(path: Path, *, opener: Callable[..., Any] = open) -> str 
                         return None
                     hdrs = exe.phdrs(ph)
                     # Load bias: where PT_PHDR landed minus where the file says it goes (0 for non-PIE).
-                    bias = next((phdr_addr - hv for ht, _o, hv, _f, _m in hdrs if ht == PT_PHDR),
-                                va - min((hv for ht, _o, hv, _f, _m in hdrs if ht == PT_LOAD), default=0))
+                    bias = next(
+                        (phdr_addr - hv for ht, _o, hv, _f, _m in hdrs if ht == PT_PHDR),
+                        va - min((hv for ht, _o, hv, _f, _m in hdrs if ht == PT_LOAD), default=0),
+                    )
                     for ht, _o, hv, hf, _m in hdrs:
                         if ht == PT_NOTE and 0 < hf <= MAX_NOTES:
                             notes = _read_at(f, loads, hv + bias, hf)
@@ -159,7 +164,7 @@ def _nt_file(desc: bytes, end: str) -> list[tuple[int, int, str]]:
     if count > 1 << 20:
         return []
     ranges = [struct.unpack_from(end + "QQQ", desc, 16 + 24 * i) for i in range(count)]
-    names = desc[16 + 24 * count:].split(b"\0")
+    names = desc[16 + 24 * count :].split(b"\0")
     return [(a, b, names[i].decode("utf-8", "replace")) for i, (a, b, _o) in enumerate(ranges) if i < len(names)]
 
 
@@ -260,7 +265,7 @@ class CoreShape:
                     return
                 self._need = need
                 return
-            hdrs = self._elf.phdrs(bytes(self._head[self._elf.phoff:self._need]))
+            hdrs = self._elf.phdrs(bytes(self._head[self._elf.phoff : self._need]))
         except (ValueError, struct.error):
             self.is_core = False
             self.done = True

@@ -13,6 +13,7 @@ stays as it is. It
 3. returns the metadata additions: ``objects``, ``backtrace`` (every thread within budget), ``signature`` and
    ``topFrames`` (the short form the API shows), or ``backtraceError``.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -70,8 +71,7 @@ def _sysroot(root: Path, kept: list[dict[str, Any]], into: Path) -> None:
             with src, gzip.open(os.fdopen(os.dup(src.fd), "rb")) as i, open(dst, "wb") as o:
                 shutil.copyfileobj(i, o, 1 << 20)
         except (OSError, EOFError, ValueError) as e:
-            logger.warning("cannot unpack stored object %s: %s", rec["buildID"], e,
-                           extra={"buildID": rec["buildID"]})
+            logger.warning("cannot unpack stored object %s: %s", rec["buildID"], e, extra={"buildID": rec["buildID"]})
             continue
         # also by build-id: the link map may name the file by another path than NT_FILE did
         by_id = into / ".build-id"
@@ -83,14 +83,28 @@ def _sysroot(root: Path, kept: list[dict[str, Any]], into: Path) -> None:
 
 
 def unwind_in_child(sparse: Path, *, roots: list[Path], budget: Budget) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "handler.backtrace", str(sparse), "--memory-limit", str(budget.unwind_memory),
-           "--cpu-limit", str(max(1, int(budget.unwind_seconds))), "--max-threads", str(budget.max_threads)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "handler.backtrace",
+        str(sparse),
+        "--memory-limit",
+        str(budget.unwind_memory),
+        "--cpu-limit",
+        str(max(1, int(budget.unwind_seconds))),
+        "--max-threads",
+        str(budget.max_threads),
+    ]
     for r in roots:
         cmd += ["--root", str(r)]
     try:
-        out = subprocess.run(cmd, capture_output=True, timeout=budget.unwind_seconds, text=True,
-                             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                                  "PYTHONPATH": os.pathsep.join(sys.path)})
+        out = subprocess.run(
+            cmd,
+            capture_output=True,
+            timeout=budget.unwind_seconds,
+            text=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"unwinding took longer than {budget.unwind_seconds:g}s"}
     try:
@@ -109,21 +123,29 @@ def explain(*, sparse: Path, proc_pid: Path | None, storage_root: Path, budget: 
     try:
         head = _head(sparse)
         with open(sparse, "rb") as f:
+
             def read_at(offset: int, size: int) -> bytes:
                 return os.pread(f.fileno(), size, offset)
+
             mapped = objects.mapped_objects(head, read_at)
     except OSError as e:
         return {"backtraceError": f"no sparse copy of the core: {e.strerror}"}
     if not mapped:
         extra["objects"] = []
     elif proc_pid is not None:
-        extra["objects"] = objects.keep_objects(storage_root, proc_pid, mapped, max_bytes=budget.object_bytes,
-                                                max_seconds=budget.object_seconds)
+        extra["objects"] = objects.keep_objects(
+            storage_root, proc_pid, mapped, max_bytes=budget.object_bytes, max_seconds=budget.object_seconds
+        )
     else:
-        extra["objects"] = [{"path": m.path, "buildID": m.build_id,
-                             "state": "stored-earlier" if objects.is_stored(storage_root, m.build_id) else "skipped",
-                             **({} if objects.is_stored(storage_root, m.build_id)
-                                else {"reason": "the process was gone"})} for m in mapped]
+        extra["objects"] = [
+            {
+                "path": m.path,
+                "buildID": m.build_id,
+                "state": "stored-earlier" if objects.is_stored(storage_root, m.build_id) else "skipped",
+                **({} if objects.is_stored(storage_root, m.build_id) else {"reason": "the process was gone"}),
+            }
+            for m in mapped
+        ]
     with tempfile.TemporaryDirectory(prefix="coredump-sysroot-") as tmp:
         _sysroot(storage_root, extra["objects"], Path(tmp))
         roots = [Path(tmp)] + ([proc_pid / "root"] if proc_pid is not None else [])

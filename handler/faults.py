@@ -14,6 +14,7 @@ comma-separated list of ``<name>[@<n>][=<action>]``: at the n-th time (1-based, 
 
 The variable is read once, at import; in production it is unset and each point is one ``dict`` lookup.
 """
+
 from __future__ import annotations
 
 import errno

@@ -5,6 +5,7 @@ spool, failover mid-stream, rate limit after commit.
 Used by the kernel path (:mod:`handler.capture`), ``import`` and the spool drain alike, so every core is filed
 the same way whatever way it came in.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,9 +38,18 @@ def signal_name(sig: int) -> str | None:
         return None
 
 
-def base_metadata(*, ident: PodIdentity | None, pid: int, sig: int, timestamp: float, comm: str | None,
-                  exe: str | None, build_id: str | None, node: str | None,
-                  cmdline: str | None = None) -> dict[str, Any]:
+def base_metadata(
+    *,
+    ident: PodIdentity | None,
+    pid: int,
+    sig: int,
+    timestamp: float,
+    comm: str | None,
+    exe: str | None,
+    build_id: str | None,
+    node: str | None,
+    cmdline: str | None = None,
+) -> dict[str, Any]:
     """Everything known before the bytes are read; sizes and digest are added after ingest."""
     return {
         "coreID": None,
@@ -67,8 +77,13 @@ def base_metadata(*, ident: PodIdentity | None, pid: int, sig: int, timestamp: f
 
 
 def add_result(meta: dict[str, Any], result: IngestResult) -> dict[str, Any]:
-    meta.update(size=result.size, observedSize=result.observed_size, sha256=result.sha256,
-                truncated=result.truncated, truncationReason=result.truncation_reason)
+    meta.update(
+        size=result.size,
+        observedSize=result.observed_size,
+        sha256=result.sha256,
+        truncated=result.truncated,
+        truncationReason=result.truncation_reason,
+    )
     return meta
 
 
@@ -176,7 +191,7 @@ class PartialCoreLost(Exception):
 
 @dataclass
 class Filed:
-    result: str                          # "stored" or "spooled"
+    result: str  # "stored" or "spooled"
     stored: layout.StoredCore | None
     spooled: SpoolEntry | None
     metadata: dict[str, Any]
@@ -190,27 +205,51 @@ def rate_key(*, namespace: str, pod: str, pod_uid: str, container: str) -> str:
 
 def reserve_rate_slot(cfg: HandlerConfig, *, ident: PodIdentity, core_id: str) -> ratelimit.Decision:
     """Ask the rate limiter before a byte is compressed whether this core is kept (kernel path)."""
-    return ratelimit.record(cfg.ratelimit_dir, key=rate_key(namespace=ident.namespace, pod=ident.pod,
-                                                               pod_uid=ident.pod_uid, container=ident.container),
-                            core_id=core_id, now=time.time(), first=cfg.rate_first, latest=cfg.rate_latest,
-                            window=cfg.rate_window, latest_interval=cfg.rate_latest_interval)
+    return ratelimit.record(
+        cfg.ratelimit_dir,
+        key=rate_key(namespace=ident.namespace, pod=ident.pod, pod_uid=ident.pod_uid, container=ident.container),
+        core_id=core_id,
+        now=time.time(),
+        first=cfg.rate_first,
+        latest=cfg.rate_latest,
+        window=cfg.rate_window,
+        latest_interval=cfg.rate_latest_interval,
+    )
 
 
 def _evict(cfg: HandlerConfig, ref: layout.CoreRef, core_ids: list[str]) -> int:
     removed = 0
     for core_id in core_ids:
-        victim = layout.CoreRef(namespace=ref.namespace, pod=ref.pod, pod_uid=ref.pod_uid,
-                                container=ref.container, core_id=core_id)
-        gone = layout.remove_core(layout.StoredCore(ref=victim, metadata={}, core_path=victim.core_path(cfg.storage_root),
-                                                    meta_path=victim.meta_path(cfg.storage_root)))
+        victim = layout.CoreRef(
+            namespace=ref.namespace, pod=ref.pod, pod_uid=ref.pod_uid, container=ref.container, core_id=core_id
+        )
+        gone = layout.remove_core(
+            layout.StoredCore(
+                ref=victim,
+                metadata={},
+                core_path=victim.core_path(cfg.storage_root),
+                meta_path=victim.meta_path(cfg.storage_root),
+            )
+        )
         removed += 1
-        logger.info("rate limit: removed core %s of %s/%s/%s (%s)", core_id, ref.namespace, ref.pod,
-                    ref.container, "gone" if gone else "already gone")
+        logger.info(
+            "rate limit: removed core %s of %s/%s/%s (%s)",
+            core_id,
+            ref.namespace,
+            ref.pod,
+            ref.container,
+            "gone" if gone else "already gone",
+        )
     return removed
 
 
-def apply_rate_limit(cfg: HandlerConfig, stored: layout.StoredCore, *,
-                     reserved: ratelimit.Decision | None = None, reserved_id: str | None = None) -> tuple[int, bool]:
+def apply_rate_limit(
+    cfg: HandlerConfig,
+    stored: layout.StoredCore,
+    *,
+    reserved: ratelimit.Decision | None = None,
+    reserved_id: str | None = None,
+) -> tuple[int, bool]:
     """
     Apply the rate limit to a committed core: the decision ``reserved`` before compression (kernel path),
     or one taken now (drain: the bytes are already compressed). Returns (cores removed, this one kept).
@@ -220,8 +259,15 @@ def apply_rate_limit(cfg: HandlerConfig, stored: layout.StoredCore, *,
     if reserved is not None:
         ratelimit.rename(cfg.ratelimit_dir, key=key, old=reserved_id or ref.core_id, new=ref.core_id)
         return _evict(cfg, ref, reserved.evict), True
-    decision = ratelimit.record(cfg.ratelimit_dir, key=key, core_id=ref.core_id, now=time.time(),
-                                first=cfg.rate_first, latest=cfg.rate_latest, window=cfg.rate_window)
+    decision = ratelimit.record(
+        cfg.ratelimit_dir,
+        key=key,
+        core_id=ref.core_id,
+        now=time.time(),
+        first=cfg.rate_first,
+        latest=cfg.rate_latest,
+        window=cfg.rate_window,
+    )
     victims = decision.evict + ([] if decision.keep else [ref.core_id])
     return _evict(cfg, ref, victims), decision.keep
 
@@ -236,21 +282,37 @@ class Explain:
 def _explain(cfg: HandlerConfig, stored: layout.StoredCore, sparse: Path, target: Explain) -> layout.StoredCore:
     """Add the backtrace and objects to a committed core; any failure leaves the core as it was committed."""
     try:
-        extra = explain.explain(sparse=sparse, proc_pid=target.proc_pid, storage_root=cfg.storage_root,
-                                budget=explain.Budget(object_bytes=cfg.objects_max_bytes,
-                                                      object_seconds=cfg.objects_max_seconds,
-                                                      unwind_seconds=cfg.unwind_timeout))
+        extra = explain.explain(
+            sparse=sparse,
+            proc_pid=target.proc_pid,
+            storage_root=cfg.storage_root,
+            budget=explain.Budget(
+                object_bytes=cfg.objects_max_bytes,
+                object_seconds=cfg.objects_max_seconds,
+                unwind_seconds=cfg.unwind_timeout,
+            ),
+        )
         return layout.amend_metadata(stored, extra)
     except Exception as e:  # noqa: BLE001 - the core is committed; explaining it is a bonus
         logger.error("core %s: no backtrace (%s)", stored.ref.core_id, e, extra={"core": stored.ref.core_id})
         return stored
 
 
-def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, Any], core_id: str,
-              ident: PodIdentity | None, spool_reason: str | None,
-              stored_result: IngestResult | None = None, dropped: int = 0,
-              reserved: ratelimit.Decision | None = None, rate_limit: bool = True,
-              explain_target: Explain | None = None, truncation_reason: str | None = None) -> Filed:
+def file_core(
+    cfg: HandlerConfig,
+    *,
+    chunks: Iterable[bytes],
+    meta: dict[str, Any],
+    core_id: str,
+    ident: PodIdentity | None,
+    spool_reason: str | None,
+    stored_result: IngestResult | None = None,
+    dropped: int = 0,
+    reserved: ratelimit.Decision | None = None,
+    rate_limit: bool = True,
+    explain_target: Explain | None = None,
+    truncation_reason: str | None = None,
+) -> Filed:
     """
     Ingest ``chunks`` and commit them, to storage when ``ident`` is known and ``spool_reason`` is None,
     to the spool otherwise. With ``stored_result`` (spool drain) the chunks are already gzipped and are
@@ -259,14 +321,22 @@ def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, An
     compression (kernel path); without it a stored core is rate limited now, unless ``rate_limit`` is False
     (import: a person asked for this core).
     """
+
     def new_spool() -> SpoolWriter:
         return SpoolWriter(cfg.spool_dir, name=core_id)
 
     writer: layout.CoreWriter | SpoolWriter
     if ident is not None and spool_reason is None:
-        writer = layout.CoreWriter(cfg.storage_root, namespace=ident.namespace, pod=ident.pod,
-                                   pod_uid=ident.pod_uid, container=ident.container, core_id=core_id,
-                                   node=cfg.node, heartbeat=cfg.heartbeat_interval)
+        writer = layout.CoreWriter(
+            cfg.storage_root,
+            namespace=ident.namespace,
+            pod=ident.pod,
+            pod_uid=ident.pod_uid,
+            container=ident.container,
+            core_id=core_id,
+            node=cfg.node,
+            heartbeat=cfg.heartbeat_interval,
+        )
         try:
             writer.open()
         except OSError as e:
@@ -288,9 +358,20 @@ def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, An
             logger.warning("no sparse copy for a backtrace: %s", e)
             sparse = None
     try:
-        return _file_core(cfg, chunks=chunks, meta=meta, core_id=core_id, sink=sink, stored_result=stored_result,
-                          dropped=dropped, reserved=reserved, rate_limit=rate_limit, sparse=sparse,
-                          explain_target=explain_target, truncation_reason=truncation_reason)
+        return _file_core(
+            cfg,
+            chunks=chunks,
+            meta=meta,
+            core_id=core_id,
+            sink=sink,
+            stored_result=stored_result,
+            dropped=dropped,
+            reserved=reserved,
+            rate_limit=rate_limit,
+            sparse=sparse,
+            explain_target=explain_target,
+            truncation_reason=truncation_reason,
+        )
     finally:
         if sparse is not None:
             sparse.abort()
@@ -298,25 +379,46 @@ def file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, An
             scratch.cleanup()
 
 
-def _file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, Any], core_id: str,
-               sink: FailoverSink, stored_result: IngestResult | None, dropped: int,
-               reserved: ratelimit.Decision | None, rate_limit: bool, sparse: sparsecore.SparseCore | None,
-               explain_target: Explain | None, truncation_reason: str | None = None) -> Filed:
+def _file_core(
+    cfg: HandlerConfig,
+    *,
+    chunks: Iterable[bytes],
+    meta: dict[str, Any],
+    core_id: str,
+    sink: FailoverSink,
+    stored_result: IngestResult | None,
+    dropped: int,
+    reserved: ratelimit.Decision | None,
+    rate_limit: bool,
+    sparse: sparsecore.SparseCore | None,
+    explain_target: Explain | None,
+    truncation_reason: str | None = None,
+) -> Filed:
     try:
         if stored_result is not None:
             for chunk in chunks:
                 sink.write(chunk)
             result = stored_result
         else:
-            result = ingest(chunks, sink.write, max_size=cfg.max_core_size, level=cfg.compress_level,
-                            tap=sparse.feed if sparse is not None else None)
+            result = ingest(
+                chunks,
+                sink.write,
+                max_size=cfg.max_core_size,
+                level=cfg.compress_level,
+                tap=sparse.feed if sparse is not None else None,
+            )
             if result.truncation_reason in PARTIAL_REASONS and not result.notes_complete:
-                raise PartialCoreLost(f"core {result.truncation_reason} after {result.observed_size} bytes, "
-                                      "before its ELF header and notes had arrived: nothing worth keeping")
+                raise PartialCoreLost(
+                    f"core {result.truncation_reason} after {result.observed_size} bytes, "
+                    "before its ELF header and notes had arrived: nothing worth keeping"
+                )
         if dropped or truncation_reason:
-            result = dataclasses.replace(result, observed_size=result.observed_size + dropped, truncated=True,
-                                         truncation_reason=truncation_reason
-                                         or "spooled by the shim: larger than its maximum")
+            result = dataclasses.replace(
+                result,
+                observed_size=result.observed_size + dropped,
+                truncated=True,
+                truncation_reason=truncation_reason or "spooled by the shim: larger than its maximum",
+            )
         add_result(meta, result)
         committed = sink.commit(meta)
     except BaseException:
@@ -325,25 +427,45 @@ def _file_core(cfg: HandlerConfig, *, chunks: Iterable[bytes], meta: dict[str, A
             sparse.abort()
         raise
     if isinstance(committed, layout.StoredCore):
-        removed, kept = (apply_rate_limit(cfg, committed, reserved=reserved, reserved_id=core_id)
-                         if rate_limit or reserved is not None else (0, True))
+        removed, kept = (
+            apply_rate_limit(cfg, committed, reserved=reserved, reserved_id=core_id)
+            if rate_limit or reserved is not None
+            else (0, True)
+        )
         if kept and sparse is not None and explain_target is not None:
             committed = _explain(cfg, committed, sparse.close(), explain_target)
-        return Filed(result="stored", stored=committed if kept else None, spooled=None,
-                     metadata=committed.metadata, rate_limited=removed)
+        return Filed(
+            result="stored",
+            stored=committed if kept else None,
+            spooled=None,
+            metadata=committed.metadata,
+            rate_limited=removed,
+        )
     return Filed(result="spooled", stored=None, spooled=committed, metadata=meta, reason=sink.failover_reason)
 
 
 def outcome_record(filed: Filed, *, duration: float, source: str) -> dict[str, Any]:
     m = filed.metadata
     return {
-        "result": filed.result, "source": source, "duration": duration,
-        "namespace": m.get("namespace"), "pod": m.get("pod"), "podUID": m.get("podUID"),
-        "container": m.get("container"), "coreID": m.get("coreID"), "signal": m.get("signal"),
-        "signalName": m.get("signalName"), "size": m.get("size"), "observedSize": m.get("observedSize"),
+        "result": filed.result,
+        "source": source,
+        "duration": duration,
+        "namespace": m.get("namespace"),
+        "pod": m.get("pod"),
+        "podUID": m.get("podUID"),
+        "container": m.get("container"),
+        "coreID": m.get("coreID"),
+        "signal": m.get("signal"),
+        "signalName": m.get("signalName"),
+        "size": m.get("size"),
+        "observedSize": m.get("observedSize"),
         "storedSize": (filed.stored.metadata.get("storedSize") if filed.stored else None),
-        "truncated": m.get("truncated"), "exe": m.get("exe"),
-        "topFrame": (m.get("topFrames") or [None])[0], "signature": m.get("signature"),
-        "rateLimited": filed.rate_limited, "kept": filed.stored is not None
-        or filed.result == "spooled", "reason": filed.reason, "node": m.get("node"),
+        "truncated": m.get("truncated"),
+        "exe": m.get("exe"),
+        "topFrame": (m.get("topFrames") or [None])[0],
+        "signature": m.get("signature"),
+        "rateLimited": filed.rate_limited,
+        "kept": filed.stored is not None or filed.result == "spooled",
+        "reason": filed.reason,
+        "node": m.get("node"),
     }

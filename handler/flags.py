@@ -17,6 +17,7 @@ prints ``coredump-agent: error: argument --max-age: ...`` and exits 2. Defaults 
 same syntax (``default="1m"``): argparse converts a string default through the flag's type, so ``--help`` and
 the README's flag tables (``deploy/flags-table.py``) show the value as a user would write it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,21 @@ import re
 from collections.abc import Callable
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h|d|w)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0,
-          "w": 604800.0}
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 _QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
-_SIZE_UNITS = {None: 1, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "Pi": 1 << 50,
-               "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+_SIZE_UNITS = {
+    None: 1,
+    "Ki": 1 << 10,
+    "Mi": 1 << 20,
+    "Gi": 1 << 30,
+    "Ti": 1 << 40,
+    "Pi": 1 << 50,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+}
 
 
 def parse_duration(text: str, *, allow_days: bool = False) -> float:
@@ -101,8 +112,10 @@ def parse_list(text: str) -> tuple[str, ...]:
 
 def list_of(item: Callable[[str], str]) -> Callable[[str], tuple[str, ...]]:
     """A comma-separated list whose every item is checked by ``item`` (which raises ArgumentTypeError)."""
+
     def parse(text: str) -> tuple[str, ...]:
         return tuple(item(part) for part in parse_list(text))
+
     return parse
 
 
@@ -112,16 +125,27 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
-        if (switch or not action.option_strings or "%(default)" in text
-                or action.default in (None, argparse.SUPPRESS, "", (), [])):
+        if (
+            switch
+            or not action.option_strings
+            or "%(default)" in text
+            or action.default in (None, argparse.SUPPRESS, "", (), [])
+        ):
             return action.help
         return f"{text} (default: %(default)s)"
 
 
 def add_bool(group: argparse._ActionsContainer, flag: str, *, default: bool, help: str) -> None:
     """A Kubernetes-style boolean flag: ``--flag`` (true), ``--flag=true``, ``--flag=false``."""
-    group.add_argument(flag, type=parse_bool, nargs="?", const=True, default="true" if default else "false",
-                       metavar="true|false", help=help)
+    group.add_argument(
+        flag,
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default="true" if default else "false",
+        metavar="true|false",
+        help=help,
+    )
 
 
 def format_duration(seconds: float) -> str:

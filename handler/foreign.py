@@ -10,6 +10,7 @@ Cores of processes that are not in a pod go where the node's previous ``core_pat
   where the kernel would have, through ``/proc/<pid>/cwd`` (relative) or ``/proc/<pid>/root`` (absolute),
   i.e. in the crashing process's own filesystem view, honouring its ``RLIMIT_CORE`` like the kernel does.
 """
+
 from __future__ import annotations
 
 import logging
@@ -26,28 +27,37 @@ EXIT_FORWARD = 10
 
 @dataclass
 class CrashSpecifiers:
-    pid: int                    # %P (initial pid namespace)
-    tid: int | None = None      # %I
-    signal: int = 0             # %s
-    time: int = 0               # %t
-    comm: str = ""              # %e
-    rlimit: int | None = None   # %c (bytes; None = unknown)
+    pid: int  # %P (initial pid namespace)
+    tid: int | None = None  # %I
+    signal: int = 0  # %s
+    time: int = 0  # %t
+    comm: str = ""  # %e
+    rlimit: int | None = None  # %c (bytes; None = unknown)
     uid: int | None = None
     gid: int | None = None
-    ns_pid: int | None = None   # %p
-    ns_tid: int | None = None   # %i
-    exe: str | None = None      # %E-ish: the executable path
+    ns_pid: int | None = None  # %p
+    ns_tid: int | None = None  # %i
+    exe: str | None = None  # %E-ish: the executable path
 
 
 def expand(template: str, spec: CrashSpecifiers, *, hostname: str | None = None) -> str:
     """Expand core_pattern ``%`` specifiers the way the kernel does (unknown ones vanish)."""
     values = {
-        "%": "%", "p": spec.ns_pid if spec.ns_pid is not None else spec.pid, "P": spec.pid,
-        "i": spec.ns_tid if spec.ns_tid is not None else (spec.tid or spec.pid), "I": spec.tid or spec.pid,
-        "u": spec.uid if spec.uid is not None else 0, "g": spec.gid if spec.gid is not None else 0,
-        "s": spec.signal, "t": spec.time, "h": hostname or socket.gethostname(), "e": spec.comm,
-        "E": (spec.exe or "").replace("/", "!"), "c": spec.rlimit if spec.rlimit is not None else -1,
-        "d": 0, "f": os.path.basename(spec.exe or spec.comm),
+        "%": "%",
+        "p": spec.ns_pid if spec.ns_pid is not None else spec.pid,
+        "P": spec.pid,
+        "i": spec.ns_tid if spec.ns_tid is not None else (spec.tid or spec.pid),
+        "I": spec.tid or spec.pid,
+        "u": spec.uid if spec.uid is not None else 0,
+        "g": spec.gid if spec.gid is not None else 0,
+        "s": spec.signal,
+        "t": spec.time,
+        "h": hostname or socket.gethostname(),
+        "e": spec.comm,
+        "E": (spec.exe or "").replace("/", "!"),
+        "c": spec.rlimit if spec.rlimit is not None else -1,
+        "d": 0,
+        "f": os.path.basename(spec.exe or spec.comm),
     }
     out = []
     i = 0
@@ -105,8 +115,11 @@ def shim_forward_script(previous: str) -> str | None:
         words.append("".join(parts) or "''")
     if not words:
         return None
-    return "# written by coredump-agent from the node's previous core_pattern; read by the shim\nset -- " \
-        + " ".join(words) + "\n"
+    return (
+        "# written by coredump-agent from the node's previous core_pattern; read by the shim\nset -- "
+        + " ".join(words)
+        + "\n"
+    )
 
 
 def shell_command(argv: list[str]) -> str:

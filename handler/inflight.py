@@ -18,6 +18,7 @@ and one whose pid is gone or reused is dead at once, without waiting for the gra
 Names read from storage are untrusted: a name that does not parse is an old-style or foreign temp file, judged by
 its mtime alone.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -81,7 +82,7 @@ def process_start(pid: int, *, proc_root: Path = Path("/proc")) -> int | None:
     except OSError:
         return None
     # The comm (field 2) may hold spaces and parentheses: the fields after it start after the last ')'.
-    fields = raw[raw.rfind(b")") + 2:].split()
+    fields = raw[raw.rfind(b")") + 2 :].split()
     try:
         return int(fields[19])
     except (IndexError, ValueError):
@@ -103,7 +104,7 @@ def parse_temp_name(name: str, *, suffixes: tuple[str, ...], core_id: re.Pattern
     """``name`` taken apart if it is a temp name of :func:`temp_name`'s form with one of ``suffixes``, else None."""
     if not (name.startswith(".") and name.endswith(TMP)):
         return None
-    body = name[1: -len(TMP)]
+    body = name[1 : -len(TMP)]
     for suffix in suffixes:
         if body.endswith(suffix):
             parts = body[: -len(suffix)].split("@")
@@ -116,8 +117,9 @@ def parse_temp_name(name: str, *, suffixes: tuple[str, ...], core_id: re.Pattern
     m = _PROCESS.match(process)
     if not (core_id.match(cid) and _NODE_TAG.match(node) and m and _TOKEN.match(token)):
         return None
-    return TempName(core_id=cid, writer=Writer(node=node, pid=int(m["pid"]), start=int(m["start"])), token=token,
-                    suffix=suffix)
+    return TempName(
+        core_id=cid, writer=Writer(node=node, pid=int(m["pid"]), start=int(m["start"])), token=token, suffix=suffix
+    )
 
 
 def process_alive(writer: Writer, *, proc_root: Path) -> bool | None:
@@ -135,8 +137,15 @@ def writer_alive(writer: Writer, *, node: str | None, proc_root: Path | None) ->
     return process_alive(writer, proc_root=proc_root)
 
 
-def abandoned(st: os.stat_result, parsed: TempName | None, *, now: float, grace: float, node: str | None = None,
-              proc_root: Path | None = None) -> bool:
+def abandoned(
+    st: os.stat_result,
+    parsed: TempName | None,
+    *,
+    now: float,
+    grace: float,
+    node: str | None = None,
+    proc_root: Path | None = None,
+) -> bool:
     """Whether the temp file whose ``lstat`` is ``st`` belongs to no live write (see the module docstring)."""
     if not stat.S_ISREG(st.st_mode):
         return False
@@ -150,8 +159,10 @@ def abandoned(st: os.stat_result, parsed: TempName | None, *, now: float, grace:
 def check_grace(grace: float) -> float:
     """``grace`` if a sweeper may use it: shorter than four heartbeats, it would take live writes for debris."""
     if not grace >= MIN_GRACE_SECONDS:
-        raise ValueError(f"a debris grace of {grace:g}s is shorter than {MIN_GRACE_SECONDS:g}s "
-                         f"(four writer heartbeats of {HEARTBEAT_SECONDS:g}s): live writes would be swept")
+        raise ValueError(
+            f"a debris grace of {grace:g}s is shorter than {MIN_GRACE_SECONDS:g}s "
+            f"(four writer heartbeats of {HEARTBEAT_SECONDS:g}s): live writes would be swept"
+        )
     return grace
 
 

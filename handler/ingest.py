@@ -12,6 +12,7 @@ Past ``max_size`` the stream is still read to its end, only counted, so the kern
 size the kernel sent is known. A stream that ends before the size its ELF headers announce, or that a
 :class:`~handler.early.ChunkReader` ended (stall, stop), is marked truncated with the reason.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,9 +35,9 @@ COMPRESS_THREADS = 2
 
 @dataclass
 class IngestResult:
-    size: int               # bytes stored (uncompressed)
-    observed_size: int      # bytes read from the source
-    sha256: str             # of the stored (uncompressed) bytes
+    size: int  # bytes stored (uncompressed)
+    observed_size: int  # bytes read from the source
+    sha256: str  # of the stored (uncompressed) bytes
     truncated: bool
     truncation_reason: str | None
     # Whether the ELF header, program headers and notes all arrived (None: the stream is not an ELF core).
@@ -46,8 +47,15 @@ class IngestResult:
 class _Run:
     """One ingest: workers share the source under a lock, compress apart, write in sequence order."""
 
-    def __init__(self, chunks: Iterable[Any], sink: Callable[[bytes], None], *, max_size: int,
-                 level: int, tap: Callable[[Any], None] | None = None) -> None:
+    def __init__(
+        self,
+        chunks: Iterable[Any],
+        sink: Callable[[bytes], None],
+        *,
+        max_size: int,
+        level: int,
+        tap: Callable[[Any], None] | None = None,
+    ) -> None:
         self.it = iter(chunks)
         self.tap = tap
         self.release: Callable[[Any], None] | None = getattr(chunks, "release", None)
@@ -118,19 +126,27 @@ class _Run:
                 self.turn.notify_all()
 
 
-def ingest(chunks: Iterable[Any], sink: Callable[[bytes], None], *, max_size: int = 0,
-           level: int = COMPRESS_LEVEL, threads: int = COMPRESS_THREADS,
-           tap: Callable[[Any], None] | None = None) -> IngestResult:
+def ingest(
+    chunks: Iterable[Any],
+    sink: Callable[[bytes], None],
+    *,
+    max_size: int = 0,
+    level: int = COMPRESS_LEVEL,
+    threads: int = COMPRESS_THREADS,
+    tap: Callable[[Any], None] | None = None,
+) -> IngestResult:
     """
     Compress ``chunks`` (bytes-like; a source with ``release(chunk)`` gets each chunk back once it is hashed
     and compressed) into ``sink``, up to ``max_size`` bytes (0 = all), counting the rest; returns sizes, the
     sha256 of what was stored and whether the stream was cut. ``tap`` sees every stored byte in order.
     """
     if hasattr(chunks, "manual_release"):
-        chunks.manual_release = True    # the workers hold chunks past the next iteration
+        chunks.manual_release = True  # the workers hold chunks past the next iteration
     run = _Run(chunks, sink, max_size=max_size, level=level, tap=tap)
-    workers = [threading.Thread(target=run.work, name=f"core-compress-{i}", daemon=True)
-               for i in range(max(1, min(threads, os.cpu_count() or 1)))]
+    workers = [
+        threading.Thread(target=run.work, name=f"core-compress-{i}", daemon=True)
+        for i in range(max(1, min(threads, os.cpu_count() or 1)))
+    ]
     for w in workers:
         w.start()
     for w in workers:
@@ -138,7 +154,7 @@ def ingest(chunks: Iterable[Any], sink: Callable[[bytes], None], *, max_size: in
     if run.error is not None:
         raise run.error
     if run.size == 0:
-        sink(isal_zlib.compress(b"", level, 31))   # an empty core is still a valid gzip file
+        sink(isal_zlib.compress(b"", level, 31))  # an empty core is still a valid gzip file
     shape = run.shape
     ended_by = getattr(chunks, "end_reason", None)
     reason = None
@@ -150,15 +166,22 @@ def ingest(chunks: Iterable[Any], sink: Callable[[bytes], None], *, max_size: in
     elif run.observed > run.size:
         reason = f"core larger than the maximum size of {max_size} bytes"
     notes = None if shape.is_core is not True else shape.has_notes(run.observed)
-    return IngestResult(size=run.size, observed_size=run.observed, sha256=run.hash.hexdigest(),
-                        truncated=reason is not None, truncation_reason=reason, notes_complete=notes)
+    return IngestResult(
+        size=run.size,
+        observed_size=run.observed,
+        sha256=run.hash.hexdigest(),
+        truncated=reason is not None,
+        truncation_reason=reason,
+        notes_complete=notes,
+    )
 
 
 class FileChunks:
     """A file's chunks through a :class:`BufferPool` (``readinto``): import and drain read with flat memory."""
 
-    def __init__(self, path: os.PathLike[str] | str, *, chunk_size: int = DEFAULT_CHUNK,
-                 opener: Callable[..., Any] | None = None) -> None:
+    def __init__(
+        self, path: os.PathLike[str] | str, *, chunk_size: int = DEFAULT_CHUNK, opener: Callable[..., Any] | None = None
+    ) -> None:
         self.path = path
         self.opener = opener
         self.pool = BufferPool(count=POOL_BUFFERS, size=chunk_size)
@@ -172,7 +195,7 @@ class FileChunks:
             self.pool.give(buf)
 
     def __iter__(self):
-        with (self.opener(self.path, "rb") if self.opener else open(self.path, "rb", buffering=0)) as f:
+        with self.opener(self.path, "rb") if self.opener else open(self.path, "rb", buffering=0) as f:
             previous: memoryview | None = None
             while True:
                 if previous is not None and not self.manual_release:
@@ -189,8 +212,9 @@ class FileChunks:
                 yield chunk
 
 
-def file_chunks(path: os.PathLike[str] | str, *, chunk_size: int = DEFAULT_CHUNK,
-                opener: Callable[..., Any] | None = None) -> FileChunks:
+def file_chunks(
+    path: os.PathLike[str] | str, *, chunk_size: int = DEFAULT_CHUNK, opener: Callable[..., Any] | None = None
+) -> FileChunks:
     """Chunks of a file (for import and for draining raw spooled cores); ``opener`` e.g. ``isal.igzip.open``."""
     return FileChunks(path, chunk_size=chunk_size, opener=opener)
 

@@ -29,6 +29,7 @@ names that come from a crashing process (comm, exe) are sanitized here, so no ca
 of its own. Everything in this module is blocking filesystem code; the API server calls it through
 ``asyncio.to_thread``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,9 +82,29 @@ CORE_ID_TIME_FORMAT = "%Y%m%dT%H%M%SZ"
 
 # The metadata schema (camelCase). Writers may add keys; these are always present in a committed core.
 METADATA_KEYS: tuple[str, ...] = (
-    "coreID", "namespace", "pod", "podUID", "container", "containerID", "node", "image", "imageDigest",
-    "pid", "signal", "signalName", "comm", "exe", "buildID", "timestamp", "size", "observedSize",
-    "storedSize", "sha256", "truncated", "truncationReason", "compression",
+    "coreID",
+    "namespace",
+    "pod",
+    "podUID",
+    "container",
+    "containerID",
+    "node",
+    "image",
+    "imageDigest",
+    "pid",
+    "signal",
+    "signalName",
+    "comm",
+    "exe",
+    "buildID",
+    "timestamp",
+    "size",
+    "observedSize",
+    "storedSize",
+    "sha256",
+    "truncated",
+    "truncationReason",
+    "compression",
 )
 
 
@@ -104,14 +125,24 @@ def _check(kind: str, value: object, pattern: re.Pattern[str], *, max_len: int, 
 
 
 def validate_namespace(v: str) -> str:
-    return _check("namespace", v, _DNS1123_LABEL, max_len=63,
-                  rule="must be a DNS-1123 label (lowercase letters, digits and '-', starting and ending alphanumeric)")
+    return _check(
+        "namespace",
+        v,
+        _DNS1123_LABEL,
+        max_len=63,
+        rule="must be a DNS-1123 label (lowercase letters, digits and '-', starting and ending alphanumeric)",
+    )
 
 
 def validate_pod_name(v: str) -> str:
-    return _check("pod name", v, _DNS1123_SUBDOMAIN, max_len=253,
-                  rule="must be a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', "
-                       "each part starting and ending alphanumeric)")
+    return _check(
+        "pod name",
+        v,
+        _DNS1123_SUBDOMAIN,
+        max_len=253,
+        rule="must be a DNS-1123 subdomain (lowercase letters, digits, '-' and '.', "
+        "each part starting and ending alphanumeric)",
+    )
 
 
 def validate_pod_uid(v: str) -> str:
@@ -119,13 +150,19 @@ def validate_pod_uid(v: str) -> str:
 
 
 def validate_container(v: str) -> str:
-    return _check("container", v, _DNS1123_LABEL, max_len=63,
-                  rule="must be a DNS-1123 label (lowercase letters, digits and '-', starting and ending alphanumeric)")
+    return _check(
+        "container",
+        v,
+        _DNS1123_LABEL,
+        max_len=63,
+        rule="must be a DNS-1123 label (lowercase letters, digits and '-', starting and ending alphanumeric)",
+    )
 
 
 def validate_core_id(v: str) -> str:
-    return _check("core id", v, CORE_ID_RE, max_len=128,
-                  rule="must look like YYYYMMDDTHHMMSSZ-<comm>-<pid>-<signal>[-<n>]")
+    return _check(
+        "core id", v, CORE_ID_RE, max_len=128, rule="must look like YYYYMMDDTHHMMSSZ-<comm>-<pid>-<signal>[-<n>]"
+    )
 
 
 def sanitize_comm(comm: str | bytes | None) -> str:
@@ -186,8 +223,9 @@ class CoreRef:
         validate_core_id(self.core_id)
 
     def directory(self, root: Path) -> Path:
-        return container_dir(root, namespace=self.namespace, pod=self.pod, pod_uid=self.pod_uid,
-                             container=self.container)
+        return container_dir(
+            root, namespace=self.namespace, pod=self.pod, pod_uid=self.pod_uid, container=self.container
+        )
 
     def core_path(self, root: Path) -> Path:
         return self.directory(root) / (self.core_id + CORE_SUFFIX)
@@ -213,8 +251,13 @@ class StoredCore:
 
 def container_dir(root: Path, *, namespace: str, pod: str, pod_uid: str, container: str) -> Path:
     """The container directory's path, for messages and for tests; access goes through :func:`open_container`."""
-    return (Path(root) / validate_namespace(namespace) / validate_pod_name(pod) / validate_pod_uid(pod_uid)
-            / validate_container(container))
+    return (
+        Path(root)
+        / validate_namespace(namespace)
+        / validate_pod_name(pod)
+        / validate_pod_uid(pod_uid)
+        / validate_container(container)
+    )
 
 
 def open_container(root: Path, ref: CoreRef) -> safefs.Dir | None:
@@ -237,7 +280,7 @@ def _valid_names(d: safefs.Dir, validator: Any) -> list[str]:
 
 def _sub_or_all(d: safefs.Dir, name: str | None, validator: Any) -> Iterator[tuple[str, safefs.Dir]]:
     """The named subdirectory (if it is a real one), or every valid one: each yielded open, closed after."""
-    for n in ([name] if name is not None else _valid_names(d, validator)):
+    for n in [name] if name is not None else _valid_names(d, validator):
         sub = d.sub(n)
         if sub is None:
             continue
@@ -260,8 +303,9 @@ def _read_metadata(d: safefs.Dir, name: str) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _read_committed(root: Path, d: safefs.Dir, *, namespace: str, pod: str, pod_uid: str,
-                    container: str) -> list[StoredCore]:
+def _read_committed(
+    root: Path, d: safefs.Dir, *, namespace: str, pod: str, pod_uid: str, container: str
+) -> list[StoredCore]:
     files = d.entries("file")
     present = set(files)
     cores = []
@@ -278,13 +322,15 @@ def _read_committed(root: Path, d: safefs.Dir, *, namespace: str, pod: str, pod_
         metadata = _read_metadata(d, name)
         if metadata is None:
             continue
-        cores.append(StoredCore(ref=ref, metadata=metadata, core_path=ref.core_path(root),
-                                meta_path=ref.meta_path(root)))
+        cores.append(
+            StoredCore(ref=ref, metadata=metadata, core_path=ref.core_path(root), meta_path=ref.meta_path(root))
+        )
     return cores
 
 
-def list_cores(root: Path, *, namespace: str, pod: str | None = None, pod_uid: str | None = None,
-               container: str | None = None) -> list[StoredCore]:
+def list_cores(
+    root: Path, *, namespace: str, pod: str | None = None, pod_uid: str | None = None, container: str | None = None
+) -> list[StoredCore]:
     """Committed cores of a namespace, optionally narrowed; sorted by (container, core_id). Links are absent."""
     root = Path(root)
     validate_namespace(namespace)
@@ -423,7 +469,7 @@ _prune_empty_dirs = prune_empty_dirs  # the name retention used
 
 def _is_family(core_id: str, base: str) -> bool:
     """Whether ``core_id`` is ``base`` or one of its uniquified ids (``base-1``, ``base-2``...)."""
-    return core_id == base or (core_id.startswith(base + "-") and core_id[len(base) + 1:].isdigit())
+    return core_id == base or (core_id.startswith(base + "-") and core_id[len(base) + 1 :].isdigit())
 
 
 def _id_candidates(base: str) -> Iterator[str]:
@@ -517,8 +563,9 @@ def _finish_write(d: safefs.Dir, w: _PendingWrite) -> str | None:
             return cid
         why = _verify_data(d, w.data, meta)
         if why is not None:
-            logger.error("cannot complete the interrupted commit of %s/%s: %s; its temp files are removed",
-                         d.path, cid, why)
+            logger.error(
+                "cannot complete the interrupted commit of %s/%s: %s; its temp files are removed", d.path, cid, why
+            )
             return None
         for candidate in _id_candidates(w.data_name.core_id):
             if d.lstat(candidate + CORE_SUFFIX) is not None:
@@ -554,7 +601,7 @@ def _whole_members(f: safefs.ReadFile) -> tuple[int, int, str, elfinfo.CoreShape
     shape = elfinfo.CoreShape()
     digest = hashlib.sha256()
     good = size = 0
-    base = 0                      # compressed offset where ``buf`` starts
+    base = 0  # compressed offset where ``buf`` starts
     obj = zlib.decompressobj(31)
     pending: list[bytes] = []
     pending_len = 0
@@ -593,8 +640,10 @@ def _is_public(entries: dict[str, os.stat_result], name: str) -> bool:
     """Whether the temp ``name`` is a second name of a public data file (its writer died right after the commit,
     before unlinking it): then it is no core of its own."""
     st = entries[name]
-    return any(not n.startswith(".") and n.endswith(CORE_SUFFIX) and (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino)
-               for n, o in entries.items())
+    return any(
+        not n.startswith(".") and n.endswith(CORE_SUFFIX) and (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino)
+        for n, o in entries.items()
+    )
 
 
 def _salvage(d: safefs.Dir, w: _PendingWrite, ref: CoreRef) -> str | None:
@@ -638,11 +687,24 @@ def _salvage(d: safefs.Dir, w: _PendingWrite, ref: CoreRef) -> str | None:
     node = w.data_name.writer.node
     meta: dict[str, Any] = {k: None for k in METADATA_KEYS}
     meta.update(
-        coreID=w.data_name.core_id, namespace=ref.namespace, pod=ref.pod, podUID=ref.pod_uid,
-        container=ref.container, node=None if node == inflight.UNKNOWN_NODE else node, pid=int(m["pid"]),
-        signal=sig, signalName=signal_name, comm=m["comm"], timestamp=rfc3339(core_id_time(w.data_name.core_id)),
-        size=size, observedSize=size, storedSize=good, sha256=sha, truncated=cut,
-        truncationReason=KILLED_MID_STREAM if cut else None, compression="gzip",
+        coreID=w.data_name.core_id,
+        namespace=ref.namespace,
+        pod=ref.pod,
+        podUID=ref.pod_uid,
+        container=ref.container,
+        node=None if node == inflight.UNKNOWN_NODE else node,
+        pid=int(m["pid"]),
+        signal=sig,
+        signalName=signal_name,
+        comm=m["comm"],
+        timestamp=rfc3339(core_id_time(w.data_name.core_id)),
+        size=size,
+        observedSize=size,
+        storedSize=good,
+        sha256=sha,
+        truncated=cut,
+        truncationReason=KILLED_MID_STREAM if cut else None,
+        compression="gzip",
         recovered="the handler was killed mid-stream; the debris sweep kept what it had written",
     )
     meta_name = inflight.temp_name(w.data_name.core_id, w.data_name.writer, w.token, META_SUFFIX)
@@ -662,8 +724,15 @@ def _complete_incomplete(d: safefs.Dir, core_id: str, temps: list[str]) -> bool:
     return False
 
 
-def sweep_debris(directory: Path, *, now: float | None = None, grace: float = ORPHAN_GRACE_SECONDS,
-                 recover: bool = True, node: str | None = None, proc_root: Path | None = None) -> int:
+def sweep_debris(
+    directory: Path,
+    *,
+    now: float | None = None,
+    grace: float = ORPHAN_GRACE_SECONDS,
+    recover: bool = True,
+    node: str | None = None,
+    proc_root: Path | None = None,
+) -> int:
     """
     One container directory: finish or remove the writes that were abandoned (their writer is dead, or their
     liveness mark is older than ``grace``; see :mod:`handler.inflight`). Returns how many files were removed.
@@ -685,8 +754,9 @@ def sweep_debris(directory: Path, *, now: float | None = None, grace: float = OR
         entries = {n: st for n, st in d.all_entries() if stat.S_ISREG(st.st_mode)}
 
         def gone(name: str) -> bool:
-            return inflight.abandoned(entries[name], _parse_temp(name), now=now, grace=grace, node=node,
-                                      proc_root=proc_root)
+            return inflight.abandoned(
+                entries[name], _parse_temp(name), now=now, grace=grace, node=node, proc_root=proc_root
+            )
 
         done: set[str] = set()
         # 1. Writes of this protocol, judged by their data temp (the one whose mark is kept fresh).
@@ -704,8 +774,7 @@ def sweep_debris(directory: Path, *, now: float | None = None, grace: float = OR
             elif recover and not _is_public(entries, w.data):
                 cid = _salvage(d, w, ref)
                 if cid is not None:
-                    logger.warning("kept core %s/%s, cut where its writer was killed (truncated: killed)",
-                                   d.path, cid)
+                    logger.warning("kept core %s/%s, cut where its writer was killed (truncated: killed)", d.path, cid)
                     entries[cid + META_SUFFIX] = entries[w.data]
             for name in w.names():
                 if d.unlink(name):
@@ -718,8 +787,14 @@ def sweep_debris(directory: Path, *, now: float | None = None, grace: float = OR
             core_id = name[: -len(CORE_SUFFIX)]
             if core_id + META_SUFFIX in entries or not CORE_ID_RE.match(core_id):
                 continue
-            temps = [n for n in entries if n not in done and n.endswith(META_SUFFIX + inflight.TMP)
-                     and (n.startswith(f".{core_id}.") or n.startswith(f".{core_id}@")) and gone(n)]
+            temps = [
+                n
+                for n in entries
+                if n not in done
+                and n.endswith(META_SUFFIX + inflight.TMP)
+                and (n.startswith(f".{core_id}.") or n.startswith(f".{core_id}@"))
+                and gone(n)
+            ]
             if not temps and not gone(name):
                 continue
             if recover:
@@ -727,8 +802,9 @@ def sweep_debris(directory: Path, *, now: float | None = None, grace: float = OR
                     entries[core_id + META_SUFFIX] = entries[name]
                     done.update(temps)
                 else:
-                    logger.warning("core %s/%s has no metadata, not even a temporary one; kept, not deleted",
-                                   d.path, core_id)
+                    logger.warning(
+                        "core %s/%s has no metadata, not even a temporary one; kept, not deleted", d.path, core_id
+                    )
             elif d.unlink(name):
                 removed += 1
         # 3. Any other temp file whose mark is old: a write that never reached its commit.
@@ -776,8 +852,18 @@ class WriteInFlight(Exception):
     """A core of the same source is being committed by a process that is still alive (or may be)."""
 
 
-def find_by_key(root: Path, *, namespace: str, pod: str, pod_uid: str, container: str, core_id: str,
-                key: str, key_field: str, proc_root: Path = Path("/proc")) -> StoredCore | None:
+def find_by_key(
+    root: Path,
+    *,
+    namespace: str,
+    pod: str,
+    pod_uid: str,
+    container: str,
+    core_id: str,
+    key: str,
+    key_field: str,
+    proc_root: Path = Path("/proc"),
+) -> StoredCore | None:
     """
     The core filed earlier from the same source (``metadata[key_field] == key``) under ``core_id`` or one of
     its uniquified ids: committed, or interrupted in its commit by the death of its writer (then its commit is
@@ -804,8 +890,9 @@ def find_by_key(root: Path, *, namespace: str, pod: str, pod_uid: str, container
                 continue
             if inflight.process_alive(w.data_name.writer, proc_root=proc_root) is not False:
                 # Its writer may still be committing it: not filed yet, but filing it again would make two.
-                raise WriteInFlight(f"core {w.data_name.core_id} of the same source is being committed by "
-                                    f"pid {w.data_name.writer.pid}")
+                raise WriteInFlight(
+                    f"core {w.data_name.core_id} of the same source is being committed by pid {w.data_name.writer.pid}"
+                )
             cid = _finish_write(d, _PendingWrite(token=w.token, data=w.data, data_name=w.data_name, metas=metas))
             if cid is not None:
                 files = set(d.entries("file"))
@@ -814,8 +901,11 @@ def find_by_key(root: Path, *, namespace: str, pod: str, pod_uid: str, container
                 return None
             meta = _read_metadata(d, cid + META_SUFFIX) if cid + META_SUFFIX in files else None
             if meta is None:
-                temps = sorted(f for f in files if (f.startswith(f".{cid}.") or f.startswith(f".{cid}@"))
-                               and f.endswith(META_SUFFIX + inflight.TMP))
+                temps = sorted(
+                    f
+                    for f in files
+                    if (f.startswith(f".{cid}.") or f.startswith(f".{cid}@")) and f.endswith(META_SUFFIX + inflight.TMP)
+                )
                 for t in temps:
                     m = _read_metadata(d, t)
                     if m is not None and m.get(key_field) == key and m.get("coreID") == cid:
@@ -847,8 +937,18 @@ class CoreWriter:
     ``core_id`` is the base id; if it is taken, ``-1``, ``-2``... is appended at commit.
     """
 
-    def __init__(self, root: Path, *, namespace: str, pod: str, pod_uid: str, container: str,
-                 core_id: str, node: str | None = None, heartbeat: float = inflight.HEARTBEAT_SECONDS) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        namespace: str,
+        pod: str,
+        pod_uid: str,
+        container: str,
+        core_id: str,
+        node: str | None = None,
+        heartbeat: float = inflight.HEARTBEAT_SECONDS,
+    ) -> None:
         self.root = Path(root)
         self.base = CoreRef(namespace=namespace, pod=pod, pod_uid=pod_uid, container=container, core_id=core_id)
         self.directory = self.base.directory(self.root)
@@ -875,8 +975,9 @@ class CoreWriter:
         self._writer = inflight.this_writer(self.node)
         for attempt in range(3):
             try:
-                self._dir = safefs.make_dirs(self.root, b.namespace, b.pod, b.pod_uid, b.container, mode=DIR_MODE,
-                                             root_mode=DIR_MODE)
+                self._dir = safefs.make_dirs(
+                    self.root, b.namespace, b.pod, b.pod_uid, b.container, mode=DIR_MODE, root_mode=DIR_MODE
+                )
                 self._tmp_name = inflight.temp_name(b.core_id, self._writer, self._token, CORE_SUFFIX)
                 fd = self._dir.create(self._tmp_name, mode=FILE_MODE)
                 break
@@ -888,8 +989,9 @@ class CoreWriter:
                 if attempt == 2:
                     raise
         self._file = os.fdopen(fd, "wb", buffering=0)
-        self._heartbeat = inflight.Heartbeat(fd, interval=self.heartbeat_interval,
-                                             what=f"{self.directory}/{self._tmp_name}")
+        self._heartbeat = inflight.Heartbeat(
+            fd, interval=self.heartbeat_interval, what=f"{self.directory}/{self._tmp_name}"
+        )
         return self._file
 
     @property
@@ -912,8 +1014,7 @@ class CoreWriter:
         GiB of core at the end, now ~0.05 s), and a big core does not evict the node's workloads' cache.
         POSIX_FADV_DONTNEED starts asynchronous writeback of dirty pages in the range and drops clean ones."""
         try:
-            os.posix_fadvise(fd, self._written_back, self.stored_size - self._written_back,
-                             os.POSIX_FADV_DONTNEED)
+            os.posix_fadvise(fd, self._written_back, self.stored_size - self._written_back, os.POSIX_FADV_DONTNEED)
         except OSError as e:
             logger.debug("no early writeback for %s: %s", self._tmp_name, e)
         self._written_back = self.stored_size
@@ -928,18 +1029,30 @@ class CoreWriter:
 
     def _metadata_body(self, metadata: dict[str, Any], ref: CoreRef, stored_size: int) -> tuple[dict[str, Any], bytes]:
         meta = dict(metadata)
-        meta.update(coreID=ref.core_id, namespace=ref.namespace, pod=ref.pod, podUID=ref.pod_uid,
-                    container=ref.container, storedSize=stored_size)
+        meta.update(
+            coreID=ref.core_id,
+            namespace=ref.namespace,
+            pod=ref.pod,
+            podUID=ref.pod_uid,
+            container=ref.container,
+            storedSize=stored_size,
+        )
         meta.setdefault("compression", "gzip")
         for k in METADATA_KEYS:
             meta.setdefault(k, None)
         return meta, (json.dumps(meta, indent=2, sort_keys=False) + "\n").encode()
 
-    def _write_meta_temp(self, d: safefs.Dir, metadata: dict[str, Any], core_id: str,
-                         stored_size: int) -> tuple[CoreRef, dict[str, Any], str]:
+    def _write_meta_temp(
+        self, d: safefs.Dir, metadata: dict[str, Any], core_id: str, stored_size: int
+    ) -> tuple[CoreRef, dict[str, Any], str]:
         assert self._writer is not None
-        ref = CoreRef(namespace=self.base.namespace, pod=self.base.pod, pod_uid=self.base.pod_uid,
-                      container=self.base.container, core_id=core_id)
+        ref = CoreRef(
+            namespace=self.base.namespace,
+            pod=self.base.pod,
+            pod_uid=self.base.pod_uid,
+            container=self.base.container,
+            core_id=core_id,
+        )
         meta, body = self._metadata_body(metadata, ref, stored_size)
         name = inflight.temp_name(core_id, self._writer, self._token, META_SUFFIX)
         try:
@@ -1012,8 +1125,9 @@ class CoreWriter:
         self._tmp_name = None
         d.fsync()
         faults.point("commit:done")
-        self.committed = StoredCore(ref=ref, metadata=meta, core_path=ref.core_path(self.root),
-                                    meta_path=ref.meta_path(self.root))
+        self.committed = StoredCore(
+            ref=ref, metadata=meta, core_path=ref.core_path(self.root), meta_path=ref.meta_path(self.root)
+        )
         self._close_dir()
         return self.committed
 

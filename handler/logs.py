@@ -1,10 +1,12 @@
 """Structured logging for the node side: one JSON object per line, as the API server logs."""
+
 from __future__ import annotations
 
 import json
 import logging
 import sys
 import time
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:

@@ -25,6 +25,7 @@ Contract:
   the directory's, sizes bounded) and :func:`open_object`, both beneath the root without following a link. The
   dump serves an object through a core only when that core's record carries the sha256 the object's info has.
 """
+
 from __future__ import annotations
 
 import errno
@@ -58,7 +59,7 @@ NT_GNU_BUILD_ID = 3
 
 @dataclass(frozen=True)
 class Mapped:
-    path: str      # in the container
+    path: str  # in the container
     start: int
     end: int
     build_id: str  # from the core's copy of the ELF header page
@@ -79,7 +80,7 @@ def _build_id_of_elf(data: bytes) -> str | None:
     """The GNU build-id of an ELF image whose first bytes are ``data`` (64-bit LE; notes within ``data``)."""
     if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         return None
-    phoff, = struct.unpack_from("<Q", data, 32)
+    (phoff,) = struct.unpack_from("<Q", data, 32)
     phentsize, phnum = struct.unpack_from("<HH", data, 54)
     if phentsize != 56 or phoff + phnum * 56 > len(data):
         return None
@@ -87,7 +88,7 @@ def _build_id_of_elf(data: bytes) -> str | None:
         p_type, _f, off, _va, _pa, filesz = struct.unpack_from("<IIQQQQ", data, phoff + i * 56)
         if p_type != sparsecore.PT_NOTE or off + filesz > len(data):
             continue
-        for ntype, desc in sparsecore._notes(data[off:off + filesz]):
+        for ntype, desc in sparsecore._notes(data[off : off + filesz]):
             if ntype == NT_GNU_BUILD_ID and 4 <= len(desc) <= 64:
                 return desc.hex()
     return None
@@ -114,7 +115,7 @@ def mapped_objects(core_head: bytes, read_at: Callable[[int, int], bytes]) -> li
     if noff + nsize > len(core_head):
         return []
     out: dict[str, Mapped] = {}
-    for start, end, file_off, path in sparsecore.file_mappings(core_head[noff:noff + nsize]):
+    for start, end, file_off, path in sparsecore.file_mappings(core_head[noff : noff + nsize]):
         if file_off != 0 or path in out or not path.startswith("/"):
             continue
         seg = next((s for s in loads if s.vaddr == start and s.filesz > 0), None)
@@ -235,9 +236,15 @@ def _write_info(dir_fd: int, info: dict[str, Any]) -> None:
     os.fsync(dir_fd)
 
 
-def keep_objects(root: Path, proc_pid: Path, objects: list[Mapped], *, max_bytes: int = DEFAULT_BYTES,
-                 max_seconds: float = DEFAULT_SECONDS, clock: Callable[[], float] = time.monotonic,
-                 ) -> list[dict[str, Any]]:
+def keep_objects(
+    root: Path,
+    proc_pid: Path,
+    objects: list[Mapped],
+    *,
+    max_bytes: int = DEFAULT_BYTES,
+    max_seconds: float = DEFAULT_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[dict[str, Any]]:
     """Store what is missing; the per-object record for the core's metadata (never raises for one object)."""
     deadline = clock() + max_seconds
     budget = max_bytes
@@ -279,8 +286,9 @@ def keep_objects(root: Path, proc_pid: Path, objects: list[Mapped], *, max_bytes
             finally:
                 os.close(src)
             budget -= info["size"]
-            rec.update(state="stored" if result == "stored" else "stored-earlier", size=info["size"],
-                       sha256=info["sha256"])
+            rec.update(
+                state="stored" if result == "stored" else "stored-earlier", size=info["size"], sha256=info["sha256"]
+            )
         except _Skip as e:
             rec.update(state="skipped", reason=str(e))
         except OSError as e:
@@ -300,8 +308,8 @@ class ObjectInfo:
     """A stored object's ``object.json``, validated: never trusted beyond what is checked here."""
 
     build_id: str
-    size: int         # of the object itself (decompressed)
-    sha256: str       # of the object itself
+    size: int  # of the object itself (decompressed)
+    sha256: str  # of the object itself
     stored_size: int  # of executable.gz, as the writer counted it
 
 
@@ -340,8 +348,9 @@ def open_object(root: Path, build_id: str) -> safefs.ReadFile | None:
         return d.open_read(OBJECT_NAME)
 
 
-def _same_as_stored(proc_pid: Path, m: Mapped, stored: ObjectInfo, *, deadline: float,
-                    clock: Callable[[], float]) -> str:
+def _same_as_stored(
+    proc_pid: Path, m: Mapped, stored: ObjectInfo, *, deadline: float, clock: Callable[[], float]
+) -> str:
     """The sha256 of the file the process mapped, when it is byte for byte the stored object; else _Skip."""
     src = _open_object(proc_pid, m)
     try:

@@ -5,6 +5,7 @@ The handler is a short-lived process per core; the agent is the long-lived one t
 Events. Each run writes ``<state>/outcomes/<time>-<pid>-<rand>.json`` atomically; the agent reads, accounts and
 deletes them. If the agent is away they wait (they are a few hundred bytes each).
 """
+
 from __future__ import annotations
 
 import json

@@ -8,6 +8,7 @@ annotations, owner, and per container its image, image digest and container id) 
 written atomically (temp file, fsync, rename) and read with bounded size and checked types: a record that
 is missing or broken only means less context, never a lost core.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,7 @@ class ContainerRecord:
     name: str
     image: str | None = None
     image_id: str | None = None
-    container_id: str | None = None     # "<runtime>://<id>"
+    container_id: str | None = None  # "<runtime>://<id>"
 
     @property
     def image_digest(self) -> str | None:
@@ -56,7 +57,7 @@ class PodRecord:
     node: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     annotations: dict[str, str] = field(default_factory=dict)
-    owner: dict[str, str] | None = None         # the controller ownerReference: kind, name, uid
+    owner: dict[str, str] | None = None  # the controller ownerReference: kind, name, uid
     containers: list[ContainerRecord] = field(default_factory=list)
 
     def container(self, *, container_id: str | None = None, name: str | None = None) -> ContainerRecord | None:
@@ -71,10 +72,20 @@ class PodRecord:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": VERSION, "namespace": self.namespace, "name": self.name, "uid": self.uid,
-                "node": self.node, "labels": self.labels, "annotations": self.annotations, "owner": self.owner,
-                "containers": [{"name": c.name, "image": c.image, "imageID": c.image_id,
-                                "containerID": c.container_id} for c in self.containers]}
+        return {
+            "version": VERSION,
+            "namespace": self.namespace,
+            "name": self.name,
+            "uid": self.uid,
+            "node": self.node,
+            "labels": self.labels,
+            "annotations": self.annotations,
+            "owner": self.owner,
+            "containers": [
+                {"name": c.name, "image": c.image, "imageID": c.image_id, "containerID": c.container_id}
+                for c in self.containers
+            ],
+        }
 
 
 def _str_map(value: object) -> dict[str, str]:
@@ -102,8 +113,11 @@ def pod_from_api(pod: dict[str, Any]) -> PodRecord | None:
     owner = None
     for ref in meta.get("ownerReferences") or []:
         if isinstance(ref, dict) and (ref.get("controller") or owner is None):
-            owner = {"kind": str(ref.get("kind") or ""), "name": str(ref.get("name") or ""),
-                     "uid": str(ref.get("uid") or "")}
+            owner = {
+                "kind": str(ref.get("kind") or ""),
+                "name": str(ref.get("name") or ""),
+                "uid": str(ref.get("uid") or ""),
+            }
     images = {}
     for key in ("initContainers", "containers", "ephemeralContainers"):
         for c in spec.get(key) or []:
@@ -118,22 +132,43 @@ def pod_from_api(pod: dict[str, Any]) -> PodRecord | None:
             rec.image = rec.image or _opt_str(cs.get("image"))
             rec.image_id = _opt_str(cs.get("imageID")) or rec.image_id
             rec.container_id = _opt_str(cs.get("containerID")) or rec.container_id
-    return PodRecord(namespace=ns, name=name, uid=uid, node=_opt_str(spec.get("nodeName")),
-                     labels=_str_map(meta.get("labels")), annotations=_str_map(meta.get("annotations")),
-                     owner=owner, containers=list(containers.values()))
+    return PodRecord(
+        namespace=ns,
+        name=name,
+        uid=uid,
+        node=_opt_str(spec.get("nodeName")),
+        labels=_str_map(meta.get("labels")),
+        annotations=_str_map(meta.get("annotations")),
+        owner=owner,
+        containers=list(containers.values()),
+    )
 
 
 def _parse_pod(data: dict[str, Any]) -> PodRecord | None:
     try:
-        containers = [ContainerRecord(name=c["name"], image=_opt_str(c.get("image")),
-                                      image_id=_opt_str(c.get("imageID")), container_id=_opt_str(c.get("containerID")))
-                      for c in data.get("containers") or [] if isinstance(c, dict) and isinstance(c.get("name"), str)]
+        containers = [
+            ContainerRecord(
+                name=c["name"],
+                image=_opt_str(c.get("image")),
+                image_id=_opt_str(c.get("imageID")),
+                container_id=_opt_str(c.get("containerID")),
+            )
+            for c in data.get("containers") or []
+            if isinstance(c, dict) and isinstance(c.get("name"), str)
+        ]
         owner = data.get("owner")
-        return PodRecord(namespace=data["namespace"], name=data["name"], uid=data["uid"],
-                         node=_opt_str(data.get("node")), labels=_str_map(data.get("labels")),
-                         annotations=_str_map(data.get("annotations")),
-                         owner={k: str(v) for k, v in owner.items() if k in ("kind", "name", "uid")}
-                         if isinstance(owner, dict) else None, containers=containers)
+        return PodRecord(
+            namespace=data["namespace"],
+            name=data["name"],
+            uid=data["uid"],
+            node=_opt_str(data.get("node")),
+            labels=_str_map(data.get("labels")),
+            annotations=_str_map(data.get("annotations")),
+            owner={k: str(v) for k, v in owner.items() if k in ("kind", "name", "uid")}
+            if isinstance(owner, dict)
+            else None,
+            containers=containers,
+        )
     except (KeyError, TypeError, AttributeError):
         return None
 
@@ -215,8 +250,11 @@ def remove_pod(state_dir: Path, pod_uid: str) -> None:
 def write_namespace(state_dir: Path, *, name: str, annotations: dict[str, str]) -> Path | None:
     if not _safe_name(name):
         return None
-    return _write_atomic(Path(state_dir) / NAMESPACES_DIR, f"{name}.json",
-                         {"version": VERSION, "name": name, "annotations": _str_map(annotations)})
+    return _write_atomic(
+        Path(state_dir) / NAMESPACES_DIR,
+        f"{name}.json",
+        {"version": VERSION, "name": name, "annotations": _str_map(annotations)},
+    )
 
 
 def capture_wanted(*, pod: dict[str, str] | None, namespace: dict[str, str] | None, default: bool) -> tuple[bool, str]:

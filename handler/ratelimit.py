@@ -9,6 +9,7 @@ show how it started, the latest show how it is going; the ones in between are re
 and counted. State is one small JSON file per container under the state directory, updated under ``flock`` so
 concurrent handlers of the same container agree on the order.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -17,6 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
 
 @dataclass
 class Decision:
@@ -31,8 +33,17 @@ def _state_path(state_dir: Path, key: str) -> Path:
     return Path(state_dir) / f"{digest}.json"
 
 
-def record(state_dir: Path, *, key: str, core_id: str, now: float, first: int, latest: int,
-           window: float, latest_interval: float = 0.0) -> Decision:
+def record(
+    state_dir: Path,
+    *,
+    key: str,
+    core_id: str,
+    now: float,
+    first: int,
+    latest: int,
+    window: float,
+    latest_interval: float = 0.0,
+) -> Decision:
     """
     Register a committed core of container ``key``; says which cores to remove (possibly this one).
 

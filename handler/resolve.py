@@ -7,6 +7,7 @@ The cgroup shapes of each runtime and driver are parsed in :mod:`handler.cgroup`
 hostNetwork pods look exactly like others here: nothing is taken from the crashing process's network or uts
 namespace, so the node's hostname never ends up as a pod name.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 # /var/log/containers/<pod>_<namespace>_<container>-<64 hex>.log
 _LOG_LINK_RE = re.compile(
-    r"^(?P<pod>[a-z0-9.-]+)_(?P<ns>[a-z0-9-]+)_(?P<container>[a-z0-9-]+)-(?P<id>[0-9a-f]{64})\.log$")
+    r"^(?P<pod>[a-z0-9.-]+)_(?P<ns>[a-z0-9-]+)_(?P<container>[a-z0-9-]+)-(?P<id>[0-9a-f]{64})\.log$"
+)
 # /var/log/pods/<namespace>_<pod>_<uid>/<container>/N.log
 _POD_LOG_DIR_RE = re.compile(r"^(?P<ns>[a-z0-9-]+)_(?P<pod>[a-z0-9.-]+)_(?P<uid>[0-9a-f-]+)$")
 
@@ -37,7 +39,7 @@ class PodIdentity:
     pod: str
     pod_uid: str
     container: str
-    container_id: str           # "<runtime>://<id>" as Kubernetes prints it in containerStatuses
+    container_id: str  # "<runtime>://<id>" as Kubernetes prints it in containerStatuses
     image: str | None = None
     image_digest: str | None = None
     # The agent's record of the pod (labels, annotations, owner), when it has one.
@@ -72,22 +74,32 @@ def names_from_log_links(logs_dir: Path, *, container_id: str) -> PodIdentity | 
                 uid = pm["uid"]
         except OSError:
             pass
-        return PodIdentity(namespace=m["ns"], pod=m["pod"], pod_uid=uid, container=m["container"],
-                           container_id=container_id)
+        return PodIdentity(
+            namespace=m["ns"], pod=m["pod"], pod_uid=uid, container=m["container"], container_id=container_id
+        )
     return None
 
 
 def inspect_with_crictl(crictl: str, *, container_id: str, timeout: float) -> dict | None:
     """``crictl inspect`` of a container (names, image), or None if the CRI cannot tell in time."""
     try:
-        proc = subprocess.run([crictl, "inspect", "-o", "json", container_id], capture_output=True,
-                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [crictl, "inspect", "-o", "json", container_id],
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         logger.warning("crictl inspect %s failed: %s", container_id[:12], e)
         return None
     if proc.returncode != 0:
-        logger.warning("crictl inspect %s: exit %d: %s", container_id[:12], proc.returncode,
-                       proc.stderr.decode(errors="replace").strip()[:200])
+        logger.warning(
+            "crictl inspect %s: exit %d: %s",
+            container_id[:12],
+            proc.returncode,
+            proc.stderr.decode(errors="replace").strip()[:200],
+        )
         return None
     try:
         return json.loads(proc.stdout)
@@ -99,9 +111,13 @@ def _from_crictl(info: dict, *, container_id: str) -> PodIdentity | None:
     status = info.get("status") or {}
     labels = status.get("labels") or (info.get("info") or {}).get("config", {}).get("labels") or {}
     try:
-        ident = PodIdentity(namespace=labels["io.kubernetes.pod.namespace"], pod=labels["io.kubernetes.pod.name"],
-                            pod_uid=labels.get("io.kubernetes.pod.uid", ""),
-                            container=labels["io.kubernetes.container.name"], container_id=container_id)
+        ident = PodIdentity(
+            namespace=labels["io.kubernetes.pod.namespace"],
+            pod=labels["io.kubernetes.pod.name"],
+            pod_uid=labels.get("io.kubernetes.pod.uid", ""),
+            container=labels["io.kubernetes.container.name"],
+            container_id=container_id,
+        )
     except KeyError:
         return None
     _add_image(ident, info)
@@ -119,8 +135,9 @@ def _add_image(ident: PodIdentity, info: dict) -> None:
         ident.image_digest = ref
 
 
-def resolve_pod(cfg: HandlerConfig, *, pid: int, cgroup_text: str | None = None,
-                pod_records: bool = True) -> PodIdentity | CgroupIdentity | None:
+def resolve_pod(
+    cfg: HandlerConfig, *, pid: int, cgroup_text: str | None = None, pod_records: bool = True
+) -> PodIdentity | CgroupIdentity | None:
     """
     The pod identity of a crashing pid.
 
@@ -149,8 +166,13 @@ def resolve_pod(cfg: HandlerConfig, *, pid: int, cgroup_text: str | None = None,
     if ident is None and record is not None:
         c = record.container(container_id=cg.container_id)
         if c is not None:
-            ident = PodIdentity(namespace=record.namespace, pod=record.name, pod_uid=record.uid, container=c.name,
-                                container_id=cg.container_id)
+            ident = PodIdentity(
+                namespace=record.namespace,
+                pod=record.name,
+                pod_uid=record.uid,
+                container=c.name,
+                container_id=cg.container_id,
+            )
     info = None
     if crictl:
         # The CRI is optional: the agent's record names the image; the CRI is the fallback for names.
@@ -168,8 +190,12 @@ def resolve_pod(cfg: HandlerConfig, *, pid: int, cgroup_text: str | None = None,
             ident.image = c.image or ident.image
             ident.image_digest = c.image_digest or ident.image_digest
     if ident.pod_uid and ident.pod_uid != cg.pod_uid:
-        logger.warning("pod uid mismatch for %s: cgroup %s, names %s; trusting the cgroup",
-                       cg.container_id[:12], cg.pod_uid, ident.pod_uid)
+        logger.warning(
+            "pod uid mismatch for %s: cgroup %s, names %s; trusting the cgroup",
+            cg.container_id[:12],
+            cg.pod_uid,
+            ident.pod_uid,
+        )
     ident.pod_uid = cg.pod_uid
     ident.container_id = f"{runtime}://{cg.container_id}"
     try:

@@ -20,6 +20,7 @@ through.
 
 All of it is blocking; the API server calls it through ``asyncio.to_thread``.
 """
+
 from __future__ import annotations
 
 import errno
@@ -191,8 +192,11 @@ class Dir:
                 for entry in it:
                     try:
                         is_link = entry.is_symlink()
-                        ok = not is_link and (entry.is_dir(follow_symlinks=False) if kind == "dir"
-                                              else entry.is_file(follow_symlinks=False))
+                        ok = not is_link and (
+                            entry.is_dir(follow_symlinks=False)
+                            if kind == "dir"
+                            else entry.is_file(follow_symlinks=False)
+                        )
                     except OSError:
                         continue
                     if ok:
@@ -306,7 +310,7 @@ class Dir:
             os.fchmod(fd, mode)  # exactly this mode, whatever the process umask
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             if sync:
                 os.fsync(fd)
         finally:
@@ -324,8 +328,7 @@ class Dir:
 
     def rename(self, src: str, dst: str, *, dst_dir: "Dir | None" = None) -> None:
         """``renameat``: replaces ``dst`` (a link there is replaced, never followed)."""
-        os.rename(check_name(src), check_name(dst), src_dir_fd=self.fd,
-                  dst_dir_fd=(dst_dir or self).fd)
+        os.rename(check_name(src), check_name(dst), src_dir_fd=self.fd, dst_dir_fd=(dst_dir or self).fd)
 
     def link_no_replace(self, src: str, dst: str) -> bool:
         """

@@ -17,6 +17,7 @@ So an unwinder (drgn, ``eu-stack``) reads the copy like the whole core, and the 
 no memory whatever the core's size. Nothing read from the stream is trusted: offsets and sizes are bounded by the
 core's own length and the caps here, and a stream that is not an x86-64 or aarch64 ELF core keeps only its head.
 """
+
 from __future__ import annotations
 
 import os
@@ -64,7 +65,7 @@ def parse_head(head: bytes) -> tuple[list[Segment], tuple[int, int] | None, int]
     if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
         return None
     e_type, e_machine = struct.unpack_from("<HH", head, 16)
-    e_phoff, = struct.unpack_from("<Q", head, 32)
+    (e_phoff,) = struct.unpack_from("<Q", head, 32)
     e_phentsize, e_phnum = struct.unpack_from("<HH", head, 54)
     if e_type != 4 or e_phentsize != 56 or e_phnum == 0xFFFF:
         return None
@@ -88,7 +89,7 @@ def _notes(notes: bytes):
         end = desc + ((descsz + 3) & ~3)
         if end > len(notes) or desc + descsz > len(notes):
             return
-        yield ntype, notes[desc:desc + descsz]
+        yield ntype, notes[desc : desc + descsz]
         pos = end
 
 
@@ -100,7 +101,7 @@ def file_mappings(notes: bytes) -> list[tuple[int, int, int, str]]:
         count, page = struct.unpack_from("<QQ", desc, 0)
         if count > 1 << 20 or 16 + count * 24 > len(desc):
             return []
-        names = desc[16 + count * 24:].split(b"\0")
+        names = desc[16 + count * 24 :].split(b"\0")
         out = []
         for i in range(count):
             start, end, pgoff = struct.unpack_from("<QQQ", desc, 16 + i * 24)
@@ -159,7 +160,7 @@ class SparseCore:
             a, b = max(lo, start, self._covered), min(hi, end)
             if a >= b:
                 continue
-            os.pwrite(self._fd, data[a - start:b - start], a)
+            os.pwrite(self._fd, data[a - start : b - start], a)
             self.kept += b - a
 
     def _plan(self) -> None:
@@ -183,7 +184,7 @@ class SparseCore:
             notes_end = self.max_head
         if len(self._head) < notes_end:
             return  # wait for the whole of the notes
-        note_bytes = bytes(self._head[notes[0]:notes_end])
+        note_bytes = bytes(self._head[notes[0] : notes_end])
         sps = stack_pointers(note_bytes, machine)
         self.threads = len(sps)
         files = file_mappings(note_bytes)
@@ -206,7 +207,7 @@ class SparseCore:
         # What already went by is in the head buffer: write the kept part of it now.
         for lo, hi in self._keep:
             if lo < len(self._head):
-                chunk = self._head[lo:min(hi, len(self._head))]
+                chunk = self._head[lo : min(hi, len(self._head))]
                 os.pwrite(self._fd, chunk, lo)
                 self.kept += len(chunk)
         self._covered = len(self._head)

@@ -12,6 +12,7 @@ Two kinds of entries, both committed by renaming their small description file la
 Hidden names are writes in flight. Nothing here talks to shared storage. Every access goes through
 :mod:`handler.safefs` with the spool directory as its root: a link in the spool is never followed.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,7 +40,7 @@ ORPHAN_GRACE_SECONDS = 60 * 60
 
 @dataclass(frozen=True)
 class SpoolEntry:
-    kind: str                   # "handler" or "shim"
+    kind: str  # "handler" or "shim"
     name: str
     data_path: Path
     meta_path: Path
@@ -93,7 +94,7 @@ class SpoolWriter:
         f = self.open()
         view = memoryview(data)
         while view:
-            view = view[f.write(view):]
+            view = view[f.write(view) :]
 
     def commit(self, metadata: dict[str, Any]) -> SpoolEntry:
         f = self.open()
@@ -107,8 +108,9 @@ class SpoolWriter:
         self._dir.fsync()
         self._dir.close()
         self._dir = None
-        self.committed = SpoolEntry(kind="handler", name=self.name, data_path=self.spool_dir / data_name,
-                                    meta_path=self.spool_dir / meta_name)
+        self.committed = SpoolEntry(
+            kind="handler", name=self.name, data_path=self.spool_dir / data_name, meta_path=self.spool_dir / meta_name
+        )
         return self.committed
 
     def abort(self) -> None:
@@ -187,8 +189,12 @@ def sweep_orphans(spool_dir: Path, *, now: float | None = None, grace: float = O
     removed = 0
     with d:
         files = {n: st for n, st in d.all_entries() if stat.S_ISREG(st.st_mode)}
-        pairs = ((HANDLER_DATA, HANDLER_META), (HANDLER_META, HANDLER_DATA), (SHIM_DATA, SHIM_INFO),
-                 (SHIM_INFO, SHIM_DATA))
+        pairs = (
+            (HANDLER_DATA, HANDLER_META),
+            (HANDLER_META, HANDLER_DATA),
+            (SHIM_DATA, SHIM_INFO),
+            (SHIM_INFO, SHIM_DATA),
+        )
         for name, st in sorted(files.items()):
             if now - st.st_mtime < grace:
                 continue
@@ -198,6 +204,7 @@ def sweep_orphans(spool_dir: Path, *, now: float | None = None, grace: float = O
                 orphan = any(name.endswith(own) and name[: -len(own)] + other not in files for own, other in pairs)
             if orphan and d.unlink(name):
                 removed += 1
-                logger.warning("removed %s/%s: part of a spool entry that was never committed or half removed",
-                               d.path, name)
+                logger.warning(
+                    "removed %s/%s: part of a spool entry that was never committed or half removed", d.path, name
+                )
     return removed

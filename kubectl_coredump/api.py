@@ -6,6 +6,7 @@ Only three requests exist: list CoredumpEndpoints (one namespace or all), get on
 untrusted: bodies are size-bounded and type-checked before use, and a failure becomes a
 :class:`~kubectl_coredump.errors.PluginError` worded for the user (which verb, which role, what exists).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,25 +84,33 @@ def _error_for(*, status: int, body: bytes, request: Request, server: str) -> Pl
     details = st.get("details")
     details = details if isinstance(details, dict) else {}
     if status == 401:
-        return PluginError(f"not authenticated to {server} (401 Unauthorized): the credentials of this kubeconfig "
-                           "context are missing or expired; log in again (kubectl auth whoami shows who you are)",
-                           code=Exit.FORBIDDEN)
+        return PluginError(
+            f"not authenticated to {server} (401 Unauthorized): the credentials of this kubeconfig "
+            "context are missing or expired; log in again (kubectl auth whoami shows who you are)",
+            code=Exit.FORBIDDEN,
+        )
     if status == 403:
         scope = f"-n {request.namespace}" if request.namespace else "--all-namespaces"
         return PluginError(
             f"forbidden: you may not {request.verb} {request.resource}.{GROUP} {request.where()} "
             f"(check: kubectl auth can-i {request.verb} {request.resource}.{GROUP} {scope}); "
             f"the ClusterRole {request.role} grants it: ask an admin for a RoleBinding to it. Server said: {message}",
-            code=Exit.FORBIDDEN)
+            code=Exit.FORBIDDEN,
+        )
     if status == 404 and not details.get("kind"):
-        return PluginError(f"the {GROUP}/{VERSION} API is not available on {server}: the APIService {APISERVICE} "
-                           f"is not installed (kubectl get apiservice {APISERVICE}); server said: {message}",
-                           code=Exit.UNAVAILABLE)
+        return PluginError(
+            f"the {GROUP}/{VERSION} API is not available on {server}: the APIService {APISERVICE} "
+            f"is not installed (kubectl get apiservice {APISERVICE}); server said: {message}",
+            code=Exit.UNAVAILABLE,
+        )
     if status == 404:
         return PluginError(message, code=Exit.NOT_FOUND)
     if status == 503:
-        return PluginError(f"the {GROUP} API is registered but not available ({message}); "
-                           f"kubectl get apiservice {APISERVICE} says why", code=Exit.UNAVAILABLE)
+        return PluginError(
+            f"the {GROUP} API is registered but not available ({message}); "
+            f"kubectl get apiservice {APISERVICE} says why",
+            code=Exit.UNAVAILABLE,
+        )
     return PluginError(f"the API server answered {status} {st.get('reason') or ''}: {message}".replace("  ", " "))
 
 
@@ -116,8 +125,7 @@ def read_bounded(response: Response, *, limit: int = MAX_JSON_BYTES) -> bytes:
     return body
 
 
-def get_json(client: Client, path: str, *, request: Request,
-             query: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+def get_json(client: Client, path: str, *, request: Request, query: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     response = client.get(path, query=query)
     body = read_bounded(response)
     if response.status != 200:
@@ -134,15 +142,22 @@ def get_json(client: Client, path: str, *, request: Request,
 def list_endpoints(client: Client, *, namespace: str | None, selector: str | None) -> list[dict[str, Any]]:
     """Every CoredumpEndpoint in ``namespace`` (all namespaces when ``None``), with its status."""
     query = [("labelSelector", selector)] if selector else []
-    data = get_json(client, collection_path(namespace), query=query,
-                          request=Request(verb="list", resource=RESOURCE, namespace=namespace))
+    data = get_json(
+        client,
+        collection_path(namespace),
+        query=query,
+        request=Request(verb="list", resource=RESOURCE, namespace=namespace),
+    )
     items = data.get("items")
     return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
 
 
 def get_endpoint(client: Client, *, namespace: str, name: str) -> dict[str, Any]:
-    return get_json(client, item_path(namespace, name),
-                          request=Request(verb="get", resource=RESOURCE, namespace=namespace, name=name))
+    return get_json(
+        client,
+        item_path(namespace, name),
+        request=Request(verb="get", resource=RESOURCE, namespace=namespace, name=name),
+    )
 
 
 def dump_request(namespace: str, name: str) -> Request:

@@ -11,6 +11,7 @@ Pod names and core ids come from the API with the user's kubeconfig, the namespa
 far; any failure (no cluster, forbidden, slow) completes nothing rather than printing an error into the
 user's command line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,9 +28,21 @@ DIRECTORIES = 16
 FILES = 0
 REQUEST_TIMEOUT = 5.0
 # Flags whose value is the next word, per what their value is.
-VALUE_FLAGS = {"--kubeconfig": "file", "--context": "context", "-n": "namespace", "--namespace": "namespace",
-               "--core": "core", "-c": "container", "--container": "container", "-o": "dir", "--output": "dir",
-               "-l": "none", "--selector": "none", "--since": "none", "--exe": "file"}
+VALUE_FLAGS = {
+    "--kubeconfig": "file",
+    "--context": "context",
+    "-n": "namespace",
+    "--namespace": "namespace",
+    "--core": "core",
+    "-c": "container",
+    "--container": "container",
+    "-o": "dir",
+    "--output": "dir",
+    "-l": "none",
+    "--selector": "none",
+    "--since": "none",
+    "--exe": "file",
+}
 POD_COMMANDS = ("describe", "get", "gdb", "bt")
 
 KUBECTL_SCRIPT = """#!/bin/sh
@@ -81,8 +94,12 @@ def _flag(flags: dict[str, str], *names: str) -> str | None:
 
 
 def _options(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
-    return [(option, action.help or "") for action in parser._actions  # noqa: SLF001 - argparse has no public list
-            for option in action.option_strings if option.startswith("--") or len(option) == 2]
+    return [
+        (option, action.help or "")
+        for action in parser._actions  # noqa: SLF001 - argparse has no public list
+        for option in action.option_strings
+        if option.startswith("--") or len(option) == 2
+    ]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -120,7 +137,7 @@ def candidates(words: Sequence[str]) -> tuple[list[tuple[str, str]], int]:
         if kind == "namespace":
             return [(n, "") for n in _namespaces(flags)], NO_FILES
         if kind in ("core", "container") and command in POD_COMMANDS:
-            pods = positional[positional.index(command) + 1:]
+            pods = positional[positional.index(command) + 1 :]
             if pods:
                 return _of_pod(flags, pod=pods[0], kind=kind), NO_FILES
         return [], NO_FILES
@@ -131,7 +148,7 @@ def candidates(words: Sequence[str]) -> tuple[list[tuple[str, str]], int]:
         return [(name, helps.get(name, "")) for name in commands], NO_FILES
     if current.startswith("-"):
         return _options(commands[command]), NO_FILES
-    after = positional[positional.index(command) + 1:]
+    after = positional[positional.index(command) + 1 :]
     if command == "completion" and not after:
         return [("kubectl", "the kubectl_complete-coredump script"), ("bash", "a bash completion function")], NO_FILES
     if command in POD_COMMANDS and not after:
@@ -141,12 +158,17 @@ def candidates(words: Sequence[str]) -> tuple[list[tuple[str, str]], int]:
 
 def _target(flags: dict[str, str]) -> "Target":
     from kubectl_coredump.kubeconfig import resolve_target
-    return resolve_target(kubeconfig=_flag(flags, "--kubeconfig"), context=_flag(flags, "--context"),
-                          namespace=_flag(flags, "-n", "--namespace"))
+
+    return resolve_target(
+        kubeconfig=_flag(flags, "--kubeconfig"),
+        context=_flag(flags, "--context"),
+        namespace=_flag(flags, "-n", "--namespace"),
+    )
 
 
 def _contexts(flags: dict[str, str]) -> list[str]:
     from kubectl_coredump.kubeconfig import kubeconfig_paths, read_contexts
+
     return read_contexts(kubeconfig_paths(flag=_flag(flags, "--kubeconfig"), environ=os.environ))
 
 
@@ -162,27 +184,33 @@ def _endpoints(flags: dict[str, str], *, all_namespaces: bool) -> list[dict[str,
 
 def _pods(flags: dict[str, str]) -> list[str]:
     from kubectl_coredump.model import Endpoint
+
     return sorted({e.name for e in map(Endpoint.from_object, _endpoints(flags, all_namespaces=False)) if e.cores})
 
 
 def _namespaces(flags: dict[str, str]) -> list[str]:
     from kubectl_coredump.model import Endpoint
-    return sorted({e.namespace for e in map(Endpoint.from_object, _endpoints(flags, all_namespaces=True))
-                   if e.cores})
+
+    return sorted({e.namespace for e in map(Endpoint.from_object, _endpoints(flags, all_namespaces=True)) if e.cores})
 
 
 def _of_pod(flags: dict[str, str], *, pod: str, kind: str) -> list[tuple[str, str]]:
     from kubectl_coredump.model import Endpoint
-    endpoint = next((e for e in map(Endpoint.from_object, _endpoints(flags, all_namespaces=False))
-                     if e.name == pod), None)
+
+    endpoint = next(
+        (e for e in map(Endpoint.from_object, _endpoints(flags, all_namespaces=False)) if e.name == pod), None
+    )
     if endpoint is None:
         return []
     container = _flag(flags, "-c", "--container")
     cores = sorted(endpoint.cores, key=lambda c: (c.time, c.id), reverse=True)  # newest first
     if kind == "container":
         return [(name, "") for name in sorted({c.container for c in cores})]
-    return [(c.id, f"{c.container} {c.signal_text} {c.time}") for c in cores
-            if container is None or c.container == container]
+    return [
+        (c.id, f"{c.container} {c.signal_text} {c.time}")
+        for c in cores
+        if container is None or c.container == container
+    ]
 
 
 def main(words: Sequence[str]) -> int:

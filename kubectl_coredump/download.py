@@ -14,6 +14,7 @@ The body is read with blocking ``readinto`` into one reusable buffer of :data:`C
 to the sink as a view of it (stdout writes it straight to the fd; the extractor copies it into its queue):
 no per-chunk allocation, no event loop between the socket and the file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -74,8 +75,16 @@ class _ArchiveChanged(Exception):
     pass
 
 
-def download(client: Client, *, namespace: str, name: str, query: Sequence[tuple[str, str]], sink: Sink,
-             progress: Progress, max_failures: int = MAX_FAILURES) -> Result:
+def download(
+    client: Client,
+    *,
+    namespace: str,
+    name: str,
+    query: Sequence[tuple[str, str]],
+    sink: Sink,
+    progress: Progress,
+    max_failures: int = MAX_FAILURES,
+) -> Result:
     path = api.dump_path(namespace, name)
     archive = _Archive()
     buffer = memoryview(bytearray(CHUNK))
@@ -84,8 +93,16 @@ def download(client: Client, *, namespace: str, name: str, query: Sequence[tuple
     while True:
         before = sink.written
         try:
-            _attempt(client, path=path, query=query, sink=sink, archive=archive, progress=progress,
-                     request=api.dump_request(namespace, name), buffer=buffer)
+            _attempt(
+                client,
+                path=path,
+                query=query,
+                sink=sink,
+                archive=archive,
+                progress=progress,
+                request=api.dump_request(namespace, name),
+                buffer=buffer,
+            )
             if archive.total is None or sink.written == archive.total:
                 return Result(size=sink.written, etag=archive.etag, resumes=resumes)
             reason = f"the body ended at {sink.written} of {archive.total} bytes"
@@ -99,9 +116,11 @@ def download(client: Client, *, namespace: str, name: str, query: Sequence[tuple
         progressed = sink.written > before
         failures = 0 if progressed else failures + 1
         if failures >= max_failures:
-            raise PluginError(f"the download stopped at {sink.written} of {archive.total or '?'} bytes after "
-                              f"{max_failures} attempts without progress (last: {reason}); run the command again",
-                              code=Exit.INCOMPLETE)
+            raise PluginError(
+                f"the download stopped at {sink.written} of {archive.total or '?'} bytes after "
+                f"{max_failures} attempts without progress (last: {reason}); run the command again",
+                code=Exit.INCOMPLETE,
+            )
         resumes += 1
         progress.resumed()
         progress.note(f"resuming at byte {sink.written}: {reason}")
@@ -109,8 +128,17 @@ def download(client: Client, *, namespace: str, name: str, query: Sequence[tuple
             time.sleep(min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1)))
 
 
-def _attempt(client: Client, *, path: str, query: Sequence[tuple[str, str]], sink: Sink, archive: _Archive,
-             progress: Progress, request: api.Request, buffer: memoryview) -> None:
+def _attempt(
+    client: Client,
+    *,
+    path: str,
+    query: Sequence[tuple[str, str]],
+    sink: Sink,
+    archive: _Archive,
+    progress: Progress,
+    request: api.Request,
+    buffer: memoryview,
+) -> None:
     """One request, recording what it learns in ``archive``. Raises _Cut when it should be retried."""
     offset = sink.written
     etag, total = archive.etag, archive.total
@@ -141,8 +169,12 @@ def _attempt(client: Client, *, path: str, query: Sequence[tuple[str, str]], sin
             total = length
         else:
             match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
-            if not match or int(match.group(1)) != offset or (total is not None and int(match.group(3)) != total) \
-                    or new_etag != etag:
+            if (
+                not match
+                or int(match.group(1)) != offset
+                or (total is not None and int(match.group(3)) != total)
+                or new_etag != etag
+            ):
                 raise _ArchiveChanged()  # not the continuation asked for: start over, never splice
             total = int(match.group(3))
         archive.etag, archive.total = new_etag or etag, total
@@ -150,8 +182,10 @@ def _attempt(client: Client, *, path: str, query: Sequence[tuple[str, str]], sin
         try:
             while count := response.readinto(buffer):
                 if total is not None and sink.written + count > total:
-                    raise PluginError("the server sent more bytes than its Content-Length; the archive is "
-                                      "damaged", code=Exit.VERIFY_FAILED)
+                    raise PluginError(
+                        "the server sent more bytes than its Content-Length; the archive is damaged",
+                        code=Exit.VERIFY_FAILED,
+                    )
                 sink.write(buffer[:count])
                 progress.advance(done=sink.written)
         except ConnectionProblem as exc:
@@ -174,9 +208,12 @@ class StdoutSink:
     def write(self, data: memoryview) -> None:
         view = data
         while view:
-            view = view[os.write(self._fd, view):]
+            view = view[os.write(self._fd, view) :]
         self._written += len(data)
 
     def restart(self) -> None:
-        raise PluginError("the archive changed on the server while it was written to stdout (a core was added or "
-                          "removed); run the command again", code=Exit.INCOMPLETE)
+        raise PluginError(
+            "the archive changed on the server while it was written to stdout (a core was added or "
+            "removed); run the command again",
+            code=Exit.INCOMPLETE,
+        )

@@ -5,6 +5,7 @@ Every failure the plugin reports is a :class:`PluginError`: its message is print
 (``error: ...``) and the process exits with its ``code``. The codes are part of the interface (README,
 ``--help``); keep them stable.
 """
+
 from __future__ import annotations
 
 import enum
@@ -14,13 +15,13 @@ class Exit(enum.IntEnum):
     """The plugin's exit codes."""
 
     OK = 0
-    ERROR = 1            # anything not listed below: network, server error, bad local state
-    USAGE = 2            # bad command line (argparse's own code)
-    NOT_FOUND = 3        # no such endpoint, core or container; no cores match the filters
-    FORBIDDEN = 4        # 401/403: not logged in, or RBAC says no
-    UNAVAILABLE = 5      # the coredump.example.io API is not served (APIService missing or down)
-    VERIFY_FAILED = 6    # a core's bytes do not match the sha256 of its metadata, or the archive is damaged
-    INCOMPLETE = 7       # the download did not complete within the retries
+    ERROR = 1  # anything not listed below: network, server error, bad local state
+    USAGE = 2  # bad command line (argparse's own code)
+    NOT_FOUND = 3  # no such endpoint, core or container; no cores match the filters
+    FORBIDDEN = 4  # 401/403: not logged in, or RBAC says no
+    UNAVAILABLE = 5  # the coredump.example.io API is not served (APIService missing or down)
+    VERIFY_FAILED = 6  # a core's bytes do not match the sha256 of its metadata, or the archive is damaged
+    INCOMPLETE = 7  # the download did not complete within the retries
 
 
 EXIT_CODES_HELP = """exit codes:

@@ -17,6 +17,7 @@ written to ``NAME.part`` and renamed only once its sha256 matched.
 Runs in a worker thread: :class:`ExtractSink` hands it the downloaded bytes through a bounded queue (so
 the download's TLS and the extraction's gunzip + sha256 + writes use two cores).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -131,7 +132,7 @@ class _Writer:
         if self._digest is not None:
             self._digest.update(chunk)
         while chunk:
-            chunk = chunk[os.write(self._fd, chunk):]
+            chunk = chunk[os.write(self._fd, chunk) :]
 
     def _run(self) -> None:
         while (chunk := self._full.get()) is not None:
@@ -277,8 +278,12 @@ class Extractor:
                     self._sysroot_member(archive, member, parts, links=links, files=files, dirs=dirs)
                 elif len(parts) == 2 and member.isfile() and parts[1].endswith((".json", ".core")):
                     self._core_member(archive, member, parts, pending_meta)
-                elif len(parts) == 1 and member.isfile() and safe_name(parts[0]) and \
-                        (parts[0].endswith(".gdb") or parts[0] == MANIFEST):
+                elif (
+                    len(parts) == 1
+                    and member.isfile()
+                    and safe_name(parts[0])
+                    and (parts[0].endswith(".gdb") or parts[0] == MANIFEST)
+                ):
                     path = self._write(archive, member, self.directory / parts[0])
                     if parts[0] != MANIFEST:
                         self.result.gdb_scripts.append(path)
@@ -291,8 +296,9 @@ class Extractor:
         if links:
             self._materialize_links(links=links, files=files, dirs=dirs)
 
-    def _write(self, archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path, *,
-               digest: "hashlib._Hash | None" = None) -> Path:
+    def _write(
+        self, archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path, *, digest: "hashlib._Hash | None" = None
+    ) -> Path:
         """
         The member's bytes into a new file at ``path``: read straight from the decompressed stream (tarfile
         has parsed the header and stands at the data) into reusable buffers, hashed and written from them;
@@ -321,8 +327,13 @@ class Extractor:
                 os.close(fd)
         return path
 
-    def _core_member(self, archive: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str],
-                     pending: dict[tuple[str, str], dict[str, Any]]) -> None:
+    def _core_member(
+        self,
+        archive: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        parts: list[str],
+        pending: dict[tuple[str, str], dict[str, Any]],
+    ) -> None:
         container, filename = parts
         core_id, _, kind = filename.rpartition(".")
         if not safe_name(container) or not safe_name(core_id):
@@ -331,8 +342,9 @@ class Extractor:
         folder = _mkdirs(self.directory, [container])
         if kind == "json":
             if member.size > MAX_METADATA_BYTES:
-                raise PluginError(f"{member.name}: metadata of {member.size} bytes is too large",
-                                  code=Exit.VERIFY_FAILED)
+                raise PluginError(
+                    f"{member.name}: metadata of {member.size} bytes is too large", code=Exit.VERIFY_FAILED
+                )
             source = archive.extractfile(member)
             assert source is not None
             data = source.read()
@@ -357,17 +369,29 @@ class Extractor:
         part = self._write(archive, member, folder / f"{filename}.part", digest=digest)
         actual = digest.hexdigest()
         if actual != expected.lower():
-            raise PluginError(f"{container}/{core_id}: sha256 {actual} does not match its metadata ({expected}); "
-                              "the core is damaged (kept nothing of it)", code=Exit.VERIFY_FAILED)
+            raise PluginError(
+                f"{container}/{core_id}: sha256 {actual} does not match its metadata ({expected}); "
+                "the core is damaged (kept nothing of it)",
+                code=Exit.VERIFY_FAILED,
+            )
         final = folder / filename
         os.replace(part, final)
         self.result.written[self.result.written.index(part)] = final
         assert meta is not None
-        self.result.cores.append(ExtractedCore(container=container, core_id=core_id, path=final, metadata=meta,
-                                               sha256=actual))
+        self.result.cores.append(
+            ExtractedCore(container=container, core_id=core_id, path=final, metadata=meta, sha256=actual)
+        )
 
-    def _sysroot_member(self, archive: tarfile.TarFile, member: tarfile.TarInfo, parts: list[str], *,
-                        links: dict[str, str], files: dict[str, Path], dirs: set[str]) -> None:
+    def _sysroot_member(
+        self,
+        archive: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        parts: list[str],
+        *,
+        links: dict[str, str],
+        files: dict[str, Path],
+        dirs: set[str],
+    ) -> None:
         """A member under a sysroot (``sysroot/`` or ``sysroot.<container>_<core-id>/``), keyed by its full name."""
         root = _mkdirs(self.directory, [parts[0]])
         if root not in self.result.sysroots:
@@ -400,8 +424,11 @@ class Extractor:
                 hops += 1
                 link_target = links[current]
                 root = current.split("/", 1)[0]
-                path = posixpath.normpath(posixpath.join(root, link_target.lstrip("/")) if link_target.startswith("/")
-                                          else posixpath.join(posixpath.dirname(current), link_target))
+                path = posixpath.normpath(
+                    posixpath.join(root, link_target.lstrip("/"))
+                    if link_target.startswith("/")
+                    else posixpath.join(posixpath.dirname(current), link_target)
+                )
                 if path.startswith("..") or path == ".":
                     break
                 if path in files:

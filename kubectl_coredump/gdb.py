@@ -13,6 +13,7 @@ the archive's top): gdb runs it with ``-cd`` there, then the user's arguments. O
 recorded exe path if that file exists on this machine, else none: gdb opens the core alone and the user is
 told so.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,13 @@ def cached(directory: Path, *, container: str, core_id: str) -> CachedCore | Non
         meta = json.loads((directory / container / f"{core_id}.json").read_text())
     except (OSError, ValueError):
         return None
-    if not (isinstance(marker, dict) and isinstance(meta, dict) and marker.get("size") == info.st_size
-            and marker.get("mtimeNs") == info.st_mtime_ns and marker.get("sha256") == meta.get("sha256")):
+    if not (
+        isinstance(marker, dict)
+        and isinstance(meta, dict)
+        and marker.get("size") == info.st_size
+        and marker.get("mtimeNs") == info.st_mtime_ns
+        and marker.get("sha256") == meta.get("sha256")
+    ):
         return None
     return CachedCore(directory=directory, core=core, metadata=meta, sha256=str(marker["sha256"]))
 
@@ -73,8 +79,9 @@ def commit(*, staging: Path, final: Path, core: Path, sha256: str) -> None:
     os.replace(staging, final)
 
 
-def command(copy: CachedCore, *, container: str, core_id: str, gdb_args: list[str],
-            exe: Path | None = None) -> tuple[list[str], list[str]]:
+def command(
+    copy: CachedCore, *, container: str, core_id: str, gdb_args: list[str], exe: Path | None = None
+) -> tuple[list[str], list[str]]:
     """The gdb command line for a cached core, and notes for the user about what it could not find."""
     script = copy.directory / f"{container}_{core_id}.gdb"
     if exe is None and script.is_file():
@@ -82,8 +89,10 @@ def command(copy: CachedCore, *, container: str, core_id: str, gdb_args: list[st
         # to the archive's top): gdb runs it from there, then the user's own arguments.
         script_notes: list[str] = []
         if not any(line.startswith("file ") for line in script.read_text(errors="replace").splitlines()):
-            script_notes.append("note: the dump carries no executable for this core (see manifest.json): gdb opens the "
-                         "core alone (addresses only)")
+            script_notes.append(
+                "note: the dump carries no executable for this core (see manifest.json): gdb opens the "
+                "core alone (addresses only)"
+            )
         return ["gdb", f"-cd={copy.directory}", "-x", str(script), *gdb_args], script_notes
     core = copy.directory / container / f"{core_id}.core"
     notes: list[str] = []
@@ -99,12 +108,16 @@ def command(copy: CachedCore, *, container: str, core_id: str, gdb_args: list[st
             executable = candidate
     if executable is None and exe_recorded and os.path.isfile(exe_recorded):
         executable = Path(exe_recorded)
-        notes.append(f"note: using {exe_recorded} from this machine; it must be the same build as in the pod "
-                     f"(build-id {copy.metadata.get('buildID') or 'unknown'})")
+        notes.append(
+            f"note: using {exe_recorded} from this machine; it must be the same build as in the pod "
+            f"(build-id {copy.metadata.get('buildID') or 'unknown'})"
+        )
     if executable is None:
-        notes.append(f"note: the executable {exe_recorded or '(not recorded)'} is not in the archive nor on this "
-                     "machine: gdb opens the core alone (addresses only); copy the binary here, or use a server "
-                     "that keeps objects (--objects)")
+        notes.append(
+            f"note: the executable {exe_recorded or '(not recorded)'} is not in the archive nor on this "
+            "machine: gdb opens the core alone (addresses only); copy the binary here, or use a server "
+            "that keeps objects (--objects)"
+        )
     args += gdb_args
     args += [str(executable), str(core)] if executable else ["-c", str(core)]
     return args, notes

@@ -17,6 +17,7 @@ Impersonation (``as``, ``as-groups``...) and ``proxy-url`` are refused with one 
 
 The kubeconfig is untrusted input: every value used is type-checked, and no secret is ever printed.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,20 +89,21 @@ def read_contexts(paths: tuple[str, ...]) -> list[str]:
     return names
 
 
-def resolve_target(*, kubeconfig: str | None, context: str | None, namespace: str | None,
-                   environ: Mapping[str, str] = os.environ) -> Target:
+def resolve_target(
+    *, kubeconfig: str | None, context: str | None, namespace: str | None, environ: Mapping[str, str] = os.environ
+) -> Target:
     """The context and namespace kubectl would use with these flags."""
     paths = kubeconfig_paths(flag=kubeconfig, environ=environ)
     if kubeconfig and not Path(kubeconfig).exists():
         raise PluginError(f"kubeconfig {kubeconfig} does not exist")
     configs = [_read(p) for p in paths]
     if not any(configs):
-        raise PluginError(f"no kubeconfig found (looked at {', '.join(paths)}); "
-                          "set KUBECONFIG or pass --kubeconfig")
+        raise PluginError(f"no kubeconfig found (looked at {', '.join(paths)}); set KUBECONFIG or pass --kubeconfig")
     chosen = context or next((c.get("current-context") for c in configs if c.get("current-context")), None)
     if not chosen:
-        raise PluginError("the kubeconfig has no current context; pass --context NAME "
-                          "(kubectl config get-contexts lists them)")
+        raise PluginError(
+            "the kubeconfig has no current context; pass --context NAME (kubectl config get-contexts lists them)"
+        )
     found: dict[str, Any] | None = None
     for config in configs:
         for entry in config.get("contexts") or []:
@@ -112,8 +114,12 @@ def resolve_target(*, kubeconfig: str | None, context: str | None, namespace: st
             break
     if found is None:
         raise PluginError(f'context "{chosen}" is not in the kubeconfig; kubectl config get-contexts lists them')
-    return Target(paths=paths, context=chosen, namespace=namespace or found.get("namespace") or "default",
-                  documents=tuple(zip(paths, configs, strict=True)))
+    return Target(
+        paths=paths,
+        context=chosen,
+        namespace=namespace or found.get("namespace") or "default",
+        documents=tuple(zip(paths, configs, strict=True)),
+    )
 
 
 def _named(target: Target, section: str, name: str) -> tuple[str, dict[str, Any]] | None:
@@ -172,15 +178,20 @@ def load_credentials(target: Target) -> Credentials:
     origin, fields = user
     impersonating = [k for k in IMPERSONATION_KEYS if fields.get(k)]
     if impersonating:
-        raise PluginError(f'the kubeconfig\'s user "{user_name}" impersonates ({", ".join(impersonating)}), which '
-                          "kubectl coredump does not support; use a context without it")
+        raise PluginError(
+            f'the kubeconfig\'s user "{user_name}" impersonates ({", ".join(impersonating)}), which '
+            "kubectl coredump does not support; use a context without it"
+        )
     cluster_origin, cluster_fields = cluster
     what = f'cluster "{cluster_name}"'
     if _text(cluster_fields, "proxy-url", what=what):
-        raise PluginError(f"the kubeconfig's {what} sets proxy-url, which kubectl coredump does not support; "
-                          "use a context that reaches the API server directly")
+        raise PluginError(
+            f"the kubeconfig's {what} sets proxy-url, which kubectl coredump does not support; "
+            "use a context that reaches the API server directly"
+        )
     if any(k in fields for k in FALLBACK_KEYS):
         from kubectl_coredump import fallback
+
         return fallback.load_credentials(paths=target.paths, context=target.context)
     server = _text(cluster_fields, "server", what=what)
     if server is None:
@@ -208,6 +219,5 @@ def load_credentials(target: Target) -> Credentials:
         cert_file=_file(fields, "client-certificate", what=who, origin=origin),
         key_data=_data(fields, "client-key-data", what=who),
         key_file=_file(fields, "client-key", what=who, origin=origin),
-        authorization=f"Bearer {token}" if token else None)
-
-
+        authorization=f"Bearer {token}" if token else None,
+    )

@@ -6,6 +6,7 @@ The archive's first gzip member holds the tar header and body of ``<container>/<
 that stops once that member is complete costs a few KiB, whatever the size of the core. This needs the
 same permission as the dump itself (``coredump:dump``).
 """
+
 from __future__ import annotations
 
 import io
@@ -23,13 +24,17 @@ MAX_METADATA_BYTES = 16 * 1024 * 1024
 
 
 def fetch_metadata(client: Client, *, namespace: str, name: str, container: str, core_id: str) -> dict[str, Any]:
-    response = client.get(api.dump_path(namespace, name), query=[("container", container), ("core", core_id)],
-                                headers={"Range": f"bytes=0-{HEAD_BYTES - 1}"})
+    response = client.get(
+        api.dump_path(namespace, name),
+        query=[("container", container), ("core", core_id)],
+        headers={"Range": f"bytes=0-{HEAD_BYTES - 1}"},
+    )
     try:
         if response.status not in (200, 206):
             body = api.read_bounded(response, limit=1 << 16)
-            raise api.error_for(status=response.status, body=body, request=api.dump_request(namespace, name),
-                                server=client.server)
+            raise api.error_for(
+                status=response.status, body=body, request=api.dump_request(namespace, name), server=client.server
+            )
         inflater = zlib.decompressobj(31)
         plain = bytearray()
         received = 0

@@ -6,6 +6,7 @@ type-checked, and a wrong type reads as absent. Fields a newer server adds (``si
 ``backtrace``) are used when present and shown as ``-`` when not. Names that the plugin turns into local
 paths (namespace, pod, container, core id) must pass :func:`safe_name`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -81,11 +82,21 @@ class Core:
             top = format_frame(frames[0])
         elif top and not isinstance(top, str):
             top = format_frame(top)
-        return cls(id=_str(entry.get("id")), container=_str(entry.get("container")), signal=_int(entry.get("signal")),
-                   signal_name=_str(entry.get("signalName")), time=_str(entry.get("time")),
-                   size=_int(entry.get("size")), stored_size=_int(entry.get("storedSize")), exe=_str(entry.get("exe")),
-                   build_id=_str(entry.get("buildID")), truncated=entry.get("truncated") is True,
-                   signature=_str(entry.get("signature")), top_frame=_str(top), raw=entry)
+        return cls(
+            id=_str(entry.get("id")),
+            container=_str(entry.get("container")),
+            signal=_int(entry.get("signal")),
+            signal_name=_str(entry.get("signalName")),
+            time=_str(entry.get("time")),
+            size=_int(entry.get("size")),
+            stored_size=_int(entry.get("storedSize")),
+            exe=_str(entry.get("exe")),
+            build_id=_str(entry.get("buildID")),
+            truncated=entry.get("truncated") is True,
+            signature=_str(entry.get("signature")),
+            top_frame=_str(top),
+            raw=entry,
+        )
 
     @property
     def signal_text(self) -> str:
@@ -113,8 +124,14 @@ class Endpoint:
         entries = status.get("cores")
         entries = entries if isinstance(entries, list) else []
         cores = tuple(Core.from_status(e) for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str))
-        return cls(namespace=_str(metadata.get("namespace")), name=_str(metadata.get("name")),
-                   pod_uid=_str(spec.get("podUID")), cores=cores, status=status, raw=obj)
+        return cls(
+            namespace=_str(metadata.get("namespace")),
+            name=_str(metadata.get("name")),
+            pod_uid=_str(spec.get("podUID")),
+            cores=cores,
+            status=status,
+            raw=obj,
+        )
 
     @property
     def core_count(self) -> int:

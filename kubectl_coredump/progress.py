@@ -4,6 +4,7 @@ A one-line progress bar on stderr: bytes, total (from Content-Length), rate, ETA
 Shown only when stderr is a terminal and not ``-q`` (the caller decides with :func:`wanted`); redrawn at
 most ten times a second, so it costs nothing measurable on a fast download.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,11 @@ def wanted(*, quiet: bool, stream: TextIO = sys.stderr) -> bool:
 
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
         else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 class Progress:

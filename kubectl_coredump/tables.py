@@ -2,6 +2,7 @@
 What the commands print: kubectl-style tables (``list``, ``--by-signature``), ``describe`` blocks and
 backtraces. Pure functions from the API's data to text; a field the server did not send prints ``-``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,13 +28,33 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 def list_table(endpoints: Sequence[Endpoint], *, all_namespaces: bool) -> str:
     headers = (["NAMESPACE"] if all_namespaces else []) + [
-        "POD", "CONTAINER", "CORE", "TIME", "SIGNAL", "EXE", "TOP FRAME", "SIGNATURE", "SIZE"]
+        "POD",
+        "CONTAINER",
+        "CORE",
+        "TIME",
+        "SIGNAL",
+        "EXE",
+        "TOP FRAME",
+        "SIGNATURE",
+        "SIZE",
+    ]
     rows = []
     for endpoint in sorted(endpoints, key=lambda e: (e.namespace, e.name)):
         for core in sorted(endpoint.cores, key=lambda c: (c.time, c.id)):
-            rows.append(([endpoint.namespace] if all_namespaces else []) + [
-                endpoint.name, core.container, core.id, core.time, core.signal_text, core.exe, core.top_frame,
-                core.signature, human_size(core.size) + (" (truncated)" if core.truncated else "")])
+            rows.append(
+                ([endpoint.namespace] if all_namespaces else [])
+                + [
+                    endpoint.name,
+                    core.container,
+                    core.id,
+                    core.time,
+                    core.signal_text,
+                    core.exe,
+                    core.top_frame,
+                    core.signature,
+                    human_size(core.size) + (" (truncated)" if core.truncated else ""),
+                ]
+            )
     return table(headers, rows)
 
 
@@ -64,8 +85,9 @@ def signature_table(endpoints: Sequence[Endpoint]) -> str:
     for group in sorted(groups.values(), key=lambda g: (-g.count, g.last)):
         pods = sorted(group.pods)
         shown = ",".join(pods[:3]) + (f",+{len(pods) - 3} more" if len(pods) > 3 else "")
-        rows.append([group.signature, group.count, group.first, group.last, len(pods), group.top_frame, group.exe,
-                     shown])
+        rows.append(
+            [group.signature, group.count, group.first, group.last, len(pods), group.top_frame, group.exe, shown]
+        )
     return table(["SIGNATURE", "COUNT", "FIRST SEEN", "LAST SEEN", "PODS", "TOP FRAME", "EXE", "AFFECTED"], rows)
 
 
@@ -104,27 +126,36 @@ def stored_backtrace(*sources: dict[str, Any]) -> list[str]:
 
 def describe(endpoint: Endpoint, *, cores: Sequence[Core], metadata: dict[str, dict[str, Any]]) -> str:
     status = endpoint.status
-    out = [f"Name:          {endpoint.name}",
-           f"Namespace:     {endpoint.namespace}",
-           f"Pod UID:       {endpoint.pod_uid or '-'}",
-           f"Cores:         {endpoint.core_count} ({human_size(_n(status.get('totalSize')))}, "
-           f"{human_size(_n(status.get('storedSize')))} stored)",
-           f"Last crash:    {_cell(status.get('lastCrash'))} {_cell(status.get('lastSignal'))}"]
+    out = [
+        f"Name:          {endpoint.name}",
+        f"Namespace:     {endpoint.namespace}",
+        f"Pod UID:       {endpoint.pod_uid or '-'}",
+        f"Cores:         {endpoint.core_count} ({human_size(_n(status.get('totalSize')))}, "
+        f"{human_size(_n(status.get('storedSize')))} stored)",
+        f"Last crash:    {_cell(status.get('lastCrash'))} {_cell(status.get('lastSignal'))}",
+    ]
     for core in cores:
         meta = metadata.get(core.id, {})
-        out += ["", f"Core {core.id}",
-                f"  Container:   {core.container or '-'}",
-                f"  Time:        {core.time or '-'}",
-                f"  Signal:      {core.signal_text}"
-                + (f" ({core.signal})" if core.signal and core.signal_name else ""),
-                f"  Executable:  {core.exe or '-'}",
-                f"  Build ID:    {core.build_id or '-'}",
-                f"  Size:        {human_size(core.size)} ({human_size(core.stored_size)} stored)"
-                + (" truncated" if core.truncated else ""),
-                f"  Signature:   {core.signature or '-'}",
-                f"  Top frame:   {core.top_frame or '-'}"]
-        for key, label in (("image", "Image"), ("node", "Node"), ("pid", "PID"), ("comm", "Command"),
-                           ("sha256", "SHA-256")):
+        out += [
+            "",
+            f"Core {core.id}",
+            f"  Container:   {core.container or '-'}",
+            f"  Time:        {core.time or '-'}",
+            f"  Signal:      {core.signal_text}" + (f" ({core.signal})" if core.signal and core.signal_name else ""),
+            f"  Executable:  {core.exe or '-'}",
+            f"  Build ID:    {core.build_id or '-'}",
+            f"  Size:        {human_size(core.size)} ({human_size(core.stored_size)} stored)"
+            + (" truncated" if core.truncated else ""),
+            f"  Signature:   {core.signature or '-'}",
+            f"  Top frame:   {core.top_frame or '-'}",
+        ]
+        for key, label in (
+            ("image", "Image"),
+            ("node", "Node"),
+            ("pid", "PID"),
+            ("comm", "Command"),
+            ("sha256", "SHA-256"),
+        ):
             if key in meta:
                 out.append(f"  {label + ':':<12} {' '.join(str(meta[key]).split()) or '-'}")
         lines = stored_backtrace(meta, core.raw)

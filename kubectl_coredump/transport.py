@@ -15,6 +15,7 @@ timeout or a short body is a :class:`ConnectionProblem`, which a download resume
 
 The ``Authorization`` header is never logged nor part of an error message.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,13 +45,13 @@ class Credentials:
     """Where the API server is and how to trust it and be known to it (what a kubeconfig context says)."""
 
     server: str
-    ca_data: str | None = None          # PEM
+    ca_data: str | None = None  # PEM
     ca_file: str | None = None
     insecure: bool = False
     tls_server_name: str | None = None
-    cert_data: bytes | None = None      # PEM
+    cert_data: bytes | None = None  # PEM
     cert_file: str | None = None
-    key_data: bytes | None = None       # PEM
+    key_data: bytes | None = None  # PEM
     key_file: str | None = None
     authorization: str | None = dataclasses.field(default=None, repr=False)  # the header's value: a secret
 
@@ -80,8 +81,10 @@ def tls_context(credentials: Credentials) -> ssl.SSLContext:
     """The ``SSLContext`` kubectl's rules give for these credentials (raises PluginError when they are unusable)."""
     has_ca = bool(credentials.ca_data or credentials.ca_file)
     if credentials.insecure and has_ca:
-        raise PluginError("the kubeconfig's cluster sets both insecure-skip-tls-verify and a certificate-authority; "
-                          "kubectl refuses that too: remove one of them")
+        raise PluginError(
+            "the kubeconfig's cluster sets both insecure-skip-tls-verify and a certificate-authority; "
+            "kubectl refuses that too: remove one of them"
+        )
     try:
         if credentials.insecure:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -97,12 +100,16 @@ def tls_context(credentials: Credentials) -> ssl.SSLContext:
         raise PluginError(f"cannot load the certificate-authority of the kubeconfig's cluster: {exc}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2  # client-go's minimum
     if bool(credentials.cert_data or credentials.cert_file) != bool(credentials.key_data or credentials.key_file):
-        raise PluginError("the kubeconfig's user has a client certificate without its key (or a key without its "
-                          "certificate): set both client-certificate and client-key")
+        raise PluginError(
+            "the kubeconfig's user has a client certificate without its key (or a key without its "
+            "certificate): set both client-certificate and client-key"
+        )
     if credentials.cert_data or credentials.cert_file:
         try:
-            with _pem_path(credentials.cert_data, credentials.cert_file) as cert, \
-                    _pem_path(credentials.key_data, credentials.key_file) as key:
+            with (
+                _pem_path(credentials.cert_data, credentials.cert_file) as cert,
+                _pem_path(credentials.key_data, credentials.key_file) as key,
+            ):
                 assert cert is not None and key is not None
                 context.load_cert_chain(cert, key)
         except (ssl.SSLError, OSError) as exc:
@@ -113,15 +120,18 @@ def tls_context(credentials: Credentials) -> ssl.SSLContext:
 class _TLSConnection(http.client.HTTPSConnection):
     """``HTTPSConnection`` checking (and sending as SNI) ``server_name`` instead of the host when given."""
 
-    def __init__(self, host: str, port: int | None, *, context: ssl.SSLContext, server_name: str | None,
-                 timeout: float) -> None:
+    def __init__(
+        self, host: str, port: int | None, *, context: ssl.SSLContext, server_name: str | None, timeout: float
+    ) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
         self._server_name = server_name
 
     def connect(self) -> None:
         http.client.HTTPConnection.connect(self)
-        self.sock = self._context.wrap_socket(self.sock,  # type: ignore[attr-defined]
-                                              server_hostname=self._server_name or self.host)
+        self.sock = self._context.wrap_socket(  # type: ignore[attr-defined]
+            self.sock,
+            server_hostname=self._server_name or self.host,
+        )
 
 
 class Response:
@@ -145,8 +155,7 @@ class Response:
         except TimeoutError as exc:
             raise ConnectionProblem(f"no byte from {self._client.server} in time") from exc
         except (OSError, http.client.HTTPException) as exc:
-            raise ConnectionProblem(f"the connection broke ({type(exc).__name__}: {exc})".replace(": )", ")")) \
-                from exc
+            raise ConnectionProblem(f"the connection broke ({type(exc).__name__}: {exc})".replace(": )", ")")) from exc
 
     def read_bounded(self, *, limit: int) -> bytes | None:
         """The whole body, or None when it is longer than ``limit`` bytes."""
@@ -195,8 +204,9 @@ class Client:
     def __enter__(self) -> "Client":
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.discard()
 
     def discard(self) -> None:
@@ -208,8 +218,12 @@ class Client:
     def _connect(self) -> http.client.HTTPConnection:
         if self._context is not None:
             connection: http.client.HTTPConnection = _TLSConnection(
-                self._host, self._port, context=self._context, server_name=self.credentials.tls_server_name,
-                timeout=self._connect_timeout)
+                self._host,
+                self._port,
+                context=self._context,
+                server_name=self.credentials.tls_server_name,
+                timeout=self._connect_timeout,
+            )
         else:
             connection = http.client.HTTPConnection(self._host, self._port, timeout=self._connect_timeout)
         try:
@@ -217,9 +231,11 @@ class Client:
         except ssl.SSLCertVerificationError as exc:
             connection.close()
             name = self.credentials.tls_server_name or self._host
-            raise PluginError(f"the TLS certificate of {self.server} does not verify for {name!r} "
-                              f"({exc.verify_message}); check the certificate-authority (and tls-server-name) of "
-                              "the kubeconfig's cluster") from None
+            raise PluginError(
+                f"the TLS certificate of {self.server} does not verify for {name!r} "
+                f"({exc.verify_message}); check the certificate-authority (and tls-server-name) of "
+                "the kubeconfig's cluster"
+            ) from None
         except TimeoutError as exc:
             connection.close()
             raise ConnectionProblem(f"the API server {self.server} did not answer in time") from exc
@@ -228,15 +244,25 @@ class Client:
             raise ConnectionProblem(f"cannot reach the API server {self.server}: {exc}") from exc
         return connection
 
-    def get(self, path: str, *, query: Sequence[tuple[str, str]] = (), headers: Mapping[str, str] | None = None,
-            read_timeout: float | None = None) -> Response:
+    def get(
+        self,
+        path: str,
+        *,
+        query: Sequence[tuple[str, str]] = (),
+        headers: Mapping[str, str] | None = None,
+        read_timeout: float | None = None,
+    ) -> Response:
         """
         ``GET path`` with the user's credentials; the response is returned with its body unread, whatever
         its status (the caller reads it and closes the response).
         """
         target = self._prefix + path + (f"?{urlencode(list(query))}" if query else "")
-        request_headers = {"Accept": "application/json, */*", "User-Agent": USER_AGENT, "Accept-Encoding": "identity",
-                           **(headers or {})}
+        request_headers = {
+            "Accept": "application/json, */*",
+            "User-Agent": USER_AGENT,
+            "Accept-Encoding": "identity",
+            **(headers or {}),
+        }
         if self.credentials.authorization:
             request_headers["Authorization"] = self.credentials.authorization
         for attempt in (1, 2):

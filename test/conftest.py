@@ -8,4 +8,5 @@ named modules (``waiting``, ``fixtures_apiserver``, ``handler/handler_harness``,
 ``deploy/deploy_helpers``, ``vm/vm_harness``), never from a ``conftest``, so one pytest run may collect
 several folders.
 """
+
 pytest_plugins = ["fixtures_etcd", "fixtures_apiserver", "fake_kube"]

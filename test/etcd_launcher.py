@@ -6,6 +6,7 @@ not in the installed package; ``bench/apiserver_bench.py`` puts test/ on ``sys.p
 and :meth:`EtcdServer.start` on the same data dir: a caller can check what survives a restart. As a
 context manager it starts etcd on entry and stops it on exit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -79,27 +80,40 @@ class EtcdServer:
         peer = f"http://127.0.0.1:{self.peer_port}"
         command = [
             self.binary,
-            "--name", "local",
-            "--data-dir", str(self.data_dir),
-            "--listen-client-urls", self.endpoint,
-            "--advertise-client-urls", self.endpoint,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"local={peer}",
-            "--logger", "zap",
-            "--log-level", "warn",
+            "--name",
+            "local",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            self.endpoint,
+            "--advertise-client-urls",
+            self.endpoint,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"local={peer}",
+            "--logger",
+            "zap",
+            "--log-level",
+            "warn",
         ]
         if self.tls:
             command += [
-                "--cert-file", str(self.tls.server_cert),
-                "--key-file", str(self.tls.server_key),
-                "--trusted-ca-file", str(self.tls.ca_file),
+                "--cert-file",
+                str(self.tls.server_cert),
+                "--key-file",
+                str(self.tls.server_key),
+                "--trusted-ca-file",
+                str(self.tls.ca_file),
                 "--client-cert-auth",
             ]
         self.base_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            self._process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:
@@ -113,6 +127,7 @@ class EtcdServer:
                 raise RuntimeError(f"etcd exited during startup (log {self.log_path}):\n{self._log_tail()}")
             with urllib.request.urlopen(f"{self.endpoint}/health", timeout=1, context=context) as response:
                 return b'"true"' in response.read()
+
         try:
             wait_until(healthy, what="etcd to be healthy", timeout=START_TIMEOUT, ignore=(OSError,))
         except AssertionError as error:

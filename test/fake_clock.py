@@ -3,6 +3,7 @@ A fake clock for the server's periodic loops (certificate reload, authentication
 :meth:`FakeClock.sleep` instead of ``asyncio.sleep``, and the test moves time with :meth:`FakeClock.advance`,
 which returns once the loop has done its work for that time and is asleep again. No test waits for real time.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -38,6 +38,7 @@ The ``fake_kube`` fixture (async, function scope) yields a :class:`FakeKube`:
 - ``.client_ca`` / ``.front_proxy_ca`` (:class:`TestCA`) and ``.issue_client_cert(directory, *, cn, orgs=(),
   ca="client")`` → (cert path, key path) for mTLS tests.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -77,13 +78,15 @@ Failure = Literal["unreachable"] | int | None
 # kube-apiserver's default --api-audiences: its --service-account-issuer.
 API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 class TestCA:
@@ -97,15 +100,28 @@ class TestCA:
         self.key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         self.cert = (
-            x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
             .not_valid_before(_now() - datetime.timedelta(minutes=5))
             .not_valid_after(_now() + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                         content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, encipher_only=False,
-                                         decipher_only=False), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(self.key.public_key()), critical=False)
             .sign(self.key, hashes.SHA256())
         )
@@ -113,26 +129,41 @@ class TestCA:
         self.cert_file = directory / f"{name}.crt"
         self.cert_file.write_text(self.pem)
 
-    def issue(self, *, cn: str, orgs: Iterable[str] = (), server: bool = False,
-              directory: Path | None = None, stem: str | None = None) -> tuple[Path, Path]:
+    def issue(
+        self,
+        *,
+        cn: str,
+        orgs: Iterable[str] = (),
+        server: bool = False,
+        directory: Path | None = None,
+        stem: str | None = None,
+    ) -> tuple[Path, Path]:
         """Write ``<stem>.crt``/``<stem>.key`` signed by this CA; a server certificate is valid for 127.0.0.1."""
         key = ec.generate_private_key(ec.SECP256R1())
         attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org) for org in orgs]
         attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
         builder = (
-            x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(self.cert.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            x509.CertificateBuilder()
+            .subject_name(x509.Name(attrs))
+            .issuer_name(self.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
             .not_valid_before(_now() - datetime.timedelta(minutes=5))
             .not_valid_after(_now() + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
+            .add_extension(
+                x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+                critical=False,
+            )
         )
         if server:
-            builder = builder.add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
         cert = builder.sign(self.key, hashes.SHA256())
         directory = directory or self.directory
         stem = stem or f"{self.name}-{cn.replace(':', '_')}-{secrets.token_hex(3)}"
@@ -145,6 +176,7 @@ class TestCA:
 
 # --- the fake -----------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class FakeUser:
     name: str
@@ -154,8 +186,15 @@ class FakeUser:
 
 
 def _status(code: int, reason: str, message: str, **details: Any) -> web.Response:
-    body: dict[str, Any] = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-                            "message": message, "reason": reason, "code": code}
+    body: dict[str, Any] = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
     if details:
         body["details"] = details
     return web.json_response(body, status=code)
@@ -181,8 +220,9 @@ class FakeRule:
     namespaces: tuple[str, ...] = ()
     non_resource_urls: tuple[str, ...] = ()
 
-    def allows(self, *, user: str, groups: Iterable[str], resource: dict[str, Any] | None,
-               non_resource: dict[str, Any] | None) -> bool:
+    def allows(
+        self, *, user: str, groups: Iterable[str], resource: dict[str, Any] | None, non_resource: dict[str, Any] | None
+    ) -> bool:
         if user not in self.users and not set(groups) & set(self.groups):
             return False
         attributes = resource or non_resource or {}
@@ -190,8 +230,9 @@ class FakeRule:
             return False
         if resource is None:
             path = str(attributes.get("path", ""))
-            return any(path == url or (url.endswith("*") and path.startswith(url[:-1]))
-                       for url in self.non_resource_urls)
+            return any(
+                path == url or (url.endswith("*") and path.startswith(url[:-1])) for url in self.non_resource_urls
+            )
         if self.namespaces and resource.get("namespace", "") not in self.namespaces:
             return False
         plural, sub = resource.get("resource", ""), resource.get("subresource", "")
@@ -207,22 +248,40 @@ class FakeKube:
         self.client_ca = TestCA(directory, name="cluster-ca")
         self.front_proxy_ca = TestCA(directory, name="front-proxy-ca")
         self.ca_file = self.client_ca.cert_file
-        self._serving_cert, self._serving_key = self.client_ca.issue(cn="kube-apiserver", server=True,
-                                                                     stem="fake-kube-serving")
-        self.front_proxy_cert, self.front_proxy_key = self.front_proxy_ca.issue(cn="front-proxy-client",
-                                                                                stem="front-proxy-client")
+        self._serving_cert, self._serving_key = self.client_ca.issue(
+            cn="kube-apiserver", server=True, stem="fake-kube-serving"
+        )
+        self.front_proxy_cert, self.front_proxy_key = self.front_proxy_ca.issue(
+            cn="front-proxy-client", stem="front-proxy-client"
+        )
         self.server_token = "apiserver-" + secrets.token_hex(8)
         self.tokens: dict[str, FakeUser] = {
-            self.server_token: FakeUser(name="system:serviceaccount:coredump:apiserver",
-                                        groups=("system:serviceaccounts", "system:serviceaccounts:coredump")),
+            self.server_token: FakeUser(
+                name="system:serviceaccount:coredump:apiserver",
+                groups=("system:serviceaccounts", "system:serviceaccounts:coredump"),
+            ),
         }
-        self.rules: list[FakeRule] = [FakeRule(verbs=("*",), groups=("system:masters",), resources=("*",),
-                                               non_resource_urls=("*",)),
-                                      # system:discovery and system:public-info-viewer
-                                      FakeRule(verbs=("get",), groups=(AUTHENTICATED_GROUP, "system:unauthenticated"),
-                                               non_resource_urls=("/api", "/api/*", "/apis", "/apis/*", "/openapi",
-                                                                  "/openapi/*", "/version", "/version/", "/healthz",
-                                                                  "/livez", "/readyz"))]
+        self.rules: list[FakeRule] = [
+            FakeRule(verbs=("*",), groups=("system:masters",), resources=("*",), non_resource_urls=("*",)),
+            # system:discovery and system:public-info-viewer
+            FakeRule(
+                verbs=("get",),
+                groups=(AUTHENTICATED_GROUP, "system:unauthenticated"),
+                non_resource_urls=(
+                    "/api",
+                    "/api/*",
+                    "/apis",
+                    "/apis/*",
+                    "/openapi",
+                    "/openapi/*",
+                    "/version",
+                    "/version/",
+                    "/healthz",
+                    "/livez",
+                    "/readyz",
+                ),
+            ),
+        ]
         self.pods: dict[tuple[str, str], dict[str, Any]] = {}
         self.namespaces: dict[str, dict[str, Any]] = {}
         self.leases: dict[tuple[str, str], dict[str, Any]] = {}
@@ -251,33 +310,67 @@ class FakeKube:
 
     # -- configuration used by tests --
 
-    def add_token(self, token: str, *, user: str, groups: Iterable[str] = (), uid: str = "",
-                  extra: dict[str, list[str]] | None = None) -> str:
+    def add_token(
+        self,
+        token: str,
+        *,
+        user: str,
+        groups: Iterable[str] = (),
+        uid: str = "",
+        extra: dict[str, list[str]] | None = None,
+    ) -> str:
         self.tokens[token] = FakeUser(name=user, groups=tuple(groups), uid=uid, extra=dict(extra or {}))
         return token
 
-    def allow(self, *, verbs: Iterable[str], users: Iterable[str] = (), groups: Iterable[str] = (),
-              resources: Iterable[str] = (), namespaces: Iterable[str] = (),
-              non_resource_urls: Iterable[str] = ()) -> FakeRule:
-        added = FakeRule(verbs=tuple(verbs), users=tuple(users), groups=tuple(groups), resources=tuple(resources),
-                         namespaces=tuple(namespaces), non_resource_urls=tuple(non_resource_urls))
+    def allow(
+        self,
+        *,
+        verbs: Iterable[str],
+        users: Iterable[str] = (),
+        groups: Iterable[str] = (),
+        resources: Iterable[str] = (),
+        namespaces: Iterable[str] = (),
+        non_resource_urls: Iterable[str] = (),
+    ) -> FakeRule:
+        added = FakeRule(
+            verbs=tuple(verbs),
+            users=tuple(users),
+            groups=tuple(groups),
+            resources=tuple(resources),
+            namespaces=tuple(namespaces),
+            non_resource_urls=tuple(non_resource_urls),
+        )
         self.rules.append(added)
         return added
 
-    def add_pod(self, *, namespace: str, name: str, uid: str | None = None,
-                containers: Iterable[str] = ("app",), node_name: str = "node-1",
-                labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None,
-                owner_references: list[dict[str, Any]] | None = None,
-                container_statuses: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        metadata: dict[str, Any] = {"name": name, "namespace": namespace, "uid": uid or str(uuid.uuid4()),
-                                    "resourceVersion": self._next_rv(), "creationTimestamp": _timestamp()}
+    def add_pod(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        uid: str | None = None,
+        containers: Iterable[str] = ("app",),
+        node_name: str = "node-1",
+        labels: dict[str, str] | None = None,
+        annotations: dict[str, str] | None = None,
+        owner_references: list[dict[str, Any]] | None = None,
+        container_statuses: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        metadata: dict[str, Any] = {
+            "name": name,
+            "namespace": namespace,
+            "uid": uid or str(uuid.uuid4()),
+            "resourceVersion": self._next_rv(),
+            "creationTimestamp": _timestamp(),
+        }
         for key, value in (("labels", labels), ("annotations", annotations), ("ownerReferences", owner_references)):
             if value:
                 metadata[key] = value
         pod = {
-            "kind": "Pod", "apiVersion": "v1", "metadata": metadata,
-            "spec": {"nodeName": node_name,
-                     "containers": [{"name": c, "image": f"example/{c}:1"} for c in containers]},
+            "kind": "Pod",
+            "apiVersion": "v1",
+            "metadata": metadata,
+            "spec": {"nodeName": node_name, "containers": [{"name": c, "image": f"example/{c}:1"} for c in containers]},
             "status": {"phase": "Running", **({"containerStatuses": container_statuses} if container_statuses else {})},
         }
         kind = "MODIFIED" if (namespace, name) in self.pods else "ADDED"
@@ -294,10 +387,18 @@ class FakeKube:
 
     def set_namespace(self, name: str, *, annotations: dict[str, str] | None = None) -> dict[str, Any]:
         kind = "MODIFIED" if name in self.namespaces else "ADDED"
-        ns = {"kind": "Namespace", "apiVersion": "v1",
-              "metadata": {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": self._next_rv(),
-                           **({"annotations": annotations} if annotations else {})},
-              "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+        ns = {
+            "kind": "Namespace",
+            "apiVersion": "v1",
+            "metadata": {
+                "name": name,
+                "uid": str(uuid.uuid4()),
+                "resourceVersion": self._next_rv(),
+                **({"annotations": annotations} if annotations else {}),
+            },
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"},
+        }
         self.namespaces[name] = ns
         self._record("namespaces", kind, ns)
         return ns
@@ -313,63 +414,84 @@ class FakeKube:
             async def wake() -> None:
                 async with cond:
                     cond.notify_all()
+
             try:
                 asyncio.get_running_loop().create_task(wake())
             except RuntimeError:
                 pass
 
-    def add_namespace(self, name: str, *, labels: dict[str, str] | None = None,
-                      annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    def add_namespace(
+        self, name: str, *, labels: dict[str, str] | None = None, annotations: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """A Namespace as kube-apiserver returns it (with the ``kubernetes.io/metadata.name`` label it adds)."""
-        ns = {"kind": "Namespace", "apiVersion": "v1",
-              "metadata": {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": self._next_rv(),
-                           "creationTimestamp": _timestamp(),
-                           "labels": {"kubernetes.io/metadata.name": name, **(labels or {})},
-                           **({"annotations": dict(annotations)} if annotations else {})},
-              "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}}
+        ns = {
+            "kind": "Namespace",
+            "apiVersion": "v1",
+            "metadata": {
+                "name": name,
+                "uid": str(uuid.uuid4()),
+                "resourceVersion": self._next_rv(),
+                "creationTimestamp": _timestamp(),
+                "labels": {"kubernetes.io/metadata.name": name, **(labels or {})},
+                **({"annotations": dict(annotations)} if annotations else {}),
+            },
+            "spec": {"finalizers": ["kubernetes"]},
+            "status": {"phase": "Active"},
+        }
         self.namespaces[name] = ns
         self._record("namespaces", "ADDED", ns)
         return ns
 
     def set_authentication_configmap(
-        self, *, client_ca: str | None = None, requestheader_ca: str | None = None,
+        self,
+        *,
+        client_ca: str | None = None,
+        requestheader_ca: str | None = None,
         allowed_names: Iterable[str] = ("front-proxy-client",),
-        username_headers: Iterable[str] = ("X-Remote-User",), group_headers: Iterable[str] = ("X-Remote-Group",),
-        extra_headers_prefix: Iterable[str] = ("X-Remote-Extra-",), uid_headers: Iterable[str] | None = None,
+        username_headers: Iterable[str] = ("X-Remote-User",),
+        group_headers: Iterable[str] = ("X-Remote-Group",),
+        extra_headers_prefix: Iterable[str] = ("X-Remote-Extra-",),
+        uid_headers: Iterable[str] | None = None,
         include_requestheader: bool = True,
     ) -> None:
         """Rewrite the ConfigMap the way kube-apiserver publishes it (list values are JSON strings)."""
         data = {"client-ca-file": client_ca if client_ca is not None else self.client_ca.pem}
         if include_requestheader:
-            data.update({
-                "requestheader-client-ca-file": (requestheader_ca if requestheader_ca is not None
-                                                 else self.front_proxy_ca.pem),
-                "requestheader-allowed-names": json.dumps(list(allowed_names)),
-                "requestheader-username-headers": json.dumps(list(username_headers)),
-                "requestheader-group-headers": json.dumps(list(group_headers)),
-                "requestheader-extra-headers-prefix": json.dumps(list(extra_headers_prefix)),
-            })
+            data.update(
+                {
+                    "requestheader-client-ca-file": (
+                        requestheader_ca if requestheader_ca is not None else self.front_proxy_ca.pem
+                    ),
+                    "requestheader-allowed-names": json.dumps(list(allowed_names)),
+                    "requestheader-username-headers": json.dumps(list(username_headers)),
+                    "requestheader-group-headers": json.dumps(list(group_headers)),
+                    "requestheader-extra-headers-prefix": json.dumps(list(extra_headers_prefix)),
+                }
+            )
             if uid_headers is not None:
                 data["requestheader-uid-headers"] = json.dumps(list(uid_headers))
         self.auth_configmap = data
         self._auth_configmap_rv = self._next_rv()
 
-    def issue_client_cert(self, directory: Path, *, cn: str, orgs: Iterable[str] = (),
-                          ca: Literal["client", "front-proxy"] = "client") -> tuple[Path, Path]:
+    def issue_client_cert(
+        self, directory: Path, *, cn: str, orgs: Iterable[str] = (), ca: Literal["client", "front-proxy"] = "client"
+    ) -> tuple[Path, Path]:
         authority = self.client_ca if ca == "client" else self.front_proxy_ca
         return authority.issue(cn=cn, orgs=orgs, directory=directory)
 
-    def write_kubeconfig(self, path: Path, *, token: str | None = None,
-                         client_cert: tuple[Path, Path] | None = None) -> Path:
+    def write_kubeconfig(
+        self, path: Path, *, token: str | None = None, client_cert: tuple[Path, Path] | None = None
+    ) -> Path:
         user: dict[str, Any] = {}
         if client_cert:
             user = {"client-certificate": str(client_cert[0]), "client-key": str(client_cert[1])}
         else:
             user = {"token": token or self.server_token}
         config = {
-            "apiVersion": "v1", "kind": "Config", "preferences": {},
-            "clusters": [{"name": "fake", "cluster": {"server": self.url,
-                                                      "certificate-authority": str(self.ca_file)}}],
+            "apiVersion": "v1",
+            "kind": "Config",
+            "preferences": {},
+            "clusters": [{"name": "fake", "cluster": {"server": self.url, "certificate-authority": str(self.ca_file)}}],
             "users": [{"name": "fake-user", "user": user}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake-user"}}],
             "current-context": "fake",
@@ -440,13 +562,19 @@ class FakeKube:
         self.configmap_reads += 1
         if self.configmap_answer is not None:
             return web.Response(body=self.configmap_answer[1], headers={"Content-Type": self.configmap_answer[0]})
-        return web.json_response({
-            "kind": "ConfigMap", "apiVersion": "v1",
-            "metadata": {"name": "extension-apiserver-authentication", "namespace": "kube-system",
-                         "resourceVersion": self._auth_configmap_rv,
-                         "uid": "00000000-0000-0000-0000-00000000ca01"},
-            "data": dict(self.auth_configmap),
-        })
+        return web.json_response(
+            {
+                "kind": "ConfigMap",
+                "apiVersion": "v1",
+                "metadata": {
+                    "name": "extension-apiserver-authentication",
+                    "namespace": "kube-system",
+                    "resourceVersion": self._auth_configmap_rv,
+                    "uid": "00000000-0000-0000-0000-00000000ca01",
+                },
+                "data": dict(self.auth_configmap),
+            }
+        )
 
     async def _token_review(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -454,8 +582,9 @@ class FakeKube:
         if (failed := await self._fail(request, self.token_review_failure)) is not None:
             return failed
         if self.token_review_answer is not None:
-            return web.Response(status=201, body=self.token_review_answer[1],
-                                headers={"Content-Type": self.token_review_answer[0]})
+            return web.Response(
+                status=201, body=self.token_review_answer[1], headers={"Content-Type": self.token_review_answer[0]}
+            )
         spec = body.get("spec") or {}
         found = self.tokens.get(spec.get("token", ""))
         status: dict[str, Any]
@@ -470,8 +599,13 @@ class FakeKube:
             # Like kube-apiserver: a review without spec.audiences is checked against (and answers with)
             # the API server's own audiences, by default its service-account issuer.
             status = {"authenticated": True, "user": user, "audiences": spec.get("audiences") or [API_AUDIENCE]}
-        answer = {"kind": "TokenReview", "apiVersion": "authentication.k8s.io/v1",
-                  "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}
+        answer = {
+            "kind": "TokenReview",
+            "apiVersion": "authentication.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": status,
+        }
         return web.json_response(answer, status=201)
 
     async def _subject_access_review(self, request: web.Request) -> web.StreamResponse:
@@ -484,16 +618,27 @@ class FakeKube:
         spec = body.get("spec") or {}
         ra, nra = spec.get("resourceAttributes"), spec.get("nonResourceAttributes")
         if not ra and not nra:
-            return _status(422, "Invalid", 'SubjectAccessReview.authorization.k8s.io "" is invalid: '
-                                           'spec.resourceAttributes: Invalid value: "null": exactly one of '
-                                           'nonResourceAttributes or resourceAttributes must be specified')
-        allowed = any(r.allows(user=spec.get("user", ""), groups=spec.get("groups") or (), resource=ra,
-                               non_resource=nra) for r in self.rules)
+            return _status(
+                422,
+                "Invalid",
+                'SubjectAccessReview.authorization.k8s.io "" is invalid: '
+                'spec.resourceAttributes: Invalid value: "null": exactly one of '
+                "nonResourceAttributes or resourceAttributes must be specified",
+            )
+        allowed = any(
+            r.allows(user=spec.get("user", ""), groups=spec.get("groups") or (), resource=ra, non_resource=nra)
+            for r in self.rules
+        )
         status: dict[str, Any] = {"allowed": allowed}
         if allowed:
-            status["reason"] = 'RBAC: allowed by fake rule table'
-        answer = {"kind": "SubjectAccessReview", "apiVersion": "authorization.k8s.io/v1",
-                  "metadata": {"creationTimestamp": None}, "spec": spec, "status": status}
+            status["reason"] = "RBAC: allowed by fake rule table"
+        answer = {
+            "kind": "SubjectAccessReview",
+            "apiVersion": "authorization.k8s.io/v1",
+            "metadata": {"creationTimestamp": None},
+            "spec": spec,
+            "status": status,
+        }
         return web.json_response(answer, status=201)
 
     async def _get_pod(self, request: web.Request) -> web.StreamResponse:
@@ -504,10 +649,18 @@ class FakeKube:
         return web.json_response(pod)
 
     def add_configmap(self, *, namespace: str, name: str, data: dict[str, str]) -> dict[str, Any]:
-        cm = {"kind": "ConfigMap", "apiVersion": "v1",
-              "metadata": {"name": name, "namespace": namespace, "uid": str(uuid.uuid4()),
-                           "resourceVersion": self._next_rv(), "creationTimestamp": _timestamp()},
-              "data": dict(data)}
+        cm = {
+            "kind": "ConfigMap",
+            "apiVersion": "v1",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": str(uuid.uuid4()),
+                "resourceVersion": self._next_rv(),
+                "creationTimestamp": _timestamp(),
+            },
+            "data": dict(data),
+        }
         self.configmaps[(namespace, name)] = cm
         return cm
 
@@ -522,8 +675,14 @@ class FakeKube:
         namespace, name = request.match_info["namespace"], request.match_info["name"]
         lease = self.leases.get((namespace, name))
         if lease is None:
-            return _status(404, "NotFound", f'leases.coordination.k8s.io "{name}" not found', name=name,
-                           group="coordination.k8s.io", kind="leases")
+            return _status(
+                404,
+                "NotFound",
+                f'leases.coordination.k8s.io "{name}" not found',
+                name=name,
+                group="coordination.k8s.io",
+                kind="leases",
+            )
         return web.json_response(lease)
 
     async def _create_lease(self, request: web.Request) -> web.StreamResponse:
@@ -531,10 +690,17 @@ class FakeKube:
         body = await request.json()
         name = (body.get("metadata") or {}).get("name")
         if (namespace, name) in self.leases:
-            return _status(409, "AlreadyExists", f'leases.coordination.k8s.io "{name}" already exists', name=name,
-                           group="coordination.k8s.io", kind="leases")
-        body["metadata"].update(namespace=namespace, uid=str(uuid.uuid4()), resourceVersion=self._next_rv(),
-                                creationTimestamp=_timestamp())
+            return _status(
+                409,
+                "AlreadyExists",
+                f'leases.coordination.k8s.io "{name}" already exists',
+                name=name,
+                group="coordination.k8s.io",
+                kind="leases",
+            )
+        body["metadata"].update(
+            namespace=namespace, uid=str(uuid.uuid4()), resourceVersion=self._next_rv(), creationTimestamp=_timestamp()
+        )
         body.update(kind="Lease", apiVersion="coordination.k8s.io/v1")
         self.leases[(namespace, name)] = body
         return web.json_response(body, status=201)
@@ -545,16 +711,31 @@ class FakeKube:
         body = await request.json()
         current = self.leases.get((namespace, name))
         if current is None:
-            return _status(404, "NotFound", f'leases.coordination.k8s.io "{name}" not found', name=name,
-                           group="coordination.k8s.io", kind="leases")
+            return _status(
+                404,
+                "NotFound",
+                f'leases.coordination.k8s.io "{name}" not found',
+                name=name,
+                group="coordination.k8s.io",
+                kind="leases",
+            )
         rv = (body.get("metadata") or {}).get("resourceVersion")
         if rv and rv != current["metadata"]["resourceVersion"]:
-            return _status(409, "Conflict", f'Operation cannot be fulfilled on leases.coordination.k8s.io "{name}": '
-                           "the object has been modified; please apply your changes to the latest version and try "
-                           "again", name=name, group="coordination.k8s.io", kind="leases")
-        body["metadata"] = {**current["metadata"], **{k: v for k, v in body["metadata"].items()
-                                                       if k in ("labels", "annotations")},
-                            "resourceVersion": self._next_rv()}
+            return _status(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on leases.coordination.k8s.io "{name}": '
+                "the object has been modified; please apply your changes to the latest version and try "
+                "again",
+                name=name,
+                group="coordination.k8s.io",
+                kind="leases",
+            )
+        body["metadata"] = {
+            **current["metadata"],
+            **{k: v for k, v in body["metadata"].items() if k in ("labels", "annotations")},
+            "resourceVersion": self._next_rv(),
+        }
         body.update(kind="Lease", apiVersion="coordination.k8s.io/v1")
         self.leases[(namespace, name)] = body
         return web.json_response(body)
@@ -565,22 +746,31 @@ class FakeKube:
         if ns is None:
             return _status(404, "NotFound", f'namespaces "{name}" not found', name=name, kind="namespaces")
         return web.json_response(ns)
+
     # Field selectors the real server accepts for pods (a subset: the ones with a use here); others are a 400.
-    _POD_FIELDS = {"spec.nodeName": lambda o: o["spec"].get("nodeName", ""),
-                   "metadata.name": lambda o: o["metadata"]["name"],
-                   "metadata.namespace": lambda o: o["metadata"]["namespace"],
-                   "status.phase": lambda o: o["status"].get("phase", "")}
+    _POD_FIELDS = {
+        "spec.nodeName": lambda o: o["spec"].get("nodeName", ""),
+        "metadata.name": lambda o: o["metadata"]["name"],
+        "metadata.namespace": lambda o: o["metadata"]["namespace"],
+        "status.phase": lambda o: o["status"].get("phase", ""),
+    }
     # The field selectors kube-apiserver supports on core/v1 Events (pkg/registry/core/event/strategy.go).
-    _EVENT_FIELDS = {"metadata.name": lambda o: o["metadata"]["name"],
-                     "metadata.namespace": lambda o: o["metadata"]["namespace"],
-                     **{f"involvedObject.{k}": (lambda k: lambda o: str((o.get("involvedObject") or {}).get(k) or ""))(k)
-                        for k in ("kind", "namespace", "name", "uid", "apiVersion", "resourceVersion", "fieldPath")},
-                     "reason": lambda o: o.get("reason") or "",
-                     "reportingComponent": lambda o: o.get("reportingComponent") or "",
-                     "source": lambda o: (o.get("source") or {}).get("component") or "",
-                     "type": lambda o: o.get("type") or ""}
-    _NAMESPACE_FIELDS = {"metadata.name": lambda o: o["metadata"]["name"],
-                         "status.phase": lambda o: o["status"].get("phase", "")}
+    _EVENT_FIELDS = {
+        "metadata.name": lambda o: o["metadata"]["name"],
+        "metadata.namespace": lambda o: o["metadata"]["namespace"],
+        **{
+            f"involvedObject.{k}": (lambda k: lambda o: str((o.get("involvedObject") or {}).get(k) or ""))(k)  # noqa: B023
+            for k in ("kind", "namespace", "name", "uid", "apiVersion", "resourceVersion", "fieldPath")
+        },
+        "reason": lambda o: o.get("reason") or "",
+        "reportingComponent": lambda o: o.get("reportingComponent") or "",
+        "source": lambda o: (o.get("source") or {}).get("component") or "",
+        "type": lambda o: o.get("type") or "",
+    }
+    _NAMESPACE_FIELDS = {
+        "metadata.name": lambda o: o["metadata"]["name"],
+        "status.phase": lambda o: o["status"].get("phase", ""),
+    }
 
     def _selector(self, text: str, fields: dict[str, Any]) -> Any:
         tests = []
@@ -590,14 +780,15 @@ class FakeKube:
                     key, value = term.split(op, 1)
                     break
             else:
-                raise ValueError(f'invalid selector: {text!r}; can\'t understand {term!r}')
+                raise ValueError(f"invalid selector: {text!r}; can't understand {term!r}")
             if key not in fields:
-                raise ValueError(f'field label not supported: {key}')
+                raise ValueError(f"field label not supported: {key}")
             tests.append((fields[key], op == "!=", value))
         return lambda obj: all((get(obj) != v) if neg else (get(obj) == v) for get, neg, v in tests)
 
-    async def _list_or_watch(self, request: web.Request, *, collection: str, kind: str,
-                             objects: Any, fields: dict[str, Any]) -> web.StreamResponse:
+    async def _list_or_watch(
+        self, request: web.Request, *, collection: str, kind: str, objects: Any, fields: dict[str, Any]
+    ) -> web.StreamResponse:
         q = request.query
         self.list_requests.append(request.path_qs)
         try:
@@ -614,9 +805,15 @@ class FakeKube:
                     item.pop("apiVersion", None)
                     items.append(item)
             if (q.get("limit") or "").isdigit() and int(q["limit"]) > 0:
-                items = items[:int(q["limit"])]  # (no continue token: the callers here only want the version)
-            return web.json_response({"kind": f"{kind}List", "apiVersion": "v1",
-                                      "metadata": {"resourceVersion": str(self._resource_version)}, "items": items})
+                items = items[: int(q["limit"])]  # (no continue token: the callers here only want the version)
+            return web.json_response(
+                {
+                    "kind": f"{kind}List",
+                    "apiVersion": "v1",
+                    "metadata": {"resourceVersion": str(self._resource_version)},
+                    "items": items,
+                }
+            )
         try:
             since = int(q.get("resourceVersion") or self._resource_version)
         except ValueError:
@@ -625,9 +822,22 @@ class FakeKube:
         await resp.prepare(request)
         oldest = max(self.compacted, self.changes[0][0] - 1 if self.changes else 0)
         if since < oldest:
-            await resp.write(json.dumps({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1",
-                                        "status": "Failure", "reason": "Expired", "code": 410,
-                                        "message": f"too old resource version: {since}"}}).encode() + b"\n")
+            await resp.write(
+                json.dumps(
+                    {
+                        "type": "ERROR",
+                        "object": {
+                            "kind": "Status",
+                            "apiVersion": "v1",
+                            "status": "Failure",
+                            "reason": "Expired",
+                            "code": 410,
+                            "message": f"too old resource version: {since}",
+                        },
+                    }
+                ).encode()
+                + b"\n"
+            )
             return resp
         deadline = asyncio.get_running_loop().time() + float(q.get("timeoutSeconds") or 1800)
         assert self._changed is not None
@@ -649,13 +859,18 @@ class FakeKube:
         return resp
 
     async def _list_pods(self, request: web.Request) -> web.StreamResponse:
-        return await self._list_or_watch(request, collection="pods", kind="Pod", objects=lambda: self.pods.values(),
-                                         fields=self._POD_FIELDS)
+        return await self._list_or_watch(
+            request, collection="pods", kind="Pod", objects=lambda: self.pods.values(), fields=self._POD_FIELDS
+        )
 
     async def _list_events(self, request: web.Request) -> web.StreamResponse:
-        return await self._list_or_watch(request, collection="events", kind="Event",
-                                         objects=lambda: (e for e in self.events if e["apiVersion"] == "v1"),
-                                         fields=self._EVENT_FIELDS)
+        return await self._list_or_watch(
+            request,
+            collection="events",
+            kind="Event",
+            objects=lambda: (e for e in self.events if e["apiVersion"] == "v1"),
+            fields=self._EVENT_FIELDS,
+        )
 
     def compact(self) -> None:
         """As etcd compaction: every watch from a resourceVersion before now gets 410 Gone (a relist is needed)."""
@@ -668,16 +883,24 @@ class FakeKube:
         self._notify()
 
     async def _list_namespaces(self, request: web.Request) -> web.StreamResponse:
-        return await self._list_or_watch(request, collection="namespaces", kind="Namespace",
-                                         objects=lambda: self.namespaces.values(), fields=self._NAMESPACE_FIELDS)
+        return await self._list_or_watch(
+            request,
+            collection="namespaces",
+            kind="Namespace",
+            objects=lambda: self.namespaces.values(),
+            fields=self._NAMESPACE_FIELDS,
+        )
 
     async def _record_event(self, request: web.Request, *, api_version: str) -> web.StreamResponse:
         namespace = request.match_info["namespace"]
         body = await request.json()
         metadata = body.setdefault("metadata", {})
         if metadata.get("namespace", namespace) != namespace:
-            return _status(400, "BadRequest",
-                           "the namespace of the provided object does not match the namespace sent on the request")
+            return _status(
+                400,
+                "BadRequest",
+                "the namespace of the provided object does not match the namespace sent on the request",
+            )
         if body.get("apiVersion", api_version) != api_version:
             return _status(400, "BadRequest", f"wrong apiVersion {body.get('apiVersion')!r} for {request.path}")
         # The real server answers with apiVersion and kind filled even when the client left them out.
@@ -685,8 +908,11 @@ class FakeKube:
         metadata["namespace"] = namespace
         if not metadata.get("name"):
             if not metadata.get("generateName"):
-                return _status(422, "Invalid", 'Event "" is invalid: metadata.name: Required value: '
-                                               "name or generateName is required")
+                return _status(
+                    422,
+                    "Invalid",
+                    'Event "" is invalid: metadata.name: Required value: name or generateName is required',
+                )
             metadata["name"] = metadata["generateName"] + secrets.token_hex(3)
         metadata.update(uid=str(uuid.uuid4()), resourceVersion=self._next_rv(), creationTimestamp=_timestamp())
         self.events.append(body)

@@ -4,6 +4,7 @@ dev kubeconfig for real kubectl, and a small synchronous HTTPS client that prese
 certificates. ``apiserver`` is shared per module (memory store); ``start_apiserver`` starts more, e.g.
 on a real etcd.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,7 +73,10 @@ class RunningServer:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [str(BIN / "coredump-apiserver"), "--dev", "--dev-dir", str(self.dev_dir), *self.args],
-            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
         assert self.process.stdout is not None
         deadline = time.monotonic() + START_TIMEOUT
         line = b""
@@ -86,8 +90,12 @@ class RunningServer:
         if not self.port:
             self.stop()
             raise RuntimeError(f"coredump-apiserver did not start: {self.log_path.read_text()[-3000:]}")
-        wait_until(lambda: self.request("GET", "/readyz").status == 200, what="coredump-apiserver to be ready",
-                   timeout=max(deadline - time.monotonic(), 0.0), ignore=(OSError,))
+        wait_until(
+            lambda: self.request("GET", "/readyz").status == 200,
+            what="coredump-apiserver to be ready",
+            timeout=max(deadline - time.monotonic(), 0.0),
+            ignore=(OSError,),
+        )
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -109,11 +117,18 @@ class RunningServer:
         return context
 
     def connect(self, *, user: str | None = "admin", timeout: float = 30) -> http.client.HTTPSConnection:
-        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ssl_context(user=user),
-                                           timeout=timeout)
+        return http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ssl_context(user=user), timeout=timeout)
 
-    def request(self, method: str, path: str, *, body: Any = None, headers: dict[str, str] | None = None,
-                user: str | None = "admin", content_type: str = "application/json") -> Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        user: str | None = "admin",
+        content_type: str = "application/json",
+    ) -> Response:
         headers = dict(headers or {})
         if body is not None and not isinstance(body, bytes | str):
             body = json.dumps(body)
@@ -127,14 +142,22 @@ class RunningServer:
         finally:
             connection.close()
 
-    def kubectl(self, *args: str, version: str | None = None, context: str | None = None,
-                input: str | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self,
+        *args: str,
+        version: str | None = None,
+        context: str | None = None,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
         command = [kubectl_binary(version), "--kubeconfig", str(self.kubeconfig)]
         if context:
             command += ["--context", context]
         env = {**os.environ, "HOME": str(self.dev_dir)}  # kubectl's discovery cache stays per server
-        result = subprocess.run([*command, *args], input=input, capture_output=True, text=True, timeout=timeout,
-                                env=env)
+        result = subprocess.run(
+            [*command, *args], input=input, capture_output=True, text=True, timeout=timeout, env=env
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
@@ -142,8 +165,9 @@ class RunningServer:
 
 def start_apiserver(directory: Path, *args: str) -> RunningServer:
     directory.mkdir(parents=True, exist_ok=True)
-    server = RunningServer(args=["--secure-port", "0", *args], dev_dir=directory / "dev",
-                           log_path=directory / "apiserver.log")
+    server = RunningServer(
+        args=["--secure-port", "0", *args], dev_dir=directory / "dev", log_path=directory / "apiserver.log"
+    )
     server.start()
     return server
 
@@ -159,14 +183,26 @@ def apiserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServe
     assert "Traceback" not in server.log_path.read_text(), server.log_path.read_text()[-5000:]
 
 
-def endpoint_manifest(name: str, *, namespace: str = "default", pod_uid: str | None = None,
-                      labels: dict[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+def endpoint_manifest(
+    name: str,
+    *,
+    namespace: str = "default",
+    pod_uid: str | None = None,
+    labels: dict[str, str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     import uuid
+
     metadata: dict[str, Any] = {"name": name, "namespace": namespace}
     if labels:
         metadata["labels"] = labels
-    return {"apiVersion": "coredump.example.io/v1alpha1", "kind": "CoredumpEndpoint", "metadata": metadata,
-            "spec": {"podUID": pod_uid or str(uuid.uuid4())}, **extra}
+    return {
+        "apiVersion": "coredump.example.io/v1alpha1",
+        "kind": "CoredumpEndpoint",
+        "metadata": metadata,
+        "spec": {"podUID": pod_uid or str(uuid.uuid4())},
+        **extra,
+    }
 
 
 COLLECTION = "/apis/coredump.example.io/v1alpha1/namespaces/{namespace}/coredumpendpoints"

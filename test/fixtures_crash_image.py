@@ -12,6 +12,7 @@ real node handler with its real pid, so the handler keeps its ELF objects and un
   its real pid; the handler's proc root is a directory whose ``<pid>`` entry carries the pod's cgroup text and links
   to the real ``/proc/PID`` files the handler reads (``exe``, ``map_files``, ``root``, ``cmdline``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -152,8 +153,13 @@ class Held:
     def gcore(self) -> Path:
         """gcore of the held process, run in its mount namespace and root; the core's path on this machine."""
         out = f"/tmp/gcore-{self.pid}"
-        subprocess.run(["nsenter", "-t", str(self.pid), "-m", "-r", "/usr/bin/gcore", "-o", out, str(self.pid)],
-                       check=True, capture_output=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+        subprocess.run(
+            ["nsenter", "-t", str(self.pid), "-m", "-r", "/usr/bin/gcore", "-o", out, str(self.pid)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+            env={"PATH": "/usr/bin:/bin"},
+        )
         return self.image.root / f"tmp/gcore-{self.pid}.{self.pid}"
 
 
@@ -164,11 +170,28 @@ def hold(image: Image, *args: str) -> Held:
     if not (r / "bin").is_symlink():
         (r / "bin").symlink_to("usr/bin")
     # unshare's default propagation is private: none of these mounts is seen outside, all end with the process.
-    mounts = " && ".join([*(f"mount -o bind,ro /{d} {r / d}" for d in _BORROWED), f"mount --bind /dev {r / 'dev'}",
-                          f"mount -t proc proc {r / 'proc'}"])
-    popen = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                              f"{mounts} && exec chroot {r} {image.exe} \"$@\"", "sh", *args],
-                             start_new_session=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+    mounts = " && ".join(
+        [
+            *(f"mount -o bind,ro /{d} {r / d}" for d in _BORROWED),
+            f"mount --bind /dev {r / 'dev'}",
+            f"mount -t proc proc {r / 'proc'}",
+        ]
+    )
+    popen = subprocess.Popen(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f'{mounts} && exec chroot {r} {image.exe} "$@"',
+            "sh",
+            *args,
+        ],
+        start_new_session=True,
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )
     deadline = time.monotonic() + 30
     while Path(f"/proc/{popen.pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "T":
         assert time.monotonic() < deadline and popen.poll() is None, "the program did not reach its crash site"
@@ -215,17 +238,26 @@ class Node:
         d = self.proc / str(pid)
         d.mkdir()
         u = pod_uid.replace("-", "_")
-        (d / "cgroup").write_text(f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/"
-                                  f"cri-containerd-{container_id(pod_uid)}.scope\n")
+        (d / "cgroup").write_text(
+            f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/"
+            f"cri-containerd-{container_id(pod_uid)}.scope\n"
+        )
         (d / "cmdline").write_bytes(Path(f"/proc/{pid}/cmdline").read_bytes())
         # exe as this node reads it (a path on the node); map_files and root: the real process's
         (d / "exe").symlink_to(os.readlink(f"/proc/{pid}/exe"))
         for name in ("map_files", "root"):
             (d / name).symlink_to(f"/proc/{pid}/{name}")
 
-    def capture(self, held: Held, *, pod_uid: str, when: int, signal_number: int = 11,
-                config: dict[str, object] | None = None, data: bytes | None = None,
-                ) -> subprocess.CompletedProcess[bytes]:
+    def capture(
+        self,
+        held: Held,
+        *,
+        pod_uid: str,
+        when: int,
+        signal_number: int = 11,
+        config: dict[str, object] | None = None,
+        data: bytes | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
         """gcore of the held process (or ``data``), piped to the handler as the kernel pipes a core, with its real
         pid; ``config``: the handler's config file (e.g. its object budgets)."""
         self._proc_entry(held.pid, pod_uid=pod_uid)
@@ -239,10 +271,38 @@ class Node:
         try:
             with core.open("rb") as stdin:
                 return subprocess.run(
-                    [sys.executable, "-m", "handler.cli", "--config", str(config_file),
-                     "--storage-root", str(self.storage), "--spool-dir", str(self.spool), "--state-dir",
-                     str(self.state), "--proc-root", str(self.proc), "--host-root", str(self.host), "--crictl", "",
-                     "--node", "node-1", "capture", str(held.pid), str(held.pid), str(signal_number), str(when), "-1",
-                     "prog"], stdin=stdin, capture_output=True, cwd=REPO, timeout=180)
+                    [
+                        sys.executable,
+                        "-m",
+                        "handler.cli",
+                        "--config",
+                        str(config_file),
+                        "--storage-root",
+                        str(self.storage),
+                        "--spool-dir",
+                        str(self.spool),
+                        "--state-dir",
+                        str(self.state),
+                        "--proc-root",
+                        str(self.proc),
+                        "--host-root",
+                        str(self.host),
+                        "--crictl",
+                        "",
+                        "--node",
+                        "node-1",
+                        "capture",
+                        str(held.pid),
+                        str(held.pid),
+                        str(signal_number),
+                        str(when),
+                        "-1",
+                        "prog",
+                    ],
+                    stdin=stdin,
+                    capture_output=True,
+                    cwd=REPO,
+                    timeout=180,
+                )
         finally:
             core.unlink()

@@ -6,6 +6,7 @@ The launcher itself is ``etcd_launcher`` (the API server benchmark uses it too).
 check what survives a restart; ``etcd_prefix`` gives each test a key prefix of its own so that tests
 sharing the server never see each other's objects.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -2,6 +2,7 @@
 The one flag language (handler.flags) as the three programs' users meet it: the same spelling is accepted or
 refused with the same one line by the API server, the agent and the handler.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,9 @@ import pytest
 from handler import flags
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90s", 90), ("1m30s", 90), ("1h", 3600), ("300ms", 0.3),
-                                               ("0", 0), ("1.5h", 5400)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90s", 90), ("1m30s", 90), ("1h", 3600), ("300ms", 0.3), ("0", 0), ("1.5h", 5400)]
+)
 def test_go_durations(text: str, seconds: float) -> None:
     assert flags.parse_duration(text) == pytest.approx(seconds)
 
@@ -56,11 +58,14 @@ def test_kubernetes_style_booleans() -> None:
         parser.parse_args(["--on=maybe"])
 
 
-@pytest.mark.parametrize(("module", "argv"), [
-    ("apiserver.cli", ["--dev", "--tls-cert-reload-interval=30"]),
-    ("handler.agent.cli", ["--drain-interval=30"]),
-    ("handler.cli", ["--stall-timeout=30", "drain"]),
-])
+@pytest.mark.parametrize(
+    ("module", "argv"),
+    [
+        ("apiserver.cli", ["--dev", "--tls-cert-reload-interval=30"]),
+        ("handler.agent.cli", ["--drain-interval=30"]),
+        ("handler.cli", ["--stall-timeout=30", "drain"]),
+    ],
+)
 def test_every_program_refuses_a_bare_number_as_a_duration_in_one_line(module: str, argv: list[str]) -> None:
     result = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
@@ -71,5 +76,6 @@ def test_every_program_refuses_a_bare_number_as_a_duration_in_one_line(module: s
 def test_api_server_config_has_a_field_for_every_flag() -> None:
     """A flag added without its Config field would stop the server at startup: caught here instead."""
     from apiserver import options
+
     config = options.parse(["--dev"])
     assert config.dev and config.tls_cert_reload_interval == 60 and config.auth.anonymous_auth is False

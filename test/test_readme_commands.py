@@ -15,6 +15,7 @@ test's venv and its ``.dev`` the dev server's directory, with ``PATH`` free of t
 command must exit 0, unless its trailing comment says ``Forbidden`` (it must fail, saying Forbidden) or
 ``exits N``. The dev server's start-up hints run the same way, in a fresh session in another directory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -90,7 +91,7 @@ def readme_blocks(text: str) -> list[Block]:
                 placeholders = dict(re.findall(r"\b([A-Z][A-Z0-9_]*)=(\S+)", mark.group(2)))
             else:
                 kind, placeholders = ("run" if info == "console" else "unmarked"), {}
-            blocks.append(Block(line=i + 1, info=info, kind=kind, placeholders=placeholders, body=lines[i + 1:end]))
+            blocks.append(Block(line=i + 1, info=info, kind=kind, placeholders=placeholders, body=lines[i + 1 : end]))
         i = end + 1
     return blocks
 
@@ -112,10 +113,19 @@ class Session:
         state.write_text(f"cd {shlex.quote(str(cwd))}\n")
 
     def run(self, command: str) -> subprocess.CompletedProcess[str]:
-        script = (f". {shlex.quote(str(self.state))}\n{command}\n__rc=$?\n"
-                  f'{{ export -p; echo "cd $(printf %q "$PWD")"; }} > {shlex.quote(str(self.state))}\nexit $__rc\n')
-        return subprocess.run(["bash", "-c", script], cwd=self.cwd, env=self.env, capture_output=True, text=True,
-                              timeout=COMMAND_TIMEOUT, check=False)
+        script = (
+            f". {shlex.quote(str(self.state))}\n{command}\n__rc=$?\n"
+            f'{{ export -p; echo "cd $(printf %q "$PWD")"; }} > {shlex.quote(str(self.state))}\nexit $__rc\n'
+        )
+        return subprocess.run(
+            ["bash", "-c", script],
+            cwd=self.cwd,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=COMMAND_TIMEOUT,
+            check=False,
+        )
 
     def check(self, command: str, *, where: str) -> None:
         code, text = expected_exit(command)
@@ -149,8 +159,9 @@ class DevSetup:
 def _core(directory: Path) -> Path:
     """A real kernel core of a shell killed by SIGSEGV (this machine's core_pattern is `core`)."""
     directory.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["bash", "-c", "(ulimit -c unlimited; sh -c 'kill -SEGV $$')"], cwd=directory,
-                   capture_output=True, check=False)
+    subprocess.run(
+        ["bash", "-c", "(ulimit -c unlimited; sh -c 'kill -SEGV $$')"], cwd=directory, capture_output=True, check=False
+    )
     core = directory / "core"
     if not core.is_file():
         pytest.skip(f"no core in {directory}: core_pattern is {Path('/proc/sys/kernel/core_pattern').read_text()!r}")
@@ -180,14 +191,45 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevSetup]:
         # The pod the README's placeholders and the dump section name: one core, filed into the storage the
         # server made (the handler never creates a storage root: it is a mount).
         core = _core(root.parent / "crash")
-        subprocess.run([str(BIN / "coredump-handler"), "--config", str(root.parent / "none.json"),
-                        "--storage-root", str(dev_dir / "cores"), "--spool-dir", str(dev_dir / "spool"),
-                        "--state-dir", str(dev_dir / "state"), "import", "--namespace", FILED_NAMESPACE,
-                        "--pod", FILED_POD, "--pod-uid", FILED_UID, "--container", "app", "--time", FILED_TIME,
-                        str(core)], check=True, capture_output=True, timeout=COMMAND_TIMEOUT)
-        wait_until(lambda: server.request("GET", f"/apis/coredump.example.io/v1alpha1/namespaces/{FILED_NAMESPACE}/"
-                                                 f"coredumpendpoints/{FILED_POD}").status == 200,
-                   what="the dev server to auto-create the filed pod's endpoint", interval=0.1)
+        subprocess.run(
+            [
+                str(BIN / "coredump-handler"),
+                "--config",
+                str(root.parent / "none.json"),
+                "--storage-root",
+                str(dev_dir / "cores"),
+                "--spool-dir",
+                str(dev_dir / "spool"),
+                "--state-dir",
+                str(dev_dir / "state"),
+                "import",
+                "--namespace",
+                FILED_NAMESPACE,
+                "--pod",
+                FILED_POD,
+                "--pod-uid",
+                FILED_UID,
+                "--container",
+                "app",
+                "--time",
+                FILED_TIME,
+                str(core),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+        )
+        wait_until(
+            lambda: (
+                server.request(
+                    "GET",
+                    f"/apis/coredump.example.io/v1alpha1/namespaces/{FILED_NAMESPACE}/coredumpendpoints/{FILED_POD}",
+                ).status
+                == 200
+            ),
+            what="the dev server to auto-create the filed pod's endpoint",
+            interval=0.1,
+        )
         yield DevSetup(root=root, server=server, banner=banner)
     finally:
         server.stop()
@@ -219,8 +261,9 @@ def test_readme_commands_run_as_written(dev: DevSetup) -> None:
             session.check(command, where=f"README.md:{block.line}")
             ran += 1
     # What the dev-mode walk-through leaves behind is what it promises: a real archive with the core.
-    listing = subprocess.run(["tar", "-tzf", str(dev.root / "cores.tar.gz")], capture_output=True, text=True,
-                             check=True).stdout.split()
+    listing = subprocess.run(
+        ["tar", "-tzf", str(dev.root / "cores.tar.gz")], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert any(name.startswith("app/") and name.endswith(".core") for name in listing), listing
     assert ran >= 10
 
@@ -239,21 +282,41 @@ def test_startup_hints_work_in_a_fresh_shell(dev: DevSetup, tmp_path: Path) -> N
 
 def test_dev_mode_refuses_a_storage_root_that_does_not_exist(tmp_path: Path) -> None:
     missing = tmp_path / "nonexistent" / "x"
-    proc = subprocess.run([str(BIN / "coredump-apiserver"), "--dev", "--dev-dir", str(tmp_path / ".dev"),
-                           "--secure-port", "0", "--storage-root", str(missing)],
-                          capture_output=True, text=True, timeout=COMMAND_TIMEOUT, check=False)
+    proc = subprocess.run(
+        [
+            str(BIN / "coredump-apiserver"),
+            "--dev",
+            "--dev-dir",
+            str(tmp_path / ".dev"),
+            "--secure-port",
+            "0",
+            "--storage-root",
+            str(missing),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"coredump-apiserver: --storage-root {missing} does not exist (dev mode creates only its default, "
-        f"{tmp_path / '.dev' / 'cores'})"]
+        f"{tmp_path / '.dev' / 'cores'})"
+    ]
     assert not missing.exists() and not missing.parent.exists()
     a_file = tmp_path / "file"
     a_file.write_text("")
-    proc = subprocess.run([str(BIN / "coredump-apiserver"), "--dev", "--dev-dir", str(tmp_path / ".dev"),
-                           "--storage-root", str(a_file)], capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
-                          check=False)
-    assert (proc.returncode, proc.stderr.strip()) == (2, f"coredump-apiserver: --storage-root {a_file} is not a "
-                                                         "directory")
+    proc = subprocess.run(
+        [str(BIN / "coredump-apiserver"), "--dev", "--dev-dir", str(tmp_path / ".dev"), "--storage-root", str(a_file)],
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    assert (proc.returncode, proc.stderr.strip()) == (
+        2,
+        f"coredump-apiserver: --storage-root {a_file} is not a directory",
+    )
 
 
 def test_a_broken_command_fails_the_run(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ A probe is called every ``interval`` seconds until it returns a truthy value, wh
 returned (or raised, for the exception types in ``ignore``) the last time, so a failure shows how far it got.
 The timeout is a bound on a hang, never a measurement: nothing asserts on how long the wait took.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,14 @@ def _failure(what: str, timeout: float, last: object) -> AssertionError:
     return AssertionError(f"timed out after {timeout:g}s waiting for {what}; last seen: {last!r}")
 
 
-def wait_until(probe: Callable[[], T], *, what: str, timeout: float = 30.0, interval: float = 0.05,
-               ignore: tuple[type[BaseException], ...] = ()) -> T:
+def wait_until(
+    probe: Callable[[], T],
+    *,
+    what: str,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
     """``probe()``'s first truthy value, polled every ``interval`` seconds for at most ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -52,8 +59,14 @@ def wait_until(probe: Callable[[], T], *, what: str, timeout: float = 30.0, inte
         time.sleep(interval)
 
 
-async def await_until(probe: Callable[[], T | Awaitable[T]], *, what: str, timeout: float = 30.0,
-                      interval: float = 0.05, ignore: tuple[type[BaseException], ...] = ()) -> T:
+async def await_until(
+    probe: Callable[[], T | Awaitable[T]],
+    *,
+    what: str,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    ignore: tuple[type[BaseException], ...] = (),
+) -> T:
     """As :func:`wait_until`, in the event loop; ``probe`` may be a plain or an async function."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -5,6 +5,7 @@ tables, partial metadata, watch events and continue tokens look on the wire.
 Handlers never assemble these shapes themselves. What kube-apiserver does here (and kubectl relies
 on) is noted where it is not obvious.
 """
+
 from __future__ import annotations
 
 import base64
@@ -27,9 +28,9 @@ INITIAL_EVENTS_END_ANNOTATION = "k8s.io/initial-events-end"
 class Form(enum.Enum):
     """What the client wants back, from its Accept header (`as=`, `g=`, `v=` media type parameters)."""
 
-    OBJECT = "object"                 # the resource itself (or its List)
-    TABLE = "table"                   # meta.k8s.io/v1 Table
-    PARTIAL_METADATA = "partial"      # meta.k8s.io/v1 PartialObjectMetadata(List)
+    OBJECT = "object"  # the resource itself (or its List)
+    TABLE = "table"  # meta.k8s.io/v1 Table
+    PARTIAL_METADATA = "partial"  # meta.k8s.io/v1 PartialObjectMetadata(List)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,15 +96,23 @@ def negotiate(accept: str | None, *, allow_table: bool) -> tuple[Form, str]:
     raise errors.not_acceptable(
         "only the following media types are accepted: application/json, application/yaml, "
         "application/json;as=Table;v=v1;g=meta.k8s.io, "
-        "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io")
+        "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io"
+    )
 
 
 def partial_metadata(obj: dict[str, Any]) -> dict[str, Any]:
     return {"kind": "PartialObjectMetadata", "apiVersion": META_API_VERSION, "metadata": obj.get("metadata", {})}
 
 
-def list_object(*, kind: str, api_version: str, items: list[dict[str, Any]], resource_version: str,
-                continue_token: str | None = None, remaining: int | None = None) -> dict[str, Any]:
+def list_object(
+    *,
+    kind: str,
+    api_version: str,
+    items: list[dict[str, Any]],
+    resource_version: str,
+    continue_token: str | None = None,
+    remaining: int | None = None,
+) -> dict[str, Any]:
     meta: dict[str, Any] = {"resourceVersion": resource_version}
     if continue_token:
         meta["continue"] = continue_token
@@ -112,11 +121,16 @@ def list_object(*, kind: str, api_version: str, items: list[dict[str, Any]], res
     return {"kind": kind, "apiVersion": api_version, "metadata": meta, "items": items}
 
 
-def partial_metadata_list(*, items: list[dict[str, Any]], resource_version: str,
-                          continue_token: str | None = None) -> dict[str, Any]:
-    return list_object(kind="PartialObjectMetadataList", api_version=META_API_VERSION,
-                       items=[partial_metadata(i) for i in items], resource_version=resource_version,
-                       continue_token=continue_token)
+def partial_metadata_list(
+    *, items: list[dict[str, Any]], resource_version: str, continue_token: str | None = None
+) -> dict[str, Any]:
+    return list_object(
+        kind="PartialObjectMetadataList",
+        api_version=META_API_VERSION,
+        items=[partial_metadata(i) for i in items],
+        resource_version=resource_version,
+        continue_token=continue_token,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,13 +143,24 @@ class Column:
     priority: int = 0  # 1 = shown only with `-o wide`
 
     def definition(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, "format": self.format,
-                "description": self.description, "priority": self.priority}
+        return {
+            "name": self.name,
+            "type": self.type,
+            "format": self.format,
+            "description": self.description,
+            "priority": self.priority,
+        }
 
 
-def table(*, columns: Iterable[Column], objects: Iterable[dict[str, Any]], include_object: str,
-          resource_version: str | None = None, continue_token: str | None = None,
-          with_headers: bool = True) -> dict[str, Any]:
+def table(
+    *,
+    columns: Iterable[Column],
+    objects: Iterable[dict[str, Any]],
+    include_object: str,
+    resource_version: str | None = None,
+    continue_token: str | None = None,
+    with_headers: bool = True,
+) -> dict[str, Any]:
     """
     A meta.k8s.io/v1 Table. ``include_object`` is the client's ``includeObject`` (None, Metadata, Object);
     kube-apiserver defaults it to Metadata. On watch only the first event carries column definitions.
@@ -193,8 +218,12 @@ def decode_continue(token: str) -> tuple[int, str]:
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
         revision, start = data["rv"], data["start"]
-        if data.get("v") != "coredump.example.io/v1" or not isinstance(revision, int) or revision < 1 \
-                or not isinstance(start, str):
+        if (
+            data.get("v") != "coredump.example.io/v1"
+            or not isinstance(revision, int)
+            or revision < 1
+            or not isinstance(start, str)
+        ):
             raise ValueError("unknown token version")
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
         raise errors.bad_request("continue key is not valid: the token is malformed") from None

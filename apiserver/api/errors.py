@@ -6,6 +6,7 @@ turns it into the ``Status`` body that kubectl knows how to print. Reasons and c
 k8s.io/apimachinery/pkg/api/errors so that kubectl's messages ("Error from server (NotFound): ...")
 read exactly as they do for built-in resources.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -62,7 +63,8 @@ def _details(*, name: str | None, resource: str = RESOURCE, **extra: Any) -> dic
 
 def not_found(*, name: str, resource: str = RESOURCE) -> ApiError:
     return ApiError(
-        code=404, reason="NotFound",
+        code=404,
+        reason="NotFound",
         message=f'{_qualified(resource)} "{name}" not found',
         details=_details(name=name, resource=resource),
     )
@@ -70,7 +72,8 @@ def not_found(*, name: str, resource: str = RESOURCE) -> ApiError:
 
 def already_exists(*, name: str, resource: str = RESOURCE) -> ApiError:
     return ApiError(
-        code=409, reason="AlreadyExists",
+        code=409,
+        reason="AlreadyExists",
         message=f'{_qualified(resource)} "{name}" already exists',
         details=_details(name=name, resource=resource),
     )
@@ -78,7 +81,8 @@ def already_exists(*, name: str, resource: str = RESOURCE) -> ApiError:
 
 def conflict(*, name: str, message: str, resource: str = RESOURCE) -> ApiError:
     return ApiError(
-        code=409, reason="Conflict",
+        code=409,
+        reason="Conflict",
         message=f'Operation cannot be fulfilled on {_qualified(resource)} "{name}": {message}',
         details=_details(name=name, resource=resource),
     )
@@ -96,7 +100,8 @@ def invalid(*, name: str, causes: list[dict[str, str]], kind: str = "CoredumpEnd
     """422: the object is well-formed but its fields break the rules; ``causes`` name each field."""
     summary = ", ".join(f"{c['field']}: {c['message']}" for c in causes)
     return ApiError(
-        code=422, reason="Invalid",
+        code=422,
+        reason="Invalid",
         message=f'{kind}.{GROUP} "{name}" is invalid: {summary}',
         details={"name": name, "group": GROUP, "kind": kind, "causes": causes},
     )
@@ -107,8 +112,11 @@ def bad_request(message: str) -> ApiError:
 
 
 def method_not_allowed(*, method: str) -> ApiError:
-    return ApiError(code=405, reason="MethodNotAllowed",
-                    message=f"the server does not allow this method on the requested resource ({method})")
+    return ApiError(
+        code=405,
+        reason="MethodNotAllowed",
+        message=f"the server does not allow this method on the requested resource ({method})",
+    )
 
 
 def not_acceptable(message: str) -> ApiError:
@@ -116,15 +124,19 @@ def not_acceptable(message: str) -> ApiError:
 
 
 def unsupported_media_type(content_type: str) -> ApiError:
-    return ApiError(code=415, reason="UnsupportedMediaType",
-                    message=f'the body of the request was in an unknown format - accepted media types include: '
-                            f'application/json, application/yaml, application/merge-patch+json, '
-                            f'application/json-patch+json, application/apply-patch+yaml (got "{content_type}")')
+    return ApiError(
+        code=415,
+        reason="UnsupportedMediaType",
+        message=f"the body of the request was in an unknown format - accepted media types include: "
+        f"application/json, application/yaml, application/merge-patch+json, "
+        f'application/json-patch+json, application/apply-patch+yaml (got "{content_type}")',
+    )
 
 
 def request_entity_too_large(*, limit: int) -> ApiError:
-    return ApiError(code=413, reason="RequestEntityTooLarge",
-                    message=f"the request body is larger than the limit of {limit} bytes")
+    return ApiError(
+        code=413, reason="RequestEntityTooLarge", message=f"the request body is larger than the limit of {limit} bytes"
+    )
 
 
 def gone(message: str) -> ApiError:
@@ -133,17 +145,32 @@ def gone(message: str) -> ApiError:
 
 def too_large_resource_version(*, requested: int, current: int) -> ApiError:
     """504 with the cause reflectors look for: they wait and retry instead of re-listing from scratch."""
-    return ApiError(code=504, reason="Timeout", message=f"Too large resource version: {requested}, current: {current}",
-                    details={"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
-                             "retryAfterSeconds": 1})
+    return ApiError(
+        code=504,
+        reason="Timeout",
+        message=f"Too large resource version: {requested}, current: {current}",
+        details={
+            "causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}],
+            "retryAfterSeconds": 1,
+        },
+    )
 
 
 def unauthorized(message: str = "Unauthorized") -> ApiError:
     return ApiError(code=401, reason="Unauthorized", message=message)
 
 
-def forbidden(*, user: str, verb: str, resource: str, namespace: str | None, name: str | None = None,
-              subresource: str | None = None, reason: str = "", group: str = GROUP) -> ApiError:
+def forbidden(
+    *,
+    user: str,
+    verb: str,
+    resource: str,
+    namespace: str | None,
+    name: str | None = None,
+    subresource: str | None = None,
+    reason: str = "",
+    group: str = GROUP,
+) -> ApiError:
     """
     403 worded the way kube-apiserver words it, so kubectl prints the familiar Forbidden line. ``group`` is
     the API group of the request's path ("" for the core group), not always ours.
@@ -152,8 +179,9 @@ def forbidden(*, user: str, verb: str, resource: str, namespace: str | None, nam
     target = f' "{name}"' if name else ""
     scope = f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
     qualified = f"{resource}.{group}" if group else resource
-    message = (f'{qualified}{target} is forbidden: User "{user}" cannot {verb} resource "{what}" '
-               f'in API group "{group}"{scope}')
+    message = (
+        f'{qualified}{target} is forbidden: User "{user}" cannot {verb} resource "{what}" in API group "{group}"{scope}'
+    )
     if reason:
         message += f": {reason}"
     details: dict[str, Any] = {"group": group, "kind": resource}
@@ -163,8 +191,7 @@ def forbidden(*, user: str, verb: str, resource: str, namespace: str | None, nam
 
 
 def forbidden_path(*, user: str, verb: str, path: str) -> ApiError:
-    return ApiError(code=403, reason="Forbidden",
-                    message=f'forbidden: User "{user}" cannot {verb} path "{path}"')
+    return ApiError(code=403, reason="Forbidden", message=f'forbidden: User "{user}" cannot {verb} path "{path}"')
 
 
 def internal(message: str = "an internal error occurred") -> ApiError:
@@ -180,6 +207,9 @@ def timeout(message: str) -> ApiError:
 
 
 def requested_range_not_satisfiable(*, size: int) -> ApiError:
-    return ApiError(code=416, reason="RequestedRangeNotSatisfiable",
-                    message=f"the requested range is outside the archive of {size} bytes",
-                    headers={"Content-Range": f"bytes */{size}"})
+    return ApiError(
+        code=416,
+        reason="RequestedRangeNotSatisfiable",
+        message=f"the requested range is outside the archive of {size} bytes",
+        headers={"Content-Range": f"bytes */{size}"},
+    )

@@ -12,6 +12,7 @@ Each message is described by a table from JSON key to (field number, field encod
 A key that no table knows raises :class:`UnsupportedConstruct` rather than vanish from what kubectl sees;
 the tests encode the real document, so a new construct in ``openapi.document_v2()`` fails there first.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,6 +48,7 @@ class UnsupportedConstruct(ValueError):
 
 # -- wire format ---------------------------------------------------------------------------------------------
 
+
 def _varint(value: int) -> bytes:
     if value < 0:
         value += 1 << 64  # int64 and bool are sent as two's complement, ten bytes for negatives
@@ -70,6 +72,7 @@ def _len(number: int, payload: bytes) -> bytes:
 
 
 # -- scalar field encoders: proto3 leaves default values out -----------------------------------------------
+
 
 def _string(number: int, value: Any) -> bytes:
     if not isinstance(value, str):
@@ -112,6 +115,7 @@ def _repeated(encode: Callable[[Any], bytes]) -> FieldEncoder:
         if not isinstance(value, list):
             raise UnsupportedConstruct(f"field {number}: expected a list, got {value!r}")
         return b"".join(_len(number, encode(item)) for item in value)
+
     return field
 
 
@@ -141,6 +145,7 @@ def _named(pairs: Any, encode_value: Callable[[Any], bytes], *, what: str) -> by
 
 # -- Any, vendor extensions ----------------------------------------------------------------------------------
 
+
 def _any(value: Any) -> bytes:
     # openapi.v2.Any: field 2 holds the value as YAML text, which is what kubectl parses back.
     return _string(2, yaml.safe_dump(value, default_flow_style=False, sort_keys=False, allow_unicode=True))
@@ -155,6 +160,7 @@ _ANYS = _repeated(_any)
 
 
 # -- schemas -------------------------------------------------------------------------------------------------
+
 
 def _type_item(value: Any) -> bytes:
     return _strings(1, [value] if isinstance(value, str) else value)
@@ -183,20 +189,45 @@ def _external_docs(value: Any) -> bytes:
     return _encode_table(value, {"description": (1, _string), "url": (2, _string)}, what="externalDocs", vendor=3)
 
 
-_XML: MessageTable = {"name": (1, _string), "namespace": (2, _string), "prefix": (3, _string),
-                      "attribute": (4, _bool), "wrapped": (5, _bool)}
+_XML: MessageTable = {
+    "name": (1, _string),
+    "namespace": (2, _string),
+    "prefix": (3, _string),
+    "attribute": (4, _bool),
+    "wrapped": (5, _bool),
+}
 
 _SCHEMA: MessageTable = {
-    "$ref": (1, _string), "format": (2, _string), "title": (3, _string), "description": (4, _string),
-    "default": (5, _ANY), "multipleOf": (6, _double), "maximum": (7, _double), "exclusiveMaximum": (8, _bool),
-    "minimum": (9, _double), "exclusiveMinimum": (10, _bool), "maxLength": (11, _int64),
-    "minLength": (12, _int64), "pattern": (13, _string), "maxItems": (14, _int64), "minItems": (15, _int64),
-    "uniqueItems": (16, _bool), "maxProperties": (17, _int64), "minProperties": (18, _int64),
-    "required": (19, _strings), "enum": (20, _ANYS),
-    "additionalProperties": (21, _message(_additional_properties)), "type": (22, _message(_type_item)),
-    "items": (23, _message(_items_item)), "allOf": (24, _repeated(lambda s: _schema(s))),
-    "properties": (25, _message(_properties)), "discriminator": (26, _string), "readOnly": (27, _bool),
-    "xml": (28, _message(_xml)), "externalDocs": (29, _message(_external_docs)), "example": (30, _ANY),
+    "$ref": (1, _string),
+    "format": (2, _string),
+    "title": (3, _string),
+    "description": (4, _string),
+    "default": (5, _ANY),
+    "multipleOf": (6, _double),
+    "maximum": (7, _double),
+    "exclusiveMaximum": (8, _bool),
+    "minimum": (9, _double),
+    "exclusiveMinimum": (10, _bool),
+    "maxLength": (11, _int64),
+    "minLength": (12, _int64),
+    "pattern": (13, _string),
+    "maxItems": (14, _int64),
+    "minItems": (15, _int64),
+    "uniqueItems": (16, _bool),
+    "maxProperties": (17, _int64),
+    "minProperties": (18, _int64),
+    "required": (19, _strings),
+    "enum": (20, _ANYS),
+    "additionalProperties": (21, _message(_additional_properties)),
+    "type": (22, _message(_type_item)),
+    "items": (23, _message(_items_item)),
+    "allOf": (24, _repeated(lambda s: _schema(s))),
+    "properties": (25, _message(_properties)),
+    "discriminator": (26, _string),
+    "readOnly": (27, _bool),
+    "xml": (28, _message(_xml)),
+    "externalDocs": (29, _message(_external_docs)),
+    "example": (30, _ANY),
 }
 
 
@@ -207,17 +238,45 @@ def _schema(node: Any) -> bytes:
 # -- parameters ----------------------------------------------------------------------------------------------
 
 # The keys a non-body parameter, its items and a response header share; gnostic numbers them consecutively.
-_PRIMITIVE_KEYS = ("type", "format", "items", "collectionFormat", "default", "maximum", "exclusiveMaximum",
-                   "minimum", "exclusiveMinimum", "maxLength", "minLength", "pattern", "maxItems", "minItems",
-                   "uniqueItems", "enum", "multipleOf")
+_PRIMITIVE_KEYS = (
+    "type",
+    "format",
+    "items",
+    "collectionFormat",
+    "default",
+    "maximum",
+    "exclusiveMaximum",
+    "minimum",
+    "exclusiveMinimum",
+    "maxLength",
+    "minLength",
+    "pattern",
+    "maxItems",
+    "minItems",
+    "uniqueItems",
+    "enum",
+    "multipleOf",
+)
 
 
 def _primitive_table(first: int, *, head: MessageTable | None = None) -> MessageTable:
     kinds: dict[str, FieldEncoder] = {
-        "type": _string, "format": _string, "items": _message(lambda v: _primitives_items(v)),
-        "collectionFormat": _string, "default": _ANY, "maximum": _double, "exclusiveMaximum": _bool,
-        "minimum": _double, "exclusiveMinimum": _bool, "maxLength": _int64, "minLength": _int64,
-        "pattern": _string, "maxItems": _int64, "minItems": _int64, "uniqueItems": _bool, "enum": _ANYS,
+        "type": _string,
+        "format": _string,
+        "items": _message(lambda v: _primitives_items(v)),
+        "collectionFormat": _string,
+        "default": _ANY,
+        "maximum": _double,
+        "exclusiveMaximum": _bool,
+        "minimum": _double,
+        "exclusiveMinimum": _bool,
+        "maxLength": _int64,
+        "minLength": _int64,
+        "pattern": _string,
+        "maxItems": _int64,
+        "minItems": _int64,
+        "uniqueItems": _bool,
+        "enum": _ANYS,
         "multipleOf": _double,
     }
     table = dict(head or {})
@@ -227,19 +286,30 @@ def _primitive_table(first: int, *, head: MessageTable | None = None) -> Message
 
 _PRIMITIVES_ITEMS = _primitive_table(1)  # vendor extensions at 18
 _HEADER = _primitive_table(1, head={"description": (18, _string)})  # vendor extensions at 19
-_PARAM_HEAD: MessageTable = {"required": (1, _bool), "in": (2, _string), "description": (3, _string),
-                             "name": (4, _string)}
+_PARAM_HEAD: MessageTable = {
+    "required": (1, _bool),
+    "in": (2, _string),
+    "description": (3, _string),
+    "name": (4, _string),
+}
 # header/path sub-schemas: primitives from 5, vendor extensions at 22; query/formData add allowEmptyValue = 5,
 # which moves the primitives to 6 and the vendor extensions to 23.
 _PATH_OR_HEADER_PARAM = _primitive_table(5, head=_PARAM_HEAD)
 _QUERY_OR_FORM_PARAM = _primitive_table(6, head={**_PARAM_HEAD, "allowEmptyValue": (5, _bool)})
 # NonBodyParameter's oneof member for each location: (member, table, vendor extension field).
 _NON_BODY: dict[str, tuple[int, MessageTable, int]] = {
-    "header": (1, _PATH_OR_HEADER_PARAM, 22), "formData": (2, _QUERY_OR_FORM_PARAM, 23),
-    "query": (3, _QUERY_OR_FORM_PARAM, 23), "path": (4, _PATH_OR_HEADER_PARAM, 22),
+    "header": (1, _PATH_OR_HEADER_PARAM, 22),
+    "formData": (2, _QUERY_OR_FORM_PARAM, 23),
+    "query": (3, _QUERY_OR_FORM_PARAM, 23),
+    "path": (4, _PATH_OR_HEADER_PARAM, 22),
 }
-_BODY_PARAM: MessageTable = {"description": (1, _string), "name": (2, _string), "in": (3, _string),
-                             "required": (4, _bool), "schema": (5, _message(_schema))}
+_BODY_PARAM: MessageTable = {
+    "description": (1, _string),
+    "name": (2, _string),
+    "in": (3, _string),
+    "required": (4, _bool),
+    "schema": (5, _message(_schema)),
+}
 
 
 def _primitives_items(node: Any) -> bytes:
@@ -270,6 +340,7 @@ def _parameters_item(node: Any) -> bytes:
 
 # -- responses, operations, paths ----------------------------------------------------------------------------
 
+
 def _schema_item(node: Any) -> bytes:
     """SchemaItem: oneof Schema = 1, FileSchema = 2 (a response of type file)."""
     if isinstance(node, dict) and node.get("type") == "file":
@@ -278,14 +349,23 @@ def _schema_item(node: Any) -> bytes:
 
 
 _FILE_SCHEMA: MessageTable = {
-    "format": (1, _string), "title": (2, _string), "description": (3, _string), "default": (4, _ANY),
-    "required": (5, _strings), "type": (6, _string), "readOnly": (7, _bool),
-    "externalDocs": (8, _message(_external_docs)), "example": (9, _ANY),
+    "format": (1, _string),
+    "title": (2, _string),
+    "description": (3, _string),
+    "default": (4, _ANY),
+    "required": (5, _strings),
+    "type": (6, _string),
+    "readOnly": (7, _bool),
+    "externalDocs": (8, _message(_external_docs)),
+    "example": (9, _ANY),
 }
 _RESPONSE: MessageTable = {
-    "description": (1, _string), "schema": (2, _message(_schema_item)),
-    "headers": (3, _message(lambda v: _named(v, lambda h: _encode_table(h, _HEADER, what="header", vendor=19),
-                                             what="headers"))),
+    "description": (1, _string),
+    "schema": (2, _message(_schema_item)),
+    "headers": (
+        3,
+        _message(lambda v: _named(v, lambda h: _encode_table(h, _HEADER, what="header", vendor=19), what="headers")),
+    ),
     "examples": (4, _message(lambda v: _named(v, _any, what="examples"))),
 }
 
@@ -301,8 +381,11 @@ def _responses(node: Any) -> bytes:
     """Responses: repeated NamedResponseValue response_code = 1, vendor extensions = 2."""
     if not isinstance(node, dict):
         raise UnsupportedConstruct(f"responses: expected an object, got {node!r}")
-    codes = b"".join(_len(1, _string(1, code) + _len(2, _response_value(value)))
-                     for code, value in node.items() if not code.startswith("x-"))
+    codes = b"".join(
+        _len(1, _string(1, code) + _len(2, _response_value(value)))
+        for code, value in node.items()
+        if not code.startswith("x-")
+    )
     return codes + b"".join(_len(2, _named_any(key, value)) for key, value in node.items() if key.startswith("x-"))
 
 
@@ -311,10 +394,18 @@ def _security_requirement(node: Any) -> bytes:
 
 
 _OPERATION: MessageTable = {
-    "tags": (1, _strings), "summary": (2, _string), "description": (3, _string),
-    "externalDocs": (4, _message(_external_docs)), "operationId": (5, _string), "produces": (6, _strings),
-    "consumes": (7, _strings), "parameters": (8, _repeated(_parameters_item)), "responses": (9, _message(_responses)),
-    "schemes": (10, _strings), "deprecated": (11, _bool), "security": (12, _repeated(_security_requirement)),
+    "tags": (1, _strings),
+    "summary": (2, _string),
+    "description": (3, _string),
+    "externalDocs": (4, _message(_external_docs)),
+    "operationId": (5, _string),
+    "produces": (6, _strings),
+    "consumes": (7, _strings),
+    "parameters": (8, _repeated(_parameters_item)),
+    "responses": (9, _message(_responses)),
+    "schemes": (10, _strings),
+    "deprecated": (11, _bool),
+    "security": (12, _repeated(_security_requirement)),
 }
 
 
@@ -323,9 +414,14 @@ def _operation(node: Any) -> bytes:
 
 
 _PATH_ITEM: MessageTable = {
-    "$ref": (1, _string), "get": (2, _message(_operation)), "put": (3, _message(_operation)),
-    "post": (4, _message(_operation)), "delete": (5, _message(_operation)), "options": (6, _message(_operation)),
-    "head": (7, _message(_operation)), "patch": (8, _message(_operation)),
+    "$ref": (1, _string),
+    "get": (2, _message(_operation)),
+    "put": (3, _message(_operation)),
+    "post": (4, _message(_operation)),
+    "delete": (5, _message(_operation)),
+    "options": (6, _message(_operation)),
+    "head": (7, _message(_operation)),
+    "patch": (8, _message(_operation)),
     "parameters": (9, _repeated(_parameters_item)),
 }
 
@@ -335,12 +431,16 @@ def _paths(node: Any) -> bytes:
     if not isinstance(node, dict):
         raise UnsupportedConstruct(f"paths: expected an object, got {node!r}")
     extensions = b"".join(_len(1, _named_any(key, value)) for key, value in node.items() if key.startswith("x-"))
-    paths = b"".join(_len(2, _string(1, path) + _len(2, _encode_table(item, _PATH_ITEM, what=path, vendor=10)))
-                     for path, item in node.items() if not path.startswith("x-"))
+    paths = b"".join(
+        _len(2, _string(1, path) + _len(2, _encode_table(item, _PATH_ITEM, what=path, vendor=10)))
+        for path, item in node.items()
+        if not path.startswith("x-")
+    )
     return extensions + paths
 
 
 # -- security definitions, info, document --------------------------------------------------------------------
+
 
 def _oauth2_scopes(node: Any) -> bytes:
     """Oauth2Scopes: repeated NamedString (name = 1, value = 2 as a plain string)."""
@@ -351,20 +451,56 @@ def _oauth2_scopes(node: Any) -> bytes:
 
 _SECURITY_SCHEMES: dict[tuple[str, str | None], tuple[int, MessageTable, int]] = {
     ("basic", None): (1, {"type": (1, _string), "description": (2, _string)}, 3),
-    ("apiKey", None): (2, {"type": (1, _string), "name": (2, _string), "in": (3, _string),
-                           "description": (4, _string)}, 5),
-    ("oauth2", "implicit"): (3, {"type": (1, _string), "flow": (2, _string),
-                                 "scopes": (3, _message(_oauth2_scopes)), "authorizationUrl": (4, _string),
-                                 "description": (5, _string)}, 6),
-    ("oauth2", "password"): (4, {"type": (1, _string), "flow": (2, _string),
-                                 "scopes": (3, _message(_oauth2_scopes)), "tokenUrl": (4, _string),
-                                 "description": (5, _string)}, 6),
-    ("oauth2", "application"): (5, {"type": (1, _string), "flow": (2, _string),
-                                    "scopes": (3, _message(_oauth2_scopes)), "tokenUrl": (4, _string),
-                                    "description": (5, _string)}, 6),
-    ("oauth2", "accessCode"): (6, {"type": (1, _string), "flow": (2, _string),
-                                   "scopes": (3, _message(_oauth2_scopes)), "authorizationUrl": (4, _string),
-                                   "tokenUrl": (5, _string), "description": (6, _string)}, 7),
+    ("apiKey", None): (
+        2,
+        {"type": (1, _string), "name": (2, _string), "in": (3, _string), "description": (4, _string)},
+        5,
+    ),
+    ("oauth2", "implicit"): (
+        3,
+        {
+            "type": (1, _string),
+            "flow": (2, _string),
+            "scopes": (3, _message(_oauth2_scopes)),
+            "authorizationUrl": (4, _string),
+            "description": (5, _string),
+        },
+        6,
+    ),
+    ("oauth2", "password"): (
+        4,
+        {
+            "type": (1, _string),
+            "flow": (2, _string),
+            "scopes": (3, _message(_oauth2_scopes)),
+            "tokenUrl": (4, _string),
+            "description": (5, _string),
+        },
+        6,
+    ),
+    ("oauth2", "application"): (
+        5,
+        {
+            "type": (1, _string),
+            "flow": (2, _string),
+            "scopes": (3, _message(_oauth2_scopes)),
+            "tokenUrl": (4, _string),
+            "description": (5, _string),
+        },
+        6,
+    ),
+    ("oauth2", "accessCode"): (
+        6,
+        {
+            "type": (1, _string),
+            "flow": (2, _string),
+            "scopes": (3, _message(_oauth2_scopes)),
+            "authorizationUrl": (4, _string),
+            "tokenUrl": (5, _string),
+            "description": (6, _string),
+        },
+        7,
+    ),
 }
 
 
@@ -378,27 +514,45 @@ def _security_definitions_item(node: Any) -> bytes:
 
 
 _INFO: MessageTable = {
-    "title": (1, _string), "version": (2, _string), "description": (3, _string), "termsOfService": (4, _string),
-    "contact": (5, _message(lambda v: _encode_table(v, {"name": (1, _string), "url": (2, _string),
-                                                        "email": (3, _string)}, what="contact", vendor=4))),
-    "license": (6, _message(lambda v: _encode_table(v, {"name": (1, _string), "url": (2, _string)},
-                                                    what="license", vendor=3))),
+    "title": (1, _string),
+    "version": (2, _string),
+    "description": (3, _string),
+    "termsOfService": (4, _string),
+    "contact": (
+        5,
+        _message(
+            lambda v: _encode_table(
+                v, {"name": (1, _string), "url": (2, _string), "email": (3, _string)}, what="contact", vendor=4
+            )
+        ),
+    ),
+    "license": (
+        6,
+        _message(lambda v: _encode_table(v, {"name": (1, _string), "url": (2, _string)}, what="license", vendor=3)),
+    ),
 }
 
-_TAG: MessageTable = {"name": (1, _string), "description": (2, _string),
-                      "externalDocs": (3, _message(_external_docs))}
+_TAG: MessageTable = {"name": (1, _string), "description": (2, _string), "externalDocs": (3, _message(_external_docs))}
 
 _DOCUMENT: MessageTable = {
-    "swagger": (1, _string), "info": (2, _message(lambda v: _encode_table(v, _INFO, what="info", vendor=7))),
-    "host": (3, _string), "basePath": (4, _string), "schemes": (5, _strings), "consumes": (6, _strings),
-    "produces": (7, _strings), "paths": (8, _message(_paths)),
+    "swagger": (1, _string),
+    "info": (2, _message(lambda v: _encode_table(v, _INFO, what="info", vendor=7))),
+    "host": (3, _string),
+    "basePath": (4, _string),
+    "schemes": (5, _strings),
+    "consumes": (6, _strings),
+    "produces": (7, _strings),
+    "paths": (8, _message(_paths)),
     "definitions": (9, _message(lambda v: _named(v, _schema, what="definitions"))),
     "parameters": (10, _message(lambda v: _named(v, _parameter, what="parameters"))),
-    "responses": (11, _message(lambda v: _named(
-        v, lambda r: _encode_table(r, _RESPONSE, what="response", vendor=5), what="responses"))),
+    "responses": (
+        11,
+        _message(
+            lambda v: _named(v, lambda r: _encode_table(r, _RESPONSE, what="response", vendor=5), what="responses")
+        ),
+    ),
     "security": (12, _repeated(_security_requirement)),
-    "securityDefinitions": (13, _message(lambda v: _named(v, _security_definitions_item,
-                                                           what="securityDefinitions"))),
+    "securityDefinitions": (13, _message(lambda v: _named(v, _security_definitions_item, what="securityDefinitions"))),
     "tags": (14, _repeated(lambda v: _encode_table(v, _TAG, what="tag", vendor=4))),
     "externalDocs": (15, _message(_external_docs)),
 }

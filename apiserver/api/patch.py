@@ -3,6 +3,7 @@ PATCH bodies: JSON merge patch (RFC 7386) and JSON patch (RFC 6902), as kube-api
 custom resources. Strategic merge patch needs Go struct tags this kind does not have; like CRDs, it is
 refused with 415, and kubectl falls back to merge patch for kinds it does not compile in.
 """
+
 from __future__ import annotations
 
 import copy
@@ -55,8 +56,9 @@ def _parent(doc: Any, tokens: list[str], path: str) -> tuple[Any, str]:
         elif isinstance(node, list):
             node = node[_index(node, token, allow_end=False)]
         else:
-            raise errors.ApiError(code=422, reason="Invalid",
-                                  message=f'the JSON patch path "{path}" does not exist in the object')
+            raise errors.ApiError(
+                code=422, reason="Invalid", message=f'the JSON patch path "{path}" does not exist in the object'
+            )
     return node, tokens[-1]
 
 
@@ -104,7 +106,7 @@ def json_patch(target: Any, operations: Any) -> Any:
     doc = copy.deepcopy(target)
     for op in operations:
         if not isinstance(op, dict) or "op" not in op or "path" not in op:
-            raise errors.bad_request("every JSON patch operation needs \"op\" and \"path\"")
+            raise errors.bad_request('every JSON patch operation needs "op" and "path"')
         kind, path = op["op"], op["path"]
         if kind in ("add", "replace", "test") and "value" not in op:
             raise errors.bad_request(f'the JSON patch operation "{kind}" needs a "value"')
@@ -129,8 +131,11 @@ def json_patch(target: Any, operations: Any) -> Any:
             doc = _add(doc, path, value)
         elif kind == "test":
             if _get(doc, path) != op["value"]:
-                raise errors.ApiError(code=422, reason="Invalid",
-                                      message=f'the JSON patch test failed: "{path}" differs from the given value')
+                raise errors.ApiError(
+                    code=422,
+                    reason="Invalid",
+                    message=f'the JSON patch test failed: "{path}" differs from the given value',
+                )
         else:
             raise errors.bad_request(f'unknown JSON patch operation "{kind}"')
     return doc

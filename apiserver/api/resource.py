@@ -5,6 +5,7 @@ The schema here is the one source for OpenAPI (and so ``kubectl explain``), stri
 the set of fields the server keeps. Validation reports every problem as a Kubernetes StatusCause, so a
 422 names each bad field the way kube-apiserver does.
 """
+
 from __future__ import annotations
 
 import re
@@ -35,11 +36,13 @@ MAX_ANNOTATIONS_BYTES = 256 * 1024
 DNS1123_SUBDOMAIN_MESSAGE = (
     "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', "
     "and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation "
-    "is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')")
+    "is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+)
 DNS1123_LABEL_MESSAGE = (
     "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start "
     "and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is "
-    "'[a-z0-9]([-a-z0-9]*[a-z0-9])?')")
+    "'[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+)
 
 
 def _valid(check: Callable[[str], str], value: str) -> bool:
@@ -72,9 +75,16 @@ CORE_SCHEMA: dict[str, Any] = {
     "type": "object",
     "description": "One core dump of a process in the pod.",
     "properties": {
-        "id": {"type": "string", "description": "Core id: UTC time, command, pid and signal; use it as ?core= on the dump."},
+        "id": {
+            "type": "string",
+            "description": "Core id: UTC time, command, pid and signal; use it as ?core= on the dump.",
+        },
         "container": {"type": "string", "description": "Container the process ran in."},
-        "signal": {"type": "integer", "format": "int32", "description": "Number of the signal that killed the process."},
+        "signal": {
+            "type": "integer",
+            "format": "int32",
+            "description": "Number of the signal that killed the process.",
+        },
         "signalName": {"type": "string", "description": "Name of that signal, e.g. SIGSEGV."},
         "time": {"type": "string", "format": "date-time", "description": "When the process crashed (UTC)."},
         "size": {"type": "integer", "format": "int64", "description": "Uncompressed size of the stored core in bytes."},
@@ -82,11 +92,17 @@ CORE_SCHEMA: dict[str, Any] = {
         "exe": {"type": "string", "description": "Path of the crashed executable."},
         "buildID": {"type": "string", "description": "ELF build-id of the executable, to find matching debug symbols."},
         "truncated": {"type": "boolean", "description": "True when the core was cut at the size limit."},
-        "signature": {"type": "string", "description": "Crash signature: a hash of the crashing thread's top "
-                                                        "frames, the same for crashes on the same code path."},
-        "topFrames": {"type": "array", "items": {"type": "string"},
-                      "description": "Top frames of the crashing thread (module!function or module+offset); the "
-                                     "full backtrace is in the core's metadata in the dump."},
+        "signature": {
+            "type": "string",
+            "description": "Crash signature: a hash of the crashing thread's top "
+            "frames, the same for crashes on the same code path.",
+        },
+        "topFrames": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Top frames of the crashing thread (module!function or module+offset); the "
+            "full backtrace is in the core's metadata in the dump.",
+        },
     },
 }
 
@@ -97,7 +113,7 @@ SPEC_SCHEMA: dict[str, Any] = {
         "podUID": {
             "type": "string",
             "description": "UID of the pod incarnation. Filled from the live pod when omitted; give it to reach "
-                           "the cores of a pod that has been deleted. Immutable.",
+            "the cores of a pod that has been deleted. Immutable.",
         },
     },
 }
@@ -115,7 +131,7 @@ STATUS_SCHEMA: dict[str, Any] = {
         "lastRemoval": {
             "type": "object",
             "description": "The last retention pass that removed cores of this pod; with coreCount 0, retention "
-                           "removed the last one.",
+            "removed the last one.",
             "properties": {
                 "time": {"type": "string", "format": "date-time", "description": "When the cores were removed."},
                 "reason": {"type": "string", "description": "Why: age, pod-count or namespace-bytes."},
@@ -128,12 +144,16 @@ STATUS_SCHEMA: dict[str, Any] = {
 ENDPOINT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "description": "CoredumpEndpoint gives access to the core dumps of one pod: its status lists them and its "
-                   "dump subresource streams them as a tar.gz.",
+    "dump subresource streams them as a tar.gz.",
     "properties": {
-        "apiVersion": {"type": "string", "description": "APIVersion defines the versioned schema of this "
-                                                        "representation of an object."},
-        "kind": {"type": "string", "description": "Kind is a string value representing the REST resource this "
-                                                  "object represents."},
+        "apiVersion": {
+            "type": "string",
+            "description": "APIVersion defines the versioned schema of this representation of an object.",
+        },
+        "kind": {
+            "type": "string",
+            "description": "Kind is a string value representing the REST resource this object represents.",
+        },
         "metadata": {"$ref": OBJECT_META_REF, "description": "Standard object's metadata; the name is the pod's name."},
         "spec": SPEC_SCHEMA,
         "status": STATUS_SCHEMA,
@@ -142,9 +162,21 @@ ENDPOINT_SCHEMA: dict[str, Any] = {
 
 # What ObjectMeta accepts from a client; anything else is an unknown field under strict validation.
 OBJECT_META_FIELDS = {
-    "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
-    "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels", "annotations",
-    "ownerReferences", "finalizers", "managedFields",
+    "name",
+    "generateName",
+    "namespace",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
 }
 
 
@@ -188,7 +220,9 @@ def prune(body: dict[str, Any]) -> dict[str, Any]:
     """Only the fields the server keeps: known top-level fields, known metadata, known spec fields."""
     metadata = {k: v for k, v in (body.get("metadata") or {}).items() if k in OBJECT_META_FIELDS}
     spec_in = body.get("spec") or {}
-    spec = {k: v for k, v in spec_in.items() if k in SPEC_SCHEMA["properties"]} if isinstance(spec_in, dict) else spec_in
+    spec = (
+        {k: v for k, v in spec_in.items() if k in SPEC_SCHEMA["properties"]} if isinstance(spec_in, dict) else spec_in
+    )
     return {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": metadata, "spec": spec}
 
 
@@ -204,7 +238,8 @@ def check_type_meta(body: Any) -> None:
     if kind != KIND or api_version != API_VERSION:
         raise errors.bad_request(
             f"the API version in the data ({api_version}) does not match the expected API version ({API_VERSION}) "
-            f"or the kind ({kind}) is not {KIND}")
+            f"or the kind ({kind}) is not {KIND}"
+        )
 
 
 def validate_metadata_types(metadata: Any) -> list[dict[str, str]]:
@@ -219,12 +254,19 @@ def validate_metadata_types(metadata: Any) -> list[dict[str, str]]:
         if value is None:
             continue
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            causes.append(_cause(f"metadata.{field}", "Invalid value: must be a map of string keys to string "
-                                                      "values", "FieldValueTypeInvalid"))
-    if "finalizers" in metadata and not (isinstance(metadata["finalizers"], list)
-                                         and all(isinstance(f, str) for f in metadata["finalizers"])):
-        causes.append(_cause("metadata.finalizers", "Invalid value: must be a list of strings",
-                             "FieldValueTypeInvalid"))
+            causes.append(
+                _cause(
+                    f"metadata.{field}",
+                    "Invalid value: must be a map of string keys to string values",
+                    "FieldValueTypeInvalid",
+                )
+            )
+    if "finalizers" in metadata and not (
+        isinstance(metadata["finalizers"], list) and all(isinstance(f, str) for f in metadata["finalizers"])
+    ):
+        causes.append(
+            _cause("metadata.finalizers", "Invalid value: must be a list of strings", "FieldValueTypeInvalid")
+        )
     return causes
 
 
@@ -233,9 +275,11 @@ def _qualified_name_problem(key: str) -> str | None:
     if slash and (not prefix or not is_dns1123_subdomain(prefix)):
         return "prefix part " + DNS1123_SUBDOMAIN_MESSAGE
     if not name or len(name) > 63 or not _QUALIFIED_NAME.match(name):
-        return ("name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end "
-                "with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for "
-                "validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]') and be at most 63 characters")
+        return (
+            "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end "
+            "with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for "
+            "validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]') and be at most 63 characters"
+        )
     return None
 
 
@@ -250,8 +294,7 @@ def validate_object(obj: dict[str, Any]) -> list[dict[str, str]]:
         causes.append(_cause("metadata.namespace", f'Invalid value: "{namespace}": {DNS1123_LABEL_MESSAGE}'))
     name = metadata.get("name", "")
     if not name:
-        causes.append(_cause("metadata.name", "Required value: name or generateName is required",
-                             "FieldValueRequired"))
+        causes.append(_cause("metadata.name", "Required value: name or generateName is required", "FieldValueRequired"))
     elif not is_dns1123_subdomain(name):
         causes.append(_cause("metadata.name", f'Invalid value: "{name}": {DNS1123_SUBDOMAIN_MESSAGE}'))
     for key, value in (metadata.get("labels") or {}).items():
@@ -259,10 +302,15 @@ def validate_object(obj: dict[str, Any]) -> list[dict[str, str]]:
         if problem:
             causes.append(_cause("metadata.labels", f'Invalid value: "{key}": {problem}'))
         if len(value) > 63 or not _LABEL_VALUE.match(value):
-            causes.append(_cause("metadata.labels", f'Invalid value: "{value}": a valid label must be an empty '
-                                                    "string or consist of alphanumeric characters, '-', '_' or "
-                                                    "'.', and must start and end with an alphanumeric character, "
-                                                    "at most 63 characters"))
+            causes.append(
+                _cause(
+                    "metadata.labels",
+                    f'Invalid value: "{value}": a valid label must be an empty '
+                    "string or consist of alphanumeric characters, '-', '_' or "
+                    "'.', and must start and end with an alphanumeric character, "
+                    "at most 63 characters",
+                )
+            )
     annotations = metadata.get("annotations") or {}
     for key in annotations:
         problem = _qualified_name_problem(key)
@@ -276,6 +324,11 @@ def validate_object(obj: dict[str, Any]) -> list[dict[str, str]]:
         return causes
     uid = spec.get("podUID")
     if uid is not None and (not isinstance(uid, str) or not is_pod_uid(uid)):
-        causes.append(_cause("spec.podUID", f'Invalid value: "{uid}": must be the pod\'s UID, a lowercase RFC 4122 '
-                                            "UUID such as 5f1c3b2a-8d4e-4f6a-9b7c-0d1e2f3a4b5c"))
+        causes.append(
+            _cause(
+                "spec.podUID",
+                f'Invalid value: "{uid}": must be the pod\'s UID, a lowercase RFC 4122 '
+                "UUID such as 5f1c3b2a-8d4e-4f6a-9b7c-0d1e2f3a4b5c",
+            )
+        )
     return causes

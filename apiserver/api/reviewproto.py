@@ -10,6 +10,7 @@ The envelope is the 4 bytes ``k8s\\0`` then a ``runtime.Unknown`` (1: typeMeta {
 varints and length-delimited fields) because no Python package ships these messages; only the string fields
 above are read, everything else is skipped. The bytes are untrusted: any malformation raises ValueError.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -49,7 +50,7 @@ def fields(data: bytes) -> dict[int, bytes]:
             length, pos = _varint(data, pos)
             if pos + length > len(data):
                 raise ValueError("a field runs past the end of the message")
-            out[number] = data[pos:pos + length]
+            out[number] = data[pos : pos + length]
             pos += length
         else:
             raise ValueError(f"unsupported wire type {wire}")
@@ -67,11 +68,14 @@ def decode_self_subject_access_review(body: bytes) -> dict[str, Any]:
     """The review as the JSON form would carry it (``kind``, ``apiVersion``, ``spec``); ValueError if malformed."""
     if not body.startswith(MAGIC):
         raise ValueError("not a Kubernetes protobuf message (no k8s\\0 prefix)")
-    unknown = fields(body[len(MAGIC):])
+    unknown = fields(body[len(MAGIC) :])
     type_meta = fields(unknown.get(1, b""))
     spec = fields(fields(unknown.get(2, b"")).get(2, b""))
-    out: dict[str, Any] = {"kind": type_meta.get(2, b"").decode("utf-8"),
-                           "apiVersion": type_meta.get(1, b"").decode("utf-8"), "spec": {}}
+    out: dict[str, Any] = {
+        "kind": type_meta.get(2, b"").decode("utf-8"),
+        "apiVersion": type_meta.get(1, b"").decode("utf-8"),
+        "spec": {},
+    }
     if 1 in spec:
         out["spec"]["resourceAttributes"] = _strings(spec[1], _RESOURCE_FIELDS)
     if 2 in spec:

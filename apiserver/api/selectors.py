@@ -4,6 +4,7 @@ Label and field selectors with kube-apiserver's syntax and error messages.
 Label selectors: ``a=b``, ``a==b``, ``a!=b``, ``a in (x,y)``, ``a notin (x)``, ``a``, ``!a``.
 Field selectors: ``metadata.name`` and ``metadata.namespace`` with ``=``, ``==``, ``!=``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,8 @@ Predicate = Callable[[dict[str, Any]], bool]
 
 _REQUIREMENT = re.compile(
     r"^\s*(?P<neg>!)?\s*(?P<key>[A-Za-z0-9][-A-Za-z0-9_./]*)\s*"
-    r"(?:(?P<op>==|=|!=|\s+in\s+|\s+notin\s+)\s*(?P<value>\([^)]*\)|[A-Za-z0-9_.-]*))?\s*$")
+    r"(?:(?P<op>==|=|!=|\s+in\s+|\s+notin\s+)\s*(?P<value>\([^)]*\)|[A-Za-z0-9_.-]*))?\s*$"
+)
 FIELD_LABELS = ("metadata.name", "metadata.namespace")
 
 
@@ -64,8 +66,9 @@ def parse_label_selector(text: str | None) -> Predicate:
     for part in _split_top_level(text):
         match = _REQUIREMENT.match(part)
         if not match:
-            raise errors.bad_request(f'unable to parse requirement: found "{part.strip()}", expected a valid label '
-                                     "selector requirement")
+            raise errors.bad_request(
+                f'unable to parse requirement: found "{part.strip()}", expected a valid label selector requirement'
+            )
         key, neg, op, value = match["key"], match["neg"], (match["op"] or "").strip(), match["value"]
         if neg:
             if op:
@@ -86,6 +89,7 @@ def parse_label_selector(text: str | None) -> Predicate:
     def predicate(obj: dict[str, Any]) -> bool:
         labels = obj.get("metadata", {}).get("labels") or {}
         return all(r.matches(labels) for r in requirements)
+
     return predicate
 
 
@@ -110,11 +114,12 @@ def parse_field_selector(text: str | None) -> FieldSelector:
             if sep:
                 break
         else:
-            raise errors.bad_request(f'invalid selector: \'{text}\'; can\'t understand \'{part}\'')
+            raise errors.bad_request(f"invalid selector: '{text}'; can't understand '{part}'")
         field = field.strip()
         if field not in FIELD_LABELS:
-            raise errors.bad_request(f'"{field}" is not a known field selector: only "metadata.name", '
-                                     '"metadata.namespace"')
+            raise errors.bad_request(
+                f'"{field}" is not a known field selector: only "metadata.name", "metadata.namespace"'
+            )
         equal = op != "!="
         terms.append((field, equal, value.strip()))
         if equal:
@@ -127,4 +132,5 @@ def parse_field_selector(text: str | None) -> FieldSelector:
             if (actual == value) != equal:
                 return False
         return True
+
     return FieldSelector(predicate, name=pinned.get("metadata.name"), namespace=pinned.get("metadata.namespace"))

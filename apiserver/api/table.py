@@ -3,12 +3,14 @@ Table conversion for CoredumpEndpoint: the columns ``kubectl get`` prints (more 
 
 Ages are rendered server-side the way kube-apiserver's printers render them (``5m``, ``3h12m``, ``2d``).
 """
+
 from __future__ import annotations
 
 import datetime as dt
 from typing import Any
 
 from apiserver.api.conventions import Column
+
 
 def human_duration(seconds: float) -> str:
     """k8s.io/apimachinery/pkg/util/duration.HumanDuration, so ages read the same as for pods."""
@@ -80,25 +82,48 @@ def _top_frame(obj: dict[str, Any]) -> str:
 
 
 COLUMNS: list[Column] = [
-    Column("Name", "string", "Name of the pod whose cores this endpoint serves.",
-           lambda o: o["metadata"]["name"], format="name"),
-    Column("Pod UID", "string", "UID of the pod incarnation.",
-           lambda o: (o.get("spec") or {}).get("podUID") or "<none>"),
-    Column("Cores", "integer", "Number of stored cores.",
-           lambda o: _status(o).get("coreCount", 0)),
-    Column("Last Signal", "string", "Signal of the newest core.",
-           lambda o: _status(o).get("lastSignal") or "<none>"),
-    Column("Last Crash", "string", "How long ago the newest core was written.",
-           lambda o: age(_status(o).get("lastCrash")) if _status(o).get("lastCrash") else "<none>"),
-    Column("Top Frame", "string", "Where the newest core's crashing thread was: its top frame.",
-           lambda o: _top_frame(o)),
-    Column("Age", "date", "CreationTimestamp of the endpoint.",
-           lambda o: age(o["metadata"].get("creationTimestamp"))),
+    Column(
+        "Name",
+        "string",
+        "Name of the pod whose cores this endpoint serves.",
+        lambda o: o["metadata"]["name"],
+        format="name",
+    ),
+    Column(
+        "Pod UID", "string", "UID of the pod incarnation.", lambda o: (o.get("spec") or {}).get("podUID") or "<none>"
+    ),
+    Column("Cores", "integer", "Number of stored cores.", lambda o: _status(o).get("coreCount", 0)),
+    Column("Last Signal", "string", "Signal of the newest core.", lambda o: _status(o).get("lastSignal") or "<none>"),
+    Column(
+        "Last Crash",
+        "string",
+        "How long ago the newest core was written.",
+        lambda o: age(_status(o).get("lastCrash")) if _status(o).get("lastCrash") else "<none>",
+    ),
+    Column(
+        "Top Frame", "string", "Where the newest core's crashing thread was: its top frame.", lambda o: _top_frame(o)
+    ),
+    Column("Age", "date", "CreationTimestamp of the endpoint.", lambda o: age(o["metadata"].get("creationTimestamp"))),
     Column("Containers", "string", "Containers that dumped core.", _containers, priority=1),
-    Column("Total Size", "string", "Uncompressed size of all cores.",
-           lambda o: _size(_status(o).get("totalSize")), priority=1),
-    Column("Stored Size", "string", "Size of all cores on storage.",
-           lambda o: _size(_status(o).get("storedSize")), priority=1),
-    Column("Signature", "string", "Crash signature of the newest core.",
-           lambda o: ((_status(o).get("cores") or [{}])[-1].get("signature") or "<none>"), priority=1),
+    Column(
+        "Total Size",
+        "string",
+        "Uncompressed size of all cores.",
+        lambda o: _size(_status(o).get("totalSize")),
+        priority=1,
+    ),
+    Column(
+        "Stored Size",
+        "string",
+        "Size of all cores on storage.",
+        lambda o: _size(_status(o).get("storedSize")),
+        priority=1,
+    ),
+    Column(
+        "Signature",
+        "string",
+        "Crash signature of the newest core.",
+        lambda o: (_status(o).get("cores") or [{}])[-1].get("signature") or "<none>",
+        priority=1,
+    ),
 ]

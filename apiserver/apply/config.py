@@ -6,6 +6,7 @@ carries ``metadata.managedFields``, or names another object or namespace than th
 ``status`` on the main resource of a kind with a status subresource. Everything else the schema does not
 know is dropped here, after the registry's field validation has reported it (Strict: 400, Warn: warnings).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,8 +25,10 @@ def applied_config(body: Any, *, namespace: str, name: str) -> dict[str, Any]:
     if not api_version:
         raise errors.bad_request("Object 'apiVersion' is missing in the request body")
     if api_version != r.API_VERSION:
-        raise errors.bad_request(f"Incorrect version specified in apply patch. Specified patch version: "
-                                 f"{api_version}, expected: {r.API_VERSION}")
+        raise errors.bad_request(
+            f"Incorrect version specified in apply patch. Specified patch version: "
+            f"{api_version}, expected: {r.API_VERSION}"
+        )
     r.check_type_meta(body)
     metadata = body.get("metadata")
     if metadata is None:
@@ -36,13 +39,16 @@ def applied_config(body: Any, *, namespace: str, name: str) -> dict[str, Any]:
     if metadata.get("managedFields") is not None:
         raise errors.bad_request("metadata.managedFields must be nil")
     if metadata.get("name") not in (None, name):
-        raise errors.bad_request(f"the name of the object ({metadata['name']}) does not match the name on the URL "
-                                 f"({name})")
+        raise errors.bad_request(
+            f"the name of the object ({metadata['name']}) does not match the name on the URL ({name})"
+        )
     if metadata.get("namespace") not in (None, "", namespace):
-        raise errors.bad_request("the namespace of the provided object does not match the namespace sent on the "
-                                 "request")
-    kept_meta = {key: value for key, value in metadata.items()
-                 if key in r.OBJECT_META_FIELDS and key != "managedFields"}
+        raise errors.bad_request(
+            "the namespace of the provided object does not match the namespace sent on the request"
+        )
+    kept_meta = {
+        key: value for key, value in metadata.items() if key in r.OBJECT_META_FIELDS and key != "managedFields"
+    }
     kept_meta["name"] = name
     kept_meta["namespace"] = namespace
     config: dict[str, Any] = {"apiVersion": api_version, "kind": kind, "metadata": kept_meta}

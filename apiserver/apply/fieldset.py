@@ -21,6 +21,7 @@ configuration sets), :func:`compare` is ``Compare`` (added/removed/modified path
 :func:`to_fields_v1` / :func:`from_fields_v1` are the ``FieldsV1`` wire form. Inputs are JSON values a client
 sent: nothing here trusts their types, and :func:`from_fields_v1` bounds depth and size.
 """
+
 from __future__ import annotations
 
 import copy
@@ -52,15 +53,31 @@ class Node:
 
 
 LEAF = Node(Kind.LEAF)
-METADATA = Node(Kind.STRUCT, fields={
-    **{name: LEAF for name in ("name", "generateName", "namespace", "selfLink", "uid", "resourceVersion",
-                               "generation", "creationTimestamp", "deletionTimestamp",
-                               "deletionGracePeriodSeconds", "managedFields")},
-    "labels": Node(Kind.MAP),
-    "annotations": Node(Kind.MAP),
-    "finalizers": Node(Kind.SET),
-    "ownerReferences": Node(Kind.ASSOC, key="uid"),
-})
+METADATA = Node(
+    Kind.STRUCT,
+    fields={
+        **{
+            name: LEAF
+            for name in (
+                "name",
+                "generateName",
+                "namespace",
+                "selfLink",
+                "uid",
+                "resourceVersion",
+                "generation",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "managedFields",
+            )
+        },
+        "labels": Node(Kind.MAP),
+        "annotations": Node(Kind.MAP),
+        "finalizers": Node(Kind.SET),
+        "ownerReferences": Node(Kind.ASSOC, key="uid"),
+    },
+)
 SPEC = Node(Kind.STRUCT, fields={"podUID": LEAF})
 OBJECT = Node(Kind.STRUCT, fields={"apiVersion": LEAF, "kind": LEAF, "metadata": METADATA, "spec": SPEC})
 
@@ -342,8 +359,13 @@ def path_string(path: Path) -> str:
         elif kind == "k":
             try:
                 keys = json.loads(text)
-                parts.append("[" + ",".join(f"{name}={json.dumps(value, ensure_ascii=False)}"
-                                            for name, value in sorted(keys.items())) + "]")
+                parts.append(
+                    "["
+                    + ",".join(
+                        f"{name}={json.dumps(value, ensure_ascii=False)}" for name, value in sorted(keys.items())
+                    )
+                    + "]"
+                )
             except (ValueError, AttributeError):
                 parts.append(f"[{text}]")
         elif kind == "v":

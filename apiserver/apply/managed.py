@@ -19,6 +19,7 @@ Never tracked: ``status`` (written by the server alone, through its reconciler, 
 and no entry records it) and the server-owned metadata structured-merge-diff strips (name, namespace,
 uid, resourceVersion, generation, creationTimestamp, selfLink, managedFields).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,12 +42,27 @@ MAX_UPDATE_MANAGERS = 10  # kube-apiserver's cap; older Update entries merge int
 ANCIENT_CHANGES = "ancient-changes"
 SERVER_MANAGER = "coredump-apiserver"  # the server's own writes (endpoints it creates for crashed pods)
 
-STRIPPED: frozenset[Path] = frozenset({
-    ("f:apiVersion",), ("f:kind",), ("f:metadata",),
-    *((("f:metadata", f"f:{name}")) for name in ("name", "namespace", "creationTimestamp", "selfLink", "uid",
-                                                  "clusterName", "generation", "managedFields",
-                                                  "resourceVersion")),
-})
+STRIPPED: frozenset[Path] = frozenset(
+    {
+        ("f:apiVersion",),
+        ("f:kind",),
+        ("f:metadata",),
+        *(
+            (("f:metadata", f"f:{name}"))
+            for name in (
+                "name",
+                "namespace",
+                "creationTimestamp",
+                "selfLink",
+                "uid",
+                "clusterName",
+                "generation",
+                "managedFields",
+                "resourceVersion",
+            )
+        ),
+    }
+)
 
 
 @dataclasses.dataclass
@@ -91,6 +107,7 @@ def now_rfc3339() -> str:
 
 # ---- field manager names -----------------------------------------------------------------------------
 
+
 def _printable(char: str) -> bool:
     """Go's unicode.IsPrint: letters, marks, numbers, punctuation, symbols and the ASCII space."""
     return char == " " or unicodedata.category(char)[0] in "LMNPS"
@@ -106,13 +123,23 @@ def manager_from_user_agent(user_agent: str) -> str:
 def field_manager_causes(value: str, *, field: str) -> list[dict[str, str]]:
     causes: list[dict[str, str]] = []
     if len(value) > FIELD_MANAGER_MAX_LENGTH:
-        causes.append({"reason": "FieldValueTooLong", "field": field,
-                       "message": f"Too long: may not be more than {FIELD_MANAGER_MAX_LENGTH} bytes"})
+        causes.append(
+            {
+                "reason": "FieldValueTooLong",
+                "field": field,
+                "message": f"Too long: may not be more than {FIELD_MANAGER_MAX_LENGTH} bytes",
+            }
+        )
     for index, char in enumerate(value):
         if not _printable(char):
-            causes.append({"reason": "FieldValueInvalid", "field": field,
-                           "message": f"Invalid value: {_go_quote(value)}: invalid character U+{ord(char):04X} "
-                                      f"(at position {index})"})
+            causes.append(
+                {
+                    "reason": "FieldValueInvalid",
+                    "field": field,
+                    "message": f"Invalid value: {_go_quote(value)}: invalid character U+{ord(char):04X} "
+                    f"(at position {index})",
+                }
+            )
             break
     return causes
 
@@ -120,11 +147,16 @@ def field_manager_causes(value: str, *, field: str) -> list[dict[str, str]]:
 def options_invalid(*, kind: str, causes: list[dict[str, str]]) -> errors.ApiError:
     """422 for bad request options, worded as kube-apiserver words it (``PatchOptions.meta.k8s.io "" ...``)."""
     summary = ", ".join(f"{c['field']}: {c['message']}" for c in causes)
-    return errors.ApiError(code=422, reason="Invalid", message=f'{kind}.meta.k8s.io "" is invalid: {summary}',
-                           details={"group": "meta.k8s.io", "kind": kind, "causes": causes})
+    return errors.ApiError(
+        code=422,
+        reason="Invalid",
+        message=f'{kind}.meta.k8s.io "" is invalid: {summary}',
+        details={"group": "meta.k8s.io", "kind": kind, "causes": causes},
+    )
 
 
 # ---- entries: validate, decode, encode ---------------------------------------------------------------
+
 
 def _is_reset(value: Any) -> bool:
     return isinstance(value, list) and (value == [] or value == [{}])
@@ -135,34 +167,60 @@ def validate(value: Any) -> list[dict[str, str]]:
     if value is None or _is_reset(value):
         return []
     if not isinstance(value, list):
-        return [{"reason": "FieldValueTypeInvalid", "field": "metadata.managedFields",
-                 "message": "Invalid value: must be a list of ManagedFieldsEntry"}]
+        return [
+            {
+                "reason": "FieldValueTypeInvalid",
+                "field": "metadata.managedFields",
+                "message": "Invalid value: must be a list of ManagedFieldsEntry",
+            }
+        ]
     causes: list[dict[str, str]] = []
     for index, entry in enumerate(value):
         at = f"metadata.managedFields[{index}]"
         if not isinstance(entry, dict):
-            causes.append({"reason": "FieldValueTypeInvalid", "field": at,
-                           "message": "Invalid value: must be an object"})
+            causes.append(
+                {"reason": "FieldValueTypeInvalid", "field": at, "message": "Invalid value: must be an object"}
+            )
             continue
         for name in ("manager", "operation", "apiVersion", "time", "fieldsType", "subresource"):
             if name in entry and not isinstance(entry[name], str):
-                causes.append({"reason": "FieldValueTypeInvalid", "field": f"{at}.{name}",
-                               "message": "Invalid value: must be a string"})
+                causes.append(
+                    {
+                        "reason": "FieldValueTypeInvalid",
+                        "field": f"{at}.{name}",
+                        "message": "Invalid value: must be a string",
+                    }
+                )
         operation = entry.get("operation")
         if operation not in (APPLY, UPDATE):
-            causes.append({"reason": "FieldValueInvalid", "field": f"{at}.operation",
-                           "message": f"Invalid value: {_go_quote(str(operation or ''))}: must be `Apply` or `Update`"})
+            causes.append(
+                {
+                    "reason": "FieldValueInvalid",
+                    "field": f"{at}.operation",
+                    "message": f"Invalid value: {_go_quote(str(operation or ''))}: must be `Apply` or `Update`",
+                }
+            )
         fields_type = entry.get("fieldsType")
         if fields_type and fields_type != FIELDS_V1:
-            causes.append({"reason": "FieldValueInvalid", "field": f"{at}.fieldsType",
-                           "message": f"Invalid value: {_go_quote(str(fields_type))}: must be `FieldsV1`"})
+            causes.append(
+                {
+                    "reason": "FieldValueInvalid",
+                    "field": f"{at}.fieldsType",
+                    "message": f"Invalid value: {_go_quote(str(fields_type))}: must be `FieldsV1`",
+                }
+            )
         manager = entry.get("manager")
         if isinstance(manager, str):
             causes += field_manager_causes(manager, field=f"{at}.manager")
         subresource = entry.get("subresource")
         if isinstance(subresource, str) and len(subresource) > SUBRESOURCE_MAX_LENGTH:
-            causes.append({"reason": "FieldValueTooLong", "field": f"{at}.subresource",
-                           "message": f"Too long: may not be more than {SUBRESOURCE_MAX_LENGTH} bytes"})
+            causes.append(
+                {
+                    "reason": "FieldValueTooLong",
+                    "field": f"{at}.subresource",
+                    "message": f"Too long: may not be more than {SUBRESOURCE_MAX_LENGTH} bytes",
+                }
+            )
     return causes
 
 
@@ -188,8 +246,14 @@ def decode(value: Any) -> Managers:
             fields = fieldset.from_fields_v1(item.get("fieldsV1", {}))
         except fieldset.FieldsV1Error as error:
             raise DecodeError(str(error)) from None
-        entry = Entry(manager=text["manager"], operation=text["operation"], api_version=text["apiVersion"],
-                      subresource=text["subresource"], time=time, fields=fields)
+        entry = Entry(
+            manager=text["manager"],
+            operation=text["operation"],
+            api_version=text["apiVersion"],
+            subresource=text["subresource"],
+            time=time,
+            fields=fields,
+        )
         if entry.key in managers:
             raise DecodeError(f"duplicate managedFields entry for {entry.describe()}")
         managers[entry.key] = entry
@@ -205,13 +269,17 @@ def decode_or_empty(value: Any) -> Managers:
 
 def encode(managers: Managers) -> list[dict[str, Any]]:
     """The wire form, sorted as kube-apiserver sorts it (operation, time, manager, apiVersion, subresource)."""
+
     def order(entry: Entry) -> tuple[str, str, str, str, str]:
         return entry.operation, entry.time or "", entry.manager, entry.api_version, entry.subresource
 
     out: list[dict[str, Any]] = []
     for entry in sorted((e for e in managers.values() if e.fields), key=order):
-        encoded: dict[str, Any] = {"manager": entry.manager, "operation": entry.operation,
-                                   "apiVersion": entry.api_version}
+        encoded: dict[str, Any] = {
+            "manager": entry.manager,
+            "operation": entry.operation,
+            "apiVersion": entry.api_version,
+        }
         if entry.time:
             encoded["time"] = entry.time
         encoded["fieldsType"] = FIELDS_V1
@@ -224,19 +292,28 @@ def encode(managers: Managers) -> list[dict[str, Any]]:
 
 def _cap(managers: Managers) -> Managers:
     """At most MAX_UPDATE_MANAGERS Update entries: the oldest merge into ``ancient-changes``."""
-    updates = sorted((e for e in managers.values() if e.operation == UPDATE and e.manager != ANCIENT_CHANGES),
-                     key=lambda e: e.time or "")
-    excess = len(updates) + (1 if any(e.manager == ANCIENT_CHANGES for e in managers.values()) else 0) \
-        - MAX_UPDATE_MANAGERS
+    updates = sorted(
+        (e for e in managers.values() if e.operation == UPDATE and e.manager != ANCIENT_CHANGES),
+        key=lambda e: e.time or "",
+    )
+    excess = (
+        len(updates) + (1 if any(e.manager == ANCIENT_CHANGES for e in managers.values()) else 0) - MAX_UPDATE_MANAGERS
+    )
     if excess <= 0:
         return managers
     out = dict(managers)
     ancient = next((e for e in out.values() if e.manager == ANCIENT_CHANGES and e.operation == UPDATE), None)
-    for entry in updates[:excess + (0 if ancient else 1)]:
+    for entry in updates[: excess + (0 if ancient else 1)]:
         del out[entry.key]
         if ancient is None:
-            ancient = Entry(manager=ANCIENT_CHANGES, operation=UPDATE, api_version=entry.api_version,
-                            subresource="", time=entry.time, fields=set())
+            ancient = Entry(
+                manager=ANCIENT_CHANGES,
+                operation=UPDATE,
+                api_version=entry.api_version,
+                subresource="",
+                time=entry.time,
+                fields=set(),
+            )
             out[ancient.key] = ancient
         ancient.fields |= entry.fields
     return out
@@ -264,6 +341,7 @@ def _incoming(live: Mapping[str, Any] | None, new: Mapping[str, Any]) -> Manager
 
 # ---- the two operations --------------------------------------------------------------------------------
 
+
 def check_sent(obj: Mapping[str, Any]) -> None:
     """422 when the managedFields a client sent break kube-apiserver's validation."""
     metadata = obj.get("metadata") or {}
@@ -272,8 +350,9 @@ def check_sent(obj: Mapping[str, Any]) -> None:
         raise errors.invalid(name=str(metadata.get("name") or ""), causes=causes)
 
 
-def record_update(*, live: Mapping[str, Any] | None, new: Mapping[str, Any], manager: str,
-                  subresource: str = "") -> list[dict[str, Any]]:
+def record_update(
+    *, live: Mapping[str, Any] | None, new: Mapping[str, Any], manager: str, subresource: str = ""
+) -> list[dict[str, Any]]:
     """The managedFields of ``new`` (a create when ``live`` is None) written by ``manager``."""
     managers = _known_versions(_incoming(live, new))
     comparison = fieldset.compare(fieldset.tracked(live), fieldset.tracked(new))
@@ -283,8 +362,14 @@ def record_update(*, live: Mapping[str, Any] | None, new: Mapping[str, Any], man
         entry.fields -= comparison.changed | gone
     if taken:
         key = (manager, UPDATE, r.API_VERSION, subresource)
-        entry = managers.get(key) or Entry(manager=manager, operation=UPDATE, api_version=r.API_VERSION,
-                                           subresource=subresource, time=None, fields=set())
+        entry = managers.get(key) or Entry(
+            manager=manager,
+            operation=UPDATE,
+            api_version=r.API_VERSION,
+            subresource=subresource,
+            time=None,
+            fields=set(),
+        )
         entry.fields |= taken
         entry.time = now_rfc3339()
         managers[key] = entry
@@ -298,8 +383,14 @@ class Applied:
 
 
 def _conflict_error(conflicts: list[tuple[Entry, Path]]) -> errors.ApiError:
-    causes = [{"type": "FieldManagerConflict", "message": f"conflict with {entry.describe()}",
-               "field": fieldset.path_string(path)} for entry, path in conflicts]
+    causes = [
+        {
+            "type": "FieldManagerConflict",
+            "message": f"conflict with {entry.describe()}",
+            "field": fieldset.path_string(path),
+        }
+        for entry, path in conflicts
+    ]
     if len(conflicts) == 1:
         entry, path = conflicts[0]
         message = f"Apply failed with 1 conflict: conflict with {entry.describe()}: {fieldset.path_string(path)}"
@@ -312,8 +403,9 @@ def _conflict_error(conflicts: list[tuple[Entry, Path]]) -> errors.ApiError:
     return errors.ApiError(code=409, reason="Conflict", message=message, details={"causes": causes})
 
 
-def record_apply(*, live: Mapping[str, Any] | None, config: Mapping[str, Any], manager: str, force: bool,
-                 subresource: str = "") -> Applied:
+def record_apply(
+    *, live: Mapping[str, Any] | None, config: Mapping[str, Any], manager: str, force: bool, subresource: str = ""
+) -> Applied:
     """
     ``config`` applied by ``manager`` over ``live`` (None: the object does not exist yet). Raises the 409
     conflict error when the result changes fields other managers own and ``force`` is false.
@@ -328,22 +420,31 @@ def record_apply(*, live: Mapping[str, Any] | None, config: Mapping[str, Any], m
     # Prune: what this manager applied last time and no longer applies goes, unless someone else owns it.
     if previous is not None and previous.fields:
         owned = fieldset.with_parents(applied.union(*(e.fields for e in managers.values())))
-        prunable = [path for path in fieldset.with_parents(previous.fields)
-                    if path not in owned and path not in STRIPPED]
+        prunable = [
+            path for path in fieldset.with_parents(previous.fields) if path not in owned and path not in STRIPPED
+        ]
         merged = fieldset.remove(merged, prunable)
 
     comparison = fieldset.compare(live_tracked, merged)
     changed = comparison.changed
-    conflicts = sorted(((entry, path) for entry in managers.values() for path in entry.fields & changed),
-                       key=lambda item: (item[0].describe(), fieldset.path_string(item[1])))
+    conflicts = sorted(
+        ((entry, path) for entry in managers.values() for path in entry.fields & changed),
+        key=lambda item: (item[0].describe(), fieldset.path_string(item[1])),
+    )
     if conflicts and not force:
         raise _conflict_error(conflicts)
     for entry in managers.values():
         entry.fields -= changed | comparison.removed
     now = now_rfc3339()
     keep_time = previous is not None and comparison.same and previous.fields == applied
-    managers[key] = Entry(manager=manager, operation=APPLY, api_version=r.API_VERSION, subresource=subresource,
-                          time=previous.time if keep_time and previous is not None else now, fields=applied)
+    managers[key] = Entry(
+        manager=manager,
+        operation=APPLY,
+        api_version=r.API_VERSION,
+        subresource=subresource,
+        time=previous.time if keep_time and previous is not None else now,
+        fields=applied,
+    )
     encoded = encode(_cap(managers))
     result = dict(merged)
     result["metadata"] = {**(merged.get("metadata") or {}), "managedFields": encoded}

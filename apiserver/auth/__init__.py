@@ -7,6 +7,7 @@ RequestInfoFactory does (:mod:`apiserver.auth.requestinfo`), and asks an :class:
 plugs in static implementations; a cluster deployment plugs in delegated ones (TokenReview,
 front-proxy headers, SubjectAccessReview).
 """
+
 from __future__ import annotations
 
 import dataclasses

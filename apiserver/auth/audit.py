@@ -9,6 +9,7 @@ for everything after that — served (200/206, with the bytes actually sent), no
 (400), cores changing underneath (409). The fields travel as the record's ``extra``, so the server's JSON
 formatter (:mod:`apiserver.logs`) writes them as top-level keys of one JSON object per line.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,17 @@ from apiserver.auth import UserInfo
 logger = logging.getLogger("coredump.audit")
 
 
-def audit_dump(*, request: web.Request, namespace: str, pod: str, outcome: str, code: int, bytes_sent: int = 0,
-               cores: int = 0, user: UserInfo | None = None) -> None:
+def audit_dump(
+    *,
+    request: web.Request,
+    namespace: str,
+    pod: str,
+    outcome: str,
+    code: int,
+    bytes_sent: int = 0,
+    cores: int = 0,
+    user: UserInfo | None = None,
+) -> None:
     """Log one line: user, groups, namespace, pod, query, status code, cores, bytes sent and the outcome.
 
     ``outcome`` is one of complete, disconnected, error (served, then cut), denied, not_found, invalid.

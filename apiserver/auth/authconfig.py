@@ -9,6 +9,7 @@ the ConfigMap are read again every refresh interval; a failed refresh keeps the 
 ConfigMap is read strictly: another kind or object, a value that is not a string, or a list key that is not
 a JSON list of strings is refused (at start: the server does not start; later: the last good settings stay).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -67,17 +68,25 @@ class DelegatedAuthConfig:
     the ConfigMap's ``requestheader-*`` keys, as in k8s.io/apiserver; otherwise ``requestheader_names`` is unused.
     """
 
-    def __init__(self, *, core_api: client.CoreV1Api | None, client_ca_file: Path | None,
-                 requestheader_ca_file: Path | None, requestheader_names: RequestHeaderNames,
-                 refresh_interval: float, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    def __init__(
+        self,
+        *,
+        core_api: client.CoreV1Api | None,
+        client_ca_file: Path | None,
+        requestheader_ca_file: Path | None,
+        requestheader_names: RequestHeaderNames,
+        refresh_interval: float,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._core_api = core_api
         self._sleep = sleep  # the refresh loop's clock (tests move a fake one)
         self._client_ca_file = client_ca_file
         self._requestheader_ca_file = requestheader_ca_file
         self._refresh_interval = refresh_interval
         self.client_ca = CABundle(name="client-ca")
-        self.requestheader = RequestHeaderConfig(bundle=CABundle(name="requestheader-client-ca"),
-                                                 names=requestheader_names)
+        self.requestheader = RequestHeaderConfig(
+            bundle=CABundle(name="requestheader-client-ca"), names=requestheader_names
+        )
         self._task: asyncio.Task[None] | None = None
 
     async def refresh(self) -> None:
@@ -93,12 +102,16 @@ class DelegatedAuthConfig:
         else:
             _update(self.client_ca, data.get("client-ca-file", ""), f"{_CONFIGMAP} key client-ca-file")
         if self._requestheader_ca_file is not None:
-            await _update_from_file(self.requestheader.bundle, self._requestheader_ca_file,
-                                    "--requestheader-client-ca-file")
+            await _update_from_file(
+                self.requestheader.bundle, self._requestheader_ca_file, "--requestheader-client-ca-file"
+            )
         else:
             names = RequestHeaderNames(**{field: _string_list(data, key) for key, field in _NAME_KEYS.items()})
-            _update(self.requestheader.bundle, data.get("requestheader-client-ca-file", ""),
-                    f"{_CONFIGMAP} key requestheader-client-ca-file")
+            _update(
+                self.requestheader.bundle,
+                data.get("requestheader-client-ca-file", ""),
+                f"{_CONFIGMAP} key requestheader-client-ca-file",
+            )
             self.requestheader.names = names
 
     async def _read_configmap(self) -> dict[str, str]:
@@ -107,17 +120,22 @@ class DelegatedAuthConfig:
         core_api = self._core_api
         try:
             answer = await call_cluster(
-                start=lambda: core_api.read_namespaced_config_map(CONFIGMAP_NAME, CONFIGMAP_NAMESPACE,
-                                                                  _preload_content=False, _request_timeout=10),
-                timeout=10)
+                start=lambda: core_api.read_namespaced_config_map(
+                    CONFIGMAP_NAME, CONFIGMAP_NAMESPACE, _preload_content=False, _request_timeout=10
+                ),
+                timeout=10,
+            )
         except Unreachable as error:
-            raise AuthConfigError(f"cannot reach the cluster to read {_CONFIGMAP}: {error} (is the cluster's "
-                                  f"API server reachable from here?)") from error
+            raise AuthConfigError(
+                f"cannot reach the cluster to read {_CONFIGMAP}: {error} (is the cluster's "
+                f"API server reachable from here?)"
+            ) from error
         if not 200 <= answer.status <= 299:
             raise AuthConfigError(
                 f"cannot read {_CONFIGMAP}: HTTP {answer.status} (grant the "
                 f"extension-apiserver-authentication-reader role, or use --authentication-skip-lookup with "
-                f"--client-ca-file)")
+                f"--client-ca-file)"
+            )
         try:
             return parse_configmap_data(answer.body, name=CONFIGMAP_NAME, namespace=CONFIGMAP_NAMESPACE)
         except MalformedAnswer as error:

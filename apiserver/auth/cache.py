@@ -4,6 +4,7 @@ A small TTL cache for webhook answers (TokenReview, SubjectAccessReview), bounde
 Entries expire after the TTL given when they were stored; the clock is injectable so tests can move
 time instead of sleeping.
 """
+
 from __future__ import annotations
 
 import collections

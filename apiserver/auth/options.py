@@ -10,6 +10,7 @@ by ``--authentication-kubeconfig``/``--authorization-kubeconfig`` (in-cluster co
 absent). With ``dev`` (``coredump-apiserver --dev``), client certificates from the dev CA and a static rule
 table stand in for the cluster.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,7 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 
 from apiserver.auth import Authenticator
 from apiserver.auth.authconfig import AuthConfigError, DelegatedAuthConfig
-from apiserver.auth.pipeline import (HEALTH_PATHS, AlwaysAllowPaths, Middleware, UnionAuthenticator,
-                                     make_auth_middleware)
+from apiserver.auth.pipeline import HEALTH_PATHS, AlwaysAllowPaths, Middleware, UnionAuthenticator, make_auth_middleware
 from apiserver.auth.requestheader import RequestHeaderAuthenticator, RequestHeaderNames
 from apiserver.auth.sar import SubjectAccessReviewAuthorizer
 from apiserver.auth.static import Rule, StaticAuthorizer
@@ -50,41 +50,101 @@ def _path_list(text: str) -> tuple[str, ...]:
 
 def add_auth_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("authentication and authorization (delegated to the cluster)")
-    group.add_argument("--authentication-kubeconfig", type=Path, default=None,
-                       help="kubeconfig with rights to create tokenreviews and read the "
-                            "extension-apiserver-authentication ConfigMap (default: in-cluster configuration)")
-    group.add_argument("--authorization-kubeconfig", type=Path, default=None,
-                       help="kubeconfig with rights to create subjectaccessreviews (default: in-cluster)")
-    group.add_argument("--client-ca-file", type=Path, default=None,
-                       help="CA bundle for client certificates (default: the ConfigMap's client-ca-file)")
-    group.add_argument("--requestheader-client-ca-file", type=Path, default=None,
-                       help="CA bundle of the front proxy; X-Remote-* headers are trusted only from its "
-                            "certificates (default: from the ConfigMap)")
-    group.add_argument("--requestheader-allowed-names", type=flags.parse_list, default="",
-                       help="comma-separated CNs allowed to send X-Remote-* headers (empty: any CN of that CA)")
-    group.add_argument("--requestheader-username-headers", type=flags.parse_list, default="X-Remote-User",
-                       help="headers that carry the user name from the front proxy")
-    group.add_argument("--requestheader-uid-headers", type=flags.parse_list, default="",
-                       help="headers that carry the user's UID from the front proxy")
-    group.add_argument("--requestheader-group-headers", type=flags.parse_list, default="X-Remote-Group",
-                       help="headers that carry groups (one group per header)")
-    group.add_argument("--requestheader-extra-headers-prefix", type=flags.parse_list, default="X-Remote-Extra-",
-                       help="prefixes of headers that carry the user's extra attributes")
-    flags.add_bool(group, "--anonymous-auth", default=False,
-                   help="serve requests without credentials as system:anonymous")
-    flags.add_bool(group, "--authentication-skip-lookup", default=False,
-                   help="do not read the extension-apiserver-authentication ConfigMap")
-    group.add_argument("--authentication-token-webhook-cache-ttl", type=flags.parse_duration, default="10s",
-                       help="how long TokenReview answers are cached")
-    group.add_argument("--authorization-webhook-cache-authorized-ttl", type=flags.parse_duration, default="10s",
-                       help="how long allowed SubjectAccessReview answers are cached")
-    group.add_argument("--authorization-webhook-cache-unauthorized-ttl", type=flags.parse_duration, default="10s",
-                       help="how long denied SubjectAccessReview answers are cached")
-    group.add_argument("--authorization-always-allow-paths", type=_path_list, default=",".join(HEALTH_PATHS),
-                       help="comma-separated paths served without authorization, matched exactly; a trailing * "
-                            "matches a prefix")
-    group.add_argument("--authentication-config-refresh-interval", type=flags.parse_positive_duration,
-                       default="30s", help="how often CA files and the ConfigMap are read again to follow rotation")
+    group.add_argument(
+        "--authentication-kubeconfig",
+        type=Path,
+        default=None,
+        help="kubeconfig with rights to create tokenreviews and read the "
+        "extension-apiserver-authentication ConfigMap (default: in-cluster configuration)",
+    )
+    group.add_argument(
+        "--authorization-kubeconfig",
+        type=Path,
+        default=None,
+        help="kubeconfig with rights to create subjectaccessreviews (default: in-cluster)",
+    )
+    group.add_argument(
+        "--client-ca-file",
+        type=Path,
+        default=None,
+        help="CA bundle for client certificates (default: the ConfigMap's client-ca-file)",
+    )
+    group.add_argument(
+        "--requestheader-client-ca-file",
+        type=Path,
+        default=None,
+        help="CA bundle of the front proxy; X-Remote-* headers are trusted only from its "
+        "certificates (default: from the ConfigMap)",
+    )
+    group.add_argument(
+        "--requestheader-allowed-names",
+        type=flags.parse_list,
+        default="",
+        help="comma-separated CNs allowed to send X-Remote-* headers (empty: any CN of that CA)",
+    )
+    group.add_argument(
+        "--requestheader-username-headers",
+        type=flags.parse_list,
+        default="X-Remote-User",
+        help="headers that carry the user name from the front proxy",
+    )
+    group.add_argument(
+        "--requestheader-uid-headers",
+        type=flags.parse_list,
+        default="",
+        help="headers that carry the user's UID from the front proxy",
+    )
+    group.add_argument(
+        "--requestheader-group-headers",
+        type=flags.parse_list,
+        default="X-Remote-Group",
+        help="headers that carry groups (one group per header)",
+    )
+    group.add_argument(
+        "--requestheader-extra-headers-prefix",
+        type=flags.parse_list,
+        default="X-Remote-Extra-",
+        help="prefixes of headers that carry the user's extra attributes",
+    )
+    flags.add_bool(
+        group, "--anonymous-auth", default=False, help="serve requests without credentials as system:anonymous"
+    )
+    flags.add_bool(
+        group,
+        "--authentication-skip-lookup",
+        default=False,
+        help="do not read the extension-apiserver-authentication ConfigMap",
+    )
+    group.add_argument(
+        "--authentication-token-webhook-cache-ttl",
+        type=flags.parse_duration,
+        default="10s",
+        help="how long TokenReview answers are cached",
+    )
+    group.add_argument(
+        "--authorization-webhook-cache-authorized-ttl",
+        type=flags.parse_duration,
+        default="10s",
+        help="how long allowed SubjectAccessReview answers are cached",
+    )
+    group.add_argument(
+        "--authorization-webhook-cache-unauthorized-ttl",
+        type=flags.parse_duration,
+        default="10s",
+        help="how long denied SubjectAccessReview answers are cached",
+    )
+    group.add_argument(
+        "--authorization-always-allow-paths",
+        type=_path_list,
+        default=",".join(HEALTH_PATHS),
+        help="comma-separated paths served without authorization, matched exactly; a trailing * matches a prefix",
+    )
+    group.add_argument(
+        "--authentication-config-refresh-interval",
+        type=flags.parse_positive_duration,
+        default="30s",
+        help="how often CA files and the ConfigMap are read again to follow rotation",
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -144,8 +204,10 @@ async def _api_client(kubeconfig: Path | None, *, flag: str) -> client.ApiClient
         try:
             config.load_incluster_config(client_configuration=configuration)
         except (ConfigException, OSError) as error:
-            raise AuthConfigError(f"no {flag} given and no in-cluster configuration ({error}): run in a pod "
-                                  f"with a service account, or pass {flag}") from error
+            raise AuthConfigError(
+                f"no {flag} given and no in-cluster configuration ({error}): run in a pod "
+                f"with a service account, or pass {flag}"
+            ) from error
     else:
         if not kubeconfig.is_file():
             raise AuthConfigError(f"{flag} {kubeconfig}: no such file")
@@ -157,8 +219,9 @@ async def _api_client(kubeconfig: Path | None, *, flag: str) -> client.ApiClient
     return client.ApiClient(configuration=configuration)
 
 
-async def build_auth(*, options: AuthOptions, dev: DevAuth | None,
-                     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> AuthSetup:
+async def build_auth(
+    *, options: AuthOptions, dev: DevAuth | None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+) -> AuthSetup:
     """
     The middleware and TLS settings for ``options``; raises :class:`AuthConfigError` with one clear line.
     ``sleep`` is the clock of the refresh of CA files and the ConfigMap (tests move a fake one).
@@ -171,9 +234,12 @@ async def build_auth(*, options: AuthOptions, dev: DevAuth | None,
             bundle = CABundle(name="dev client CA", pem=pem)
         except (OSError, ValueError) as error:
             raise AuthConfigError(f"dev client CA {dev.client_ca_file}: {error}") from error
-        middleware = make_auth_middleware(authenticator=UnionAuthenticator([X509Authenticator(bundle=bundle)]),
-                                          authorizer=StaticAuthorizer(dev.rules),
-                                          always_allow_paths=always_allow, anonymous=anonymous)
+        middleware = make_auth_middleware(
+            authenticator=UnionAuthenticator([X509Authenticator(bundle=bundle)]),
+            authorizer=StaticAuthorizer(dev.rules),
+            always_allow_paths=always_allow,
+            anonymous=anonymous,
+        )
         return AuthSetup(middleware=middleware, bundles=[bundle])
 
     closers: list[Callable[[], Awaitable[None]]] = []
@@ -190,9 +256,13 @@ async def build_auth(*, options: AuthOptions, dev: DevAuth | None,
             requestheader_names=RequestHeaderNames(
                 allowed_names=options.requestheader_allowed_names,
                 username_headers=options.requestheader_username_headers,
-                uid_headers=options.requestheader_uid_headers, group_headers=options.requestheader_group_headers,
-                extra_headers_prefixes=options.requestheader_extra_headers_prefix),
-            refresh_interval=options.authentication_config_refresh_interval, sleep=sleep)
+                uid_headers=options.requestheader_uid_headers,
+                group_headers=options.requestheader_group_headers,
+                extra_headers_prefixes=options.requestheader_extra_headers_prefix,
+            ),
+            refresh_interval=options.authentication_config_refresh_interval,
+            sleep=sleep,
+        )
         await delegated.refresh()
         delegated.start()
         closers.append(delegated.close)
@@ -209,15 +279,26 @@ async def build_auth(*, options: AuthOptions, dev: DevAuth | None,
     authorizer = SubjectAccessReviewAuthorizer(
         api_client=authz_client,
         authorized_ttl=options.authorization_webhook_cache_authorized_ttl,
-        unauthorized_ttl=options.authorization_webhook_cache_unauthorized_ttl)
-    middleware = make_auth_middleware(authenticator=UnionAuthenticator(authenticators), authorizer=authorizer,
-                                      always_allow_paths=always_allow, anonymous=anonymous)
-    logger.info("delegated authentication: client CA %d cert(s), front-proxy CA %d cert(s), allowed names %s",
-                len(delegated.client_ca.certificates), len(delegated.requestheader.bundle.certificates),
-                list(delegated.requestheader.names.allowed_names) or "any")
+        unauthorized_ttl=options.authorization_webhook_cache_unauthorized_ttl,
+    )
+    middleware = make_auth_middleware(
+        authenticator=UnionAuthenticator(authenticators),
+        authorizer=authorizer,
+        always_allow_paths=always_allow,
+        anonymous=anonymous,
+    )
+    logger.info(
+        "delegated authentication: client CA %d cert(s), front-proxy CA %d cert(s), allowed names %s",
+        len(delegated.client_ca.certificates),
+        len(delegated.requestheader.bundle.certificates),
+        list(delegated.requestheader.names.allowed_names) or "any",
+    )
     if not delegated.requestheader.bundle.certificates:
-        logger.warning("no front-proxy CA (requestheader-client-ca-file): requests the kube-aggregator forwards "
-                       "(every kubectl call) will be 401; give --requestheader-client-ca-file or let the server "
-                       "read the extension-apiserver-authentication ConfigMap")
-    return AuthSetup(middleware=middleware, bundles=[delegated.client_ca, delegated.requestheader.bundle],
-                     _closers=closers)
+        logger.warning(
+            "no front-proxy CA (requestheader-client-ca-file): requests the kube-aggregator forwards "
+            "(every kubectl call) will be 401; give --requestheader-client-ca-file or let the server "
+            "read the extension-apiserver-authentication ConfigMap"
+        )
+    return AuthSetup(
+        middleware=middleware, bundles=[delegated.client_ca, delegated.requestheader.bundle], _closers=closers
+    )

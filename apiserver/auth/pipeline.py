@@ -14,6 +14,7 @@ The user and the attributes are stored in the request (``apiserver.context.USER`
 handlers (the dump handler audits with them). Errors are answered here as ``Status`` responses, so this
 middleware works whatever sits outside it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -90,10 +91,16 @@ def _status_response(error: errors.ApiError) -> web.Response:
 
 def _forbidden(attributes: RequestAttributes, reason: str) -> errors.ApiError:
     if attributes.is_resource_request:
-        return errors.forbidden(user=attributes.user.name, verb=attributes.verb, resource=attributes.resource,
-                                namespace=attributes.namespace or None, name=attributes.name or None,
-                                subresource=attributes.subresource or None, reason=reason,
-                                group=attributes.api_group)
+        return errors.forbidden(
+            user=attributes.user.name,
+            verb=attributes.verb,
+            resource=attributes.resource,
+            namespace=attributes.namespace or None,
+            name=attributes.name or None,
+            subresource=attributes.subresource or None,
+            reason=reason,
+            group=attributes.api_group,
+        )
     error = errors.forbidden_path(user=attributes.user.name, verb=attributes.verb, path=attributes.path)
     if reason:
         error.message += f": {reason}"
@@ -103,8 +110,14 @@ def _forbidden(attributes: RequestAttributes, reason: str) -> errors.ApiError:
 def _audit_refused_dump(request: web.Request, attributes: RequestAttributes, *, outcome: str, code: int) -> None:
     """A dump the authorizer refused never reaches its handler: its audit line is written here."""
     if attributes.is_resource_request and attributes.resource == RESOURCE and attributes.subresource == DUMP:
-        audit_dump(request=request, namespace=attributes.namespace, pod=attributes.name, outcome=outcome, code=code,
-                   user=attributes.user)
+        audit_dump(
+            request=request,
+            namespace=attributes.namespace,
+            pod=attributes.name,
+            outcome=outcome,
+            code=code,
+            user=attributes.user,
+        )
 
 
 def make_auth_middleware(
@@ -123,8 +136,11 @@ def make_auth_middleware(
         # Classified before authentication, to let unauthenticated health probes through; the attributes
         # depend on the user only in their user field.
         always_allowed_path = always_allowed(
-            path, is_resource_request=request_attributes(method=request.method, path=path, query=request.query,
-                                                         user=ANONYMOUS).is_resource_request)
+            path,
+            is_resource_request=request_attributes(
+                method=request.method, path=path, query=request.query, user=ANONYMOUS
+            ).is_resource_request,
+        )
         try:
             user = await authenticator.authenticate(request)
         except errors.ApiError as error:
@@ -147,8 +163,10 @@ def make_auth_middleware(
             try:
                 decision = await authorizer.authorize(attributes)
             except errors.ApiError as error:
-                logger.warning("authorization failed", extra={"verb": attributes.verb, "path": path,
-                                                              "user": user.name, "error": error.message})
+                logger.warning(
+                    "authorization failed",
+                    extra={"verb": attributes.verb, "path": path, "user": user.name, "error": error.message},
+                )
                 _audit_refused_dump(request, attributes, outcome="error", code=error.code)
                 return _status_response(error)
             if not decision.allowed:

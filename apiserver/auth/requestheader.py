@@ -9,6 +9,7 @@ no such value means no user from the front proxy (then 401). Groups are every
 value of every group header (one group per header line, never split on commas); extras are every
 ``<prefix><key>`` header, the key lower-cased and path-unescaped as Kubernetes does.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -101,6 +102,6 @@ class RequestHeaderAuthenticator:
             lowered = header.lower()
             for prefix in prefixes:
                 if lowered.startswith(prefix) and len(lowered) > len(prefix):
-                    extra.setdefault(_unescape_extra_key(lowered[len(prefix):]), []).append(value)
+                    extra.setdefault(_unescape_extra_key(lowered[len(prefix) :]), []).append(value)
                     break
         return UserInfo(name=name, uid=uid, groups=groups, extra={k: tuple(v) for k, v in extra.items()})

@@ -7,6 +7,7 @@ non-resource request whose verb is the lower-cased HTTP method. For resources: P
 GET/HEAD → get (list when there is no name, watch when ``?watch=`` is true or the path has the old
 ``/watch/`` prefix), PUT → update, PATCH → patch, DELETE → delete (deletecollection without a name).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -19,8 +20,7 @@ SPECIAL_VERBS = frozenset({"proxy", "watch"})
 SPECIAL_VERBS_NO_SUBRESOURCES = frozenset({"proxy"})
 # /namespaces/{ns}/status and /finalize are subresources of the namespace, not resources inside it.
 NAMESPACE_SUBRESOURCES = frozenset({"status", "finalize"})
-_METHOD_VERBS = {"POST": "create", "GET": "get", "HEAD": "get", "PUT": "update", "PATCH": "patch",
-                 "DELETE": "delete"}
+_METHOD_VERBS = {"POST": "create", "GET": "get", "HEAD": "get", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 # strconv.ParseBool, which the query parameter decoder uses for ?watch=.
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 
@@ -82,6 +82,15 @@ def request_attributes(*, method: str, path: str, query: Mapping[str, str], user
     if not name and verb == "delete":
         verb = "deletecollection"
 
-    return RequestAttributes(user=user, verb=verb, path=path, is_resource_request=True, api_group=api_group,
-                             api_version=api_version, resource=resource, subresource=subresource,
-                             namespace=namespace, name=name)
+    return RequestAttributes(
+        user=user,
+        verb=verb,
+        path=path,
+        is_resource_request=True,
+        api_group=api_group,
+        api_version=api_version,
+        resource=resource,
+        subresource=subresource,
+        namespace=namespace,
+        name=name,
+    )

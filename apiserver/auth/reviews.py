@@ -12,6 +12,7 @@ authorization: what kube-apiserver answers when its authorizer errs), never into
 Why by hand and not kubernetes-asyncio's models: its deserializer casts primitives with ``bool(value)``
 (``bool("false")`` is true) and returns the raw text when the body is not JSON.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,8 +50,10 @@ def _object(body: bytes | str, *, kind: str, api_version: str) -> dict[str, Any]
     if not isinstance(document, dict):
         raise MalformedAnswer(f"{kind} answer is a JSON {type(document).__name__}, not an object")
     if document.get("kind") != kind or document.get("apiVersion") != api_version:
-        raise MalformedAnswer(f"expected kind {kind} apiVersion {api_version}, got kind "
-                              f"{_short(document.get('kind'))} apiVersion {_short(document.get('apiVersion'))}")
+        raise MalformedAnswer(
+            f"expected kind {kind} apiVersion {api_version}, got kind "
+            f"{_short(document.get('kind'))} apiVersion {_short(document.get('apiVersion'))}"
+        )
     return document
 
 
@@ -116,8 +119,10 @@ def parse_subject_access_review(body: bytes | str) -> Decision:
     ``allowed`` is required (the API marks it so); ``allowed`` and ``denied`` both true is an error, as in
     k8s.io/apiserver's webhook authorizer.
     """
-    status = _status(_object(body, kind="SubjectAccessReview", api_version=SUBJECT_ACCESS_REVIEW_API_VERSION),
-                     kind="SubjectAccessReview")
+    status = _status(
+        _object(body, kind="SubjectAccessReview", api_version=SUBJECT_ACCESS_REVIEW_API_VERSION),
+        kind="SubjectAccessReview",
+    )
     allowed = _field(status, "allowed", bool, where="status")
     if allowed is None:
         raise MalformedAnswer("status.allowed is required")
@@ -134,8 +139,10 @@ def parse_configmap_data(body: bytes | str, *, name: str, namespace: str) -> dic
     document = _object(body, kind="ConfigMap", api_version="v1")
     metadata = _field(document, "metadata", dict, where="ConfigMap") or {}
     if metadata.get("name") != name or metadata.get("namespace") != namespace:
-        raise MalformedAnswer(f"expected ConfigMap {namespace}/{name}, got "
-                              f"{_short(metadata.get('namespace'))}/{_short(metadata.get('name'))}")
+        raise MalformedAnswer(
+            f"expected ConfigMap {namespace}/{name}, got "
+            f"{_short(metadata.get('namespace'))}/{_short(metadata.get('name'))}"
+        )
     data = _field(document, "data", dict, where="ConfigMap") or {}
     for key, value in data.items():
         if not isinstance(value, str):

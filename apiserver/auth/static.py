@@ -6,6 +6,7 @@ A :class:`Rule` grants ``verbs`` to ``users``/``groups`` on ``resources`` (``"co
 cluster scope), or on ``non_resource_urls`` (exact, or a prefix ending in ``*``), matched the way RBAC's
 ``rbac/v1`` helpers match them: a resource rule never matches a subresource unless it names it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,8 +17,17 @@ from apiserver.auth import AUTHENTICATED_GROUP, Decision, RequestAttributes
 from apiserver.auth.pipeline import PathMatcher
 
 DISCOVERY_URLS = (
-    "/api", "/api/*", "/apis", "/apis/*", "/openapi", "/openapi/*", "/version", "/version/",
-    "/healthz", "/livez", "/readyz",
+    "/api",
+    "/api/*",
+    "/apis",
+    "/apis/*",
+    "/openapi",
+    "/openapi/*",
+    "/version",
+    "/version/",
+    "/healthz",
+    "/livez",
+    "/readyz",
 )
 
 
@@ -43,8 +53,9 @@ class Rule:
             return False
         if self.namespaces and attributes.namespace not in self.namespaces:
             return False
-        return any(_resource_matches(pattern, attributes.resource, attributes.subresource)
-                   for pattern in self.resources)
+        return any(
+            _resource_matches(pattern, attributes.resource, attributes.subresource) for pattern in self.resources
+        )
 
 
 def _resource_matches(pattern: str, resource: str, subresource: str) -> bool:
@@ -55,13 +66,26 @@ def _resource_matches(pattern: str, resource: str, subresource: str) -> bool:
     return bool(subresource) and pattern == f"*/{subresource}"
 
 
-def rule(*, verbs: Iterable[str], users: Iterable[str] = (), groups: Iterable[str] = (),
-         resources: Iterable[str] = (), namespaces: Iterable[str] = (), api_groups: Iterable[str] = ("*",),
-         non_resource_urls: Iterable[str] = ()) -> Rule:
+def rule(
+    *,
+    verbs: Iterable[str],
+    users: Iterable[str] = (),
+    groups: Iterable[str] = (),
+    resources: Iterable[str] = (),
+    namespaces: Iterable[str] = (),
+    api_groups: Iterable[str] = ("*",),
+    non_resource_urls: Iterable[str] = (),
+) -> Rule:
     """A :class:`Rule` from any iterables (lists read better in tests and configuration)."""
-    return Rule(verbs=tuple(verbs), users=tuple(users), groups=tuple(groups), resources=tuple(resources),
-                namespaces=tuple(namespaces), api_groups=tuple(api_groups),
-                non_resource_urls=tuple(non_resource_urls))
+    return Rule(
+        verbs=tuple(verbs),
+        users=tuple(users),
+        groups=tuple(groups),
+        resources=tuple(resources),
+        namespaces=tuple(namespaces),
+        api_groups=tuple(api_groups),
+        non_resource_urls=tuple(non_resource_urls),
+    )
 
 
 def decide(rules: Sequence[Rule], attributes: RequestAttributes) -> Decision:
@@ -74,19 +98,27 @@ def decide(rules: Sequence[Rule], attributes: RequestAttributes) -> Decision:
 
 def discovery_rule() -> Rule:
     """What the ``system:discovery`` and ``system:public-info-viewer`` ClusterRoles give every user."""
-    return rule(verbs=["get"], groups=[AUTHENTICATED_GROUP, "system:unauthenticated"],
-                non_resource_urls=DISCOVERY_URLS)
+    return rule(verbs=["get"], groups=[AUTHENTICATED_GROUP, "system:unauthenticated"], non_resource_urls=DISCOVERY_URLS)
 
 
 def dev_rules() -> list[Rule]:
     """Dev mode's table: discovery for everyone, read-only endpoints (no dump) in ``default`` for dev-viewers."""
     return [
         discovery_rule(),
-        rule(verbs=["get", "list", "watch"], groups=["dev-viewers"], resources=["coredumpendpoints"],
-             namespaces=["default"], api_groups=[GROUP]),
+        rule(
+            verbs=["get", "list", "watch"],
+            groups=["dev-viewers"],
+            resources=["coredumpendpoints"],
+            namespaces=["default"],
+            api_groups=[GROUP],
+        ),
         # system:basic-user's: anyone may ask what they may do (kubectl auth can-i).
-        rule(verbs=["create"], groups=[AUTHENTICATED_GROUP],
-             resources=["selfsubjectaccessreviews", "selfsubjectrulesreviews"], api_groups=["authorization.k8s.io"]),
+        rule(
+            verbs=["create"],
+            groups=[AUTHENTICATED_GROUP],
+            resources=["selfsubjectaccessreviews", "selfsubjectrulesreviews"],
+            api_groups=["authorization.k8s.io"],
+        ),
     ]
 
 

@@ -9,6 +9,7 @@ empty second part (``Bearer  token``, two spaces) is no token at all. The answer
 ``--authentication-token-webhook-cache-ttl``, both "authenticated" and "rejected"; failures to reach the
 cluster and malformed answers are never cached.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,9 @@ def bearer_token(request: web.Request) -> str:
 
 
 class TokenReviewAuthenticator:
-    def __init__(self, *, api_client: client.ApiClient, cache_ttl: float,
-                 clock: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self, *, api_client: client.ApiClient, cache_ttl: float, clock: Callable[[], float] | None = None
+    ) -> None:
         self._api = client.AuthenticationV1Api(api_client)
         self._ttl = cache_ttl
         self._cache: TTLCache[UserInfo | str] = TTLCache(clock=clock)
@@ -66,12 +68,13 @@ class TokenReviewAuthenticator:
         body: Any = {"apiVersion": TOKEN_REVIEW_API_VERSION, "kind": "TokenReview", "spec": {"token": token}}
         try:
             answer = await call_cluster(
-                start=lambda: self._api.create_token_review(body, _preload_content=False,
-                                                            _request_timeout=REQUEST_TIMEOUT),
-                timeout=REQUEST_TIMEOUT)
+                start=lambda: self._api.create_token_review(
+                    body, _preload_content=False, _request_timeout=REQUEST_TIMEOUT
+                ),
+                timeout=REQUEST_TIMEOUT,
+            )
         except Unreachable as error:
-            metrics.observe_webhook(metrics.AUTHN_REQUESTS, metrics.AUTHN_DURATION, code="error",
-                                    seconds=error.seconds)
+            metrics.observe_webhook(metrics.AUTHN_REQUESTS, metrics.AUTHN_DURATION, code="error", seconds=error.seconds)
             logger.error("TokenReview unreachable", extra={"error": str(error)})
             raise errors.unauthorized() from error
         code = str(answer.status)
@@ -82,8 +85,9 @@ class TokenReviewAuthenticator:
         try:
             result = parse_token_review(answer.body)
         except MalformedAnswer as error:
-            metrics.observe_webhook(metrics.AUTHN_REQUESTS, metrics.AUTHN_DURATION, code="malformed",
-                                    seconds=answer.seconds)
+            metrics.observe_webhook(
+                metrics.AUTHN_REQUESTS, metrics.AUTHN_DURATION, code="malformed", seconds=answer.seconds
+            )
             logger.error("TokenReview answer refused", extra={"error": str(error)})
             raise errors.unauthorized() from None
         metrics.observe_webhook(metrics.AUTHN_REQUESTS, metrics.AUTHN_DURATION, code=code, seconds=answer.seconds)

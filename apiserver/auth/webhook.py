@@ -7,6 +7,7 @@ interpret the body); the body is read up to :data:`~apiserver.auth.reviews.MAX_A
 and the connection released. Connection failures and timeouts raise :class:`Unreachable`; every HTTP
 answer, whatever its code, comes back as an :class:`Answer` for the caller to judge.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -11,6 +11,7 @@ issued directly by a CA in the bundle (intermediates are not supported).
 :class:`X509Authenticator` maps a verified certificate to a user like kube-apiserver: CN → name,
 O → groups.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -79,16 +80,20 @@ class CABundle:
         """When both ``leaf`` and the CA that signed it are valid; None when no CA here signed it for client auth."""
         try:
             usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-            if ExtendedKeyUsageOID.CLIENT_AUTH not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE \
-                    not in usages:
+            if (
+                ExtendedKeyUsageOID.CLIENT_AUTH not in usages
+                and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages
+            ):
                 return None
         except x509.ExtensionNotFound:
             pass
         issuer = self._issuer(leaf)
         if issuer is None:
             return None
-        return (max(leaf.not_valid_before_utc, issuer.not_valid_before_utc),
-                min(leaf.not_valid_after_utc, issuer.not_valid_after_utc))
+        return (
+            max(leaf.not_valid_before_utc, issuer.not_valid_before_utc),
+            min(leaf.not_valid_after_utc, issuer.not_valid_after_utc),
+        )
 
     def _issuer(self, leaf: x509.Certificate) -> x509.Certificate | None:
         for ca in self.certificates:

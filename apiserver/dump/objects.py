@@ -20,10 +20,10 @@ whose objects conflict with it (a sidecar's other libc at the same path, an imag
 container) gets ``sysroot.<container>_<core-id>/``. An object already in the archive appears again as a relative
 symbolic link to its first place. Blocking (it reads the store through :mod:`handler.safefs`).
 """
+
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 import posixpath
 import re
@@ -34,7 +34,6 @@ from typing import Any
 from handler import objects as store
 from handler.layout import StoredCore
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_OBJECTS = 256
 DEFAULT_MAX_OBJECT_BYTES = 4 << 30
@@ -125,8 +124,11 @@ def wanted_objects(metadata: dict[str, Any], *, limit: int) -> tuple[list[Wanted
     seen: set[str] = set()
     for n, rec in enumerate(records):
         if n >= limit:
-            skipped.append(Skipped(None, None, f"{len(records) - limit} more objects in the metadata than the "
-                                               f"{limit} a core may list"))
+            skipped.append(
+                Skipped(
+                    None, None, f"{len(records) - limit} more objects in the metadata than the {limit} a core may list"
+                )
+            )
             break
         if not isinstance(rec, dict):
             skipped.append(Skipped(None, None, "malformed object record"))
@@ -143,11 +145,21 @@ def wanted_objects(metadata: dict[str, Any], *, limit: int) -> tuple[list[Wanted
         elif shown_id is None:
             skipped.append(Skipped(shown_path, None, "not a valid build-id"))
         elif path is None:
-            skipped.append(Skipped(shown_path, shown_id, "path unusable in an archive (relative, '..', or "
-                                                         "characters outside [A-Za-z0-9._+@=,~-])"))
+            skipped.append(
+                Skipped(
+                    shown_path,
+                    shown_id,
+                    "path unusable in an archive (relative, '..', or characters outside [A-Za-z0-9._+@=,~-])",
+                )
+            )
         elif not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
-            skipped.append(Skipped(shown_path, shown_id, "not verified against the process's mapped file at "
-                                                         "capture (no sha256 recorded)"))
+            skipped.append(
+                Skipped(
+                    shown_path,
+                    shown_id,
+                    "not verified against the process's mapped file at capture (no sha256 recorded)",
+                )
+            )
         elif path in seen:
             skipped.append(Skipped(shown_path, shown_id, "path listed twice"))
         else:
@@ -174,8 +186,7 @@ def inspect_stored(root: Path, build_id: str) -> StoredObject | str:
     # RFC 1952: the last member ends with ISIZE, the size mod 2**32 (the handler writes one member).
     if head != _GZIP_MAGIC or int.from_bytes(tail, "little") != info.size & 0xFFFFFFFF:
         return "stored file is not a gzip of the recorded object"
-    return StoredObject(info=info, device=st.st_dev, inode=st.st_ino, mtime_ns=st.st_mtime_ns,
-                        stored_size=st.st_size)
+    return StoredObject(info=info, device=st.st_dev, inode=st.st_ino, mtime_ns=st.st_mtime_ns, stored_size=st.st_size)
 
 
 def _exe_path(metadata: dict[str, Any], kept: list[Wanted]) -> str | None:
@@ -183,8 +194,11 @@ def _exe_path(metadata: dict[str, Any], kept: list[Wanted]) -> str | None:
     it may carry a host prefix), else the first object recorded (the lowest mapping: the executable of PIE and
     non-PIE programs alike)."""
     records = metadata.get("objects")
-    paths = [p for r in records if isinstance(r, dict) and (p := normalize_path(r.get("path")))] \
-        if isinstance(records, list) else []
+    paths = (
+        [p for r in records if isinstance(r, dict) and (p := normalize_path(r.get("path")))]
+        if isinstance(records, list)
+        else []
+    )
     exe, chosen = metadata.get("exe"), None
     if isinstance(exe, str):
         chosen = next((p for p in paths if exe == p or (exe.endswith(p) and exe[: -len(p)].startswith("/"))), None)
@@ -195,9 +209,11 @@ def _exe_path(metadata: dict[str, Any], kept: list[Wanted]) -> str | None:
 
 def gdb_script(*, sysroot: str | None, exe: str | None, search: list[str], core_name: str, title: str) -> bytes:
     """The command file: every word comes from a validated name or path (no quoting is needed or possible)."""
-    lines = [f"# {title}: run `gdb -x THIS_FILE` in the directory the archive was extracted in",
-             "# nothing is loaded automatically from the archive (scripts in objects could run code)",
-             "set auto-load off"]
+    lines = [
+        f"# {title}: run `gdb -x THIS_FILE` in the directory the archive was extracted in",
+        "# nothing is loaded automatically from the archive (scripts in objects could run code)",
+        "set auto-load off",
+    ]
     if sysroot is not None:
         lines.append(f"set sysroot {sysroot}")
         if search:
@@ -214,10 +230,10 @@ class ObjectPlanner:
     def __init__(self, *, root: Path, limits: ObjectLimits) -> None:
         self.root = root
         self.limits = limits
-        self.shared: dict[str, str] = {}        # path under sysroot/ -> build-id
-        self.first: dict[str, str] = {}         # build-id -> archive name of its bytes
+        self.shared: dict[str, str] = {}  # path under sysroot/ -> build-id
+        self.first: dict[str, str] = {}  # build-id -> archive name of its bytes
         self.stored: dict[str, StoredObject] = {}
-        self._refused: dict[str, str] = {}      # build-id -> why it cannot be sent
+        self._refused: dict[str, str] = {}  # build-id -> why it cannot be sent
         self.bytes = 0
 
     def _resolve(self, w: Wanted) -> StoredObject | str:
@@ -261,30 +277,44 @@ class ObjectPlanner:
         included: list[dict[str, Any]] = []
         for w in kept:
             name = sysroot + w.path
-            included.append({"path": w.path, "buildID": w.build_id, "file": name,
-                             "size": self.stored[w.build_id].info.size})
+            included.append(
+                {"path": w.path, "buildID": w.build_id, "file": name, "size": self.stored[w.build_id].info.size}
+            )
             if sysroot == SHARED_SYSROOT:
                 if w.path in self.shared:
                     continue
                 self.shared[w.path] = w.build_id
             first = self.first[w.build_id]
             if first:
-                entries.append(Entry(name=name, build_id=w.build_id,
-                                     target=posixpath.relpath(first, posixpath.dirname(name))))
+                entries.append(
+                    Entry(name=name, build_id=w.build_id, target=posixpath.relpath(first, posixpath.dirname(name)))
+                )
             else:
                 self.first[w.build_id] = name
                 entries.append(Entry(name=name, build_id=w.build_id, target=None))
         exe = _exe_path(meta, kept)
         gdb_name = f"{core.ref.container}_{core.ref.core_id}.gdb"
         search = sorted({posixpath.dirname(sysroot + w.path) for w in kept})
-        script = gdb_script(sysroot=sysroot if kept else None, exe=sysroot + exe if exe else None, search=search,
-                            core_name=f"{base}.core", title=base)
-        entry: dict[str, Any] = {"core": f"{base}.core", "metadata": f"{base}.json", "gdb": gdb_name,
-                                 "sysroot": sysroot if kept else None, "objects": included,
-                                 "skipped": [s.record() for s in skipped]}
+        script = gdb_script(
+            sysroot=sysroot if kept else None,
+            exe=sysroot + exe if exe else None,
+            search=search,
+            core_name=f"{base}.core",
+            title=base,
+        )
+        entry: dict[str, Any] = {
+            "core": f"{base}.core",
+            "metadata": f"{base}.json",
+            "gdb": gdb_name,
+            "sysroot": sysroot if kept else None,
+            "objects": included,
+            "skipped": [s.record() for s in skipped],
+        }
         if not isinstance(meta.get("objects"), list):
-            entry["note"] = ("the capture recorded no objects for this core (explaining was off or failed, or the "
-                             "core was drained or imported after its process was gone)")
+            entry["note"] = (
+                "the capture recorded no objects for this core (explaining was off or failed, or the "
+                "core was drained or imported after its process was gone)"
+            )
         elif not meta["objects"]:
             entry["note"] = "the core names no mapped ELF object with a build-id (no NT_FILE note, or not an ELF core)"
         if isinstance(meta.get("backtraceError"), str):

@@ -1,4 +1,5 @@
 """The flags of ``dump?objects=true`` (how many objects, how many bytes one archive may carry), and their app key."""
+
 from __future__ import annotations
 
 import argparse
@@ -35,11 +36,20 @@ def _size(text: str) -> int:
 
 def add_dump_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("dump")
-    g.add_argument("--dump-max-objects", type=_positive, default=str(DEFAULT_MAX_OBJECTS), metavar="COUNT",
-                   help="ELF objects one dump?objects=true carries at most; the others are listed in its "
-                        "manifest.json")
-    g.add_argument("--dump-max-object-bytes", type=_size, default=format_size(DEFAULT_MAX_OBJECT_BYTES), metavar="SIZE",
-                   help="bytes of ELF objects (uncompressed) one dump?objects=true carries at most, e.g. 2Gi")
+    g.add_argument(
+        "--dump-max-objects",
+        type=_positive,
+        default=str(DEFAULT_MAX_OBJECTS),
+        metavar="COUNT",
+        help="ELF objects one dump?objects=true carries at most; the others are listed in its manifest.json",
+    )
+    g.add_argument(
+        "--dump-max-object-bytes",
+        type=_size,
+        default=format_size(DEFAULT_MAX_OBJECT_BYTES),
+        metavar="SIZE",
+        help="bytes of ELF objects (uncompressed) one dump?objects=true carries at most, e.g. 2Gi",
+    )
 
 
 def object_limits(config: Config) -> ObjectLimits:

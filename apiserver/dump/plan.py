@@ -19,13 +19,13 @@ the in-memory members and of the identity of each stored file) changes whenever 
 
 Blocking (it stats files, through :mod:`handler.safefs`): call :func:`build_plan` through ``asyncio.to_thread``.
 """
+
 from __future__ import annotations
 
 import bisect
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import tarfile
 import zlib
@@ -39,7 +39,6 @@ from handler.layout import StoredCore
 from apiserver.dump.objects import MANIFEST, ObjectLimits, ObjectPlanner
 from apiserver.dump.select import core_time
 
-logger = logging.getLogger(__name__)
 
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
@@ -164,11 +163,17 @@ class _Builder:
         self.segments.append(seg)
         self.tar_size += tar_size
         if isinstance(seg, FileSegment):
-            self.digest.update(b"F%d:%d:%d:%d:" % (seg.size, seg.device, seg.inode, seg.mtime_ns)
-                               + os.fsencode(seg.path) + b"\0")
+            self.digest.update(
+                b"F%d:%d:%d:%d:" % (seg.size, seg.device, seg.inode, seg.mtime_ns) + os.fsencode(seg.path) + b"\0"
+            )
         else:
-            self.digest.update(b"O%d:%d:%d:%d:%d:" % (seg.size, seg.device, seg.inode, seg.mtime_ns, seg.object_size)
-                               + seg.build_id.encode() + b":" + seg.sha256.encode() + b"\0")
+            self.digest.update(
+                b"O%d:%d:%d:%d:%d:" % (seg.size, seg.device, seg.inode, seg.mtime_ns, seg.object_size)
+                + seg.build_id.encode()
+                + b":"
+                + seg.sha256.encode()
+                + b"\0"
+            )
         self.pending = _padding(tar_size)
         self.tar_size += len(self.pending)
 
@@ -183,9 +188,14 @@ class _Builder:
         for seg in self.segments:
             starts.append(offset)
             offset += seg.size
-        return DumpPlan(segments=tuple(self.segments), starts=tuple(starts), size=offset,
-                        etag='"' + self.digest.hexdigest()[:40] + '"', cores=tuple(cores),
-                        uncompressed_size=self.tar_size)
+        return DumpPlan(
+            segments=tuple(self.segments),
+            starts=tuple(starts),
+            size=offset,
+            etag='"' + self.digest.hexdigest()[:40] + '"',
+            cores=tuple(cores),
+            uncompressed_size=self.tar_size,
+        )
 
 
 def _core_file(core: StoredCore) -> tuple[int, FileSegment]:
@@ -197,8 +207,9 @@ def _core_file(core: StoredCore) -> tuple[int, FileSegment]:
     st = layout.stat_core(core)
     if st is None:
         raise PlanError(f"core {core.ref.core_id}: stored file is gone")
-    return size, FileSegment(path=core.core_path, size=st.st_size, device=st.st_dev, inode=st.st_ino,
-                             mtime_ns=st.st_mtime_ns, core=core)
+    return size, FileSegment(
+        path=core.core_path, size=st.st_size, device=st.st_dev, inode=st.st_ino, mtime_ns=st.st_mtime_ns, core=core
+    )
 
 
 def build_plan(cores: Sequence[StoredCore], *, objects: ObjectLimits | None = None) -> DumpPlan:
@@ -212,9 +223,12 @@ def build_plan(cores: Sequence[StoredCore], *, objects: ObjectLimits | None = No
         mtime = int(core_time(core) or 0)
         base = f"{core.ref.container}/{core.ref.core_id}"
         body = metadata_bytes(core.metadata)
-        out.add(_tar_header(name=f"{base}.json", size=len(body), mtime=mtime, mode=0o644)
-                + body + _padding(len(body))
-                + _tar_header(name=f"{base}.core", size=size, mtime=mtime, mode=0o600))
+        out.add(
+            _tar_header(name=f"{base}.json", size=len(body), mtime=mtime, mode=0o644)
+            + body
+            + _padding(len(body))
+            + _tar_header(name=f"{base}.core", size=size, mtime=mtime, mode=0o600)
+        )
         out.add_file(stored, tar_size=size)
     return out.finish(cores)
 
@@ -233,12 +247,17 @@ def _symlink_header(*, name: str, target: str, mtime: int) -> bytes:
 def _build_with_objects(cores: Sequence[StoredCore], *, limits: ObjectLimits) -> DumpPlan:
     planner = ObjectPlanner(root=cores[0].root if cores else Path("/nonexistent"), limits=limits)
     placed = [(core, planner.place(core)) for core in cores]
-    manifest = {"format": OBJECTS_FORMAT_VERSION.decode(),
-                "limits": {"maxObjects": limits.max_objects, "maxObjectBytes": limits.max_bytes,
-                           "maxObjectsPerCore": limits.max_records_per_core},
-                "objects": sum(1 for _c, p in placed for e in p.entries if e.target is None),
-                "objectBytes": planner.bytes,
-                "cores": [p.manifest for _c, p in placed]}
+    manifest = {
+        "format": OBJECTS_FORMAT_VERSION.decode(),
+        "limits": {
+            "maxObjects": limits.max_objects,
+            "maxObjectBytes": limits.max_bytes,
+            "maxObjectsPerCore": limits.max_records_per_core,
+        },
+        "objects": sum(1 for _c, p in placed for e in p.entries if e.target is None),
+        "objectBytes": planner.bytes,
+        "cores": [p.manifest for _c, p in placed],
+    }
     out = _Builder(OBJECTS_FORMAT_VERSION)
     mtime_all = max((int(core_time(c) or 0) for c in cores), default=0)
     body = metadata_bytes(manifest)
@@ -248,10 +267,15 @@ def _build_with_objects(cores: Sequence[StoredCore], *, limits: ObjectLimits) ->
         mtime = int(core_time(core) or 0)
         base = f"{core.ref.container}/{core.ref.core_id}"
         body = metadata_bytes(core.metadata)
-        out.add(_tar_header(name=f"{base}.json", size=len(body), mtime=mtime, mode=0o644) + body + _padding(len(body))
-                + _tar_header(name=place.gdb_name, size=len(place.gdb_script), mtime=mtime, mode=0o644)
-                + place.gdb_script + _padding(len(place.gdb_script))
-                + _tar_header(name=f"{base}.core", size=size, mtime=mtime, mode=0o600))
+        out.add(
+            _tar_header(name=f"{base}.json", size=len(body), mtime=mtime, mode=0o644)
+            + body
+            + _padding(len(body))
+            + _tar_header(name=place.gdb_name, size=len(place.gdb_script), mtime=mtime, mode=0o644)
+            + place.gdb_script
+            + _padding(len(place.gdb_script))
+            + _tar_header(name=f"{base}.core", size=size, mtime=mtime, mode=0o600)
+        )
         out.add_file(stored, tar_size=size)
         for entry in place.entries:
             if entry.target is not None:
@@ -259,8 +283,17 @@ def _build_with_objects(cores: Sequence[StoredCore], *, limits: ObjectLimits) ->
                 continue
             obj = planner.stored[entry.build_id]
             out.add(_tar_header(name=entry.name, size=obj.info.size, mtime=mtime, mode=0o755))
-            out.add_file(ObjectSegment(root=planner.root, build_id=entry.build_id, size=obj.stored_size,
-                                       device=obj.device, inode=obj.inode, mtime_ns=obj.mtime_ns,
-                                       object_size=obj.info.size, sha256=obj.info.sha256),
-                         tar_size=obj.info.size)
+            out.add_file(
+                ObjectSegment(
+                    root=planner.root,
+                    build_id=entry.build_id,
+                    size=obj.stored_size,
+                    device=obj.device,
+                    inode=obj.inode,
+                    mtime_ns=obj.mtime_ns,
+                    object_size=obj.info.size,
+                    sha256=obj.info.sha256,
+                ),
+                tar_size=obj.info.size,
+            )
     return out.finish(cores)

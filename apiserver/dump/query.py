@@ -5,11 +5,11 @@ The query of ``GET .../coredumpendpoints/NAME/dump``: ``container``, ``core``, `
 Nothing from the query ever reaches a path: each value is checked against the storage layout's
 own name rules and only then used as a filter on what ``handler.layout.list_cores`` returns.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import datetime
-import logging
 import re
 
 from multidict import MultiMapping
@@ -18,14 +18,12 @@ from handler import layout
 
 from apiserver.api import errors
 
-logger = logging.getLogger(__name__)
 
 ALLOWED = ("container", "core", "since", "objects")
 
 # RFC 3339 date-time (section 5.6): a full date, a time and a mandatory offset. A '+' in a query
 # string decodes to a space unless the client escaped it, so " 02:00" is read as "+02:00".
-_RFC3339_RE = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+\- ]\d{2}:\d{2})$")
+_RFC3339_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+\- ]\d{2}:\d{2})$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +54,11 @@ def parse_rfc3339(value: str) -> datetime.datetime:
         raise ValueError("not an RFC 3339 date-time (e.g. 2026-11-23T10:15:00Z)")
     text = value
     if m.group(8)[0] == " ":
-        text = value[: m.start(8)] + "+" + value[m.start(8) + 1:]
+        text = value[: m.start(8)] + "+" + value[m.start(8) + 1 :]
     frac = m.group(7)
     if frac and len(frac) > 7:
         # datetime keeps microseconds; RFC 3339 allows any precision, Kubernetes sends nanoseconds.
-        text = text[: m.start(7)] + frac[:7] + text[m.end(7):]
+        text = text[: m.start(7)] + frac[:7] + text[m.end(7) :]
     parsed = datetime.datetime.fromisoformat(text.replace("z", "Z").replace("t", "T"))
     return parsed.astimezone(datetime.timezone.utc)
 
@@ -71,8 +69,8 @@ def parse_query(query: MultiMapping[str]) -> DumpQuery:
     unknown = sorted({k for k in keys if k not in ALLOWED})
     if unknown:
         raise errors.bad_request(
-            f"unknown query parameter(s) {', '.join(repr(k) for k in unknown)}: "
-            f"dump accepts only {', '.join(ALLOWED)}")
+            f"unknown query parameter(s) {', '.join(repr(k) for k in unknown)}: dump accepts only {', '.join(ALLOWED)}"
+        )
     for key in ALLOWED:
         if len(query.getall(key, [])) > 1:
             raise errors.bad_request(f"query parameter {key!r} may be given only once")

@@ -4,15 +4,14 @@ HTTP range requests for the dump (RFC 9110 §14): one ``bytes`` range, resumed u
 Only a single range is served; a multi-range request gets the whole archive (200), which RFC 9110
 allows and which every resuming client (curl -C, wget -c, browsers) handles.
 """
+
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 
 from apiserver.api import errors
 
-logger = logging.getLogger(__name__)
 
 _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$", re.IGNORECASE)
 

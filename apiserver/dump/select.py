@@ -1,15 +1,13 @@
 """Which stored cores a dump request gets: the endpoint's pod incarnation, narrowed by the query."""
+
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from handler import layout
 from handler.layout import StoredCore
 
 from apiserver.dump.query import DumpQuery, parse_rfc3339
-
-logger = logging.getLogger(__name__)
 
 
 def core_time(core: StoredCore) -> float | None:
@@ -35,4 +33,3 @@ def select_cores(*, root: Path, namespace: str, pod: str, pod_uid: str, query: D
         since = query.since.timestamp()
         cores = [c for c in cores if (t := core_time(c)) is not None and t >= since]
     return cores
-

@@ -17,15 +17,15 @@ and inflated as it goes by (in bounded steps: a planted gzip bomb cannot cost me
 :class:`ObjectMismatch` as soon as it would inflate to more bytes than promised, and — before the last chunk of a
 range that ends with the object is sent — unless it inflated to exactly that many bytes with the promised sha256.
 """
+
 from __future__ import annotations
 
 import asyncio
 import functools
 import hashlib
-import logging
 import os
 import typing
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from isal import isal_zlib
 
@@ -34,7 +34,6 @@ from handler import objects as store
 
 from apiserver.dump.plan import DumpPlan, FileSegment, MemorySegment, ObjectSegment
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 1 << 20
 
@@ -123,8 +122,9 @@ async def _object_chunks(seg: ObjectSegment, *, start: int, end: int, chunk_size
         pos = 0
         while pos < end:
             length = min(chunk_size, end - pos)
-            step = loop.run_in_executor(None, functools.partial(_object_step, fd, inflater, pos=pos, length=length,
-                                                                seg=seg))
+            step = loop.run_in_executor(
+                None, functools.partial(_object_step, fd, inflater, pos=pos, length=length, seg=seg)
+            )
             data = await step
             lo, hi = max(start, pos) - pos, min(end, pos + len(data)) - pos
             pos += len(data)
@@ -207,8 +207,9 @@ def _close_after(fut: "asyncio.Future[bytes] | None", fd: int) -> None:
     os.close(fd)
 
 
-async def iter_range(plan: DumpPlan, *, start: int = 0, end: int | None = None,
-                     chunk_size: int = DEFAULT_CHUNK) -> AsyncIterator[bytes]:
+async def iter_range(
+    plan: DumpPlan, *, start: int = 0, end: int | None = None, chunk_size: int = DEFAULT_CHUNK
+) -> AsyncGenerator[bytes, None]:
     """Yield the archive's bytes ``[start, end)`` in order (``end`` defaults to the archive size)."""
     stop = plan.size if end is None else end
     if not 0 <= start <= stop <= plan.size:

@@ -11,6 +11,7 @@ send, since in dev mode there is no kube-apiserver in front of us.
 The review body is untrusted: only the documented string fields of ``resourceAttributes`` or
 ``nonResourceAttributes`` are read, each bounded by the body limit, and anything else is a 400 Status.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -27,8 +28,10 @@ from apiserver.handlers import io
 PROTOBUF = "application/vnd.kubernetes.protobuf"
 REVIEW_PATH = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews"
 RULES_KEY: web.AppKey[Sequence[Rule]] = web.AppKey("dev_rules")
-CORE_API_MESSAGE = ("coredump-apiserver --dev serves only the coredump.example.io API; {path} is kube-apiserver's "
-                    "(Events, Pods, Namespaces): use a cluster for it")
+CORE_API_MESSAGE = (
+    "coredump-apiserver --dev serves only the coredump.example.io API; {path} is kube-apiserver's "
+    "(Events, Pods, Namespaces): use a cluster for it"
+)
 
 _RESOURCE_FIELDS = ("namespace", "verb", "group", "version", "resource", "subresource", "name")
 
@@ -55,15 +58,32 @@ def _attributes(request: web.Request, body: Any) -> RequestAttributes:
     user = request[USER]
     if spec.get("resourceAttributes") is not None:
         a = _strings(spec, "resourceAttributes", _RESOURCE_FIELDS)
-        return RequestAttributes(user=user, verb=a["verb"], path="", is_resource_request=True,
-                                 api_group=a["group"], api_version=a["version"], resource=a["resource"],
-                                 subresource=a["subresource"], namespace=a["namespace"], name=a["name"])
+        return RequestAttributes(
+            user=user,
+            verb=a["verb"],
+            path="",
+            is_resource_request=True,
+            api_group=a["group"],
+            api_version=a["version"],
+            resource=a["resource"],
+            subresource=a["subresource"],
+            namespace=a["namespace"],
+            name=a["name"],
+        )
     if spec.get("nonResourceAttributes") is not None:
         a = _strings(spec, "nonResourceAttributes", ("path", "verb"))
         return RequestAttributes(user=user, verb=a["verb"], path=a["path"], is_resource_request=False)
-    raise errors.invalid(name="", kind="SelfSubjectAccessReview", causes=[{
-        "reason": "FieldValueRequired", "field": "spec.resourceAttributes",
-        "message": "exactly one of resourceAttributes or nonResourceAttributes must be specified"}])
+    raise errors.invalid(
+        name="",
+        kind="SelfSubjectAccessReview",
+        causes=[
+            {
+                "reason": "FieldValueRequired",
+                "field": "spec.resourceAttributes",
+                "message": "exactly one of resourceAttributes or nonResourceAttributes must be specified",
+            }
+        ],
+    )
 
 
 async def _review_body(request: web.Request) -> Any:
@@ -89,16 +109,25 @@ async def self_subject_access_review(request: web.Request) -> web.Response:
     attributes = _attributes(request, review)
     # As the request pipeline (and kube-apiserver): system:masters may do anything.
     allowed = MASTERS_GROUP in attributes.user.groups or decide(request.app[RULES_KEY], attributes).allowed
-    answer = {**review, "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
-              "metadata": {"creationTimestamp": None},
-              "status": {"allowed": allowed, **({"reason": "dev mode rule table"} if allowed else {})}}
+    answer = {
+        **review,
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectAccessReview",
+        "metadata": {"creationTimestamp": None},
+        "status": {"allowed": allowed, **({"reason": "dev mode rule table"} if allowed else {})},
+    }
     return web.json_response(answer, status=201)
 
 
 async def rules_review(request: web.Request) -> web.Response:
-    raise errors.ApiError(code=404, reason="NotFound", message=(
-        "coredump-apiserver --dev answers 'kubectl auth can-i VERB RESOURCE' (SelfSubjectAccessReview) but not "
-        "--list (SelfSubjectRulesReview is kube-apiserver's)"))
+    raise errors.ApiError(
+        code=404,
+        reason="NotFound",
+        message=(
+            "coredump-apiserver --dev answers 'kubectl auth can-i VERB RESOURCE' (SelfSubjectAccessReview) but not "
+            "--list (SelfSubjectRulesReview is kube-apiserver's)"
+        ),
+    )
 
 
 async def core_api(request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ the client names. Every dump request that got here is audited once, whatever its
 (404, 400, 409) with its code, a transfer with the bytes actually sent. (A 403 is audited by the auth
 pipeline, which refuses it before this handler.)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -71,25 +72,41 @@ async def _get_dump(request: web.Request, *, namespace: str, name: str) -> web.S
     if pod_uid:
         try:
             limits = request.app.get(OBJECT_LIMITS, ObjectLimits()) if query.objects else None
-            plan = await asyncio.to_thread(_plan, request.app[context.STORAGE_ROOT], namespace=namespace, pod=name,
-                                           pod_uid=pod_uid, query=query, objects=limits)
+            plan = await asyncio.to_thread(
+                _plan,
+                request.app[context.STORAGE_ROOT],
+                namespace=namespace,
+                pod=name,
+                pod_uid=pod_uid,
+                query=query,
+                objects=limits,
+            )
         except layout.InvalidName as exc:
-            raise errors.internal(f"coredumpendpoint {namespace}/{name} has an unusable spec.podUID: {exc}; "
-                                  "delete it and create it again with the pod's uid") from None
+            raise errors.internal(
+                f"coredumpendpoint {namespace}/{name} has an unusable spec.podUID: {exc}; "
+                "delete it and create it again with the pod's uid"
+            ) from None
         except PlanError as exc:
             # A core removed by retention between listing and planning: the client may simply retry.
-            raise errors.conflict(name=name, message=f"the cores changed while reading them ({exc}); "
-                                                     "download again") from None
+            raise errors.conflict(
+                name=name, message=f"the cores changed while reading them ({exc}); download again"
+            ) from None
     if plan is None:
         what = query.describe()
         raise errors.ApiError(
-            code=404, reason="NotFound",
+            code=404,
+            reason="NotFound",
             message=f'no cores of pod "{name}" (uid {pod_uid or "unknown"}) in namespace "{namespace}"'
-                    + (f" match {what}; status.cores of the endpoint lists the stored ones" if what else ""),
-            details={"group": errors.GROUP, "kind": f"{errors.RESOURCE}/dump", "name": name})
+            + (f" match {what}; status.cores of the endpoint lists the stored ones" if what else ""),
+            details={"group": errors.GROUP, "kind": f"{errors.RESOURCE}/dump", "name": name},
+        )
 
-    byte_range = select_range(range_header=request.headers.get("Range"), if_range=request.headers.get("If-Range"),
-                              etag=plan.etag, size=plan.size)
+    byte_range = select_range(
+        range_header=request.headers.get("Range"),
+        if_range=request.headers.get("If-Range"),
+        etag=plan.etag,
+        size=plan.size,
+    )
     start, end = (byte_range.start, byte_range.end) if byte_range else (0, plan.size)
     response = web.StreamResponse(status=206 if byte_range else 200)
     response.content_type = "application/gzip"
@@ -106,8 +123,9 @@ async def _get_dump(request: web.Request, *, namespace: str, name: str) -> web.S
     return await _send(request, response, plan=plan, namespace=namespace, pod=name, start=start, end=end)
 
 
-def _plan(root: Path, *, namespace: str, pod: str, pod_uid: str, query: DumpQuery,
-          objects: ObjectLimits | None) -> DumpPlan | None:
+def _plan(
+    root: Path, *, namespace: str, pod: str, pod_uid: str, query: DumpQuery, objects: ObjectLimits | None
+) -> DumpPlan | None:
     """Blocking: the archive of the matching cores, ``None`` if none match (one trip to a worker thread)."""
     cores = select_cores(root=root, namespace=namespace, pod=pod, pod_uid=pod_uid, query=query)
     if not cores:
@@ -115,8 +133,16 @@ def _plan(root: Path, *, namespace: str, pod: str, pod_uid: str, query: DumpQuer
     return build_plan(cores) if objects is None else build_plan(cores, objects=objects)
 
 
-async def _send(request: web.Request, response: web.StreamResponse, *, plan: DumpPlan, namespace: str, pod: str,
-                start: int, end: int) -> web.StreamResponse:
+async def _send(
+    request: web.Request,
+    response: web.StreamResponse,
+    *,
+    plan: DumpPlan,
+    namespace: str,
+    pod: str,
+    start: int,
+    end: int,
+) -> web.StreamResponse:
     sent = 0
     outcome = "error"
     began = time.monotonic()
@@ -147,22 +173,58 @@ async def _send(request: web.Request, response: web.StreamResponse, *, plan: Dum
         outcome = "disconnected"
         raise
     finally:
-        _audit(request, response, namespace=namespace, pod=pod, plan=plan, start=start, end=end, sent=sent,
-               outcome=outcome, seconds=time.monotonic() - began)
+        _audit(
+            request,
+            response,
+            namespace=namespace,
+            pod=pod,
+            plan=plan,
+            start=start,
+            end=end,
+            sent=sent,
+            outcome=outcome,
+            seconds=time.monotonic() - began,
+        )
 
 
-def _audit(request: web.Request, response: web.StreamResponse, *, namespace: str, pod: str, plan: DumpPlan,
-           start: int, end: int, sent: int,
-           outcome: str, seconds: float) -> None:
+def _audit(
+    request: web.Request,
+    response: web.StreamResponse,
+    *,
+    namespace: str,
+    pod: str,
+    plan: DumpPlan,
+    start: int,
+    end: int,
+    sent: int,
+    outcome: str,
+    seconds: float,
+) -> None:
     try:
-        audit_dump(request=request, namespace=namespace, pod=pod, cores=len(plan.cores), bytes_sent=sent,
-                   outcome=outcome, code=response.status)
+        audit_dump(
+            request=request,
+            namespace=namespace,
+            pod=pod,
+            cores=len(plan.cores),
+            bytes_sent=sent,
+            outcome=outcome,
+            code=response.status,
+        )
     except Exception:  # noqa: BLE001 - an audit failure must not turn a served dump into a 500
         logger.exception("audit of a dump failed")
     metrics.DUMP_BYTES.inc(sent)
     metrics.DUMP_DURATION.labels(outcome=outcome).observe(seconds)
     # The audit line says who got what; this one says how the transfer went, for operators.
-    logger.info("dump streamed", extra={
-        "namespace": namespace, "pod": pod, "range": [start, end], "archiveSize": plan.size, "bytesSent": sent,
-        "outcome": outcome, "seconds": round(seconds, 3),
-        "mbPerSecond": round(sent / seconds / 1e6, 1) if seconds > 0 else None})
+    logger.info(
+        "dump streamed",
+        extra={
+            "namespace": namespace,
+            "pod": pod,
+            "range": [start, end],
+            "archiveSize": plan.size,
+            "bytesSent": sent,
+            "outcome": outcome,
+            "seconds": round(seconds, 3),
+            "mbPerSecond": round(sent / seconds / 1e6, 1) if seconds > 0 else None,
+        },
+    )

@@ -2,11 +2,11 @@
 HTTP handlers for ``coredumpendpoints``: parse the request, call the registry, render the answer in the
 form the client asked for (object, Table or PartialObjectMetadata). No rules live here.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from typing import Any
 
 from aiohttp import web
@@ -22,8 +22,6 @@ from apiserver.handlers import io
 from apiserver.handlers.watch import serve_watch
 from apiserver.registry.endpoints import EndpointRegistry, WriteOptions
 
-logger = logging.getLogger(__name__)
-
 
 def _registry(request: web.Request) -> EndpointRegistry:
     return request.app[REGISTRY]
@@ -37,8 +35,9 @@ def _name(request: web.Request) -> str:
     return request.match_info["name"]
 
 
-def render_one(request: web.Request, obj: dict[str, Any], *, status: int = 200,
-               warnings: list[str] | None = None) -> web.Response:
+def render_one(
+    request: web.Request, obj: dict[str, Any], *, status: int = 200, warnings: list[str] | None = None
+) -> web.Response:
     form, encoding = conventions.negotiate(request.headers.get("Accept"), allow_table=True)
     if form is Form.TABLE:
         include = conventions.parse_include_object(request.query.get("includeObject"))
@@ -79,8 +78,9 @@ async def write_endpoint_status(request: web.Request) -> web.Response:
     else:
         body = await io.read_body(request, allowed=io.WRITE_TYPES)
         data = body.data
-    result = await registry.refresh_status(namespace=_ns(request), name=_name(request), body=data,
-                                           options=io.write_options(request, body))
+    result = await registry.refresh_status(
+        namespace=_ns(request), name=_name(request), body=data, options=io.write_options(request, body)
+    )
     return render_one(request, result.obj, warnings=result.warnings)
 
 
@@ -94,8 +94,9 @@ async def list_endpoints(request: web.Request) -> web.StreamResponse:
     match = request.query.get("resourceVersionMatch", "")
     continue_token = request.query.get("continue") or None
     if match and match not in ("Exact", "NotOlderThan"):
-        raise errors.bad_request(f'resourceVersionMatch: Unsupported value: "{match}": supported values: '
-                                 '"Exact", "NotOlderThan"')
+        raise errors.bad_request(
+            f'resourceVersionMatch: Unsupported value: "{match}": supported values: "Exact", "NotOlderThan"'
+        )
     if match and rv is None:
         raise errors.bad_request("resourceVersionMatch is forbidden unless resourceVersion is provided")
     if continue_token and rv is not None:
@@ -105,21 +106,37 @@ async def list_endpoints(request: web.Request) -> web.StreamResponse:
     if io.query_bool(request, "sendInitialEvents"):
         raise errors.bad_request("sendInitialEvents is only for watch requests")
     limit = io.query_int(request, "limit") or None
-    result = await _registry(request).list(namespace=namespace, labels=labels, fields=fields, limit=limit,
-                                           continue_token=continue_token, resource_version=rv,
-                                           exact=match == "Exact")
+    result = await _registry(request).list(
+        namespace=namespace,
+        labels=labels,
+        fields=fields,
+        limit=limit,
+        continue_token=continue_token,
+        resource_version=rv,
+        exact=match == "Exact",
+    )
     form, encoding = conventions.negotiate(request.headers.get("Accept"), allow_table=True)
     if form is Form.TABLE:
         include = conventions.parse_include_object(request.query.get("includeObject"))
-        out = conventions.table(columns=COLUMNS, objects=result.items, include_object=include,
-                                resource_version=result.resource_version, continue_token=result.continue_token)
+        out = conventions.table(
+            columns=COLUMNS,
+            objects=result.items,
+            include_object=include,
+            resource_version=result.resource_version,
+            continue_token=result.continue_token,
+        )
     elif form is Form.PARTIAL_METADATA:
-        out = conventions.partial_metadata_list(items=result.items, resource_version=result.resource_version,
-                                                continue_token=result.continue_token)
+        out = conventions.partial_metadata_list(
+            items=result.items, resource_version=result.resource_version, continue_token=result.continue_token
+        )
     else:
-        out = conventions.list_object(kind=r.LIST_KIND, api_version=r.API_VERSION, items=result.items,
-                                      resource_version=result.resource_version,
-                                      continue_token=result.continue_token)
+        out = conventions.list_object(
+            kind=r.LIST_KIND,
+            api_version=r.API_VERSION,
+            items=result.items,
+            resource_version=result.resource_version,
+            continue_token=result.continue_token,
+        )
         if result.encoded is not None and encoding != "yaml" and request.query.get("pretty") not in ("true", "1"):
             return _joined_list(out, result.encoded)
     return io.respond(request, out, yaml_out=encoding == "yaml")
@@ -141,11 +158,23 @@ def _write_options(request: web.Request, body: io.Body, *, kind: str, apply: boo
     manager = request.query.get("fieldManager", "")
     causes = managed.field_manager_causes(manager, field="fieldManager")
     if apply and not manager:
-        causes.insert(0, {"reason": "FieldValueRequired", "field": "fieldManager",
-                          "message": "Required value: is required for apply patch"})
+        causes.insert(
+            0,
+            {
+                "reason": "FieldValueRequired",
+                "field": "fieldManager",
+                "message": "Required value: is required for apply patch",
+            },
+        )
     if not apply and "force" in request.query and kind == "PatchOptions":
-        causes.insert(0, {"reason": "FieldValueForbidden", "field": "force",
-                          "message": "Forbidden: may not be specified for non-apply patch"})
+        causes.insert(
+            0,
+            {
+                "reason": "FieldValueForbidden",
+                "field": "force",
+                "message": "Forbidden: may not be specified for non-apply patch",
+            },
+        )
     if causes:
         raise managed.options_invalid(kind=kind, causes=causes)
     if not manager:
@@ -155,15 +184,20 @@ def _write_options(request: web.Request, body: io.Body, *, kind: str, apply: boo
 
 async def create_endpoint(request: web.Request) -> web.Response:
     body = await io.read_body(request, allowed=io.WRITE_TYPES)
-    result = await _registry(request).create(namespace=_ns(request), body=body.data,
-                                             options=_write_options(request, body, kind="CreateOptions"))
+    result = await _registry(request).create(
+        namespace=_ns(request), body=body.data, options=_write_options(request, body, kind="CreateOptions")
+    )
     return render_one(request, result.obj, status=201, warnings=result.warnings)
 
 
 async def replace_endpoint(request: web.Request) -> web.Response:
     body = await io.read_body(request, allowed=io.WRITE_TYPES)
-    result = await _registry(request).update(namespace=_ns(request), name=_name(request), body=body.data,
-                                             options=_write_options(request, body, kind="UpdateOptions"))
+    result = await _registry(request).update(
+        namespace=_ns(request),
+        name=_name(request),
+        body=body.data,
+        options=_write_options(request, body, kind="UpdateOptions"),
+    )
     return render_one(request, result.obj, warnings=result.warnings)
 
 
@@ -179,16 +213,22 @@ async def patch_endpoint(request: web.Request) -> web.Response:
     def apply(current: dict[str, Any]) -> Any:
         return patch.apply(content_type=content_type, target=current, patch=body.data)
 
-    result = await _registry(request).patch(namespace=_ns(request), name=_name(request), apply_patch=apply,
-                                            options=options)
+    result = await _registry(request).patch(
+        namespace=_ns(request), name=_name(request), apply_patch=apply, options=options
+    )
     return render_one(request, result.obj, warnings=result.warnings)
 
 
 async def _apply_endpoint(request: web.Request, body: io.Body) -> web.Response:
     """Server-side apply: 201 when it created the object, 200 otherwise."""
     options = _write_options(request, body, kind="PatchOptions", apply=True)
-    result, created = await _registry(request).apply(namespace=_ns(request), name=_name(request), body=body.data,
-                                                     force=io.query_bool(request, "force"), options=options)
+    result, created = await _registry(request).apply(
+        namespace=_ns(request),
+        name=_name(request),
+        body=body.data,
+        force=io.query_bool(request, "force"),
+        options=options,
+    )
     return render_one(request, result.obj, status=201 if created else 200, warnings=result.warnings)
 
 
@@ -204,17 +244,20 @@ async def _delete_options(request: web.Request) -> dict[str, Any]:
             raise errors.bad_request(f'expected kind DeleteOptions, got "{options.get("kind")}"')
     policy = options.get("propagationPolicy") or request.query.get("propagationPolicy")
     if policy not in (None, "Orphan", "Background", "Foreground"):
-        raise errors.bad_request(f'propagationPolicy: Unsupported value: "{policy}": supported values: '
-                                 '"Orphan", "Background", "Foreground"')
+        raise errors.bad_request(
+            f'propagationPolicy: Unsupported value: "{policy}": supported values: "Orphan", "Background", "Foreground"'
+        )
     dry = options.get("dryRun") or []
     if not isinstance(dry, list) or any(v != "All" for v in dry):
         raise errors.bad_request(f'dryRun: Unsupported value: {dry!r}: supported values: "All"')
     preconditions = options.get("preconditions") or {}
     if not isinstance(preconditions, dict):
         raise errors.bad_request("preconditions must be an object")
-    return {"dry_run": bool(dry) or io.dry_run(request),
-            "precondition_uid": preconditions.get("uid"),
-            "precondition_rv": preconditions.get("resourceVersion")}
+    return {
+        "dry_run": bool(dry) or io.dry_run(request),
+        "precondition_uid": preconditions.get("uid"),
+        "precondition_rv": preconditions.get("resourceVersion"),
+    }
 
 
 async def delete_endpoint(request: web.Request) -> web.Response:
@@ -226,8 +269,12 @@ async def delete_endpoint(request: web.Request) -> web.Response:
 async def delete_endpoints(request: web.Request) -> web.Response:
     options = await _delete_options(request)
     result = await _registry(request).delete_collection(
-        namespace=_ns(request), labels=parse_label_selector(request.query.get("labelSelector")),
-        fields=parse_field_selector(request.query.get("fieldSelector")), dry_run=options["dry_run"])
-    out = conventions.list_object(kind=r.LIST_KIND, api_version=r.API_VERSION, items=result.items,
-                                  resource_version=result.resource_version)
+        namespace=_ns(request),
+        labels=parse_label_selector(request.query.get("labelSelector")),
+        fields=parse_field_selector(request.query.get("fieldSelector")),
+        dry_run=options["dry_run"],
+    )
+    out = conventions.list_object(
+        kind=r.LIST_KIND, api_version=r.API_VERSION, items=result.items, resource_version=result.resource_version
+    )
     return io.respond(request, out)

@@ -3,6 +3,7 @@ Reading requests and writing responses the Kubernetes way: bodies in JSON or YAM
 duplicate-field detection, query options checked like kube-apiserver checks them, and objects rendered
 as JSON or YAML with ``Warning`` headers.
 """
+
 from __future__ import annotations
 
 import base64
@@ -10,7 +11,6 @@ import dataclasses
 import datetime as dt
 import json
 import math
-import logging
 from typing import Any
 
 import yaml
@@ -20,7 +20,6 @@ from apiserver.api import errors, patch
 from apiserver.api.conventions import negotiate
 from apiserver.registry.endpoints import FIELD_VALIDATION_VALUES, WriteOptions
 
-logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 3 * 1024 * 1024  # kube-apiserver's limit for a single object
 BODY_LIMIT_KEY: web.AppKey[int] = web.AppKey("max_body_bytes", int)
@@ -74,8 +73,10 @@ def _as_json_value(value: Any, path: str = "") -> Any:
     have no JSON form and are a 400.
     """
     if isinstance(value, dict):
-        return {str(key).lower() if isinstance(key, bool) else str(key): _as_json_value(item, f"{path}.{key}")
-                for key, item in value.items()}
+        return {
+            str(key).lower() if isinstance(key, bool) else str(key): _as_json_value(item, f"{path}.{key}")
+            for key, item in value.items()
+        }
     if isinstance(value, list):
         return [_as_json_value(item, f"{path}[{i}]") for i, item in enumerate(value)]
     if isinstance(value, set):
@@ -150,7 +151,7 @@ def query_int(request: web.Request, name: str, *, minimum: int = 0) -> int | Non
     except ValueError:
         raise errors.bad_request(f'{name}: Invalid value: "{value}": must be an integer') from None
     if number < minimum:
-        raise errors.bad_request(f'{name}: Invalid value: {number}: must be greater than or equal to {minimum}')
+        raise errors.bad_request(f"{name}: Invalid value: {number}: must be greater than or equal to {minimum}")
     return number
 
 
@@ -165,21 +166,29 @@ def dry_run(request: web.Request) -> bool:
 def write_options(request: web.Request, body: Body) -> WriteOptions:
     validation = request.query.get("fieldValidation") or "Warn"
     if validation not in FIELD_VALIDATION_VALUES:
-        raise errors.bad_request(f'fieldValidation: Unsupported value: "{validation}": supported values: '
-                                 '"Ignore", "Warn", "Strict"')
-    return WriteOptions(dry_run=dry_run(request), field_validation=validation,
-                        duplicate_fields=body.duplicate_fields)
+        raise errors.bad_request(
+            f'fieldValidation: Unsupported value: "{validation}": supported values: "Ignore", "Warn", "Strict"'
+        )
+    return WriteOptions(dry_run=dry_run(request), field_validation=validation, duplicate_fields=body.duplicate_fields)
 
 
 def warning_header(text: str) -> str:
     """A ``Warning: 299`` value; field names come from clients, so anything but printable ASCII is escaped."""
-    escaped = "".join(ch if " " <= ch <= "~" and ch not in '"\\' else
-                      ("\\" + ch if ch in '"\\' else f"\\u{ord(ch):04x}") for ch in text)
+    escaped = "".join(
+        ch if " " <= ch <= "~" and ch not in '"\\' else ("\\" + ch if ch in '"\\' else f"\\u{ord(ch):04x}")
+        for ch in text
+    )
     return f'299 - "{escaped}"'
 
 
-def respond(request: web.Request, obj: Any, *, status: int = 200, warnings: list[str] | None = None,
-            yaml_out: bool | None = None) -> web.Response:
+def respond(
+    request: web.Request,
+    obj: Any,
+    *,
+    status: int = 200,
+    warnings: list[str] | None = None,
+    yaml_out: bool | None = None,
+) -> web.Response:
     """Render ``obj`` as the client prefers; ``Warning: 299`` headers are how kubectl learns of dropped fields."""
     if yaml_out is None:
         yaml_out = negotiate(request.headers.get("Accept"), allow_table=False)[1] == "yaml"

@@ -2,6 +2,7 @@
 Handlers for what every Kubernetes API server answers besides its resources: discovery, OpenAPI v2/v3,
 /version and the health endpoints (/healthz, /livez, /readyz with a storage check).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -90,11 +91,21 @@ async def openapi_v3_group_version(request: web.Request) -> web.Response:
 
 
 async def version(request: web.Request) -> web.Response:
-    return io.respond(request, {
-        "major": "0", "minor": "1", "gitVersion": f"v{VERSION}", "gitCommit": "", "gitTreeState": "",
-        "buildDate": "", "goVersion": f"python{sys.version.split()[0]}", "compiler": "cpython",
-        "platform": f"{platform.system().lower()}/{platform.machine()}",
-    }, yaml_out=False)
+    return io.respond(
+        request,
+        {
+            "major": "0",
+            "minor": "1",
+            "gitVersion": f"v{VERSION}",
+            "gitCommit": "",
+            "gitTreeState": "",
+            "buildDate": "",
+            "goVersion": f"python{sys.version.split()[0]}",
+            "compiler": "cpython",
+            "platform": f"{platform.system().lower()}/{platform.machine()}",
+        },
+        yaml_out=False,
+    )
 
 
 async def _storage_check(request: web.Request) -> str | None:

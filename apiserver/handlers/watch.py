@@ -3,6 +3,7 @@ Serving a watch: newline-delimited JSON events streamed until the client leaves,
 the server stops. A resourceVersion the store has compacted is reported the way kube-apiserver reports
 it: HTTP 200, then one ERROR event carrying a 410 Expired Status.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,11 +34,21 @@ def _check_send_initial_events(request: web.Request) -> bool:
         return False
     causes = []
     if request.query.get("resourceVersionMatch") != "NotOlderThan":
-        causes.append(errors.field_cause("resourceVersionMatch", "Forbidden: sendInitialEvents requires setting "
-                                         "resourceVersionMatch to NotOlderThan", "FieldValueForbidden"))
+        causes.append(
+            errors.field_cause(
+                "resourceVersionMatch",
+                "Forbidden: sendInitialEvents requires setting resourceVersionMatch to NotOlderThan",
+                "FieldValueForbidden",
+            )
+        )
     if not io.query_bool(request, "allowWatchBookmarks"):
-        causes.append(errors.field_cause("allowWatchBookmarks", "Forbidden: sendInitialEvents requires setting "
-                                         "allowWatchBookmarks to true", "FieldValueForbidden"))
+        causes.append(
+            errors.field_cause(
+                "allowWatchBookmarks",
+                "Forbidden: sendInitialEvents requires setting allowWatchBookmarks to true",
+                "FieldValueForbidden",
+            )
+        )
     if causes:
         raise errors.invalid(name="", causes=causes, kind="ListOptions")
     return True
@@ -53,26 +64,36 @@ class _Encoder:
 
     def frame(self, item: WatchItem) -> bytes:
         if item.type == "BOOKMARK":
-            kind, api_version = {Form.TABLE: ("Table", conventions.META_API_VERSION),
-                                 Form.PARTIAL_METADATA: ("PartialObjectMetadata", conventions.META_API_VERSION),
-                                 }.get(self.form, (r.KIND, r.API_VERSION))
-            obj = conventions.bookmark(kind=kind, api_version=api_version, resource_version=str(item.revision),
-                                       initial_events_end=item.initial_events_end)
-            return conventions.watch_event("BOOKMARK", obj)
+            kind, api_version = {
+                Form.TABLE: ("Table", conventions.META_API_VERSION),
+                Form.PARTIAL_METADATA: ("PartialObjectMetadata", conventions.META_API_VERSION),
+            }.get(self.form, (r.KIND, r.API_VERSION))
+            bookmark = conventions.bookmark(
+                kind=kind,
+                api_version=api_version,
+                resource_version=str(item.revision),
+                initial_events_end=item.initial_events_end,
+            )
+            return conventions.watch_event("BOOKMARK", bookmark)
         assert item.obj is not None
         obj: dict[str, Any] = item.obj
         if self.form is Form.TABLE:
-            obj = conventions.table(columns=COLUMNS, objects=[obj], include_object=self.include,
-                                    resource_version=obj["metadata"].get("resourceVersion"),
-                                    with_headers=not self.headers_sent)
+            obj = conventions.table(
+                columns=COLUMNS,
+                objects=[obj],
+                include_object=self.include,
+                resource_version=obj["metadata"].get("resourceVersion"),
+                with_headers=not self.headers_sent,
+            )
             self.headers_sent = True
         elif self.form is Form.PARTIAL_METADATA:
             obj = conventions.partial_metadata(obj)
         return conventions.watch_event(item.type, obj)
 
 
-async def serve_watch(request: web.Request, *, namespace: str | None, labels: Any,
-                      fields: FieldSelector) -> web.StreamResponse:
+async def serve_watch(
+    request: web.Request, *, namespace: str | None, labels: Any, fields: FieldSelector
+) -> web.StreamResponse:
     send_initial = _check_send_initial_events(request)
     rv = conventions.parse_resource_version(request.query.get("resourceVersion"))
     bookmarks = io.query_bool(request, "allowWatchBookmarks")
@@ -81,13 +102,20 @@ async def serve_watch(request: web.Request, *, namespace: str | None, labels: An
         timeout = int(MIN_REQUEST_TIMEOUT * (1 + random.random()))
     encoder = _Encoder(request)
 
-    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
-                                                        "Cache-Control": "no-cache, private"})
+    response = web.StreamResponse(
+        status=200, headers={"Content-Type": "application/json", "Cache-Control": "no-cache, private"}
+    )
     response.enable_chunked_encoding()
     await response.prepare(request)
 
-    items = request.app[REGISTRY].watch(namespace=namespace, labels=labels, fields=fields,
-                                        resource_version=rv, send_initial_events=send_initial, bookmarks=bookmarks)
+    items = request.app[REGISTRY].watch(
+        namespace=namespace,
+        labels=labels,
+        fields=fields,
+        resource_version=rv,
+        send_initial_events=send_initial,
+        bookmarks=bookmarks,
+    )
     deadline = asyncio.get_running_loop().time() + timeout
     pending: asyncio.Task[WatchItem] | None = None
     stopping = asyncio.ensure_future(request.app[SHUTTING_DOWN].wait())
@@ -98,8 +126,7 @@ async def serve_watch(request: web.Request, *, namespace: str | None, labels: An
                 break
             if pending is None:
                 pending = asyncio.ensure_future(items.__anext__())
-            done, _ = await asyncio.wait({pending, stopping}, timeout=remaining,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({pending, stopping}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
             if stopping in done:
                 break  # clients re-establish watches against another replica or after the restart
             if not done:

@@ -21,6 +21,7 @@ one pass because both need the same walk, and the walk is the cost (on NFS at 10
 metadata reads): paying it twice, or every 30 s, was the cost issue 11 found. Between passes nothing walks
 storage: notifications re-read one incarnation's directory each.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -65,8 +66,15 @@ def _valid(namespace: str, pod: str, uid: str) -> Incarnation | None:
 
 
 class AutoCreator:
-    def __init__(self, *, root: Path, registry: "EndpointRegistry", status_cache: StatusCache | None = None,
-                 reconciler: StatusReconciler | None = None, create: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        root: Path,
+        registry: "EndpointRegistry",
+        status_cache: StatusCache | None = None,
+        reconciler: StatusReconciler | None = None,
+        create: bool = True,
+    ) -> None:
         self.root = root
         self.registry = registry
         self.create = create
@@ -158,7 +166,8 @@ class AutoCreator:
                 logger.warning("auto-create: cannot read endpoint %s/%s: %s", namespace, pod, error.message)
                 return None
         body: dict[str, Any] = {
-            "apiVersion": API_VERSION, "kind": "CoredumpEndpoint",
+            "apiVersion": API_VERSION,
+            "kind": "CoredumpEndpoint",
             "metadata": {"name": pod, "namespace": namespace, "annotations": {AUTO_CREATED_ANNOTATION: "true"}},
             "spec": {"podUID": uid},
         }

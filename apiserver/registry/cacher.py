@@ -33,8 +33,10 @@ Contract:
 Written here rather than taken from a library: the protocol (resourceVersion windows, 410, bookmarks,
 progress requests) is Kubernetes' own and no Python library implements it.
 """
+
 from __future__ import annotations
 
+import builtins
 import asyncio
 import bisect
 import dataclasses
@@ -45,7 +47,12 @@ from typing import Any
 
 from apiserver.api import errors
 from apiserver.registry.store import (
-    EventType, ObjectStore, ProgressRequests, RevisionCompacted, StoreError, StoreEvent,
+    EventType,
+    ObjectStore,
+    ProgressRequests,
+    RevisionCompacted,
+    StoreError,
+    StoreEvent,
 )
 
 logger = logging.getLogger(__name__)
@@ -111,9 +118,16 @@ class WatchCache:
     :param fresh_timeout: how long a read waits for the cache to reach its resourceVersion.
     """
 
-    def __init__(self, *, store: ObjectStore, prefix: str, key_of: Callable[[dict[str, Any]], str],
-                 capacity: int = DEFAULT_CAPACITY, bookmark_interval: float = DEFAULT_BOOKMARK_INTERVAL,
-                 fresh_timeout: float = DEFAULT_FRESH_TIMEOUT) -> None:
+    def __init__(
+        self,
+        *,
+        store: ObjectStore,
+        prefix: str,
+        key_of: Callable[[dict[str, Any]], str],
+        capacity: int = DEFAULT_CAPACITY,
+        bookmark_interval: float = DEFAULT_BOOKMARK_INTERVAL,
+        fresh_timeout: float = DEFAULT_FRESH_TIMEOUT,
+    ) -> None:
         if capacity < 1:
             raise ValueError("the watch cache needs a capacity of at least 1")
         if bookmark_interval <= 0 or fresh_timeout <= 0:
@@ -162,8 +176,9 @@ class WatchCache:
                 items.append(obj)
         return items, self._revision
 
-    def list_encoded(self, prefix: str, selected: Predicate,
-                     encode: Callable[[dict[str, Any]], bytes]) -> tuple[list[dict[str, Any]], list[bytes], int]:
+    def list_encoded(
+        self, prefix: str, selected: Predicate, encode: Callable[[dict[str, Any]], bytes]
+    ) -> tuple[builtins.list[dict[str, Any]], builtins.list[bytes], int]:
         """:meth:`list`, and each object as ``encode`` serializes it (memoized until the object changes)."""
         items, revision = self.list(prefix, selected)
         cached = self._encoded
@@ -194,8 +209,16 @@ class WatchCache:
             except TimeoutError:
                 pass
 
-    async def watch(self, *, prefix: str, selected: Predicate, resource_version: int | None,
-                    initial_events: bool, initial_events_end: bool, bookmarks: bool) -> AsyncIterator[CacheEvent]:
+    async def watch(
+        self,
+        *,
+        prefix: str,
+        selected: Predicate,
+        resource_version: int | None,
+        initial_events: bool,
+        initial_events_end: bool,
+        bookmarks: bool,
+    ) -> AsyncIterator[CacheEvent]:
         """
         A client watch. ``initial_events``: first every current object as ADDED (then, with
         ``initial_events_end``, the annotated BOOKMARK); otherwise the changes after ``resource_version``,
@@ -220,8 +243,7 @@ class WatchCache:
         next_bookmark = loop.time() + self._bookmark_interval
         while not self._closed:
             if cursor < self._first:
-                logger.info("a watcher fell %d changes behind the watch cache; ending its watch",
-                            self._next - cursor)
+                logger.info("a watcher fell %d changes behind the watch cache; ending its watch", self._next - cursor)
                 return
             if cursor < self._next:
                 change = self._ring[cursor % self._capacity]
@@ -269,8 +291,9 @@ class WatchCache:
         if not change.key.startswith(prefix):
             return None
         if change.type is EventType.DELETED:
-            return CacheEvent(type="DELETED", obj=change.obj, revision=change.revision) if selected(change.obj) \
-                else None
+            return (
+                CacheEvent(type="DELETED", obj=change.obj, revision=change.revision) if selected(change.obj) else None
+            )
         now = selected(change.obj)
         before = change.prev is not None and selected(change.prev)
         if now:
@@ -278,8 +301,7 @@ class WatchCache:
         if before:
             assert change.prev is not None
             # No longer selected: gone for this watcher, with the previous content at the change's revision.
-            return CacheEvent(type="DELETED", obj=_at_revision(change.prev, change.revision),
-                              revision=change.revision)
+            return CacheEvent(type="DELETED", obj=_at_revision(change.prev, change.revision), revision=change.revision)
         return None
 
     # -- following the store ------------------------------------------------------------------
@@ -318,10 +340,13 @@ class WatchCache:
                     try:
                         async for event in events:
                             if failing_since is not None:
-                                logger.info("watch cache following the store again",
-                                            extra={"revision": self._revision,
-                                                   "outage_s": round(asyncio.get_running_loop().time()
-                                                                     - failing_since, 1)})
+                                logger.info(
+                                    "watch cache following the store again",
+                                    extra={
+                                        "revision": self._revision,
+                                        "outage_s": round(asyncio.get_running_loop().time() - failing_since, 1),
+                                    },
+                                )
                                 failing_since = None
                             backoff.reset()
                             self._apply(event)
@@ -331,16 +356,20 @@ class WatchCache:
                         return
                     raise StoreError("the store ended the watch")
                 except RevisionCompacted as error:
-                    logger.warning("the store compacted past the watch cache; listing again",
-                                   extra={"revision": self._revision, "compacted": error.compacted})
+                    logger.warning(
+                        "the store compacted past the watch cache; listing again",
+                        extra={"revision": self._revision, "compacted": error.compacted},
+                    )
                     relist = True
                 except StoreError as error:
                     if self._closed:
                         return
                     if failing_since is None:
                         failing_since = asyncio.get_running_loop().time()
-                        logger.warning("watch cache lost the store; serving what it has and retrying",
-                                       extra={"revision": self._revision, "error": str(error)})
+                        logger.warning(
+                            "watch cache lost the store; serving what it has and retrying",
+                            extra={"revision": self._revision, "error": str(error)},
+                        )
                     await asyncio.sleep(backoff.delay())
         finally:
             progress_task.cancel()
@@ -370,8 +399,9 @@ class WatchCache:
                 self._revision = max(self._revision, event.revision)
                 return  # never cached (cannot happen after a consistent list): nothing to tell anyone
             self._remove(event.key)
-            self._append(_Change(type=EventType.DELETED, key=event.key, obj=event.obj, prev=prev,
-                                 revision=event.revision))
+            self._append(
+                _Change(type=EventType.DELETED, key=event.key, obj=event.obj, prev=prev, revision=event.revision)
+            )
         else:
             self._put(event.key, event.obj)
             type_ = EventType.ADDED if prev is None else EventType.MODIFIED
@@ -387,16 +417,25 @@ class WatchCache:
         for key, obj in listed.items():
             prev = self._objects.get(key)
             if prev is None:
-                changes.append(_Change(type=EventType.ADDED, key=key, obj=obj, prev=None,
-                                       revision=_object_revision(obj)))
+                changes.append(
+                    _Change(type=EventType.ADDED, key=key, obj=obj, prev=None, revision=_object_revision(obj))
+                )
             elif prev["metadata"].get("resourceVersion") != obj["metadata"].get("resourceVersion"):
-                changes.append(_Change(type=EventType.MODIFIED, key=key, obj=obj, prev=prev,
-                                       revision=_object_revision(obj)))
+                changes.append(
+                    _Change(type=EventType.MODIFIED, key=key, obj=obj, prev=prev, revision=_object_revision(obj))
+                )
         changes.sort(key=lambda change: change.revision)  # each changed after the old revision: in order
         for key in self._objects.keys() - listed.keys():
             prev = self._objects[key]
-            changes.append(_Change(type=EventType.DELETED, key=key, obj=_at_revision(prev, page.revision),
-                                   prev=prev, revision=page.revision))
+            changes.append(
+                _Change(
+                    type=EventType.DELETED,
+                    key=key,
+                    obj=_at_revision(prev, page.revision),
+                    prev=prev,
+                    revision=page.revision,
+                )
+            )
         floor = self._revision
         for change in changes:
             if change.revision < floor:  # keep the window ordered even if the store's history was odd

@@ -18,6 +18,7 @@ not valid at their level are skipped. Timestamps are coarse (two commits within 
 same mtime), so an incarnation whose directory changed within the last second is looked at once more on the
 next pass.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -48,8 +49,9 @@ def _valid_subdirs(d: safefs.Dir, validator: Callable[[str], str]) -> list[str]:
     return names
 
 
-def snapshot(root: Path, *, racy: set[Incarnation] | None = None,
-             racy_seconds: float = RACY_SECONDS) -> dict[Incarnation, Signature]:
+def snapshot(
+    root: Path, *, racy: set[Incarnation] | None = None, racy_seconds: float = RACY_SECONDS
+) -> dict[Incarnation, Signature]:
     """
     Blocking: the signature of every incarnation directory under ``root`` (directory levels only). Into
     ``racy`` go the incarnations with a container directory changed within ``racy_seconds`` of now: a
@@ -94,8 +96,14 @@ def changed(before: dict[Incarnation, Signature], after: dict[Incarnation, Signa
 
 
 class ChangeDetector:
-    def __init__(self, *, root: Path, on_change: Callable[..., Awaitable[Any]],
-                 interval: float = INTERVAL_SECONDS, racy_seconds: float = RACY_SECONDS) -> None:
+    def __init__(
+        self,
+        *,
+        root: Path,
+        on_change: Callable[..., Awaitable[Any]],
+        interval: float = INTERVAL_SECONDS,
+        racy_seconds: float = RACY_SECONDS,
+    ) -> None:
         self.root = Path(root)
         self.racy_seconds = racy_seconds
         self.on_change = on_change

@@ -11,6 +11,7 @@ takes its incarnation's cores with it when it is deleted (``kubectl annotate cde
 coredump.example.io/delete-cores=true && kubectl delete cde POD``): two deliberate steps, so neither a
 namespace deletion nor a stray ``kubectl delete`` loses data.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,9 @@ DELETE_CORES_ANNOTATION = "coredump.example.io/delete-cores"
 
 
 def _pod_uid_required(*, name: str, message: str) -> errors.ApiError:
-    return errors.invalid(name=name, causes=[errors.field_cause("spec.podUID", f"Required value: {message}",
-                                                                "FieldValueRequired")])
+    return errors.invalid(
+        name=name, causes=[errors.field_cause("spec.podUID", f"Required value: {message}", "FieldValueRequired")]
+    )
 
 
 class CoreData:
@@ -58,8 +60,11 @@ class CoreData:
         for obj in objs:
             meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
             ns, name, uid = meta.get("namespace"), meta.get("name"), spec.get("podUID")
-            keys.append((ns, name, uid) if isinstance(ns, str) and isinstance(name, str) and isinstance(uid, str)
-                        and uid else None)
+            keys.append(
+                (ns, name, uid)
+                if isinstance(ns, str) and isinstance(name, str) and isinstance(uid, str) and uid
+                else None
+            )
         statuses = await self.status_cache.statuses(k for k in keys if k is not None)
         for obj, key in zip(objs, keys, strict=True):
             # A copy per object: objects are serialized and may be mutated independently.
@@ -80,11 +85,15 @@ class CoreData:
             return uids[0]
         where = "no live pod of that name, and " if self.pods.configured else ""
         if not uids:
-            raise _pod_uid_required(name=name, message=f"{where}no cores of a pod \"{name}\" are stored; "
-                                                       "give spec.podUID")
-        raise _pod_uid_required(name=name, message=f"{where}cores of {len(uids)} incarnations of pod \"{name}\" "
-                                                   f"are stored ({', '.join(uids)}, newest last); "
-                                                   "give spec.podUID")
+            raise _pod_uid_required(
+                name=name, message=f'{where}no cores of a pod "{name}" are stored; give spec.podUID'
+            )
+        raise _pod_uid_required(
+            name=name,
+            message=f'{where}cores of {len(uids)} incarnations of pod "{name}" '
+            f"are stored ({', '.join(uids)}, newest last); "
+            "give spec.podUID",
+        )
 
     async def on_delete(self, obj: dict[str, Any]) -> None:
         """Purge the incarnation's cores only if the object opted in (``DELETE_CORES_ANNOTATION``)."""
@@ -96,8 +105,9 @@ class CoreData:
         if not (isinstance(namespace, str) and isinstance(name, str) and isinstance(uid, str)):
             return  # a stored object always has these; nothing to purge for one that does not
         try:
-            removed = await asyncio.to_thread(layout.delete_cores, self.storage_root, namespace=namespace,
-                                              pod=name, pod_uid=uid)
+            removed = await asyncio.to_thread(
+                layout.delete_cores, self.storage_root, namespace=namespace, pod=name, pod_uid=uid
+            )
         except layout.InvalidName as error:
             logger.warning("not deleting cores of %s/%s: %s", namespace, name, error)
             return

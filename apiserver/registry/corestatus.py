@@ -6,6 +6,7 @@ The status is stored with the object (:mod:`.statusreconciler` writes it); this 
 Reads are batched and cached briefly: a ``list`` of thousands of endpoints costs one trip to a worker
 thread for the incarnations not seen in the last few seconds, not one per object.
 """
+
 from __future__ import annotations
 
 import asyncio

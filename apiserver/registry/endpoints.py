@@ -12,14 +12,15 @@ patch) drop the incoming status and keep the stored one; only :meth:`EndpointReg
 (called by the server's status reconciler, :mod:`.statusreconciler`) changes it, with a resourceVersion
 precondition.
 """
+
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
 import dataclasses
 import datetime as dt
 import json
-import logging
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -36,11 +37,16 @@ from apiserver.registry.coredata import CoreData
 from apiserver.registry.corestatus import empty_status
 from apiserver.registry.statusreconciler import StatusReconciler, key_of as incarnation_of
 from apiserver.registry.store import (
-    KeyExists, KeyNotFound, ListPage, ObjectStore, RevisionCompacted, RevisionConflict, StoreEvent,
+    KeyExists,
+    KeyNotFound,
+    ListPage,
+    ObjectStore,
+    RevisionCompacted,
+    RevisionConflict,
+    StoreEvent,
     StoreUnavailable,
 )
 
-logger = logging.getLogger(__name__)
 
 KEY_ROOT = f"/{r.PLURAL}/"
 FIELD_VALIDATION_VALUES = ("Ignore", "Warn", "Strict")
@@ -49,7 +55,8 @@ _LIST_CHUNK = 500
 ManagedFields = list[dict[str, Any]]  # metadata.managedFields as stored (see apiserver.apply.managed)
 CONTINUE_EXPIRED = (
     "The provided continue parameter is too old to display a consistent list result. You can start a new list "
-    "without the continue parameter.")
+    "without the continue parameter."
+)
 
 
 def key_for(namespace: str, name: str) -> str:
@@ -131,8 +138,10 @@ def _store_errors(name: str) -> Iterator[None]:
     except KeyExists:
         raise errors.already_exists(name=name) from None
     except RevisionConflict:
-        raise errors.conflict(name=name, message="the object has been modified; please apply your changes to "
-                                                 "the latest version and try again") from None
+        raise errors.conflict(
+            name=name,
+            message="the object has been modified; please apply your changes to the latest version and try again",
+        ) from None
     except StoreUnavailable as error:
         raise errors.service_unavailable(f"storage is unavailable: {error}") from None
 
@@ -142,8 +151,9 @@ def key_of(obj: dict[str, Any]) -> str:
     return key_for(obj["metadata"]["namespace"], obj["metadata"]["name"])
 
 
-def serves_list_from_cache(*, resource_version: int | None, exact: bool, limit: int | None,
-                           continue_token: str | None) -> bool:
+def serves_list_from_cache(
+    *, resource_version: int | None, exact: bool, limit: int | None, continue_token: str | None
+) -> bool:
     """
     kube-apiserver's rule (without ConsistentListFromCache): ``resourceVersion=0`` (its limit is ignored) and
     ``NotOlderThan`` a version without limit come from the watch cache; a consistent read (no resourceVersion),
@@ -186,10 +196,12 @@ class EndpointRegistry:
         compacted); without ``exact`` it only must not be newer than what the store has.
         """
         prefix = prefix_for(namespace)
-        if self.cache is not None and serves_list_from_cache(resource_version=resource_version, exact=exact,
-                                                             limit=limit, continue_token=continue_token):
-            return await self._list_cached(self.cache, namespace=namespace, labels=labels, fields=fields,
-                                           resource_version=resource_version or 0)
+        if self.cache is not None and serves_list_from_cache(
+            resource_version=resource_version, exact=exact, limit=limit, continue_token=continue_token
+        ):
+            return await self._list_cached(
+                self.cache, namespace=namespace, labels=labels, fields=fields, resource_version=resource_version or 0
+            )
         start_after: str | None = None
         revision: int | None = None
         if continue_token:
@@ -212,8 +224,13 @@ class EndpointRegistry:
         while True:
             # Unfiltered, read exactly what the page needs; filtered, read in chunks until enough match.
             wanted = None if limit is None else limit - len(matched)
-            page = await self._read_page(prefix, limit=max(wanted, _LIST_CHUNK) if wanted and filtering else wanted,
-                                         start_after=start_after, revision=revision, continued=bool(continue_token))
+            page = await self._read_page(
+                prefix,
+                limit=max(wanted, _LIST_CHUNK) if wanted and filtering else wanted,
+                start_after=start_after,
+                revision=revision,
+                continued=bool(continue_token),
+            )
             revision = page.revision
             for index, obj in enumerate(page.items):
                 if not selected(obj):
@@ -230,19 +247,31 @@ class EndpointRegistry:
             _with_status(obj)
         return ListResult(items=matched, resource_version=str(revision), continue_token=next_token)
 
-    async def _list_cached(self, cache: WatchCache, *, namespace: str | None, labels: Predicate | None,
-                           fields: FieldSelector | None, resource_version: int) -> ListResult:
+    async def _list_cached(
+        self,
+        cache: WatchCache,
+        *,
+        namespace: str | None,
+        labels: Predicate | None,
+        fields: FieldSelector | None,
+        resource_version: int,
+    ) -> ListResult:
         if resource_version:
             await cache.wait_fresh(resource_version)
         if fields is not None and fields.namespace is not None and namespace and fields.namespace != namespace:
             return ListResult(items=[], resource_version=str(cache.revision), continue_token=None)
         items, encoded, revision = cache.list_encoded(prefix_for(namespace), _selection(labels, fields), encode_item)
         # Cached objects are shared: each answer gets its own top level (status may be added).
-        return ListResult(items=[_with_status(dict(obj)) for obj in items], resource_version=str(revision),
-                          continue_token=None, encoded=encoded)
+        return ListResult(
+            items=[_with_status(dict(obj)) for obj in items],
+            resource_version=str(revision),
+            continue_token=None,
+            encoded=encoded,
+        )
 
-    async def _read_page(self, prefix: str, *, limit: int | None, start_after: str | None, revision: int | None,
-                         continued: bool) -> ListPage:
+    async def _read_page(
+        self, prefix: str, *, limit: int | None, start_after: str | None, revision: int | None, continued: bool
+    ) -> ListPage:
         try:
             with _store_errors(""):
                 return await self.store.list(prefix, limit=limit, start_after=start_after, revision=revision)
@@ -261,7 +290,7 @@ class EndpointRegistry:
 
     # ---- writes -----------------------------------------------------------------------------------
 
-    def _field_check(self, body: dict[str, Any], options: WriteOptions) -> list[str]:
+    def _field_check(self, body: dict[str, Any], options: WriteOptions) -> builtins.list[str]:
         """Strict: 400 on unknown or duplicate fields; Warn: warnings; Ignore: nothing. Unknown fields are dropped."""
         problems = [f'unknown field "{path}"' for path in r.unknown_fields(body)]
         problems += [f'duplicate field "{name}"' for name in options.duplicate_fields]
@@ -282,8 +311,9 @@ class EndpointRegistry:
         obj = r.prune(body)
         body_namespace = obj["metadata"].get("namespace")
         if body_namespace and body_namespace != namespace:
-            raise errors.bad_request("the namespace of the provided object does not match the namespace sent on "
-                                     "the request")
+            raise errors.bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request"
+            )
         obj["metadata"]["namespace"] = namespace
         if obj["spec"] is None:
             obj["spec"] = {}
@@ -294,8 +324,14 @@ class EndpointRegistry:
         if causes:
             raise errors.invalid(name=obj["metadata"].get("name", ""), causes=causes)
 
-    async def create(self, *, namespace: str, body: Any, options: WriteOptions = WriteOptions(),
-                     managed_fields: ManagedFields | None = None) -> WriteResult:
+    async def create(
+        self,
+        *,
+        namespace: str,
+        body: Any,
+        options: WriteOptions = WriteOptions(),
+        managed_fields: ManagedFields | None = None,
+    ) -> WriteResult:
         """``managed_fields`` given (by :meth:`apply`): the object's entries; else an Update is recorded."""
         obj = self._validated(body, namespace=namespace)
         warnings = self._field_check(body, options)
@@ -304,8 +340,10 @@ class EndpointRegistry:
         if not metadata.get("name") and generate:
             metadata["name"] = generate + "".join(secrets.choice(_GENERATE_ALPHABET) for _ in range(5))
         if generate is not None and not isinstance(generate, str):
-            raise errors.invalid(name="", causes=[errors.field_cause("metadata.generateName", "must be a string",
-                                                                     "FieldValueTypeInvalid")])
+            raise errors.invalid(
+                name="",
+                causes=[errors.field_cause("metadata.generateName", "must be a string", "FieldValueTypeInvalid")],
+            )
         self._raise_if_invalid(obj)
         name = metadata["name"]
         for field in ("uid", "resourceVersion", "deletionTimestamp", "deletionGracePeriodSeconds", "selfLink"):
@@ -336,29 +374,42 @@ class EndpointRegistry:
                 created = await self.store.create(key_for(namespace, name), obj)
         return WriteResult(obj=created, warnings=warnings)
 
-    async def update(self, *, namespace: str, name: str, body: Any,
-                     options: WriteOptions = WriteOptions()) -> WriteResult:
+    async def update(
+        self, *, namespace: str, name: str, body: Any, options: WriteOptions = WriteOptions()
+    ) -> WriteResult:
         obj = self._validated(body, namespace=namespace)
         warnings = self._field_check(body, options)
         if obj["metadata"].get("name") != name:
-            raise errors.bad_request(f'the name of the object ({obj["metadata"].get("name")}) does not match the '
-                                     f"name on the URL ({name})")
+            raise errors.bad_request(
+                f"the name of the object ({obj['metadata'].get('name')}) does not match the name on the URL ({name})"
+            )
         with _store_errors(name):
             current = await self.store.get(key_for(namespace, name))
         expected = obj["metadata"].get("resourceVersion") or None
         if expected is not None and not str(expected).isdigit():
             raise errors.bad_request(f'metadata.resourceVersion: Invalid value: "{expected}": must be an integer')
-        return await self._replace(current=current, new=obj, warnings=warnings,
-                                    expected=int(expected) if expected else None, options=options)
+        return await self._replace(
+            current=current, new=obj, warnings=warnings, expected=int(expected) if expected else None, options=options
+        )
 
-    async def _replace(self, *, current: dict[str, Any], new: dict[str, Any], warnings: list[str],
-                       expected: int | None, options: WriteOptions,
-                       managed_fields: ManagedFields | None = None) -> WriteResult:
+    async def _replace(
+        self,
+        *,
+        current: dict[str, Any],
+        new: dict[str, Any],
+        warnings: builtins.list[str],
+        expected: int | None,
+        options: WriteOptions,
+        managed_fields: ManagedFields | None = None,
+    ) -> WriteResult:
         name = current["metadata"]["name"]
         metadata, old_meta = new["metadata"], current["metadata"]
         if metadata.get("uid") and metadata["uid"] != old_meta["uid"]:
-            raise errors.conflict(name=name, message=f'Precondition failed: UID in precondition: {metadata["uid"]}, '
-                                                     f'UID in object meta: {old_meta["uid"]}')
+            raise errors.conflict(
+                name=name,
+                message=f"Precondition failed: UID in precondition: {metadata['uid']}, "
+                f"UID in object meta: {old_meta['uid']}",
+            )
         if not isinstance(new.get("spec"), dict):
             self._raise_if_invalid(new)  # 422 for a spec that is not an object, before anything reads it
         old_uid, new_uid = current["spec"].get("podUID"), new["spec"].get("podUID")
@@ -366,8 +417,9 @@ class EndpointRegistry:
             new["spec"]["podUID"] = old_uid
         self._raise_if_invalid(new)
         if new_uid is not None and new_uid != old_uid:
-            raise errors.invalid(name=name, causes=[errors.field_cause(
-                "spec.podUID", f'Invalid value: "{new_uid}": field is immutable')])
+            raise errors.invalid(
+                name=name, causes=[errors.field_cause("spec.podUID", f'Invalid value: "{new_uid}": field is immutable')]
+            )
         for field in ("uid", "creationTimestamp", "generation", "deletionTimestamp", "generateName"):
             if field in old_meta:
                 metadata[field] = old_meta[field]
@@ -392,12 +444,12 @@ class EndpointRegistry:
         else:
             revision = expected if expected is not None else int(old_meta["resourceVersion"])
             with _store_errors(name):
-                result = await self.store.update(key_for(metadata["namespace"], name), new,
-                                                 expected_revision=revision)
+                result = await self.store.update(key_for(metadata["namespace"], name), new, expected_revision=revision)
         return WriteResult(obj=result, warnings=warnings)
 
-    async def patch(self, *, namespace: str, name: str, apply_patch: Any,
-                    options: WriteOptions = WriteOptions()) -> WriteResult:
+    async def patch(
+        self, *, namespace: str, name: str, apply_patch: Any, options: WriteOptions = WriteOptions()
+    ) -> WriteResult:
         """``apply_patch`` maps the current object (without status) to the patched body."""
         for _attempt in range(5):
             with _store_errors(name):
@@ -412,16 +464,22 @@ class EndpointRegistry:
             if expected and not str(expected).isdigit():
                 raise errors.bad_request(f'metadata.resourceVersion: Invalid value: "{expected}"')
             try:
-                return await self._replace(current=current, new=obj, warnings=warnings,
-                                           expected=int(expected) if pinned else None, options=options)
+                return await self._replace(
+                    current=current,
+                    new=obj,
+                    warnings=warnings,
+                    expected=int(expected) if pinned else None,
+                    options=options,
+                )
             except errors.ApiError as error:
                 # A concurrent write between our read and CAS: retry, unless the patch pinned a version.
                 if error.reason != "Conflict" or pinned:
                     raise
         raise errors.conflict(name=name, message="the object keeps changing; try again")
 
-    async def apply(self, *, namespace: str, name: str, body: Any, force: bool,
-                    options: WriteOptions) -> tuple[WriteResult, bool]:
+    async def apply(
+        self, *, namespace: str, name: str, body: Any, force: bool, options: WriteOptions
+    ) -> tuple[WriteResult, bool]:
         """
         Server-side apply of ``body`` by ``options.field_manager`` (see :mod:`apiserver.apply`): the result
         and whether the object was created. A ``metadata.resourceVersion`` in the configuration is a
@@ -445,45 +503,71 @@ class EndpointRegistry:
             entries = applied.obj["metadata"].get("managedFields", [])
             try:
                 if current is None:
-                    created = await self.create(namespace=namespace, body=applied.obj, options=options,
-                                                managed_fields=entries)
+                    created = await self.create(
+                        namespace=namespace, body=applied.obj, options=options, managed_fields=entries
+                    )
                     return WriteResult(obj=created.obj, warnings=[*warnings, *created.warnings]), True
                 new = self._validated(applied.obj, namespace=namespace)
-                result = await self._replace(current=current, new=new, warnings=warnings,
-                                             expected=int(pinned) if pinned else None, options=options,
-                                             managed_fields=entries)
+                result = await self._replace(
+                    current=current,
+                    new=new,
+                    warnings=warnings,
+                    expected=int(pinned) if pinned else None,
+                    options=options,
+                    managed_fields=entries,
+                )
                 return result, False
             except errors.ApiError as error:
                 # Created or changed by someone else between our read and write: apply again on the new state.
-                raced = error.reason == "AlreadyExists" or (error.reason == "Conflict" and not pinned
-                                                            and "has been modified" in error.message)
+                raced = error.reason == "AlreadyExists" or (
+                    error.reason == "Conflict" and not pinned and "has been modified" in error.message
+                )
                 if not raced:
                     raise
         raise errors.conflict(name=name, message="the object keeps changing; try again")
 
-    async def delete(self, *, namespace: str, name: str, dry_run: bool = False,
-                     precondition_uid: str | None = None,
-                     precondition_rv: str | None = None) -> dict[str, Any]:
+    async def delete(
+        self,
+        *,
+        namespace: str,
+        name: str,
+        dry_run: bool = False,
+        precondition_uid: str | None = None,
+        precondition_rv: str | None = None,
+    ) -> dict[str, Any]:
         with _store_errors(name):
             current = await self.store.get(key_for(namespace, name))
         if precondition_uid and precondition_uid != current["metadata"]["uid"]:
-            raise errors.conflict(name=name, message=f"Precondition failed: UID in precondition: {precondition_uid}, "
-                                                     f"UID in object meta: {current['metadata']['uid']}")
+            raise errors.conflict(
+                name=name,
+                message=f"Precondition failed: UID in precondition: {precondition_uid}, "
+                f"UID in object meta: {current['metadata']['uid']}",
+            )
         if precondition_rv and precondition_rv != current["metadata"]["resourceVersion"]:
-            raise errors.conflict(name=name, message=f"Precondition failed: ResourceVersion in precondition: "
-                                                     f"{precondition_rv}, ResourceVersion in object meta: "
-                                                     f"{current['metadata']['resourceVersion']}")
+            raise errors.conflict(
+                name=name,
+                message=f"Precondition failed: ResourceVersion in precondition: "
+                f"{precondition_rv}, ResourceVersion in object meta: "
+                f"{current['metadata']['resourceVersion']}",
+            )
         if dry_run:
             deleted = current
         else:
             with _store_errors(name):
-                deleted = await self.store.delete(key_for(namespace, name),
-                                                  expected_revision=int(current["metadata"]["resourceVersion"]))
+                deleted = await self.store.delete(
+                    key_for(namespace, name), expected_revision=int(current["metadata"]["resourceVersion"])
+                )
             await self.coredata.on_delete(deleted)
         return _with_status(deleted)
 
-    async def delete_collection(self, *, namespace: str, labels: Predicate | None = None, fields: FieldSelector | None = None,
-                                dry_run: bool = False) -> ListResult:
+    async def delete_collection(
+        self,
+        *,
+        namespace: str,
+        labels: Predicate | None = None,
+        fields: FieldSelector | None = None,
+        dry_run: bool = False,
+    ) -> ListResult:
         listed = await self.list(namespace=namespace, labels=labels, fields=fields)
         deleted = []
         for obj in listed.items:
@@ -496,9 +580,16 @@ class EndpointRegistry:
 
     # ---- watch ------------------------------------------------------------------------------------
 
-    async def watch(self, *, namespace: str | None, labels: Predicate | None = None, fields: FieldSelector | None = None,
-                    resource_version: int | None, send_initial_events: bool,
-                    bookmarks: bool = False) -> AsyncIterator[WatchItem]:
+    async def watch(
+        self,
+        *,
+        namespace: str | None,
+        labels: Predicate | None = None,
+        fields: FieldSelector | None = None,
+        resource_version: int | None,
+        send_initial_events: bool,
+        bookmarks: bool = False,
+    ) -> AsyncIterator[WatchItem]:
         """
         ADDED/MODIFIED/DELETED items in revision order. With no resourceVersion (or with
         ``send_initial_events``) the watch starts with synthetic ADDED events for what exists; with
@@ -507,9 +598,15 @@ class EndpointRegistry:
         (with periodic BOOKMARKs when ``bookmarks``).
         """
         if self.cache is not None:
-            async for item in self._watch_cached(self.cache, namespace=namespace, labels=labels, fields=fields,
-                                                 resource_version=resource_version,
-                                                 send_initial_events=send_initial_events, bookmarks=bookmarks):
+            async for item in self._watch_cached(
+                self.cache,
+                namespace=namespace,
+                labels=labels,
+                fields=fields,
+                resource_version=resource_version,
+                send_initial_events=send_initial_events,
+                bookmarks=bookmarks,
+            ):
                 yield item
             return
         selected = _selection(labels, fields)
@@ -535,21 +632,34 @@ class EndpointRegistry:
                 with contextlib.suppress(Exception):
                     await close()
 
-    async def _watch_cached(self, cache: WatchCache, *, namespace: str | None, labels: Predicate | None,
-                            fields: FieldSelector | None, resource_version: int | None, send_initial_events: bool,
-                            bookmarks: bool) -> AsyncIterator[WatchItem]:
+    async def _watch_cached(
+        self,
+        cache: WatchCache,
+        *,
+        namespace: str | None,
+        labels: Predicate | None,
+        fields: FieldSelector | None,
+        resource_version: int | None,
+        send_initial_events: bool,
+        bookmarks: bool,
+    ) -> AsyncIterator[WatchItem]:
         if send_initial_events and resource_version != 0:
             # A consistent start (no resourceVersion) or one not older than the client's: wait for the cache.
             await cache.wait_fresh(resource_version or await self._current_revision())
-        events = cache.watch(prefix=prefix_for(namespace), selected=_selection(labels, fields),
-                             resource_version=resource_version,
-                             initial_events=send_initial_events or not resource_version,
-                             initial_events_end=send_initial_events, bookmarks=bookmarks)
+        events = cache.watch(
+            prefix=prefix_for(namespace),
+            selected=_selection(labels, fields),
+            resource_version=resource_version,
+            initial_events=send_initial_events or not resource_version,
+            initial_events_end=send_initial_events,
+            bookmarks=bookmarks,
+        )
         try:
             async for event in events:
                 obj = _with_status(dict(event.obj)) if event.obj is not None else None
-                yield WatchItem(type=event.type, obj=obj, revision=event.revision,
-                                initial_events_end=event.initial_events_end)
+                yield WatchItem(
+                    type=event.type, obj=obj, revision=event.revision, initial_events_end=event.initial_events_end
+                )
         finally:
             await events.aclose()  # type: ignore[attr-defined]
 
@@ -567,11 +677,13 @@ class EndpointRegistry:
         """
         meta = current["metadata"]
         new = {**current, "status": status}
-        return await self.store.update(key_for(meta["namespace"], meta["name"]), new,
-                                       expected_revision=int(meta["resourceVersion"]))
+        return await self.store.update(
+            key_for(meta["namespace"], meta["name"]), new, expected_revision=int(meta["resourceVersion"])
+        )
 
-    async def refresh_status(self, *, namespace: str, name: str, body: Any,
-                             options: WriteOptions = WriteOptions()) -> WriteResult:
+    async def refresh_status(
+        self, *, namespace: str, name: str, body: Any, options: WriteOptions = WriteOptions()
+    ) -> WriteResult:
         """
         A client's PUT or PATCH of the status subresource: the body is checked as for any write (400 or 422
         Status), a resourceVersion or uid in it is a precondition (409 when stale), and its ``status`` is
@@ -581,19 +693,25 @@ class EndpointRegistry:
         obj = self._validated(body, namespace=namespace)
         warnings = self._field_check(body, options)
         if obj["metadata"].get("name") != name:
-            raise errors.bad_request(f'the name of the object ({obj["metadata"].get("name")}) does not match the '
-                                     f"name on the URL ({name})")
+            raise errors.bad_request(
+                f"the name of the object ({obj['metadata'].get('name')}) does not match the name on the URL ({name})"
+            )
         with _store_errors(name):
             current = await self.store.get(key_for(namespace, name))
         expected, uid = obj["metadata"].get("resourceVersion"), obj["metadata"].get("uid")
         if expected and not str(expected).isdigit():
             raise errors.bad_request(f'metadata.resourceVersion: Invalid value: "{expected}": must be an integer')
         if expected and expected != current["metadata"]["resourceVersion"]:
-            raise errors.conflict(name=name, message="the object has been modified; please apply your changes to "
-                                                     "the latest version and try again")
+            raise errors.conflict(
+                name=name,
+                message="the object has been modified; please apply your changes to the latest version and try again",
+            )
         if uid and uid != current["metadata"]["uid"]:
-            raise errors.conflict(name=name, message=f"Precondition failed: UID in precondition: {uid}, "
-                                                     f'UID in object meta: {current["metadata"]["uid"]}')
+            raise errors.conflict(
+                name=name,
+                message=f"Precondition failed: UID in precondition: {uid}, "
+                f"UID in object meta: {current['metadata']['uid']}",
+            )
         key = incarnation_of(current)
         if key is not None and not options.dry_run:
             reconciler = StatusReconciler(registry=self, root=self.coredata.storage_root)
@@ -604,4 +722,3 @@ class EndpointRegistry:
     async def check(self) -> None:
         with _store_errors(""):
             await self.store.check()
-

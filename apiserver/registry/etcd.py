@@ -17,6 +17,7 @@ The semantics are the ones kube-apiserver's etcd3 storage has:
 Several endpoints (``--etcd-servers`` is comma-separated) are tried in turn: a request that cannot
 reach one endpoint moves on to the next, and later requests stay on the one that answered.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -80,8 +81,9 @@ def parse_endpoints(values: str | Iterable[str]) -> list[str]:
     return endpoints
 
 
-async def _watch_requests(create: rpc.WatchRequest, ended: asyncio.Event,
-                          progress: asyncio.Event | None = None) -> AsyncIterator[rpc.WatchRequest]:
+async def _watch_requests(
+    create: rpc.WatchRequest, ended: asyncio.Event, progress: asyncio.Event | None = None
+) -> AsyncIterator[rpc.WatchRequest]:
     """The request side of a watch stream: the create request, then a progress request whenever ``progress``
     is set, until ``ended`` (half-closing the request side early could end the watch)."""
     yield create
@@ -219,7 +221,7 @@ class EtcdStore(ObjectStore):
         return (self._root + key).encode()
 
     def _store_key(self, etcd_key: bytes) -> str:
-        return etcd_key.decode()[len(self._root):]
+        return etcd_key.decode()[len(self._root) :]
 
     def _range(self, prefix: str) -> tuple[bytes, bytes]:
         # "" means every key of this store, which all start with "/": never the root's siblings.
@@ -253,8 +255,9 @@ class EtcdStore(ObjectStore):
             )
         return connection
 
-    async def _call(self, service: str, method: str, request: Any, *, timeout: float | None = None,
-                    idempotent: bool) -> Any:
+    async def _call(
+        self, service: str, method: str, request: Any, *, timeout: float | None = None, idempotent: bool
+    ) -> Any:
         """
         One unary call, on the endpoint that answered last, then on the others.
 
@@ -295,8 +298,9 @@ class EtcdStore(ObjectStore):
             return f"etcd {endpoint.url}: no answer within the deadline"
         return f"etcd {endpoint.url}: {error.details()}"
 
-    async def _txn(self, *, compare: list[rpc.Compare], success: list[rpc.RequestOp],
-                   failure: list[rpc.RequestOp]) -> rpc.TxnResponse:
+    async def _txn(
+        self, *, compare: list[rpc.Compare], success: list[rpc.RequestOp], failure: list[rpc.RequestOp]
+    ) -> rpc.TxnResponse:
         request = rpc.TxnRequest(compare=compare, success=success, failure=failure)
         return await self._call("kv", "Txn", request, idempotent=False)
 
@@ -328,8 +332,9 @@ class EtcdStore(ObjectStore):
         try:
             response = await self._call("kv", "Range", request, idempotent=True)
         except RevisionCompacted as error:
-            raise RevisionCompacted(requested=error.requested,
-                                    compacted=await self._compacted_revision(error.requested)) from None
+            raise RevisionCompacted(
+                requested=error.requested, compacted=await self._compacted_revision(error.requested)
+            ) from None
         items = [self._decode(kv.value, kv.mod_revision, etcd_key=kv.key) for kv in response.kvs]
         continue_key = self._store_key(response.kvs[-1].key) if response.more and response.kvs else None
         return ListPage(items=items, revision=revision or response.header.revision, continue_key=continue_key)
@@ -339,8 +344,11 @@ class EtcdStore(ObjectStore):
         etcd's compact revision, which only a watch reports: watching from below it is answered
         with ``compact_revision``. The watched key is one no object can have, so no event comes.
         """
-        create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-            key=self._etcd_key("/\x00compaction-probe"), start_revision=max(requested, 1)))
+        create = rpc.WatchRequest(
+            create_request=rpc.WatchCreateRequest(
+                key=self._etcd_key("/\x00compaction-probe"), start_revision=max(requested, 1)
+            )
+        )
         ended = asyncio.Event()
         call = self._connection(self._endpoints[self._current]).watch.Watch(_watch_requests(create, ended))
         try:
@@ -362,8 +370,7 @@ class EtcdStore(ObjectStore):
         etcd_key = self._etcd_key(key)
         value = encode_object(obj)
         response = await self._txn(
-            compare=[rpc.Compare(key=etcd_key, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL,
-                                 create_revision=0)],
+            compare=[rpc.Compare(key=etcd_key, target=rpc.Compare.CREATE, result=rpc.Compare.EQUAL, create_revision=0)],
             success=[rpc.RequestOp(request_put=rpc.PutRequest(key=etcd_key, value=value))],
             failure=[],
         )
@@ -371,8 +378,9 @@ class EtcdStore(ObjectStore):
             raise KeyExists(key)
         return self._decode(value, response.header.revision, etcd_key=etcd_key)
 
-    async def _write_existing(self, key: str, etcd_key: bytes, write: rpc.RequestOp, *,
-                              expected_revision: int | None) -> rpc.TxnResponse:
+    async def _write_existing(
+        self, key: str, etcd_key: bytes, write: rpc.RequestOp, *, expected_revision: int | None
+    ) -> rpc.TxnResponse:
         """
         ``write`` if the key exists (with mod revision ``expected_revision``, if given), as one
         transaction; else :class:`KeyNotFound` or :class:`RevisionConflict`, from the current value
@@ -382,10 +390,12 @@ class EtcdStore(ObjectStore):
             compare = rpc.Compare(key=etcd_key, target=rpc.Compare.VERSION, result=rpc.Compare.GREATER, version=0)
         else:
             # A missing key has mod revision 0, which no expected revision (>= 1) equals.
-            compare = rpc.Compare(key=etcd_key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL,
-                                  mod_revision=expected_revision)
-        response = await self._txn(compare=[compare], success=[write],
-                                   failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=etcd_key))])
+            compare = rpc.Compare(
+                key=etcd_key, target=rpc.Compare.MOD, result=rpc.Compare.EQUAL, mod_revision=expected_revision
+            )
+        response = await self._txn(
+            compare=[compare], success=[write], failure=[rpc.RequestOp(request_range=rpc.RangeRequest(key=etcd_key))]
+        )
         if response.succeeded:
             return response
         kvs = response.responses[0].response_range.kvs
@@ -423,14 +433,18 @@ class EtcdStore(ObjectStore):
 
     # -- watch -------------------------------------------------------------------------------
 
-    async def watch(self, prefix: str, *, from_revision: int,
-                    progress: ProgressRequests | None = None) -> AsyncIterator[StoreEvent]:
+    async def watch(
+        self, prefix: str, *, from_revision: int, progress: ProgressRequests | None = None
+    ) -> AsyncIterator[StoreEvent]:
         check_prefix(prefix)
         if self._closed:
             raise StoreUnavailable("the etcd store is closed")
         start, end = self._range(prefix)
-        create = rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
-            key=start, range_end=end, start_revision=from_revision + 1, prev_kv=True))
+        create = rpc.WatchRequest(
+            create_request=rpc.WatchCreateRequest(
+                key=start, range_end=end, start_revision=from_revision + 1, prev_kv=True
+            )
+        )
         ended = asyncio.Event()
         wanted = asyncio.Event() if progress is not None else None
         unsubscribe = progress.subscribe(wanted.set) if progress is not None and wanted is not None else None
@@ -482,5 +496,6 @@ class EtcdStore(ObjectStore):
                 obj = {"metadata": {"resourceVersion": str(kv.mod_revision)}}
             return StoreEvent(type=EventType.DELETED, key=key, obj=obj, revision=kv.mod_revision)
         type_ = EventType.ADDED if kv.create_revision == kv.mod_revision else EventType.MODIFIED
-        return StoreEvent(type=type_, key=key, obj=self._decode(kv.value, kv.mod_revision, etcd_key=kv.key),
-                          revision=kv.mod_revision)
+        return StoreEvent(
+            type=type_, key=key, obj=self._decode(kv.value, kv.mod_revision, etcd_key=kv.key), revision=kv.mod_revision
+        )

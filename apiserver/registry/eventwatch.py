@@ -17,6 +17,7 @@ bounded memory: incarnations waiting for their re-read are kept once each, at mo
 An Event that cannot be decoded (a line over aiohttp's limit, a non-JSON line) ends the watch; the same
 failure twice at one resourceVersion relists instead of resuming, so one bad Event cannot stop the watch.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -85,8 +86,11 @@ class PendingIncarnations:
         if len(self._pending) >= self.limit:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
-                logger.warning("%d core notifications dropped (more than %d pods waiting); the full status "
-                               "pass catches them", self.dropped, self.limit)
+                logger.warning(
+                    "%d core notifications dropped (more than %d pods waiting); the full status pass catches them",
+                    self.dropped,
+                    self.limit,
+                )
             return
         self._pending[key] = None
         self._wake.set()
@@ -108,16 +112,22 @@ class PendingIncarnations:
                 except asyncio.CancelledError:
                     raise
                 except Exception as error:  # noqa: BLE001 - one failed re-read (etcd blip) must not stop the others
-                    logger.warning("cores of %s/%s (uid %s) not re-read: %s; the full status pass retries",
-                                   namespace, pod, uid, error)
+                    logger.warning(
+                        "cores of %s/%s (uid %s) not re-read: %s; the full status pass retries",
+                        namespace,
+                        pod,
+                        uid,
+                        error,
+                    )
                 self.handled += 1
 
 
 class EventWatch:
     """Watches ``CoreDumped`` Events with ``api`` (a kubernetes-asyncio ApiClient) and feeds ``pending``."""
 
-    def __init__(self, *, api: client.ApiClient, pending: PendingIncarnations,
-                 timeout_seconds: int = WATCH_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self, *, api: client.ApiClient, pending: PendingIncarnations, timeout_seconds: int = WATCH_TIMEOUT_SECONDS
+    ) -> None:
         self.core = client.CoreV1Api(api)
         self.pending = pending
         self.timeout_seconds = timeout_seconds
@@ -127,8 +137,8 @@ class EventWatch:
 
     async def _list_resource_version(self) -> str:
         response: Any = await self.core.list_event_for_all_namespaces(
-            field_selector=FIELD_SELECTOR, limit=1, _preload_content=False,
-            _request_timeout=REQUEST_TIMEOUT_SECONDS)
+            field_selector=FIELD_SELECTOR, limit=1, _preload_content=False, _request_timeout=REQUEST_TIMEOUT_SECONDS
+        )
         try:
             body = json.loads(await response.read())
         finally:
@@ -145,10 +155,14 @@ class EventWatch:
         # whose validation a malformed Event would fail.
         stream = watch.Watch(return_type="object")
         try:
-            stream_iter = stream.stream(self.core.list_event_for_all_namespaces, field_selector=FIELD_SELECTOR,
-                                        resource_version=self.resource_version, allow_watch_bookmarks=True,
-                                        timeout_seconds=self.timeout_seconds,
-                                        _request_timeout=self.timeout_seconds + REQUEST_TIMEOUT_SECONDS)
+            stream_iter = stream.stream(
+                self.core.list_event_for_all_namespaces,
+                field_selector=FIELD_SELECTOR,
+                resource_version=self.resource_version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=self.timeout_seconds,
+                _request_timeout=self.timeout_seconds + REQUEST_TIMEOUT_SECONDS,
+            )
             self.watching.set()
             async for event in stream_iter:
                 if not isinstance(event, dict):  # the library hands back a line it could not parse as it is
@@ -181,17 +195,20 @@ class EventWatch:
                 raise
             except ApiException as error:
                 if error.status == 410:
-                    logger.info("CoreDumped Event watch: resourceVersion %s is too old, listing again",
-                                self.resource_version)
+                    logger.info(
+                        "CoreDumped Event watch: resourceVersion %s is too old, listing again", self.resource_version
+                    )
                     self.resource_version = None
                     continue
-                logger.warning("CoreDumped Event watch failed: %s %s; retrying in %.1f s", error.status,
-                               error.reason, delay)
+                logger.warning(
+                    "CoreDumped Event watch failed: %s %s; retrying in %.1f s", error.status, error.reason, delay
+                )
             # Anything else: the connection (aiohttp, OSError, timeouts), or a line the library could not
             # decode (it raises a bare Exception for JSON without type/object): back off, never end the watch.
             except Exception as error:  # noqa: BLE001
-                logger.warning("CoreDumped Event watch failed: %s; retrying in %.1f s", error or type(error).__name__,
-                               delay)
+                logger.warning(
+                    "CoreDumped Event watch failed: %s; retrying in %.1f s", error or type(error).__name__, delay
+                )
                 # The same failure twice at one resourceVersion (an Event we cannot decode): list again past it.
                 if self.resource_version is not None and failed_at == self.resource_version:
                     self.resource_version = None

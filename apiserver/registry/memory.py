@@ -9,8 +9,10 @@ revision below the compacted one, or watching from one, raises :class:`RevisionC
 
 Objects are deep-copied on the way in and out, so no caller can change what another one reads.
 """
+
 from __future__ import annotations
 
+import builtins
 import asyncio
 import bisect
 import collections
@@ -173,7 +175,7 @@ class MemoryStore(ObjectStore):
         return versions[-1] if versions else (0, None)
 
     @staticmethod
-    def _version_at(versions: list[_Version], revision: int) -> _Version:
+    def _version_at(versions: builtins.list[_Version], revision: int) -> _Version:
         """The key's state at ``revision``: its newest version not after it."""
         index = bisect.bisect_right(versions, revision, key=lambda version: version[0])
         return versions[index - 1] if index else (0, None)
@@ -213,7 +215,12 @@ class MemoryStore(ObjectStore):
         return current
 
     def _commit(
-        self, key: str, stored: dict[str, Any] | None, type_: EventType, *, last: dict[str, Any] | None = None,
+        self,
+        key: str,
+        stored: dict[str, Any] | None,
+        type_: EventType,
+        *,
+        last: dict[str, Any] | None = None,
     ) -> int:
         self._revision += 1
         revision = self._revision
@@ -222,7 +229,9 @@ class MemoryStore(ObjectStore):
             versions = self._versions[key] = []
             bisect.insort(self._keys, key)
         versions.append((revision, stored))
-        event = StoreEvent(type=type_, key=key, obj=stored if stored is not None else last, revision=revision)
+        obj = stored if stored is not None else last
+        assert obj is not None, "a deletion carries the deleted object"
+        event = StoreEvent(type=type_, key=key, obj=obj, revision=revision)
         self._events.append(event)
         self._notify(event)
         if len(self._events) > self._history_limit:
@@ -271,8 +280,9 @@ class MemoryStore(ObjectStore):
 
     # -- watch -------------------------------------------------------------------------------
 
-    async def watch(self, prefix: str, *, from_revision: int,
-                    progress: ProgressRequests | None = None) -> AsyncIterator[StoreEvent]:
+    async def watch(
+        self, prefix: str, *, from_revision: int, progress: ProgressRequests | None = None
+    ) -> AsyncIterator[StoreEvent]:
         self._check_open()
         check_prefix(prefix)
         if from_revision + 1 < self._compacted:
@@ -280,7 +290,8 @@ class MemoryStore(ObjectStore):
         # Replay and subscribe with no await in between, so no event falls in the gap.
         first = self._events[0].revision if self._events else self._revision + 1
         backlog = [
-            event for event in itertools.islice(self._events, max(0, from_revision + 1 - first), None)
+            event
+            for event in itertools.islice(self._events, max(0, from_revision + 1 - first), None)
             if event.key.startswith(prefix)
         ]
         watcher = _Watcher(prefix=prefix, queue=asyncio.Queue(maxsize=self._watch_queue_size))
@@ -296,9 +307,10 @@ class MemoryStore(ObjectStore):
                     return
                 if watcher.overflowed:
                     raise RevisionCompacted(requested=last, compacted=self._revision)
-                event = await watcher.queue.get()
-                if event is None:
+                queued = await watcher.queue.get()
+                if queued is None:
                     return
+                event = queued
                 if event.type is EventType.PROGRESS:
                     yield event
                     continue
@@ -324,5 +336,6 @@ class MemoryStore(ObjectStore):
     @staticmethod
     def _export_event(event: StoreEvent) -> StoreEvent:
         # Each watcher gets its own copy; the shared one stays as stored.
-        return StoreEvent(type=event.type, key=event.key, obj=_export(event.obj, event.revision),
-                          revision=event.revision)
+        return StoreEvent(
+            type=event.type, key=event.key, obj=_export(event.obj, event.revision), revision=event.revision
+        )

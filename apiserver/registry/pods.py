@@ -4,6 +4,7 @@ The live pods of the cluster, as far as endpoints need them: a pod's uid, read w
 Configured from a kubeconfig (``--kubeconfig``) or the in-cluster service account; without either
 (dev mode) there is no cluster and :meth:`PodLookup.pod_uid` is never asked.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -59,17 +60,20 @@ class PodLookup:
         assert self._api is not None
         try:
             pod = await client.CoreV1Api(self._api).read_namespaced_pod(
-                name, namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS)
+                name, namespace, _request_timeout=REQUEST_TIMEOUT_SECONDS
+            )
         except ApiException as error:
             if error.status == 404:
                 return None
             logger.warning("reading pod %s/%s failed: %s %s", namespace, name, error.status, error.reason)
             raise errors.service_unavailable(
                 f'cannot read pod "{name}" in namespace "{namespace}" to fill spec.podUID '
-                f"({error.status} {error.reason}); give spec.podUID or try again") from None
+                f"({error.status} {error.reason}); give spec.podUID or try again"
+            ) from None
         except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as error:
             logger.warning("reading pod %s/%s failed: %s", namespace, name, error)
             raise errors.service_unavailable(
                 f'cannot reach the cluster to read pod "{name}" in namespace "{namespace}" '
-                f"({error}); give spec.podUID or try again") from None
+                f"({error}); give spec.podUID or try again"
+            ) from None
         return pod.metadata.uid

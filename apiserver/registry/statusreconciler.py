@@ -16,6 +16,7 @@ client's write to the status subresource) and the slow full pass (:meth:`AutoCre
 ``--status-resync-interval``), which reconciles every endpoint whose status differs from one storage walk.
 :meth:`StatusReconciler.resync` (every endpoint, one directory read each) remains for callers without a walk.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -61,8 +62,7 @@ class StatusReconciler:
             return_value = await self._write_if_changed(current)
             if return_value is not None:
                 return return_value
-        logger.warning("status of %s/%s keeps changing under the reconciler; the next resync retries",
-                       namespace, pod)
+        logger.warning("status of %s/%s keeps changing under the reconciler; the next resync retries", namespace, pod)
         return False
 
     async def _write_if_changed(self, current: dict[str, Any]) -> bool | None:
@@ -80,8 +80,13 @@ class StatusReconciler:
         except KeyNotFound:
             return False
         self.registry.coredata.status_cache.put({key: status})
-        logger.info("status of %s/%s: %d cores (resourceVersion %s)", key[0], key[1], status["coreCount"],
-                    written["metadata"]["resourceVersion"])
+        logger.info(
+            "status of %s/%s: %d cores (resourceVersion %s)",
+            key[0],
+            key[1],
+            status["coreCount"],
+            written["metadata"]["resourceVersion"],
+        )
         return True
 
     async def resync(self) -> int:

@@ -11,17 +11,15 @@ monotonic counter for the whole store, rendered as a decimal string. Everything 
 Both backends must pass the same suite (``test/apiserver/test_store_backends.py``): same errors, same
 revision rules, same watch semantics.
 """
+
 from __future__ import annotations
 
 import abc
 import dataclasses
 import enum
 import json
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -186,8 +184,9 @@ class ObjectStore(abc.ABC):
         """Remove the object and return it as it last was, ``resourceVersion`` = the delete revision."""
 
     @abc.abstractmethod
-    def watch(self, prefix: str, *, from_revision: int,
-              progress: ProgressRequests | None = None) -> AsyncIterator[StoreEvent]:
+    def watch(
+        self, prefix: str, *, from_revision: int, progress: ProgressRequests | None = None
+    ) -> AsyncIterator[StoreEvent]:
         """
         Every change under ``prefix`` with revision > ``from_revision``, in order, until the caller
         stops iterating or the store closes. :class:`RevisionCompacted` (raised on first iteration)

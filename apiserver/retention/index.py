@@ -9,6 +9,7 @@ off, an endpoint deleted with its cores kept) are found by the slow reconcile's 
 (:func:`apiserver.retention.storage.walk`). Every name is validated before it can reach a path: the status came
 from storage, which every node writes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,8 +30,8 @@ PAGE = 500
 @dataclass
 class StatusIndex:
     cores: list[IndexedCore] = field(default_factory=list)
-    covered: set[Incarnation] = field(default_factory=set)   # incarnations that have an endpoint
-    read_from_storage: int = 0                                 # truncated statuses completed from storage
+    covered: set[Incarnation] = field(default_factory=set)  # incarnations that have an endpoint
+    read_from_storage: int = 0  # truncated statuses completed from storage
 
 
 def _incarnation(obj: dict[str, Any]) -> Incarnation | None:
@@ -52,8 +53,14 @@ def entries_of(incarnation: Incarnation, status: Any) -> tuple[list[IndexedCore]
     for entry in listed:
         if not isinstance(entry, dict):
             continue
-        core = storage.index_entry(namespace=ns, pod=pod, pod_uid=uid, container=entry.get("container"),
-                                   core_id=entry.get("id"), stored_size=entry.get("storedSize"))
+        core = storage.index_entry(
+            namespace=ns,
+            pod=pod,
+            pod_uid=uid,
+            container=entry.get("container"),
+            core_id=entry.get("id"),
+            stored_size=entry.get("storedSize"),
+        )
         if core is not None:
             out.append(core)
     count = status.get("coreCount")
@@ -69,15 +76,20 @@ def _read_incarnation(root: Path, incarnation: Incarnation) -> list[IndexedCore]
         return []
     out = []
     for c in found:
-        core = storage.index_entry(namespace=ns, pod=pod, pod_uid=uid, container=c.ref.container,
-                                   core_id=c.ref.core_id, stored_size=c.metadata.get("storedSize"))
+        core = storage.index_entry(
+            namespace=ns,
+            pod=pod,
+            pod_uid=uid,
+            container=c.ref.container,
+            core_id=c.ref.core_id,
+            stored_size=c.metadata.get("storedSize"),
+        )
         if core is not None:
             out.append(core)
     return out
 
 
-async def status_index(*, registry: "EndpointRegistry", root: Path, ops: storage.Ops,
-                       page: int = PAGE) -> StatusIndex:
+async def status_index(*, registry: "EndpointRegistry", root: Path, ops: storage.Ops, page: int = PAGE) -> StatusIndex:
     """Every stored core the endpoints' statuses know (store errors propagate: the pass is retried)."""
     index = StatusIndex()
     incomplete: list[Incarnation] = []

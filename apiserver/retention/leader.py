@@ -6,6 +6,7 @@ renew within ``renew_deadline``) stops ``work`` at once, and another takes over 
 the holder dies. Errors reaching the API (the library raises them from its loop) never end the election: the
 elector logs one line per change of error and tries again after ``retry_period``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,17 @@ def default_identity() -> str:
 
 
 class LeaseElector:
-    def __init__(self, *, api_client: Any, name: str, namespace: str, identity: str | None = None,
-                 lease_duration: float = 15.0, renew_deadline: float = 10.0, retry_period: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        api_client: Any,
+        name: str,
+        namespace: str,
+        identity: str | None = None,
+        lease_duration: float = 15.0,
+        renew_deadline: float = 10.0,
+        retry_period: float = 2.0,
+    ) -> None:
         self.api_client = api_client
         self.name = name
         self.namespace = namespace
@@ -51,19 +61,29 @@ class LeaseElector:
                 self.leading = True
                 self.terms += 1
                 self._term = asyncio.current_task()
-                logger.info("leading %s/%s as %s", self.namespace, self.name, self.identity,
-                            extra={"lease": f"{self.namespace}/{self.name}", "identity": self.identity})
+                logger.info(
+                    "leading %s/%s as %s",
+                    self.namespace,
+                    self.name,
+                    self.identity,
+                    extra={"lease": f"{self.namespace}/{self.name}", "identity": self.identity},
+                )
                 await work()
 
             async def stopped() -> None:
                 self.leading = False
-                logger.info("no longer leading %s/%s", self.namespace, self.name,
-                            extra={"lease": f"{self.namespace}/{self.name}"})
+                logger.info(
+                    "no longer leading %s/%s",
+                    self.namespace,
+                    self.name,
+                    extra={"lease": f"{self.namespace}/{self.name}"},
+                )
 
             # Whole seconds: the library writes str(lease_duration) into the Lease and reads it back with int(),
             # so a float (15.0) fails every attempt; the Lease API's leaseDurationSeconds is an integer anyway.
-            config = electionconfig.Config(lock, math.ceil(self.lease_duration), self.renew_deadline,
-                                           self.retry_period, started, stopped)
+            config = electionconfig.Config(
+                lock, math.ceil(self.lease_duration), self.renew_deadline, self.retry_period, started, stopped
+            )
             try:
                 await leaderelection.LeaderElection(config).run()
                 last_error = None
@@ -77,7 +97,12 @@ class LeaseElector:
                 self.leading = False
                 message = f"{type(e).__name__}: {e}"
                 if message != last_error:
-                    logger.warning("leader election for %s/%s failed: %s; retrying", self.namespace, self.name,
-                                   message, extra={"lease": f"{self.namespace}/{self.name}"})
+                    logger.warning(
+                        "leader election for %s/%s failed: %s; retrying",
+                        self.namespace,
+                        self.name,
+                        message,
+                        extra={"lease": f"{self.namespace}/{self.name}"},
+                    )
                 last_error = message
             await asyncio.sleep(self.retry_period)

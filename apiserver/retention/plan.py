@@ -9,6 +9,7 @@ Pure: no storage, no clock of its own. Rules, in order, per namespace:
 
 Each core is planned at most once, with the first rule that removes it.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -28,7 +29,7 @@ class IndexedCore:
     pod_uid: str
     container: str
     core_id: str
-    time: float          # crash time, epoch seconds
+    time: float  # crash time, epoch seconds
     stored_size: int
 
     @property
@@ -43,7 +44,7 @@ class IndexedCore:
 @dataclass(frozen=True)
 class Removal:
     core: IndexedCore
-    reason: str          # age | pod-count | namespace-bytes
+    reason: str  # age | pod-count | namespace-bytes
 
 
 def plan(cores: Iterable[IndexedCore], *, policy_of: Callable[[str], Policy], now: float) -> list[Removal]:

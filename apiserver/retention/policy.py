@@ -9,16 +9,15 @@ does not set takes the cluster default. ``0`` means "no limit" for the cluster's
 refused (it could only loosen). A ConfigMap that does not parse is ignored with one log line per change, and the
 cluster defaults apply: a typo never deletes more than the admin allowed.
 """
+
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from handler.flags import parse_retention_duration, parse_size
 
-logger = logging.getLogger(__name__)
 
 CONFIGMAP = "coredump-retention"
 KEYS = ("maxAge", "maxBytes", "maxCoresPerPod")
@@ -30,9 +29,9 @@ class PolicyError(ValueError):
 
 @dataclass(frozen=True)
 class Policy:
-    max_age: float = 0.0          # seconds; 0 = keep forever
-    max_bytes: int = 0            # stored bytes per namespace; 0 = unlimited
-    max_cores_per_pod: int = 0    # newest cores kept per pod (all incarnations); 0 = unlimited
+    max_age: float = 0.0  # seconds; 0 = keep forever
+    max_bytes: int = 0  # stored bytes per namespace; 0 = unlimited
+    max_cores_per_pod: int = 0  # newest cores kept per pod (all incarnations); 0 = unlimited
 
     def describe(self) -> dict[str, object]:
         return {"maxAge": self.max_age, "maxBytes": self.max_bytes, "maxCoresPerPod": self.max_cores_per_pod}
@@ -77,6 +76,7 @@ def effective(*, default: Policy, maximum: Policy, asked: Mapping[str, float] | 
     return Policy(
         max_age=_stricter(asked.get("maxAge", default.max_age), maximum.max_age),
         max_bytes=int(_stricter(asked.get("maxBytes", default.max_bytes), maximum.max_bytes)),
-        max_cores_per_pod=int(_stricter(asked.get("maxCoresPerPod", default.max_cores_per_pod),
-                                        maximum.max_cores_per_pod)),
+        max_cores_per_pod=int(
+            _stricter(asked.get("maxCoresPerPod", default.max_cores_per_pod), maximum.max_cores_per_pod)
+        ),
     )

@@ -18,6 +18,7 @@ finds the cores of incarnations no endpoint covers, sweeps debris (the writers' 
 namespace), removals by reason, pass durations and storage operations are published from here, the one place
 that computes them.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -60,7 +61,7 @@ class PassReport:
 @dataclass
 class FullReport:
     cores: int = 0
-    uncovered: int = 0         # incarnations with cores that no endpoint covers
+    uncovered: int = 0  # incarnations with cores that no endpoint covers
     debris: int = 0
     objects: list[str] = field(default_factory=list)
     ops: Ops = field(default_factory=Ops)
@@ -85,19 +86,26 @@ class ConfigMapPolicies:
                 self._errors.pop(ns, None)
             except PolicyError as e:
                 if self._errors.get(ns) != str(e):
-                    logger.warning("namespace %s: ignoring its %s ConfigMap: %s", ns, CONFIGMAP, e,
-                                   extra={"namespace": ns})
+                    logger.warning(
+                        "namespace %s: ignoring its %s ConfigMap: %s", ns, CONFIGMAP, e, extra={"namespace": ns}
+                    )
                 self._errors[ns] = str(e)
             except Exception as e:  # noqa: BLE001 - 404 is "no policy"; other errors: the cluster defaults
                 if getattr(e, "status", None) != 404:
-                    logger.warning("namespace %s: cannot read its %s ConfigMap (%s); cluster defaults apply",
-                                   ns, CONFIGMAP, e, extra={"namespace": ns})
+                    logger.warning(
+                        "namespace %s: cannot read its %s ConfigMap (%s); cluster defaults apply",
+                        ns,
+                        CONFIGMAP,
+                        e,
+                        extra={"namespace": ns},
+                    )
             out[ns] = effective(default=self.default, maximum=self.maximum, asked=asked)
         return out
 
 
-def _apply(root: Path, planned: list[Removal], cores: list[IndexedCore], *, covered: set[Incarnation], now: float,
-           ops: Ops) -> tuple[list[Removal], int, set[Incarnation]]:
+def _apply(
+    root: Path, planned: list[Removal], cores: list[IndexedCore], *, covered: set[Incarnation], now: float, ops: Ops
+) -> tuple[list[Removal], int, set[Incarnation]]:
     """Blocking: remove ``planned``, record each changed incarnation an endpoint shows, prune emptied containers."""
     done: list[Removal] = []
     failed = 0
@@ -108,8 +116,12 @@ def _apply(root: Path, planned: list[Removal], cores: list[IndexedCore], *, cove
             if storage.remove(root, r.core, ops=ops):
                 done.append(r)
         except OSError as e:
-            logger.warning("retention could not remove %s: %s", "/".join(r.core.key), e,
-                           extra={"namespace": r.core.namespace, "pod": r.core.pod, "core": r.core.core_id})
+            logger.warning(
+                "retention could not remove %s: %s",
+                "/".join(r.core.key),
+                e,
+                extra={"namespace": r.core.namespace, "pod": r.core.pod, "core": r.core.core_id},
+            )
             failed += 1
     by_incarnation: dict[Incarnation, list[Removal]] = {}
     for r in done:
@@ -118,8 +130,7 @@ def _apply(root: Path, planned: list[Removal], cores: list[IndexedCore], *, cove
         if incarnation not in covered:
             continue  # no endpoint to tell: no record, so its directories go with its last core
         try:
-            storage.record_removal(root, incarnation, reason=removals[-1].reason, count=len(removals), now=now,
-                                   ops=ops)
+            storage.record_removal(root, incarnation, reason=removals[-1].reason, count=len(removals), now=now, ops=ops)
         except OSError as e:
             logger.warning("retention could not record its removal in %s: %s", "/".join(incarnation), e)
     gone = {r.core.key for r in done}
@@ -130,8 +141,16 @@ def _apply(root: Path, planned: list[Removal], cores: list[IndexedCore], *, cove
     return done, failed, touched
 
 
-def _collect(root: Path, walked: storage.Walked, *, covered: set[Incarnation], now: float, debris_grace: float,
-             object_grace: float, ops: Ops) -> tuple[int, list[str]]:
+def _collect(
+    root: Path,
+    walked: storage.Walked,
+    *,
+    covered: set[Incarnation],
+    now: float,
+    debris_grace: float,
+    object_grace: float,
+    ops: Ops,
+) -> tuple[int, list[str]]:
     """Blocking: the debris sweep of every container directory, stale removal records, then the object collector."""
     for incarnation in walked.records:
         if incarnation not in covered:
@@ -149,11 +168,20 @@ def _collect(root: Path, walked: storage.Walked, *, covered: set[Incarnation], n
 
 
 class Retention:
-    def __init__(self, *, root: Path, index: Callable[[Ops], Awaitable[StatusIndex]],
-                 policies: Callable[[Iterable[str]], Awaitable[dict[str, Policy]]],
-                 reconcile: Callable[[Incarnation], Awaitable[Any]], metrics: Metrics | None = None,
-                 interval: float = 300.0, full_interval: float = 6 * 3600.0, debris_grace: float = 900.0,
-                 object_grace: float = 3600.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        root: Path,
+        index: Callable[[Ops], Awaitable[StatusIndex]],
+        policies: Callable[[Iterable[str]], Awaitable[dict[str, Policy]]],
+        reconcile: Callable[[Incarnation], Awaitable[Any]],
+        metrics: Metrics | None = None,
+        interval: float = 300.0,
+        full_interval: float = 6 * 3600.0,
+        debris_grace: float = 900.0,
+        object_grace: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.root = Path(root)
         self.index = index
         self.policies = policies
@@ -182,14 +210,16 @@ class Retention:
         planned = plan_mod.plan(cores, policy_of=lambda ns: policies.get(ns, Policy()), now=self.clock())
         if planned:
             report.removals, report.failed, report.reconciled = await asyncio.to_thread(
-                _apply, self.root, planned, cores, covered=index.covered, now=self.clock(), ops=ops)
+                _apply, self.root, planned, cores, covered=index.covered, now=self.clock(), ops=ops
+            )
         for incarnation in sorted(report.reconciled):
             if incarnation in index.covered:
                 try:
                     await self.reconcile(incarnation)
                 except Exception as e:  # noqa: BLE001 - the status resync catches what this misses
-                    logger.warning("status of %s/%s not reconciled after retention: %s", incarnation[0],
-                                   incarnation[1], e)
+                    logger.warning(
+                        "status of %s/%s not reconciled after retention: %s", incarnation[0], incarnation[1], e
+                    )
         gone = {r.core.key for r in report.removals}
         for incarnation in list(self.uncovered):
             self.uncovered[incarnation] = [c for c in self.uncovered[incarnation] if c.key not in gone]
@@ -202,9 +232,13 @@ class Retention:
             self.metrics.usage(report.usage)
             self.metrics.finished(kind="pass", seconds=time.monotonic() - began, ops=ops)
         if report.removals or report.failed:
-            logger.info("retention: removed %d cores (%s), %d failed", len(report.removals),
-                        ", ".join(sorted({r.reason for r in report.removals})) or "-", report.failed,
-                        extra={"removed": len(report.removals), "failed": report.failed})
+            logger.info(
+                "retention: removed %d cores (%s), %d failed",
+                len(report.removals),
+                ", ".join(sorted({r.reason for r in report.removals})) or "-",
+                report.failed,
+                extra={"removed": len(report.removals), "failed": report.failed},
+            )
         self.passes += 1
         return report
 
@@ -222,14 +256,27 @@ class Retention:
         self.uncovered = uncovered
         report.cores, report.uncovered = len(walked.cores), len(uncovered)
         report.debris, report.objects = await asyncio.to_thread(
-            _collect, self.root, walked, covered=index.covered, now=self.clock(), debris_grace=self.debris_grace,
-            object_grace=self.object_grace, ops=ops)
+            _collect,
+            self.root,
+            walked,
+            covered=index.covered,
+            now=self.clock(),
+            debris_grace=self.debris_grace,
+            object_grace=self.object_grace,
+            ops=ops,
+        )
         if self.metrics is not None:
             self.metrics.collected(debris=report.debris, objects=len(report.objects))
             self.metrics.finished(kind="full", seconds=time.monotonic() - began, ops=ops)
-        logger.info("retention full reconcile: %d cores, %d in incarnations without an endpoint, %d debris files "
-                    "and %d objects removed", report.cores, report.uncovered, report.debris, len(report.objects),
-                    extra={"cores": report.cores, "debris": report.debris, "objects": len(report.objects)})
+        logger.info(
+            "retention full reconcile: %d cores, %d in incarnations without an endpoint, %d debris files "
+            "and %d objects removed",
+            report.cores,
+            report.uncovered,
+            report.debris,
+            len(report.objects),
+            extra={"cores": report.cores, "debris": report.debris, "objects": len(report.objects)},
+        )
         self.full_passes += 1
         return report
 

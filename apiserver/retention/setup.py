@@ -6,10 +6,10 @@ and only the holder runs passes; in dev mode (one process, no cluster) the passe
 the debris sweep, the object collector and the usage figures) is off unless one of the ``--retention-max-*``
 limits is set.
 """
+
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,26 +31,51 @@ if TYPE_CHECKING:
     from apiserver.options import Config
     from apiserver.registry.endpoints import EndpointRegistry
 
-logger = logging.getLogger(__name__)
 
-REMOVED = Counter("coredump_retention_removed_cores_total", "Cores removed by retention, by reason "
-                  "(age, pod-count, namespace-bytes).", ["reason"], registry=REGISTRY)
-STORED_BYTES = Gauge("coredump_namespace_stored_bytes", "Stored (compressed) bytes of cores per namespace, at the "
-                     "last retention pass.", ["namespace"], registry=REGISTRY)
-STORED_CORES = Gauge("coredump_namespace_stored_cores", "Stored cores per namespace, at the last retention pass.",
-                     ["namespace"], registry=REGISTRY)
+REMOVED = Counter(
+    "coredump_retention_removed_cores_total",
+    "Cores removed by retention, by reason (age, pod-count, namespace-bytes).",
+    ["reason"],
+    registry=REGISTRY,
+)
+STORED_BYTES = Gauge(
+    "coredump_namespace_stored_bytes",
+    "Stored (compressed) bytes of cores per namespace, at the last retention pass.",
+    ["namespace"],
+    registry=REGISTRY,
+)
+STORED_CORES = Gauge(
+    "coredump_namespace_stored_cores",
+    "Stored cores per namespace, at the last retention pass.",
+    ["namespace"],
+    registry=REGISTRY,
+)
 LEADING = Gauge("coredump_retention_leader", "1 while this replica holds the retention Lease.", registry=REGISTRY)
-PASS_DURATION = Histogram("coredump_retention_pass_duration_seconds", "Time of one retention pass (pass: from "
-                          "the stored status; full: the slow reconcile that walks the storage).", ["kind"],
-                          buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600), registry=REGISTRY)
-STORAGE_OPS = Counter("coredump_retention_storage_operations_total", "Storage operations of retention passes, by "
-                      "kind of pass and operation (remove, record, prune, read, walk, sweep, gc); per pass: divide "
-                      "by coredump_retention_pass_duration_seconds_count.", ["kind", "operation"],
-                      registry=REGISTRY)
-DEBRIS_REMOVED = Counter("coredump_retention_debris_removed_files_total", "Temp files of dead writes removed by the "
-                         "debris sweep (older than --debris-grace).", registry=REGISTRY)
-OBJECTS_REMOVED = Counter("coredump_retention_removed_objects_total", "Objects of the build-id store removed "
-                          "because no stored core references them.", registry=REGISTRY)
+PASS_DURATION = Histogram(
+    "coredump_retention_pass_duration_seconds",
+    "Time of one retention pass (pass: from the stored status; full: the slow reconcile that walks the storage).",
+    ["kind"],
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600),
+    registry=REGISTRY,
+)
+STORAGE_OPS = Counter(
+    "coredump_retention_storage_operations_total",
+    "Storage operations of retention passes, by "
+    "kind of pass and operation (remove, record, prune, read, walk, sweep, gc); per pass: divide "
+    "by coredump_retention_pass_duration_seconds_count.",
+    ["kind", "operation"],
+    registry=REGISTRY,
+)
+DEBRIS_REMOVED = Counter(
+    "coredump_retention_debris_removed_files_total",
+    "Temp files of dead writes removed by the debris sweep (older than --debris-grace).",
+    registry=REGISTRY,
+)
+OBJECTS_REMOVED = Counter(
+    "coredump_retention_removed_objects_total",
+    "Objects of the build-id store removed because no stored core references them.",
+    registry=REGISTRY,
+)
 
 
 class _Metrics:
@@ -76,31 +101,74 @@ class _Metrics:
 
 def add_retention_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("retention (one elected replica enforces it for the cluster)")
-    g.add_argument("--retention-max-age", type=parse_retention_duration, default="0s",
-                   help="remove cores older than this, e.g. 14d (default 0: keep)")
-    g.add_argument("--retention-max-namespace-bytes", type=parse_size, default=0,
-                   help="stored bytes per namespace, oldest cores removed first, e.g. 20Gi (default 0: unlimited)")
-    g.add_argument("--retention-max-cores-per-pod", type=parse_count, default="0",
-                   help="newest cores kept per pod (default 0: unlimited)")
-    g.add_argument("--retention-namespace-limit-max-age", type=parse_retention_duration, default=None,
-                   help="the longest maxAge a namespace's coredump-retention ConfigMap may ask for "
-                        "(default: --retention-max-age, so namespaces may only be stricter)")
-    g.add_argument("--retention-namespace-limit-bytes", type=parse_size, default=None,
-                   help="the most maxBytes a namespace may ask for (default: --retention-max-namespace-bytes)")
-    g.add_argument("--retention-namespace-limit-cores-per-pod", type=parse_count, default=None,
-                   help="the most maxCoresPerPod a namespace may ask for (default: --retention-max-cores-per-pod)")
-    g.add_argument("--retention-interval", type=_positive_duration, default="5m",
-                   help="time between passes; a pass reads the stored status, not the storage")
-    g.add_argument("--retention-full-interval", type=_positive_duration, default="6h",
-                   help="time between slow reconciles: a walk of the whole storage that finds cores no endpoint "
-                        "covers, sweeps debris and removes objects no core references")
-    g.add_argument("--debris-grace", type=_debris_grace, default="15m",
-                   help="temp files of a write untouched this long are debris (at least 4m: four of the "
-                        "writers' heartbeats); a live writer keeps its own fresh")
-    g.add_argument("--object-grace", type=_positive_duration, default="1h",
-                   help="an object stored or reused this recently is kept even if no core references it yet")
-    g.add_argument("--retention-lease-namespace", default=os.environ.get("POD_NAMESPACE", "coredump-system"),
-                   help="namespace of the Lease (default: env POD_NAMESPACE, else coredump-system)")
+    g.add_argument(
+        "--retention-max-age",
+        type=parse_retention_duration,
+        default="0s",
+        help="remove cores older than this, e.g. 14d (default 0: keep)",
+    )
+    g.add_argument(
+        "--retention-max-namespace-bytes",
+        type=parse_size,
+        default=0,
+        help="stored bytes per namespace, oldest cores removed first, e.g. 20Gi (default 0: unlimited)",
+    )
+    g.add_argument(
+        "--retention-max-cores-per-pod",
+        type=parse_count,
+        default="0",
+        help="newest cores kept per pod (default 0: unlimited)",
+    )
+    g.add_argument(
+        "--retention-namespace-limit-max-age",
+        type=parse_retention_duration,
+        default=None,
+        help="the longest maxAge a namespace's coredump-retention ConfigMap may ask for "
+        "(default: --retention-max-age, so namespaces may only be stricter)",
+    )
+    g.add_argument(
+        "--retention-namespace-limit-bytes",
+        type=parse_size,
+        default=None,
+        help="the most maxBytes a namespace may ask for (default: --retention-max-namespace-bytes)",
+    )
+    g.add_argument(
+        "--retention-namespace-limit-cores-per-pod",
+        type=parse_count,
+        default=None,
+        help="the most maxCoresPerPod a namespace may ask for (default: --retention-max-cores-per-pod)",
+    )
+    g.add_argument(
+        "--retention-interval",
+        type=_positive_duration,
+        default="5m",
+        help="time between passes; a pass reads the stored status, not the storage",
+    )
+    g.add_argument(
+        "--retention-full-interval",
+        type=_positive_duration,
+        default="6h",
+        help="time between slow reconciles: a walk of the whole storage that finds cores no endpoint "
+        "covers, sweeps debris and removes objects no core references",
+    )
+    g.add_argument(
+        "--debris-grace",
+        type=_debris_grace,
+        default="15m",
+        help="temp files of a write untouched this long are debris (at least 4m: four of the "
+        "writers' heartbeats); a live writer keeps its own fresh",
+    )
+    g.add_argument(
+        "--object-grace",
+        type=_positive_duration,
+        default="1h",
+        help="an object stored or reused this recently is kept even if no core references it yet",
+    )
+    g.add_argument(
+        "--retention-lease-namespace",
+        default=os.environ.get("POD_NAMESPACE", "coredump-system"),
+        help="namespace of the Lease (default: env POD_NAMESPACE, else coredump-system)",
+    )
     g.add_argument("--retention-lease-name", default="coredump-retention", help="name of the Lease")
 
 
@@ -119,15 +187,20 @@ def _debris_grace(text: str) -> float:
 
 
 def policies_from(args: Config) -> tuple[Policy, Policy]:
-    default = Policy(max_age=args.retention_max_age, max_bytes=args.retention_max_namespace_bytes,
-                     max_cores_per_pod=args.retention_max_cores_per_pod)
+    default = Policy(
+        max_age=args.retention_max_age,
+        max_bytes=args.retention_max_namespace_bytes,
+        max_cores_per_pod=args.retention_max_cores_per_pod,
+    )
 
     def pick(value: Any, fallback: Any) -> Any:
         return fallback if value is None else value
 
-    maximum = Policy(max_age=pick(args.retention_namespace_limit_max_age, default.max_age),
-                     max_bytes=pick(args.retention_namespace_limit_bytes, default.max_bytes),
-                     max_cores_per_pod=pick(args.retention_namespace_limit_cores_per_pod, default.max_cores_per_pod))
+    maximum = Policy(
+        max_age=pick(args.retention_namespace_limit_max_age, default.max_age),
+        max_bytes=pick(args.retention_namespace_limit_bytes, default.max_bytes),
+        max_cores_per_pod=pick(args.retention_namespace_limit_cores_per_pod, default.max_cores_per_pod),
+    )
     return default, maximum
 
 
@@ -137,6 +210,7 @@ def enabled(args: Config) -> bool:
 
 async def _api_client(kubeconfig: Path | None) -> Any:
     from kubernetes_asyncio import client, config
+
     cfg = client.Configuration()
     if kubeconfig is not None:
         await config.load_kube_config(config_file=str(kubeconfig), client_configuration=cfg)
@@ -145,8 +219,7 @@ async def _api_client(kubeconfig: Path | None) -> Any:
     return client.ApiClient(configuration=cfg)
 
 
-def controller(args: Config, *, storage_root: Path, registry: "EndpointRegistry",
-               policies: Any) -> Retention:
+def controller(args: Config, *, storage_root: Path, registry: "EndpointRegistry", policies: Any) -> Retention:
     """The controller over the stored status of ``registry``, reconciling through its one status writer."""
     reconciler = StatusReconciler(registry=registry, root=storage_root)
 
@@ -157,9 +230,17 @@ def controller(args: Config, *, storage_root: Path, registry: "EndpointRegistry"
         namespace, pod, uid = incarnation
         return await reconciler.reconcile(namespace=namespace, pod=pod, uid=uid)
 
-    return Retention(root=storage_root, index=index, policies=policies, reconcile=reconcile, metrics=_Metrics(),
-                     interval=args.retention_interval, full_interval=args.retention_full_interval,
-                     debris_grace=args.debris_grace, object_grace=args.object_grace)
+    return Retention(
+        root=storage_root,
+        index=index,
+        policies=policies,
+        reconcile=reconcile,
+        metrics=_Metrics(),
+        interval=args.retention_interval,
+        full_interval=args.retention_full_interval,
+        debris_grace=args.debris_grace,
+        object_grace=args.object_grace,
+    )
 
 
 async def run(args: Config, *, storage_root: Path, registry: "EndpointRegistry", dev: bool) -> None:
@@ -173,6 +254,7 @@ async def run(args: Config, *, storage_root: Path, registry: "EndpointRegistry",
     try:
         if api is not None:
             from kubernetes_asyncio import client
+
             policies = ConfigMapPolicies(client.CoreV1Api(api), default=default, maximum=maximum).policies
         else:
             policies = no_policies
@@ -180,8 +262,7 @@ async def run(args: Config, *, storage_root: Path, registry: "EndpointRegistry",
         if api is None:
             await retention.run()
             return
-        elector = LeaseElector(api_client=api, name=args.retention_lease_name,
-                               namespace=args.retention_lease_namespace)
+        elector = LeaseElector(api_client=api, name=args.retention_lease_name, namespace=args.retention_lease_namespace)
 
         async def term() -> None:
             LEADING.set(1)

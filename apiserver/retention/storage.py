@@ -18,6 +18,7 @@ through a link and nothing outside ``<root>/<namespace>/`` is touched.
 - :func:`sweep` is the debris sweep of one container directory (one place calls it), with the grace of the flag.
 - :class:`Ops` counts the storage operations a pass makes, by kind, for the metrics.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,29 +40,36 @@ RECORD_MAX_BYTES = 4096
 REASONS = ("age", "pod-count", "namespace-bytes")
 
 
-
 class Ops(Counter[str]):
     """Storage operations of one pass, by kind (remove, record, prune, read, walk, sweep, gc)."""
 
 
-def index_entry(*, namespace: str, pod: str, pod_uid: str, container: Any, core_id: Any,
-                stored_size: Any) -> IndexedCore | None:
+def index_entry(
+    *, namespace: str, pod: str, pod_uid: str, container: Any, core_id: Any, stored_size: Any
+) -> IndexedCore | None:
     """An index entry from untrusted names (status, metadata); None when a name could not be in storage."""
     try:
         ref = layout.CoreRef(namespace=namespace, pod=pod, pod_uid=pod_uid, container=container, core_id=core_id)
         when = layout.core_id_time(ref.core_id).timestamp()
     except (layout.InvalidName, TypeError, ValueError):
         return None
-    size = stored_size if isinstance(stored_size, int) and not isinstance(stored_size, bool) and stored_size >= 0 \
-        else 0
-    return IndexedCore(namespace=ref.namespace, pod=ref.pod, pod_uid=ref.pod_uid, container=ref.container,
-                   core_id=ref.core_id, time=when, stored_size=size)
+    size = stored_size if isinstance(stored_size, int) and not isinstance(stored_size, bool) and stored_size >= 0 else 0
+    return IndexedCore(
+        namespace=ref.namespace,
+        pod=ref.pod,
+        pod_uid=ref.pod_uid,
+        container=ref.container,
+        core_id=ref.core_id,
+        time=when,
+        stored_size=size,
+    )
 
 
 def remove(root: Path, core: IndexedCore, *, ops: Ops) -> bool:
     """Remove one core if storage still has it (metadata first: no reader ever sees half of it)."""
-    ref = layout.CoreRef(namespace=core.namespace, pod=core.pod, pod_uid=core.pod_uid, container=core.container,
-                         core_id=core.core_id)
+    ref = layout.CoreRef(
+        namespace=core.namespace, pod=core.pod, pod_uid=core.pod_uid, container=core.container, core_id=core.core_id
+    )
     ops["remove"] += 1
     stored = layout.StoredCore(ref=ref, metadata={}, core_path=ref.core_path(root), meta_path=ref.meta_path(root))
     return layout.remove_core(stored)
@@ -70,17 +78,18 @@ def remove(root: Path, core: IndexedCore, *, ops: Ops) -> bool:
 def prune(root: Path, *, namespace: str, pod: str, pod_uid: str, container: str, ops: Ops) -> None:
     """Remove the container directory and its parents below the namespace while they are empty."""
     ops["prune"] += 1
-    layout.prune_empty_dirs(root, layout.container_dir(root, namespace=namespace, pod=pod, pod_uid=pod_uid,
-                                                       container=container))
+    layout.prune_empty_dirs(
+        root, layout.container_dir(root, namespace=namespace, pod=pod, pod_uid=pod_uid, container=container)
+    )
 
 
-def record_removal(root: Path, incarnation: Incarnation, *, reason: str, count: int, now: float,
-                   ops: Ops) -> None:
+def record_removal(root: Path, incarnation: Incarnation, *, reason: str, count: int, now: float, ops: Ops) -> None:
     """Write the removal record of an incarnation (atomically: temp file and rename, beneath the namespace)."""
     ops["record"] += 1
     namespace, pod, uid = incarnation
-    d = safefs.open_dir(root, layout.validate_namespace(namespace), layout.validate_pod_name(pod),
-                        layout.validate_pod_uid(uid))
+    d = safefs.open_dir(
+        root, layout.validate_namespace(namespace), layout.validate_pod_name(pod), layout.validate_pod_uid(uid)
+    )
     if d is None:
         return  # the whole incarnation is gone (pruned): there is no endpoint status left to explain
     body = json.dumps({"time": layout.rfc3339(now), "reason": reason, "cores": count}, sort_keys=True).encode()
@@ -113,8 +122,14 @@ def read_removal(root: Path, incarnation: Incarnation) -> dict[str, Any] | None:
     """The removal record of an incarnation, checked field by field (storage is written by every node)."""
     namespace, pod, uid = incarnation
     try:
-        raw = safefs.read_bytes(root, layout.validate_namespace(namespace), layout.validate_pod_name(pod),
-                                layout.validate_pod_uid(uid), RECORD_NAME, limit=RECORD_MAX_BYTES + 1)
+        raw = safefs.read_bytes(
+            root,
+            layout.validate_namespace(namespace),
+            layout.validate_pod_name(pod),
+            layout.validate_pod_uid(uid),
+            RECORD_NAME,
+            limit=RECORD_MAX_BYTES + 1,
+        )
     except (layout.InvalidName, OSError):
         return None
     if raw is None or len(raw) > RECORD_MAX_BYTES:
@@ -137,7 +152,7 @@ class Walked:
     cores: list[IndexedCore] = field(default_factory=list)
     container_dirs: list[Path] = field(default_factory=list)
     referenced: set[str] = field(default_factory=set)
-    complete: bool = True   # False when a part of the tree could not be read: the object collector then waits
+    complete: bool = True  # False when a part of the tree could not be read: the object collector then waits
     records: list[Incarnation] = field(default_factory=list)  # removal records of incarnations with no container
 
 
@@ -170,8 +185,10 @@ def _container_dirs(root: Path, namespace: str, records: list[Incarnation]) -> l
                         continue
                     with uid_dir:
                         containers = _dirs(uid_dir, layout.validate_container)
-                        out.extend(layout.container_dir(root, namespace=namespace, pod=pod, pod_uid=uid, container=c)
-                                   for c in containers)
+                        out.extend(
+                            layout.container_dir(root, namespace=namespace, pod=pod, pod_uid=uid, container=c)
+                            for c in containers
+                        )
                         if not containers and uid_dir.stat(RECORD_NAME) is not None:
                             records.append((namespace, pod, uid))
     return out
@@ -195,8 +212,14 @@ def walk(root: Path, *, ops: Ops) -> Walked:
             out.complete = False
             continue
         for core in cores:
-            found = index_entry(namespace=ns, pod=core.ref.pod, pod_uid=core.ref.pod_uid, container=core.ref.container,
-                            core_id=core.ref.core_id, stored_size=core.metadata.get("storedSize"))
+            found = index_entry(
+                namespace=ns,
+                pod=core.ref.pod,
+                pod_uid=core.ref.pod_uid,
+                container=core.ref.container,
+                core_id=core.ref.core_id,
+                stored_size=core.metadata.get("storedSize"),
+            )
             if found is not None:
                 out.cores.append(found)
             out.referenced |= objects.referenced_build_ids(core.metadata)

@@ -5,6 +5,7 @@ The agent's settings: host paths (all configurable, tests use temp dirs), interv
 and host roots, the previous core_pattern file, the node name) are derived from the agent's own in
 ``__post_init__``, so there is one place they come from and nothing to remember to call.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from handler.config import (CONFIG_NAME, HOST_DIR, HOST_ROOT, PROC_ROOT, SPOOL_NAME, STATE_NAME, STORAGE_ROOT,
-                            HandlerConfig, local_dir)
+from handler.config import (
+    CONFIG_NAME,
+    HOST_DIR,
+    HOST_ROOT,
+    PROC_ROOT,
+    SPOOL_NAME,
+    STATE_NAME,
+    STORAGE_ROOT,
+    HandlerConfig,
+    local_dir,
+)
 
 # Names in the host dir that the shim (host view) and the agent (local view) must agree on.
 SHIM_NAME, SHIM_CONF_NAME, SHIM_LOG_NAME, PID_NAME = "shim", "shim.conf", "shim.log", "agent.pid"
@@ -37,8 +47,8 @@ class AgentConfig:
     drain_interval: float = 10.0
     outcome_interval: float = 1.0
     retention_interval: float = 300.0
-    max_age: float = 0.0                   # seconds; 0 = keep forever
-    max_namespace_bytes: int = 0           # stored bytes per namespace; 0 = unlimited
+    max_age: float = 0.0  # seconds; 0 = keep forever
+    max_namespace_bytes: int = 0  # stored bytes per namespace; 0 = unlimited
     metrics_bind_address: str = "0.0.0.0"
     metrics_port: int = 9402
     events: bool = True
@@ -96,7 +106,17 @@ class AgentConfig:
         """Complete: the handler's paths are the agent's (one spool and one state dir, on the host)."""
         for name in ("sysctl_root", "proc_root", "host_root", "storage_root"):
             object.__setattr__(self, name, Path(getattr(self, name)))
-        object.__setattr__(self, "handler", dataclasses.replace(
-            self.handler, storage_root=self.storage_root, spool_dir=self.local_dir / SPOOL_NAME,
-            state_dir=self.local_dir / STATE_NAME, proc_root=self.proc_root, host_root=self.host_root,
-            previous_pattern_file=self.previous_pattern_file, node=self.node))
+        object.__setattr__(
+            self,
+            "handler",
+            dataclasses.replace(
+                self.handler,
+                storage_root=self.storage_root,
+                spool_dir=self.local_dir / SPOOL_NAME,
+                state_dir=self.local_dir / STATE_NAME,
+                proc_root=self.proc_root,
+                host_root=self.host_root,
+                previous_pattern_file=self.previous_pattern_file,
+                node=self.node,
+            ),
+        )

@@ -1,4 +1,5 @@
 """CoreDumped Events on the crashed pod, through kubernetes-asyncio (in-cluster config or a kubeconfig)."""
+
 from __future__ import annotations
 
 import logging
@@ -30,14 +31,22 @@ def event_body(rec: dict[str, Any], *, node: str | None) -> dict[str, Any]:
     trunc = " (truncated)" if rec.get("truncated") else ""
     exe = f" in {rec['exe']}" if isinstance(rec.get("exe"), str) and rec.get("exe") else ""
     top = f" at {rec['topFrame']}" if isinstance(rec.get("topFrame"), str) and rec.get("topFrame") else ""
-    message = (f"Container {container} dumped core: {sig} (signal {rec.get('signal')}){exe}{top}, "
-               f"{human_size(rec.get('observedSize'))}{trunc}; core {rec.get('coreID')}")[:1024]
+    message = (
+        f"Container {container} dumped core: {sig} (signal {rec.get('signal')}){exe}{top}, "
+        f"{human_size(rec.get('observedSize'))}{trunc}; core {rec.get('coreID')}"
+    )[:1024]
     return {
         "apiVersion": "v1",
         "kind": "Event",
         "metadata": {"generateName": f"{rec['pod']}.", "namespace": rec["namespace"]},
-        "involvedObject": {"apiVersion": "v1", "kind": "Pod", "namespace": rec["namespace"], "name": rec["pod"],
-                           "uid": rec.get("podUID"), "fieldPath": f"spec.containers{{{container}}}"},
+        "involvedObject": {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "namespace": rec["namespace"],
+            "name": rec["pod"],
+            "uid": rec.get("podUID"),
+            "fieldPath": f"spec.containers{{{container}}}",
+        },
         "reason": REASON,
         "message": message,
         "type": "Warning",
@@ -62,6 +71,7 @@ class EventPoster:
     async def _core_api(self) -> Any:
         if self._api is None:
             from kubernetes_asyncio import client, config
+
             if self.kubeconfig:
                 cfg = client.Configuration()
                 await config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)
@@ -76,7 +86,9 @@ class EventPoster:
         api = await self._core_api()
         body = event_body(rec, node=self.node)
         await api.create_namespaced_event(namespace=rec["namespace"], body=body)
-        logger.info("posted %s event for %s/%s container %s", REASON, rec["namespace"], rec["pod"], rec.get("container"))
+        logger.info(
+            "posted %s event for %s/%s container %s", REASON, rec["namespace"], rec["pod"], rec.get("container")
+        )
 
     async def close(self) -> None:
         if self._client is not None:

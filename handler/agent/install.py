@@ -8,6 +8,7 @@ process, a process in another mount namespace) makes it spool instead of running
 host dir is written by temp file and rename through :mod:`handler.safefs`: the shim reads either the old or the
 new file, whole, and a link planted in the host dir is replaced, never written through.
 """
+
 from __future__ import annotations
 
 import logging
@@ -63,7 +64,7 @@ def install_files(cfg: AgentConfig) -> None:
 
 def process_start_time(stat_text: bytes) -> int:
     """Field 22 of ``/proc/PID/stat``, counted after the last ``)`` (the comm may hold spaces and parens)."""
-    after = stat_text[stat_text.rindex(b")") + 1:].split()
+    after = stat_text[stat_text.rindex(b")") + 1 :].split()
     return int(after[22 - 3])
 
 

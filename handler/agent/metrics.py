@@ -5,6 +5,7 @@ The agent's Prometheus metrics, on ``prometheus-client``: counters fed from the 
 other labels is a programming error (``ValueError``), caught by the tests. Each :class:`Metrics` has its own
 registry, so agents in one test process do not share counts.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -35,10 +36,14 @@ HELP = {
     "coredump_core_pattern_restored_total": ("counter", "Times core_pattern was found changed and put back."),
     "coredump_cloudevents_sent_total": ("counter", "CloudEvents a sink accepted (2xx), by sink."),
     "coredump_cloudevents_retries_total": ("counter", "Failed CloudEvents deliveries that will be retried, by sink."),
-    "coredump_cloudevents_dropped_total": ("counter", "CloudEvents dropped, by sink and reason (outbox-full, "
-                                                      "rejected, invalid, sink-removed, namespace-gone)."),
-    "coredump_cloudevents_filtered_total": ("counter", "CloudEvents not sent because the namespace opted out or "
-                                                       "the sink's namespaceSelector did not match, by sink."),
+    "coredump_cloudevents_dropped_total": (
+        "counter",
+        "CloudEvents dropped, by sink and reason (outbox-full, rejected, invalid, sink-removed, namespace-gone).",
+    ),
+    "coredump_cloudevents_filtered_total": (
+        "counter",
+        "CloudEvents not sent because the namespace opted out or the sink's namespaceSelector did not match, by sink.",
+    ),
     "coredump_cloudevents_outbox_events": ("gauge", "CloudEvents queued in the outbox, by sink."),
     "coredump_cloudevents_outbox_bytes": ("gauge", "Bytes of CloudEvents queued in the outbox, by sink."),
 }
@@ -135,8 +140,9 @@ class Metrics:
 
 def make_app(metrics: Metrics) -> web.Application:
     async def handle_metrics(request: web.Request) -> web.Response:
-        return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST,
-                                                           "X-Content-Type-Options": "nosniff"})
+        return web.Response(
+            body=metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST, "X-Content-Type-Options": "nosniff"}
+        )
 
     async def handle_healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok")

@@ -18,6 +18,7 @@ Contract:
   ``coredump.example.io/events: "false"`` gets no events, and a sink's ``namespaceSelector`` matches its labels.
   When the namespace cannot be read the entry waits (opting out must hold even while the API is away).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,9 +46,32 @@ logger = logging.getLogger(__name__)
 EVENT_TYPE = "io.example.coredump.core.created"
 API_PREFIX = "/apis/coredump.example.io/v1alpha1"
 # Metadata keys an event carries; everything else of the metadata stays on storage.
-DATA_KEYS = ("coreID", "namespace", "pod", "podUID", "container", "containerID", "node", "image", "imageDigest",
-             "pid", "signal", "signalName", "comm", "exe", "buildID", "timestamp", "size", "storedSize", "sha256",
-             "truncated", "truncationReason", "signature", "frames", "backtrace")
+DATA_KEYS = (
+    "coreID",
+    "namespace",
+    "pod",
+    "podUID",
+    "container",
+    "containerID",
+    "node",
+    "image",
+    "imageDigest",
+    "pid",
+    "signal",
+    "signalName",
+    "comm",
+    "exe",
+    "buildID",
+    "timestamp",
+    "size",
+    "storedSize",
+    "sha256",
+    "truncated",
+    "truncationReason",
+    "signature",
+    "frames",
+    "backtrace",
+)
 # A backtrace bigger than this is left out of the event (the dump and the API have it).
 MAX_DATA_BYTES = 64 * 1024
 REJECTED_CODES = frozenset({400, 413, 415, 422})
@@ -77,8 +101,10 @@ def event_id(*, namespace: str, pod: str, pod_uid: str, container: str, core_id:
 
 def dump_path(*, namespace: str, pod: str, container: str, core_id: str) -> str:
     """The API path that downloads exactly this core (through kube-apiserver, under RBAC)."""
-    return (f"{API_PREFIX}/namespaces/{namespace}/coredumpendpoints/{pod}/dump"
-            f"?container={quote(container)}&core={quote(core_id)}")
+    return (
+        f"{API_PREFIX}/namespaces/{namespace}/coredumpendpoints/{pod}/dump"
+        f"?container={quote(container)}&core={quote(core_id)}"
+    )
 
 
 def _crash_time(meta: Mapping[str, Any], core_id: str) -> str:
@@ -97,8 +123,7 @@ def build_event(core: layout.StoredCore, *, node: str | None) -> dict[str, Any]:
     ref = core.ref
     data: dict[str, Any] = {k: core.metadata[k] for k in DATA_KEYS if k in core.metadata}
     # The place comes from the validated path, never from the metadata a node wrote.
-    data.update(coreID=ref.core_id, namespace=ref.namespace, pod=ref.pod, podUID=ref.pod_uid,
-                container=ref.container)
+    data.update(coreID=ref.core_id, namespace=ref.namespace, pod=ref.pod, podUID=ref.pod_uid, container=ref.container)
     data["dumpPath"] = dump_path(namespace=ref.namespace, pod=ref.pod, container=ref.container, core_id=ref.core_id)
     data["endpointPath"] = f"{API_PREFIX}/namespaces/{ref.namespace}/coredumpendpoints/{ref.pod}"
     if len(repr(data)) > MAX_DATA_BYTES:
@@ -107,8 +132,9 @@ def build_event(core: layout.StoredCore, *, node: str | None) -> dict[str, Any]:
                 data["backtraceOmitted"] = True
     source_node = node or "unknown"
     attributes = {
-        "id": event_id(namespace=ref.namespace, pod=ref.pod, pod_uid=ref.pod_uid, container=ref.container,
-                       core_id=ref.core_id),
+        "id": event_id(
+            namespace=ref.namespace, pod=ref.pod, pod_uid=ref.pod_uid, container=ref.container, core_id=ref.core_id
+        ),
         "source": f"/coredump.example.io/nodes/{source_node}",
         "type": EVENT_TYPE,
         "subject": f"{ref.namespace}/{ref.pod}/{ref.container}/{ref.core_id}",
@@ -140,8 +166,13 @@ def encode(stored: Mapping[str, Any], *, mode: str) -> tuple[dict[str, str], byt
 def find_core(root: Path, rec: Mapping[str, Any]) -> layout.StoredCore | None:
     """The committed core an outcome record names, read from storage (blocking)."""
     try:
-        cores = layout.list_cores(root, namespace=str(rec["namespace"]), pod=str(rec["pod"]),
-                                  pod_uid=str(rec["podUID"]), container=str(rec["container"]))
+        cores = layout.list_cores(
+            root,
+            namespace=str(rec["namespace"]),
+            pod=str(rec["pod"]),
+            pod_uid=str(rec["podUID"]),
+            container=str(rec["container"]),
+        )
     except (KeyError, layout.InvalidName):
         return None
     return next((c for c in cores if c.ref.core_id == rec.get("coreID")), None)
@@ -160,6 +191,7 @@ class KubeNamespaces:
     async def _core_api(self) -> Any:
         if self._api is None:
             from kubernetes_asyncio import client, config
+
             cfg = client.Configuration()
             if self.kubeconfig:
                 await config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)
@@ -218,11 +250,21 @@ class Metrics(Protocol):
 class Notifier:
     """Queues events of committed cores and delivers them; see the module docstring for the contract."""
 
-    def __init__(self, *, sinks: SinksFile, outbox: Outbox, storage_root: Path, node: str | None,
-                 namespaces: NamespaceInfo, metrics: Metrics, backoff_base: float = 1.0,
-                 backoff_max: float = 300.0, poll_interval: float = 1.0,
-                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        sinks: SinksFile,
+        outbox: Outbox,
+        storage_root: Path,
+        node: str | None,
+        namespaces: NamespaceInfo,
+        metrics: Metrics,
+        backoff_base: float = 1.0,
+        backoff_max: float = 300.0,
+        poll_interval: float = 1.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        rng: random.Random | None = None,
+    ) -> None:
         self.sinks = sinks
         self.outbox = outbox
         self.storage_root = Path(storage_root)
@@ -246,9 +288,13 @@ class Notifier:
             return 0
         core = await asyncio.to_thread(find_core, self.storage_root, rec)
         if core is None:
-            logger.warning("no committed core %s/%s %s to announce (removed already?)", rec.get("namespace"),
-                           rec.get("pod"), rec.get("coreID"), extra={"namespace": rec.get("namespace"),
-                                                                       "pod": rec.get("pod"), "core": rec.get("coreID")})
+            logger.warning(
+                "no committed core %s/%s %s to announce (removed already?)",
+                rec.get("namespace"),
+                rec.get("pod"),
+                rec.get("coreID"),
+                extra={"namespace": rec.get("namespace"), "pod": rec.get("pod"), "core": rec.get("coreID")},
+            )
             return 0
         stored = build_event(core, node=self.node)
         signal = stored["data"].get("signal")
@@ -259,8 +305,9 @@ class Notifier:
                 continue
             if sink.signals is not None and signal not in sink.signals:
                 continue
-            dropped = await asyncio.to_thread(self.outbox.put, sink.name, event_id=stored["attributes"]["id"],
-                                              event=stored)
+            dropped = await asyncio.to_thread(
+                self.outbox.put, sink.name, event_id=stored["attributes"]["id"], event=stored
+            )
             if dropped:
                 self.metrics.inc("coredump_cloudevents_dropped_total", dropped, sink=sink.name, reason="outbox-full")
             queued += 1
@@ -302,8 +349,12 @@ class Notifier:
             if name not in configured:
                 n = await asyncio.to_thread(self.outbox.drop_queue, name)
                 if n:
-                    logger.warning("dropped %d queued events of sink %s, which is no longer configured", n, name,
-                                   extra={"sink": name, "dropped": n})
+                    logger.warning(
+                        "dropped %d queued events of sink %s, which is no longer configured",
+                        n,
+                        name,
+                        extra={"sink": name, "dropped": n},
+                    )
                     self.metrics.inc("coredump_cloudevents_dropped_total", n, sink=name, reason="sink-removed")
                 self.metrics.set("coredump_cloudevents_outbox_events", 0, sink=name)
                 self.metrics.set("coredump_cloudevents_outbox_bytes", 0, sink=name)
@@ -351,8 +402,9 @@ class Notifier:
                     await self._sleep(self._delay(failures))
                     break
 
-    async def _one(self, session: aiohttp.ClientSession, sink: Sink, entry: Entry,
-                   ssl_ctx: ssl.SSLContext | bool) -> str | None:
+    async def _one(
+        self, session: aiohttp.ClientSession, sink: Sink, entry: Entry, ssl_ctx: ssl.SSLContext | bool
+    ) -> str | None:
         """Try one entry: ``None`` when it left the queue, else the failure class (it stays)."""
         stored = await asyncio.to_thread(self.outbox.read, entry)
         if stored is None:
@@ -370,8 +422,9 @@ class Notifier:
         raw = stored.get("data")
         data: dict[str, Any] = raw if isinstance(raw, dict) else {}
         signal = data.get("signal") if isinstance(data.get("signal"), int) else None
-        if annotations.get(OPT_OUT_ANNOTATION) == "false" or \
-                not sink.wants(namespace=namespace, signal=signal, labels=labels):
+        if annotations.get(OPT_OUT_ANNOTATION) == "false" or not sink.wants(
+            namespace=namespace, signal=signal, labels=labels
+        ):
             await asyncio.to_thread(self.outbox.remove, entry)
             self.metrics.inc("coredump_cloudevents_filtered_total", sink=sink.name)
             return None
@@ -389,8 +442,7 @@ class Notifier:
                 return _failure_class(e) + f" ({sink.token_file})"
             headers["Authorization"] = f"Bearer {token}"
         try:
-            async with session.post(sink.url, data=body, headers=headers, ssl=ssl_ctx,
-                                    allow_redirects=False) as resp:
+            async with session.post(sink.url, data=body, headers=headers, ssl=ssl_ctx, allow_redirects=False) as resp:
                 await resp.read()
                 status = resp.status
         except asyncio.CancelledError:
@@ -405,8 +457,13 @@ class Notifier:
                 del self._last_failure[sink.name]
             return None
         if status in REJECTED_CODES:
-            logger.error("sink %s refused event %s with HTTP %d; dropped", sink.name, entry.event_id, status,
-                         extra={"sink": sink.name, "event": entry.event_id, "status": status})
+            logger.error(
+                "sink %s refused event %s with HTTP %d; dropped",
+                sink.name,
+                entry.event_id,
+                status,
+                extra={"sink": sink.name, "event": entry.event_id, "status": status},
+            )
             await asyncio.to_thread(self.outbox.remove, entry)
             self.metrics.inc("coredump_cloudevents_dropped_total", sink=sink.name, reason="rejected")
             return None
@@ -416,5 +473,9 @@ class Notifier:
         """One log line per change of failure class, not one per retry."""
         if self._last_failure.get(sink.name) != failure:
             self._last_failure[sink.name] = failure
-            logger.warning("sink %s: delivery failing (%s); events stay queued and are retried with backoff",
-                           sink.name, failure, extra={"sink": sink.name, "failure": failure, "attempt": failures})
+            logger.warning(
+                "sink %s: delivery failing (%s); events stay queued and are retried with backoff",
+                sink.name,
+                failure,
+                extra={"sink": sink.name, "failure": failure, "attempt": failures},
+            )

@@ -12,6 +12,7 @@ Blocking filesystem code; the agent calls it through ``asyncio.to_thread``. File
 own, on the node's own disk, but they are parsed strictly all the same: an unreadable entry is dropped and
 counted, never a crash of the delivery loop.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,11 @@ class Outbox:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if _SINK.match(n) and (self.directory / n).is_dir()
-                      and not (self.directory / n).is_symlink())
+        return sorted(
+            n
+            for n in names
+            if _SINK.match(n) and (self.directory / n).is_dir() and not (self.directory / n).is_symlink()
+        )
 
     def entries(self, sink: str) -> list[Entry]:
         """The sink's queue, oldest first."""
@@ -132,8 +136,12 @@ class Outbox:
             count -= 1
             size -= e.size
         if dropped:
-            logger.warning("outbox full: dropped the %d oldest events of %s", dropped, existing[0].path.parent.name,
-                           extra={"sink": existing[0].path.parent.name, "dropped": dropped})
+            logger.warning(
+                "outbox full: dropped the %d oldest events of %s",
+                dropped,
+                existing[0].path.parent.name,
+                extra={"sink": existing[0].path.parent.name, "dropped": dropped},
+            )
         return dropped
 
     def read(self, entry: Entry) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ record stays ``keep_deleted`` seconds, so a core of its last moments still finds
 resumed, a ``410 Gone`` (or any error) relists after a pause. Needs ``list``/``watch`` on ``pods`` and
 ``namespaces``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,7 +24,7 @@ from handler import podrecord
 
 logger = logging.getLogger(__name__)
 
-WATCH_TIMEOUT = 300          # seconds a single watch request lasts before it is resumed
+WATCH_TIMEOUT = 300  # seconds a single watch request lasts before it is resumed
 RETRY_PAUSE = 5.0
 
 
@@ -33,6 +34,7 @@ class _Gone(Exception):
 
 async def kube_client(kubeconfig: str | None) -> Any:
     from kubernetes_asyncio import client, config
+
     cfg = client.Configuration()
     if kubeconfig:
         await config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
@@ -46,12 +48,13 @@ class PodWatcher:
 
     def __init__(self, *, api_client: Any, node: str, state_dir: Path, keep_deleted: float = 600.0) -> None:
         from kubernetes_asyncio import client
+
         self.core = client.CoreV1Api(api_client)
         self.node = node
         self.state_dir = Path(state_dir)
         self.keep_deleted = keep_deleted
         self._deleted: dict[str, float] = {}
-        self.synced = asyncio.Event()     # set after the first pod list is written
+        self.synced = asyncio.Event()  # set after the first pod list is written
         self.errors = 0
 
     # -- records (blocking filesystem work, run in threads) --
@@ -96,9 +99,11 @@ class PodWatcher:
 
     async def _watch(self, method: Any, *, resource_version: str, on_event: Any, **kw: Any) -> str:
         from kubernetes_asyncio import watch
+
         w = watch.Watch()
-        async with w.stream(method, resource_version=resource_version, timeout_seconds=WATCH_TIMEOUT,
-                            allow_watch_bookmarks=True, **kw) as stream:
+        async with w.stream(
+            method, resource_version=resource_version, timeout_seconds=WATCH_TIMEOUT, allow_watch_bookmarks=True, **kw
+        ) as stream:
             async for event in stream:
                 kind, obj = event.get("type"), event.get("raw_object") or {}
                 if kind == "ERROR":
@@ -138,8 +143,12 @@ class PodWatcher:
                 self.synced.set()
                 logger.info("pod records: %d pods on node %s", len(items), self.node)
                 while True:
-                    rv = await self._watch(self.core.list_pod_for_all_namespaces, resource_version=rv,
-                                           on_event=self._pod_event, field_selector=selector)
+                    rv = await self._watch(
+                        self.core.list_pod_for_all_namespaces,
+                        resource_version=rv,
+                        on_event=self._pod_event,
+                        field_selector=selector,
+                    )
                     await asyncio.to_thread(self._expire_deleted)
             except asyncio.CancelledError:
                 raise
@@ -159,8 +168,9 @@ class PodWatcher:
                 names = {n for o in items if isinstance(n := (o.get("metadata") or {}).get("name"), str)}
                 await asyncio.to_thread(self._prune, names, podrecord.NAMESPACES_DIR)
                 while True:
-                    rv = await self._watch(self.core.list_namespace, resource_version=rv,
-                                           on_event=self._namespace_event)
+                    rv = await self._watch(
+                        self.core.list_namespace, resource_version=rv, on_event=self._namespace_event
+                    )
             except asyncio.CancelledError:
                 raise
             except _Gone:

@@ -7,6 +7,7 @@ everyone else's cores). Uncommitted debris older than the grace period is swept 
 commits are completed (see :mod:`handler.layout`). Every access goes through :mod:`handler.layout`, which reaches
 storage only through :mod:`handler.safefs`: a planted link is never followed, sized or deleted through.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,8 +43,14 @@ def apply(root: Path, *, max_age: float = 0, max_namespace_bytes: int = 0, now: 
         if max_age and now - born > max_age:
             if layout.remove_core(core):
                 report.deleted_age += 1
-                logger.info("retention: %s/%s/%s: %s older than %.0fs", core.ref.namespace, core.ref.pod,
-                            core.ref.container, core.ref.core_id, max_age)
+                logger.info(
+                    "retention: %s/%s/%s: %s older than %.0fs",
+                    core.ref.namespace,
+                    core.ref.pod,
+                    core.ref.container,
+                    core.ref.core_id,
+                    max_age,
+                )
             continue
         # Oldest first within a namespace: the core id starts with the UTC time.
         by_ns[core.ref.namespace].append((core.ref.core_id, layout.stored_bytes(core), core))
@@ -55,8 +62,15 @@ def apply(root: Path, *, max_age: float = 0, max_namespace_bytes: int = 0, now: 
                 _, size, core = cores.pop(0)
                 if layout.remove_core(core):
                     report.deleted_size += 1
-                    logger.info("retention: namespace %s uses %d > %d bytes: removed %s/%s/%s", ns, usage[ns],
-                                max_namespace_bytes, core.ref.pod, core.ref.container, core.ref.core_id)
+                    logger.info(
+                        "retention: namespace %s uses %d > %d bytes: removed %s/%s/%s",
+                        ns,
+                        usage[ns],
+                        max_namespace_bytes,
+                        core.ref.pod,
+                        core.ref.container,
+                        core.ref.core_id,
+                    )
                 usage[ns] -= size
     report.namespace_bytes = usage
     # Every container directory, not only those with committed cores: an interrupted first core is in one alone.

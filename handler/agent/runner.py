@@ -5,6 +5,7 @@ All filesystem work runs in threads (``asyncio.to_thread``): storage may be a sl
 metrics endpoint must keep answering. On SIGTERM the agent unpublishes its pid (the shim then spools) and
 leaves core_pattern pointing at the shim: the next agent of a rolling update takes over from there.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,19 +35,27 @@ EVENT_ATTEMPTS = 3
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig, *, poster: EventPoster | None = None,
-                 namespaces: NamespaceInfo | None = None) -> None:
+    def __init__(
+        self, cfg: AgentConfig, *, poster: EventPoster | None = None, namespaces: NamespaceInfo | None = None
+    ) -> None:
         self.cfg = cfg
         self.metrics = Metrics()
-        self.poster = poster if poster is not None else (
-            EventPoster(kubeconfig=cfg.kubeconfig, node=cfg.node) if cfg.events else None)
+        self.poster = (
+            poster
+            if poster is not None
+            else (EventPoster(kubeconfig=cfg.kubeconfig, node=cfg.node) if cfg.events else None)
+        )
         self.notifier: Notifier | None = None
         if cfg.event_sinks_file is not None:
             self._namespaces = namespaces or KubeNamespaces(kubeconfig=cfg.kubeconfig)
             self.notifier = Notifier(
                 sinks=SinksFile(cfg.event_sinks_file),
                 outbox=Outbox(cfg.outbox_dir, max_events=cfg.outbox_max_events, max_bytes=cfg.outbox_max_bytes),
-                storage_root=cfg.storage_root, node=cfg.node, namespaces=self._namespaces, metrics=self.metrics)
+                storage_root=cfg.storage_root,
+                node=cfg.node,
+                namespaces=self._namespaces,
+                metrics=self.metrics,
+            )
         # Outcome records already accounted whose CloudEvent could not be queued yet: retried, not re-counted.
         self._announce_pending: set[Path] = set()
         self._stop = asyncio.Event()
@@ -86,8 +95,7 @@ class Agent:
     async def process_outcomes(self) -> int:
         records = await asyncio.to_thread(read_outcomes, self.cfg.handler.outcomes_dir)
         for path, rec in records:
-            filed = rec.get("result") in EVENT_RESULTS and rec.get("kept") and rec.get("namespace") \
-                and rec.get("pod")
+            filed = rec.get("result") in EVENT_RESULTS and rec.get("kept") and rec.get("namespace") and rec.get("pod")
             if path not in self._announce_pending:
                 self.metrics.account(rec)
                 if self.poster is not None and filed:
@@ -106,9 +114,12 @@ class Agent:
             raise
         except (OSError, ValueError) as e:
             if path not in self._announce_pending:
-                logger.error("cannot queue the CloudEvent of core %s: %s; retrying", rec.get("coreID"), e,
-                             extra={"namespace": rec.get("namespace"), "pod": rec.get("pod"),
-                                    "core": rec.get("coreID")})
+                logger.error(
+                    "cannot queue the CloudEvent of core %s: %s; retrying",
+                    rec.get("coreID"),
+                    e,
+                    extra={"namespace": rec.get("namespace"), "pod": rec.get("pod"), "core": rec.get("coreID")},
+                )
             self._announce_pending.add(path)
             return False
         self._announce_pending.discard(path)
@@ -124,8 +135,13 @@ class Agent:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - the API may be away; the core is filed regardless
-                logger.warning("posting event for %s/%s failed (attempt %d): %s", rec.get("namespace"),
-                               rec.get("pod"), attempt + 1, e)
+                logger.warning(
+                    "posting event for %s/%s failed (attempt %d): %s",
+                    rec.get("namespace"),
+                    rec.get("pod"),
+                    attempt + 1,
+                    e,
+                )
                 await asyncio.sleep(0.2 * (attempt + 1))
         self.metrics.inc("coredump_event_errors_total")
 
@@ -135,13 +151,18 @@ class Agent:
             logger.info("spool: drained %d, waiting %d, errors %d", report.drained, report.waiting, report.errors)
         entries = await asyncio.to_thread(spool_mod.list_entries, self.cfg.handler.spool_dir)
         self.metrics.set("coredump_spool_entries", len(entries))
-        self.metrics.set("coredump_spool_bytes", await asyncio.to_thread(spool_mod.spool_bytes,
-                                                                         self.cfg.handler.spool_dir))
+        self.metrics.set(
+            "coredump_spool_bytes", await asyncio.to_thread(spool_mod.spool_bytes, self.cfg.handler.spool_dir)
+        )
         return report
 
     async def retention_once(self) -> retention.RetentionReport:
-        report = await asyncio.to_thread(retention.apply, self.cfg.storage_root, max_age=self.cfg.max_age,
-                                         max_namespace_bytes=self.cfg.max_namespace_bytes)
+        report = await asyncio.to_thread(
+            retention.apply,
+            self.cfg.storage_root,
+            max_age=self.cfg.max_age,
+            max_namespace_bytes=self.cfg.max_namespace_bytes,
+        )
         self.metrics.inc("coredump_retention_deleted_total", report.deleted_age, reason="age")
         self.metrics.inc("coredump_retention_deleted_total", report.deleted_size, reason="namespace-bytes")
         self.metrics.clear("coredump_namespace_stored_bytes")
@@ -193,8 +214,9 @@ class Agent:
         if self.notifier is not None:
             tasks.append(asyncio.create_task(self.notifier.run(self._stop), name="cloudevents"))
         if self.cfg.max_age or self.cfg.max_namespace_bytes:
-            tasks.append(asyncio.create_task(self._every(self.cfg.retention_interval, self.retention_once,
-                                                         "retention")))
+            tasks.append(
+                asyncio.create_task(self._every(self.cfg.retention_interval, self.retention_once, "retention"))
+            )
         if self.cfg.pod_records and self.cfg.node:
             tasks.append(asyncio.create_task(self._watch_pods(), name="pod-records"))
         logger.info("agent running; core_pattern %r", self.cfg.core_pattern)
@@ -203,6 +225,7 @@ class Agent:
 
     async def _watch_pods(self) -> None:
         from handler.agent.pods import PodWatcher, kube_client
+
         try:
             api = await kube_client(self.cfg.kubeconfig)
         except Exception as e:  # noqa: BLE001 - cores are still filed, with less context
@@ -247,6 +270,8 @@ def uninstall(cfg: AgentConfig) -> list[str]:
     install.uninstall_files(cfg)
     left = spool_mod.list_entries(cfg.handler.spool_dir)
     if left:
-        notes.append(f"{len(left)} cores are still in the spool at {cfg.handler.spool_dir}; "
-                     f"file them with 'coredump-handler drain' before removing it")
+        notes.append(
+            f"{len(left)} cores are still in the spool at {cfg.handler.spool_dir}; "
+            f"file them with 'coredump-handler drain' before removing it"
+        )
     return notes

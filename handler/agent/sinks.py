@@ -23,6 +23,7 @@ and the key. :class:`SinksFile` re-reads the file when it changes (the kubelet u
 place) and keeps the last good configuration when a new one does not parse, so an admin's typo never stops
 delivery of what was already configured.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,9 @@ class LabelSelector:
     match_expressions: tuple[Requirement, ...] = ()
 
     def matches(self, labels: Mapping[str, str]) -> bool:
-        return all(labels.get(k) == v for k, v in self.match_labels) and \
-            all(r.matches(labels) for r in self.match_expressions)
+        return all(labels.get(k) == v for k, v in self.match_labels) and all(
+            r.matches(labels) for r in self.match_expressions
+        )
 
 
 @dataclass(frozen=True)
@@ -196,8 +198,17 @@ def _sink(raw: Any, index: int) -> Sink:
     if not 0 < timeout <= 300:
         raise SinkConfigError(f"{where}: timeout must be more than 0 and at most 5m")
     assert isinstance(url, str)  # checked above
-    return Sink(name=name, url=url, mode=mode, namespaces=namespaces, namespace_selector=selector,
-                signals=signals, ca_file=files["caFile"], token_file=files["tokenFile"], timeout=timeout)
+    return Sink(
+        name=name,
+        url=url,
+        mode=mode,
+        namespaces=namespaces,
+        namespace_selector=selector,
+        signals=signals,
+        ca_file=files["caFile"],
+        token_file=files["tokenFile"],
+        timeout=timeout,
+    )
 
 
 def parse_sinks(text: str) -> SinkSet:
@@ -252,12 +263,16 @@ class SinksFile:
             self._fail(f"{self.path}: {e}")
             return self.current
         self.error = None
-        logger.info("cloudevents sinks: %s", ", ".join(s.name for s in self.current.sinks) or "none",
-                    extra={"sinks": [s.name for s in self.current.sinks]})
+        logger.info(
+            "cloudevents sinks: %s",
+            ", ".join(s.name for s in self.current.sinks) or "none",
+            extra={"sinks": [s.name for s in self.current.sinks]},
+        )
         return self.current
 
     def _fail(self, message: str) -> None:
         if message != self.error:
-            logger.error("%s; keeping the previous sinks (%s)", message,
-                         ", ".join(s.name for s in self.current.sinks) or "none")
+            logger.error(
+                "%s; keeping the previous sinks (%s)", message, ", ".join(s.name for s in self.current.sinks) or "none"
+            )
         self.error = message

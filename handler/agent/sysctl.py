@@ -8,6 +8,7 @@ the saved pattern. If something else rewrites core_pattern while we run, theirs 
 the shim runs itself for non-pod cores. Files in the host dir are written through :mod:`handler.safefs`; the
 sysctls themselves are configured paths (``--sysctl-root``).
 """
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 CORE_PATTERN = "kernel.core_pattern"
 CORE_PIPE_LIMIT = "kernel.core_pipe_limit"
 SUID_DUMPABLE = "fs.suid_dumpable"
-CORE_PATTERN_MAX = 127   # CORENAME_MAX_SIZE - 1
+CORE_PATTERN_MAX = 127  # CORENAME_MAX_SIZE - 1
 # In the host dir: the previous pipe pattern as the shim runs it (see handler.foreign.shim_forward_script).
 FORWARD_NAME = "forward.sh"
 
@@ -82,8 +83,9 @@ def enforce(cfg: AgentConfig) -> bool:
     current = read(cfg, CORE_PATTERN)
     if is_ours(cfg, current):
         return False
-    logger.warning("core_pattern was changed to %r behind our back; keeping it as the previous pattern, "
-                   "restoring ours", current)
+    logger.warning(
+        "core_pattern was changed to %r behind our back; keeping it as the previous pattern, restoring ours", current
+    )
     save_previous(cfg, current)
     write(cfg, CORE_PATTERN, cfg.core_pattern)
     return True

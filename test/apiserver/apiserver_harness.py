@@ -8,6 +8,7 @@ folder's conftest.py. The server here is the dump
 route alone on aiohttp, with the error middleware's Status shape and an in-memory registry; the
 end-to-end test through the full API server lives in ``test_dump_e2e.py``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,9 @@ class Crasher:
         """Run the program until it dumps core in ``workdir`` (core_pattern is ``core``); return the core."""
         workdir.mkdir(parents=True, exist_ok=True)
         args = [str(self.binary), str(heap)] + ([str(signal)] if signal else [])
-        proc = subprocess.run(["bash", "-c", 'ulimit -c unlimited && exec "$@"', "crasher", *args], cwd=workdir,
-                              capture_output=True)
+        proc = subprocess.run(
+            ["bash", "-c", 'ulimit -c unlimited && exec "$@"', "crasher", *args], cwd=workdir, capture_output=True
+        )
         assert proc.returncode < 0 or proc.returncode >= 128, proc
         cores = [p for p in workdir.iterdir() if p.name == "core" or p.name.startswith("core.")]
         assert cores, f"no core in {workdir}: is core_pattern 'core'? ({proc})"
@@ -87,26 +89,52 @@ class StoredFixtureCore:
         return self.stored.ref.core_id
 
 
-def store_core(root: Path, *, namespace: str, pod: str, pod_uid: str, container: str, data: bytes,
-               when: datetime.datetime, comm: str = "crasher", pid: int = 4242, signal: int = 11,
-               exe: str = "/usr/bin/crasher", members: int = 1) -> StoredFixtureCore:
+def store_core(
+    root: Path,
+    *,
+    namespace: str,
+    pod: str,
+    pod_uid: str,
+    container: str,
+    data: bytes,
+    when: datetime.datetime,
+    comm: str = "crasher",
+    pid: int = 4242,
+    signal: int = 11,
+    exe: str = "/usr/bin/crasher",
+    members: int = 1,
+) -> StoredFixtureCore:
     """File a core the way the node handler does: gzip (ISA-L level 1) once, metadata committed last."""
     core_id = layout.make_core_id(timestamp=when, comm=comm, pid=pid, signal=signal)
     digest = hashlib.sha256(data).hexdigest()
-    with layout.CoreWriter(root, namespace=namespace, pod=pod, pod_uid=pod_uid, container=container,
-                           core_id=core_id) as writer:
+    with layout.CoreWriter(
+        root, namespace=namespace, pod=pod, pod_uid=pod_uid, container=container, core_id=core_id
+    ) as writer:
         # Several members when asked: the handler may flush a member per bounded chunk.
         step = max(1, -(-len(data) // members))
         for i in range(0, max(len(data), 1), step):
-            writer.write(isal_zlib.compress(data[i:i + step], 1, 31))
-        stored = writer.commit({
-            "containerID": "containerd://" + "ab" * 32, "node": "node-1", "image": "example/crasher:1",
-            "imageDigest": "sha256:" + "cd" * 32, "pid": pid, "signal": signal,
-            "signalName": {11: "SIGSEGV", 6: "SIGABRT", 7: "SIGBUS"}.get(signal, f"SIG{signal}"),
-            "comm": comm, "exe": exe, "buildID": "0123456789abcdef", "timestamp": layout.rfc3339(when),
-            "size": len(data), "observedSize": len(data), "sha256": digest, "truncated": False,
-            "truncationReason": None, "compression": "gzip",
-        })
+            writer.write(isal_zlib.compress(data[i : i + step], 1, 31))
+        stored = writer.commit(
+            {
+                "containerID": "containerd://" + "ab" * 32,
+                "node": "node-1",
+                "image": "example/crasher:1",
+                "imageDigest": "sha256:" + "cd" * 32,
+                "pid": pid,
+                "signal": signal,
+                "signalName": {11: "SIGSEGV", 6: "SIGABRT", 7: "SIGBUS"}.get(signal, f"SIG{signal}"),
+                "comm": comm,
+                "exe": exe,
+                "buildID": "0123456789abcdef",
+                "timestamp": layout.rfc3339(when),
+                "size": len(data),
+                "observedSize": len(data),
+                "sha256": digest,
+                "truncated": False,
+                "truncationReason": None,
+                "compression": "gzip",
+            }
+        )
     return StoredFixtureCore(stored=stored, data_sha256=digest)
 
 
@@ -118,8 +146,11 @@ class MemoryRegistry:
 
     def add(self, *, namespace: str, name: str, pod_uid: str) -> None:
         self.objects[(namespace, name)] = {
-            "apiVersion": "coredump.example.io/v1alpha1", "kind": "CoredumpEndpoint",
-            "metadata": {"namespace": namespace, "name": name}, "spec": {"podUID": pod_uid}}
+            "apiVersion": "coredump.example.io/v1alpha1",
+            "kind": "CoredumpEndpoint",
+            "metadata": {"namespace": namespace, "name": name},
+            "spec": {"podUID": pod_uid},
+        }
 
     async def get(self, *, namespace: str, name: str, with_status: bool = True) -> dict[str, Any]:
         try:
@@ -165,6 +196,7 @@ def env_without_proxy() -> dict[str, str]:
 
 # -- the delegated-authentication app (test_auth_delegated, test_auth_strict) --
 
+
 @dataclasses.dataclass
 class App:
     url: str
@@ -178,22 +210,35 @@ class App:
             ctx.load_cert_chain(*cert)
         return ctx
 
-    async def get(self, path: str, *, cert: tuple[Path, Path] | None = None, token: str | None = None,
-                  headers: list[tuple[str, str]] | None = None) -> tuple[int, dict[str, Any]]:
+    async def get(
+        self,
+        path: str,
+        *,
+        cert: tuple[Path, Path] | None = None,
+        token: str | None = None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> tuple[int, dict[str, Any]]:
         all_headers = list(headers or [])
         if token:
             all_headers.append(("Authorization", f"Bearer {token}"))
         async with aiohttp.ClientSession() as session:
-            async with session.get(self.url + path, ssl=self.client_ssl(cert),
-                                   headers=CIMultiDict(all_headers)) as response:
+            async with session.get(
+                self.url + path, ssl=self.client_ssl(cert), headers=CIMultiDict(all_headers)
+            ) as response:
                 return response.status, await response.json()
 
 
 async def _whoami(request: web.Request) -> web.Response:
     user = request[context.USER]
     attributes = request[context.ATTRIBUTES]
-    return web.json_response({"user": user.name, "groups": list(user.groups),
-                              "extra": {k: list(v) for k, v in user.extra.items()}, "verb": attributes.verb})
+    return web.json_response(
+        {
+            "user": user.name,
+            "groups": list(user.groups),
+            "extra": {k: list(v) for k, v in user.extra.items()},
+            "verb": attributes.verb,
+        }
+    )
 
 
 def parse_flags(*flags: str) -> AuthOptions:
@@ -202,11 +247,13 @@ def parse_flags(*flags: str) -> AuthOptions:
     return AuthOptions.from_args(parser.parse_args(list(flags)))
 
 
-async def start_app(fake: FakeKube, directory: Path, *extra_flags: str,
-                    clock: FakeClock | None = None) -> tuple[web.AppRunner, App]:
+async def start_app(
+    fake: FakeKube, directory: Path, *extra_flags: str, clock: FakeClock | None = None
+) -> tuple[web.AppRunner, App]:
     kubeconfig = fake.write_kubeconfig(directory / "server.kubeconfig")
-    args = parse_flags("--authentication-kubeconfig", str(kubeconfig), "--authorization-kubeconfig",
-                       str(kubeconfig), *extra_flags)
+    args = parse_flags(
+        "--authentication-kubeconfig", str(kubeconfig), "--authorization-kubeconfig", str(kubeconfig), *extra_flags
+    )
     setup = await build_auth(options=args, dev=None, **({"sleep": clock.sleep} if clock else {}))
     app = web.Application(middlewares=[setup.middleware])
     app.router.add_get("/{tail:.*}", _whoami)
@@ -232,8 +279,12 @@ T0 = datetime.datetime(2026, 11, 23, 10, 0, tzinfo=datetime.timezone.utc)
 
 
 def body(name: str, uid: str | None = None, annotations: dict[str, str] | None = None) -> dict[str, Any]:
-    obj: dict[str, Any] = {"apiVersion": "coredump.example.io/v1alpha1", "kind": "CoredumpEndpoint",
-                           "metadata": {"name": name}, "spec": {}}
+    obj: dict[str, Any] = {
+        "apiVersion": "coredump.example.io/v1alpha1",
+        "kind": "CoredumpEndpoint",
+        "metadata": {"name": name},
+        "spec": {},
+    }
     if uid:
         obj["spec"]["podUID"] = uid
     if annotations:
@@ -266,9 +317,16 @@ class Server:
     logs: list[str]
     admin: tuple[Path, Path]
 
-    async def request(self, method: str, path: str, *, cert: tuple[Path, Path] | None = None,
-                      token: str | None = None, headers: list[tuple[str, str]] | None = None,
-                      body: Any = None) -> tuple[int, Any]:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        cert: tuple[Path, Path] | None = None,
+        token: str | None = None,
+        headers: list[tuple[str, str]] | None = None,
+        body: Any = None,
+    ) -> tuple[int, Any]:
         ctx = ssl.create_default_context(cafile=str(self.fake.ca_file))
         if cert:
             ctx.load_cert_chain(*cert)
@@ -276,8 +334,7 @@ class Server:
         if token:
             all_headers["Authorization"] = f"Bearer {token}"
         async with aiohttp.ClientSession() as session:
-            async with session.request(method, self.url + path, ssl=ctx, headers=all_headers,
-                                       json=body) as response:
+            async with session.request(method, self.url + path, ssl=ctx, headers=all_headers, json=body) as response:
                 raw = await response.read()
                 if response.content_type == "application/json":
                     return response.status, json.loads(raw)
@@ -308,10 +365,19 @@ async def run_server(fake: FakeKube, directory: Path, *flags: str) -> AsyncItera
     storage_root = directory / "cores"
     storage_root.mkdir(exist_ok=True)
     proc = await asyncio.create_subprocess_exec(
-        str(SERVER), "--secure-port=0", "--bind-address=127.0.0.1", f"--tls-cert-file={cert}",
-        f"--tls-private-key-file={key}", f"--storage-root={storage_root}", f"--kubeconfig={kubeconfig}",
-        f"--authentication-kubeconfig={kubeconfig}", f"--authorization-kubeconfig={kubeconfig}", *flags,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        str(SERVER),
+        "--secure-port=0",
+        "--bind-address=127.0.0.1",
+        f"--tls-cert-file={cert}",
+        f"--tls-private-key-file={key}",
+        f"--storage-root={storage_root}",
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        *flags,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert proc.stderr is not None
     logs: list[str] = []
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -319,8 +385,7 @@ async def run_server(fake: FakeKube, directory: Path, *flags: str) -> AsyncItera
     try:
         address = await asyncio.wait_for(ready, timeout=30)
         admin = fake.issue_client_cert(directory, cn="test-admin", orgs=["system:masters"])
-        yield Server(url=address, fake=fake, directory=directory, storage_root=storage_root, logs=logs,
-                     admin=admin)
+        yield Server(url=address, fake=fake, directory=directory, storage_root=storage_root, logs=logs, admin=admin)
     finally:
         if proc.returncode is None:
             proc.terminate()

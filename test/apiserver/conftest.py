@@ -3,6 +3,7 @@ Fixtures of the API server tests: real cores of a crashing program, a storage ro
 memory registry, the delegated-authentication app and a dev-mode registry. Their helpers are in
 :mod:`apiserver_harness`.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -16,8 +17,16 @@ import pytest
 import pytest_asyncio
 import yaml
 from aiohttp import web
-from apiserver_harness import (CRASHER_C, App, Crasher, DumpServer, MemoryRegistry, make_registry, start_app,
-                               status_middleware)
+from apiserver_harness import (
+    CRASHER_C,
+    App,
+    Crasher,
+    DumpServer,
+    MemoryRegistry,
+    make_registry,
+    start_app,
+    status_middleware,
+)
 from fake_kube import FakeKube, TestCA
 
 from apiserver import context
@@ -59,8 +68,9 @@ async def dump_server(storage_root: Path, tmp_path: Path) -> AsyncIterator[DumpS
     app = web.Application(middlewares=[status_middleware])
     app[context.REGISTRY] = registry  # type: ignore[assignment]
     app[context.STORAGE_ROOT] = storage_root
-    app.router.add_get("/apis/coredump.example.io/v1alpha1/namespaces/{namespace}/coredumpendpoints/{name}/dump",
-                       get_dump)
+    app.router.add_get(
+        "/apis/coredump.example.io/v1alpha1/namespaces/{namespace}/coredumpendpoints/{name}/dump", get_dump
+    )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     runner = web.AppRunner(app, access_log=None)
@@ -68,11 +78,18 @@ async def dump_server(storage_root: Path, tmp_path: Path) -> AsyncIterator[DumpS
     await web.SockSite(runner, sock, ssl_context=ctx).start()
     url = f"https://127.0.0.1:{sock.getsockname()[1]}"
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "t", "cluster": {"server": url, "certificate-authority": str(ca.cert_file)}}],
-        "users": [{"name": "u", "user": {"token": "dump-test"}}],
-        "contexts": [{"name": "t", "context": {"cluster": "t", "user": "u"}}], "current-context": "t"}))
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "t", "cluster": {"server": url, "certificate-authority": str(ca.cert_file)}}],
+                "users": [{"name": "u", "user": {"token": "dump-test"}}],
+                "contexts": [{"name": "t", "context": {"cluster": "t", "user": "u"}}],
+                "current-context": "t",
+            }
+        )
+    )
     try:
         yield DumpServer(url=url, ca_file=ca.cert_file, kubeconfig=kubeconfig, registry=registry, root=storage_root)
     finally:

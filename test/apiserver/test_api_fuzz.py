@@ -13,6 +13,7 @@ with no traceback in its log.
 Examples are derandomized (``derandomize=True``, no example database), so a failure reproduces by
 running the test again; hypothesis prints the failing request.
 """
+
 from __future__ import annotations
 
 import collections
@@ -51,9 +52,17 @@ EXAMPLES_PER_OPERATION = int(os.environ.get("COREDUMP_FUZZ_EXAMPLES", "50"))
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 FUZZ_SETTINGS = settings(
-    max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True, database=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much,
-                           HealthCheck.function_scoped_fixture],
+    max_examples=EXAMPLES_PER_OPERATION,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+        HealthCheck.filter_too_much,
+        HealthCheck.function_scoped_fixture,
+    ],
 )
 
 
@@ -73,8 +82,10 @@ class FuzzRequest:
     def __repr__(self) -> str:  # hypothesis prints this for a failing example
         body = None if self.body is None else (self.body[:300] + (b"..." if len(self.body) > 300 else b""))
         size = None if self.body is None else len(self.body)
-        return (f"FuzzRequest(method={self.method!r}, path={self.path[:400]!r}, headers={self.headers!r}, "
-                f"user={self.user!r}, body[{size}]={body!r})")
+        return (
+            f"FuzzRequest(method={self.method!r}, path={self.path[:400]!r}, headers={self.headers!r}, "
+            f"user={self.user!r}, body[{size}]={body!r})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +115,13 @@ class Client:
         self.server = server
         self.known_bugs_hit: collections.Counter[str] = collections.Counter()
         self.contexts: dict[str | None, ssl.SSLContext] = {
-            user: server.ssl_context(user=user) for user in ("admin", "viewer", None)}
+            user: server.ssl_context(user=user) for user in ("admin", "viewer", None)
+        }
 
     def send(self, request: FuzzRequest) -> FuzzResponse:
-        connection = http.client.HTTPSConnection("127.0.0.1", self.server.port, context=self.contexts[request.user],
-                                                 timeout=30)
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", self.server.port, context=self.contexts[request.user], timeout=30
+        )
         try:
             connection.request(request.method, request.path, body=request.body, headers=dict(request.headers))
             try:
@@ -207,10 +220,15 @@ def operations_of(document: dict[str, Any]) -> list[Operation]:
             if method.upper() not in METHODS:
                 continue
             content = (op.get("requestBody") or {}).get("content", {})
-            found.append(Operation(
-                method=method.upper(), template=template, operation_id=op.get("operationId", f"{method} {template}"),
-                parameters=tuple(shared + op.get("parameters", [])),
-                body_content=tuple((ctype, media.get("schema", {})) for ctype, media in content.items())))
+            found.append(
+                Operation(
+                    method=method.upper(),
+                    template=template,
+                    operation_id=op.get("operationId", f"{method} {template}"),
+                    parameters=tuple(shared + op.get("parameters", [])),
+                    body_content=tuple((ctype, media.get("schema", {})) for ctype, media in content.items()),
+                )
+            )
     return found
 
 
@@ -250,15 +268,17 @@ class Schemas:
             return st.lists(self.values(schema.get("items", {}), depth=depth + 1), max_size=3)
         if kind == "integer":
             bits = 31 if schema.get("format") == "int32" else 63
-            return st.integers(-(2 ** bits), 2 ** bits - 1)
+            return st.integers(-(2**bits), 2**bits - 1)
         if kind == "boolean":
             return st.booleans()
         if kind == "string":
             if schema.get("format") == "date-time":
                 return st.one_of(
                     st.datetimes(timezones=st.just(datetime.timezone.utc)).map(
-                        lambda t: t.isoformat().replace("+00:00", "Z")),
-                    st.text(max_size=30))
+                        lambda t: t.isoformat().replace("+00:00", "Z")
+                    ),
+                    st.text(max_size=30),
+                )
             return st.text(max_size=30)
         return json_values()
 
@@ -271,33 +291,70 @@ def json_values() -> st.SearchStrategy[Any]:
     return st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
         lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
-        max_leaves=8)
+        max_leaves=8,
+    )
 
 
 def yaml_only_values() -> st.SearchStrategy[Any]:
     """What YAML can say and JSON cannot: timestamps, binary, sets, non-string keys."""
     return st.one_of(
-        st.dates(), st.datetimes(), st.binary(max_size=8), st.frozensets(st.integers(), max_size=3).map(set),
-        st.dictionaries(st.one_of(st.integers(), st.booleans(), st.none(), st.floats(allow_nan=False), st.dates()),
-                        st.text(max_size=5), min_size=1, max_size=2))
+        st.dates(),
+        st.datetimes(),
+        st.binary(max_size=8),
+        st.frozensets(st.integers(), max_size=3).map(set),
+        st.dictionaries(
+            st.one_of(st.integers(), st.booleans(), st.none(), st.floats(allow_nan=False), st.dates()),
+            st.text(max_size=5),
+            min_size=1,
+            max_size=2,
+        ),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Request parts.
 
 DNS_LABEL = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?\Z")
-HOSTILE_NAMES = ["..", ".", "%2e%2e", "%2E%2E%2F", "..%2F..%2Fetc", "%2e", "a%2Fb", "%00", "%", "%zz", "a;b",
-                 "~", "default%2F..%2Fkube-system", "x" * 254, "x" * 4000, "Ünïcødé", "名前", "💥", "a b", "A",
-                 "-leading", "trailing-", "a.b", "a_b", "\u202e", "null", "0"]
+HOSTILE_NAMES = [
+    "..",
+    ".",
+    "%2e%2e",
+    "%2E%2E%2F",
+    "..%2F..%2Fetc",
+    "%2e",
+    "a%2Fb",
+    "%00",
+    "%",
+    "%zz",
+    "a;b",
+    "~",
+    "default%2F..%2Fkube-system",
+    "x" * 254,
+    "x" * 4000,
+    "Ünïcødé",
+    "名前",
+    "💥",
+    "a b",
+    "A",
+    "-leading",
+    "trailing-",
+    "a.b",
+    "a_b",
+    "\u202e",
+    "null",
+    "0",
+]
 
 
 def path_value(name: str) -> st.SearchStrategy[str]:
     """One path segment, already URL-encoded (a hostile value sometimes keeps its own % escapes and /)."""
     valid = st.sampled_from([FUZZ_NS] * 3 + ["default"]) if name == "namespace" else st.sampled_from([CORE_POD, *POOL])
-    raw = st.one_of(valid, valid, valid, valid, DNS_LABEL, st.sampled_from(HOSTILE_NAMES), st.text(max_size=40),
-                    st.just(""))
+    raw = st.one_of(
+        valid, valid, valid, valid, DNS_LABEL, st.sampled_from(HOSTILE_NAMES), st.text(max_size=40), st.just("")
+    )
     return st.tuples(raw, st.sampled_from(["", "%", "%/"])).map(
-        lambda pair: urllib.parse.quote(pair[0], safe=pair[1] + "-._~"))
+        lambda pair: urllib.parse.quote(pair[0], safe=pair[1] + "-._~")
+    )
 
 
 INTERESTING_QUERY = {
@@ -306,8 +363,15 @@ INTERESTING_QUERY = {
     "resourceVersionMatch": ["Exact", "NotOlderThan", "exact"],
     "resourceVersion": ["0", "1", "-1", "999999999999999999999", "abc", ""],
     "labelSelector": ["a=b", "a in (b,c)", "!a", "a,b!=c", "a=", "=", "(", "a in (", "a notin ()", "x" * 400],
-    "fieldSelector": ["metadata.name=fuzz-0", "metadata.namespace!=fuzz", "spec.podUID=x", "status.x=y", "a",
-                      "metadata.name==a", "metadata.name"],
+    "fieldSelector": [
+        "metadata.name=fuzz-0",
+        "metadata.namespace!=fuzz",
+        "spec.podUID=x",
+        "status.x=y",
+        "a",
+        "metadata.name==a",
+        "metadata.name",
+    ],
     "propagationPolicy": ["Orphan", "Background", "Foreground", "Never"],
     "continue": ["", "abc", "eyJ2IjoibWV0YS5rOHMuaW8vdjEiLCJydiI6MSwic3RhcnQiOiJhIn0=", "%%%"],
     "pretty": ["true", "false", "1", "yes"],
@@ -348,11 +412,23 @@ def query_string(draw: st.DrawFn, operation: Operation) -> str:
     return urllib.parse.urlencode(pairs, quote_via=urllib.parse.quote)
 
 
-UNKNOWN_CONTENT_TYPES = ["text/plain", "application/xml", "application/vnd.kubernetes.protobuf",
-                         "application/apply-patch+yaml", "application/strategic-merge-patch+json",
-                         "application/json; charset=utf-8", "application/json;charset=latin-1", "APPLICATION/JSON",
-                         "multipart/form-data; boundary=x", "application/x-www-form-urlencoded", "*/*",
-                         "application/", ";", "application/json, text/plain", "application/yaml; charset=utf-16"]
+UNKNOWN_CONTENT_TYPES = [
+    "text/plain",
+    "application/xml",
+    "application/vnd.kubernetes.protobuf",
+    "application/apply-patch+yaml",
+    "application/strategic-merge-patch+json",
+    "application/json; charset=utf-8",
+    "application/json;charset=latin-1",
+    "APPLICATION/JSON",
+    "multipart/form-data; boundary=x",
+    "application/x-www-form-urlencoded",
+    "*/*",
+    "application/",
+    ";",
+    "application/json, text/plain",
+    "application/yaml; charset=utf-16",
+]
 
 
 def nested(depth: int, *, yaml_flow: bool = False) -> bytes:
@@ -363,17 +439,44 @@ def nested(depth: int, *, yaml_flow: bool = False) -> bytes:
 
 def hostile_raw_bodies(*, yaml_type: bool) -> st.SearchStrategy[bytes]:
     """Bytes no generator of objects produces."""
-    fixed = [b"", b"   ", b"\x00\xff\xfe", b"{", b'{"a":1,"a":2}', b"NaN", b'{"x": Infinity}', b"[]", b"null",
-             b'"text"', b"123", b'{"metadata":{"generation":' + b"9" * 5000 + b"}}", b"\xef\xbb\xbf{}",
-             b'{"apiVersion":"coredump.example.io/v1alpha1","kind":"CoredumpEndpoint","metadata":{"name":"\xff"}}',
-             b'{"metadata":' * 100_000, b"[" * 200_000, nested(900), nested(980), nested(3000),
-             b'{"spec":{"podUID":"' + b"u" * (4 * 1024 * 1024) + b'"}}',
-             b'[{"op":"add","path":"/metadata/labels","value":' + b"[" * 950 + b"]" * 950 + b"}]"]
-    yaml_fixed = [b"a: &x [1]\nb: *x\n", b"!!python/object/apply:os.system ['true']\n", b"---\na: 1\n---\nb: 2\n",
-                  b"? [1, 2]\n: x\n", b"metadata: {name: !!binary aGk=}\n", b"\t- a\n", b"metadata: {name: 2020-01-01}\n",
-                  b"spec: !!set {a, b}\n", b"1: 2\n", b"kind: .nan\n", nested(5000, yaml_flow=True),
-                  b"apiVersion: coredump.example.io/v1alpha1\nkind: CoredumpEndpoint\nmetadata:\n  name: y\n"
-                  b"  labels: {1: a, true: b}\nspec: {podUID: x}\n"]
+    fixed = [
+        b"",
+        b"   ",
+        b"\x00\xff\xfe",
+        b"{",
+        b'{"a":1,"a":2}',
+        b"NaN",
+        b'{"x": Infinity}',
+        b"[]",
+        b"null",
+        b'"text"',
+        b"123",
+        b'{"metadata":{"generation":' + b"9" * 5000 + b"}}",
+        b"\xef\xbb\xbf{}",
+        b'{"apiVersion":"coredump.example.io/v1alpha1","kind":"CoredumpEndpoint","metadata":{"name":"\xff"}}',
+        b'{"metadata":' * 100_000,
+        b"[" * 200_000,
+        nested(900),
+        nested(980),
+        nested(3000),
+        b'{"spec":{"podUID":"' + b"u" * (4 * 1024 * 1024) + b'"}}',
+        b'[{"op":"add","path":"/metadata/labels","value":' + b"[" * 950 + b"]" * 950 + b"}]",
+    ]
+    yaml_fixed = [
+        b"a: &x [1]\nb: *x\n",
+        b"!!python/object/apply:os.system ['true']\n",
+        b"---\na: 1\n---\nb: 2\n",
+        b"? [1, 2]\n: x\n",
+        b"metadata: {name: !!binary aGk=}\n",
+        b"\t- a\n",
+        b"metadata: {name: 2020-01-01}\n",
+        b"spec: !!set {a, b}\n",
+        b"1: 2\n",
+        b"kind: .nan\n",
+        nested(5000, yaml_flow=True),
+        b"apiVersion: coredump.example.io/v1alpha1\nkind: CoredumpEndpoint\nmetadata:\n  name: y\n"
+        b"  labels: {1: a, true: b}\nspec: {podUID: x}\n",
+    ]
     return st.sampled_from(fixed + (yaml_fixed if yaml_type else []))
 
 
@@ -389,8 +492,8 @@ def mutated(draw: st.DrawFn, base: st.SearchStrategy[Any], *, yaml_type: bool) -
 
         def walk(node: Any) -> None:
             if isinstance(node, dict | list):
-                containers.append(node)
-                for child in (node.values() if isinstance(node, dict) else node):
+                containers.append(node)  # noqa: B023
+                for child in node.values() if isinstance(node, dict) else node:
                     walk(child)
 
         walk(obj)
@@ -411,8 +514,9 @@ def mutated(draw: st.DrawFn, base: st.SearchStrategy[Any], *, yaml_type: bool) -
 
 
 @st.composite
-def valid_endpoint(draw: st.DrawFn, schemas: Schemas, schema: dict[str, Any], *, namespace: str,
-                   name: str | None) -> dict[str, Any]:
+def valid_endpoint(
+    draw: st.DrawFn, schemas: Schemas, schema: dict[str, Any], *, namespace: str, name: str | None
+) -> dict[str, Any]:
     """A schema-generated CoredumpEndpoint made acceptable: right type meta, a good name and pod UID."""
     obj = draw(schemas.values(schema))
     if not isinstance(obj, dict):
@@ -423,46 +527,82 @@ def valid_endpoint(draw: st.DrawFn, schemas: Schemas, schema: dict[str, Any], *,
     if draw(st.booleans()):
         metadata["namespace"] = namespace
     if draw(st.booleans()):
-        metadata["labels"] = draw(st.dictionaries(st.from_regex(r"\A[a-z]{1,8}\Z"), st.from_regex(r"\A[a-z0-9]{0,8}\Z"),
-                                                  max_size=3))
+        metadata["labels"] = draw(
+            st.dictionaries(st.from_regex(r"\A[a-z]{1,8}\Z"), st.from_regex(r"\A[a-z0-9]{0,8}\Z"), max_size=3)
+        )
     obj["spec"] = {"podUID": CORE_UID if metadata["name"] == CORE_POD else draw(st.uuids().map(str))}
     if draw(st.booleans()):
         obj.pop("status", None)
     return obj
 
 
-JSON_PATCH_PATHS = ["", "/", "/metadata", "/metadata/labels", "/metadata/labels/a", "/metadata/labels/a~1b",
-                    "/metadata/name", "/metadata/resourceVersion", "/metadata/uid", "/spec/podUID", "/spec",
-                    "/status", "/status/cores/-", "/status/cores/0", "/status/cores/99999999999999999999",
-                    "/status/cores/01", "/kind", "/apiVersion", "/-", "/metadata/labels/~2", "metadata", "/a/b/c/d",
-                    "/metadata/finalizers/-", "/metadata/annotations"]
+JSON_PATCH_PATHS = [
+    "",
+    "/",
+    "/metadata",
+    "/metadata/labels",
+    "/metadata/labels/a",
+    "/metadata/labels/a~1b",
+    "/metadata/name",
+    "/metadata/resourceVersion",
+    "/metadata/uid",
+    "/spec/podUID",
+    "/spec",
+    "/status",
+    "/status/cores/-",
+    "/status/cores/0",
+    "/status/cores/99999999999999999999",
+    "/status/cores/01",
+    "/kind",
+    "/apiVersion",
+    "/-",
+    "/metadata/labels/~2",
+    "metadata",
+    "/a/b/c/d",
+    "/metadata/finalizers/-",
+    "/metadata/annotations",
+]
 
 
 def json_patch() -> st.SearchStrategy[Any]:
     op = st.fixed_dictionaries(
         {"op": st.sampled_from(["add", "remove", "replace", "move", "copy", "test", "bogus", ""])},
-        optional={"path": st.one_of(st.sampled_from(JSON_PATCH_PATHS), st.text(max_size=10), json_values()),
-                  "from": st.sampled_from(JSON_PATCH_PATHS), "value": json_values()})
+        optional={
+            "path": st.one_of(st.sampled_from(JSON_PATCH_PATHS), st.text(max_size=10), json_values()),
+            "from": st.sampled_from(JSON_PATCH_PATHS),
+            "value": json_values(),
+        },
+    )
     return st.one_of(st.lists(op, max_size=4), json_values())
 
 
 @st.composite
-def body_for(draw: st.DrawFn, operation: Operation, schemas: Schemas, *, namespace: str,
-             name: str | None) -> tuple[bytes | None, str | None]:
+def body_for(
+    draw: st.DrawFn, operation: Operation, schemas: Schemas, *, namespace: str, name: str | None
+) -> tuple[bytes | None, str | None]:
     """A body and its Content-Type header (None: no header)."""
     declared = [ctype for ctype, _ in operation.body_content]
     if not declared and draw(st.integers(0, 4)) != 0:
         return None, None  # operations without a body mostly get none
-    content_type = draw(st.one_of(st.sampled_from(declared or ["application/json"]),
-                                  st.sampled_from(declared or ["application/json"]),
-                                  st.sampled_from(UNKNOWN_CONTENT_TYPES), st.none()))
+    content_type = draw(
+        st.one_of(
+            st.sampled_from(declared or ["application/json"]),
+            st.sampled_from(declared or ["application/json"]),
+            st.sampled_from(UNKNOWN_CONTENT_TYPES),
+            st.none(),
+        )
+    )
     yaml_type = content_type is not None and "yaml" in content_type
     schema = dict(operation.body_content).get(content_type or "", (operation.body_content or (("", {}),))[0][1])
     resolved = schemas.resolve(schema)
     is_endpoint = "CoredumpEndpoint" in json.dumps(resolved.get("x-kubernetes-group-version-kind", ""))
     if is_endpoint:
-        valid = valid_endpoint(schemas, schema, namespace=urllib.parse.unquote(namespace),
-                               name=urllib.parse.unquote(name) if name else None)
+        valid = valid_endpoint(
+            schemas,
+            schema,
+            namespace=urllib.parse.unquote(namespace),
+            name=urllib.parse.unquote(name) if name else None,
+        )
     elif content_type == "application/json-patch+json":
         valid = json_patch()
     else:
@@ -483,7 +623,8 @@ def body_for(draw: st.DrawFn, operation: Operation, schemas: Schemas, *, namespa
         if isinstance(obj, dict):
             target = obj["metadata"] if isinstance(obj.get("metadata"), dict) else obj
             target[draw(st.sampled_from(["name", "annotations", "generateName", "huge"]))] = (
-                {"big": filler} if draw(st.booleans()) else filler)
+                {"big": filler} if draw(st.booleans()) else filler
+            )
         else:
             obj = [obj, filler]
     else:
@@ -504,10 +645,21 @@ def encode(obj: Any, *, as_yaml: bool, allow_unicode: bool) -> bytes:
     return json.dumps(obj, default=repr).encode()
 
 
-ACCEPTS = [None, "application/json", "application/yaml", "application/json;as=Table;v=v1;g=meta.k8s.io",
-           "application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io",
-           "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io", "application/vnd.kubernetes.protobuf",
-           "text/html", "*/*", "application/json;as=Table;v=v1beta1;g=meta.k8s.io", "a/b;c", ";;;", ""]
+ACCEPTS = [
+    None,
+    "application/json",
+    "application/yaml",
+    "application/json;as=Table;v=v1;g=meta.k8s.io",
+    "application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io",
+    "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io",
+    "application/vnd.kubernetes.protobuf",
+    "text/html",
+    "*/*",
+    "application/json;as=Table;v=v1beta1;g=meta.k8s.io",
+    "a/b;c",
+    ";;;",
+    "",
+]
 
 
 @st.composite
@@ -523,8 +675,9 @@ def requests_for(draw: st.DrawFn, operation: Operation, schemas: Schemas) -> Fuz
     method = operation.method
     if draw(st.integers(0, 7)) == 0:
         method = draw(st.sampled_from(METHODS + ("OPTIONS", "PROPFIND")))
-    body, content_type = draw(body_for(operation, schemas, namespace=values.get("namespace", FUZZ_NS),
-                                       name=values.get("name")))
+    body, content_type = draw(
+        body_for(operation, schemas, namespace=values.get("namespace", FUZZ_NS), name=values.get("name"))
+    )
     headers: list[tuple[str, str]] = []
     if content_type is not None and body is not None:
         headers.append(("Content-Type", content_type))
@@ -543,8 +696,9 @@ def baseline_request(operation: Operation, schemas: Schemas) -> FuzzRequest:
     if not operation.body_content:
         return FuzzRequest(method=operation.method, path=path)
     types = dict(operation.body_content)
-    content_type = next((t for t in ("application/json", "application/merge-patch+json") if t in types),
-                        operation.body_content[0][0])
+    content_type = next(
+        (t for t in ("application/json", "application/merge-patch+json") if t in types), operation.body_content[0][0]
+    )
     schema = schemas.resolve(types[content_type])
     body: Any
     if operation.method == "POST":
@@ -557,8 +711,9 @@ def baseline_request(operation: Operation, schemas: Schemas) -> FuzzRequest:
         body = {"metadata": {"labels": {"patched": "yes"}}}
     else:
         body = {"kind": "DeleteOptions", "apiVersion": "v1"} if "DeleteOptions" in json.dumps(schema) else {}
-    return FuzzRequest(method=operation.method, path=path, body=json.dumps(body).encode(),
-                       headers=(("Content-Type", content_type),))
+    return FuzzRequest(
+        method=operation.method, path=path, body=json.dumps(body).encode(), headers=(("Content-Type", content_type),)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -571,12 +726,40 @@ def import_core(server: RunningServer, tmp_path: Path) -> str:
     # An ELF header saying ET_CORE (import takes only cores), then filler.
     core.write_bytes(b"\x7fELF\x02\x01\x01" + bytes(9) + (4).to_bytes(2, "little") + bytes(46) + bytes(range(256)) * 64)
     # Every handler path is given: its defaults are the node's (/host/var/lib/coredump), never a test machine's.
-    subprocess.run([str(BIN / "coredump-handler"), "--config", str(tmp_path / "absent.json"),
-                    "--storage-root", str(server.storage_root), "--spool-dir", str(tmp_path / "spool"),
-                    "--state-dir", str(tmp_path / "state"), "--crictl", "", "import",
-                    "--namespace", FUZZ_NS, "--pod", CORE_POD, "--pod-uid", CORE_UID, "--container", CORE_CONTAINER,
-                    "--pid", "42", "--signal", "11", "--comm", "app", str(core)],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [
+            str(BIN / "coredump-handler"),
+            "--config",
+            str(tmp_path / "absent.json"),
+            "--storage-root",
+            str(server.storage_root),
+            "--spool-dir",
+            str(tmp_path / "spool"),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--crictl",
+            "",
+            "import",
+            "--namespace",
+            FUZZ_NS,
+            "--pod",
+            CORE_POD,
+            "--pod-uid",
+            CORE_UID,
+            "--container",
+            CORE_CONTAINER,
+            "--pid",
+            "42",
+            "--signal",
+            "11",
+            "--comm",
+            "app",
+            str(core),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     stored = list((server.storage_root / FUZZ_NS / CORE_POD / CORE_UID / CORE_CONTAINER).glob("*.json"))
     assert len(stored) == 1, stored
     return stored[0].name.removesuffix(".json")
@@ -621,8 +804,10 @@ def fire(world: FuzzWorld, request: FuzzRequest) -> FuzzResponse:
             log.seek(log_size)
             logged = log.read().decode(errors="replace")
         bug = known_bug(logged)
-        assert bug, (f"{request!r}\n-> {response.status or 'connection closed without an answer'} "
-                     f"{response.body[:500]!r}\nserver log of this request:\n{logged[-6000:]}")
+        assert bug, (
+            f"{request!r}\n-> {response.status or 'connection closed without an answer'} "
+            f"{response.body[:500]!r}\nserver log of this request:\n{logged[-6000:]}"
+        )
         world.client.known_bugs_hit[bug] += 1
         return response
     check_response(request, response)
@@ -642,8 +827,14 @@ def test_every_operation_survives_generated_requests(world: FuzzWorld) -> None:
     schemas = Schemas(document)
     published = {(op.method, op.template.rsplit("/", 1)[-1]) for op in operations}
     # The document must publish what the fuzzing relies on, or this test would quietly test less.
-    assert {("GET", "coredumpendpoints"), ("POST", "coredumpendpoints"), ("PUT", "{name}"), ("PATCH", "{name}"),
-            ("DELETE", "{name}"), ("GET", "dump")} <= published, published
+    assert {
+        ("GET", "coredumpendpoints"),
+        ("POST", "coredumpendpoints"),
+        ("PUT", "{name}"),
+        ("PATCH", "{name}"),
+        ("DELETE", "{name}"),
+        ("GET", "dump"),
+    } <= published, published
     statuses: dict[str, collections.Counter[int]] = {}
 
     for operation in operations:
@@ -658,24 +849,82 @@ def test_every_operation_survives_generated_requests(world: FuzzWorld) -> None:
         @FUZZ_SETTINGS
         @given(request=requests_for(operation, schemas))
         def check(request: FuzzRequest) -> None:
-            seen[fire(world, request).status] += 1
+            seen[fire(world, request).status] += 1  # noqa: B023
 
         check()
 
-    print("statuses per operation:", {k: dict(sorted(v.items())) for k, v in statuses.items()},
-          "known bugs hit:", dict(world.client.known_bugs_hit))
+    print(
+        "statuses per operation:",
+        {k: dict(sorted(v.items())) for k, v in statuses.items()},
+        "known bugs hit:",
+        dict(world.client.known_bugs_hit),
+    )
     assert_server_healthy(world, since=log_start)
 
 
 HOSTILE_FILTERS = {
-    "container": ["..", ".", "../app", "app/..", "app/../app", "/etc/passwd", "%2e%2e", "app\x00", "app\n", "a" * 300,
-                  "ÄPP", "app%2f..", " app", "app ", "APP", "-app", "app-", "a.b", "a_b", "*", "app*", "[a]", "\\"],
-    "core": ["..", "../../../../etc/passwd", "/", "x/..", "core\x00", "a" * 1000, "💥", "%2e%2e%2f", ".json",
-             "x.core.gz", "*", "?", "20261124T002741Z-app-42-11/../x", " ", "\t"],
-    "since": ["yesterday", "0", "-1", "2026-02-30T00:00:00Z", "2026-13-01T00:00:00Z", "2026-01-01T24:00:00Z",
-              "2026-01-01T00:00:60Z", "2026-01-01T00:00:00", "2026-01-01", "2026-01-01T00:00:00+99:99",
-              "0000-00-00T00:00:00Z", "99999-01-01T00:00:00Z", "2026-01-01T00:00:00.1234567890123Z",
-              "2026-01-01T00:00:00Zjunk", "2026-01-01t00:00:00x", "１９９９-01-01T00:00:00Z", "%", "\x00"],
+    "container": [
+        "..",
+        ".",
+        "../app",
+        "app/..",
+        "app/../app",
+        "/etc/passwd",
+        "%2e%2e",
+        "app\x00",
+        "app\n",
+        "a" * 300,
+        "ÄPP",
+        "app%2f..",
+        " app",
+        "app ",
+        "APP",
+        "-app",
+        "app-",
+        "a.b",
+        "a_b",
+        "*",
+        "app*",
+        "[a]",
+        "\\",
+    ],
+    "core": [
+        "..",
+        "../../../../etc/passwd",
+        "/",
+        "x/..",
+        "core\x00",
+        "a" * 1000,
+        "💥",
+        "%2e%2e%2f",
+        ".json",
+        "x.core.gz",
+        "*",
+        "?",
+        "20261124T002741Z-app-42-11/../x",
+        " ",
+        "\t",
+    ],
+    "since": [
+        "yesterday",
+        "0",
+        "-1",
+        "2026-02-30T00:00:00Z",
+        "2026-13-01T00:00:00Z",
+        "2026-01-01T24:00:00Z",
+        "2026-01-01T00:00:60Z",
+        "2026-01-01T00:00:00",
+        "2026-01-01",
+        "2026-01-01T00:00:00+99:99",
+        "0000-00-00T00:00:00Z",
+        "99999-01-01T00:00:00Z",
+        "2026-01-01T00:00:00.1234567890123Z",
+        "2026-01-01T00:00:00Zjunk",
+        "2026-01-01t00:00:00x",
+        "１９９９-01-01T00:00:00Z",
+        "%",
+        "\x00",
+    ],
 }
 
 
@@ -683,9 +932,19 @@ HOSTILE_FILTERS = {
 def hostile_dump_query(draw: st.DrawFn) -> list[tuple[str, str]]:
     """At least one hostile filter, maybe with valid ones, repeats, empties or unknown keys beside it."""
     key = draw(st.sampled_from(sorted(HOSTILE_FILTERS)))
-    pairs = [(key, draw(st.one_of(st.sampled_from(HOSTILE_FILTERS[key]),
-                                  st.text(min_size=1, max_size=30).filter(lambda v: v.strip() != CORE_CONTAINER)
-                                  if key != "since" else st.text(min_size=1, max_size=30))))]
+    pairs = [
+        (
+            key,
+            draw(
+                st.one_of(
+                    st.sampled_from(HOSTILE_FILTERS[key]),
+                    st.text(min_size=1, max_size=30).filter(lambda v: v.strip() != CORE_CONTAINER)
+                    if key != "since"
+                    else st.text(min_size=1, max_size=30),
+                )
+            ),
+        )
+    ]
     if draw(st.booleans()):
         pairs.append(draw(st.sampled_from([("container", CORE_CONTAINER), ("since", "2000-01-01T00:00:00Z")])))
     extra = draw(st.sampled_from([None, "repeat", "empty", "unknown"]))
@@ -708,8 +967,7 @@ def test_dump_with_hostile_filters_is_a_client_error(world: FuzzWorld) -> None:
     log_start = len(server_log(world.server))
     ensure_pool(world.server)
     # The target serves its core, so a 4xx below is the filter's doing, not a missing endpoint.
-    for pairs in ([], [("container", CORE_CONTAINER)], [("core", world.core_id)],
-                  [("since", "2000-01-01T00:00:00Z")]):
+    for pairs in ([], [("container", CORE_CONTAINER)], [("core", world.core_id)], [("since", "2000-01-01T00:00:00Z")]):
         response = fire(world, FuzzRequest(method="GET", path=dump_path(pairs)))
         assert response.status == 200, (pairs, response)
         assert response.content_type == "application/gzip"
@@ -738,10 +996,13 @@ def test_unknown_field_with_a_control_character_gets_an_answer(world: FuzzWorld)
 
 
 def test_yaml_name_that_is_a_date_is_invalid(world: FuzzWorld) -> None:
-    request = FuzzRequest(method="POST", path=f"{GV_PATH}/namespaces/{FUZZ_NS}/coredumpendpoints",
-                          body=b"apiVersion: coredump.example.io/v1alpha1\nkind: CoredumpEndpoint\n"
-                               b"metadata: {name: 2020-01-01}\nspec: {podUID: x}\n",
-                          headers=(("Content-Type", "application/yaml"),))
+    request = FuzzRequest(
+        method="POST",
+        path=f"{GV_PATH}/namespaces/{FUZZ_NS}/coredumpendpoints",
+        body=b"apiVersion: coredump.example.io/v1alpha1\nkind: CoredumpEndpoint\n"
+        b"metadata: {name: 2020-01-01}\nspec: {podUID: x}\n",
+        headers=(("Content-Type", "application/yaml"),),
+    )
     response = world.client.send(request)
     check_response(request, response)
     assert response.status == 422, response
@@ -761,8 +1022,11 @@ def test_watch_client_hanging_up_is_not_an_error(world: FuzzWorld) -> None:
     assert events.status == 200
     name = f"hangup-{uuid.uuid4().hex[:8]}"
     for attempt in range(2):  # the first event may find the gone watcher's socket still half open
-        created = world.server.request("POST", f"{GV_PATH}/namespaces/{FUZZ_NS}/coredumpendpoints",
-                                       body=endpoint_manifest(f"{name}-{attempt}", namespace=FUZZ_NS))
+        created = world.server.request(
+            "POST",
+            f"{GV_PATH}/namespaces/{FUZZ_NS}/coredumpendpoints",
+            body=endpoint_manifest(f"{name}-{attempt}", namespace=FUZZ_NS),
+        )
         assert created.status == 201, created.body
         while f"{name}-{attempt}".encode() not in (line := events.readline()):
             assert line, "the watch ended before its event came"  # an ended stream reads b"" forever
@@ -771,9 +1035,12 @@ def test_watch_client_hanging_up_is_not_an_error(world: FuzzWorld) -> None:
 
 
 def test_yaml_integer_past_python_limit_is_a_bad_request(world: FuzzWorld) -> None:
-    request = FuzzRequest(method="POST", path=f"{GV_PATH}/namespaces/{FUZZ_NS}/coredumpendpoints",
-                          body=b"metadata:\n  generation: " + b"9" * 5000 + b"\n",
-                          headers=(("Content-Type", "application/yaml"),))
+    request = FuzzRequest(
+        method="POST",
+        path=f"{GV_PATH}/namespaces/{FUZZ_NS}/coredumpendpoints",
+        body=b"metadata:\n  generation: " + b"9" * 5000 + b"\n",
+        headers=(("Content-Type", "application/yaml"),),
+    )
     response = world.client.send(request)
     check_response(request, response)
     assert response.status == 400, response

@@ -2,6 +2,7 @@
 The real kubectl, oldest and newest supported versions, against the real server over TLS: every command a
 user runs on CoredumpEndpoints works and prints what it prints for built-in resources.
 """
+
 from __future__ import annotations
 
 import json
@@ -78,16 +79,25 @@ def test_label_and_merge_patch(apiserver: RunningServer, version: str) -> None:
     apiserver.kubectl("create", "-f", "-", input=_manifest(name), version=version)
     team = f"payments-{version.replace('.', '-')}"
     assert "labeled" in apiserver.kubectl("label", "cde", name, f"team={team}", version=version).stdout
-    patched = apiserver.kubectl("patch", "cde", name, "--type=merge", "-p",
-                                '{"metadata":{"annotations":{"owner":"alice"}}}', version=version)
+    patched = apiserver.kubectl(
+        "patch", "cde", name, "--type=merge", "-p", '{"metadata":{"annotations":{"owner":"alice"}}}', version=version
+    )
     assert "patched" in patched.stdout
     obj = json.loads(apiserver.kubectl("get", "cde", name, "-o", "json", version=version).stdout)
     assert obj["metadata"]["labels"] == {"team": team}
     assert obj["metadata"]["annotations"] == {"owner": "alice"}
     selected = apiserver.kubectl("get", "cde", "-l", f"team={team}", "-o", "name", version=version).stdout
     assert selected.split() == [f"coredumpendpoint.coredump.example.io/{name}"]
-    immutable = apiserver.kubectl("patch", "cde", name, "--type=merge", "-p",
-                                  f'{{"spec":{{"podUID":"{uuid.uuid4()}"}}}}', version=version, check=False)
+    immutable = apiserver.kubectl(
+        "patch",
+        "cde",
+        name,
+        "--type=merge",
+        "-p",
+        f'{{"spec":{{"podUID":"{uuid.uuid4()}"}}}}',
+        version=version,
+        check=False,
+    )
     assert immutable.returncode == 1 and "field is immutable" in immutable.stderr
 
 
@@ -101,10 +111,24 @@ def test_create_rejects_unknown_fields_strictly(apiserver: RunningServer, versio
 
 def test_get_watch_sees_create_and_delete(apiserver: RunningServer, version: str) -> None:
     name = f"watched-{version.replace('.', '-')}"
-    command = [kubectl_binary(version), "--kubeconfig", str(apiserver.kubeconfig), "get", "cde", "-w",
-               "--output-watch-events", "--field-selector", f"metadata.name={name}"]
-    watcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={"HOME": str(apiserver.dev_dir), "PATH": "/usr/bin:/bin"})
+    command = [
+        kubectl_binary(version),
+        "--kubeconfig",
+        str(apiserver.kubeconfig),
+        "get",
+        "cde",
+        "-w",
+        "--output-watch-events",
+        "--field-selector",
+        f"metadata.name={name}",
+    ]
+    watcher = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"HOME": str(apiserver.dev_dir), "PATH": "/usr/bin:/bin"},
+    )
     lines: queue.Queue[str] = queue.Queue()
     assert watcher.stdout is not None
     threading.Thread(target=lambda: [lines.put(line) for line in watcher.stdout], daemon=True).start()  # type: ignore[union-attr]
@@ -143,12 +167,24 @@ def test_the_top_frame_and_signature_of_the_last_crash_are_shown(apiserver: Runn
     from handler import layout
 
     uid = str(uuid.uuid4())
-    with layout.CoreWriter(apiserver.storage_root, namespace="explained", pod="api-0", pod_uid=uid,
-                           container="app", core_id="20261201T101500Z-api-7-11") as w:
+    with layout.CoreWriter(
+        apiserver.storage_root,
+        namespace="explained",
+        pod="api-0",
+        pod_uid=uid,
+        container="app",
+        core_id="20261201T101500Z-api-7-11",
+    ) as w:
         w.write(gzip.compress(b"\x7fELF core"))
         stored = w.commit({"size": 9, "signal": 11, "signalName": "SIGSEGV"})
-    layout.amend_metadata(stored, {"signature": "5e1fcafe00112233", "topFrames": [
-        "api!parse_request", "api!handle", "libc.so.6!__libc_start_main"]})
+    layout.amend_metadata(
+        stored,
+        {
+            "signature": "5e1fcafe00112233",
+            "topFrames": ["api!parse_request", "api!handle", "libc.so.6!__libc_start_main"],
+        },
+    )
+
     # Dev mode notices the commit and the amendment on its own (auto-create, then the amended status).
     def amended() -> str | NotYet:
         out = apiserver.kubectl("get", "cde", "-n", "explained", "-o", "wide", check=False).stdout

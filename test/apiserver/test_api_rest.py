@@ -3,6 +3,7 @@ The API as kube-apiserver clients see it on the wire: Status errors with the rig
 server-managed metadata, field validation, dryRun, lists, selectors, paging, resourceVersion semantics,
 output forms, discovery, OpenAPI and health.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -18,8 +19,9 @@ AGGREGATED = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryLi
 
 def create(server: RunningServer, name: str, **kwargs: Any) -> dict[str, Any]:
     namespace = kwargs.pop("namespace", "default")
-    response = server.request("POST", collection_path(namespace),
-                              body=endpoint_manifest(name, namespace=namespace, **kwargs))
+    response = server.request(
+        "POST", collection_path(namespace), body=endpoint_manifest(name, namespace=namespace, **kwargs)
+    )
     assert response.status == 201, response.body
     return response.json()
 
@@ -34,15 +36,19 @@ def assert_status(response: Any, code: int, reason: str) -> dict[str, Any]:
 
 # ---- bad input → Status --------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("body", "content_type"), [
-    (b'{"apiVersion": ', "application/json"),
-    (b"\xff\xfe\x00", "application/json"),
-    (b"[1, 2", "application/json"),
-    (b"a: [unclosed", "application/yaml"),
-    (b"a: &x [1]\nb: *x\n", "application/yaml"),
-    (b'{"a": NaN}', "application/json"),
-    (b"", "application/json"),
-])
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b'{"apiVersion": ', "application/json"),
+        (b"\xff\xfe\x00", "application/json"),
+        (b"[1, 2", "application/json"),
+        (b"a: [unclosed", "application/yaml"),
+        (b"a: &x [1]\nb: *x\n", "application/yaml"),
+        (b'{"a": NaN}', "application/json"),
+        (b"", "application/json"),
+    ],
+)
 def test_malformed_bodies_are_400(apiserver: RunningServer, body: bytes, content_type: str) -> None:
     response = apiserver.request("POST", collection_path(), body=body, content_type=content_type)
     assert_status(response, 400, "BadRequest")
@@ -56,31 +62,39 @@ def test_deeply_nested_json_is_400_not_a_crash(apiserver: RunningServer) -> None
 
 def test_yaml_body_is_accepted(apiserver: RunningServer) -> None:
     import yaml
+
     body = yaml.safe_dump(endpoint_manifest("from-yaml"))
     response = apiserver.request("POST", collection_path(), body=body, content_type="application/yaml")
     assert response.status == 201 and response.json()["metadata"]["name"] == "from-yaml"
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ({"kind": "Pod"}, "is not CoredumpEndpoint"),
-    ({"apiVersion": "coredump.example.io/v2"}, "does not match the expected API version"),
-    ({"kind": None}, "Kind' is missing"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kind": "Pod"}, "is not CoredumpEndpoint"),
+        ({"apiVersion": "coredump.example.io/v2"}, "does not match the expected API version"),
+        ({"kind": None}, "Kind' is missing"),
+    ],
+)
 def test_wrong_kind_or_api_version_is_400(apiserver: RunningServer, change: dict[str, Any], message: str) -> None:
     body = endpoint_manifest("wrongkind") | change
     status = assert_status(apiserver.request("POST", collection_path(), body=body), 400, "BadRequest")
     assert message in status["message"]
 
 
-@pytest.mark.parametrize(("name", "pod_uid", "field"), [
-    ("Upper-Case", None, "metadata.name"),
-    ("a" * 254, None, "metadata.name"),
-    ("bad_underscore", None, "metadata.name"),
-    ("good-name", "not-a-uid", "spec.podUID"),
-    ("good-name", "../../../etc", "spec.podUID"),
-])
-def test_invalid_names_and_pod_uids_are_422_with_causes(apiserver: RunningServer, name: str,
-                                                        pod_uid: str | None, field: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "pod_uid", "field"),
+    [
+        ("Upper-Case", None, "metadata.name"),
+        ("a" * 254, None, "metadata.name"),
+        ("bad_underscore", None, "metadata.name"),
+        ("good-name", "not-a-uid", "spec.podUID"),
+        ("good-name", "../../../etc", "spec.podUID"),
+    ],
+)
+def test_invalid_names_and_pod_uids_are_422_with_causes(
+    apiserver: RunningServer, name: str, pod_uid: str | None, field: str
+) -> None:
     body = endpoint_manifest(name)
     if pod_uid is not None:
         body["spec"]["podUID"] = pod_uid
@@ -112,8 +126,9 @@ def test_unknown_content_type_is_415(apiserver: RunningServer) -> None:
     response = apiserver.request("POST", collection_path(), body=b"<xml/>", content_type="application/xml")
     assert_status(response, 415, "UnsupportedMediaType")
     create(apiserver, "patch-415")
-    response = apiserver.request("PATCH", item_path("patch-415"), body=b"{}",
-                                 content_type="application/strategic-merge-patch+json")
+    response = apiserver.request(
+        "PATCH", item_path("patch-415"), body=b"{}", content_type="application/strategic-merge-patch+json"
+    )
     assert_status(response, 415, "UnsupportedMediaType")
 
 
@@ -134,6 +149,7 @@ def test_no_credentials_is_401(apiserver: RunningServer) -> None:
 
 
 # ---- writes ----------------------------------------------------------------------------------------
+
 
 def test_server_manages_uid_timestamps_generation_and_resource_version(apiserver: RunningServer) -> None:
     body = endpoint_manifest("managed")
@@ -177,14 +193,18 @@ def test_generate_name(apiserver: RunningServer) -> None:
 def test_field_validation_strict_warn_ignore(apiserver: RunningServer) -> None:
     body = endpoint_manifest("fv-strict")
     body["spec"]["extra"] = 1
-    status = assert_status(apiserver.request("POST", collection_path() + "?fieldValidation=Strict", body=body),
-                           400, "BadRequest")
+    status = assert_status(
+        apiserver.request("POST", collection_path() + "?fieldValidation=Strict", body=body), 400, "BadRequest"
+    )
     assert status["message"] == 'strict decoding error: unknown field "spec.extra"'
 
-    duplicated = ('{"apiVersion":"coredump.example.io/v1alpha1","kind":"CoredumpEndpoint",'
-                  '"metadata":{"name":"fv-dup","name":"fv-dup"},"spec":{}}')
-    status = assert_status(apiserver.request("POST", collection_path() + "?fieldValidation=Strict",
-                                             body=duplicated), 400, "BadRequest")
+    duplicated = (
+        '{"apiVersion":"coredump.example.io/v1alpha1","kind":"CoredumpEndpoint",'
+        '"metadata":{"name":"fv-dup","name":"fv-dup"},"spec":{}}'
+    )
+    status = assert_status(
+        apiserver.request("POST", collection_path() + "?fieldValidation=Strict", body=duplicated), 400, "BadRequest"
+    )
     assert 'duplicate field "name"' in status["message"]
 
     body["metadata"]["name"] = "fv-warn"
@@ -196,8 +216,7 @@ def test_field_validation_strict_warn_ignore(apiserver: RunningServer) -> None:
     body["metadata"]["name"] = "fv-ignore"
     ignored = apiserver.request("POST", collection_path() + "?fieldValidation=Ignore", body=body)
     assert ignored.status == 201 and not ignored.headers.get_all("Warning")
-    assert_status(apiserver.request("POST", collection_path() + "?fieldValidation=Loose", body=body),
-                  400, "BadRequest")
+    assert_status(apiserver.request("POST", collection_path() + "?fieldValidation=Loose", body=body), 400, "BadRequest")
 
 
 def test_dry_run_validates_but_does_not_persist(apiserver: RunningServer) -> None:
@@ -207,22 +226,32 @@ def test_dry_run_validates_but_does_not_persist(apiserver: RunningServer) -> Non
     create(apiserver, "dry-delete")
     assert apiserver.request("DELETE", item_path("dry-delete") + "?dryRun=All").status == 200
     assert apiserver.request("GET", item_path("dry-delete")).status == 200
-    assert_status(apiserver.request("POST", collection_path() + "?dryRun=Some", body=endpoint_manifest("d2")),
-                  400, "BadRequest")
+    assert_status(
+        apiserver.request("POST", collection_path() + "?dryRun=Some", body=endpoint_manifest("d2")), 400, "BadRequest"
+    )
 
 
 def test_json_patch_and_merge_patch(apiserver: RunningServer) -> None:
     create(apiserver, "patched")
-    ops = [{"op": "add", "path": "/metadata/labels", "value": {"tier": "db"}},
-           {"op": "test", "path": "/metadata/labels/tier", "value": "db"}]
+    ops = [
+        {"op": "add", "path": "/metadata/labels", "value": {"tier": "db"}},
+        {"op": "test", "path": "/metadata/labels/tier", "value": "db"},
+    ]
     response = apiserver.request("PATCH", item_path("patched"), body=ops, content_type="application/json-patch+json")
     assert response.status == 200 and response.json()["metadata"]["labels"] == {"tier": "db"}
-    failed = apiserver.request("PATCH", item_path("patched"), body=[{"op": "test", "path": "/metadata/name",
-                                                                     "value": "other"}],
-                               content_type="application/json-patch+json")
+    failed = apiserver.request(
+        "PATCH",
+        item_path("patched"),
+        body=[{"op": "test", "path": "/metadata/name", "value": "other"}],
+        content_type="application/json-patch+json",
+    )
     assert_status(failed, 422, "Invalid")
-    merged = apiserver.request("PATCH", item_path("patched"), body={"metadata": {"labels": {"tier": None}}},
-                               content_type="application/merge-patch+json")
+    merged = apiserver.request(
+        "PATCH",
+        item_path("patched"),
+        body={"metadata": {"labels": {"tier": None}}},
+        content_type="application/merge-patch+json",
+    )
     assert merged.status == 200 and "tier" not in (merged.json()["metadata"].get("labels") or {})
 
 
@@ -248,6 +277,7 @@ def test_delete_collection_by_label(apiserver: RunningServer) -> None:
 
 # ---- reads -----------------------------------------------------------------------------------------
 
+
 def test_list_paging_is_consistent_with_limit_and_continue(apiserver: RunningServer) -> None:
     names = [f"page-{i:02d}" for i in range(7)]
     for name in names:
@@ -263,8 +293,7 @@ def test_list_paging_is_consistent_with_limit_and_continue(apiserver: RunningSer
         seen += page["items"]
         token = page["metadata"].get("continue")
     assert [i["metadata"]["name"] for i in seen] == names
-    assert_status(apiserver.request("GET", collection_path("paging") + "?limit=3&continue=garbage"),
-                  400, "BadRequest")
+    assert_status(apiserver.request("GET", collection_path("paging") + "?limit=3&continue=garbage"), 400, "BadRequest")
 
 
 def test_label_and_field_selectors(apiserver: RunningServer) -> None:
@@ -284,8 +313,9 @@ def test_label_and_field_selectors(apiserver: RunningServer) -> None:
     assert names("labelSelector=%21app") == ["sel-c"]
     assert names("fieldSelector=metadata.name%3Dsel-b") == ["sel-b"]
     assert names("fieldSelector=metadata.name%21%3Dsel-b") == ["sel-a", "sel-c"]
-    assert_status(apiserver.request("GET", collection_path("sel") + "?fieldSelector=spec.podUID%3Dx"),
-                  400, "BadRequest")
+    assert_status(
+        apiserver.request("GET", collection_path("sel") + "?fieldSelector=spec.podUID%3Dx"), 400, "BadRequest"
+    )
 
 
 def test_list_across_namespaces_and_resource_version(apiserver: RunningServer) -> None:
@@ -293,15 +323,21 @@ def test_list_across_namespaces_and_resource_version(apiserver: RunningServer) -
     create(apiserver, "x1", namespace="ns-two")
     listed = apiserver.request("GET", "/apis/coredump.example.io/v1alpha1/coredumpendpoints").json()
     assert listed["kind"] == "CoredumpEndpointList"
-    assert {("ns-one", "x1"), ("ns-two", "x1")} <= {(i["metadata"]["namespace"], i["metadata"]["name"])
-                                                    for i in listed["items"]}
-    assert all(i["kind"] == "CoredumpEndpoint" for i in listed["items"]) or all("kind" not in i for i in listed["items"])
+    assert {("ns-one", "x1"), ("ns-two", "x1")} <= {
+        (i["metadata"]["namespace"], i["metadata"]["name"]) for i in listed["items"]
+    }
+    assert all(i["kind"] == "CoredumpEndpoint" for i in listed["items"]) or all(
+        "kind" not in i for i in listed["items"]
+    )
     rv = int(listed["metadata"]["resourceVersion"])
-    too_new = apiserver.request("GET", collection_path() + f"?resourceVersion={rv + 1000}&resourceVersionMatch=NotOlderThan")
+    too_new = apiserver.request(
+        "GET", collection_path() + f"?resourceVersion={rv + 1000}&resourceVersionMatch=NotOlderThan"
+    )
     assert_status(too_new, 504, "Timeout")
     assert_status(apiserver.request("GET", collection_path() + "?resourceVersionMatch=Exact"), 400, "BadRequest")
-    exact = apiserver.request("GET", "/apis/coredump.example.io/v1alpha1/coredumpendpoints"
-                                     f"?resourceVersion={rv}&resourceVersionMatch=Exact")
+    exact = apiserver.request(
+        "GET", f"/apis/coredump.example.io/v1alpha1/coredumpendpoints?resourceVersion={rv}&resourceVersionMatch=Exact"
+    )
     assert exact.status == 200 and exact.json()["metadata"]["resourceVersion"] == str(rv)
 
 
@@ -309,22 +345,36 @@ def test_table_and_partial_object_metadata(apiserver: RunningServer) -> None:
     obj = create(apiserver, "tabled", namespace="tables")
     table = apiserver.request("GET", collection_path("tables"), headers={"Accept": TABLE}).json()
     assert table["kind"] == "Table" and table["apiVersion"] == "meta.k8s.io/v1"
-    assert [c["name"] for c in table["columnDefinitions"] if c["priority"] == 0] == \
-        ["Name", "Pod UID", "Cores", "Last Signal", "Last Crash", "Top Frame", "Age"]
+    assert [c["name"] for c in table["columnDefinitions"] if c["priority"] == 0] == [
+        "Name",
+        "Pod UID",
+        "Cores",
+        "Last Signal",
+        "Last Crash",
+        "Top Frame",
+        "Age",
+    ]
     row = table["rows"][0]
     assert row["cells"][:3] == ["tabled", obj["spec"]["podUID"], 0]
     assert row["object"]["kind"] == "PartialObjectMetadata" and row["object"]["metadata"]["name"] == "tabled"
-    full = apiserver.request("GET", collection_path("tables") + "?includeObject=Object",
-                             headers={"Accept": TABLE}).json()
+    full = apiserver.request(
+        "GET", collection_path("tables") + "?includeObject=Object", headers={"Accept": TABLE}
+    ).json()
     assert full["rows"][0]["object"]["spec"]["podUID"] == obj["spec"]["podUID"]
 
     partial = apiserver.request("GET", collection_path("tables"), headers={"Accept": PARTIAL_LIST}).json()
     assert partial["kind"] == "PartialObjectMetadataList" and partial["apiVersion"] == "meta.k8s.io/v1"
     assert partial["metadata"]["resourceVersion"]
-    assert partial["items"][0] == {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
-                                   "metadata": obj["metadata"]}
-    one = apiserver.request("GET", item_path("tabled", "tables"),
-                            headers={"Accept": "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io"})
+    assert partial["items"][0] == {
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": obj["metadata"],
+    }
+    one = apiserver.request(
+        "GET",
+        item_path("tabled", "tables"),
+        headers={"Accept": "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io"},
+    )
     assert one.json()["kind"] == "PartialObjectMetadata"
     refused = apiserver.request("GET", collection_path("tables"), headers={"Accept": "application/protobuf"})
     assert_status(refused, 406, "NotAcceptable")
@@ -332,25 +382,35 @@ def test_table_and_partial_object_metadata(apiserver: RunningServer) -> None:
 
 # ---- discovery, OpenAPI, health ------------------------------------------------------------------
 
+
 def test_legacy_discovery(apiserver: RunningServer) -> None:
     groups = apiserver.request("GET", "/apis").json()
     assert groups["kind"] == "APIGroupList"
-    assert groups["groups"][0]["preferredVersion"] == {"groupVersion": "coredump.example.io/v1alpha1",
-                                                       "version": "v1alpha1"}
+    assert groups["groups"][0]["preferredVersion"] == {
+        "groupVersion": "coredump.example.io/v1alpha1",
+        "version": "v1alpha1",
+    }
     resources = apiserver.request("GET", "/apis/coredump.example.io/v1alpha1").json()
     assert resources["kind"] == "APIResourceList" and resources["apiVersion"] == "v1"
     by_name = {r["name"]: r for r in resources["resources"]}
     assert by_name["coredumpendpoints/dump"]["verbs"] == ["get"]
-    assert set(by_name["coredumpendpoints"]["verbs"]) >= {"create", "get", "list", "watch", "delete",
-                                                          "deletecollection", "patch", "update"}
+    assert set(by_name["coredumpendpoints"]["verbs"]) >= {
+        "create",
+        "get",
+        "list",
+        "watch",
+        "delete",
+        "deletecollection",
+        "patch",
+        "update",
+    }
     assert by_name["coredumpendpoints"]["shortNames"] == ["cde"]
 
 
 def test_aggregated_discovery_with_etag(apiserver: RunningServer) -> None:
     response = apiserver.request("GET", "/apis", headers={"Accept": AGGREGATED})
     assert response.status == 200
-    assert response.headers["Content-Type"] == \
-        "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
+    assert response.headers["Content-Type"] == "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList"
     document = response.json()
     assert document["kind"] == "APIGroupDiscoveryList" and document["apiVersion"] == "apidiscovery.k8s.io/v2"
     resource = document["items"][0]["versions"][0]["resources"][0]
@@ -370,7 +430,8 @@ def test_openapi_v2_and_v3_carry_gvk_and_field_validation(apiserver: RunningServ
     v2 = apiserver.request("GET", "/openapi/v2", headers={"Accept": "application/json"}).json()
     definition = v2["definitions"]["io.example.coredump.v1alpha1.CoredumpEndpoint"]
     assert definition["x-kubernetes-group-version-kind"] == [
-        {"group": "coredump.example.io", "version": "v1alpha1", "kind": "CoredumpEndpoint"}]
+        {"group": "coredump.example.io", "version": "v1alpha1", "kind": "CoredumpEndpoint"}
+    ]
     root = apiserver.request("GET", "/openapi/v3").json()
     url = root["paths"]["apis/coredump.example.io/v1alpha1"]["serverRelativeURL"]
     response = apiserver.request("GET", url)
@@ -379,8 +440,9 @@ def test_openapi_v2_and_v3_carry_gvk_and_field_validation(apiserver: RunningServ
     patch_ops = [ops["patch"] for ops in v3["paths"].values() if "patch" in ops]
     assert len(patch_ops) == 1
     assert patch_ops[0]["x-kubernetes-group-version-kind"]["kind"] == "CoredumpEndpoint"
-    assert {"name": "fieldValidation", "in": "query"}.items() <= \
-        next(p for p in patch_ops[0]["parameters"] if p["name"] == "fieldValidation").items()
+    assert {"name": "fieldValidation", "in": "query"}.items() <= next(
+        p for p in patch_ops[0]["parameters"] if p["name"] == "fieldValidation"
+    ).items()
     stale = apiserver.request("GET", "/openapi/v3/apis/coredump.example.io/v1alpha1?hash=OLD")
     assert stale.status == 301 and stale.headers["Location"] == url
 

@@ -2,6 +2,7 @@
 Serving: a renewed certificate is served without a restart (cert-manager renews Secrets in place), a
 broken renewal keeps the old one, and bad flags or an unusable port end the program with one plain line.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,23 +40,34 @@ def renew(dev_dir: Path) -> int:
     ca = x509.load_pem_x509_certificate((dev_dir / "ca.crt").read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "renewed")]))
-            .issuer_name(ca.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=1)).not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(__import__("ipaddress").ip_address(
-                "127.0.0.1"))]), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # type: ignore[arg-type]
-    (dev_dir / "serving.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                            serialization.PrivateFormat.PKCS8,
-                                                            serialization.NoEncryption()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "renewed")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )  # type: ignore[arg-type]
+    (dev_dir / "serving.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     (dev_dir / "serving.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return cert.serial_number
 
 
 def wait_for_serial(server: RunningServer, serial: int) -> int:
-    wait_until(lambda: served_serial(server) == serial, what=f"the server to present certificate {serial}",
-               timeout=10, interval=0.1)
+    wait_until(
+        lambda: served_serial(server) == serial,
+        what=f"the server to present certificate {serial}",
+        timeout=10,
+        interval=0.1,
+    )
     return served_serial(server)
 
 
@@ -67,8 +79,10 @@ def test_renewed_serving_certificate_is_served_without_restart(tmp_path: Path) -
         assert renewed != first
         assert wait_for_serial(server, renewed) == renewed
         (server.dev_dir / "serving.crt").write_text("not a certificate")
-        wait_until(lambda: "serving certificate not reloaded" in server.log_path.read_text(),
-                   what="the server to try the broken renewal")
+        wait_until(
+            lambda: "serving certificate not reloaded" in server.log_path.read_text(),
+            what="the server to try the broken renewal",
+        )
         assert served_serial(server) == renewed, "a broken renewal must not replace a working certificate"
         assert server.request("GET", "/readyz").status == 200
     finally:
@@ -87,16 +101,19 @@ def test_bad_flags_and_busy_ports_are_one_line_errors(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         taken = run("--dev", "--dev-dir", str(tmp_path / "dev"), "--secure-port", str(port))
     assert taken.returncode == 1
-    assert taken.stderr.strip().splitlines() == [f"coredump-apiserver: cannot listen on 127.0.0.1:{port}: "
-                                                 "Address already in use"]
-    dead_etcd = run("--dev", "--dev-dir", str(tmp_path / "dev2"), "--secure-port", "0",
-                    "--etcd-servers", f"http://127.0.0.1:{port}")
+    assert taken.stderr.strip().splitlines() == [
+        f"coredump-apiserver: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+    dead_etcd = run(
+        "--dev", "--dev-dir", str(tmp_path / "dev2"), "--secure-port", "0", "--etcd-servers", f"http://127.0.0.1:{port}"
+    )
     assert dead_etcd.returncode == 1 and "Traceback" not in dead_etcd.stderr
     assert dead_etcd.stderr.strip().splitlines()[-1].startswith("coredump-apiserver: object storage unavailable")
 
 
 async def test_certificate_reload_follows_renewals_on_its_interval_and_keeps_a_working_pair(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The reload loop on a fake clock, checked by real TLS handshakes against the context it reloads."""
     ca = TestCA(tmp_path, name="serving-ca")
     cert, key = ca.issue(cn="first", server=True, directory=tmp_path, stem="serving")
@@ -105,6 +122,7 @@ async def test_certificate_reload_follows_renewals_on_its_interval_and_keeps_a_w
 
     async def hang_up(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.close()
+
     listener = await asyncio.start_server(hang_up, "127.0.0.1", 0, ssl=context)
     port = listener.sockets[0].getsockname()[1]
 
@@ -117,8 +135,9 @@ async def test_certificate_reload_follows_renewals_on_its_interval_and_keeps_a_w
         return str(certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
 
     clock = FakeClock()
-    task = asyncio.create_task(reload_serving_certificate(context=context, cert=cert, key=key, interval=60,
-                                                          sleep=clock.sleep))
+    task = asyncio.create_task(
+        reload_serving_certificate(context=context, cert=cert, key=key, interval=60, sleep=clock.sleep)
+    )
     try:
         await clock.asleep()
         await clock.advance(60)  # nothing changed: nothing to do

@@ -3,6 +3,7 @@ Watch as kube-apiserver serves it: newline-delimited events from a resourceVersi
 events for the current state, sendInitialEvents with its closing BOOKMARK, one-row Tables for kubectl,
 timeoutSeconds, and a compacted resourceVersion reported in-stream as a 410 ERROR event.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -57,11 +58,18 @@ def create(server: RunningServer, name: str, namespace: str) -> dict[str, Any]:
 
 def test_watch_from_resource_version_sees_changes_in_order(apiserver: RunningServer, watches: list[Watch]) -> None:
     listed = apiserver.request("GET", collection_path("w1")).json()
-    watch = open_watch(apiserver, watches, collection_path("w1") +
-                       f"?watch=true&resourceVersion={listed['metadata']['resourceVersion']}")
+    watch = open_watch(
+        apiserver,
+        watches,
+        collection_path("w1") + f"?watch=true&resourceVersion={listed['metadata']['resourceVersion']}",
+    )
     created = create(apiserver, "a", "w1")
-    patched = apiserver.request("PATCH", item_path("a", "w1"), body={"metadata": {"labels": {"x": "y"}}},
-                                content_type="application/merge-patch+json").json()
+    patched = apiserver.request(
+        "PATCH",
+        item_path("a", "w1"),
+        body={"metadata": {"labels": {"x": "y"}}},
+        content_type="application/merge-patch+json",
+    ).json()
     assert apiserver.request("DELETE", item_path("a", "w1")).status == 200
     events = [watch.next() for _ in range(3)]
     assert [e["type"] for e in events] == ["ADDED", "MODIFIED", "DELETED"]
@@ -72,8 +80,9 @@ def test_watch_from_resource_version_sees_changes_in_order(apiserver: RunningSer
     assert events[0]["object"]["kind"] == "CoredumpEndpoint"
 
 
-def test_watch_without_resource_version_starts_with_current_state(apiserver: RunningServer,
-                                                                  watches: list[Watch]) -> None:
+def test_watch_without_resource_version_starts_with_current_state(
+    apiserver: RunningServer, watches: list[Watch]
+) -> None:
     create(apiserver, "existing", "w2")
     watch = open_watch(apiserver, watches, collection_path("w2") + "?watch=true")
     first = watch.next()
@@ -83,8 +92,12 @@ def test_watch_without_resource_version_starts_with_current_state(apiserver: Run
 def test_send_initial_events_ends_with_annotated_bookmark(apiserver: RunningServer, watches: list[Watch]) -> None:
     for name in ("i1", "i2"):
         create(apiserver, name, "w3")
-    watch = open_watch(apiserver, watches, collection_path("w3") + "?watch=true&sendInitialEvents=true"
-                       "&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan")
+    watch = open_watch(
+        apiserver,
+        watches,
+        collection_path("w3") + "?watch=true&sendInitialEvents=true"
+        "&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan",
+    )
     events = [watch.next() for _ in range(3)]
     assert [(e["type"], e["object"]["metadata"].get("name")) for e in events[:2]] == [("ADDED", "i1"), ("ADDED", "i2")]
     bookmark = events[2]
@@ -105,8 +118,9 @@ def test_send_initial_events_without_its_companions_is_422(apiserver: RunningSer
 
 def test_table_watch_sends_column_definitions_once(apiserver: RunningServer, watches: list[Watch]) -> None:
     rv = apiserver.request("GET", collection_path("w5")).json()["metadata"]["resourceVersion"]
-    watch = open_watch(apiserver, watches, collection_path("w5") + f"?watch=true&resourceVersion={rv}",
-                       headers={"Accept": TABLE})
+    watch = open_watch(
+        apiserver, watches, collection_path("w5") + f"?watch=true&resourceVersion={rv}", headers={"Accept": TABLE}
+    )
     create(apiserver, "t1", "w5")
     create(apiserver, "t2", "w5")
     first, second = watch.next(), watch.next()
@@ -122,14 +136,16 @@ def test_timeout_seconds_ends_the_watch(apiserver: RunningServer, watches: list[
 
 def test_field_selector_watch_sees_only_the_named_object(apiserver: RunningServer, watches: list[Watch]) -> None:
     rv = apiserver.request("GET", collection_path("w7")).json()["metadata"]["resourceVersion"]
-    watch = open_watch(apiserver, watches, collection_path("w7") +
-                       f"?watch=true&resourceVersion={rv}&fieldSelector=metadata.name%3Dme")
+    watch = open_watch(
+        apiserver, watches, collection_path("w7") + f"?watch=true&resourceVersion={rv}&fieldSelector=metadata.name%3Dme"
+    )
     create(apiserver, "other", "w7")
     create(apiserver, "me", "w7")
     assert watch.next()["object"]["metadata"]["name"] == "me"
 
 
 # ---- on etcd ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def etcd_args(etcd_server: Any, etcd_prefix: str) -> list[str]:
@@ -151,8 +167,9 @@ def test_objects_survive_a_restart_of_the_server(tmp_path: Any, etcd_args: list[
 
 
 @pytest.mark.etcd
-def test_two_servers_on_one_etcd_see_each_others_writes_and_events(tmp_path: Any, etcd_args: list[str],
-                                                                   watches: list[Watch]) -> None:
+def test_two_servers_on_one_etcd_see_each_others_writes_and_events(
+    tmp_path: Any, etcd_args: list[str], watches: list[Watch]
+) -> None:
     one = start_apiserver(tmp_path / "one", *etcd_args)
     two = start_apiserver(tmp_path / "two", *etcd_args)
     try:
@@ -164,8 +181,14 @@ def test_two_servers_on_one_etcd_see_each_others_writes_and_events(tmp_path: Any
         seen = two.request("GET", item_path("from-one", "shared")).json()
         assert seen["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
         stale = dict(seen, metadata=dict(seen["metadata"], labels={"by": "two"}))
-        assert one.request("PUT", item_path("from-one", "shared"),
-                           body=dict(seen, metadata=dict(seen["metadata"], labels={"by": "one"}))).status == 200
+        assert (
+            one.request(
+                "PUT",
+                item_path("from-one", "shared"),
+                body=dict(seen, metadata=dict(seen["metadata"], labels={"by": "one"})),
+            ).status
+            == 200
+        )
         assert two.request("PUT", item_path("from-one", "shared"), body=stale).status == 409
         assert watch.next()["type"] == "MODIFIED"
     finally:
@@ -174,9 +197,11 @@ def test_two_servers_on_one_etcd_see_each_others_writes_and_events(tmp_path: Any
 
 
 @pytest.mark.etcd
-def test_compacted_resource_version_is_a_410_error_event(tmp_path: Any, etcd_server: Any, etcd_prefix: str,
-                                                         etcd_args: list[str], watches: list[Watch]) -> None:
+def test_compacted_resource_version_is_a_410_error_event(
+    tmp_path: Any, etcd_server: Any, etcd_prefix: str, etcd_args: list[str], watches: list[Watch]
+) -> None:
     from apiserver.registry.etcd import EtcdStore
+
     # A watch cache of 2 changes: after 4 creates the first one's version is older than its window too.
     server = start_apiserver(tmp_path, *etcd_args, "--watch-cache-size", "2")
     try:
@@ -192,6 +217,7 @@ def test_compacted_resource_version_is_a_410_error_event(tmp_path: Any, etcd_ser
                 await store.compact(newest)
             finally:
                 await store.close()
+
         asyncio.run(compact())
 
         watch = open_watch(server, watches, collection_path("compact") + f"?watch=true&resourceVersion={old}")
@@ -200,8 +226,9 @@ def test_compacted_resource_version_is_a_410_error_event(tmp_path: Any, etcd_ser
         status = events[0]["object"]
         assert status["kind"] == "Status" and status["code"] == 410 and status["reason"] == "Expired"
         assert "too old resource version" in status["message"]
-        listed = server.request("GET", collection_path("compact") + f"?resourceVersion={old}"
-                                "&resourceVersionMatch=Exact")
+        listed = server.request(
+            "GET", collection_path("compact") + f"?resourceVersion={old}&resourceVersionMatch=Exact"
+        )
         assert listed.status == 410 and listed.json()["reason"] == "Expired"
     finally:
         server.stop()

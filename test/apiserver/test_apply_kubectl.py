@@ -3,6 +3,7 @@
 supported versions, against the real server: what they print and exit with is what they print and exit
 with against a CRD.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -37,8 +38,9 @@ def _managers(obj: dict[str, Any]) -> set[tuple[str, str]]:
 def test_server_side_apply_create_no_op_change_conflict_force(apiserver: RunningServer, version: str) -> None:
     name = f"ssa-{version.replace('.', '-')}"
     uid = str(uuid.uuid4())
-    created = apiserver.kubectl("apply", "--server-side", "-f", "-", input=_manifest(name, uid, team="a"),
-                                version=version)
+    created = apiserver.kubectl(
+        "apply", "--server-side", "-f", "-", input=_manifest(name, uid, team="a"), version=version
+    )
     assert created.stdout.strip() == f"coredumpendpoint.coredump.example.io/{name} serverside-applied"
     first = _get(apiserver, name, version, "--show-managed-fields")
     assert _managers(first) == {("kubectl", "Apply")}
@@ -47,24 +49,40 @@ def test_server_side_apply_create_no_op_change_conflict_force(apiserver: Running
     apiserver.kubectl("apply", "--server-side", "-f", "-", input=_manifest(name, uid, team="a"), version=version)
     assert _get(apiserver, name, version)["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
 
-    apiserver.kubectl("apply", "--server-side", "-f", "-", input=_manifest(name, uid, team="b", tier="web"),
-                      version=version)
+    apiserver.kubectl(
+        "apply", "--server-side", "-f", "-", input=_manifest(name, uid, team="b", tier="web"), version=version
+    )
     changed = _get(apiserver, name, version)
     assert changed["metadata"]["labels"] == {"team": "b", "tier": "web"}
     assert int(changed["metadata"]["resourceVersion"]) > int(first["metadata"]["resourceVersion"])
 
     apiserver.kubectl("label", "cde", name, "team=c", "--overwrite", version=version)
-    conflict = apiserver.kubectl("apply", "--server-side", "-f", "-", input=_manifest(name, uid, team="b", tier="web"),
-                                 version=version, check=False)
+    conflict = apiserver.kubectl(
+        "apply",
+        "--server-side",
+        "-f",
+        "-",
+        input=_manifest(name, uid, team="b", tier="web"),
+        version=version,
+        check=False,
+    )
     assert conflict.returncode == 1
     assert conflict.stderr.startswith(
         'error: Apply failed with 1 conflict: conflict with "kubectl-label" using coredump.example.io/v1alpha1: '
-        ".metadata.labels.team\nPlease review the fields above--they currently have other managers.")
+        ".metadata.labels.team\nPlease review the fields above--they currently have other managers."
+    )
     assert "--force-conflicts" in conflict.stderr
     assert _get(apiserver, name, version)["metadata"]["labels"]["team"] == "c"
 
-    forced = apiserver.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
-                               input=_manifest(name, uid, team="b", tier="web"), version=version)
+    forced = apiserver.kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        "-",
+        input=_manifest(name, uid, team="b", tier="web"),
+        version=version,
+    )
     assert forced.stdout.strip().endswith("serverside-applied")
     final = _get(apiserver, name, version, "--show-managed-fields")
     assert final["metadata"]["labels"]["team"] == "b"
@@ -75,8 +93,9 @@ def test_server_side_apply_create_no_op_change_conflict_force(apiserver: Running
     assert _get(apiserver, name, version)["metadata"]["labels"] == {"team": "b"}
 
 
-def test_client_side_apply_still_works_and_server_side_apply_takes_it_over(apiserver: RunningServer,
-                                                                          version: str) -> None:
+def test_client_side_apply_still_works_and_server_side_apply_takes_it_over(
+    apiserver: RunningServer, version: str
+) -> None:
     name = f"csa-{version.replace('.', '-')}"
     uid = str(uuid.uuid4())
     created = apiserver.kubectl("apply", "-f", "-", input=_manifest(name, uid, team="a"), version=version)
@@ -98,15 +117,28 @@ def test_client_side_apply_still_works_and_server_side_apply_takes_it_over(apise
     assert _get(apiserver, name, version)["metadata"]["labels"] == {"team": "c"}
 
 
-def test_strategic_merge_patch_stays_refused_and_patch_records_its_manager(apiserver: RunningServer,
-                                                                            version: str) -> None:
+def test_strategic_merge_patch_stays_refused_and_patch_records_its_manager(
+    apiserver: RunningServer, version: str
+) -> None:
     name = f"smp-{version.replace('.', '-')}"
     apiserver.kubectl("create", "-f", "-", input=_manifest(name, str(uuid.uuid4())), version=version)
-    strategic = apiserver.kubectl("patch", "cde", name, "--type=strategic", "-p", '{"metadata":{"labels":{"a":"1"}}}',
-                                  version=version, check=False)
+    strategic = apiserver.kubectl(
+        "patch",
+        "cde",
+        name,
+        "--type=strategic",
+        "-p",
+        '{"metadata":{"labels":{"a":"1"}}}',
+        version=version,
+        check=False,
+    )
     assert strategic.returncode == 1  # kubectl words it as for a CRD:
-    assert strategic.stderr.startswith("error: application/strategic-merge-patch+json is not supported by "
-                                       "coredump.example.io/v1alpha1, Kind=CoredumpEndpoint")
+    assert strategic.stderr.startswith(
+        "error: application/strategic-merge-patch+json is not supported by "
+        "coredump.example.io/v1alpha1, Kind=CoredumpEndpoint"
+    )
     apiserver.kubectl("patch", "cde", name, "--type=merge", "-p", '{"metadata":{"labels":{"a":"1"}}}', version=version)
     assert _managers(_get(apiserver, name, version, "--show-managed-fields")) == {
-        ("kubectl-create", "Update"), ("kubectl-patch", "Update")}
+        ("kubectl-create", "Update"),
+        ("kubectl-patch", "Update"),
+    }

@@ -3,6 +3,7 @@ The structured-merge-diff rules of ``apiserver.apply`` on their own: the granula
 schema, the FieldsV1 wire form and its decoding of hostile input, path names in conflicts, and the cap on
 Update entries.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,12 @@ GV = "coredump.example.io/v1alpha1"
 
 
 def obj(**metadata: Any) -> dict[str, Any]:
-    return {"apiVersion": GV, "kind": "CoredumpEndpoint", "metadata": {"name": "a", "namespace": "d", **metadata},
-            "spec": {"podUID": "u"}}
+    return {
+        "apiVersion": GV,
+        "kind": "CoredumpEndpoint",
+        "metadata": {"name": "a", "namespace": "d", **metadata},
+        "spec": {"podUID": "u"},
+    }
 
 
 def owner(uid: str, name: str = "x") -> dict[str, Any]:
@@ -29,7 +34,8 @@ def test_finalizers_are_a_set_and_owner_references_a_map_keyed_by_uid() -> None:
     config = obj(finalizers=["b.io/x"], ownerReferences=[owner("u1")])
     assert fieldset.to_fields_v1(fieldset.field_set(config) - managed.STRIPPED) == {
         "f:metadata": {"f:finalizers": {'v:"b.io/x"': {}}, "f:ownerReferences": {'k:{"uid":"u1"}': {}}},
-        "f:spec": {"f:podUID": {}}}
+        "f:spec": {"f:podUID": {}},
+    }
     merged = fieldset.merge(obj(finalizers=["a.io/y"], ownerReferences=[owner("u0")]), config)
     assert merged["metadata"]["finalizers"] == ["a.io/y", "b.io/x"]
     assert [o["uid"] for o in merged["metadata"]["ownerReferences"]] == ["u0", "u1"]
@@ -55,11 +61,45 @@ def test_fields_v1_round_trips_and_marks_members_with_children() -> None:
     assert fieldset.from_fields_v1(wire) == paths
 
 
-@pytest.mark.parametrize("document", [
-    [], {"f:a": []}, {"x:a": {}}, {".": {}}, {"f:a": {".": {"f:b": {}}}}, {"k:[1]": {}}, {"k:{": {}}, {"i:x": {}},
-    {"v:nope": {}}, {"f:a": {"f:a": {"f:a": {"f:a": {"f:a": {"f:a": {"f:a": {"f:a": {"f:a": {"f:a": {"f:a": {
-        "f:a": {"f:a": {"f:a": {"f:a": {"f:a": {"f:a": {"f:a": {}}}}}}}}}}}}}}}}}}},
-])
+@pytest.mark.parametrize(
+    "document",
+    [
+        [],
+        {"f:a": []},
+        {"x:a": {}},
+        {".": {}},
+        {"f:a": {".": {"f:b": {}}}},
+        {"k:[1]": {}},
+        {"k:{": {}},
+        {"i:x": {}},
+        {"v:nope": {}},
+        {
+            "f:a": {
+                "f:a": {
+                    "f:a": {
+                        "f:a": {
+                            "f:a": {
+                                "f:a": {
+                                    "f:a": {
+                                        "f:a": {
+                                            "f:a": {
+                                                "f:a": {
+                                                    "f:a": {
+                                                        "f:a": {"f:a": {"f:a": {"f:a": {"f:a": {"f:a": {"f:a": {}}}}}}}
+                                                    }
+                                                }
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    ],
+)
 def test_malformed_fields_v1_is_refused(document: Any) -> None:
     with pytest.raises(fieldset.FieldsV1Error):
         fieldset.from_fields_v1(document)

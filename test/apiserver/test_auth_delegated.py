@@ -2,6 +2,7 @@
 Delegated authentication and authorization, end to end over real TLS: a small aiohttp app behind the auth
 middleware built by ``build_auth`` from real flags, talking to the fake kube-apiserver.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,10 +40,18 @@ async def test_front_proxy_headers_need_the_front_proxy_certificate(app: App) ->
 
 async def test_front_proxy_user_groups_and_extras(app: App) -> None:
     app.fake.allow(verbs=["get"], non_resource_urls=["/whoami"], groups=["team-a"])
-    status, body = await app.get("/whoami", cert=front_proxy(app), headers=[
-        ("X-Remote-User", "alice"), ("X-Remote-Group", "team-a"), ("X-Remote-Group", "team-b"),
-        ("X-Remote-Extra-Scopes", "view"), ("X-Remote-Extra-Scopes", "dump"),
-        ("X-Remote-Extra-Example.com%2fteam", "blue")])
+    status, body = await app.get(
+        "/whoami",
+        cert=front_proxy(app),
+        headers=[
+            ("X-Remote-User", "alice"),
+            ("X-Remote-Group", "team-a"),
+            ("X-Remote-Group", "team-b"),
+            ("X-Remote-Extra-Scopes", "view"),
+            ("X-Remote-Extra-Scopes", "dump"),
+            ("X-Remote-Extra-Example.com%2fteam", "blue"),
+        ],
+    )
     assert status == 200, body
     assert body["user"] == "alice"
     assert body["groups"] == ["team-a", "team-b", "system:authenticated"]
@@ -54,11 +63,14 @@ async def test_front_proxy_user_groups_and_extras(app: App) -> None:
 
 async def test_namespace_rbac_for_get_list_watch_and_dump(app: App) -> None:
     app.fake.add_token("token-alice", user="alice", groups=["team-a"])
-    app.fake.allow(verbs=["get", "list", "watch"], groups=["team-a"], resources=["coredumpendpoints"],
-                   namespaces=["a"])
+    app.fake.allow(verbs=["get", "list", "watch"], groups=["team-a"], resources=["coredumpendpoints"], namespaces=["a"])
     base_b = f"{GV}/namespaces/b/coredumpendpoints"
-    for path, verb in [(f"{base_b}/web", "get"), (base_b, "list"), (f"{base_b}?watch=true", "watch"),
-                       (f"{base_b}/web/dump", "get")]:
+    for path, verb in [
+        (f"{base_b}/web", "get"),
+        (base_b, "list"),
+        (f"{base_b}?watch=true", "watch"),
+        (f"{base_b}/web/dump", "get"),
+    ]:
         status, body = await app.get(path, token="token-alice")
         assert (status, body["reason"]) == (403, "Forbidden"), path
         assert f'User "alice" cannot {verb} resource' in body["message"]
@@ -72,8 +84,14 @@ async def test_namespace_rbac_for_get_list_watch_and_dump(app: App) -> None:
     assert status == 403
     assert 'cannot get resource "coredumpendpoints/dump" in API group "coredump.example.io"' in body["message"]
     assert app.fake.sar_requests[-1]["spec"]["resourceAttributes"] == {
-        "namespace": "a", "verb": "get", "group": "coredump.example.io", "version": "v1alpha1",
-        "resource": "coredumpendpoints", "subresource": "dump", "name": "web"}
+        "namespace": "a",
+        "verb": "get",
+        "group": "coredump.example.io",
+        "version": "v1alpha1",
+        "resource": "coredumpendpoints",
+        "subresource": "dump",
+        "name": "web",
+    }
 
 
 async def test_discovery_for_a_user_without_groups_and_401_for_bad_tokens(app: App) -> None:
@@ -175,9 +193,15 @@ async def test_flags_replace_the_configmap(fake_kube: FakeKube, tmp_path: Path) 
 
     own_proxy_ca = TestCA(tmp_path, name="own-front-proxy")
     runner, app = await start_app(
-        fake_kube, tmp_path, "--authentication-skip-lookup", f"--client-ca-file={fake_kube.ca_file}",
-        f"--requestheader-client-ca-file={own_proxy_ca.cert_file}", "--requestheader-allowed-names=proxy-1",
-        "--requestheader-username-headers=X-User", "--requestheader-group-headers=X-Groups")
+        fake_kube,
+        tmp_path,
+        "--authentication-skip-lookup",
+        f"--client-ca-file={fake_kube.ca_file}",
+        f"--requestheader-client-ca-file={own_proxy_ca.cert_file}",
+        "--requestheader-allowed-names=proxy-1",
+        "--requestheader-username-headers=X-User",
+        "--requestheader-group-headers=X-Groups",
+    )
     try:
         fake_kube.allow(verbs=["get"], non_resource_urls=["/whoami"], users=["carol"])
         proxy = own_proxy_ca.issue(cn="proxy-1", directory=tmp_path)
@@ -185,8 +209,11 @@ async def test_flags_replace_the_configmap(fake_kube: FakeKube, tmp_path: Path) 
         assert (status, body["user"], body["groups"]) == (200, "carol", ["g1", "system:authenticated"])
         # The ConfigMap's front-proxy CA means nothing now (TLS refuses its certificate), and it was never read.
         with pytest.raises(aiohttp.ClientError):
-            await app.get("/whoami", cert=(fake_kube.front_proxy_cert, fake_kube.front_proxy_key),
-                          headers=[("X-Remote-User", "carol")])
+            await app.get(
+                "/whoami",
+                cert=(fake_kube.front_proxy_cert, fake_kube.front_proxy_key),
+                headers=[("X-Remote-User", "carol")],
+            )
         status, _ = await app.get("/whoami", cert=proxy, headers=[("X-Remote-User", "carol")])
         assert status == 401  # the default header names are not the configured ones
         assert fake_kube.configmap_reads == 0
@@ -200,12 +227,18 @@ async def test_bad_authentication_sources_are_named_at_startup(fake_kube: FakeKu
     cluster = ("--authentication-kubeconfig", kubeconfig, "--authorization-kubeconfig", kubeconfig)
     missing = tmp_path / "missing.crt"
     with pytest.raises(AuthConfigError, match=f"^--client-ca-file {re.escape(str(missing))}: No such file"):
-        await build_auth(options=parse_flags(*cluster, "--authentication-skip-lookup", f"--client-ca-file={missing}"),
-                         dev=None)
+        await build_auth(
+            options=parse_flags(*cluster, "--authentication-skip-lookup", f"--client-ca-file={missing}"), dev=None
+        )
     with pytest.raises(AuthConfigError, match=r"^--authorization-kubeconfig \S+: no such file$"):
-        await build_auth(options=parse_flags("--authentication-kubeconfig", kubeconfig,
-                                          f"--authorization-kubeconfig={missing}"), dev=None)
+        await build_auth(
+            options=parse_flags("--authentication-kubeconfig", kubeconfig, f"--authorization-kubeconfig={missing}"),
+            dev=None,
+        )
     fake_kube.auth_configmap["requestheader-allowed-names"] = "front-proxy-client"  # not a JSON list
-    with pytest.raises(AuthConfigError, match="^configmap kube-system/extension-apiserver-authentication key "
-                                              "requestheader-allowed-names: expected a JSON list of strings"):
+    with pytest.raises(
+        AuthConfigError,
+        match="^configmap kube-system/extension-apiserver-authentication key "
+        "requestheader-allowed-names: expected a JSON list of strings",
+    ):
         await build_auth(options=parse_flags(*cluster), dev=None)

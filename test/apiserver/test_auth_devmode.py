@@ -1,4 +1,5 @@
 """Dev mode shows RBAC at work: the admin context may do everything, the dev-viewer context only read ``default``."""
+
 from __future__ import annotations
 
 import asyncio
@@ -22,8 +23,14 @@ async def test_dev_viewer_reads_default_but_cannot_dump(tmp_path: Path) -> None:
         pytest.skip("kubectl is not installed")
     dev_dir = tmp_path / "dev"
     proc = await asyncio.create_subprocess_exec(
-        str(SERVER), "--dev", f"--dev-dir={dev_dir}", "--secure-port=0", "--auto-create-endpoints=false",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        str(SERVER),
+        "--dev",
+        f"--dev-dir={dev_dir}",
+        "--secure-port=0",
+        "--auto-create-endpoints=false",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
     assert proc.stderr is not None
     drain: asyncio.Task[bytes] | None = None
     try:
@@ -38,8 +45,9 @@ async def test_dev_viewer_reads_default_but_cannot_dump(tmp_path: Path) -> None:
         env = {**os.environ, "KUBECONFIG": str(dev_dir / "kubeconfig"), "HOME": str(tmp_path)}
 
         async def run(*args: str) -> tuple[int, str]:
-            child = await asyncio.create_subprocess_exec(kubectl, *args, env=env, stdout=asyncio.subprocess.PIPE,
-                                                         stderr=asyncio.subprocess.STDOUT)
+            child = await asyncio.create_subprocess_exec(
+                kubectl, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+            )
             out, _ = await asyncio.wait_for(child.communicate(), timeout=60)
             assert child.returncode is not None
             return child.returncode, out.decode()
@@ -48,11 +56,14 @@ async def test_dev_viewer_reads_default_but_cannot_dump(tmp_path: Path) -> None:
         assert code == 0, out
         code, out = await run("--context=dev-viewer", "get", "coredumpendpoints", "-n", "kube-system")
         assert code == 1
-        assert ('Error from server (Forbidden): coredumpendpoints.coredump.example.io is forbidden: User '
-                '"dev-viewer" cannot list resource "coredumpendpoints" in API group "coredump.example.io" in the '
-                'namespace "kube-system"') in out
-        code, out = await run("--context=dev-viewer", "get", "--raw",
-                              f"{GV}/namespaces/default/coredumpendpoints/web/dump")
+        assert (
+            "Error from server (Forbidden): coredumpendpoints.coredump.example.io is forbidden: User "
+            '"dev-viewer" cannot list resource "coredumpendpoints" in API group "coredump.example.io" in the '
+            'namespace "kube-system"'
+        ) in out
+        code, out = await run(
+            "--context=dev-viewer", "get", "--raw", f"{GV}/namespaces/default/coredumpendpoints/web/dump"
+        )
         assert code == 1 and 'cannot get resource "coredumpendpoints/dump"' in out, out
 
         # The admin context (current) is system:masters: the same dump gets past authorization (no such endpoint).

@@ -1,4 +1,5 @@
 """The fake kube-apiserver answers the way the real one does, so the other auth tests mean something."""
+
 from __future__ import annotations
 
 import datetime
@@ -13,8 +14,11 @@ from fake_kube import FakeKube
 
 
 def _sar(user: str, groups: list[str], **resource: str) -> client.V1SubjectAccessReview:
-    return client.V1SubjectAccessReview(spec=client.V1SubjectAccessReviewSpec(
-        user=user, groups=groups, resource_attributes=client.V1ResourceAttributes(**resource)))
+    return client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=user, groups=groups, resource_attributes=client.V1ResourceAttributes(**resource)
+        )
+    )
 
 
 async def test_fake_serves_the_endpoints_a_kubernetes_client_calls(fake_kube: FakeKube, tmp_path: Path) -> None:
@@ -27,20 +31,25 @@ async def test_fake_serves_the_endpoints_a_kubernetes_client_calls(fake_kube: Fa
 
         fake_kube.add_token("t-alice", user="alice", groups=["team-a"])
         review = await client.AuthenticationV1Api(api).create_token_review(
-            client.V1TokenReview(spec=client.V1TokenReviewSpec(token="t-alice")))
+            client.V1TokenReview(spec=client.V1TokenReviewSpec(token="t-alice"))
+        )
         assert review.status.authenticated and review.status.user.username == "alice"
         review = await client.AuthenticationV1Api(api).create_token_review(
-            client.V1TokenReview(spec=client.V1TokenReviewSpec(token="wrong")))
+            client.V1TokenReview(spec=client.V1TokenReviewSpec(token="wrong"))
+        )
         assert not review.status.authenticated
 
         fake_kube.allow(verbs=["get"], users=["alice"], resources=["coredumpendpoints"], namespaces=["a"])
         authz = client.AuthorizationV1Api(api)
         allowed = await authz.create_subject_access_review(
-            _sar("alice", [], verb="get", resource="coredumpendpoints", namespace="a", group="coredump.example.io"))
+            _sar("alice", [], verb="get", resource="coredumpendpoints", namespace="a", group="coredump.example.io")
+        )
         other_ns = await authz.create_subject_access_review(
-            _sar("alice", [], verb="get", resource="coredumpendpoints", namespace="b", group="coredump.example.io"))
+            _sar("alice", [], verb="get", resource="coredumpendpoints", namespace="b", group="coredump.example.io")
+        )
         dump = await authz.create_subject_access_review(
-            _sar("alice", [], verb="get", resource="coredumpendpoints", subresource="dump", namespace="a"))
+            _sar("alice", [], verb="get", resource="coredumpendpoints", subresource="dump", namespace="a")
+        )
         assert (allowed.status.allowed, other_ns.status.allowed, dump.status.allowed) == (True, False, False)
         assert len(fake_kube.sar_requests) == 3
 
@@ -51,19 +60,33 @@ async def test_fake_serves_the_endpoints_a_kubernetes_client_calls(fake_kube: Fa
         assert (await core.read_namespaced_pod("web", "a")).metadata.uid == pod["metadata"]["uid"] == "uid-1"
 
         ref = client.V1ObjectReference(kind="Pod", name="web", namespace="a", uid="uid-1")
-        await core.create_namespaced_event("a", client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name="web."), involved_object=ref, reason="CoreDumped"))
-        await client.EventsV1Api(api).create_namespaced_event("a", client.EventsV1Event(
-            metadata=client.V1ObjectMeta(generate_name="web."), regarding=ref, reason="CoreDumped",
-            event_time=datetime.datetime.now(datetime.timezone.utc), reporting_controller="c",
-            reporting_instance="i", action="Dumped", type="Warning"))
+        await core.create_namespaced_event(
+            "a",
+            client.CoreV1Event(
+                metadata=client.V1ObjectMeta(generate_name="web."), involved_object=ref, reason="CoreDumped"
+            ),
+        )
+        await client.EventsV1Api(api).create_namespaced_event(
+            "a",
+            client.EventsV1Event(
+                metadata=client.V1ObjectMeta(generate_name="web."),
+                regarding=ref,
+                reason="CoreDumped",
+                event_time=datetime.datetime.now(datetime.timezone.utc),
+                reporting_controller="c",
+                reporting_instance="i",
+                action="Dumped",
+                type="Warning",
+            ),
+        )
         assert [e["apiVersion"] for e in fake_kube.events] == ["v1", "events.k8s.io/v1"]
         assert all(e["metadata"]["name"].startswith("web.") for e in fake_kube.events)
 
 
 async def test_fake_rejects_unknown_callers_and_injects_failures(fake_kube: FakeKube, tmp_path: Path) -> None:
     api = await config.new_client_from_config(
-        config_file=str(fake_kube.write_kubeconfig(tmp_path / "kc", token="not-a-known-token")))
+        config_file=str(fake_kube.write_kubeconfig(tmp_path / "kc", token="not-a-known-token"))
+    )
     async with api:
         with pytest.raises(ApiException) as denied:
             await client.CoreV1Api(api).read_namespaced_pod("web", "a")

@@ -2,6 +2,7 @@
 The real ``coredump-apiserver`` (a subprocess) behind delegated auth, against the fake kube-apiserver,
 driven over real TLS by aiohttp and by the real kubectl.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,8 +39,7 @@ async def test_headers_count_only_from_the_front_proxy(server: Server) -> None:
 
     # A cluster-CA certificate is its own user; the forged system:masters header is not read.
     mallory = fake.issue_client_cert(server.directory, cn="mallory")
-    status, body = await server.request("GET", f"{GV}/namespaces/a/coredumpendpoints", cert=mallory,
-                                        headers=forged)
+    status, body = await server.request("GET", f"{GV}/namespaces/a/coredumpendpoints", cert=mallory, headers=forged)
     assert status == 403 and 'User "mallory" cannot list' in body["message"]
 
     wrong_cn = fake.issue_client_cert(server.directory, cn="not-the-aggregator", ca="front-proxy")
@@ -49,8 +49,11 @@ async def test_headers_count_only_from_the_front_proxy(server: Server) -> None:
     # The aggregator's own certificate: now the headers name the user, every group header counts.
     fake.allow(verbs=["list"], groups=["team-a"], resources=["coredumpendpoints"], namespaces=["a"])
     status, body = await server.request(
-        "GET", f"{GV}/namespaces/a/coredumpendpoints", cert=(fake.front_proxy_cert, fake.front_proxy_key),
-        headers=[("X-Remote-User", "alice"), ("X-Remote-Group", "other"), ("X-Remote-Group", "team-a")])
+        "GET",
+        f"{GV}/namespaces/a/coredumpendpoints",
+        cert=(fake.front_proxy_cert, fake.front_proxy_key),
+        headers=[("X-Remote-User", "alice"), ("X-Remote-Group", "other"), ("X-Remote-Group", "team-a")],
+    )
     assert status == 200 and body["kind"] == "CoredumpEndpointList", body
     spec = fake.sar_requests[-1]["spec"]
     assert (spec["user"], spec["groups"]) == ("alice", ["other", "team-a", "system:authenticated"])
@@ -59,16 +62,22 @@ async def test_headers_count_only_from_the_front_proxy(server: Server) -> None:
 async def test_rbac_decides_per_namespace_verb_and_dump(server: Server) -> None:
     fake = server.fake
     fake.add_token("token-alice", user="alice", groups=["team-a"])
-    fake.allow(verbs=["get", "list", "watch"], groups=["team-a"], resources=["coredumpendpoints"],
-               namespaces=["a"])
+    fake.allow(verbs=["get", "list", "watch"], groups=["team-a"], resources=["coredumpendpoints"], namespaces=["a"])
     uid_a, uid_b = str(uuid.uuid4()), str(uuid.uuid4())
     fake.add_pod(namespace="a", name="web", uid=uid_a)
     fake.add_pod(namespace="b", name="web", uid=uid_b)
     for ns, uid in (("a", uid_a), ("b", uid_b)):
         status, body = await server.request(
-            "POST", f"{GV}/namespaces/{ns}/coredumpendpoints", cert=server.admin,
-            body={"apiVersion": "coredump.example.io/v1alpha1", "kind": "CoredumpEndpoint",
-                  "metadata": {"name": "web"}, "spec": {"podUID": uid}})
+            "POST",
+            f"{GV}/namespaces/{ns}/coredumpendpoints",
+            cert=server.admin,
+            body={
+                "apiVersion": "coredump.example.io/v1alpha1",
+                "kind": "CoredumpEndpoint",
+                "metadata": {"name": "web"},
+                "spec": {"podUID": uid},
+            },
+        )
         assert status == 201, body["message"]
 
     b = f"{GV}/namespaces/b/coredumpendpoints"
@@ -76,8 +85,10 @@ async def test_rbac_decides_per_namespace_verb_and_dump(server: Server) -> None:
         status, body = await server.request("GET", path, token="token-alice")
         assert (status, body["reason"]) == (403, "Forbidden"), path
         resource = "coredumpendpoints/dump" if path.endswith("/dump") else "coredumpendpoints"
-        assert f'User "alice" cannot {verb} resource "{resource}" in API group "coredump.example.io" ' \
-               f'in the namespace "b"' in body["message"]
+        assert (
+            f'User "alice" cannot {verb} resource "{resource}" in API group "coredump.example.io" '
+            f'in the namespace "b"' in body["message"]
+        )
 
     a = f"{GV}/namespaces/a/coredumpendpoints"
     status, body = await server.request("GET", f"{a}/web", token="token-alice")
@@ -88,13 +99,22 @@ async def test_rbac_decides_per_namespace_verb_and_dump(server: Server) -> None:
     assert 'cannot get resource "coredumpendpoints/dump"' in body["message"]
     # Refused before the dump handler, and still audited: who tried, where, and that it was refused.
     await await_until(lambda: len(server.audit_lines()) >= 2, what="two audit lines")
-    denied = [(line["user"], line["namespace"], line["pod"], line["code"], line["outcome"], line["bytes"])
-              for line in server.audit_lines()]
+    denied = [
+        (line["user"], line["namespace"], line["pod"], line["code"], line["outcome"], line["bytes"])
+        for line in server.audit_lines()
+    ]
     assert denied == [("alice", "b", "web", 403, "denied", 0), ("alice", "a", "web", 403, "denied", 0)]
 
     # Granted dump (to bob: alice's denial stays cached for 10 s): the cores come, and the audit names bob.
-    store_core(server.storage_root, namespace="a", pod="web", pod_uid=uid_a, container="app",
-               data=b"\x7fELF" + b"x" * 5000, when=datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC))
+    store_core(
+        server.storage_root,
+        namespace="a",
+        pod="web",
+        pod_uid=uid_a,
+        container="app",
+        data=b"\x7fELF" + b"x" * 5000,
+        when=datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+    )
     fake.add_token("token-bob", user="bob", groups=["team-a"])
     fake.allow(verbs=["get"], users=["bob"], resources=["coredumpendpoints/dump"], namespaces=["a"])
     status, body = await server.request("GET", f"{a}/web/dump", token="token-bob")
@@ -113,8 +133,11 @@ async def test_discovery_for_a_user_without_groups(server: Server) -> None:
         status, body = await server.request("GET", path, token="token-lonely")
         assert status == 200, (path, body)
     status, body = await server.request("GET", GV, token="token-lonely")
-    assert [r["name"] for r in body["resources"]] == ["coredumpendpoints", "coredumpendpoints/dump",
-                                                     "coredumpendpoints/status"]
+    assert [r["name"] for r in body["resources"]] == [
+        "coredumpendpoints",
+        "coredumpendpoints/dump",
+        "coredumpendpoints/status",
+    ]
     assert server.fake.sar_requests[-1]["spec"]["groups"] == ["system:authenticated"]
 
 
@@ -143,8 +166,12 @@ async def test_cache_ttl_flags_reach_the_server(fake_kube: FakeKube, tmp_path: P
     fake_kube.add_token("token-alice", user="alice", groups=["team-a"])
     fake_kube.add_token("token-bob", user="bob", groups=["team-b"])
     fake_kube.allow(verbs=["list"], groups=["team-a"], resources=["coredumpendpoints"], namespaces=["a"])
-    async with run_server(fake_kube, tmp_path, "--authorization-webhook-cache-authorized-ttl=0s",
-                          "--authorization-webhook-cache-unauthorized-ttl=1h") as server:
+    async with run_server(
+        fake_kube,
+        tmp_path,
+        "--authorization-webhook-cache-authorized-ttl=0s",
+        "--authorization-webhook-cache-unauthorized-ttl=1h",
+    ) as server:
         path = f"{GV}/namespaces/a/coredumpendpoints"
         for _ in range(2):
             assert (await server.request("GET", path, token="token-alice"))[0] == 200
@@ -171,8 +198,9 @@ async def test_kubectl_shows_forbidden_like_for_builtin_resources(server: Server
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(server.directory)}
 
     async def kubectl_run(*args: str) -> tuple[int, str, str]:
-        proc = await asyncio.create_subprocess_exec(kubectl, *args, env=env, stdout=asyncio.subprocess.PIPE,
-                                                    stderr=asyncio.subprocess.PIPE)
+        proc = await asyncio.create_subprocess_exec(
+            kubectl, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        )
         out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
         assert proc.returncode is not None
         return proc.returncode, out.decode(), err.decode()
@@ -181,25 +209,39 @@ async def test_kubectl_shows_forbidden_like_for_builtin_resources(server: Server
     assert code == 1
     assert err.strip().splitlines()[-1] == (
         'Error from server (Forbidden): coredumpendpoints.coredump.example.io is forbidden: User "alice" cannot '
-        'list resource "coredumpendpoints" in API group "coredump.example.io" in the namespace "b"')
+        'list resource "coredumpendpoints" in API group "coredump.example.io" in the namespace "b"'
+    )
     code, _, err = await kubectl_run("get", "--raw", f"{GV}/namespaces/b/coredumpendpoints/web/dump")
     assert code == 1
-    assert 'User "alice" cannot get resource "coredumpendpoints/dump" in API group "coredump.example.io" in the ' \
-           'namespace "b"' in err
+    assert (
+        'User "alice" cannot get resource "coredumpendpoints/dump" in API group "coredump.example.io" in the '
+        'namespace "b"' in err
+    )
 
 
-async def test_unreadable_authentication_configmap_stops_startup_with_one_line(fake_kube: FakeKube,
-                                                                               tmp_path: Path) -> None:
+async def test_unreadable_authentication_configmap_stops_startup_with_one_line(
+    fake_kube: FakeKube, tmp_path: Path
+) -> None:
     kubeconfig = fake_kube.write_kubeconfig(tmp_path / "stranger.kubeconfig", token="unknown-to-the-cluster")
     cert, key = fake_kube.client_ca.issue(cn="coredump-apiserver", server=True, directory=tmp_path, stem="serving")
     proc = await asyncio.create_subprocess_exec(
-        str(SERVER), "--secure-port=0", "--bind-address=127.0.0.1", f"--tls-cert-file={cert}",
-        f"--tls-private-key-file={key}", f"--storage-root={tmp_path}", f"--kubeconfig={kubeconfig}",
-        f"--authentication-kubeconfig={kubeconfig}", f"--authorization-kubeconfig={kubeconfig}",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        str(SERVER),
+        "--secure-port=0",
+        "--bind-address=127.0.0.1",
+        f"--tls-cert-file={cert}",
+        f"--tls-private-key-file={key}",
+        f"--storage-root={tmp_path}",
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, err = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 1
     lines = [line for line in err.decode().splitlines() if not line.startswith("{")]
     assert len(lines) == 1 and "Traceback" not in err.decode()
-    assert lines[0].startswith("coredump-apiserver: authentication setup failed: cannot read configmap "
-                               "kube-system/extension-apiserver-authentication: HTTP 401")
+    assert lines[0].startswith(
+        "coredump-apiserver: authentication setup failed: cannot read configmap "
+        "kube-system/extension-apiserver-authentication: HTTP 401"
+    )

@@ -1,4 +1,5 @@
 """Decision caching, token caching, the dev rule table and the audit line, each against real collaborators."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,18 @@ class Clock:
 
 
 def attrs(user: UserInfo, verb: str, namespace: str, *, subresource: str = "") -> RequestAttributes:
-    return RequestAttributes(user=user, verb=verb, path="", is_resource_request=True, api_group=GROUP,
-                             api_version="v1alpha1", resource="coredumpendpoints", subresource=subresource,
-                             namespace=namespace, name="web")
+    return RequestAttributes(
+        user=user,
+        verb=verb,
+        path="",
+        is_resource_request=True,
+        api_group=GROUP,
+        api_version="v1alpha1",
+        resource="coredumpendpoints",
+        subresource=subresource,
+        namespace=namespace,
+        name="web",
+    )
 
 
 async def test_sar_cache_honors_allowed_and_denied_ttls(fake_kube: FakeKube, tmp_path: Path) -> None:
@@ -44,8 +54,7 @@ async def test_sar_cache_honors_allowed_and_denied_ttls(fake_kube: FakeKube, tmp
     clock = Clock()
     api = await config.new_client_from_config(config_file=str(fake_kube.write_kubeconfig(tmp_path / "kc")))
     async with api:
-        authorizer = SubjectAccessReviewAuthorizer(api_client=api, authorized_ttl=10, unauthorized_ttl=3,
-                                                   clock=clock)
+        authorizer = SubjectAccessReviewAuthorizer(api_client=api, authorized_ttl=10, unauthorized_ttl=3, clock=clock)
         alice = UserInfo(name="alice", groups=("system:authenticated",))
         allowed, denied = attrs(alice, "get", "a"), attrs(alice, "get", "b")
 
@@ -99,14 +108,19 @@ async def test_dev_rules_let_viewers_read_default_but_not_dump() -> None:
     assert not (await authorizer.authorize(attrs(viewer, "get", "default", subresource="dump"))).allowed
     assert not (await authorizer.authorize(attrs(viewer, "get", "kube-system"))).allowed
     assert not (await authorizer.authorize(attrs(viewer, "delete", "default"))).allowed
-    discovery = RequestAttributes(user=UserInfo(name="x", groups=("system:authenticated",)), verb="get",
-                                  path="/apis/coredump.example.io/v1alpha1", is_resource_request=False)
+    discovery = RequestAttributes(
+        user=UserInfo(name="x", groups=("system:authenticated",)),
+        verb="get",
+        path="/apis/coredump.example.io/v1alpha1",
+        is_resource_request=False,
+    )
     assert (await authorizer.authorize(discovery)).allowed
 
 
 def test_audit_logs_one_json_line_per_dump(caplog: pytest.LogCaptureFixture) -> None:
-    request = make_mocked_request("GET", "/apis/coredump.example.io/v1alpha1/namespaces/a/coredumpendpoints/web/dump"
-                                  "?container=app")
+    request = make_mocked_request(
+        "GET", "/apis/coredump.example.io/v1alpha1/namespaces/a/coredumpendpoints/web/dump?container=app"
+    )
     request[context.USER] = UserInfo(name="alice", groups=("team-a", "system:authenticated"))
     with caplog.at_level(logging.INFO, logger="coredump.audit"):
         audit_dump(request=request, namespace="a", pod="web", cores=2, bytes_sent=12345, outcome="complete", code=200)
@@ -116,12 +130,19 @@ def test_audit_logs_one_json_line_per_dump(caplog: pytest.LogCaptureFixture) -> 
     assert "\n" not in text
     line = json.loads(text)
     assert {k: line[k] for k in ("user", "groups", "namespace", "pod", "cores", "bytes", "outcome")} == {
-        "user": "alice", "groups": ["team-a", "system:authenticated"], "namespace": "a", "pod": "web",
-        "cores": 2, "bytes": 12345, "outcome": "complete"}
+        "user": "alice",
+        "groups": ["team-a", "system:authenticated"],
+        "namespace": "a",
+        "pod": "web",
+        "cores": 2,
+        "bytes": 12345,
+        "outcome": "complete",
+    }
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("10s", 10), ("1m30s", 90), ("500ms", 0.5), ("2h", 7200),
-                                               ("0", 0), ("1.5s", 1.5)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("10s", 10), ("1m30s", 90), ("500ms", 0.5), ("2h", 7200), ("0", 0), ("1.5s", 1.5)]
+)
 def test_durations_parse_like_go(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 

@@ -3,6 +3,7 @@ Endpoints as pods live and die, through the real EndpointRegistry (in-memory sto
 uid from the live pod (kubernetes-asyncio against the fake kube-apiserver over TLS), from storage in
 dev mode, 422 naming spec.podUID otherwise; status computed from storage; the delete opt-in; auto-create.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -29,26 +30,54 @@ async def test_live_pod_fills_pod_uid_from_the_cluster(cluster_registry: Endpoin
 
 
 async def test_deleted_pod_with_pod_uid_given_is_accepted_and_shows_its_cores(
-        cluster_registry: EndpointRegistry, storage_root: Path) -> None:
+    cluster_registry: EndpointRegistry, storage_root: Path
+) -> None:
     uid = new_uid()  # no such pod in the cluster any more
-    a = store_core(storage_root, namespace="shop", pod="gone-0", pod_uid=uid, container="app", data=b"a" * 5000,
-                   when=T0, pid=1, signal=11)
-    b = store_core(storage_root, namespace="shop", pod="gone-0", pod_uid=uid, container="db", data=b"b" * 7000,
-                   when=T0 + datetime.timedelta(minutes=1), pid=2, signal=6)
+    a = store_core(
+        storage_root,
+        namespace="shop",
+        pod="gone-0",
+        pod_uid=uid,
+        container="app",
+        data=b"a" * 5000,
+        when=T0,
+        pid=1,
+        signal=11,
+    )
+    b = store_core(
+        storage_root,
+        namespace="shop",
+        pod="gone-0",
+        pod_uid=uid,
+        container="db",
+        data=b"b" * 7000,
+        when=T0 + datetime.timedelta(minutes=1),
+        pid=2,
+        signal=6,
+    )
     await cluster_registry.create(namespace="shop", body=body("gone-0", uid))
     status = (await cluster_registry.get(namespace="shop", name="gone-0"))["status"]
     assert status["coreCount"] == 2 and status["totalSize"] == 12000
     assert status["storedSize"] == a.stored.metadata["storedSize"] + b.stored.metadata["storedSize"]
     assert status["lastCrash"] == "2026-11-23T10:01:00Z" and status["lastSignal"] == "SIGABRT"
     assert [c["id"] for c in status["cores"]] == [a.core_id, b.core_id]
-    assert status["cores"][0] == {"id": a.core_id, "container": "app", "signal": 11, "signalName": "SIGSEGV",
-                                  "time": "2026-11-23T10:00:00Z", "size": 5000,
-                                  "storedSize": a.stored.metadata["storedSize"], "exe": "/usr/bin/crasher",
-                                  "buildID": "0123456789abcdef", "truncated": False}
+    assert status["cores"][0] == {
+        "id": a.core_id,
+        "container": "app",
+        "signal": 11,
+        "signalName": "SIGSEGV",
+        "time": "2026-11-23T10:00:00Z",
+        "size": 5000,
+        "storedSize": a.stored.metadata["storedSize"],
+        "exe": "/usr/bin/crasher",
+        "buildID": "0123456789abcdef",
+        "truncated": False,
+    }
 
 
-async def test_deleted_pod_without_uid_uses_the_stored_incarnation(cluster_registry: EndpointRegistry,
-                                                                    storage_root: Path) -> None:
+async def test_deleted_pod_without_uid_uses_the_stored_incarnation(
+    cluster_registry: EndpointRegistry, storage_root: Path
+) -> None:
     uid = new_uid()
     store_core(storage_root, namespace="shop", pod="gone-1", pod_uid=uid, container="app", data=b"x", when=T0)
     created = (await cluster_registry.create(namespace="shop", body=body("gone-1"))).obj
@@ -66,8 +95,15 @@ async def test_dev_mode_uid_from_storage_or_422(dev_registry: EndpointRegistry, 
 
     uids = [new_uid(), new_uid()]
     for i, u in enumerate(uids):
-        store_core(storage_root, namespace="dev", pod="two", pod_uid=u, container="app", data=b"x",
-                   when=T0 + datetime.timedelta(hours=i))
+        store_core(
+            storage_root,
+            namespace="dev",
+            pod="two",
+            pod_uid=u,
+            container="app",
+            data=b"x",
+            when=T0 + datetime.timedelta(hours=i),
+        )
     with pytest.raises(errors.ApiError) as several:
         await dev_registry.create(namespace="dev", body=body("two"))
     assert several.value.code == 422 and "spec.podUID" in several.value.message
@@ -81,13 +117,13 @@ async def test_unreachable_cluster_is_503_not_a_guess(cluster_registry: Endpoint
     assert err.value.code == 503
 
 
-async def test_delete_keeps_cores_unless_the_object_opted_in(dev_registry: EndpointRegistry,
-                                                             storage_root: Path) -> None:
+async def test_delete_keeps_cores_unless_the_object_opted_in(
+    dev_registry: EndpointRegistry, storage_root: Path
+) -> None:
     keep, purge = new_uid(), new_uid()
     store_core(storage_root, namespace="ns", pod="keep", pod_uid=keep, container="c", data=b"k", when=T0)
     store_core(storage_root, namespace="ns", pod="purge", pod_uid=purge, container="c", data=b"p", when=T0)
-    other = store_core(storage_root, namespace="ns", pod="purge", pod_uid=new_uid(), container="c", data=b"o",
-                       when=T0)
+    other = store_core(storage_root, namespace="ns", pod="purge", pod_uid=new_uid(), container="c", data=b"o", when=T0)
     await dev_registry.create(namespace="ns", body=body("keep", keep))
     await dev_registry.create(namespace="ns", body=body("purge", purge, {DELETE_CORES_ANNOTATION: "true"}))
     await dev_registry.delete(namespace="ns", name="keep")
@@ -95,7 +131,8 @@ async def test_delete_keeps_cores_unless_the_object_opted_in(dev_registry: Endpo
     assert len(layout.list_cores(storage_root, namespace="ns", pod="keep")) == 1
     # Only the endpoint's own incarnation is purged.
     assert [c.ref.pod_uid for c in layout.list_cores(storage_root, namespace="ns", pod="purge")] == [
-        other.stored.ref.pod_uid]
+        other.stored.ref.pod_uid
+    ]
 
 
 async def test_auto_create_lists_every_crashed_pod_once(dev_registry: EndpointRegistry, storage_root: Path) -> None:
@@ -103,8 +140,15 @@ async def test_auto_create_lists_every_crashed_pod_once(dev_registry: EndpointRe
 
     old, new = new_uid(), new_uid()
     store_core(storage_root, namespace="a", pod="p", pod_uid=old, container="c", data=b"1", when=T0)
-    store_core(storage_root, namespace="a", pod="p", pod_uid=new, container="c", data=b"2",
-               when=T0 + datetime.timedelta(hours=1))
+    store_core(
+        storage_root,
+        namespace="a",
+        pod="p",
+        pod_uid=new,
+        container="c",
+        data=b"2",
+        when=T0 + datetime.timedelta(hours=1),
+    )
     store_core(storage_root, namespace="b", pod="q", pod_uid=new_uid(), container="c", data=b"3", when=T0)
     await dev_registry.create(namespace="b", body=body("q", new_uid()))  # has one already: left alone
     creator = AutoCreator(root=storage_root, registry=dev_registry)
@@ -116,20 +160,30 @@ async def test_auto_create_lists_every_crashed_pod_once(dev_registry: EndpointRe
     # Deleted (cores kept): not re-created until the pod crashes again.
     await dev_registry.delete(namespace="a", name="p")
     assert await creator.scan() == []
-    store_core(storage_root, namespace="a", pod="p", pod_uid=new, container="c", data=b"4",
-               when=T0 + datetime.timedelta(hours=2))
+    store_core(
+        storage_root,
+        namespace="a",
+        pod="p",
+        pod_uid=new,
+        container="c",
+        data=b"4",
+        when=T0 + datetime.timedelta(hours=2),
+    )
     assert await creator.scan() == [("a", "p", new)]
 
 
 async def test_fill_status_of_many_objects_reads_storage_once_per_batch(
-        storage_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    storage_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from apiserver.registry import corestatus
 
     coredata = CoreData(storage_root=storage_root)
     uid = new_uid()
     store_core(storage_root, namespace="ns", pod="p-1", pod_uid=uid, container="c", data=b"x", when=T0)
-    objs = [{"metadata": {"namespace": "ns", "name": f"p-{i}"}, "spec": {"podUID": uid if i == 1 else new_uid()}}
-            for i in range(10_000)]
+    objs = [
+        {"metadata": {"namespace": "ns", "name": f"p-{i}"}, "spec": {"podUID": uid if i == 1 else new_uid()}}
+        for i in range(10_000)
+    ]
     calls = []
     real = corestatus._read
     monkeypatch.setattr(corestatus, "_read", lambda root, keys: calls.append(len(keys)) or real(root, keys))
@@ -143,7 +197,8 @@ async def test_fill_status_of_many_objects_reads_storage_once_per_batch(
 
 
 async def test_reads_return_the_stored_status_without_walking_storage(
-        dev_registry: EndpointRegistry, storage_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dev_registry: EndpointRegistry, storage_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Status is stored: after the scan has written it, get and list never walk storage."""
     from apiserver.registry import corestatus
     from apiserver.registry.autocreate import AutoCreator

@@ -2,6 +2,7 @@
 The whole path through the real ``coredump-apiserver`` (dev mode, TLS, its auth) with the real kubectl:
 auto-created endpoints for crashed pods, the deleted-pod flow, the dump, and the delete-cores opt-in.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -33,8 +34,9 @@ def server(tmp_path_factory: pytest.TempPathFactory, real_core: Path) -> Iterato
     root = directory / "cores"
     root.mkdir()
     # A pod that crashed before the server started and has no endpoint: auto-create must list it.
-    store_core(root, namespace="shop", pod="cart-0", pod_uid=CRASHED_UID, container="app",
-               data=real_core.read_bytes(), when=T0)
+    store_core(
+        root, namespace="shop", pod="cart-0", pod_uid=CRASHED_UID, container="app", data=real_core.read_bytes(), when=T0
+    )
     srv = start_apiserver(directory, "--storage-root", str(root))
     try:
         yield srv
@@ -44,15 +46,29 @@ def server(tmp_path_factory: pytest.TempPathFactory, real_core: Path) -> Iterato
 
 
 def test_auto_created_endpoint_lists_the_crashed_pod_and_dumps(server: RunningServer, tmp_path: Path) -> None:
-    items = wait_until(lambda: json.loads(server.kubectl("get", "coredumpendpoints", "-A", "-o", "json").stdout)[
-        "items"], what="an auto-created endpoint", timeout=10, interval=0.1)
+    items = wait_until(
+        lambda: json.loads(server.kubectl("get", "coredumpendpoints", "-A", "-o", "json").stdout)["items"],
+        what="an auto-created endpoint",
+        timeout=10,
+        interval=0.1,
+    )
     [obj] = [i for i in items if i["metadata"]["name"] == "cart-0"]
     assert obj["spec"]["podUID"] == CRASHED_UID and obj["status"]["coreCount"] == 1
     archive = tmp_path / "cores.tar.gz"
     with archive.open("wb") as out:
-        subprocess.run(["kubectl", "--kubeconfig", str(server.kubeconfig), "get", "--raw",
-                        DUMP_PATH.format(ns="shop", name="cart-0")], stdout=out, check=True,
-                       env={"HOME": str(server.dev_dir), "PATH": "/usr/bin:/bin"})
+        subprocess.run(
+            [
+                "kubectl",
+                "--kubeconfig",
+                str(server.kubeconfig),
+                "get",
+                "--raw",
+                DUMP_PATH.format(ns="shop", name="cart-0"),
+            ],
+            stdout=out,
+            check=True,
+            env={"HOME": str(server.dev_dir), "PATH": "/usr/bin:/bin"},
+        )
     with tarfile.open(archive) as tf:
         names = tf.getnames()
         core = tf.extractfile(next(n for n in names if n.endswith(".core"))).read()  # type: ignore[union-attr]
@@ -62,10 +78,24 @@ def test_auto_created_endpoint_lists_the_crashed_pod_and_dumps(server: RunningSe
 
 def test_deleted_pod_flow_and_delete_cores_opt_in(server: RunningServer, real_core: Path, tmp_path: Path) -> None:
     uid = new_uid()
-    store_core(server.storage_root, namespace="shop", pod="gone-0", pod_uid=uid, container="app",
-               data=real_core.read_bytes(), when=T0)
-    store_core(server.storage_root, namespace="shop", pod="gone-0", pod_uid=new_uid(), container="app",
-               data=b"an earlier incarnation", when=T0 - datetime.timedelta(days=1))
+    store_core(
+        server.storage_root,
+        namespace="shop",
+        pod="gone-0",
+        pod_uid=uid,
+        container="app",
+        data=real_core.read_bytes(),
+        when=T0,
+    )
+    store_core(
+        server.storage_root,
+        namespace="shop",
+        pod="gone-0",
+        pod_uid=new_uid(),
+        container="app",
+        data=b"an earlier incarnation",
+        when=T0 - datetime.timedelta(days=1),
+    )
     # Two incarnations stored and no live pod: the user names the one they want (apply: dev mode may have
     # auto-created it already, bound to the newest incarnation, within a second of the commit).
     manifest = tmp_path / "cde.yaml"

@@ -4,6 +4,7 @@ held at their crash site and filed by the real node handler with their real pids
 then deleted with their roots; the archive, downloaded with the real kubectl through the real API server and
 unpacked with tar, still gives gdb a symbolized backtrace.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,15 @@ def _stored_objects(storage: Path) -> set[Path]:
     return set((storage / store.STORE_DIR).rglob(store.OBJECT_NAME))
 
 
-def _crash(node: Node, image: Image, pod: Pod, *args: str, when: int, config: dict[str, object] | None = None,
-           data: bytes | None = None) -> layout.StoredCore:
+def _crash(
+    node: Node,
+    image: Image,
+    pod: Pod,
+    *args: str,
+    when: int,
+    config: dict[str, object] | None = None,
+    data: bytes | None = None,
+) -> layout.StoredCore:
     node.add_pod(namespace=pod.namespace, pod=pod.name, pod_uid=pod.uid, container="app")
     held = hold(image, *args)
     try:
@@ -69,8 +77,9 @@ def _crash(node: Node, image: Image, pod: Pod, *args: str, when: int, config: di
         held.release()
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     known = {c.ref.core_id for c in pod.cores}
-    (core,) = [c for c in layout.list_cores(node.storage, namespace=pod.namespace, pod=pod.name)
-               if c.ref.core_id not in known]
+    (core,) = [
+        c for c in layout.list_cores(node.storage, namespace=pod.namespace, pod=pod.name) if c.ref.core_id not in known
+    ]
     pod.cores.append(core)
     return core
 
@@ -80,9 +89,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("objdump")
     storage = base / "storage"
     node = Node(base / "node", storage=storage)
-    pods = {key: Pod(namespace=ns, name=name, uid=str(uuid.uuid4())) for key, ns, name in [
-        ("debug-info", "team-a", "web-0"), ("symbols", "team-a", "sym-0"), ("stripped", "team-a", "strip-0"),
-        ("secret", "team-b", "secret-0"), ("forger", "team-a", "forger-0"), ("budget", "team-a", "budget-0")]}
+    pods = {
+        key: Pod(namespace=ns, name=name, uid=str(uuid.uuid4()))
+        for key, ns, name in [
+            ("debug-info", "team-a", "web-0"),
+            ("symbols", "team-a", "sym-0"),
+            ("stripped", "team-a", "strip-0"),
+            ("secret", "team-b", "secret-0"),
+            ("forger", "team-a", "forger-0"),
+            ("budget", "team-a", "budget-0"),
+        ]
+    }
     # Each its own flavour: strip keeps the build-id, so a stripped twin of the symbols image would have the same
     # one (and, being other bytes, would not count as that stored object: see test_a_stripped_twin_...).
     images = {kind: make_image(base / kind, kind=kind, flavour=kind) for kind in ("debug-info", "symbols", "stripped")}
@@ -111,11 +128,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     server = start_apiserver(base / "server", "--storage-root", str(storage))
     try:
         for pod in pods.values():
-            created = server.request("POST", collection_path(pod.namespace),
-                                     body=endpoint_manifest(pod.name, namespace=pod.namespace, pod_uid=pod.uid))
+            created = server.request(
+                "POST",
+                collection_path(pod.namespace),
+                body=endpoint_manifest(pod.name, namespace=pod.namespace, pod_uid=pod.uid),
+            )
             assert created.status in (201, 409), created.body  # 409: the server auto-created it first
-        yield World(server=server, storage=storage, pods=pods, stored_after_first=first,
-                    stored_after_second=second, secret_build_id=secret_id)
+        yield World(
+            server=server,
+            storage=storage,
+            pods=pods,
+            stored_after_first=first,
+            stored_after_second=second,
+            secret_build_id=secret_id,
+        )
     finally:
         server.stop()
     assert "Traceback" not in server.log_path.read_text(), server.log_path.read_text()[-5000:]
@@ -126,15 +152,26 @@ def download(world: World, pod: Pod, directory: Path, *, query: str = "objects=t
     directory.mkdir(parents=True)
     path = DUMP.format(ns=pod.namespace, name=pod.name) + f"?{query}"
     env = {"HOME": str(world.server.dev_dir), "PATH": os.environ["PATH"]}
-    subprocess.run(f"kubectl --kubeconfig {world.server.kubeconfig} get --raw '{path}' | tar xz",
-                   shell=True, check=True, cwd=directory, env=env, timeout=120)
+    subprocess.run(
+        f"kubectl --kubeconfig {world.server.kubeconfig} get --raw '{path}' | tar xz",
+        shell=True,
+        check=True,
+        cwd=directory,
+        env=env,
+        timeout=120,
+    )
     return directory
 
 
 def gdb(directory: Path, script: str) -> str:
-    out = subprocess.run(["gdb", "-batch", "-nx", "-x", script, "-ex", "info sharedlibrary"], cwd=directory,
-                         capture_output=True, text=True, timeout=120, env={"PATH": os.environ["PATH"],
-                                                                          "HOME": str(directory)})
+    out = subprocess.run(
+        ["gdb", "-batch", "-nx", "-x", script, "-ex", "info sharedlibrary"],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": os.environ["PATH"], "HOME": str(directory)},
+    )
     return out.stdout + out.stderr
 
 
@@ -144,7 +181,8 @@ def manifest(directory: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("kind", ["debug-info", "symbols", "stripped"])
 def test_after_the_program_and_its_root_are_gone_gdb_symbolizes_from_the_archive(
-        world: World, kind: str, tmp_path: Path) -> None:
+    world: World, kind: str, tmp_path: Path
+) -> None:
     pod = world.pods[kind]
     core = pod.cores[0]
     # The stored backtrace, at capture, named the crashing function (offsets only when stripped).
@@ -157,7 +195,10 @@ def test_after_the_program_and_its_root_are_gone_gdb_symbolizes_from_the_archive
     man = manifest(out_dir)
     (entry,) = man["cores"]
     assert entry["skipped"] == [] and {o["path"] for o in entry["objects"]} == {
-        "/app/prog", "/lib/x86_64-linux-gnu/libc.so.6", "/lib64/ld-linux-x86-64.so.2"}
+        "/app/prog",
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/ld-linux-x86-64.so.2",
+    }
     for o in entry["objects"]:
         data = (out_dir / o["file"]).read_bytes()
         assert len(data) == o["size"] and store.build_id_of_bytes(data) == o["buildID"]
@@ -192,7 +233,8 @@ def test_second_crash_copies_nothing_and_each_object_is_in_the_archive_once(worl
         bodies = [tf.extractfile(m).read() for m in files]  # type: ignore[union-attr]
     assert len(files) == len({hashlib.sha256(b).digest() for b in bodies}) == 3  # once each, for three cores
     assert sorted(m.name for m in members if m.name.endswith(".gdb")) == sorted(
-        f"app_{c.ref.core_id}.gdb" for c in (first, second, other))
+        f"app_{c.ref.core_id}.gdb" for c in (first, second, other)
+    )
     out_dir = tmp_path / "x"
     with tarfile.open(archive) as tf:
         tf.extractall(out_dir, filter="data")
@@ -207,8 +249,11 @@ def test_a_forged_build_id_gets_no_other_namespace_s_object(world: World, tmp_pa
     assert prog["state"] == "skipped" and prog["reason"] == store.DIFFERS
     out_dir = download(world, world.pods["forger"], tmp_path / "a")
     (entry,) = manifest(out_dir)["cores"]
-    assert {"path": "/app/prog", "buildID": world.secret_build_id,
-            "reason": f"not stored at capture: {store.DIFFERS}"} in entry["skipped"]
+    assert {
+        "path": "/app/prog",
+        "buildID": world.secret_build_id,
+        "reason": f"not stored at capture: {store.DIFFERS}",
+    } in entry["skipped"]
     assert not (out_dir / "sysroot/app/prog").exists()
     secret = b"team-b-secret-flavour"
     assert not any(secret in p.read_bytes() for p in (out_dir / "sysroot").rglob("*") if p.is_file())
@@ -220,7 +265,8 @@ def test_a_forged_build_id_gets_no_other_namespace_s_object(world: World, tmp_pa
 
 
 def test_budgets_and_a_core_without_notes_are_recorded_in_metadata_and_manifest_and_the_cores_kept(
-        world: World, tmp_path: Path) -> None:
+    world: World, tmp_path: Path
+) -> None:
     tight, junk = world.pods["budget"].cores
     # Its program is new: over the byte budget, not copied; its libraries were stored by earlier crashes.
     states = {o["path"]: (o["state"], o.get("reason")) for o in tight.metadata["objects"]}
@@ -251,8 +297,11 @@ def test_limits_per_dump_are_listed_in_the_manifest(world: World) -> None:
         return b"".join([c async for c in iter_range(plan)])
 
     import asyncio
-    for limits, reason in [(ObjectLimits(max_objects=1), "dump object limit (1 objects)"),
-                           (ObjectLimits(max_bytes=100_000), "dump object byte limit (100000 bytes)")]:
+
+    for limits, reason in [
+        (ObjectLimits(max_objects=1), "dump object limit (1 objects)"),
+        (ObjectLimits(max_bytes=100_000), "dump object byte limit (100000 bytes)"),
+    ]:
         data = asyncio.run(whole(limits))
         with tarfile.open(fileobj=io.BytesIO(data)) as tf:
             man = json.loads(tf.extractfile("manifest.json").read())  # type: ignore[union-attr]
@@ -271,8 +320,9 @@ def test_ranges_resume_the_objects_archive_and_the_etag_covers_the_objects(world
     cuts = [0, size // 3, size // 3 + 1, 2 * size // 3, size]
     parts = []
     for a, b in zip(cuts, cuts[1:], strict=False):
-        got = world.server.request("GET", path + "?objects=true",
-                                   headers={"Range": f"bytes={a}-{b - 1}", "If-Range": etag})
+        got = world.server.request(
+            "GET", path + "?objects=true", headers={"Range": f"bytes={a}-{b - 1}", "If-Range": etag}
+        )
         assert got.status == 206 and got.headers["Content-Range"] == f"bytes {a}-{b - 1}/{size}"
         parts.append(got.body)
     assert b"".join(parts) == whole.body

@@ -3,6 +3,7 @@ The objects of a dump, from metadata and a store that every node writes: untrust
 they reach a tar name or a gdb command, stored objects that are not what the core's capture verified never sent,
 conflicting paths placed apart, and an object that changes under a download cutting the stream.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -39,15 +40,34 @@ def put_object(root: Path, build_id: str, data: bytes, **info: Any) -> str:
     packed = isal_zlib.compress(data, 1, 31)
     (d / store.OBJECT_NAME).write_bytes(packed)
     sha = hashlib.sha256(data).hexdigest()
-    (d / store.INFO_NAME).write_text(json.dumps({"buildID": build_id, "size": len(data), "storedSize": len(packed),
-                                                 "sha256": sha, "path": "/x", **info}))
+    (d / store.INFO_NAME).write_text(
+        json.dumps(
+            {"buildID": build_id, "size": len(data), "storedSize": len(packed), "sha256": sha, "path": "/x", **info}
+        )
+    )
     return sha
 
 
-def core_with(root: Path, records: list[dict[str, Any]], *, container: str = "app", pid: int = 7,
-              uid: str | None = None, exe: str = "/app/prog") -> layout.StoredCore:
-    fixture = store_core(root, namespace="ns", pod="p", pod_uid=uid or new_uid(), container=container,
-                         data=os.urandom(5000), when=T0, pid=pid, exe=exe)
+def core_with(
+    root: Path,
+    records: list[dict[str, Any]],
+    *,
+    container: str = "app",
+    pid: int = 7,
+    uid: str | None = None,
+    exe: str = "/app/prog",
+) -> layout.StoredCore:
+    fixture = store_core(
+        root,
+        namespace="ns",
+        pod="p",
+        pod_uid=uid or new_uid(),
+        container=container,
+        data=os.urandom(5000),
+        when=T0,
+        pid=pid,
+        exe=exe,
+    )
     return layout.amend_metadata(fixture.stored, {"objects": records})
 
 
@@ -82,11 +102,17 @@ async def test_untrusted_paths_and_records_never_reach_a_tar_name_or_a_gdb_comma
     sha = put_object(storage_root, good, b"good object " * 100)
     sha_other = put_object(storage_root, other, b"other object " * 100)
     hostile = [
-        rec("/../../etc/passwd", good, sha), rec("app/relative", good, sha),
+        rec("/../../etc/passwd", good, sha),
+        rec("app/relative", good, sha),
         rec("/app/x\nshell touch /tmp/pwned", good, sha),
-        rec("/app/with space", good, sha), rec("/app/quote'", good, sha), rec("/app/ok#c", good, sha),
-        rec("/app/ZZ", "not-hex", sha), rec("/app/unverified", other, None), rec("/app/wrong-sha", other, sha),
-        rec("/app/skipped", other, sha_other, state="skipped"), "not a record",
+        rec("/app/with space", good, sha),
+        rec("/app/quote'", good, sha),
+        rec("/app/ok#c", good, sha),
+        rec("/app/ZZ", "not-hex", sha),
+        rec("/app/unverified", other, None),
+        rec("/app/wrong-sha", other, sha),
+        rec("/app/skipped", other, sha_other, state="skipped"),
+        "not a record",
     ]
     core = core_with(storage_root, [rec("/app/./prog//", good, sha), *hostile, rec("/app/prog", other, sha_other)])
     data = await archive([core])
@@ -97,8 +123,14 @@ async def test_untrusted_paths_and_records_never_reach_a_tar_name_or_a_gdb_comma
     gdb_file = f"app_{core.ref.core_id}.gdb"
     script = read_member(data, gdb_file).decode()
     commands = [line for line in script.splitlines() if not line.startswith("#")]
-    assert commands == ["set auto-load off", "set sysroot sysroot", "set solib-search-path sysroot/app",
-                        "file sysroot/app/prog", f"core-file app/{core.ref.core_id}.core", "bt"]
+    assert commands == [
+        "set auto-load off",
+        "set sysroot sysroot",
+        "set solib-search-path sysroot/app",
+        "file sysroot/app/prog",
+        f"core-file app/{core.ref.core_id}.core",
+        "bt",
+    ]
     (entry,) = json.loads(read_member(data, "manifest.json"))["cores"]
     reasons = [s["reason"] for s in entry["skipped"]]
     assert reasons.count("path unusable in an archive (relative, '..', or characters outside [A-Za-z0-9._+@=,~-])") == 6
@@ -114,7 +146,8 @@ async def test_a_stored_object_that_is_not_what_its_info_says_is_not_served(stor
     shas = [put_object(storage_root, i, f"object {n} ".encode() * 300) for n, i in enumerate(ids)]
     # b2's object.json replaced by a1's (a planted file naming another build-id)
     (store.object_dir(storage_root, ids[1]) / store.INFO_NAME).write_bytes(
-        (store.object_dir(storage_root, ids[0]) / store.INFO_NAME).read_bytes())
+        (store.object_dir(storage_root, ids[0]) / store.INFO_NAME).read_bytes()
+    )
     # c3's info claims another size than its gzip holds
     info_path = store.object_dir(storage_root, ids[2]) / store.INFO_NAME
     info = json.loads(info_path.read_text())
@@ -123,15 +156,18 @@ async def test_a_stored_object_that_is_not_what_its_info_says_is_not_served(stor
     d4 = "d4" * 20
     store.object_dir(storage_root, d4).parent.mkdir(parents=True)
     store.object_dir(storage_root, d4).symlink_to(store.object_dir(storage_root, ids[0]))
-    core = core_with(storage_root, [rec("/a", ids[0], shas[0]), rec("/b", ids[1], shas[1]),
-                                    rec("/c", ids[2], shas[2]), rec("/d", d4, shas[0])])
+    core = core_with(
+        storage_root,
+        [rec("/a", ids[0], shas[0]), rec("/b", ids[1], shas[1]), rec("/c", ids[2], shas[2]), rec("/d", d4, shas[0])],
+    )
     data = await archive([core])
     assert {n for n in members(data) if n.startswith("sysroot")} == {"sysroot/a"}
     (entry,) = json.loads(read_member(data, "manifest.json"))["cores"]
     assert {s["path"]: s["reason"] for s in entry["skipped"]} == {
         "/b": "not in the store (removed, or its object.json missing or invalid)",
         "/c": "stored file is not a gzip of the recorded object",
-        "/d": "not in the store (removed, or its object.json missing or invalid)"}
+        "/d": "not in the store (removed, or its object.json missing or invalid)",
+    }
 
 
 async def test_conflicting_paths_get_a_sysroot_of_their_own_and_each_object_is_sent_once(storage_root: Path) -> None:
@@ -140,23 +176,33 @@ async def test_conflicting_paths_get_a_sysroot_of_their_own_and_each_object_is_s
     uid = new_uid()
     one = core_with(storage_root, [rec("/app/prog", prog, s_prog), rec("/lib/libc.so.6", libc_a, s_a)], uid=uid)
     # a sidecar with the same program and another libc at the same path
-    two = core_with(storage_root, [rec("/app/prog", prog, s_prog), rec("/lib/libc.so.6", libc_b, s_b),
-                                   rec("/usr/lib/libc.so.6", libc_a, s_a)], container="side", pid=8, uid=uid)
+    two = core_with(
+        storage_root,
+        [rec("/app/prog", prog, s_prog), rec("/lib/libc.so.6", libc_b, s_b), rec("/usr/lib/libc.so.6", libc_a, s_a)],
+        container="side",
+        pid=8,
+        uid=uid,
+    )
     data = await archive([one, two])
     found = members(data)
     own = f"sysroot.side_{two.ref.core_id}"
     files = {n for n, m in found.items() if m.isfile() and n.startswith("sysroot")}
     links = {n: m.linkname for n, m in found.items() if m.issym()}
     assert files == {"sysroot/app/prog", "sysroot/lib/libc.so.6", f"{own}/lib/libc.so.6"}
-    assert links == {f"{own}/app/prog": "../../sysroot/app/prog",
-                     f"{own}/usr/lib/libc.so.6": "../../../sysroot/lib/libc.so.6"}
+    assert links == {
+        f"{own}/app/prog": "../../sysroot/app/prog",
+        f"{own}/usr/lib/libc.so.6": "../../../sysroot/lib/libc.so.6",
+    }
     script = read_member(data, f"side_{two.ref.core_id}.gdb").decode()
     assert f"set sysroot {own}\n" in script and f"file {own}/app/prog\n" in script
     with tarfile.open(fileobj=io.BytesIO(data)) as tf:
         tf.extractall(storage_root.parent / "out", filter="data")  # the links stay inside the archive's tree
     out = storage_root.parent / "out"
-    assert (out / own / "app/prog").read_bytes() == (out / "sysroot/app/prog").read_bytes() == \
-        f"bytes of {prog} ".encode() * 200
+    assert (
+        (out / own / "app/prog").read_bytes()
+        == (out / "sysroot/app/prog").read_bytes()
+        == f"bytes of {prog} ".encode() * 200
+    )
     assert (out / own / "lib/libc.so.6").read_bytes() == f"bytes of {libc_b} ".encode() * 200
     assert (out / own / "usr/lib/libc.so.6").read_bytes() == f"bytes of {libc_a} ".encode() * 200
 
@@ -173,7 +219,8 @@ def _object_segment(plan: Any) -> tuple[int, ObjectSegment]:
 
 @pytest.mark.parametrize("change", ["replaced", "rewritten in place", "inflates to more"])
 async def test_an_object_changed_under_the_download_cuts_the_stream_before_its_end(
-        storage_root: Path, change: str) -> None:
+    storage_root: Path, change: str
+) -> None:
     build_id = "e5" * 20
     data = os.urandom(200_000)
     sha = put_object(storage_root, build_id, data)
@@ -217,9 +264,11 @@ async def test_the_objects_query_parameter(dump_server: DumpServer) -> None:
     core_with(dump_server.root, [], uid=uid)
     url = dump_server.dump_url(ns="ns", name="p")
     async with aiohttp.ClientSession() as session:
+
         async def get(params: dict[str, str]) -> tuple[int, bytes]:
             async with session.get(url, params=params, ssl=dump_server.ssl_context(), auto_decompress=False) as r:
                 return r.status, await r.read()
+
         bad_status, bad = await get({"objects": "yes"})
         assert bad_status == 400 and "invalid query parameter 'objects'" in json.loads(bad)["message"]
         plain, off, on = await get({}), await get({"objects": "false"}), await get({"objects": "true"})

@@ -1,4 +1,5 @@
 """The archive plan and its byte stream without HTTP: ranges, and cores that vanish under a download."""
+
 from __future__ import annotations
 
 import datetime
@@ -23,8 +24,17 @@ T0 = datetime.datetime(2026, 11, 23, 10, 0, tzinfo=datetime.timezone.utc)
 def two_cores(root: Path) -> list[layout.StoredCore]:
     uid = new_uid()
     for i in range(2):
-        store_core(root, namespace="ns", pod="p", pod_uid=uid, container="c", data=os.urandom(300_000) * 3,
-                   when=T0 + datetime.timedelta(minutes=i), pid=i + 1, members=3)
+        store_core(
+            root,
+            namespace="ns",
+            pod="p",
+            pod_uid=uid,
+            container="c",
+            data=os.urandom(300_000) * 3,
+            when=T0 + datetime.timedelta(minutes=i),
+            pid=i + 1,
+            members=3,
+        )
     return layout.list_cores(root, namespace="ns", pod="p", pod_uid=uid)
 
 

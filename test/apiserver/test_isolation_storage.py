@@ -2,6 +2,7 @@
 Storage is written by every node: a link planted at any level of the layout never makes a dump serve, or a
 delete remove, a byte outside the request's namespace (issue 9). Against the dump handler over TLS, on disk.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -34,8 +35,9 @@ def plain(archive: bytes) -> bytes:
 
 async def dump(server: DumpServer, *, ns: str, name: str, params: dict[str, str] | None = None) -> tuple[int, bytes]:
     async with aiohttp.ClientSession() as session:
-        async with session.get(server.dump_url(ns=ns, name=name), params=params, ssl=server.ssl_context(),
-                               auto_decompress=False) as resp:
+        async with session.get(
+            server.dump_url(ns=ns, name=name), params=params, ssl=server.ssl_context(), auto_decompress=False
+        ) as resp:
             got = bytearray()
             try:
                 async for chunk in resp.content.iter_any():
@@ -48,10 +50,12 @@ async def dump(server: DumpServer, *, ns: str, name: str, params: dict[str, str]
 def world(server: DumpServer, tmp_path: Path) -> dict[str, Any]:
     """team-a/web-0 with its own core; team-b/db-0 whose core holds SECRET_B; a secret file outside the root."""
     uid_a, uid_b = new_uid(), new_uid()
-    a = store_core(server.root, namespace="team-a", pod="web-0", pod_uid=uid_a, container="app", data=OWN,
-                   when=T0, pid=1)
-    b = store_core(server.root, namespace="team-b", pod="db-0", pod_uid=uid_b, container="app", data=SECRET_B,
-                   when=T0, pid=1)
+    a = store_core(
+        server.root, namespace="team-a", pod="web-0", pod_uid=uid_a, container="app", data=OWN, when=T0, pid=1
+    )
+    b = store_core(
+        server.root, namespace="team-b", pod="db-0", pod_uid=uid_b, container="app", data=SECRET_B, when=T0, pid=1
+    )
     outside = tmp_path / "outside.secret"
     outside.write_bytes(gzip.compress(OUTSIDE))
     server.registry.add(namespace="team-a", name="web-0", pod_uid=uid_a)
@@ -81,8 +85,9 @@ TARGETS = ["other-namespace", "outside-root", "server-key"]
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("named", [False, True], ids=["listed", "named-in-query"])
-async def test_a_link_at_any_level_never_serves_a_foreign_byte(dump_server: DumpServer, tmp_path: Path,
-                                                               level: str, target: str, named: bool) -> None:
+async def test_a_link_at_any_level_never_serves_a_foreign_byte(
+    dump_server: DumpServer, tmp_path: Path, level: str, target: str, named: bool
+) -> None:
     w = world(dump_server, tmp_path)
     a: layout.StoredCore = w["a"].stored
     b: layout.StoredCore = w["b"].stored
@@ -123,9 +128,9 @@ async def test_a_link_at_any_level_never_serves_a_foreign_byte(dump_server: Dump
     assert gzip.decompress(b.core_path.read_bytes()) == SECRET_B and b.meta_path.is_file()
 
 
-async def test_a_core_swapped_for_a_link_between_plan_and_open_is_refused(dump_server: DumpServer,
-                                                                          tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_core_swapped_for_a_link_between_plan_and_open_is_refused(
+    dump_server: DumpServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The hard-to-see variant: the file is a real core when planned, a link to team-b's when opened."""
     from handler import faults
 

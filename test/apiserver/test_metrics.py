@@ -2,6 +2,7 @@
 Observability of the real server: ``/metrics`` read back with prometheus-client's own text parser, one
 structured JSON line per request, and content negotiation that never answers 500 for an odd ``Accept``.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,9 +38,10 @@ def request_lines(server: RunningServer) -> list[dict[str, Any]]:
 
 
 def test_metrics_count_requests_dumps_watches_and_store_calls(apiserver: RunningServer) -> None:
-    assert apiserver.request("POST", collection_path("metrics"), body=endpoint_manifest("web",
-                                                                                         namespace="metrics")
-                             ).status == 201
+    assert (
+        apiserver.request("POST", collection_path("metrics"), body=endpoint_manifest("web", namespace="metrics")).status
+        == 201
+    )
     assert apiserver.request("GET", collection_path("metrics")).status == 200
     assert apiserver.request("GET", item_path("absent", "metrics")).status == 404
     assert apiserver.request("GET", item_path("web", "metrics") + "/dump").status == 404  # no cores
@@ -59,8 +61,12 @@ def test_metrics_count_requests_dumps_watches_and_store_calls(apiserver: Running
     assert value(samples, "apiserver_request_total", verb="create", resource="coredumpendpoints", code="201") >= 1
     assert value(samples, "apiserver_request_total", verb="list", resource="coredumpendpoints", code="200") >= 1
     assert value(samples, "apiserver_request_total", verb="get", resource="coredumpendpoints", code="404") >= 1
-    assert value(samples, "apiserver_request_total", verb="get", resource="coredumpendpoints", subresource="dump",
-                 code="404") >= 1
+    assert (
+        value(
+            samples, "apiserver_request_total", verb="get", resource="coredumpendpoints", subresource="dump", code="404"
+        )
+        >= 1
+    )
     assert value(samples, "apiserver_request_total", resource="other", code="404") >= 1
     assert not [labels for labels, _ in samples["apiserver_request_total"] if "made-up" in labels["resource"]]
     assert value(samples, "apiserver_request_duration_seconds_count", verb="list", resource="coredumpendpoints") >= 1
@@ -80,17 +86,31 @@ def test_metrics_need_authorization(apiserver: RunningServer) -> None:
 def test_one_structured_line_per_request(apiserver: RunningServer) -> None:
     path = item_path("nobody-here", "logs")
     assert apiserver.request("GET", path).status == 404
-    [line] = wait_until(lambda: [line for line in request_lines(apiserver) if line.get("path") == path],
-                        what=f"the request line of {path}")
+    [line] = wait_until(
+        lambda: [line for line in request_lines(apiserver) if line.get("path") == path],
+        what=f"the request line of {path}",
+    )
     assert (line["msg"], line["method"], line["user"], line["status"]) == ("request", "GET", "dev-admin", 404)
     assert isinstance(line["bytes"], int) and line["bytes"] > 0
     assert isinstance(line["seconds"], float) and line["seconds"] >= 0
     assert (line["verb"], line["resource"], line["namespace"], line["objectName"]) == (
-        "get", "coredumpendpoints", "logs", "nobody-here")
+        "get",
+        "coredumpendpoints",
+        "logs",
+        "nobody-here",
+    )
 
 
-@pytest.mark.parametrize("accept", ["application/json;q=abc", "application/json;q=", "application/json;q=nan",
-                                    "application/yaml;q=x, application/json", "*/*;q=1e999"])
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "application/json;q=abc",
+        "application/json;q=",
+        "application/json;q=nan",
+        "application/yaml;q=x, application/json",
+        "*/*;q=1e999",
+    ],
+)
 def test_accept_with_an_unparsable_quality_is_served(apiserver: RunningServer, accept: str) -> None:
     response = apiserver.request("GET", collection_path("default"), headers={"Accept": accept})
     assert response.status == 200, response.body[:300]

@@ -4,6 +4,7 @@ levels (no core or metadata file opened), and handed on to be re-read; links and
 followed; a detector change reaches the endpoint as ADDED then MODIFIED through the same entry point the
 Event watch uses. Status writes re-read storage at once.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,8 +20,15 @@ from apiserver_harness import T0, body, new_uid, store_core
 
 
 def core(root: Path, *, pod: str, uid: str, minute: int) -> None:
-    store_core(root, namespace="dev", pod=pod, pod_uid=uid, container="c", data=b"%d" % minute,
-               when=T0 + datetime.timedelta(minutes=minute))
+    store_core(
+        root,
+        namespace="dev",
+        pod=pod,
+        pod_uid=uid,
+        container="c",
+        data=b"%d" % minute,
+        when=T0 + datetime.timedelta(minutes=minute),
+    )
 
 
 async def test_the_detector_sees_commits_removals_and_new_incarnations(storage_root: Path) -> None:
@@ -28,6 +36,7 @@ async def test_the_detector_sees_commits_removals_and_new_incarnations(storage_r
 
     async def on_change(*, namespace: str, pod: str, uid: str) -> None:
         seen.append((namespace, pod, uid))
+
     detector = ChangeDetector(root=storage_root, on_change=on_change)
     a, b, quiet = new_uid(), new_uid(), new_uid()
     core(storage_root, pod="p", uid=a, minute=1)
@@ -100,7 +109,8 @@ async def test_a_status_write_rereads_storage_now(dev_registry: EndpointRegistry
     created = (await dev_registry.create(namespace="dev", body=body("s", uid))).obj
     core(storage_root, pod="s", uid=uid, minute=2)  # nobody told the server
     assert (await dev_registry.get(namespace="dev", name="s"))["status"]["coreCount"] == 1
-    refreshed = (await dev_registry.refresh_status(namespace="dev", name="s",
-                                                   body={**created, "status": {"coreCount": 0}})).obj
+    refreshed = (
+        await dev_registry.refresh_status(namespace="dev", name="s", body={**created, "status": {"coreCount": 0}})
+    ).obj
     assert refreshed["status"]["coreCount"] == 2
     assert int(refreshed["metadata"]["resourceVersion"]) > int(created["metadata"]["resourceVersion"])

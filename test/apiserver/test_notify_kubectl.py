@@ -6,6 +6,7 @@ coreCount; ``kubectl wait --for=jsonpath`` returns. Status writes (``--subresour
 re-read storage. Two replicas on one real etcd make one ADDED per new incarnation. Dev mode answers
 ``kubectl auth can-i`` from its rule table and says in one line why ``kubectl events`` has nothing.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -19,8 +20,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures_apiserver import (NEWEST_KUBECTL, OLDEST_KUBECTL, RunningServer, collection_path, item_path,
-                                kubectl_binary, start_apiserver)
+from fixtures_apiserver import (
+    NEWEST_KUBECTL,
+    OLDEST_KUBECTL,
+    RunningServer,
+    collection_path,
+    item_path,
+    kubectl_binary,
+    start_apiserver,
+)
 
 from apiserver_harness import new_uid, store_core
 
@@ -32,10 +40,25 @@ class KubectlWatch:
     """``kubectl get cde -w --output-watch-events -o json`` running, its events parsed as they come."""
 
     def __init__(self, server: RunningServer, *args: str, version: str | None = None) -> None:
-        command = [kubectl_binary(version), "--kubeconfig", str(server.kubeconfig), "get", "cde", "-w",
-                   "--output-watch-events", "-o", "json", *args]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env={**os.environ, "HOME": str(server.dev_dir)})
+        command = [
+            kubectl_binary(version),
+            "--kubeconfig",
+            str(server.kubeconfig),
+            "get",
+            "cde",
+            "-w",
+            "--output-watch-events",
+            "-o",
+            "json",
+            *args,
+        ]
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HOME": str(server.dev_dir)},
+        )
         self.events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -83,18 +106,25 @@ def watchers() -> Iterator[list[KubectlWatch]]:
 
 
 def counts(events: list[dict[str, Any]], name: str) -> list[tuple[str, int]]:
-    return [(e["type"], e["object"]["status"]["coreCount"]) for e in events
-            if e["object"]["metadata"]["name"] == name]
+    return [(e["type"], e["object"]["status"]["coreCount"]) for e in events if e["object"]["metadata"]["name"] == name]
 
 
 def file_core(server: RunningServer, *, namespace: str, pod: str, uid: str, minute: int) -> None:
-    store_core(server.storage_root, namespace=namespace, pod=pod, pod_uid=uid, container="app",
-               data=b"core %d" % minute, when=T0 + datetime.timedelta(minutes=minute))
+    store_core(
+        server.storage_root,
+        namespace=namespace,
+        pod=pod,
+        pod_uid=uid,
+        container="app",
+        data=b"core %d" % minute,
+        when=T0 + datetime.timedelta(minutes=minute),
+    )
 
 
 @pytest.mark.parametrize("version", [OLDEST_KUBECTL, NEWEST_KUBECTL])
 def test_a_watcher_sees_added_then_modified_with_each_new_core_count(
-        apiserver: RunningServer, watchers: list[KubectlWatch], version: str) -> None:
+    apiserver: RunningServer, watchers: list[KubectlWatch], version: str
+) -> None:
     namespace, pod, uid = f"watch-{version.replace('.', '-')}", "api-0", new_uid()
     watch = KubectlWatch(apiserver, "-n", namespace, version=version)
     watchers.append(watch)
@@ -118,11 +148,23 @@ def test_kubectl_wait_for_the_core_count_returns(apiserver: RunningServer, versi
     while apiserver.request("GET", item_path(pod, namespace)).status != 200:
         assert time.monotonic() < deadline, "the endpoint was never auto-created"
         time.sleep(0.05)
-    waiting = subprocess.Popen([kubectl_binary(version), "--kubeconfig", str(apiserver.kubeconfig), "-n", namespace,
-                                "wait", f"cde/{pod}", "--for=jsonpath={.status.coreCount}=2",
-                                f"--timeout={DEADLINE:.0f}s"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HOME": str(apiserver.dev_dir)})
+    waiting = subprocess.Popen(
+        [
+            kubectl_binary(version),
+            "--kubeconfig",
+            str(apiserver.kubeconfig),
+            "-n",
+            namespace,
+            "wait",
+            f"cde/{pod}",
+            "--for=jsonpath={.status.coreCount}=2",
+            f"--timeout={DEADLINE:.0f}s",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HOME": str(apiserver.dev_dir)},
+    )
     file_core(apiserver, namespace=namespace, pod=pod, uid=uid, minute=2)
     out, err = waiting.communicate(timeout=DEADLINE + 10)
     assert waiting.returncode == 0, err
@@ -138,35 +180,53 @@ def test_status_writes_are_authorized_validated_and_only_reread_storage(apiserve
         assert time.monotonic() < deadline
         time.sleep(0.05)
     # A client's status is ignored: the answer is the stored truth.
-    patched = apiserver.kubectl("-n", namespace, "patch", "cde", pod, "--subresource=status", "--type=merge",
-                                "-p", '{"status":{"coreCount":99}}', "-o", "json", version=NEWEST_KUBECTL)
+    patched = apiserver.kubectl(
+        "-n",
+        namespace,
+        "patch",
+        "cde",
+        pod,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status":{"coreCount":99}}',
+        "-o",
+        "json",
+        version=NEWEST_KUBECTL,
+    )
     assert json.loads(patched.stdout)["status"]["coreCount"] == 1
     current = apiserver.request("GET", path).json()
     put = apiserver.request("PUT", path, body={**current, "status": {"coreCount": 42}})
     assert put.status == 200 and put.json()["status"]["coreCount"] == 1
     # Validated like any write, as a Status.
-    for body, code in (({**current, "kind": "Pod"}, 400),
-                       ({**current, "metadata": {**current["metadata"], "name": "other"}}, 400),
-                       ({**current, "metadata": {**current["metadata"], "resourceVersion": "1"}}, 409),
-                       ("[1,2", 400)):
+    for body, code in (
+        ({**current, "kind": "Pod"}, 400),
+        ({**current, "metadata": {**current["metadata"], "name": "other"}}, 400),
+        ({**current, "metadata": {**current["metadata"], "resourceVersion": "1"}}, 409),
+        ("[1,2", 400),
+    ):
         answer = apiserver.request("PUT", path, body=body)
         assert answer.status == code and answer.json()["kind"] == "Status", answer.body
     # RBAC: a write to status is its own permission (patch on coredumpendpoints/status), which the viewer lacks.
-    denied = apiserver.request("PATCH", item_path(pod, "default") + "/status", body={}, user="viewer",
-                               content_type="application/merge-patch+json")
+    denied = apiserver.request(
+        "PATCH",
+        item_path(pod, "default") + "/status",
+        body={},
+        user="viewer",
+        content_type="application/merge-patch+json",
+    )
     assert denied.status == 403 and 'cannot patch resource "coredumpendpoints/status"' in denied.json()["message"]
     # Discovery advertises what is served.
     resources = apiserver.request("GET", "/apis/coredump.example.io/v1alpha1").json()["resources"]
-    assert {r["name"]: sorted(r["verbs"]) for r in resources}["coredumpendpoints/status"] == ["get", "patch",
-                                                                                              "update"]
+    assert {r["name"]: sorted(r["verbs"]) for r in resources}["coredumpendpoints/status"] == ["get", "patch", "update"]
 
 
 @pytest.mark.parametrize("version", [OLDEST_KUBECTL, NEWEST_KUBECTL])
-def test_dev_mode_answers_auth_can_i_and_says_why_there_are_no_events(apiserver: RunningServer,
-                                                                      version: str) -> None:
+def test_dev_mode_answers_auth_can_i_and_says_why_there_are_no_events(apiserver: RunningServer, version: str) -> None:
     def can_i(*args: str, context: str | None = None) -> str:
         result = apiserver.kubectl("auth", "can-i", *args, version=version, context=context, check=False)
         return result.stdout.strip()
+
     assert can_i("get", "cde", "--subresource=dump") == "yes"
     assert can_i("list", "cde", context="dev-viewer") == "yes"
     assert can_i("get", "cde", "--subresource=dump", context="dev-viewer") == "no"
@@ -178,7 +238,8 @@ def test_dev_mode_answers_auth_can_i_and_says_why_there_are_no_events(apiserver:
 
 @pytest.mark.etcd
 def test_two_replicas_on_one_etcd_make_one_added_per_new_incarnation(
-        tmp_path: Path, etcd_server: Any, etcd_prefix: str, watchers: list[KubectlWatch]) -> None:
+    tmp_path: Path, etcd_server: Any, etcd_prefix: str, watchers: list[KubectlWatch]
+) -> None:
     storage = tmp_path / "cores"
     storage.mkdir()
     common = ("--etcd-servers", etcd_server.endpoint, "--etcd-prefix", etcd_prefix, "--storage-root", str(storage))

@@ -3,6 +3,7 @@ Retention once per cluster: the plan, namespace policies, one elected replica at
 from the stored status (no storage walk on the hot path), removals seen by watchers, the slow reconcile's debris
 sweep and object collector, and the metrics from the one place.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,10 +46,12 @@ def core_id(when: datetime, n: int = 1) -> str:
     return f"{when.strftime('%Y%m%dT%H%M%SZ')}-app-{n}-11"
 
 
-def put(root: Path, *, ns: str, pod: str, age: timedelta, size: int = 100, n: int = 1,
-        uid: str = UID) -> layout.StoredCore:
-    with layout.CoreWriter(root, namespace=ns, pod=pod, pod_uid=uid, container="app",
-                           core_id=core_id(NOW - age, n)) as w:
+def put(
+    root: Path, *, ns: str, pod: str, age: timedelta, size: int = 100, n: int = 1, uid: str = UID
+) -> layout.StoredCore:
+    with layout.CoreWriter(
+        root, namespace=ns, pod=pod, pod_uid=uid, container="app", core_id=core_id(NOW - age, n)
+    ) as w:
         w.write(gzip.compress(b"x" * size))
         stored = w.commit({"size": size, "signal": 11, "signalName": "SIGSEGV"})
     return stored
@@ -56,8 +59,9 @@ def put(root: Path, *, ns: str, pod: str, age: timedelta, size: int = 100, n: in
 
 def ic(ns: str, pod: str, hours: float, size: int = 10, n: int = 0) -> IndexedCore:
     t = (NOW - timedelta(hours=hours)).timestamp()
-    return IndexedCore(namespace=ns, pod=pod, pod_uid=UID, container="app", core_id=f"c{n}-{hours}", time=t,
-                       stored_size=size)
+    return IndexedCore(
+        namespace=ns, pod=pod, pod_uid=UID, container="app", core_id=f"c{n}-{hours}", time=t, stored_size=size
+    )
 
 
 def test_plan_applies_age_then_pod_count_then_namespace_bytes_each_core_once() -> None:
@@ -65,8 +69,12 @@ def test_plan_applies_age_then_pod_count_then_namespace_bytes_each_core_once() -
     policies = {"a": Policy(max_age=60 * 3600, max_cores_per_pod=4, max_bytes=25), "b": Policy()}
     removals = plan(cores, policy_of=policies.__getitem__, now=NOW.timestamp())
     got = [(r.core.core_id, r.reason) for r in removals]
-    assert got == [("c0-100", "age"), ("c1-50", "pod-count"), ("c2-40", "namespace-bytes"),
-                   ("c3-30", "namespace-bytes")]
+    assert got == [
+        ("c0-100", "age"),
+        ("c1-50", "pod-count"),
+        ("c2-40", "namespace-bytes"),
+        ("c3-30", "namespace-bytes"),
+    ]
     # b has no limits: its huge old core stays
 
 
@@ -76,8 +84,9 @@ def test_a_namespace_can_only_be_stricter_than_the_cluster() -> None:
     asked = parse_namespace_policy({"maxAge": "365d", "maxBytes": "1Gi", "maxCoresPerPod": "5"})
     p = effective(default=default, maximum=maximum, asked=asked)
     assert p == Policy(max_age=90 * 86400, max_bytes=1 << 30, max_cores_per_pod=5)
-    assert effective(default=default, maximum=maximum, asked={}) == Policy(max_age=30 * 86400,
-                                                                           max_bytes=100 << 30, max_cores_per_pod=50)
+    assert effective(default=default, maximum=maximum, asked={}) == Policy(
+        max_age=30 * 86400, max_bytes=100 << 30, max_cores_per_pod=50
+    )
     for bad in ({"maxAge": "0"}, {"maxBytes": "lots"}, {"maxCoresPerPod": "-1"}, {"maxage": "1d"}):
         with pytest.raises(PolicyError):
             parse_namespace_policy(bad)
@@ -85,8 +94,9 @@ def test_a_namespace_can_only_be_stricter_than_the_cluster() -> None:
 
 async def _api(fake_kube: Any, tmp_path: Path, name: str) -> client.ApiClient:
     cfg = client.Configuration()
-    await config.load_kube_config(config_file=str(fake_kube.write_kubeconfig(tmp_path / f"{name}.kubeconfig")),
-                                  client_configuration=cfg)
+    await config.load_kube_config(
+        config_file=str(fake_kube.write_kubeconfig(tmp_path / f"{name}.kubeconfig")), client_configuration=cfg
+    )
     return client.ApiClient(configuration=cfg)
 
 
@@ -136,8 +146,13 @@ class Tracked(Retention):
         return [r.core.core_id for rep in getattr(self, "reports", []) for r in rep.removals]
 
 
-def controller(root: Path, registry: EndpointRegistry, *, policies: Any = None, args: argparse.Namespace | None = None,
-               ) -> Tracked:
+def controller(
+    root: Path,
+    registry: EndpointRegistry,
+    *,
+    policies: Any = None,
+    args: argparse.Namespace | None = None,
+) -> Tracked:
     args = args or flags()
     default, _maximum = setup.policies_from(args)
 
@@ -162,10 +177,18 @@ async def status_of(registry: EndpointRegistry, ns: str, pod: str) -> dict[str, 
 class Replica:
     """One API server replica's retention: an elector and the controller, on the shared storage and store."""
 
-    def __init__(self, name: str, api: client.ApiClient, root: Path, registry: EndpointRegistry,
-                 policies: ConfigMapPolicies) -> None:
-        self.elector = LeaseElector(api_client=api, name="coredump-retention", namespace="coredump-system",
-                                    identity=name, lease_duration=3, renew_deadline=2, retry_period=1)
+    def __init__(
+        self, name: str, api: client.ApiClient, root: Path, registry: EndpointRegistry, policies: ConfigMapPolicies
+    ) -> None:
+        self.elector = LeaseElector(
+            api_client=api,
+            name="coredump-retention",
+            namespace="coredump-system",
+            identity=name,
+            lease_duration=3,
+            renew_deadline=2,
+            retry_period=1,
+        )
         self.retention = controller(root, registry, policies=policies.policies)
         self.task: asyncio.Task[None] | None = None
 
@@ -179,7 +202,8 @@ class Replica:
 
 
 async def test_one_replica_enforces_the_other_takes_over_and_namespace_policies_apply_alone(
-        fake_kube: Any, tmp_path: Path, root: Path, registry: EndpointRegistry) -> None:
+    fake_kube: Any, tmp_path: Path, root: Path, registry: EndpointRegistry
+) -> None:
     old = put(root, ns="team-a", pod="web-0", age=timedelta(days=40))
     young = put(root, ns="team-a", pod="web-0", age=timedelta(days=1), n=2)
     b_cores = [put(root, ns="team-b", pod="db-0", age=timedelta(hours=h), n=h) for h in (1, 2, 3)]
@@ -188,8 +212,12 @@ async def test_one_replica_enforces_the_other_takes_over_and_namespace_policies_
     await creator.scan()  # the endpoints and their stored status: what retention's index reads
     apis = [await _api(fake_kube, tmp_path, n) for n in ("r1", "r2")]
     try:
-        policies = [ConfigMapPolicies(client.CoreV1Api(a), default=Policy(max_age=30 * 86400),
-                                      maximum=Policy(max_age=90 * 86400)) for a in apis]
+        policies = [
+            ConfigMapPolicies(
+                client.CoreV1Api(a), default=Policy(max_age=30 * 86400), maximum=Policy(max_age=90 * 86400)
+            )
+            for a in apis
+        ]
         r1, r2 = (Replica(n, a, root, registry, p) for n, a, p in zip(("r1", "r2"), apis, policies, strict=True))
         r1.start()
         await wait_for(lambda: r1.elector.leading, what="r1 to lead")
@@ -207,10 +235,11 @@ async def test_one_replica_enforces_the_other_takes_over_and_namespace_policies_
         await r1.kill()
         late = put(root, ns="team-a", pod="web-0", age=timedelta(days=31), n=9)
         await learn(registry, root, "team-a", "web-0")
-        await wait_for(lambda: r2.elector.leading and late.ref.core_id in r2.retention.deleted,
-                       what="r2 to take over", timeout=20)
+        await wait_for(
+            lambda: r2.elector.leading and late.ref.core_id in r2.retention.deleted, what="r2 to take over", timeout=20
+        )
         assert late.ref.core_id not in r1.retention.deleted
-        assert r2.retention.deleted == [late.ref.core_id]            # nothing deleted twice, nothing else
+        assert r2.retention.deleted == [late.ref.core_id]  # nothing deleted twice, nothing else
         assert fake_kube.leases[("coredump-system", "coredump-retention")]["spec"]["holderIdentity"] == "r2"
         await r2.kill()
     finally:
@@ -218,20 +247,24 @@ async def test_one_replica_enforces_the_other_takes_over_and_namespace_policies_
             await api.close()
 
 
-async def test_a_namespace_policy_that_does_not_parse_gives_the_cluster_defaults(fake_kube: Any,
-                                                                                 tmp_path: Path) -> None:
+async def test_a_namespace_policy_that_does_not_parse_gives_the_cluster_defaults(
+    fake_kube: Any, tmp_path: Path
+) -> None:
     fake_kube.add_configmap(namespace="team-a", name="coredump-retention", data={"maxAge": "forever"})
     api = await _api(fake_kube, tmp_path, "r")
     try:
         p = ConfigMapPolicies(client.CoreV1Api(api), default=Policy(max_age=86400), maximum=Policy())
-        assert await p.policies(["team-a", "team-c"]) == {"team-a": Policy(max_age=86400),
-                                                          "team-c": Policy(max_age=86400)}
+        assert await p.policies(["team-a", "team-c"]) == {
+            "team-a": Policy(max_age=86400),
+            "team-c": Policy(max_age=86400),
+        }
     finally:
         await api.close()
 
 
 async def test_watchers_see_the_removal_and_a_pod_whose_last_core_went_says_so(
-        root: Path, registry: EndpointRegistry) -> None:
+    root: Path, registry: EndpointRegistry
+) -> None:
     put(root, ns="team-a", pod="web-0", age=timedelta(days=40))
     keep = put(root, ns="team-a", pod="web-1", age=timedelta(days=1), uid=UID2)
     await AutoCreator(root=root, registry=registry).scan()
@@ -249,7 +282,8 @@ async def test_watchers_see_the_removal_and_a_pod_whose_last_core_went_says_so(
     assert [c.ref.core_id for c in layout.iter_all_cores(root)] == [keep.ref.core_id]
     # the record is part of storage, so any replica's resync computes the same status
     assert (await corestatus.read_statuses(root=root, keys=[("team-a", "web-0", UID)]))[
-        ("team-a", "web-0", UID)] == gone
+        ("team-a", "web-0", UID)
+    ] == gone
     # once the endpoint is deleted too, the slow reconcile removes the record and the emptied directories
     await registry.delete(namespace="team-a", name="web-0")
     await controller(root, registry).full_reconcile()
@@ -257,7 +291,8 @@ async def test_watchers_see_the_removal_and_a_pod_whose_last_core_went_says_so(
 
 
 async def test_a_pass_reads_the_stored_status_not_the_storage(
-        root: Path, registry: EndpointRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    root: Path, registry: EndpointRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     put(root, ns="team-a", pod="web-0", age=timedelta(days=1))
     await AutoCreator(root=root, registry=registry).scan()
     retention = controller(root, registry)
@@ -278,8 +313,7 @@ async def test_a_pass_reads_the_stored_status_not_the_storage(
     assert report.ops == {"remove": 1, "record": 1}  # O(changes): one removal, one record, no walk
 
 
-async def test_cores_no_endpoint_covers_are_found_by_the_slow_reconcile(
-        root: Path, registry: EndpointRegistry) -> None:
+async def test_cores_no_endpoint_covers_are_found_by_the_slow_reconcile(root: Path, registry: EndpointRegistry) -> None:
     put(root, ns="team-a", pod="web-0", age=timedelta(days=1))
     await AutoCreator(root=root, registry=registry).scan()
     # an earlier incarnation of the same pod name (the endpoint follows the newest one)
@@ -296,7 +330,8 @@ async def test_cores_no_endpoint_covers_are_found_by_the_slow_reconcile(
 
 
 async def test_a_status_that_lists_only_the_newest_cores_is_completed_from_storage(
-        root: Path, registry: EndpointRegistry, monkeypatch: pytest.MonkeyPatch) -> None:
+    root: Path, registry: EndpointRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(corestatus, "MAX_CORES_IN_STATUS", 2)
     cores = [put(root, ns="team-a", pod="web-0", age=timedelta(days=d), n=d) for d in (60, 50, 2, 1)]
     await AutoCreator(root=root, registry=registry).scan()
@@ -309,7 +344,8 @@ async def test_a_status_that_lists_only_the_newest_cores_is_completed_from_stora
 
 
 async def test_a_removal_never_follows_a_link_planted_in_storage(
-        root: Path, registry: EndpointRegistry, tmp_path: Path) -> None:
+    root: Path, registry: EndpointRegistry, tmp_path: Path
+) -> None:
     victim_core = put(tmp_path / "elsewhere", ns="team-a", pod="web-0", age=timedelta(days=40))
     put(root, ns="team-a", pod="web-0", age=timedelta(days=2))
     await AutoCreator(root=root, registry=registry).scan()
@@ -340,7 +376,8 @@ def stored_object(root: Path, build_id: str, *, age: float) -> Path:
 
 
 async def test_objects_no_stored_core_references_are_removed_referenced_and_fresh_ones_kept(
-        root: Path, registry: EndpointRegistry) -> None:
+    root: Path, registry: EndpointRegistry
+) -> None:
     used, unused, fresh = "aa" + "1" * 38, "bb" + "2" * 38, "cc" + "3" * 38
     for build_id, age in ((used, 7200), (unused, 7200), (fresh, 60)):
         stored_object(root, build_id, age=age)
@@ -356,7 +393,8 @@ async def test_objects_no_stored_core_references_are_removed_referenced_and_fres
 
 
 def test_an_object_claimed_by_a_new_core_while_the_collector_runs_is_kept(
-        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     racing = "dd" + "4" * 38
     stored_object(root, racing, age=7200)
     real_mark = objects._mark
@@ -378,10 +416,12 @@ def test_an_object_claimed_by_a_new_core_while_the_collector_runs_is_kept(
 
 
 async def test_the_debris_sweep_keeps_a_live_writers_temp_file_and_removes_a_dead_ones(
-        root: Path, registry: EndpointRegistry) -> None:
+    root: Path, registry: EndpointRegistry
+) -> None:
     put(root, ns="team-a", pod="web-0", age=timedelta(days=1))
-    stalled = layout.CoreWriter(root, namespace="team-a", pod="web-1", pod_uid=UID2, container="app",
-                                core_id=core_id(NOW, 5))
+    stalled = layout.CoreWriter(
+        root, namespace="team-a", pod="web-1", pod_uid=UID2, container="app", core_id=core_id(NOW, 5)
+    )
     stalled.open()
     stalled.write(gzip.compress(b"half a core"))
     live = stalled.partial()
@@ -407,15 +447,22 @@ async def test_metrics_from_the_one_place(root: Path, registry: EndpointRegistry
     await controller(root, registry).run_pass()
     assert REGISTRY.get_sample_value("coredump_retention_removed_cores_total", {"reason": "age"}) == before + 1
     assert REGISTRY.get_sample_value("coredump_namespace_stored_cores", {"namespace": "team-m"}) == 1
-    assert REGISTRY.get_sample_value("coredump_namespace_stored_bytes",
-                                     {"namespace": "team-m"}) == kept.metadata["storedSize"]
+    assert (
+        REGISTRY.get_sample_value("coredump_namespace_stored_bytes", {"namespace": "team-m"})
+        == kept.metadata["storedSize"]
+    )
     assert REGISTRY.get_sample_value("coredump_retention_pass_duration_seconds_count", {"kind": "pass"}) == passes + 1
-    assert REGISTRY.get_sample_value("coredump_retention_storage_operations_total",
-                                     {"kind": "pass", "operation": "remove"}) >= 1
+    assert (
+        REGISTRY.get_sample_value(
+            "coredump_retention_storage_operations_total", {"kind": "pass", "operation": "remove"}
+        )
+        >= 1
+    )
 
 
 def test_the_grace_flags_take_durations_and_refuse_what_would_sweep_live_writes(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     assert flags("--debris-grace=30m").debris_grace == 1800
     assert flags().debris_grace == 900 and flags().retention_full_interval == 6 * 3600
     for short in ("0", "1m"):  # under four heartbeats of a live writer

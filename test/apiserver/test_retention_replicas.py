@@ -3,6 +3,7 @@ Two real ``coredump-apiserver`` processes on one storage root, one etcd and one 
 holds the retention Lease and enforces, the endpoint whose last core it removed says so in its stored status, and
 when the holder stops the other takes over and removes only what is new.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -55,30 +56,59 @@ async def endpoint(server: Server, name: str) -> dict[str, Any]:
 
 
 async def test_two_server_replicas_one_enforces_then_the_other_takes_over(
-        fake_kube: FakeKube, tmp_path: Path, etcd_server: EtcdServer, etcd_prefix: str) -> None:
+    fake_kube: FakeKube, tmp_path: Path, etcd_server: EtcdServer, etcd_prefix: str
+) -> None:
     root = tmp_path / "shared-storage"
     root.mkdir()
-    store_core(root, namespace="team-a", pod="web-1", pod_uid=UID_B, container="app", data=b"young",
-               when=now() - timedelta(days=1))
-    flags = (f"--storage-root={root}", "--etcd-servers", etcd_server.endpoint, "--etcd-prefix", etcd_prefix,
-             "--retention-max-age=30d", "--retention-interval=200ms", "--status-resync-interval=1s",
-             "--auto-create-endpoints=false")
+    store_core(
+        root,
+        namespace="team-a",
+        pod="web-1",
+        pod_uid=UID_B,
+        container="app",
+        data=b"young",
+        when=now() - timedelta(days=1),
+    )
+    flags = (
+        f"--storage-root={root}",
+        "--etcd-servers",
+        etcd_server.endpoint,
+        "--etcd-prefix",
+        etcd_prefix,
+        "--retention-max-age=30d",
+        "--retention-interval=200ms",
+        "--status-resync-interval=1s",
+        "--auto-create-endpoints=false",
+    )
     (tmp_path / "r1").mkdir()
     (tmp_path / "r2").mkdir()
     async with contextlib.AsyncExitStack() as first:
         r1 = await first.enter_async_context(run_server(fake_kube, tmp_path / "r1", *flags))
-        await until(lambda: asyncio.sleep(0, entries(r1, "leading")), what="the first replica to lead",
-                    logs=r1.logs)
+        await until(lambda: asyncio.sleep(0, entries(r1, "leading")), what="the first replica to lead", logs=r1.logs)
         async with run_server(fake_kube, tmp_path / "r2", *flags) as r2:
             for name, uid in (("web-0", UID_A), ("web-1", UID_B)):
-                status, body = await r2.request("POST", f"{GV}/namespaces/team-a/coredumpendpoints", cert=r2.admin,
-                                                body={"apiVersion": "coredump.example.io/v1alpha1",
-                                                      "kind": "CoredumpEndpoint", "metadata": {"name": name},
-                                                      "spec": {"podUID": uid}})
+                status, body = await r2.request(
+                    "POST",
+                    f"{GV}/namespaces/team-a/coredumpendpoints",
+                    cert=r2.admin,
+                    body={
+                        "apiVersion": "coredump.example.io/v1alpha1",
+                        "kind": "CoredumpEndpoint",
+                        "metadata": {"name": name},
+                        "spec": {"podUID": uid},
+                    },
+                )
                 assert status == 201, body
             # filed once the endpoints exist; the status resync tells the stored status of it
-            old = store_core(root, namespace="team-a", pod="web-0", pod_uid=UID_A, container="app", data=b"old",
-                             when=now() - timedelta(days=40))
+            old = store_core(
+                root,
+                namespace="team-a",
+                pod="web-0",
+                pod_uid=UID_A,
+                container="app",
+                data=b"old",
+                when=now() - timedelta(days=40),
+            )
 
             async def web0_emptied() -> dict[str, Any] | None:
                 status = (await endpoint(r2, "web-0")).get("status", {})
@@ -90,20 +120,33 @@ async def test_two_server_replicas_one_enforces_then_the_other_takes_over(
             assert not old.stored.meta_path.exists() and not old.stored.core_path.exists()
             assert (await endpoint(r2, "web-1"))["status"]["coreCount"] == 1
             assert entries(r2, "leading") == [] and entries(r2, "retention: removed") == []  # idle
-            assert fake_kube.leases[("coredump-system", "coredump-retention")]["spec"]["holderIdentity"] == \
-                entries(r1, "leading")[0]["identity"]
+            assert (
+                fake_kube.leases[("coredump-system", "coredump-retention")]["spec"]["holderIdentity"]
+                == entries(r1, "leading")[0]["identity"]
+            )
             removed_by_r1 = len(entries(r1, "retention: removed"))
 
             await first.aclose()  # the leader stops without handing the lease back
-            late = store_core(root, namespace="team-a", pod="web-1", pod_uid=UID_B, container="app", data=b"late",
-                              when=now() - timedelta(days=31))
+            late = store_core(
+                root,
+                namespace="team-a",
+                pod="web-1",
+                pod_uid=UID_B,
+                container="app",
+                data=b"late",
+                when=now() - timedelta(days=31),
+            )
 
             async def web1_trimmed() -> bool:
                 status = (await endpoint(r2, "web-1")).get("status", {})
                 return status.get("coreCount") == 1 and status.get("lastRemoval", {}).get("reason") == "age"
 
-            await until(web1_trimmed, what="the other replica to take over and remove the new old core", timeout=60,
-                        logs=r2.logs)
+            await until(
+                web1_trimmed,
+                what="the other replica to take over and remove the new old core",
+                timeout=60,
+                logs=r2.logs,
+            )
             assert entries(r2, "leading") and not late.stored.meta_path.exists()
             assert [e["removed"] for e in entries(r2, "retention: removed")] == [1]  # that one core, once
             assert len(entries(r1, "retention: removed")) == removed_by_r1

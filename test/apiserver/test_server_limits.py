@@ -4,6 +4,7 @@ Bounded cost per client, against the real server over real TLS: a half-sent head
 ``--max-connections`` are closed, and requests past the in-flight caps get 429 with ``Retry-After`` while
 watches do not count. Short timeouts come from the flags; no test asserts how long anything took.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -114,8 +115,11 @@ def test_inflight_cap_answers_429_and_a_watch_does_not_count(tmp_path: Path) -> 
 
             # Hold the one mutating slot: a create whose body is still coming.
             body = json.dumps(endpoint_manifest("held")).encode()
-            slow.sendall(f"POST {collection} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:10])
+            slow.sendall(
+                f"POST {collection} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body[:10]
+            )
             refused = None
             for _ in range(50):  # the held request reaches the server concurrently with this one
                 refused = server.request("POST", collection, body=endpoint_manifest("refused"))
@@ -139,14 +143,20 @@ def test_inflight_cap_answers_429_and_a_watch_does_not_count(tmp_path: Path) -> 
             watch.close()
 
 
-@pytest.mark.parametrize("flag", ["--max-connections=-1", "--read-header-timeout=0s", "--idle-timeout=x",
-                                  "--max-requests-inflight=many"])
+@pytest.mark.parametrize(
+    "flag", ["--max-connections=-1", "--read-header-timeout=0s", "--idle-timeout=x", "--max-requests-inflight=many"]
+)
 def test_bad_limit_flags_are_one_line_errors(flag: str, tmp_path: Path) -> None:
     import subprocess
 
     from fixtures_apiserver import BIN
-    result = subprocess.run([str(BIN / "coredump-apiserver"), "--dev", "--dev-dir", str(tmp_path), flag],
-                            capture_output=True, text=True, timeout=60)
+
+    result = subprocess.run(
+        [str(BIN / "coredump-apiserver"), "--dev", "--dev-dir", str(tmp_path), flag],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert flag.split("=")[0] in result.stderr and "Traceback" not in result.stderr
 

@@ -2,6 +2,7 @@
 One suite for both object stores (in-memory and a real etcd): the same errors, revisions and watch
 semantics, which is what lets the registry and every API test run on either backend.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -433,7 +434,8 @@ async def test_memory_history_limit_compacts_the_oldest_revisions() -> None:
 
 _ops = st.lists(
     st.tuples(st.sampled_from(["create", "update", "delete", "compact"]), st.integers(0, 3)),
-    min_size=1, max_size=40,
+    min_size=1,
+    max_size=40,
 )
 
 
@@ -454,8 +456,9 @@ def test_memory_lists_at_every_kept_revision_match_a_model(ops: list[tuple[str, 
                 if op == "create":
                     state[key] = await backend.create(key, {"metadata": {"name": str(n)}})
                 elif op == "update":
-                    state[key] = await backend.update(key, {"metadata": {"name": str(n)}, "v": 1},
-                                                      expected_revision=None)
+                    state[key] = await backend.update(
+                        key, {"metadata": {"name": str(n)}, "v": 1}, expected_revision=None
+                    )
                 elif op == "delete":
                     await backend.delete(key)
                     del state[key]
@@ -483,8 +486,9 @@ def test_memory_lists_at_every_kept_revision_match_a_model(ops: list[tuple[str, 
 # -- etcd specifics ------------------------------------------------------------------------------
 
 
-async def test_etcd_stores_the_json_without_resource_version(etcd_server: Any, etcd_prefix: str,
-                                                             etcd_store: EtcdStore) -> None:
+async def test_etcd_stores_the_json_without_resource_version(
+    etcd_server: Any, etcd_prefix: str, etcd_store: EtcdStore
+) -> None:
     created = await etcd_store.create("/cde/ns/a", endpoint("a"))
     port = int(etcd_server.endpoint.rsplit(":", 1)[1])
     async with aetcd.Client(host="127.0.0.1", port=port, timeout=5) as client:
@@ -495,8 +499,9 @@ async def test_etcd_stores_the_json_without_resource_version(etcd_server: Any, e
     assert "resourceVersion" not in json.loads(raw.value)["metadata"]
 
 
-async def test_etcd_two_stores_see_each_others_writes_and_events(etcd_server: Any, etcd_prefix: str,
-                                                                  etcd_store: EtcdStore) -> None:
+async def test_etcd_two_stores_see_each_others_writes_and_events(
+    etcd_server: Any, etcd_prefix: str, etcd_store: EtcdStore
+) -> None:
     other = EtcdStore(endpoints=[etcd_server.endpoint], prefix=etcd_prefix)
     await other.start()
     try:
@@ -566,8 +571,7 @@ async def test_etcd_falls_back_to_the_next_endpoint(etcd_server: Any, etcd_prefi
         await backend.close()
 
 
-async def test_etcd_restart_is_unavailable_then_recovers_with_data(etcd_server: Any,
-                                                                   etcd_store: EtcdStore) -> None:
+async def test_etcd_restart_is_unavailable_then_recovers_with_data(etcd_server: Any, etcd_store: EtcdStore) -> None:
     created = await etcd_store.create("/cde/ns/a", endpoint("a"))
     events = etcd_store.watch("/cde/", from_revision=rv(created) - 1)
     assert (await guarded(anext(events))).obj == created
@@ -589,8 +593,7 @@ async def test_etcd_restart_is_unavailable_then_recovers_with_data(etcd_server: 
         await etcd_store.check()
         return True
 
-    await await_until(ready, what="the store to reach the restarted etcd", ignore=(StoreUnavailable,),
-                      interval=0.1)
+    await await_until(ready, what="the store to reach the restarted etcd", ignore=(StoreUnavailable,), interval=0.1)
     assert await etcd_store.get("/cde/ns/a") == created
     with pytest.raises(KeyNotFound):
         await etcd_store.get("/cde/ns/b")  # the failed create wrote nothing
@@ -618,8 +621,13 @@ def _tls_files(directory: Path) -> EtcdTLS:
     server_cert, server_key = ca.issue(cn="server", server=True, stem="server")
     client_cert, client_key = ca.issue(cn="client", stem="client")
     TestCA(directory, name="other-ca").issue(cn="stranger", stem="stranger")
-    return EtcdTLS(ca_file=ca.cert_file, server_cert=server_cert, server_key=server_key, client_cert=client_cert,
-                   client_key=client_key)
+    return EtcdTLS(
+        ca_file=ca.cert_file,
+        server_cert=server_cert,
+        server_key=server_key,
+        client_cert=client_cert,
+        client_key=client_key,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -631,8 +639,13 @@ def etcd_tls_server() -> Iterator[EtcdServer]:
 async def test_etcd_over_mutual_tls(etcd_tls_server: EtcdServer) -> None:
     tls = etcd_tls_server.tls
     assert tls is not None and etcd_tls_server.endpoint.startswith("https://")
-    backend = EtcdStore(endpoints=[etcd_tls_server.endpoint], prefix="/tls-test", ca_file=tls.ca_file,
-                        cert_file=tls.client_cert, key_file=tls.client_key)
+    backend = EtcdStore(
+        endpoints=[etcd_tls_server.endpoint],
+        prefix="/tls-test",
+        ca_file=tls.ca_file,
+        cert_file=tls.client_cert,
+        key_file=tls.client_key,
+    )
     await guarded(backend.start())
     try:
         created = await backend.create("/cde/ns/a", endpoint("a"))
@@ -648,11 +661,21 @@ async def test_etcd_tls_refuses_an_unknown_client_or_server(etcd_tls_server: Etc
     tls = etcd_tls_server.tls
     assert tls is not None
     directory = tls.ca_file.parent
-    stranger = EtcdStore(endpoints=[etcd_tls_server.endpoint], ca_file=tls.ca_file,
-                         cert_file=directory / "stranger.crt", key_file=directory / "stranger.key", dial_timeout=2)
+    stranger = EtcdStore(
+        endpoints=[etcd_tls_server.endpoint],
+        ca_file=tls.ca_file,
+        cert_file=directory / "stranger.crt",
+        key_file=directory / "stranger.key",
+        dial_timeout=2,
+    )
     with pytest.raises(StoreUnavailable):
         await guarded(stranger.start())
-    untrusting = EtcdStore(endpoints=[etcd_tls_server.endpoint], ca_file=directory / "other-ca.crt",
-                           cert_file=tls.client_cert, key_file=tls.client_key, dial_timeout=2)
+    untrusting = EtcdStore(
+        endpoints=[etcd_tls_server.endpoint],
+        ca_file=directory / "other-ca.crt",
+        cert_file=tls.client_cert,
+        key_file=tls.client_key,
+        dial_timeout=2,
+    )
     with pytest.raises(StoreUnavailable):
         await guarded(untrusting.start())

@@ -4,6 +4,7 @@ LIST resourceVersion=0 from memory, 410 below the window, watchers kept open acr
 relist after compaction, delivered as the difference), slow watchers closed, selector transitions,
 bookmarks and freshness waits. The real-etcd and real-kubectl side is in ``test_watch_cache_etcd.py``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,7 +20,11 @@ from apiserver.registry.cacher import CacheEvent, WatchCache
 from apiserver.registry.endpoints import KEY_ROOT, EndpointRegistry, key_for, key_of
 from apiserver.registry.memory import MemoryStore
 from apiserver.registry.store import (
-    ListPage, ProgressRequests, RevisionCompacted, StoreEvent, StoreUnavailable,
+    ListPage,
+    ProgressRequests,
+    RevisionCompacted,
+    StoreEvent,
+    StoreUnavailable,
 )
 
 DEADLINE = 10.0  # seconds a test waits for something that must happen (never an assertion on time)
@@ -50,8 +55,9 @@ class FlakyStore(MemoryStore):
             raise StoreUnavailable("etcd is down (test)")
         return await super().list(prefix, **kw)
 
-    async def watch(self, prefix: str, *, from_revision: int,
-                    progress: ProgressRequests | None = None) -> AsyncIterator[StoreEvent]:
+    async def watch(
+        self, prefix: str, *, from_revision: int, progress: ProgressRequests | None = None
+    ) -> AsyncIterator[StoreEvent]:
         self.watch_calls += 1
         if self.down:
             raise StoreUnavailable("etcd is down (test)")
@@ -75,8 +81,12 @@ class FlakyStore(MemoryStore):
 
 
 def obj(name: str, namespace: str = "ns", **labels: str) -> dict[str, Any]:
-    return {"apiVersion": "coredump.example.io/v1alpha1", "kind": "CoredumpEndpoint",
-            "metadata": {"name": name, "namespace": namespace, "labels": labels}, "spec": {}}
+    return {
+        "apiVersion": "coredump.example.io/v1alpha1",
+        "kind": "CoredumpEndpoint",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {},
+    }
 
 
 def everything(_: dict[str, Any]) -> bool:
@@ -133,10 +143,19 @@ class Watcher:
             await self.task
 
 
-def watch(cache: WatchCache, *, rv: int | None, namespace: str = "ns", selected: Any = everything,
-          bookmarks: bool = False) -> Watcher:
-    return Watcher(cache.watch(prefix=f"{KEY_ROOT}{namespace}/", selected=selected, resource_version=rv,
-                               initial_events=not rv, initial_events_end=False, bookmarks=bookmarks))
+def watch(
+    cache: WatchCache, *, rv: int | None, namespace: str = "ns", selected: Any = everything, bookmarks: bool = False
+) -> Watcher:
+    return Watcher(
+        cache.watch(
+            prefix=f"{KEY_ROOT}{namespace}/",
+            selected=selected,
+            resource_version=rv,
+            initial_events=not rv,
+            initial_events_end=False,
+            bookmarks=bookmarks,
+        )
+    )
 
 
 async def create(store: MemoryStore, name: str, namespace: str = "ns", **labels: str) -> dict[str, Any]:
@@ -179,8 +198,9 @@ async def test_list_at_resource_version_0_comes_from_the_cache_and_a_consistent_
         assert [o["metadata"]["name"] for o in not_older.items] == ["a"] and store.list_calls == lists
         quorum = await registry.list(namespace="ns")
         assert [o["metadata"]["name"] for o in quorum.items] == ["a"] and store.list_calls == lists + 1
-        paged = await registry.list(namespace="ns", resource_version=int(created["metadata"]["resourceVersion"]),
-                                    limit=1)
+        paged = await registry.list(
+            namespace="ns", resource_version=int(created["metadata"]["resourceVersion"]), limit=1
+        )
         assert store.list_calls == lists + 2 and len(paged.items) == 1  # a limit with a version: the store
         # The cache's objects are not the caller's to change.
         cached.items[0]["metadata"]["labels"] = {"changed": "yes"}
@@ -196,8 +216,14 @@ async def test_a_watch_older_than_the_window_is_too_old_and_one_inside_it_is_rep
         revisions = [int((await create(store, f"o{i}"))["metadata"]["resourceVersion"]) for i in range(5)]
         await until(lambda: cache.revision >= revisions[-1])
         with pytest.raises(RevisionCompacted) as raised:
-            async for _ in cache.watch(prefix=KEY_ROOT, selected=everything, resource_version=revisions[0],
-                                       initial_events=False, initial_events_end=False, bookmarks=False):
+            async for _ in cache.watch(
+                prefix=KEY_ROOT,
+                selected=everything,
+                resource_version=revisions[0],
+                initial_events=False,
+                initial_events_end=False,
+                bookmarks=False,
+            ):
                 pass
         assert raised.value.compacted == cache.horizon == revisions[1]
         replay = watch(cache, rv=revisions[1])
@@ -256,8 +282,14 @@ async def test_a_watcher_that_falls_out_of_the_window_is_closed_and_the_others_a
     await store.start()
     async with running_cache(store, capacity=5) as cache:
         start = await store.current_revision()
-        stuck = cache.watch(prefix=KEY_ROOT, selected=everything, resource_version=start, initial_events=False,
-                            initial_events_end=False, bookmarks=False)
+        stuck = cache.watch(
+            prefix=KEY_ROOT,
+            selected=everything,
+            resource_version=start,
+            initial_events=False,
+            initial_events_end=False,
+            bookmarks=False,
+        )
         reader = watch(cache, rv=start)
         await create(store, "first")
         first = await stuck.__anext__()  # a client that reads one event, then nothing
@@ -277,6 +309,7 @@ async def test_label_selector_watch_sees_objects_enter_and_leave_the_selection()
     store = MemoryStore()
     await store.start()
     async with running_cache(store) as cache:
+
         def selected(o: dict[str, Any]) -> bool:
             return o["metadata"].get("labels", {}).get("team") == "a"
 
@@ -334,8 +367,16 @@ async def test_a_watch_from_a_version_the_cache_has_not_reached_yet_skips_what_t
         created = await create(store, "already-listed")
         ahead = int(created["metadata"]["resourceVersion"])
         assert cache.revision < ahead
-        watcher = Watcher(cache.watch(prefix=KEY_ROOT, selected=everything, resource_version=ahead,
-                                      initial_events=False, initial_events_end=False, bookmarks=False))
+        watcher = Watcher(
+            cache.watch(
+                prefix=KEY_ROOT,
+                selected=everything,
+                resource_version=ahead,
+                initial_events=False,
+                initial_events_end=False,
+                bookmarks=False,
+            )
+        )
         await asyncio.sleep(0.05)  # the watch is established before the cache catches up
         store.heal()
         await until(lambda: cache.revision >= ahead)
@@ -348,6 +389,7 @@ async def test_a_cached_list_answers_the_same_bytes_as_encoding_it_and_follows_c
     from apiserver.api import conventions
     from apiserver.api import resource as r
     from apiserver.handlers.endpoints import _joined_list
+
     store = MemoryStore()
     await store.start()
     async with running_cache(store) as cache:
@@ -355,8 +397,12 @@ async def test_a_cached_list_answers_the_same_bytes_as_encoding_it_and_follows_c
 
         async def both() -> tuple[bytes, bytes]:
             result = await registry.list(namespace="ns", resource_version=0)
-            out = conventions.list_object(kind=r.LIST_KIND, api_version=r.API_VERSION, items=result.items,
-                                          resource_version=result.resource_version)
+            out = conventions.list_object(
+                kind=r.LIST_KIND,
+                api_version=r.API_VERSION,
+                items=result.items,
+                resource_version=result.resource_version,
+            )
             assert result.encoded is not None
             return _joined_list(out, result.encoded).body, json.dumps(out, separators=(",", ":")).encode()
 

@@ -5,6 +5,7 @@ resourceVersion=0 is answered from the cache while etcd is down (a consistent LI
 asked and carry progress etcd reports for writes the cache does not watch; a resourceVersion older than the
 window is 410 (in ``test_api_watch.py``).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +21,12 @@ from typing import Any
 
 import pytest
 from fixtures_apiserver import (
-    NEWEST_KUBECTL, OLDEST_KUBECTL, RunningServer, collection_path, endpoint_manifest, kubectl_binary,
+    NEWEST_KUBECTL,
+    OLDEST_KUBECTL,
+    RunningServer,
+    collection_path,
+    endpoint_manifest,
+    kubectl_binary,
     start_apiserver,
 )
 
@@ -34,8 +40,15 @@ DEADLINE = 30.0
 
 @pytest.fixture
 def server(tmp_path: Path, etcd_server: Any, etcd_prefix: str) -> Iterator[RunningServer]:
-    running = start_apiserver(tmp_path, "--etcd-servers", etcd_server.endpoint, "--etcd-prefix", etcd_prefix,
-                              "--watch-bookmark-interval", "1s")
+    running = start_apiserver(
+        tmp_path,
+        "--etcd-servers",
+        etcd_server.endpoint,
+        "--etcd-prefix",
+        etcd_prefix,
+        "--watch-bookmark-interval",
+        "1s",
+    )
     try:
         yield running
     finally:
@@ -80,13 +93,28 @@ class Lines:
 @pytest.mark.kubectl
 @pytest.mark.parametrize("version", [OLDEST_KUBECTL, NEWEST_KUBECTL])
 def test_kubectl_watch_survives_an_etcd_restart_and_shows_what_came_after(
-        server: RunningServer, etcd_server: Any, version: str) -> None:
+    server: RunningServer, etcd_server: Any, version: str
+) -> None:
     namespace = f"outage-{version.replace('.', '-')}"
     create_when_etcd_answers(server, "before", namespace)
-    command = [kubectl_binary(version), "--kubeconfig", str(server.kubeconfig), "get", "cde", "-n", namespace, "-w",
-               "--output-watch-events"]
-    kubectl = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={"HOME": str(server.dev_dir), "PATH": "/usr/bin:/bin"})
+    command = [
+        kubectl_binary(version),
+        "--kubeconfig",
+        str(server.kubeconfig),
+        "get",
+        "cde",
+        "-n",
+        namespace,
+        "-w",
+        "--output-watch-events",
+    ]
+    kubectl = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"HOME": str(server.dev_dir), "PATH": "/usr/bin:/bin"},
+    )
     assert kubectl.stdout is not None and kubectl.stderr is not None
     out, err = Lines(kubectl.stdout), Lines(kubectl.stderr)
     try:
@@ -115,11 +143,13 @@ def test_kubectl_watch_survives_an_etcd_restart_and_shows_what_came_after(
 
 
 def test_bookmarks_come_when_asked_and_carry_progress_etcd_reports(
-        server: RunningServer, etcd_server: Any, etcd_prefix: str) -> None:
+    server: RunningServer, etcd_server: Any, etcd_prefix: str
+) -> None:
     listed = server.request("GET", collection_path("quiet")).json()["metadata"]["resourceVersion"]
     connection = server.connect(timeout=DEADLINE)
-    connection.request("GET", collection_path("quiet") + f"?watch=true&allowWatchBookmarks=true"
-                                                         f"&resourceVersion={listed}")
+    connection.request(
+        "GET", collection_path("quiet") + f"?watch=true&allowWatchBookmarks=true&resourceVersion={listed}"
+    )
     response = connection.getresponse()
     assert response.status == 200
 
@@ -143,8 +173,9 @@ def test_bookmarks_come_when_asked_and_carry_progress_etcd_reports(
     finally:
         connection.close()
     # A list not older than that revision waits for the cache to get there, by asking etcd for progress.
-    fresh = server.request("GET", collection_path("quiet") + f"?resourceVersion={outside}"
-                                                             "&resourceVersionMatch=NotOlderThan")
+    fresh = server.request(
+        "GET", collection_path("quiet") + f"?resourceVersion={outside}&resourceVersionMatch=NotOlderThan"
+    )
     assert fresh.status == 200, fresh.body
     assert int(fresh.json()["metadata"]["resourceVersion"]) >= outside
 

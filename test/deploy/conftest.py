@@ -2,8 +2,10 @@
 Fixtures for the deployment tests: the real kubectl, the real cert script, and the manifests rendered once.
 
 ``rendered`` renders the base and every overlay with ``kubectl kustomize`` from a copy of ``manifests/``
-whose ``tls/`` certificate directory was filled by ``deploy/make-certs.sh`` (as an admin does before ``kubectl apply -k``).
+whose ``tls/`` certificate directory was filled by ``deploy/make-certs.sh`` (as an admin does before
+``kubectl apply -k``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +32,9 @@ def kubectl() -> str:
 def manifests_with_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of manifests/ with tls/ filled by the real deploy/make-certs.sh."""
     copy = tmp_path_factory.mktemp("deploy") / "manifests"
-    shutil.copytree(MANIFESTS, copy, ignore=shutil.ignore_patterns("*.crt", "*.key", "*.srl",
-                                                                   "apiservice-cabundle.yaml"))
+    shutil.copytree(
+        MANIFESTS, copy, ignore=shutil.ignore_patterns("*.crt", "*.key", "*.srl", "apiservice-cabundle.yaml")
+    )
     proc = run_make_certs(copy / TLS_FILES)
     assert proc.returncode == 0, proc.stderr
     return copy
@@ -39,8 +42,10 @@ def manifests_with_certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def rendered(kubectl: str, manifests_with_certs: Path) -> dict[str, Rendered]:
-    return {name: Rendered(name, kustomize(manifests_with_certs / rel, kubectl=kubectl))
-            for name, rel in {**VARIANTS, **UNINSTALL}.items()}
+    return {
+        name: Rendered(name, kustomize(manifests_with_certs / rel, kubectl=kubectl))
+        for name, rel in {**VARIANTS, **UNINSTALL}.items()
+    }
 
 
 @pytest.fixture(params=sorted(VARIANTS))

@@ -2,6 +2,7 @@
 Helpers of the deployment tests: where things are, running the real kubectl and cert script, and lookups in
 rendered manifests. (A module of its own, uniquely named: ``test/`` has two conftest modules.)
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,15 +52,17 @@ def kubectl_versions() -> dict[str, str]:
 
 
 def run_make_certs(out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(MAKE_CERTS), "--out", str(out), *args], capture_output=True, text=True,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [str(MAKE_CERTS), "--out", str(out), *args], capture_output=True, text=True, timeout=60, check=False
+    )
 
 
 def kustomize(directory: Path, *, kubectl: str | None = None) -> list[dict[str, Any]]:
     binary = kubectl or find_kubectl()
     assert binary, "kubectl is not installed"
-    proc = subprocess.run([binary, "kustomize", str(directory)], capture_output=True, text=True, timeout=120,
-                          check=False)
+    proc = subprocess.run(
+        [binary, "kustomize", str(directory)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, f"kubectl kustomize {directory} failed:\n{proc.stderr}"
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
@@ -75,8 +78,11 @@ class Rendered:
         return [o for o in self.objects if o["kind"] == kind]
 
     def one(self, kind: str, name: str | None = None, *, prefix: bool = False) -> dict[str, Any]:
-        found = [o for o in self.all(kind) if name is None
-                 or (o["metadata"]["name"].startswith(name) if prefix else o["metadata"]["name"] == name)]
+        found = [
+            o
+            for o in self.all(kind)
+            if name is None or (o["metadata"]["name"].startswith(name) if prefix else o["metadata"]["name"] == name)
+        ]
         assert len(found) == 1, f"{self.name}: expected one {kind} {name or ''}, found {len(found)}"
         return found[0]
 

@@ -2,6 +2,7 @@
 deploy/make-certs.sh, run for real (openssl): the CA signs a serving certificate that kube-apiserver's
 aggregator accepts for the Service's name, the caBundle it writes is that CA, and renewing keeps the CA.
 """
+
 from __future__ import annotations
 
 import base64
@@ -23,8 +24,9 @@ logger = logging.getLogger(__name__)
 
 def dns_sans(path: Path) -> set[str]:
     cert = x509.load_pem_x509_certificate(path.read_bytes())
-    return set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-               .get_values_for_type(x509.DNSName))
+    return set(
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    )
 
 
 def ca_bundle(out: Path) -> str:
@@ -52,8 +54,10 @@ def handshake(out: Path, server_name: str) -> None:
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         try:
-            with socket.create_connection(listener.getsockname(), timeout=10) as raw, \
-                    client_ctx.wrap_socket(raw, server_hostname=server_name) as tls:
+            with (
+                socket.create_connection(listener.getsockname(), timeout=10) as raw,
+                client_ctx.wrap_socket(raw, server_hostname=server_name) as tls,
+            ):
                 assert tls.recv(2) == b"ok"
         finally:
             thread.join(timeout=10)
@@ -63,10 +67,18 @@ def test_deploy_make_certs_makes_a_certificate_the_aggregator_accepts(tmp_path: 
     out = tmp_path / "tls"
     proc = run_make_certs(out)
     assert proc.returncode == 0, proc.stderr
-    assert dns_sans(out / "tls.crt") == {SERVICE, f"{SERVICE}.{NAMESPACE}", f"{SERVICE}.{NAMESPACE}.svc",
-                                         f"{SERVICE}.{NAMESPACE}.svc.cluster.local"}
-    verify = subprocess.run(["openssl", "verify", "-CAfile", str(out / "ca.crt"), "-purpose", "sslserver",
-                             str(out / "tls.crt")], capture_output=True, text=True, check=False)
+    assert dns_sans(out / "tls.crt") == {
+        SERVICE,
+        f"{SERVICE}.{NAMESPACE}",
+        f"{SERVICE}.{NAMESPACE}.svc",
+        f"{SERVICE}.{NAMESPACE}.svc.cluster.local",
+    }
+    verify = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(out / "ca.crt"), "-purpose", "sslserver", str(out / "tls.crt")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert verify.returncode == 0, verify.stdout + verify.stderr
     # caBundle is base64 of the PEM CA, exactly what kube-apiserver decodes.
     assert base64.b64decode(ca_bundle(out)) == (out / "ca.crt").read_bytes()
@@ -107,15 +119,18 @@ def test_deploy_make_certs_rejects_bad_arguments_in_one_line(tmp_path: Path) -> 
 
 
 @pytest.mark.kubectl
-def test_deploy_rendered_apiservice_carries_the_script_ca(manifests_with_certs: Path,
-                                                          rendered: dict[str, Rendered]) -> None:
+def test_deploy_rendered_apiservice_carries_the_script_ca(
+    manifests_with_certs: Path, rendered: dict[str, Rendered]
+) -> None:
     ca = (manifests_with_certs / TLS_FILES / "ca.crt").read_bytes()
     for name in ("base", "nfs", "cephfs"):
         apiservice = rendered[name].one("APIService", APISERVICE)
         assert base64.b64decode(apiservice["spec"]["caBundle"]) == ca, name
         secret = rendered[name].one("Secret", "coredump-apiserver-tls", prefix=True)
         assert base64.b64decode(secret["data"]["ca.crt"]) == ca
-        assert base64.b64decode(secret["data"]["tls.crt"]) == (manifests_with_certs / TLS_FILES / "tls.crt").read_bytes()
+        assert (
+            base64.b64decode(secret["data"]["tls.crt"]) == (manifests_with_certs / TLS_FILES / "tls.crt").read_bytes()
+        )
 
 
 def test_deploy_make_certs_help_is_the_header_and_nothing_else(tmp_path: Path) -> None:

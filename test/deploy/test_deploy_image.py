@@ -3,6 +3,7 @@ What can be checked of the image without a container engine: every file the Dock
 build context exists, every program it names is a console script of the package, and the pinned
 requirements it installs are the package's whole runtime dependency closure and satisfy its declared ranges.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -63,8 +64,11 @@ def test_deploy_dockerfile_copies_only_files_that_exist() -> None:
 
 def test_deploy_dockerfile_names_only_console_scripts_of_the_package() -> None:
     declared = set(pyproject()["project"]["scripts"])
-    installed = {ep.name for ep in importlib.metadata.distribution("coredump-example-io").entry_points
-                 if ep.group == "console_scripts"}
+    installed = {
+        ep.name
+        for ep in importlib.metadata.distribution("coredump-example-io").entry_points
+        if ep.group == "console_scripts"
+    }
     assert declared == installed
     named = set()
     for word, args in instructions():
@@ -107,8 +111,9 @@ def test_deploy_pinned_requirements_cover_the_runtime_closure() -> None:
     # The pins satisfy the package's own declared ranges (pip check in the build checks the rest).
     for spec in pyproject()["project"]["dependencies"]:
         req = Requirement(spec)
-        assert req.specifier.contains(pins[canonical(req.name)], prereleases=True), \
+        assert req.specifier.contains(pins[canonical(req.name)], prereleases=True), (
             f"{req.name}=={pins[canonical(req.name)]} is outside {req.specifier}"
+        )
     # No test tooling in the image.
     for spec in pyproject()["project"]["optional-dependencies"]["test"]:
         assert canonical(Requirement(spec).name) not in pins
@@ -117,9 +122,19 @@ def test_deploy_pinned_requirements_cover_the_runtime_closure() -> None:
 def test_deploy_pins_are_the_versions_the_tests_run_against() -> None:
     """deploy/requirements.txt equals the runtime closure installed in this venv (scripts/test installs with the
     pins as constraints), so the image ships what was tested; a stale file names the command that rewrites it."""
-    proc = subprocess.run([sys.executable, str(REPO / "deploy" / "pin-requirements.py"), "--check"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "pin-requirements.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
-    proc = subprocess.run([sys.executable, str(REPO / "deploy" / "pin-requirements.py"), "--check", "--output",
-                           "/dev/null"], capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "pin-requirements.py"), "--check", "--output", "/dev/null"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 1 and "rerun deploy/pin-requirements.py" in proc.stderr  # the check can fail

@@ -6,6 +6,7 @@ the script's certificates work with a real etcd); the critical priority classes 
 agent's metrics port behind a NetworkPolicy; our image pinned by digest with one ``images:`` entry; and a missing
 certificate named with the script that makes it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,8 +26,16 @@ import pytest
 from apiserver.registry.etcd import EtcdStore
 from etcd_launcher import find_etcd, free_port
 from apiserver.registry.store import StoreUnavailable
-from deploy_helpers import (MANIFESTS, NAMESPACE, NODE_NAMESPACE, Rendered, container_flags, kustomize,
-                            pod_spec, run_make_certs)
+from deploy_helpers import (
+    MANIFESTS,
+    NAMESPACE,
+    NODE_NAMESPACE,
+    Rendered,
+    container_flags,
+    kustomize,
+    pod_spec,
+    run_make_certs,
+)
 from waiting import wait_until
 
 logger = logging.getLogger(__name__)
@@ -34,8 +43,16 @@ logger = logging.getLogger(__name__)
 pytestmark = pytest.mark.kubectl
 
 # Volume types Pod Security "restricted" admits (k8s.io/pod-security-admission, policy restrictedVolumes).
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                      "projected", "secret"}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 OUR_IMAGE = "coredump.example.io/coredump"
 DIGEST = "sha256:" + "ab" * 32
 
@@ -83,9 +100,12 @@ def restricted_violations(spec: dict[str, Any]) -> list[str]:
 
 
 def test_restricted_checker_refuses_what_pod_security_would() -> None:
-    good = {"securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{"name": "c", "securityContext": {"allowPrivilegeEscalation": False,
-                                                              "capabilities": {"drop": ["ALL"]}}}]}
+    good = {
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [
+            {"name": "c", "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}}
+        ],
+    }
     assert restricted_violations(good) == []
     assert restricted_violations({**good, "hostPID": True}) == ["hostPID"]
     assert restricted_violations({**good, "volumes": [{"name": "h", "hostPath": {"path": "/"}}]})
@@ -119,8 +139,12 @@ def test_deploy_critical_priority_classes_are_covered_by_scoped_quotas(variant: 
     assert set(used) == {(NAMESPACE, "system-cluster-critical"), (NODE_NAMESPACE, "system-node-critical")}
     for (namespace, priority), pods in used.items():
         quotas = [q for q in variant.all("ResourceQuota") if q["metadata"]["namespace"] == namespace]
-        covering = [q for q in quotas for e in q["spec"]["scopeSelector"]["matchExpressions"]
-                    if e == {"scopeName": "PriorityClass", "operator": "In", "values": [priority]}]
+        covering = [
+            q
+            for q in quotas
+            for e in q["spec"]["scopeSelector"]["matchExpressions"]
+            if e == {"scopeName": "PriorityClass", "operator": "In", "values": [priority]}
+        ]
         assert len(covering) == 1, (namespace, priority)
         assert int(covering[0]["spec"]["hard"]["pods"]) >= max(pods, 1000 if namespace == NODE_NAMESPACE else 0)
 
@@ -132,7 +156,9 @@ def test_deploy_agent_metrics_port_has_a_network_policy(variant: Rendered) -> No
     assert f"--metrics-port={metrics_port}" in container_flags(container)
     policy = variant.one("NetworkPolicy", "coredump-agent-metrics")
     assert policy["metadata"]["namespace"] == agent["metadata"]["namespace"] == NODE_NAMESPACE
-    assert policy["spec"]["podSelector"]["matchLabels"].items() <= agent["spec"]["template"]["metadata"]["labels"].items()
+    assert (
+        policy["spec"]["podSelector"]["matchLabels"].items() <= agent["spec"]["template"]["metadata"]["labels"].items()
+    )
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     (rule,) = policy["spec"]["ingress"]
     assert rule["ports"] == [{"protocol": "TCP", "port": metrics_port}]
@@ -146,9 +172,12 @@ def _flag_map(container: dict[str, Any]) -> dict[str, str]:
 def _mounted_secret_keys(spec: dict[str, Any], container: dict[str, Any]) -> dict[str, tuple[str, str]]:
     """Path of every file a container sees from a Secret volume → (secret name, key)."""
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
-    return {f"{m['mountPath']}/{key}": (volumes[m["name"]]["secret"]["secretName"], key)
-            for m in container.get("volumeMounts", []) if "secret" in volumes.get(m["name"], {})
-            for key in ("tls.crt", "tls.key", "ca.crt")}
+    return {
+        f"{m['mountPath']}/{key}": (volumes[m["name"]]["secret"]["secretName"], key)
+        for m in container.get("volumeMounts", [])
+        if "secret" in volumes.get(m["name"], {})
+        for key in ("tls.crt", "tls.key", "ca.crt")
+    }
 
 
 def _secret(variant: Rendered, name: str) -> str:
@@ -164,8 +193,12 @@ def test_deploy_etcd_requires_tls_client_and_peer_certificates(variant: Rendered
     spec = pod_spec(etcd)
     (container,) = spec["containers"]
     flags = _flag_map(container)
-    for url_flag in ("--listen-client-urls", "--advertise-client-urls", "--listen-peer-urls",
-                     "--initial-advertise-peer-urls"):
+    for url_flag in (
+        "--listen-client-urls",
+        "--advertise-client-urls",
+        "--listen-peer-urls",
+        "--initial-advertise-peer-urls",
+    ):
         assert flags[url_flag].startswith("https://"), url_flag
     assert all(member.split("=", 1)[1].startswith("https://") for member in flags["--initial-cluster"].split(","))
     assert "--client-cert-auth" in flags and "--peer-client-cert-auth" in flags
@@ -189,8 +222,10 @@ def test_deploy_etcd_requires_tls_client_and_peer_certificates(variant: Rendered
 def test_deploy_cert_manager_issues_etcd_certificates_from_a_ca_of_their_own(rendered: dict[str, Rendered]) -> None:
     variant = rendered["cert-manager"]
     by_secret = {c["spec"]["secretName"]: c for c in variant.all("Certificate")}
-    etcd_issuer = {by_secret[n]["spec"]["issuerRef"]["name"] for n in
-                   ("coredump-etcd-server", "coredump-etcd-peer", "coredump-apiserver-etcd-client")}
+    etcd_issuer = {
+        by_secret[n]["spec"]["issuerRef"]["name"]
+        for n in ("coredump-etcd-server", "coredump-etcd-peer", "coredump-apiserver-etcd-client")
+    }
     assert len(etcd_issuer) == 1 and etcd_issuer != {by_secret["coredump-apiserver-tls"]["spec"]["issuerRef"]["name"]}
     assert set(by_secret["coredump-etcd-peer"]["spec"]["usages"]) >= {"server auth", "client auth"}
     assert "client auth" in by_secret["coredump-apiserver-etcd-client"]["spec"]["usages"]
@@ -204,10 +239,15 @@ def test_deploy_one_images_entry_pins_our_image_by_digest(kubectl: str, manifest
     (overlay / "kustomization.yaml").write_text(
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
         "resources: [../manifests]\n"
-        f"images:\n  - name: {OUR_IMAGE}\n    newName: registry.example.internal/coredump\n    digest: {DIGEST}\n")
+        f"images:\n  - name: {OUR_IMAGE}\n    newName: registry.example.internal/coredump\n    digest: {DIGEST}\n"
+    )
     objects = kustomize(overlay, kubectl=kubectl)
-    images = {c["image"] for o in objects if pod_spec(o) for c in
-              [*pod_spec(o).get("initContainers", []), *pod_spec(o)["containers"]]}
+    images = {
+        c["image"]
+        for o in objects
+        if pod_spec(o)
+        for c in [*pod_spec(o).get("initContainers", []), *pod_spec(o)["containers"]]
+    }
     ours = {i for i in images if "coredump" in i.split("/")[-1].split("@")[0].split(":")[0]}
     assert ours == {f"registry.example.internal/coredump@{DIGEST}"}, images
     assert any(i.startswith("registry.k8s.io/etcd:") for i in images)  # etcd pins with an entry of its own
@@ -215,10 +255,10 @@ def test_deploy_one_images_entry_pins_our_image_by_digest(kubectl: str, manifest
 
 def test_deploy_missing_certificates_name_the_script(kubectl: str, tmp_path: Path) -> None:
     copy = tmp_path / "manifests"
-    shutil.copytree(MANIFESTS, copy, ignore=shutil.ignore_patterns("*.crt", "*.key", "*.srl",
-                                                                   "apiservice-cabundle.yaml"))
-    proc = subprocess.run([kubectl, "kustomize", str(copy)], capture_output=True, text=True, timeout=120,
-                          check=False)
+    shutil.copytree(
+        MANIFESTS, copy, ignore=shutil.ignore_patterns("*.crt", "*.key", "*.srl", "apiservice-cabundle.yaml")
+    )
+    proc = subprocess.run([kubectl, "kustomize", str(copy)], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode != 0
     assert "run-deploy-make-certs.sh-first/" in proc.stderr, proc.stderr
 
@@ -249,23 +289,52 @@ def script_etcd(script_certs: Path, tmp_path_factory: pytest.TempPathFactory) ->
     base = tmp_path_factory.mktemp("etcd")
     client, peer = f"https://127.0.0.1:{free_port()}", f"https://127.0.0.1:{free_port()}"
     c = script_certs
-    command = [binary, "--name", "coredump-etcd-0", "--data-dir", str(base / "data"),
-               "--listen-client-urls", client, "--advertise-client-urls", client,
-               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-               "--initial-cluster", f"coredump-etcd-0={peer}", "--log-level", "warn", "--logger", "zap",
-               "--cert-file", str(c / "etcd-server.crt"), "--key-file", str(c / "etcd-server.key"),
-               "--trusted-ca-file", str(c / "etcd-ca.crt"), "--client-cert-auth",
-               "--peer-cert-file", str(c / "etcd-peer.crt"), "--peer-key-file", str(c / "etcd-peer.key"),
-               "--peer-trusted-ca-file", str(c / "etcd-ca.crt"), "--peer-client-cert-auth"]
+    command = [
+        binary,
+        "--name",
+        "coredump-etcd-0",
+        "--data-dir",
+        str(base / "data"),
+        "--listen-client-urls",
+        client,
+        "--advertise-client-urls",
+        client,
+        "--listen-peer-urls",
+        peer,
+        "--initial-advertise-peer-urls",
+        peer,
+        "--initial-cluster",
+        f"coredump-etcd-0={peer}",
+        "--log-level",
+        "warn",
+        "--logger",
+        "zap",
+        "--cert-file",
+        str(c / "etcd-server.crt"),
+        "--key-file",
+        str(c / "etcd-server.key"),
+        "--trusted-ca-file",
+        str(c / "etcd-ca.crt"),
+        "--client-cert-auth",
+        "--peer-cert-file",
+        str(c / "etcd-peer.crt"),
+        "--peer-key-file",
+        str(c / "etcd-peer.key"),
+        "--peer-trusted-ca-file",
+        str(c / "etcd-ca.crt"),
+        "--peer-client-cert-auth",
+    ]
     with open(base / "etcd.log", "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         context = ssl.create_default_context(cafile=str(c / "etcd-ca.crt"))
         context.load_cert_chain(str(c / "etcd-client.crt"), str(c / "etcd-client.key"))
+
         def healthy() -> bool:
             assert process.poll() is None, (base / "etcd.log").read_text()
             with urllib.request.urlopen(f"{client}/health", timeout=1, context=context) as response:
                 return b'"true"' in response.read()
+
         wait_until(healthy, what=f"etcd to be healthy (log {base / 'etcd.log'})", ignore=(OSError,), interval=0.1)
         yield ScriptEtcd(endpoint=client, peer_port=int(peer.rsplit(":", 1)[1]))
     finally:
@@ -275,11 +344,17 @@ def script_etcd(script_certs: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.mark.etcd
 def test_deploy_script_certificates_work_with_a_real_etcd_requiring_client_certificates(
-        script_etcd: ScriptEtcd, script_certs: Path) -> None:
+    script_etcd: ScriptEtcd, script_certs: Path
+) -> None:
     async def attempt(cert: str | None, key: str | None) -> None:
-        store = EtcdStore(endpoints=[script_etcd.endpoint], prefix="/deploy-test", ca_file=script_certs / "etcd-ca.crt",
-                          cert_file=script_certs / cert if cert else None, key_file=script_certs / key if key else None,
-                          dial_timeout=3)
+        store = EtcdStore(
+            endpoints=[script_etcd.endpoint],
+            prefix="/deploy-test",
+            ca_file=script_certs / "etcd-ca.crt",
+            cert_file=script_certs / cert if cert else None,
+            key_file=script_certs / key if key else None,
+            dial_timeout=3,
+        )
         await asyncio.wait_for(store.start(), 20)
         await store.close()
 
@@ -297,8 +372,10 @@ def test_deploy_etcd_peer_port_requires_a_peer_certificate(script_etcd: ScriptEt
         context = ssl.create_default_context(cafile=str(script_certs / "etcd-ca.crt"))
         if cert:
             context.load_cert_chain(str(script_certs / f"{cert}.crt"), str(script_certs / f"{cert}.key"))
-        with socket.create_connection(("127.0.0.1", script_etcd.peer_port), timeout=5) as raw, \
-                context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        with (
+            socket.create_connection(("127.0.0.1", script_etcd.peer_port), timeout=5) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
             tls.sendall(b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             return tls.recv(4096).decode(errors="replace")
 

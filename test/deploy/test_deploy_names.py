@@ -4,6 +4,7 @@ points at the Service, the Service at the API server's secure port, the serving 
 Service the way the aggregator dials it, the flags name the mounted files and directories; and every flag
 the manifests pass is one the program's real argparse parser accepts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,11 @@ def apiserver_container(variant: Rendered) -> dict[str, Any]:
 
 def mount_of(spec: dict[str, Any], container: dict[str, Any], path: str) -> tuple[dict, dict]:
     """The volume mount containing ``path`` (longest mount path wins), and its volume."""
-    mounts = [m for m in container.get("volumeMounts", [])
-              if Path(path) == Path(m["mountPath"]) or Path(m["mountPath"]) in Path(path).parents]
+    mounts = [
+        m
+        for m in container.get("volumeMounts", [])
+        if Path(path) == Path(m["mountPath"]) or Path(m["mountPath"]) in Path(path).parents
+    ]
     assert mounts, f"{path} is on no volume of {container['name']}"
     mount = max(mounts, key=lambda m: len(m["mountPath"]))
     (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
@@ -66,8 +70,9 @@ def test_deploy_apiservice_service_and_port_agree(variant: Rendered) -> None:
 
 def sans(pem: bytes) -> set[str]:
     cert = x509.load_pem_x509_certificate(pem)
-    return set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-               .get_values_for_type(x509.DNSName))
+    return set(
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    )
 
 
 def test_deploy_certificate_names_match_the_service(manifests_with_certs: Path, rendered: dict[str, Rendered]) -> None:
@@ -111,8 +116,10 @@ def test_deploy_etcd_servers_are_the_etcd_members(variant: Rendered) -> None:
     headless = variant.one("Service", etcd["spec"]["serviceName"])
     assert headless["spec"]["clusterIP"] == "None"
     (client,) = [p["port"] for p in headless["spec"]["ports"] if p["name"] == "client"]
-    expected = [f"https://coredump-etcd-{i}.{headless['metadata']['name']}.{NAMESPACE}.svc:{client}"
-                for i in range(etcd["spec"]["replicas"])]
+    expected = [
+        f"https://coredump-etcd-{i}.{headless['metadata']['name']}.{NAMESPACE}.svc:{client}"
+        for i in range(etcd["spec"]["replicas"])
+    ]
     assert flag_values(apiserver_container(variant))["--etcd-servers"].split(",") == expected
 
 
@@ -145,10 +152,12 @@ def test_deploy_manifests_run_the_three_programs(variant: Rendered) -> None:
 
 @pytest.mark.parametrize("script", ["coredump-apiserver", "coredump-agent", "coredump-handler"])
 def test_deploy_every_flag_in_the_manifests_is_accepted_by_its_program(
-        script: str, rendered: dict[str, Rendered]) -> None:
+    script: str, rendered: dict[str, Rendered]
+) -> None:
     parser = parser_of(script)
-    invocations = [flags for variant in rendered.values() for name, flags in manifest_commands(variant)
-                   if name == script]
+    invocations = [
+        flags for variant in rendered.values() for name, flags in manifest_commands(variant) if name == script
+    ]
     if script == "coredump-handler":
         # The agent writes the handler's core_pattern line itself; the manifests never start it.
         assert not invocations

@@ -2,6 +2,7 @@
 The README's install section (the cluster admin's guide) stays true to the code: it lists every flag the three
 programs' real parsers define, and every repository path it tells the admin to edit or run exists.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,16 +41,25 @@ def all_flags(parser: argparse.ArgumentParser) -> set[str]:
 
 @pytest.mark.parametrize("script", ["coredump-apiserver", "coredump-agent", "coredump-handler"])
 def test_deploy_readme_lists_every_flag(script: str) -> None:
-    entry = {ep.name: ep.value for ep in importlib.metadata.distribution("coredump-example-io").entry_points
-             if ep.group == "console_scripts"}[script]
+    entry = {
+        ep.name: ep.value
+        for ep in importlib.metadata.distribution("coredump-example-io").entry_points
+        if ep.group == "console_scripts"
+    }[script]
     parser = importlib.import_module(entry.split(":")[0]).build_parser()
     section = install_section()
     # The first column of the flag tables: "| `--flag` |" or "| `-v`, `--verbose` |".
-    listed = {flag for line in section.splitlines() if line.startswith("| `-")
-              for flag in re.findall(r"`(--[a-z0-9-]+)`", line.split(" | ")[0])}
+    listed = {
+        flag
+        for line in section.splitlines()
+        if line.startswith("| `-")
+        for flag in re.findall(r"`(--[a-z0-9-]+)`", line.split(" | ")[0])
+    }
     missing = all_flags(parser) - listed
-    assert not missing, f"README install section lacks {script} flags {sorted(missing)} " \
-                        f"(regenerate rows with deploy/flags-table.py {script})"
+    assert not missing, (
+        f"README install section lacks {script} flags {sorted(missing)} "
+        f"(regenerate rows with deploy/flags-table.py {script})"
+    )
 
 
 def test_deploy_readme_paths_exist() -> None:
@@ -81,13 +91,17 @@ def test_deploy_readme_flag_rows_are_the_parsers(script: str) -> None:
     lines = install_section().splitlines()
     marks = [i for i, line in enumerate(lines) if line == f"<!-- flags: {script} -->"]
     assert len(marks) == 1, f"README install section needs one <!-- flags: {script} --> table"
-    readme_rows = list(itertools.takewhile(lambda line: line.startswith("|"), lines[marks[0] + 1:]))
+    readme_rows = list(itertools.takewhile(lambda line: line.startswith("|"), lines[marks[0] + 1 :]))
     expected = table.HEADER + table.rows(script)
     for got, want in zip(readme_rows, expected, strict=False):  # the lengths are compared below
-        assert got == want, f"README {script} flag row differs from the parser (run " \
-                            f"'.venv/bin/python deploy/flags-table.py --write README.md'):\n{got}\n{want}"
-    assert len(readme_rows) == len(expected), f"README {script} flag table has {len(readme_rows)} rows, the " \
-                                              f"parser {len(expected)} (deploy/flags-table.py --write README.md)"
+        assert got == want, (
+            f"README {script} flag row differs from the parser (run "
+            f"'.venv/bin/python deploy/flags-table.py --write README.md'):\n{got}\n{want}"
+        )
+    assert len(readme_rows) == len(expected), (
+        f"README {script} flag table has {len(readme_rows)} rows, the "
+        f"parser {len(expected)} (deploy/flags-table.py --write README.md)"
+    )
 
 
 def test_deploy_flag_table_spells_defaults_as_flags() -> None:

@@ -2,6 +2,7 @@
 The manifests render with the real ``kubectl kustomize`` (the machine's kubectl, and the oldest and newest
 supported kubectl), for the base and every overlay, and contain what an install needs.
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,13 +75,19 @@ def test_deploy_storage_overlays_bind_both_claims_to_one_shared_file_system(rend
     """The agents (coredump-node) and the API server (coredump-system) must see the same files: two claims, each
     statically bound to its own volume, and both volumes of one overlay name the same export or CephFS path."""
     for name in ("base", "nfs", "cephfs"):
-        claims = {c["metadata"]["namespace"]: c for c in rendered[name].all("PersistentVolumeClaim")
-                  if c["metadata"]["name"] == "coredump-storage"}
+        claims = {
+            c["metadata"]["namespace"]: c
+            for c in rendered[name].all("PersistentVolumeClaim")
+            if c["metadata"]["name"] == "coredump-storage"
+        }
         assert set(claims) == {NAMESPACE, NODE_NAMESPACE}, name
         for claim in claims.values():
             # No dynamic provisioning: a StorageClass would give each claim an empty volume of its own.
             assert claim["spec"]["storageClassName"] == "" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
-    for name, source in (("nfs", lambda v: v["spec"]["nfs"]), ("cephfs", lambda v: v["spec"]["csi"]["volumeAttributes"])):
+    for name, source in (
+        ("nfs", lambda v: v["spec"]["nfs"]),
+        ("cephfs", lambda v: v["spec"]["csi"]["volumeAttributes"]),
+    ):
         variant = rendered[name]
         volumes = []
         for namespace in (NAMESPACE, NODE_NAMESPACE):
@@ -99,20 +106,22 @@ def test_deploy_base_without_certificates_names_the_missing_file(kubectl: str, t
     """Before deploy/make-certs.sh has run, `kubectl apply -k manifests/` stops and says what is missing."""
     copy = tmp_path / "manifests"
     shutil.copytree(MANIFESTS, copy, ignore=shutil.ignore_patterns("*.crt", "*.key", "apiservice-cabundle.yaml"))
-    proc = subprocess.run([kubectl, "kustomize", str(copy)], capture_output=True, text=True, timeout=60,
-                          check=False)
+    proc = subprocess.run([kubectl, "kustomize", str(copy)], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode != 0
-    assert "tls" in proc.stderr and ("tls.crt" in proc.stderr or "ca.crt" in proc.stderr
-                                     or "apiservice-cabundle.yaml" in proc.stderr)
+    assert "tls" in proc.stderr and (
+        "tls.crt" in proc.stderr or "ca.crt" in proc.stderr or "apiservice-cabundle.yaml" in proc.stderr
+    )
 
 
 @pytest.mark.parametrize("version", ["1.27", "1.33"])
 def test_deploy_oldest_and_newest_kubectl_render_the_same_objects(
-        version: str, manifests_with_certs: Path, rendered: dict[str, Rendered]) -> None:
+    version: str, manifests_with_certs: Path, rendered: dict[str, Rendered]
+) -> None:
     binary = kubectl_versions().get(version)
     if binary is None:
         pytest.skip(f"kubectl {version} is not installed next to kubectl")
     for name, rel in VARIANTS.items():
         objects = kustomize(manifests_with_certs / rel, kubectl=binary)
-        assert objects == rendered[name].objects or \
-            sorted(map(repr, objects)) == sorted(map(repr, rendered[name].objects)), name
+        assert objects == rendered[name].objects or sorted(map(repr, objects)) == sorted(
+            map(repr, rendered[name].objects)
+        ), name

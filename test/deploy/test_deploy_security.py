@@ -3,6 +3,7 @@ What the manifests do on a cluster's nodes, checked on every rendered variant: o
 everything else runs as non-root with limits and a read-only root filesystem; the API server is highly
 available; the APIService verifies TLS; RBAC gives core dumps the rules of Secrets, not of view.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,8 +59,11 @@ def test_deploy_only_the_agent_is_privileged(any_variant: Rendered) -> None:
             assert effective(spec, container, "runAsUser") not in (None, 0), ident
             assert sc.get("readOnlyRootFilesystem") is True, ident
             assert effective(spec, container, "seccompProfile") == {"type": "RuntimeDefault"}, ident
-            assert not any(m.get("readOnly") is not True for m in container.get("volumeMounts", [])
-                           if any(v["name"] == m["name"] and "hostPath" in v for v in spec.get("volumes", []))), ident
+            assert not any(
+                m.get("readOnly") is not True
+                for m in container.get("volumeMounts", [])
+                if any(v["name"] == m["name"] and "hostPath" in v for v in spec.get("volumes", []))
+            ), ident
     names = {(o["kind"], o["metadata"]["name"]) for o in workloads(variant)}
     assert AGENT in names or UNINSTALLER[:2] in names
 
@@ -69,8 +73,9 @@ def test_deploy_every_container_has_requests_and_limits(any_variant: Rendered) -
         for container in containers(pod_spec(obj)):
             resources = container.get("resources", {})
             for kind in ("requests", "limits"):
-                assert {"cpu", "memory"} <= set(resources.get(kind, {})), \
+                assert {"cpu", "memory"} <= set(resources.get(kind, {})), (
                     f"{obj['metadata']['name']}/{container['name']} lacks {kind}"
+                )
 
 
 def test_deploy_agent_reaches_every_node_and_what_it_needs_there(variant: Rendered) -> None:
@@ -98,8 +103,10 @@ def test_deploy_apiserver_is_highly_available_and_probed(variant: Rendered) -> N
     assert pdb["spec"]["minAvailable"] >= 1 and pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
     anti = spec["affinity"]["podAntiAffinity"]
     terms = [t.get("podAffinityTerm", t) for k in anti.values() for t in k]
-    assert any(t["topologyKey"] == "kubernetes.io/hostname"
-               and t["labelSelector"]["matchLabels"] == APISERVER_LABELS for t in terms)
+    assert any(
+        t["topologyKey"] == "kubernetes.io/hostname" and t["labelSelector"]["matchLabels"] == APISERVER_LABELS
+        for t in terms
+    )
     (container,) = spec["containers"]
     port_names = {p["name"] for p in container["ports"]}
     for probe, path in (("livenessProbe", "/livez"), ("readinessProbe", "/readyz")):
@@ -133,38 +140,53 @@ def rules_of(variant: Rendered, kind: str, name: str) -> list[dict[str, Any]]:
 
 
 def allows(rules: list[dict[str, Any]], *, group: str, resource: str, verb: str) -> bool:
-    return any(group in r.get("apiGroups", []) and resource in r.get("resources", []) and verb in r.get("verbs", [])
-               for r in rules)
+    return any(
+        group in r.get("apiGroups", []) and resource in r.get("resources", []) and verb in r.get("verbs", [])
+        for r in rules
+    )
 
 
 def bound_to(variant: Rendered, kind: str, role: str, *, service_account: str) -> list[dict[str, Any]]:
     bindings = [*variant.all("ClusterRoleBinding"), *variant.all("RoleBinding")]
     namespace = NODE_NAMESPACE if service_account == "coredump-agent" else NAMESPACE
-    return [b for b in bindings if b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role}
-            and {"kind": "ServiceAccount", "name": service_account, "namespace": namespace} in b["subjects"]]
+    return [
+        b
+        for b in bindings
+        if b["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role}
+        and {"kind": "ServiceAccount", "name": service_account, "namespace": namespace} in b["subjects"]
+    ]
 
 
 def test_deploy_component_service_accounts_have_what_they_need(variant: Rendered) -> None:
     assert bound_to(variant, "ClusterRole", "system:auth-delegator", service_account="coredump-apiserver")
-    reader = bound_to(variant, "Role", "extension-apiserver-authentication-reader",
-                      service_account="coredump-apiserver")
+    reader = bound_to(
+        variant, "Role", "extension-apiserver-authentication-reader", service_account="coredump-apiserver"
+    )
     assert [b["metadata"]["namespace"] for b in reader] == ["kube-system"]
-    apiserver_rules = [r for b in bound_to(variant, "ClusterRole", "coredump-apiserver",
-                                           service_account="coredump-apiserver")
-                       for r in rules_of(variant, "ClusterRole", b["roleRef"]["name"])]
+    apiserver_rules = [
+        r
+        for b in bound_to(variant, "ClusterRole", "coredump-apiserver", service_account="coredump-apiserver")
+        for r in rules_of(variant, "ClusterRole", b["roleRef"]["name"])
+    ]
     assert all(allows(apiserver_rules, group="", resource="pods", verb=v) for v in ("get", "list", "watch"))
     # The CoreDumped Event watch that brings each new core to watchers within seconds; never more than reading.
     assert all(allows(apiserver_rules, group="", resource="events", verb=v) for v in ("list", "watch"))
     assert not any(allows(apiserver_rules, group="", resource="events", verb=v) for v in ("create", "delete"))
-    agent_rules = [r for b in bound_to(variant, "ClusterRole", "coredump-agent", service_account="coredump-agent")
-                   for r in rules_of(variant, "ClusterRole", b["roleRef"]["name"])]
+    agent_rules = [
+        r
+        for b in bound_to(variant, "ClusterRole", "coredump-agent", service_account="coredump-agent")
+        for r in rules_of(variant, "ClusterRole", b["roleRef"]["name"])
+    ]
     assert allows(agent_rules, group="", resource="events", verb="create")
     assert allows(agent_rules, group="", resource="pods", verb="get")
     # Neither component can read Secrets cluster-wide.
     for rules in (apiserver_rules, agent_rules):
         assert not any(allows(rules, group="", resource=r, verb="get") for r in ("secrets", "*"))
-    deployments = {o["metadata"]["name"]: pod_spec(o)["serviceAccountName"] for o in workloads(variant)
-                   if o["kind"] in ("Deployment", "DaemonSet")}
+    deployments = {
+        o["metadata"]["name"]: pod_spec(o)["serviceAccountName"]
+        for o in workloads(variant)
+        if o["kind"] in ("Deployment", "DaemonSet")
+    }
     assert deployments == {"coredump-apiserver": "coredump-apiserver", "coredump-agent": "coredump-agent"}
 
 
@@ -172,16 +194,22 @@ AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
 
 
 def aggregated_into(role: dict[str, Any]) -> set[str]:
-    return {k.removeprefix(AGGREGATE) for k, v in role["metadata"].get("labels", {}).items()
-            if k.startswith(AGGREGATE) and v == "true"}
+    return {
+        k.removeprefix(AGGREGATE)
+        for k, v in role["metadata"].get("labels", {}).items()
+        if k.startswith(AGGREGATE) and v == "true"
+    }
 
 
 def test_deploy_users_see_endpoints_with_view_and_download_cores_only_with_edit_or_admin(variant: Rendered) -> None:
     group = "coredump.example.io"
     roles = variant.all("ClusterRole")
     viewers = [r for r in roles if "view" in aggregated_into(r)]
-    assert viewers and all(allows(r["rules"], group=group, resource="coredumpendpoints", verb=v)
-                           for r in viewers for v in ("get", "list", "watch"))
+    assert viewers and all(
+        allows(r["rules"], group=group, resource="coredumpendpoints", verb=v)
+        for r in viewers
+        for v in ("get", "list", "watch")
+    )
     for role in viewers:
         for rule in role["rules"]:
             assert set(rule["verbs"]) <= {"get", "list", "watch"}, role["metadata"]["name"]

@@ -8,6 +8,7 @@ and a short ``--request-timeout`` (``E2E_REQUEST_TIMEOUT``, default 20s) so that
 kube-controller-manager runs the namespace, garbage-collector, service-account and ClusterRole-aggregation
 controllers.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,17 @@ from waiting import wait_until
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 REQUEST_TIMEOUT = os.environ.get("E2E_REQUEST_TIMEOUT", "20s")
-CONTROLLERS = ",".join(f"{c}-controller" for c in (
-    "namespace", "garbage-collector", "serviceaccount", "serviceaccount-token", "root-ca-certificate-publisher",
-    "clusterrole-aggregation"))
+CONTROLLERS = ",".join(
+    f"{c}-controller"
+    for c in (
+        "namespace",
+        "garbage-collector",
+        "serviceaccount",
+        "serviceaccount-token",
+        "root-ca-certificate-publisher",
+        "clusterrole-aggregation",
+    )
+)
 
 
 def free_port() -> int:
@@ -46,18 +55,26 @@ def build() -> tuple[Path, Path]:
     return Path(kube), Path(etcd)
 
 
-def write_kubeconfig(path: Path, *, server: str, ca: Path, token: str | None = None,
-                     cert: Path | None = None, key: Path | None = None) -> Path:
+def write_kubeconfig(
+    path: Path, *, server: str, ca: Path, token: str | None = None, cert: Path | None = None, key: Path | None = None
+) -> Path:
     user: dict[str, str] = {}
     if token is not None:
         user["token"] = token
     if cert is not None and key is not None:
         user["client-certificate"], user["client-key"] = str(cert), str(key)
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "e2e",
-        "clusters": [{"name": "e2e", "cluster": {"server": server, "certificate-authority": str(ca)}}],
-        "users": [{"name": "e2e", "user": user}],
-        "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "e2e"}}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "e2e",
+                "clusters": [{"name": "e2e", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+                "users": [{"name": "e2e", "user": user}],
+                "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": "e2e"}}],
+            }
+        )
+    )
     path.chmod(0o600)
     return path
 
@@ -71,8 +88,9 @@ class Process:
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
-            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True)
+            self.popen = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
 
     def check(self) -> None:
         if self.popen is not None and self.popen.poll() is not None:
@@ -121,62 +139,133 @@ class ControlPlane:
 
     def user_kubeconfig(self, name: str, *, groups: tuple[str, ...] = ()) -> Path:
         """A kubeconfig for a user authenticated by a client certificate of the cluster CA."""
-        crt, key = self.cluster_ca.issue(directory=self.pki, name=f"user-{name}", common_name=name,
-                                         organizations=groups)
+        crt, key = self.cluster_ca.issue(
+            directory=self.pki, name=f"user-{name}", common_name=name, organizations=groups
+        )
         return write_kubeconfig(self.base / f"{name}.kubeconfig", server=self.server, ca=self.ca, cert=crt, key=key)
 
     def start(self) -> None:
         self.cluster_ca = CA.create(directory=self.pki, name="ca")
         front = CA.create(directory=self.pki, name="front-proxy-ca")
-        serving = self.cluster_ca.issue(directory=self.pki, name="apiserver", common_name="kube-apiserver",
-                                        dns=("localhost", "kubernetes", "kubernetes.default",
-                                             "kubernetes.default.svc"), ips=("127.0.0.1",), server=True)
+        serving = self.cluster_ca.issue(
+            directory=self.pki,
+            name="apiserver",
+            common_name="kube-apiserver",
+            dns=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"),
+            ips=("127.0.0.1",),
+            server=True,
+        )
         proxy = front.issue(directory=self.pki, name="front-proxy-client", common_name="front-proxy-client")
-        admin = self.cluster_ca.issue(directory=self.pki, name="admin", common_name="e2e-admin",
-                                      organizations=("system:masters",))
+        admin = self.cluster_ca.issue(
+            directory=self.pki, name="admin", common_name="e2e-admin", organizations=("system:masters",)
+        )
         sa_key, sa_pub = service_account_keys(directory=self.pki)
         write_kubeconfig(self.admin_kubeconfig, server=self.server, ca=self.ca, cert=admin[0], key=admin[1])
 
         etcd_peer = free_port()
-        self._run("etcd", [str(self.etcd_bin / "etcd"), "--name", "e2e", "--data-dir", str(self.base / "etcd"),
-                           "--listen-client-urls", self.etcd_url, "--advertise-client-urls", self.etcd_url,
-                           "--listen-peer-urls", f"http://127.0.0.1:{etcd_peer}",
-                           "--initial-advertise-peer-urls", f"http://127.0.0.1:{etcd_peer}",
-                           "--initial-cluster", f"e2e=http://127.0.0.1:{etcd_peer}",
-                           "--listen-metrics-urls", f"http://127.0.0.1:{free_port()}",
-                           "--log-level", "warn"])
+        self._run(
+            "etcd",
+            [
+                str(self.etcd_bin / "etcd"),
+                "--name",
+                "e2e",
+                "--data-dir",
+                str(self.base / "etcd"),
+                "--listen-client-urls",
+                self.etcd_url,
+                "--advertise-client-urls",
+                self.etcd_url,
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{etcd_peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{etcd_peer}",
+                "--initial-cluster",
+                f"e2e=http://127.0.0.1:{etcd_peer}",
+                "--listen-metrics-urls",
+                f"http://127.0.0.1:{free_port()}",
+                "--log-level",
+                "warn",
+            ],
+        )
         self._wait(lambda: urllib.request.urlopen(f"{self.etcd_url}/health", timeout=2).status == 200, "etcd")
-        self._run("kube-apiserver", [
-            str(self.kube_bin / "kube-apiserver"),
-            "--etcd-servers", self.etcd_url,
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1", "--secure-port", str(self.port),
-            "--tls-cert-file", str(serving[0]), "--tls-private-key-file", str(serving[1]),
-            "--client-ca-file", str(self.ca),
-            "--authorization-mode", "RBAC",
-            "--allow-privileged=true",  # as kubeadm and every cluster that runs privileged DaemonSets
-            "--anonymous-auth=false",
-            "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
-            "--service-account-key-file", str(sa_pub), "--service-account-signing-key-file", str(sa_key),
-            "--service-cluster-ip-range", "10.96.0.0/16",
-            "--endpoint-reconciler-type", "none",
-            "--requestheader-client-ca-file", str(front.cert_path),
-            "--requestheader-allowed-names", "front-proxy-client",
-            "--requestheader-username-headers", "X-Remote-User",
-            "--requestheader-group-headers", "X-Remote-Group",
-            "--requestheader-extra-headers-prefix", "X-Remote-Extra-",
-            "--proxy-client-cert-file", str(proxy[0]), "--proxy-client-key-file", str(proxy[1]),
-            "--request-timeout", REQUEST_TIMEOUT,
-            "--profiling=false", "--v=1"])
+        self._run(
+            "kube-apiserver",
+            [
+                str(self.kube_bin / "kube-apiserver"),
+                "--etcd-servers",
+                self.etcd_url,
+                "--bind-address",
+                "127.0.0.1",
+                "--advertise-address",
+                "127.0.0.1",
+                "--secure-port",
+                str(self.port),
+                "--tls-cert-file",
+                str(serving[0]),
+                "--tls-private-key-file",
+                str(serving[1]),
+                "--client-ca-file",
+                str(self.ca),
+                "--authorization-mode",
+                "RBAC",
+                "--allow-privileged=true",  # as kubeadm and every cluster that runs privileged DaemonSets
+                "--anonymous-auth=false",
+                "--service-account-issuer",
+                "https://kubernetes.default.svc.cluster.local",
+                "--service-account-key-file",
+                str(sa_pub),
+                "--service-account-signing-key-file",
+                str(sa_key),
+                "--service-cluster-ip-range",
+                "10.96.0.0/16",
+                "--endpoint-reconciler-type",
+                "none",
+                "--requestheader-client-ca-file",
+                str(front.cert_path),
+                "--requestheader-allowed-names",
+                "front-proxy-client",
+                "--requestheader-username-headers",
+                "X-Remote-User",
+                "--requestheader-group-headers",
+                "X-Remote-Group",
+                "--requestheader-extra-headers-prefix",
+                "X-Remote-Extra-",
+                "--proxy-client-cert-file",
+                str(proxy[0]),
+                "--proxy-client-key-file",
+                str(proxy[1]),
+                "--request-timeout",
+                REQUEST_TIMEOUT,
+                "--profiling=false",
+                "--v=1",
+            ],
+        )
         self._wait(self._apiserver_ready, "kube-apiserver")
-        self._run("kube-controller-manager", [
-            str(self.kube_bin / "kube-controller-manager"),
-            "--kubeconfig", str(self.admin_kubeconfig),
-            "--controllers", CONTROLLERS,
-            "--service-account-private-key-file", str(sa_key), "--root-ca-file", str(self.ca),
-            "--leader-elect=false", "--secure-port=0", "--bind-address", "127.0.0.1",
-            "--namespace-sync-period", "10s", "--v=1"])
-        self._wait(lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default",
-                                        check=False).returncode == 0, "the default service account")
+        self._run(
+            "kube-controller-manager",
+            [
+                str(self.kube_bin / "kube-controller-manager"),
+                "--kubeconfig",
+                str(self.admin_kubeconfig),
+                "--controllers",
+                CONTROLLERS,
+                "--service-account-private-key-file",
+                str(sa_key),
+                "--root-ca-file",
+                str(self.ca),
+                "--leader-elect=false",
+                "--secure-port=0",
+                "--bind-address",
+                "127.0.0.1",
+                "--namespace-sync-period",
+                "10s",
+                "--v=1",
+            ],
+        )
+        self._wait(
+            lambda: self.kubectl("get", "serviceaccount", "default", "-n", "default", check=False).returncode == 0,
+            "the default service account",
+        )
 
     def _apiserver_ready(self) -> bool:
         ctx = ssl.create_default_context(cafile=str(self.ca))
@@ -194,20 +283,38 @@ class ControlPlane:
             for p in self.processes:
                 p.check()  # a child that died ends the wait at once, with its log
             return ready()
+
         # Not up yet: connection errors and a kubectl that times out; the last one is in the failure.
-        wait_until(probe, what=f"{what} to be ready", timeout=timeout, interval=0.5,
-                   ignore=(OSError, subprocess.SubprocessError))
+        wait_until(
+            probe,
+            what=f"{what} to be ready",
+            timeout=timeout,
+            interval=0.5,
+            ignore=(OSError, subprocess.SubprocessError),
+        )
 
     def stop(self) -> None:
         for p in reversed(self.processes):
             p.stop()
         self.processes.clear()
 
-    def kubectl(self, *args: str, kubeconfig: Path | None = None, binary: str = "kubectl", check: bool = True,
-                input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self,
+        *args: str,
+        kubeconfig: Path | None = None,
+        binary: str = "kubectl",
+        check: bool = True,
+        input: str | None = None,
+        timeout: float = 60,
+    ) -> subprocess.CompletedProcess[str]:
         """Runs kubectl (``binary``: a path to kubectl 1.27/1.33) against kube-apiserver."""
-        proc = subprocess.run([binary, "--kubeconfig", str(kubeconfig or self.admin_kubeconfig), *args],
-                              capture_output=True, text=True, input=input, timeout=timeout)
+        proc = subprocess.run(
+            [binary, "--kubeconfig", str(kubeconfig or self.admin_kubeconfig), *args],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
@@ -216,14 +323,22 @@ class ControlPlane:
         return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
 
 
-def https_get(cp: ControlPlane, path: str, *, user: str = "admin", headers: dict[str, str] | None = None,
-              read_delay: float = 0.0, chunk: int = 1 << 16) -> tuple[int, dict[str, str], bytes, str | None]:
+def https_get(
+    cp: ControlPlane,
+    path: str,
+    *,
+    user: str = "admin",
+    headers: dict[str, str] | None = None,
+    read_delay: float = 0.0,
+    chunk: int = 1 << 16,
+) -> tuple[int, dict[str, str], bytes, str | None]:
     """GET ``path`` on kube-apiserver with the client certificate ``pki/<user>.crt``.
 
     Returns (status, headers, body, error): ``error`` says why the body ended early (the connection was cut);
     ``read_delay`` sleeps between chunks of ``chunk`` bytes to make a slow client.
     """
     import http.client
+
     ctx = ssl.create_default_context(cafile=str(cp.ca))
     ctx.load_cert_chain(str(cp.pki / f"{user}.crt"), str(cp.pki / f"{user}.key"))
     conn = http.client.HTTPSConnection("127.0.0.1", cp.port, context=ctx, timeout=120)

@@ -5,6 +5,7 @@ applied to it and our API server and agent running as processes (:mod:`install`)
 Every test under test/e2e gets the ``e2e`` marker: ``scripts/test -m "not e2e"`` runs the fast suite alone,
 ``scripts/e2e`` (or ``scripts/test test/e2e``) only this one.
 """
+
 from __future__ import annotations
 
 import sys
@@ -64,6 +65,7 @@ def server_up(installed: Installation) -> Installation:
 def real_core(tmp_path_factory: pytest.TempPathFactory):
     from workloads import CRASHER_C, make_core
     import subprocess
+
     d = tmp_path_factory.mktemp("crasher")
     (d / "crasher.c").write_text(CRASHER_C)
     exe = d / "crasher"
@@ -75,6 +77,7 @@ def real_core(tmp_path_factory: pytest.TempPathFactory):
 def teams(installed: Installation, real_core) -> dict:
     """team-a and team-b, each with a pod that has one real core on storage and its CoredumpEndpoint."""
     from workloads import file_core, make_namespace, make_pod
+
     cp = installed.cp
     out = {}
     for ns in ("team-a", "team-b"):
@@ -89,8 +92,9 @@ def teams(installed: Installation, real_core) -> dict:
 def users(installed: Installation, teams: dict) -> dict[str, Path]:
     """alice: the shipped coredump:dump role in team-a; victor: view in team-a; eddie: cluster edit (aggregated)."""
     cp = installed.cp
-    cp.kubectl("create", "rolebinding", "alice-dump", "-n", "team-a", "--clusterrole", "coredump:dump",
-               "--user", "alice")
+    cp.kubectl(
+        "create", "rolebinding", "alice-dump", "-n", "team-a", "--clusterrole", "coredump:dump", "--user", "alice"
+    )
     cp.kubectl("create", "rolebinding", "victor-view", "-n", "team-a", "--clusterrole", "view", "--user", "victor")
     cp.kubectl("create", "rolebinding", "eddie-edit", "-n", "team-b", "--clusterrole", "edit", "--user", "eddie")
     return {name: cp.user_kubeconfig(name) for name in ("alice", "victor", "eddie")}

@@ -10,6 +10,7 @@ aggregator's resolver sends ExternalName traffic to that host and the APIService
 and runs our API server and agent as processes authenticated with TokenRequest tokens of those service
 accounts.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,10 +41,16 @@ def copy_repo_manifests(dest: Path) -> Path:
     return dest / "manifests"
 
 
-def make_certs(manifests: Path, *, namespace: str | None = None, service: str | None = None,
-               out: Path | None = None) -> None:
-    argv = ["sh", str(manifests.parent / "deploy/make-certs.sh"), "--out", str(out or manifests / TLS_FILES),
-            "--new-ca"]
+def make_certs(
+    manifests: Path, *, namespace: str | None = None, service: str | None = None, out: Path | None = None
+) -> None:
+    argv = [
+        "sh",
+        str(manifests.parent / "deploy/make-certs.sh"),
+        "--out",
+        str(out or manifests / TLS_FILES),
+        "--new-ca",
+    ]
     if namespace:
         argv += ["--namespace", namespace]
     if service:
@@ -116,8 +123,14 @@ class Installation:
             if o["kind"] in WORKLOADS:
                 continue
             if o["kind"] == "Service" and (o["metadata"].get("namespace"), o["metadata"]["name"]) == (ns, name):
-                o = dict(o, spec={"type": "ExternalName", "externalName": "localhost",
-                                  "ports": [{"name": "https", "port": self.port, "protocol": "TCP"}]})
+                o = dict(
+                    o,
+                    spec={
+                        "type": "ExternalName",
+                        "externalName": "localhost",
+                        "ports": [{"name": "https", "port": self.port, "protocol": "TCP"}],
+                    },
+                )
             if o["kind"] == "APIService" and o["spec"].get("group") == GROUP:
                 o = dict(o, spec=dict(o["spec"], service=dict(o["spec"]["service"], port=self.port)))
             applied.append(o)
@@ -126,19 +139,43 @@ class Installation:
     def token_kubeconfig(self, namespace: str, name: str) -> Path:
         """A kubeconfig holding a TokenRequest token of service account ``namespace/name``."""
         token = self.cp.kubectl("create", "token", name, "-n", namespace, "--duration", "2h").stdout.strip()
-        return write_kubeconfig(self.base / f"sa-{namespace}-{name}.kubeconfig", server=self.cp.server,
-                                ca=self.cp.ca, token=token)
+        return write_kubeconfig(
+            self.base / f"sa-{namespace}-{name}.kubeconfig", server=self.cp.server, ca=self.cp.ca, token=token
+        )
 
     def start_server(self) -> None:
         ns, sa = service_account_of(self.objects, "Deployment", name=self.service[1])
         kubeconfig = self.token_kubeconfig(ns, sa)
         tls = self.tls_dir()
-        self.server = Process(name="coredump-apiserver", log=self.base / "coredump-apiserver.log", argv=[
-            sys.executable, "-m", "apiserver", "--secure-port", str(self.port), "--bind-address", "127.0.0.1",
-            "--tls-cert-file", str(tls / "tls.crt"), "--tls-private-key-file", str(tls / "tls.key"),
-            "--etcd-servers", self.cp.etcd_url, "--storage-root", str(self.storage),
-            "--kubeconfig", str(kubeconfig), "--authentication-kubeconfig", str(kubeconfig),
-            "--authorization-kubeconfig", str(kubeconfig), "--log-level", "info"])
+        self.server = Process(
+            name="coredump-apiserver",
+            log=self.base / "coredump-apiserver.log",
+            argv=[
+                sys.executable,
+                "-m",
+                "apiserver",
+                "--secure-port",
+                str(self.port),
+                "--bind-address",
+                "127.0.0.1",
+                "--tls-cert-file",
+                str(tls / "tls.crt"),
+                "--tls-private-key-file",
+                str(tls / "tls.key"),
+                "--etcd-servers",
+                self.cp.etcd_url,
+                "--storage-root",
+                str(self.storage),
+                "--kubeconfig",
+                str(kubeconfig),
+                "--authentication-kubeconfig",
+                str(kubeconfig),
+                "--authorization-kubeconfig",
+                str(kubeconfig),
+                "--log-level",
+                "info",
+            ],
+        )
         self.server.start()
         self.wait_available()
 
@@ -156,6 +193,7 @@ class Installation:
             api = self.cp.get_json("apiservice", name)
             status = {c["type"]: c for c in api.get("status", {}).get("conditions", [])}.get("Available")
             return status if status and status["status"] == want else NotYet(status)
+
         wait_until(available, what=f"APIService {name} Available={want}", timeout=timeout, interval=0.5)
 
     def start_agent(self) -> Path:
@@ -164,19 +202,44 @@ class Installation:
         kubeconfig = self.token_kubeconfig(ns, sa)
         node = self.base / "node"
         sysctl = node / "sysctl"
-        for rel, value in (("kernel/core_pattern", "core"), ("kernel/core_pipe_limit", "0"),
-                           ("fs/suid_dumpable", "0")):
+        for rel, value in (("kernel/core_pattern", "core"), ("kernel/core_pipe_limit", "0"), ("fs/suid_dumpable", "0")):
             (sysctl / rel).parent.mkdir(parents=True, exist_ok=True)
             (sysctl / rel).write_text(value + "\n")
         proc = node / "proc"
         own = proc / str(os.getpid()) / "ns"
         own.mkdir(parents=True, exist_ok=True)
         host_dir = node / "hostdir"
-        self.agent = Process(name="coredump-agent", log=self.base / "coredump-agent.log", argv=[
-            sys.executable, "-m", "handler.agent.cli", "run", "--sysctl-root", str(sysctl),
-            "--proc-root", str(proc), "--host-root", "/", "--host-dir", str(host_dir),
-            "--storage-root", str(self.storage), "--node-name", "node-1", "--kubeconfig", str(kubeconfig),
-            "--crictl", "", "--metrics-bind-address", "127.0.0.1", "--metrics-port", "0", "-v"])
+        self.agent = Process(
+            name="coredump-agent",
+            log=self.base / "coredump-agent.log",
+            argv=[
+                sys.executable,
+                "-m",
+                "handler.agent.cli",
+                "run",
+                "--sysctl-root",
+                str(sysctl),
+                "--proc-root",
+                str(proc),
+                "--host-root",
+                "/",
+                "--host-dir",
+                str(host_dir),
+                "--storage-root",
+                str(self.storage),
+                "--node-name",
+                "node-1",
+                "--kubeconfig",
+                str(kubeconfig),
+                "--crictl",
+                "",
+                "--metrics-bind-address",
+                "127.0.0.1",
+                "--metrics-port",
+                "0",
+                "-v",
+            ],
+        )
         self.agent.start()
         return host_dir
 

@@ -1,4 +1,5 @@
 """Flow 1: the APIService is Available through the real aggregator; discovery, api-resources and explain work."""
+
 from __future__ import annotations
 
 import json
@@ -19,11 +20,13 @@ def test_api_resources_and_explain_through_the_aggregator(server_up, version: st
     (row,) = [line for line in out.splitlines() if line.startswith("coredumpendpoints")]
     assert "coredump.example.io/v1alpha1" in row and "true" in row and "CoredumpEndpoint" in row
     assert "get" in row and "list" in row and "watch" in row
+
     # kube-apiserver merges our OpenAPI into its own a little after the APIService is Available (its aggregation
     # controller syncs in the background): wait for it, with a deadline, saying what was last seen.
     def explained() -> str:
         got = cp.kubectl("explain", "coredumpendpoint.spec", binary=kubectl, check=False)
         return got.stdout if got.returncode == 0 else ""
+
     explain = wait_until(explained, what="kubectl explain coredumpendpoint.spec", timeout=120, interval=2)
     assert "KIND:" in explain and "CoredumpEndpoint" in explain and "FIELD" in explain
 

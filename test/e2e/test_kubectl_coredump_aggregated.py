@@ -3,6 +3,7 @@ Issue 14 through the real aggregator: ``kubectl coredump`` as a user bound only 
 namespace, a download that kube-apiserver cuts at its request timeout (the client reads slowly through a
 throttling proxy) and that the plugin resumes to a byte-identical, sha256-verified core.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,9 @@ def paula(installed, big_core) -> Path:  # noqa: F811
     uid = make_pod(cp, "team-plugin", "big")
     file_core(installed, big_core.path, namespace="team-plugin", pod="big", uid=uid)
     cp.kubectl("apply", "-f", "-", input=endpoint_yaml("team-plugin", "big"))
-    cp.kubectl("create", "rolebinding", "paula-dump", "-n", "team-plugin", "--clusterrole", "coredump:dump",
-               "--user", "paula")
+    cp.kubectl(
+        "create", "rolebinding", "paula-dump", "-n", "team-plugin", "--clusterrole", "coredump:dump", "--user", "paula"
+    )
     return cp.user_kubeconfig("paula")
 
 

@@ -7,6 +7,7 @@ Server-side dry-run cannot create a namespace for the objects in it, so the Name
 created first, as an admin's first apply would. cert-manager's kinds need its CRDs: a stand-in CRD that accepts
 any spec is installed, so those objects are checked only for their kind and metadata.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,12 +27,24 @@ def readme_overlays() -> list[str]:
 
 
 def stand_in_crd(kind: str, plural: str) -> dict:
-    return {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-            "metadata": {"name": f"{plural}.cert-manager.io"},
-            "spec": {"group": "cert-manager.io", "scope": "Namespaced",
-                     "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
-                     "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": {
-                         "type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{plural}.cert-manager.io"},
+        "spec": {
+            "group": "cert-manager.io",
+            "scope": "Namespaced",
+            "names": {"kind": kind, "plural": plural, "singular": kind.lower()},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
+                }
+            ],
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +55,21 @@ def fresh(tmp_path_factory) -> Iterator[tuple[ControlPlane, object]]:
         cp.start()
         manifests = copy_repo_manifests(tmp_path_factory.mktemp("dry-run"))
         make_certs(manifests)
-        cp.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": [
-            stand_in_crd("Issuer", "issuers"), stand_in_crd("Certificate", "certificates")]}))
-        cp.kubectl("wait", "--for", "condition=Established", "crd/issuers.cert-manager.io",
-                   "crd/certificates.cert-manager.io")
+        cp.kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "List",
+                    "items": [stand_in_crd("Issuer", "issuers"), stand_in_crd("Certificate", "certificates")],
+                }
+            ),
+        )
+        cp.kubectl(
+            "wait", "--for", "condition=Established", "crd/issuers.cert-manager.io", "crd/certificates.cert-manager.io"
+        )
         yield cp, manifests
     finally:
         cp.stop()
@@ -63,7 +87,6 @@ def test_server_side_dry_run_accepts_the_install(fresh, target: str) -> None:
         if cp.kubectl("get", "namespace", ns["metadata"]["name"], check=False).returncode != 0:
             cp.kubectl("create", "namespace", ns["metadata"]["name"], "--save-config")
     for version in ("1.27", "1.33"):
-        out = cp.kubectl("apply", "-k", str(path), "--dry-run=server", binary=kubectl_binary(version),
-                         check=False)
+        out = cp.kubectl("apply", "-k", str(path), "--dry-run=server", binary=kubectl_binary(version), check=False)
         assert out.returncode == 0, out.stderr
         assert "apiservice.apiregistration.k8s.io/v1alpha1.coredump.example.io created (server dry run)" in out.stdout

@@ -4,6 +4,7 @@ server stopped the rest of the cluster keeps working (pods, partial api-resource
 back explain works again. While our server is down, any namespace deleted waits (the controller cannot tell whether
 it holds our objects), saying why in a condition, and completes once the server is back: what the README says.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,16 +48,23 @@ def test_cluster_keeps_working_while_our_server_is_down(server_up) -> None:
         assert "io.k8s.api.core.v1.Pod" in openapi["definitions"]
         # A namespace deleted now waits for our API (its objects cannot be listed), and is not lost.
         cp.kubectl("delete", "namespace", "team-outage", "--wait=false")
+
         def discovery_failure() -> bool:
             ns = cp.get_json("namespace", "team-outage")
             conds = {c["type"]: c for c in ns["status"].get("conditions", [])}
             cond = conds.get("NamespaceDeletionDiscoveryFailure")
-            return ns["status"]["phase"] == "Terminating" and cond is not None and cond["status"] == "True" \
+            return (
+                ns["status"]["phase"] == "Terminating"
+                and cond is not None
+                and cond["status"] == "True"
                 and "coredump.example.io/v1alpha1" in cond["message"]
+            )
+
         wait_for(discovery_failure, "the namespace controller to report our group's discovery failure", timeout=90)
     finally:
         inst.start_server()
     wait_for(lambda: _gone(cp, "team-outage"), "namespace team-outage to finish deleting", timeout=180)
-    explain = wait_for(lambda: cp.kubectl("explain", "coredumpendpoint.spec", check=False).stdout,
-                       "explain to work again", timeout=120)
+    explain = wait_for(
+        lambda: cp.kubectl("explain", "coredumpendpoint.spec", check=False).stdout, "explain to work again", timeout=120
+    )
     assert "CoredumpEndpoint" in explain

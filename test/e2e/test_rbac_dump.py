@@ -4,6 +4,7 @@ our server learns from kube-apiserver's front-proxy client certificate (our serv
 only through the real extension-apiserver-authentication ConfigMap: it is started without any
 --requestheader-client-ca-file).
 """
+
 from __future__ import annotations
 
 import io
@@ -25,8 +26,11 @@ def cores_in(archive: bytes) -> dict[str, bytes]:
 
 
 def raw(cp, path: str, *, kubeconfig, version: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([kubectl_binary(version), "--kubeconfig", str(kubeconfig), "get", "--raw", path],
-                          capture_output=True, timeout=120)
+    return subprocess.run(
+        [kubectl_binary(version), "--kubeconfig", str(kubeconfig), "get", "--raw", path],
+        capture_output=True,
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +43,9 @@ def endpoints(installed, teams) -> dict:
 
 
 @pytest.mark.parametrize("version", KUBECTLS)
-def test_dump_role_downloads_its_namespace_byte_identical_and_nothing_else(installed, endpoints, users, real_core,
-                                                                           version: str) -> None:
+def test_dump_role_downloads_its_namespace_byte_identical_and_nothing_else(
+    installed, endpoints, users, real_core, version: str
+) -> None:
     got = raw(installed.cp, dump_path("team-a", "crasher"), kubeconfig=users["alice"], version=version)
     assert got.returncode == 0, got.stderr
     (core,) = cores_in(got.stdout).values()
@@ -53,8 +58,16 @@ def test_dump_role_downloads_its_namespace_byte_identical_and_nothing_else(insta
 @pytest.mark.parametrize("version", KUBECTLS)
 def test_view_lists_endpoints_but_may_not_dump(installed, endpoints, users, version: str) -> None:
     cp = installed.cp
-    listed = cp.kubectl("get", "coredumpendpoints", "-n", "team-a", "-o", "name", kubeconfig=users["victor"],
-                        binary=kubectl_binary(version)).stdout.split()
+    listed = cp.kubectl(
+        "get",
+        "coredumpendpoints",
+        "-n",
+        "team-a",
+        "-o",
+        "name",
+        kubeconfig=users["victor"],
+        binary=kubectl_binary(version),
+    ).stdout.split()
     assert "coredumpendpoint.coredump.example.io/crasher" in listed
     dump = raw(cp, dump_path("team-a", "crasher"), kubeconfig=users["victor"], version=version)
     assert dump.returncode != 0 and b"forbidden" in dump.stderr.lower()
@@ -65,16 +78,33 @@ def test_cluster_edit_role_aggregates_dump_and_delete(installed, endpoints, user
     got = raw(installed.cp, dump_path("team-b", "crasher"), kubeconfig=users["eddie"], version="1.33")
     assert got.returncode == 0, got.stderr
     assert list(cores_in(got.stdout).values()) == [real_core.path.read_bytes()]
-    can = installed.cp.kubectl("auth", "can-i", "delete", "coredumpendpoints.coredump.example.io", "-n", "team-b",
-                               kubeconfig=users["eddie"], check=False)
+    can = installed.cp.kubectl(
+        "auth",
+        "can-i",
+        "delete",
+        "coredumpendpoints.coredump.example.io",
+        "-n",
+        "team-b",
+        kubeconfig=users["eddie"],
+        check=False,
+    )
     assert can.stdout.strip() == "yes"
 
 
 def test_service_account_token_is_a_third_identity(installed, endpoints) -> None:
     cp = installed.cp
     cp.kubectl("create", "serviceaccount", "collector", "-n", "team-a")
-    cp.kubectl("create", "rolebinding", "collector-dump", "-n", "team-a", "--clusterrole", "coredump:dump",
-               "--serviceaccount", "team-a:collector")
+    cp.kubectl(
+        "create",
+        "rolebinding",
+        "collector-dump",
+        "-n",
+        "team-a",
+        "--clusterrole",
+        "coredump:dump",
+        "--serviceaccount",
+        "team-a:collector",
+    )
     kubeconfig = installed.token_kubeconfig("team-a", "collector")
     assert raw(cp, dump_path("team-a", "crasher"), kubeconfig=kubeconfig, version="1.33").returncode == 0
     denied = raw(cp, dump_path("team-b", "crasher"), kubeconfig=kubeconfig, version="1.27")
@@ -94,6 +124,7 @@ def test_server_trusts_the_front_proxy_ca_from_the_cluster_configmap(installed) 
     crt, key = cp.cluster_ca.issue(directory=cp.pki, name="forged-proxy", common_name="front-proxy-client")
     import http.client
     import ssl
+
     ctx = ssl.create_default_context(cafile=str(installed.tls_dir() / "ca.crt"))
     ctx.check_hostname = False
     ctx.load_cert_chain(str(crt), str(key))

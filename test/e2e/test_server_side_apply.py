@@ -2,6 +2,7 @@
 Server-side apply through the real kube-apiserver aggregator: kubectl 1.27 and 1.33 apply, conflict and force
 exactly as against a CRD, the aggregator passing ``application/apply-patch+yaml`` and the 409 Status through.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,14 @@ from workloads import make_namespace
 
 
 def _manifest(namespace: str, name: str, uid: str, team: str) -> str:
-    return json.dumps({"apiVersion": "coredump.example.io/v1alpha1", "kind": "CoredumpEndpoint",
-                       "metadata": {"name": name, "namespace": namespace, "labels": {"team": team}},
-                       "spec": {"podUID": uid}})
+    return json.dumps(
+        {
+            "apiVersion": "coredump.example.io/v1alpha1",
+            "kind": "CoredumpEndpoint",
+            "metadata": {"name": name, "namespace": namespace, "labels": {"team": team}},
+            "spec": {"podUID": uid},
+        }
+    )
 
 
 @pytest.mark.parametrize("version", ["1.27", "1.33"])
@@ -32,14 +38,24 @@ def test_apply_server_side_conflict_and_force_through_the_aggregator(server_up, 
     assert again["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]  # a no-op writes nothing
 
     cp.kubectl("label", "cde", name, "-n", namespace, "team=b", "--overwrite", binary=kubectl)
-    conflict = cp.kubectl("apply", "--server-side", "-f", "-", input=_manifest(namespace, name, uid, "a"),
-                          binary=kubectl, check=False)
+    conflict = cp.kubectl(
+        "apply", "--server-side", "-f", "-", input=_manifest(namespace, name, uid, "a"), binary=kubectl, check=False
+    )
     assert conflict.returncode == 1
-    assert ('Apply failed with 1 conflict: conflict with "kubectl-label" using coredump.example.io/v1alpha1: '
-            ".metadata.labels.team") in conflict.stderr
+    assert (
+        'Apply failed with 1 conflict: conflict with "kubectl-label" using coredump.example.io/v1alpha1: '
+        ".metadata.labels.team"
+    ) in conflict.stderr
 
-    cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", input=_manifest(namespace, name, uid, "a"),
-               binary=kubectl)
+    cp.kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        "-",
+        input=_manifest(namespace, name, uid, "a"),
+        binary=kubectl,
+    )
     final = cp.get_json("cde", name, "-n", namespace, "--show-managed-fields")
     assert final["metadata"]["labels"] == {"team": "a"}
     assert {(e["manager"], e["operation"]) for e in final["metadata"]["managedFields"]} == {("kubectl", "Apply")}

@@ -3,6 +3,7 @@ Flow 7: a dump that lasts longer than kube-apiserver's --request-timeout (short 
 kube-apiserver (a proxied GET of a subresource is not long-running to it), and a download resumed with Range and
 If-Range gets exactly the rest: the reassembled archive is byte-identical to one read in one go.
 """
+
 from __future__ import annotations
 
 import subprocess

@@ -2,6 +2,7 @@
 Namespaces, pods and cores for the e2e flows: real Pod objects (no kubelet runs them, they stay Pending) and
 real kernel cores of test/handler's crashing program, filed on our storage by the handler's ``import``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,20 +31,27 @@ def wait_for(predicate, what: str, *, timeout: float = 60.0, interval: float = 0
 
 def make_namespace(cp: ControlPlane, name: str) -> None:
     cp.kubectl("create", "namespace", name)
-    wait_for(lambda: cp.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
-             f"service account default in {name}")
+    wait_for(
+        lambda: cp.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
+        f"service account default in {name}",
+    )
 
 
 def make_pod(cp: ControlPlane, namespace: str, name: str, *, container: str = "app") -> str:
     """Creates a Pod object and returns its uid."""
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": namespace},
-           "spec": {"containers": [{"name": container, "image": "registry.invalid/crasher:1"}]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"containers": [{"name": container, "image": "registry.invalid/crasher:1"}]},
+    }
     out = cp.kubectl("create", "-f", "-", "-o", "json", input=json.dumps(pod)).stdout
     return json.loads(out)["metadata"]["uid"]
 
 
-def file_core(inst: Installation, core: Path, *, namespace: str, pod: str, uid: str, container: str = "app",
-              notify: bool = True) -> None:
+def file_core(
+    inst: Installation, core: Path, *, namespace: str, pod: str, uid: str, container: str = "app", notify: bool = True
+) -> None:
     """
     Files one real core on storage as the node's handler does, then (``notify``) does what the agent's outcome
     pass does with the handler's outcome record: posts the CoreDumped Event on the pod through the real
@@ -51,11 +59,38 @@ def file_core(inst: Installation, core: Path, *, namespace: str, pod: str, uid: 
     of the core within seconds (its full pass is minutes away).
     """
     work = inst.base / "handler"
-    subprocess.run([sys.executable, "-m", "handler.cli", "--config", str(work / "no-config.json"),
-                    "--storage-root", str(inst.storage), "--spool-dir", str(work / "spool"),
-                    "--state-dir", str(work / "state"), "--crictl", "", "--node", "node-1",
-                    "import", "--namespace", namespace, "--pod", pod, "--pod-uid", uid, "--container", container,
-                    str(core)], check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "handler.cli",
+            "--config",
+            str(work / "no-config.json"),
+            "--storage-root",
+            str(inst.storage),
+            "--spool-dir",
+            str(work / "spool"),
+            "--state-dir",
+            str(work / "state"),
+            "--crictl",
+            "",
+            "--node",
+            "node-1",
+            "import",
+            "--namespace",
+            namespace,
+            "--pod",
+            pod,
+            "--pod-uid",
+            uid,
+            "--container",
+            container,
+            str(core),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     outcomes = work / "state" / "outcomes"
     if notify:
         post_core_dumped_events(inst, outcomes)
@@ -67,6 +102,7 @@ def file_core(inst: Installation, core: Path, *, namespace: str, pod: str, uid: 
 def post_core_dumped_events(inst: Installation, outcomes: Path) -> None:
     """The agent's outcome pass for the handler's records in ``outcomes``: one CoreDumped Event each."""
     from handler.agent.events import EventPoster
+
     kubeconfig = getattr(inst, "_agent_kubeconfig", None)
     if kubeconfig is None:
         kubeconfig = inst.token_kubeconfig(*service_account_of(inst.objects, "DaemonSet"))
@@ -81,6 +117,7 @@ def post_core_dumped_events(inst: Installation, outcomes: Path) -> None:
                 path.unlink()
         finally:
             await poster.close()
+
     asyncio.run(post())
 
 
@@ -90,5 +127,11 @@ def dump_path(namespace: str, name: str) -> str:
 
 def endpoint_yaml(namespace: str, name: str, uid: str | None = None) -> str:
     spec = {"podUID": uid} if uid else {}
-    return json.dumps({"apiVersion": "coredump.example.io/v1alpha1", "kind": "CoredumpEndpoint",
-                       "metadata": {"name": name, "namespace": namespace}, "spec": spec})
+    return json.dumps(
+        {
+            "apiVersion": "coredump.example.io/v1alpha1",
+            "kind": "CoredumpEndpoint",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": spec,
+        }
+    )

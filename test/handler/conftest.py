@@ -2,6 +2,7 @@
 Fixtures of the node-side tests: the crashing program and its real cores, a fake node tree, an agent set up
 against it. The helpers they return live in :mod:`handler_harness`.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,13 +48,20 @@ def agent_env(node: NodeTree, tmp_path: Path) -> AgentEnv:
 
     sysctl = make_sysctl_tree(tmp_path)
     host_dir = tmp_path / "hostdir"
-    cfg = AgentConfig(sysctl_root=sysctl, proc_root=node.proc, host_root=Path("/"), host_dir=str(host_dir),
-                      storage_root=node.storage, node="node-1", events=False, metrics_port=0,
-                      handler_command=f"{PYTHON} -m handler.cli",
-                      # The agent's host root is / (its host dir is a temp dir); the kubelet's log links are in
-                      # the fake node's host tree, named relative to it.
-                      handler=HandlerConfig(crictl=None,
-                                            container_logs=str((node.host / "var/log/containers").relative_to("/"))))
+    cfg = AgentConfig(
+        sysctl_root=sysctl,
+        proc_root=node.proc,
+        host_root=Path("/"),
+        host_dir=str(host_dir),
+        storage_root=node.storage,
+        node="node-1",
+        events=False,
+        metrics_port=0,
+        handler_command=f"{PYTHON} -m handler.cli",
+        # The agent's host root is / (its host dir is a temp dir); the kubelet's log links are in
+        # the fake node's host tree, named relative to it.
+        handler=HandlerConfig(crictl=None, container_logs=str((node.host / "var/log/containers").relative_to("/"))),
+    )
     agent = Agent(cfg)
     # The shim checks the agent's identity (stat, mount namespace) under the proc root it is given: the
     # agent (this process) is real, so its entry in the fake proc tree is the real one.

@@ -7,6 +7,7 @@ The cores are real: the program is compiled here and crashed under ``ulimit -c u
 core_pattern is ``core``, so the kernel writes ``core`` in the child's cwd). The fake trees stand in for the
 host's /proc/<pid>/cgroup and /var/log/containers of each container runtime and cgroup layout.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,6 +67,7 @@ def make_core(crasher: Path, workdir: Path, mode: str) -> RealCore:
     path = workdir / f"{mode}.core"
     cores[0].rename(path)
     from handler import elfinfo
+
     pid = int(elfinfo.core_process_info(path).get("pid", 0))
     function = "crash_in_abort_function" if mode == "abort" else "crash_in_segv_function"
     return RealCore(path=path, exe=crasher, signal=sig, function=function, pid=pid)
@@ -80,12 +82,12 @@ def cgroup_text(shape: str, *, pod_uid: str = POD_UID, cid: str = CONTAINER_ID) 
     u = pod_uid.replace("-", "_")
     paths = {
         "containerd-systemd": f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{u}.slice/"
-                              f"cri-containerd-{cid}.scope",
+        f"cri-containerd-{cid}.scope",
         "containerd-cgroupfs": f"/kubepods/burstable/pod{pod_uid}/{cid}",
         "crio-systemd": f"/kubepods.slice/kubepods-pod{u}.slice/crio-{cid}.scope/container",
         "crio-cgroupfs": f"/kubepods/besteffort/pod{pod_uid}/crio-{cid}",
         "docker-systemd": f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{u}.slice/"
-                          f"docker-{cid}.scope",
+        f"docker-{cid}.scope",
         "docker-cgroupfs": f"/kubepods/pod{pod_uid}/{cid}",
     }
     runtime, version = shape.rsplit(":", 1) if ":" in shape else (shape, "v2")
@@ -93,8 +95,10 @@ def cgroup_text(shape: str, *, pod_uid: str = POD_UID, cid: str = CONTAINER_ID) 
     if version == "v2":
         return f"0::{path}\n"
     # cgroup v1 (hybrid hosts also show an empty unified line)
-    return "".join(f"{n}:{c}:{path}\n" for n, c in [(12, "pids"), (11, "memory"), (4, "cpu,cpuacct"),
-                                                      (1, "name=systemd")]) + "0::/\n"
+    return (
+        "".join(f"{n}:{c}:{path}\n" for n, c in [(12, "pids"), (11, "memory"), (4, "cpu,cpuacct"), (1, "name=systemd")])
+        + "0::/\n"
+    )
 
 
 @dataclass
@@ -125,36 +129,71 @@ class NodeTree:
             (d / "cwd").symlink_to(cwd)
         return d
 
-    def add_log_link(self, *, namespace: str, pod: str, container: str, pod_uid: str = POD_UID,
-                     cid: str = CONTAINER_ID) -> None:
+    def add_log_link(
+        self, *, namespace: str, pod: str, container: str, pod_uid: str = POD_UID, cid: str = CONTAINER_ID
+    ) -> None:
         target = f"/var/log/pods/{namespace}_{pod}_{pod_uid}/{container}/0.log"
         (self.host / "var/log/containers" / f"{pod}_{namespace}_{container}-{cid}.log").symlink_to(target)
 
     def handler_args(self, *extra: str) -> list[str]:
-        return [PYTHON, "-m", "handler.cli", "--config", str(self.base / "no-config.json"),
-                "--storage-root", str(self.storage), "--spool-dir", str(self.spool), "--state-dir", str(self.state),
-                "--proc-root", str(self.proc), "--host-root", str(self.host), "--crictl", "",
-                "--node", "node-1", *extra]
+        return [
+            PYTHON,
+            "-m",
+            "handler.cli",
+            "--config",
+            str(self.base / "no-config.json"),
+            "--storage-root",
+            str(self.storage),
+            "--spool-dir",
+            str(self.spool),
+            "--state-dir",
+            str(self.state),
+            "--proc-root",
+            str(self.proc),
+            "--host-root",
+            str(self.host),
+            "--crictl",
+            "",
+            "--node",
+            "node-1",
+            *extra,
+        ]
 
-    def run_capture(self, core: Path, *, pid: int, signal: int, comm: str = "crasher", extra: tuple[str, ...] = (),
-                    time: int = 1795000000, rlimit: int = -1, env: dict[str, str] | None = None,
-                    ) -> subprocess.CompletedProcess:
+    def run_capture(
+        self,
+        core: Path,
+        *,
+        pid: int,
+        signal: int,
+        comm: str = "crasher",
+        extra: tuple[str, ...] = (),
+        time: int = 1795000000,
+        rlimit: int = -1,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
         with open(core, "rb") as f:
-            return subprocess.run(self.handler_args(*extra, "capture", str(pid), str(pid), str(signal), str(time),
-                                                    str(rlimit), comm),
-                                  stdin=f, capture_output=True, cwd=REPO, env=env, timeout=120)
+            return subprocess.run(
+                self.handler_args(*extra, "capture", str(pid), str(pid), str(signal), str(time), str(rlimit), comm),
+                stdin=f,
+                capture_output=True,
+                cwd=REPO,
+                env=env,
+                timeout=120,
+            )
 
 
 def gdb_backtrace(exe: Path, core: Path) -> str:
     gdb = shutil.which("gdb")
     assert gdb, "gdb is required"
-    out = subprocess.run([gdb, "-batch", "-nx", "-ex", "bt", str(exe), str(core)], capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [gdb, "-batch", "-nx", "-ex", "bt", str(exe), str(core)], capture_output=True, text=True, timeout=120
+    )
     return out.stdout + out.stderr
 
 
 def gunzip_to(src: Path, dst: Path) -> Path:
     import gzip
+
     with gzip.open(src, "rb") as i, open(dst, "wb") as o:
         shutil.copyfileobj(i, o, 1 << 20)
     return dst
@@ -176,14 +215,20 @@ class AgentEnv:
     def shim_argv(self, *, pid: int, signal: int, time: int = 1795000000, comm: str = "crasher") -> list[str]:
         """The command the kernel runs for this crash: core_pattern split on spaces, then expanded."""
         from handler.foreign import CrashSpecifiers, expand
+
         assert self.core_pattern.startswith("|")
         spec = CrashSpecifiers(pid=pid, tid=pid, signal=signal, time=time, comm=comm, rlimit=None)
         return [expand(a, spec) for a in self.core_pattern[1:].split()]
 
     def crash(self, core: Path, *, pid: int, signal: int, **kw: object) -> subprocess.CompletedProcess:
         with open(core, "rb") as f:
-            return subprocess.run(self.shim_argv(pid=pid, signal=signal, **kw), stdin=f, capture_output=True,
-                                  timeout=120, env={"PATH": os.environ["PATH"]})
+            return subprocess.run(
+                self.shim_argv(pid=pid, signal=signal, **kw),
+                stdin=f,
+                capture_output=True,
+                timeout=120,
+                env={"PATH": os.environ["PATH"]},
+            )
 
 
 def make_sysctl_tree(base: Path, *, core_pattern: str = "core") -> Path:

@@ -1,4 +1,5 @@
 """CloudEvents from the agent: real cores, a real receiver on the CloudEvents SDK, the outbox across restarts."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,7 +27,7 @@ class Receiver:
     """An HTTP CloudEvents receiver: parses every request with the SDK, answers from a script of statuses."""
 
     statuses: list[int] = field(default_factory=list)  # answered first, in order; then 202
-    events: list[dict] = field(default_factory=list)    # {"id", "attributes", "data", "mode", "status"}
+    events: list[dict] = field(default_factory=list)  # {"id", "attributes", "data", "mode", "status"}
     url: str = ""
     runner: web.AppRunner | None = None
     port: int = 0
@@ -37,8 +38,16 @@ class Receiver:
         attrs = event.get_attributes()
         status = self.statuses.pop(0) if self.statuses else 202
         mode = "binary" if "ce-id" in {k.lower() for k in request.headers} else "structured"
-        self.events.append({"id": attrs["id"], "attributes": attrs, "data": event.get_data(), "mode": mode,
-                            "status": status, "authorization": request.headers.get("Authorization")})
+        self.events.append(
+            {
+                "id": attrs["id"],
+                "attributes": attrs,
+                "data": event.get_data(),
+                "mode": mode,
+                "status": status,
+                "authorization": request.headers.get("Authorization"),
+            }
+        )
         return web.Response(status=status)
 
     async def start(self, port: int = 0) -> None:
@@ -93,6 +102,7 @@ def write_sinks(path: Path, *sinks: dict) -> Path:
 def make_agent(env: AgentEnv, sinks_file: Path, namespaces: Namespaces, **cfg: object) -> Agent:
     """A second Agent object over the same host dir and storage (as after a restart)."""
     import dataclasses
+
     base = env.agent.cfg
     new = dataclasses.replace(base, event_sinks_file=sinks_file, handler=dataclasses.replace(base.handler), **cfg)
     agent = Agent(new, namespaces=namespaces)
@@ -126,8 +136,10 @@ class Running:
     async def __aenter__(self) -> Running:
         assert self.agent.notifier is not None
         self.agent._stop = self.stop
-        self.tasks = [asyncio.create_task(self.agent.notifier.run(self.stop)),
-                      asyncio.create_task(self.agent._every(0.05, self.agent.process_outcomes, "outcomes"))]
+        self.tasks = [
+            asyncio.create_task(self.agent.notifier.run(self.stop)),
+            asyncio.create_task(self.agent._every(0.05, self.agent.process_outcomes, "outcomes")),
+        ]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -141,9 +153,9 @@ def outbox_of(agent: Agent) -> Outbox:
 
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])
-async def test_every_captured_core_arrives_once_with_its_metadata(agent_env: AgentEnv, segv_core: RealCore,
-                                                                 abort_core: RealCore, receiver: Receiver,
-                                                                 tmp_path: Path, mode: str) -> None:
+async def test_every_captured_core_arrives_once_with_its_metadata(
+    agent_env: AgentEnv, segv_core: RealCore, abort_core: RealCore, receiver: Receiver, tmp_path: Path, mode: str
+) -> None:
     sinks = write_sinks(tmp_path / "sinks.yaml", {"name": "rx", "url": receiver.url, "mode": mode})
     agent = make_agent(agent_env, sinks, Namespaces())
     async with Running(agent):
@@ -161,13 +173,16 @@ async def test_every_captured_core_arrives_once_with_its_metadata(agent_env: Age
         assert a["specversion"] == "1.0" and a["type"] == EVENT_TYPE
         assert a["source"] == "/coredump.example.io/nodes/node-1"
         assert a["subject"] == f"team-a/web-0/app/{core.ref.core_id}"
-        assert a["id"] == event_id(namespace="team-a", pod="web-0", pod_uid=POD_UID, container="app",
-                                   core_id=core.ref.core_id)
+        assert a["id"] == event_id(
+            namespace="team-a", pod="web-0", pod_uid=POD_UID, container="app", core_id=core.ref.core_id
+        )
         assert a["time"].isoformat().replace("+00:00", "Z") == core.metadata["timestamp"]
         assert d["sha256"] == core.metadata["sha256"] and d["size"] == core.metadata["size"]
         assert d["signal"] == core.metadata["signal"] and d["exe"] == core.metadata["exe"]
-        assert d["dumpPath"] == (f"/apis/coredump.example.io/v1alpha1/namespaces/team-a/coredumpendpoints/web-0/"
-                                 f"dump?container=app&core={core.ref.core_id}")
+        assert d["dumpPath"] == (
+            f"/apis/coredump.example.io/v1alpha1/namespaces/team-a/coredumpendpoints/web-0/"
+            f"dump?container=app&core={core.ref.core_id}"
+        )
         # metadata only: nothing of the core's bytes, nor the process environment
         assert len(json.dumps(d)) < 4096 and "environ" not in d
     assert {e["data"]["signal"] for e in receiver.events} == {segv_core.signal, abort_core.signal}
@@ -175,7 +190,8 @@ async def test_every_captured_core_arrives_once_with_its_metadata(agent_env: Age
 
 
 async def test_a_sink_down_across_an_agent_restart_gets_every_event_when_it_comes_back(
-        agent_env: AgentEnv, segv_core: RealCore, abort_core: RealCore, tmp_path: Path) -> None:
+    agent_env: AgentEnv, segv_core: RealCore, abort_core: RealCore, tmp_path: Path
+) -> None:
     down = Receiver()
     await down.start()
     port = down.port
@@ -186,8 +202,7 @@ async def test_a_sink_down_across_an_agent_restart_gets_every_event_when_it_come
         await crash_in_pod(agent_env, segv_core, namespace="team-a", pod="web-0", time_=1795000000)
         await crash_in_pod(agent_env, abort_core, namespace="team-a", pod="web-0", time_=1795000100)
         await wait_for(lambda: outbox_of(first).size("rx")[0] == 2, what="two queued events")
-        await wait_for(lambda: first.metrics.get("coredump_cloudevents_retries_total", sink="rx") >= 2,
-                       what="retries")
+        await wait_for(lambda: first.metrics.get("coredump_cloudevents_retries_total", sink="rx") >= 2, what="retries")
     # The agent is gone (a rollout); the events are on the node's disk, nowhere else.
     assert outbox_of(first).size("rx")[0] == 2
     back = Receiver()
@@ -203,8 +218,9 @@ async def test_a_sink_down_across_an_agent_restart_gets_every_event_when_it_come
         await back.stop()
 
 
-async def test_a_receiver_answering_500_gets_the_same_event_again(agent_env: AgentEnv, segv_core: RealCore,
-                                                                  receiver: Receiver, tmp_path: Path) -> None:
+async def test_a_receiver_answering_500_gets_the_same_event_again(
+    agent_env: AgentEnv, segv_core: RealCore, receiver: Receiver, tmp_path: Path
+) -> None:
     receiver.statuses = [500, 503]
     sinks = write_sinks(tmp_path / "sinks.yaml", {"name": "rx", "url": receiver.url})
     agent = make_agent(agent_env, sinks, Namespaces())
@@ -217,22 +233,26 @@ async def test_a_receiver_answering_500_gets_the_same_event_again(agent_env: Age
     assert agent.metrics.get("coredump_cloudevents_retries_total", sink="rx") == 2
 
 
-async def test_a_refused_event_is_dropped_and_counted_not_retried_forever(agent_env: AgentEnv, segv_core: RealCore,
-                                                                         receiver: Receiver, tmp_path: Path) -> None:
+async def test_a_refused_event_is_dropped_and_counted_not_retried_forever(
+    agent_env: AgentEnv, segv_core: RealCore, receiver: Receiver, tmp_path: Path
+) -> None:
     receiver.statuses = [400]
     sinks = write_sinks(tmp_path / "sinks.yaml", {"name": "rx", "url": receiver.url})
     agent = make_agent(agent_env, sinks, Namespaces())
     async with Running(agent):
         await crash_in_pod(agent_env, segv_core, namespace="team-a", pod="web-0", time_=1795000000)
-        await wait_for(lambda: agent.metrics.get("coredump_cloudevents_dropped_total", sink="rx",
-                                                 reason="rejected") == 1, what="the rejection")
+        await wait_for(
+            lambda: agent.metrics.get("coredump_cloudevents_dropped_total", sink="rx", reason="rejected") == 1,
+            what="the rejection",
+        )
         await asyncio.sleep(0.3)
     assert [e["status"] for e in receiver.events] == [400]
     assert outbox_of(agent).size("rx")[0] == 0
 
 
 async def test_filters_by_namespace_list_selector_and_signal_and_the_namespace_opt_out(
-        agent_env: AgentEnv, segv_core: RealCore, abort_core: RealCore, tmp_path: Path) -> None:
+    agent_env: AgentEnv, segv_core: RealCore, abort_core: RealCore, tmp_path: Path
+) -> None:
     rx = {name: Receiver() for name in ("listed", "selected", "segv", "all")}
     for r in rx.values():
         await r.start()
@@ -240,32 +260,47 @@ async def test_filters_by_namespace_list_selector_and_signal_and_the_namespace_o
         sinks = write_sinks(
             tmp_path / "sinks.yaml",
             {"name": "listed", "url": rx["listed"].url, "namespaces": ["team-a"]},
-            {"name": "selected", "url": rx["selected"].url,
-             "namespaceSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["prod"]}]}},
+            {
+                "name": "selected",
+                "url": rx["selected"].url,
+                "namespaceSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["prod"]}]},
+            },
             {"name": "segv", "url": rx["segv"].url, "signals": ["SIGSEGV"]},
-            {"name": "all", "url": rx["all"].url})
-        namespaces = Namespaces({"team-a": ({"tier": "dev"}, {}), "team-b": ({"tier": "prod"}, {}),
-                                 "quiet": ({"tier": "prod"}, {"coredump.example.io/events": "false"})})
+            {"name": "all", "url": rx["all"].url},
+        )
+        namespaces = Namespaces(
+            {
+                "team-a": ({"tier": "dev"}, {}),
+                "team-b": ({"tier": "prod"}, {}),
+                "quiet": ({"tier": "prod"}, {"coredump.example.io/events": "false"}),
+            }
+        )
         agent = make_agent(agent_env, sinks, namespaces)
         async with Running(agent):
             await crash_in_pod(agent_env, segv_core, namespace="team-a", pod="a-0", time_=1795000000)
             await crash_in_pod(agent_env, abort_core, namespace="team-b", pod="b-0", time_=1795000100)
             await crash_in_pod(agent_env, segv_core, namespace="quiet", pod="q-0", time_=1795000200)
-            await wait_for(lambda: agent.metrics.get("coredump_cloudevents_filtered_total", sink="all") == 1
-                           and all(outbox_of(agent).size(n)[0] == 0 for n in rx)
-                           and len(rx["all"].accepted()) == 2, what="every queue empty, the opt-out seen")
+            await wait_for(
+                lambda: (
+                    agent.metrics.get("coredump_cloudevents_filtered_total", sink="all") == 1
+                    and all(outbox_of(agent).size(n)[0] == 0 for n in rx)
+                    and len(rx["all"].accepted()) == 2
+                ),
+                what="every queue empty, the opt-out seen",
+            )
         got = {n: sorted((e["data"]["namespace"], e["data"]["signal"]) for e in r.events) for n, r in rx.items()}
         assert got["listed"] == [("team-a", segv_core.signal)]
         assert got["selected"] == [("team-b", abort_core.signal)]
-        assert got["segv"] == [("team-a", segv_core.signal)]          # quiet opted out, team-b aborted
+        assert got["segv"] == [("team-a", segv_core.signal)]  # quiet opted out, team-b aborted
         assert got["all"] == [("team-a", segv_core.signal), ("team-b", abort_core.signal)]
     finally:
         for r in rx.values():
             await r.stop()
 
 
-async def test_an_unknown_namespace_holds_its_events_until_it_can_be_read(agent_env: AgentEnv, segv_core: RealCore,
-                                                                          receiver: Receiver, tmp_path: Path) -> None:
+async def test_an_unknown_namespace_holds_its_events_until_it_can_be_read(
+    agent_env: AgentEnv, segv_core: RealCore, receiver: Receiver, tmp_path: Path
+) -> None:
     """The opt-out must hold while the API is away: nothing is sent for a namespace that cannot be read."""
     sinks = write_sinks(tmp_path / "sinks.yaml", {"name": "rx", "url": receiver.url})
     namespaces = Namespaces({"team-a": ({}, {"coredump.example.io/events": "false"})})
@@ -273,8 +308,9 @@ async def test_an_unknown_namespace_holds_its_events_until_it_can_be_read(agent_
     agent = make_agent(agent_env, sinks, namespaces)
     async with Running(agent):
         await crash_in_pod(agent_env, segv_core, namespace="team-a", pod="web-0", time_=1795000000)
-        await wait_for(lambda: agent.metrics.get("coredump_cloudevents_retries_total", sink="rx") >= 3,
-                       what="the lookup retried")
+        await wait_for(
+            lambda: agent.metrics.get("coredump_cloudevents_retries_total", sink="rx") >= 3, what="the lookup retried"
+        )
         assert receiver.events == [] and outbox_of(agent).size("rx")[0] == 1
         namespaces.down = False
         await wait_for(lambda: outbox_of(agent).size("rx")[0] == 0, what="the opted-out event leaving the queue")
@@ -297,25 +333,29 @@ def test_a_full_outbox_drops_the_oldest_and_counts(tmp_path: Path) -> None:
     assert size <= 300 and events < 5 and by_bytes.entries("rx")[-1].event_id == ids[-1]
 
 
-async def test_a_full_outbox_is_counted_in_the_agents_metrics(agent_env: AgentEnv, segv_core: RealCore,
-                                                              abort_core: RealCore, tmp_path: Path) -> None:
+async def test_a_full_outbox_is_counted_in_the_agents_metrics(
+    agent_env: AgentEnv, segv_core: RealCore, abort_core: RealCore, tmp_path: Path
+) -> None:
     sinks = write_sinks(tmp_path / "sinks.yaml", {"name": "rx", "url": "http://127.0.0.1:9/"})
     agent = make_agent(agent_env, sinks, Namespaces(), outbox_max_events=1)
     async with Running(agent):
         await crash_in_pod(agent_env, segv_core, namespace="team-a", pod="web-0", time_=1795000000)
         await crash_in_pod(agent_env, abort_core, namespace="team-a", pod="web-0", time_=1795000100)
-        await wait_for(lambda: agent.metrics.get("coredump_cloudevents_dropped_total", sink="rx",
-                                                 reason="outbox-full") == 1, what="the drop")
+        await wait_for(
+            lambda: agent.metrics.get("coredump_cloudevents_dropped_total", sink="rx", reason="outbox-full") == 1,
+            what="the drop",
+        )
     (entry,) = outbox_of(agent).entries("rx")
     newest = max(layout.list_cores(agent_env.node.storage, namespace="team-a"), key=lambda c: c.ref.core_id)
-    assert entry.event_id == event_id(namespace="team-a", pod="web-0", pod_uid=POD_UID, container="app",
-                                      core_id=newest.ref.core_id)
+    assert entry.event_id == event_id(
+        namespace="team-a", pod="web-0", pod_uid=POD_UID, container="app", core_id=newest.ref.core_id
+    )
     assert b'coredump_cloudevents_dropped_total{reason="outbox-full",sink="rx"} 1.0' in agent.metrics.render()
 
 
-async def test_the_bearer_token_file_is_sent_and_reread(agent_env: AgentEnv, segv_core: RealCore,
-                                                        abort_core: RealCore, receiver: Receiver,
-                                                        tmp_path: Path) -> None:
+async def test_the_bearer_token_file_is_sent_and_reread(
+    agent_env: AgentEnv, segv_core: RealCore, abort_core: RealCore, receiver: Receiver, tmp_path: Path
+) -> None:
     token = tmp_path / "token"
     token.write_text("first\n")
     sinks = write_sinks(tmp_path / "sinks.yaml", {"name": "rx", "url": receiver.url, "tokenFile": str(token)})
@@ -329,28 +369,34 @@ async def test_the_bearer_token_file_is_sent_and_reread(agent_env: AgentEnv, seg
     assert [e["authorization"] for e in receiver.events] == ["Bearer first", "Bearer rotated"]
 
 
-@pytest.mark.parametrize("text, message", [
-    ("sinks: [{name: a, url: ftp://x/}]", "url must be an http"),
-    ("sinks: [{name: a, url: 'http://x/', mode: fast}]", "mode must be binary or structured"),
-    ("sinks: [{name: a, url: 'http://x/', namespace: [b]}]", "unknown key 'namespace'"),
-    ("sinks: [{name: a, url: 'http://x/'}, {name: a, url: 'http://y/'}]", "named twice"),
-    ("sinks: [{name: A_b, url: 'http://x/'}]", "name must be a DNS label"),
-    ("sinks: [{name: a, url: 'http://x/', signals: [SIGNOPE]}]", "not a signal"),
-    ("sinks: [{name: a, url: 'http://x/', timeout: 10}]", "timeout"),
-    ("sinks: [{name: a, url: 'http://x/', caFile: ca.crt}]", "absolute path"),
-    ("sinks: [{name: a, url: 'http://x/', namespaceSelector: {matchExpressions: [{key: t, operator: In}]}}]",
-     "need values"),
-    ("sinks: {a: 1}", "sinks must be a list"),
-    ("[1, 2", "not YAML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("sinks: [{name: a, url: ftp://x/}]", "url must be an http"),
+        ("sinks: [{name: a, url: 'http://x/', mode: fast}]", "mode must be binary or structured"),
+        ("sinks: [{name: a, url: 'http://x/', namespace: [b]}]", "unknown key 'namespace'"),
+        ("sinks: [{name: a, url: 'http://x/'}, {name: a, url: 'http://y/'}]", "named twice"),
+        ("sinks: [{name: A_b, url: 'http://x/'}]", "name must be a DNS label"),
+        ("sinks: [{name: a, url: 'http://x/', signals: [SIGNOPE]}]", "not a signal"),
+        ("sinks: [{name: a, url: 'http://x/', timeout: 10}]", "timeout"),
+        ("sinks: [{name: a, url: 'http://x/', caFile: ca.crt}]", "absolute path"),
+        (
+            "sinks: [{name: a, url: 'http://x/', namespaceSelector: {matchExpressions: [{key: t, operator: In}]}}]",
+            "need values",
+        ),
+        ("sinks: {a: 1}", "sinks must be a list"),
+        ("[1, 2", "not YAML"),
+    ],
+)
 def test_a_bad_sinks_file_is_one_line_naming_what_is_wrong(text: str, message: str) -> None:
     with pytest.raises(SinkConfigError) as e:
         parse_sinks(text)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-async def test_a_broken_sinks_file_keeps_the_last_good_sinks(agent_env: AgentEnv, segv_core: RealCore,
-                                                             receiver: Receiver, tmp_path: Path) -> None:
+async def test_a_broken_sinks_file_keeps_the_last_good_sinks(
+    agent_env: AgentEnv, segv_core: RealCore, receiver: Receiver, tmp_path: Path
+) -> None:
     sinks = write_sinks(tmp_path / "sinks.yaml", {"name": "rx", "url": receiver.url})
     agent = make_agent(agent_env, sinks, Namespaces())
     async with Running(agent):
@@ -384,17 +430,27 @@ def test_the_readmes_receiver_prints_what_it_promises(tmp_path: Path, mode: str)
     script.write_text(code)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        stored = {"attributes": {"id": "0" * 32, "source": "/coredump.example.io/nodes/n1", "type": EVENT_TYPE,
-                                 "subject": "team-a/web-0/app/20261201T000000Z-app-7-11",
-                                 "time": "2026-12-01T00:00:00Z", "datacontenttype": "application/json",
-                                 "namespace": "team-a", "pod": "web-0"},
-                  "data": {"signature": "5e1f", "dumpPath": "/apis/x/dump?core=1"}}
+        stored = {
+            "attributes": {
+                "id": "0" * 32,
+                "source": "/coredump.example.io/nodes/n1",
+                "type": EVENT_TYPE,
+                "subject": "team-a/web-0/app/20261201T000000Z-app-7-11",
+                "time": "2026-12-01T00:00:00Z",
+                "datacontenttype": "application/json",
+                "namespace": "team-a",
+                "pod": "web-0",
+            },
+            "data": {"signature": "5e1f", "dumpPath": "/apis/x/dump?core=1"},
+        }
         headers, body = encode(stored, mode=mode)
+
         def delivered() -> bool:
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else "the receiver exited"
             req = urllib.request.Request(f"http://127.0.0.1:{port}/", data=body, headers=headers, method="POST")
             with urllib.request.urlopen(req, timeout=5) as resp:
                 return resp.status == 204
+
         wait_until(delivered, what="the example receiver to take the event", ignore=(OSError,), interval=0.1)
         line = proc.stdout.readline().split()
         while line and (line[0].startswith("=") or line[0].startswith("(Press")):  # aiohttp's start-up banner

@@ -1,4 +1,8 @@
-"""A large real core through the real handler: stored whole, in flat memory (the 8 GiB run is in bench/ingest_bench.py)."""
+"""
+A large real core through the real handler: stored whole, in flat memory (the 8 GiB run is in
+bench/ingest_bench.py).
+"""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,13 +27,17 @@ def _bench():
 
 def test_a_1_gib_real_core_is_stored_whole_in_under_64_mib(node: NodeTree) -> None:
     bench = _bench()
-    core = bench.real_core(1)         # cached under ~/.cache/coredump-bench
+    core = bench.real_core(1)  # cached under ~/.cache/coredump-bench
     node.add_process(4242, cgroup=cgroup_text("containerd-systemd:v2"))
     node.add_log_link(namespace="team-a", pod="web-0", container="app")
     with open(core, "rb") as f:
-        proc = subprocess.Popen(node.handler_args("capture", "4242", "4242", "11", "1795000000", "-1", "bigcrash"),
-                                stdin=f, stderr=subprocess.DEVNULL, cwd=REPO)
-        peak = bench.PeakRss(proc.pid)     # the process's own VmHWM, polled while it runs
+        proc = subprocess.Popen(
+            node.handler_args("capture", "4242", "4242", "11", "1795000000", "-1", "bigcrash"),
+            stdin=f,
+            stderr=subprocess.DEVNULL,
+            cwd=REPO,
+        )
+        peak = bench.PeakRss(proc.pid)  # the process's own VmHWM, polled while it runs
         assert proc.wait() == 0
         hwm = peak.stop()
     (stored,) = layout.list_cores(node.storage, namespace="team-a")

@@ -1,4 +1,5 @@
 """Partial cores: a stream that stalls, is cut off, or whose handler is told to stop keeps what arrived, labelled."""
+
 from __future__ import annotations
 
 import gzip
@@ -22,8 +23,12 @@ def notes_end(core: RealCore) -> int:
 
 
 def start_capture(node: NodeTree, core: RealCore, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(node.handler_args(*extra, "capture", str(core.pid), str(core.pid), "11", "1795000000",
-                                              "-1", "crasher"), stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    return subprocess.Popen(
+        node.handler_args(*extra, "capture", str(core.pid), str(core.pid), "11", "1795000000", "-1", "crasher"),
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
 
 
 def test_a_stalled_stream_keeps_its_partial_core_marked_stalled(node: NodeTree, segv_core: RealCore) -> None:
@@ -45,12 +50,13 @@ def test_a_stalled_stream_keeps_its_partial_core_marked_stalled(node: NodeTree, 
     assert m["truncated"] is True and m["truncationReason"] == "stalled"
     assert m["size"] == m["observedSize"] == len(sent)
     assert gzip.decompress(core.core_path.read_bytes()) == sent
-    (_, rec), = read_outcomes(node.state / "outcomes")
+    ((_, rec),) = read_outcomes(node.state / "outcomes")
     assert rec["result"] == "stored" and rec["truncated"] is True and rec["truncationReason"] == "stalled"
 
 
-def test_a_stream_cut_short_by_the_kernel_is_kept_marked_killed_and_gdb_reads_it(node: NodeTree,
-                                                                                 segv_core: RealCore) -> None:
+def test_a_stream_cut_short_by_the_kernel_is_kept_marked_killed_and_gdb_reads_it(
+    node: NodeTree, segv_core: RealCore
+) -> None:
     """The dumping process killed mid-dump: the kernel closes the pipe early. The headers say it is short."""
     setup_pod(node, segv_core)
     data = segv_core.path.read_bytes()
@@ -95,5 +101,5 @@ def test_a_stream_cut_before_its_notes_keeps_nothing_and_says_why(node: NodeTree
     r = node.run_capture(cut, pid=segv_core.pid, signal=11)
     assert r.returncode == 3
     assert visible_files(node.storage) == []
-    (_, rec), = read_outcomes(node.state / "outcomes")
+    ((_, rec),) = read_outcomes(node.state / "outcomes")
     assert rec["result"] == "error" and rec["reason"] == "killed" and "notes" in rec["detail"]

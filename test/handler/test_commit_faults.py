@@ -3,6 +3,7 @@ The commit protocol, both halves (issue 10): the handler killed at every step of
 leaves either a committed pair or a write that readers skip and that the sweep completes (the metadata is on disk
 before any step of the commit); never a public core that a reader takes as whole, and never a lost core.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -20,15 +21,15 @@ STEPS = ["commit:data-synced", "commit:meta-written", "commit:data-named", "comm
 
 
 @pytest.mark.parametrize("step", STEPS)
-def test_a_kill_at_every_commit_step_loses_nothing_and_shows_nothing_half(node: NodeTree, segv_core: RealCore,
-                                                                          step: str) -> None:
+def test_a_kill_at_every_commit_step_loses_nothing_and_shows_nothing_half(
+    node: NodeTree, segv_core: RealCore, step: str
+) -> None:
     node.add_process(segv_core.pid, cgroup=cgroup_text("containerd-systemd:v2"), exe=segv_core.exe)
     node.add_log_link(namespace="team-a", pod="web-0", container="app")
     env = {**os.environ, "COREDUMP_FAULT": step}
     r = node.run_capture(segv_core.path, pid=segv_core.pid, signal=segv_core.signal, env=env)
     assert r.returncode == -signal.SIGKILL, (step, r.returncode, r.stderr.decode()[-500:])
-    directory = layout.container_dir(node.storage, namespace="team-a", pod="web-0", pod_uid=POD_UID,
-                                     container="app")
+    directory = layout.container_dir(node.storage, namespace="team-a", pod="web-0", pod_uid=POD_UID, container="app")
     visible = layout.list_cores(node.storage, namespace="team-a")
     names = sorted(os.listdir(directory)) if directory.is_dir() else []
     public_meta = [n for n in names if not n.startswith(".") and n.endswith(layout.META_SUFFIX)]

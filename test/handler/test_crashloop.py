@@ -1,4 +1,5 @@
 """Crash loops are cheap: the rate limit is decided before compression; cores over it are read, discarded, counted."""
+
 from __future__ import annotations
 
 from handler_harness import NodeTree, RealCore

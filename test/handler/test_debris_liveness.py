@@ -6,6 +6,7 @@ pid, start time) and the live writer keeps its mtime fresh, so neither its own n
 nor one elsewhere (which sees the mark) takes it. A dead writer's temp goes at once on its own node and after the
 grace elsewhere; a dead writer that had reached its commit leaves a core the sweep completes, checked first.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -44,13 +45,19 @@ def _temps(directory: Path) -> list[Path]:
     return sorted(directory.glob(".*.tmp")) if directory.is_dir() else []
 
 
-def _start_stalled(node: NodeTree, core: RealCore, *, heartbeat: float,
-                   send: int | None = None) -> tuple[subprocess.Popen, bytes]:
+def _start_stalled(
+    node: NodeTree, core: RealCore, *, heartbeat: float, send: int | None = None
+) -> tuple[subprocess.Popen, bytes]:
     # The agent's handler.json carries the heartbeat; here the handler's --config file does.
     (node.base / "no-config.json").write_text(json.dumps({"heartbeat_interval": heartbeat}))
-    proc = subprocess.Popen(node.handler_args("--stall-timeout", "10m", "capture", str(core.pid), str(core.pid),
-                                              "11", "1795000000", "-1", "crasher"),
-                            stdin=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+    proc = subprocess.Popen(
+        node.handler_args(
+            "--stall-timeout", "10m", "capture", str(core.pid), str(core.pid), "11", "1795000000", "-1", "crasher"
+        ),
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
     data = core.path.read_bytes()
     assert proc.stdin is not None
     proc.stdin.write(data[: len(data) // 2 if send is None else send])
@@ -77,7 +84,7 @@ def test_a_stalled_writer_keeps_its_temp_file_through_every_sweep(node: NodeTree
         assert tmp.exists()
         # The stream resumes: the core is committed whole, nothing of it was swept.
         assert proc.stdin is not None
-        proc.stdin.write(data[len(data) // 2:])
+        proc.stdin.write(data[len(data) // 2 :])
         proc.stdin.close()
         assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-800:] if proc.stderr else ""
     finally:
@@ -99,6 +106,7 @@ def _kill(proc: subprocess.Popen) -> None:
 def test_a_dead_writers_partial_core_is_kept_after_the_grace_elsewhere(node: NodeTree, segv_core: RealCore) -> None:
     """SIGKILLed mid-stream (the OOM killer, say) after the notes arrived: kept as a core truncated ``killed``."""
     from handler import elfinfo
+
     directory = _pod(node, segv_core)
     proc, data = _start_stalled(node, segv_core, heartbeat=0.2)
     try:
@@ -135,7 +143,7 @@ def test_its_own_node_sweeps_a_dead_writer_without_waiting(node: NodeTree, segv_
     finally:
         _kill(proc)
     assert layout.sweep_debris(directory, node=OTHER, proc_root=PROC) == 0  # fresh mark, unknown pid: kept
-    assert layout.sweep_debris(directory, node=THIS, proc_root=PROC) == 1   # its pid is gone: debris now
+    assert layout.sweep_debris(directory, node=THIS, proc_root=PROC) == 1  # its pid is gone: debris now
     assert _temps(directory) == []
     assert layout.list_cores(node.storage, namespace="team-a") == []
 
@@ -149,8 +157,9 @@ def _killed_in_commit(node: NodeTree, core: RealCore, step: str = "commit:meta-w
 
 
 @pytest.mark.parametrize("damage", ["cut", "flipped"])
-def test_a_write_whose_data_does_not_match_its_metadata_is_not_published(node: NodeTree, segv_core: RealCore,
-                                                                          damage: str) -> None:
+def test_a_write_whose_data_does_not_match_its_metadata_is_not_published(
+    node: NodeTree, segv_core: RealCore, damage: str
+) -> None:
     """As after a power loss between the metadata's fsync and the data's: the sweep checks before it commits."""
     directory = _killed_in_commit(node, segv_core)
     (data_tmp,) = [p for p in _temps(directory) if p.name.endswith(layout.CORE_SUFFIX + ".tmp")]
@@ -192,10 +201,16 @@ def test_hostile_temp_names_are_judged_by_their_mark_alone(tmp_path: Path) -> No
     d = tmp_path / "ns/p" / POD_UID / "c"
     d.mkdir(parents=True)
     me = inflight.this_writer(THIS)
-    names = [inflight.temp_name("20261123T101500Z-x-1-11", inflight.Writer(node=THIS, pid=me.pid, start=me.start + 1),
-                                "ab" * 6, layout.CORE_SUFFIX),
-             ".20261123T101500Z-x-1-11@..@1-1@abababababab.core.gz.tmp",
-             ".x@y@z.json.tmp"]
+    names = [
+        inflight.temp_name(
+            "20261123T101500Z-x-1-11",
+            inflight.Writer(node=THIS, pid=me.pid, start=me.start + 1),
+            "ab" * 6,
+            layout.CORE_SUFFIX,
+        ),
+        ".20261123T101500Z-x-1-11@..@1-1@abababababab.core.gz.tmp",
+        ".x@y@z.json.tmp",
+    ]
     old = time.time() - 2 * GRACE
     for n in names:
         (d / n).write_bytes(b"x")
@@ -208,6 +223,7 @@ def test_hostile_temp_names_are_judged_by_their_mark_alone(tmp_path: Path) -> No
 def test_retention_completes_an_interrupted_core_alone_in_its_directory(node: NodeTree, segv_core: RealCore) -> None:
     """The first core of a container, killed in its commit: no committed core shows the sweep its directory."""
     from handler.agent import retention
+
     directory = _killed_in_commit(node, segv_core, "commit:data-named")
     assert list(layout.iter_container_dirs(node.storage)) == [directory]
     retention.apply(node.storage, now=time.time() + 2 * GRACE)

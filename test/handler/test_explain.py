@@ -1,4 +1,5 @@
 """Crashes that explain themselves: objects kept by build-id, a backtrace and a signature, on real programs."""
+
 from __future__ import annotations
 
 import os
@@ -83,9 +84,11 @@ class Held:
 
 def hold(image: Image, base: Path, *args: str) -> Held:
     proc = subprocess.Popen(["chroot", str(image.root), image.exe, *args], start_new_session=True)
+
     def stopped() -> bool:
         assert proc.poll() is None, "the program exited before its crash"
         return Path(f"/proc/{proc.pid}/stat").read_text().split(")")[-1].split()[0] == "T"
+
     wait_until(stopped, what="the program to stop at its crash", interval=0.02)
     prefix = base / f"core-{proc.pid}"
     subprocess.run(["gcore", "-o", str(prefix), str(proc.pid)], check=True, capture_output=True, timeout=120)
@@ -158,7 +161,8 @@ def test_a_held_crash_gets_a_backtrace_and_its_objects_are_kept(image: Image, st
 
 
 def test_signature_same_path_same_signature_other_path_differs_second_crash_copies_nothing(
-        store: Path, tmp_path: Path) -> None:
+    store: Path, tmp_path: Path
+) -> None:
     image = make_image(tmp_path / "img", flags=["-g"], strip=False)
     results = []
     for n, args in enumerate([(), (), ("there",)]):
@@ -191,19 +195,20 @@ def test_after_the_program_and_its_root_are_gone_the_store_still_symbolizes(stor
     assert {o["state"] for o in later["objects"]} == {"stored-earlier"}
 
 
-def test_budgets_and_missing_objects_are_recorded_and_the_explanation_still_comes(store: Path,
-                                                                                 tmp_path: Path) -> None:
+def test_budgets_and_missing_objects_are_recorded_and_the_explanation_still_comes(store: Path, tmp_path: Path) -> None:
     image = make_image(tmp_path / "img", flags=["-g"], strip=False)
     held = hold(image, tmp_path)
     try:
         sparse = sparse_of(held.core, tmp_path / "sparse")
-        tight = explain.explain(sparse=sparse.path, proc_pid=held.proc, storage_root=store,
-                                budget=explain.Budget(object_bytes=1))
+        tight = explain.explain(
+            sparse=sparse.path, proc_pid=held.proc, storage_root=store, budget=explain.Budget(object_bytes=1)
+        )
         assert {(o["state"], o.get("reason")) for o in tight["objects"]} == {("skipped", "byte budget")}
         # still unwound (the core is explained as far as the process's own root allows), and kept
         assert tight["backtrace"]["threads"][0]["frames"]
-        slow = explain.explain(sparse=sparse.path, proc_pid=held.proc, storage_root=store,
-                               budget=explain.Budget(object_seconds=0))
+        slow = explain.explain(
+            sparse=sparse.path, proc_pid=held.proc, storage_root=store, budget=explain.Budget(object_seconds=0)
+        )
         assert {o.get("reason") for o in slow["objects"]} == {"time budget"}
     finally:
         release(held)
@@ -211,8 +216,9 @@ def test_budgets_and_missing_objects_are_recorded_and_the_explanation_still_come
     fake = tmp_path / "fakeproc"
     (fake / "root").mkdir(parents=True)
     gone = explain.explain(sparse=sparse.path, proc_pid=fake, storage_root=store)
-    assert gone["objects"] and all(o["state"] == "skipped" and o["reason"].startswith("unreadable")
-                                   for o in gone["objects"])
+    assert gone["objects"] and all(
+        o["state"] == "skipped" and o["reason"].startswith("unreadable") for o in gone["objects"]
+    )
     assert not list(store.rglob(objects.OBJECT_NAME)) and not list(store.rglob("*/*/*"))
 
 
@@ -222,8 +228,10 @@ def test_a_planted_file_with_another_build_id_is_refused(store: Path, tmp_path: 
     held = hold(image, tmp_path)
     try:
         sparse = sparse_of(held.core, tmp_path / "sparse")
-        mapped = objects.mapped_objects(sparse.path.read_bytes()[: sparsecore.MAX_HEAD],
-                                        lambda o, n: os.pread(os.open(sparse.path, os.O_RDONLY), n, o))
+        mapped = objects.mapped_objects(
+            sparse.path.read_bytes()[: sparsecore.MAX_HEAD],
+            lambda o, n: os.pread(os.open(sparse.path, os.O_RDONLY), n, o),
+        )
     finally:
         release(held)
     prog = next(m for m in mapped if m.path.endswith("/app/prog"))

@@ -1,4 +1,5 @@
 """The kernel path on real cores: every runtime and cgroup shape, byte-identical storage, gdb-readable cores."""
+
 from __future__ import annotations
 
 import gzip
@@ -12,8 +13,12 @@ from handler_harness import CONTAINER_ID, POD_UID, NodeTree, RealCore, cgroup_te
 
 from handler import elfinfo, layout
 
-SHAPES = [f"{rt}-{drv}:{v}" for rt in ("containerd", "crio", "docker") for drv in ("systemd", "cgroupfs")
-          for v in ("v1", "v2")]
+SHAPES = [
+    f"{rt}-{drv}:{v}"
+    for rt in ("containerd", "crio", "docker")
+    for drv in ("systemd", "cgroupfs")
+    for v in ("v1", "v2")
+]
 RUNTIME_SCHEME = {"containerd": "containerd", "crio": "cri-o", "docker": "docker"}
 
 
@@ -32,8 +37,9 @@ def only_core(node: NodeTree, namespace: str = "team-a") -> layout.StoredCore:
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_handler_files_a_real_core_for_every_runtime_and_cgroup_shape(node: NodeTree, segv_core: RealCore,
-                                                                      shape: str) -> None:
+def test_handler_files_a_real_core_for_every_runtime_and_cgroup_shape(
+    node: NodeTree, segv_core: RealCore, shape: str
+) -> None:
     node.add_process(segv_core.pid, cgroup=cgroup_text(shape), exe=segv_core.exe)
     node.add_log_link(namespace="team-a", pod="web-0", container="app")
     runtime = RUNTIME_SCHEME[shape.split("-")[0]]
@@ -49,8 +55,9 @@ def test_handler_files_a_real_core_for_every_runtime_and_cgroup_shape(node: Node
     assert hashlib.sha256(raw).hexdigest() == m["sha256"] == sha256_file(segv_core.path)
 
 
-def test_handler_metadata_is_complete_and_gdb_reads_the_stored_core(node: NodeTree, segv_core: RealCore,
-                                                                    tmp_path: Path) -> None:
+def test_handler_metadata_is_complete_and_gdb_reads_the_stored_core(
+    node: NodeTree, segv_core: RealCore, tmp_path: Path
+) -> None:
     node.add_process(segv_core.pid, cgroup=cgroup_text("containerd-systemd:v2"), exe=segv_core.exe)
     node.add_log_link(namespace="team-a", pod="web-0", container="app")
     r = node.run_capture(segv_core.path, pid=segv_core.pid, signal=segv_core.signal, time=1795000000)
@@ -83,19 +90,29 @@ def test_handler_sigabrt_core_from_crio_names_abort_path(node: NodeTree, abort_c
     assert abort_core.function in bt, bt
 
 
-def test_handler_names_from_crictl_when_log_links_are_missing(node: NodeTree, segv_core: RealCore,
-                                                             tmp_path: Path) -> None:
+def test_handler_names_from_crictl_when_log_links_are_missing(
+    node: NodeTree, segv_core: RealCore, tmp_path: Path
+) -> None:
     """No /var/log/containers link (e.g. a hostNetwork pod whose logs are elsewhere): the CRI names it."""
     crictl = tmp_path / "crictl"
-    info = {"status": {"labels": {"io.kubernetes.pod.namespace": "infra", "io.kubernetes.pod.name": "node-exporter-x2",
-                                  "io.kubernetes.pod.uid": POD_UID, "io.kubernetes.container.name": "exporter"},
-                       "image": {"image": "quay.io/prom/node-exporter:v1.8.0"},
-                       "imageRef": "quay.io/prom/node-exporter@sha256:" + "ab" * 32}}
-    crictl.write_text(f"#!/bin/sh\n[ \"$1 $4\" = \"inspect {CONTAINER_ID}\" ] || exit 1\ncat <<'X'\n{json.dumps(info)}\nX\n")
+    info = {
+        "status": {
+            "labels": {
+                "io.kubernetes.pod.namespace": "infra",
+                "io.kubernetes.pod.name": "node-exporter-x2",
+                "io.kubernetes.pod.uid": POD_UID,
+                "io.kubernetes.container.name": "exporter",
+            },
+            "image": {"image": "quay.io/prom/node-exporter:v1.8.0"},
+            "imageRef": "quay.io/prom/node-exporter@sha256:" + "ab" * 32,
+        }
+    }
+    crictl.write_text(
+        f'#!/bin/sh\n[ "$1 $4" = "inspect {CONTAINER_ID}" ] || exit 1\ncat <<\'X\'\n{json.dumps(info)}\nX\n'
+    )
     crictl.chmod(0o755)
     node.add_process(segv_core.pid, cgroup=cgroup_text("containerd-cgroupfs:v2"), exe=segv_core.exe)
-    r = node.run_capture(segv_core.path, pid=segv_core.pid, signal=segv_core.signal,
-                         extra=("--crictl", str(crictl)))
+    r = node.run_capture(segv_core.path, pid=segv_core.pid, signal=segv_core.signal, extra=("--crictl", str(crictl)))
     assert r.returncode == 0, r.stderr.decode()
     core = only_core(node, "infra")
     assert (core.ref.pod, core.ref.container) == ("node-exporter-x2", "exporter")
@@ -103,7 +120,9 @@ def test_handler_names_from_crictl_when_log_links_are_missing(node: NodeTree, se
     assert core.metadata["imageDigest"] == "sha256:" + "ab" * 32
 
 
-def test_handler_spools_when_pod_names_are_unknown_and_drain_files_it_later(node: NodeTree, segv_core: RealCore) -> None:
+def test_handler_spools_when_pod_names_are_unknown_and_drain_files_it_later(
+    node: NodeTree, segv_core: RealCore
+) -> None:
     node.add_process(segv_core.pid, cgroup=cgroup_text("docker-cgroupfs:v1"), exe=segv_core.exe)
     r = node.run_capture(segv_core.path, pid=segv_core.pid, signal=segv_core.signal)
     assert r.returncode == 0, r.stderr.decode()
@@ -112,6 +131,7 @@ def test_handler_spools_when_pod_names_are_unknown_and_drain_files_it_later(node
     # The kubelet's link shows up later; the drain resolves the spooled cgroup and files the core.
     node.add_log_link(namespace="team-a", pod="late-0", container="app")
     import subprocess
+
     out = subprocess.run(node.handler_args("drain"), capture_output=True, text=True)
     assert out.returncode == 0 and "drained 1" in out.stdout, out
     core = only_core(node)
@@ -122,8 +142,23 @@ def test_handler_spools_when_pod_names_are_unknown_and_drain_files_it_later(node
 
 def test_handler_import_files_an_existing_core(node: NodeTree, abort_core: RealCore, tmp_path: Path) -> None:
     import subprocess
-    r = subprocess.run(node.handler_args("import", "--namespace", "demo", "--pod", "p-1", "--pod-uid", POD_UID,
-                                         "--container", "c", str(abort_core.path)), capture_output=True, text=True)
+
+    r = subprocess.run(
+        node.handler_args(
+            "import",
+            "--namespace",
+            "demo",
+            "--pod",
+            "p-1",
+            "--pod-uid",
+            POD_UID,
+            "--container",
+            "c",
+            str(abort_core.path),
+        ),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     core = only_core(node, "demo")
     assert r.stdout.strip() == str(core.core_path)
@@ -131,7 +166,21 @@ def test_handler_import_files_an_existing_core(node: NodeTree, abort_core: RealC
     assert (m["pid"], m["signal"], m["comm"]) == (abort_core.pid, 6, "crasher")
     assert m["buildID"] == elfinfo.build_id_from_executable(abort_core.exe)
     assert m["sha256"] == sha256_file(abort_core.path)
-    bad = subprocess.run(node.handler_args("import", "--namespace", "Bad_NS", "--pod", "p", "--pod-uid", POD_UID,
-                                           "--container", "c", str(abort_core.path)), capture_output=True, text=True)
+    bad = subprocess.run(
+        node.handler_args(
+            "import",
+            "--namespace",
+            "Bad_NS",
+            "--pod",
+            "p",
+            "--pod-uid",
+            POD_UID,
+            "--container",
+            "c",
+            str(abort_core.path),
+        ),
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     assert "namespace 'Bad_NS'" in bad.stderr

@@ -1,4 +1,5 @@
 """``coredump-handler import`` takes only cores, says what it did in its exit code, writes only where told."""
+
 from __future__ import annotations
 
 import gzip
@@ -22,10 +23,12 @@ def nothing_written(node: NodeTree) -> bool:
     return not [p for d in (node.storage, node.spool, node.state) for p in d.rglob("*") if p.is_file()]
 
 
-@pytest.mark.parametrize("kind", ["empty", "text", "random", "directory", "elf-executable", "gzip-of-text",
-                                  "broken-gzip", "missing"])
-def test_anything_but_a_core_is_refused_with_one_line_and_exit_2(node: NodeTree, segv_core: RealCore,
-                                                                  tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize(
+    "kind", ["empty", "text", "random", "directory", "elf-executable", "gzip-of-text", "broken-gzip", "missing"]
+)
+def test_anything_but_a_core_is_refused_with_one_line_and_exit_2(
+    node: NodeTree, segv_core: RealCore, tmp_path: Path, kind: str
+) -> None:
     path = tmp_path / kind
     if kind == "empty":
         path.write_bytes(b"")
@@ -47,8 +50,9 @@ def test_anything_but_a_core_is_refused_with_one_line_and_exit_2(node: NodeTree,
     assert nothing_written(node)
 
 
-def test_a_gzipped_core_is_imported_with_exe_and_command_line_from_its_notes(node: NodeTree, segv_core: RealCore,
-                                                                            tmp_path: Path) -> None:
+def test_a_gzipped_core_is_imported_with_exe_and_command_line_from_its_notes(
+    node: NodeTree, segv_core: RealCore, tmp_path: Path
+) -> None:
     gz = tmp_path / "core.gz"
     gz.write_bytes(gzip.compress(segv_core.path.read_bytes()))
     r = run(node, *IMPORT, str(gz))
@@ -76,11 +80,21 @@ def test_import_exit_code_says_spooled_when_storage_cannot_take_it(node: NodeTre
     assert r.stdout.startswith("spooled") and [p for p in node.spool.iterdir() if not p.name.startswith(".")]
 
 
-def test_import_without_a_spool_dir_writes_nowhere_it_was_not_told(node: NodeTree, segv_core: RealCore,
-                                                                   tmp_path: Path) -> None:
+def test_import_without_a_spool_dir_writes_nowhere_it_was_not_told(
+    node: NodeTree, segv_core: RealCore, tmp_path: Path
+) -> None:
     """No --spool-dir, --state-dir or config file: nothing may appear under the built-in /host defaults."""
-    base = [PYTHON, "-m", "handler.cli", "--config", str(tmp_path / "none.json"), "--storage-root",
-            str(tmp_path / "missing-storage"), "--crictl", ""]
+    base = [
+        PYTHON,
+        "-m",
+        "handler.cli",
+        "--config",
+        str(tmp_path / "none.json"),
+        "--storage-root",
+        str(tmp_path / "missing-storage"),
+        "--crictl",
+        "",
+    ]
     before = Path("/host").exists()
     r = run(node, *IMPORT, str(segv_core.path), base=base)
     assert r.returncode == 4 and "nothing written" in r.stderr and "Traceback" not in r.stderr

@@ -2,6 +2,7 @@
 The host shim runs as root in the host's namespaces: it enters only the agent it can identify (issue 9). A stale,
 reused or foreign pid in ``agent.pid`` makes it spool the core; nothing runs in the other process's namespace.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,10 @@ from handler_harness import AgentEnv, RealCore, cgroup_text
 from handler import layout
 from waiting import wait_until
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"),
-                                reason="needs root, unshare and nsenter")
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"),
+    reason="needs root, unshare and nsenter",
+)
 
 
 def start_time(pid: int) -> str:
@@ -34,11 +37,14 @@ def foreign(agent_env: AgentEnv) -> Iterator[int]:
     """An unrelated process in a mount namespace of its own, where the storage root is an empty tmpfs: a handler
     run in there would file the core where the host never sees it (and the shim would not spool it)."""
     storage = agent_env.node.storage
-    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                             f"mount -t tmpfs none '{storage}' && exec sleep 300"])
+    proc = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", f"mount -t tmpfs none '{storage}' && exec sleep 300"]
+    )
+
     def started() -> bool:
         assert proc.poll() is None, "the foreign process exited"
         return mount_ns(proc.pid) != mount_ns(os.getpid()) and "sleep" in Path(f"/proc/{proc.pid}/cmdline").read_text()
+
     wait_until(started, what="the foreign process in its own mount namespace", interval=0.02)
     (agent_env.node.proc / str(proc.pid)).symlink_to(f"/proc/{proc.pid}")
     yield proc.pid
@@ -54,8 +60,9 @@ def crash(env: AgentEnv, core: RealCore) -> None:
 
 
 @pytest.mark.parametrize("forged", ["reused-pid", "foreign-namespace", "dead-pid"])
-def test_the_shim_enters_nothing_but_the_agent(agent_env: AgentEnv, segv_core: RealCore, foreign: int,
-                                               forged: str) -> None:
+def test_the_shim_enters_nothing_but_the_agent(
+    agent_env: AgentEnv, segv_core: RealCore, foreign: int, forged: str
+) -> None:
     me = os.getpid()
     identity = {
         # the agent died and its pid now belongs to another process: the start time no longer matches
@@ -82,8 +89,9 @@ def test_the_real_agent_is_still_entered(agent_env: AgentEnv, segv_core: RealCor
     assert list((agent_env.host_dir / "spool").glob("*.core")) == []
 
 
-def test_nothing_the_handler_prints_is_evaluated_on_the_host(agent_env: AgentEnv, segv_core: RealCore,
-                                                              tmp_path: Path) -> None:
+def test_nothing_the_handler_prints_is_evaluated_on_the_host(
+    agent_env: AgentEnv, segv_core: RealCore, tmp_path: Path
+) -> None:
     """A handler (in the agent's namespace) that prints shell code: the host runs none of it."""
     marker = tmp_path / "evaluated-on-the-host"
     fake = tmp_path / "talkative-handler"

@@ -1,4 +1,5 @@
 """The storage layout contract: names, paths, the commit protocol and the listing functions the API server uses."""
+
 from __future__ import annotations
 
 import gzip
@@ -15,8 +16,16 @@ UID = "0b5a6c1e-1111-4a2b-9c3d-000000000001"
 UID2 = "0b5a6c1e-1111-4a2b-9c3d-000000000002"
 
 
-def write_core(root: Path, *, ns: str = "team-a", pod: str = "web-0", uid: str = UID, container: str = "app",
-               core_id: str = "20261123T101500Z-myapp-4242-11", body: bytes = b"core") -> layout.StoredCore:
+def write_core(
+    root: Path,
+    *,
+    ns: str = "team-a",
+    pod: str = "web-0",
+    uid: str = UID,
+    container: str = "app",
+    core_id: str = "20261123T101500Z-myapp-4242-11",
+    body: bytes = b"core",
+) -> layout.StoredCore:
     with CoreWriter(root, namespace=ns, pod=pod, pod_uid=uid, container=container, core_id=core_id) as w:
         w.write(gzip.compress(body))
         return w.commit({"size": len(body), "signal": 11, "signalName": "SIGSEGV"})
@@ -46,8 +55,9 @@ def test_layout_valid_names_pass_through() -> None:
             layout.validate_core_id(bad)
 
 
-@pytest.mark.parametrize("comm", ["../../etc", "a/b", "x\x00y", "new\nline", "-", "", "ü" * 40, ".", "..",
-                                  "my-app", "x" * 300])
+@pytest.mark.parametrize(
+    "comm", ["../../etc", "a/b", "x\x00y", "new\nline", "-", "", "ü" * 40, ".", "..", "my-app", "x" * 300]
+)
 def test_layout_hostile_comm_makes_a_safe_core_id(comm: str) -> None:
     core_id = layout.make_core_id(timestamp=1795000000, comm=comm, pid=12, signal=11)
     assert layout.CORE_ID_RE.match(core_id)
@@ -78,8 +88,9 @@ def test_layout_same_core_id_gets_a_uniquifier(tmp_path: Path) -> None:
 
 
 def test_layout_uncommitted_writes_are_invisible(tmp_path: Path) -> None:
-    w = CoreWriter(tmp_path, namespace="team-a", pod="web-0", pod_uid=UID, container="app",
-                   core_id="20261123T101500Z-myapp-1-6")
+    w = CoreWriter(
+        tmp_path, namespace="team-a", pod="web-0", pod_uid=UID, container="app", core_id="20261123T101500Z-myapp-1-6"
+    )
     w.write(b"partial")
     assert layout.list_cores(tmp_path, namespace="team-a") == []
     # A data file renamed but without metadata (handler killed between the two renames) is not a core either.
@@ -92,8 +103,9 @@ def test_layout_uncommitted_writes_are_invisible(tmp_path: Path) -> None:
 
 def test_layout_exception_inside_writer_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError):
-        with CoreWriter(tmp_path, namespace="ns", pod="p", pod_uid=UID, container="c",
-                        core_id="20261123T101500Z-x-1-11") as w:
+        with CoreWriter(
+            tmp_path, namespace="ns", pod="p", pod_uid=UID, container="c", core_id="20261123T101500Z-x-1-11"
+        ) as w:
             w.write(b"abc")
             raise RuntimeError("boom")
     assert list((tmp_path / "ns/p" / UID / "c").iterdir()) == []
@@ -111,12 +123,19 @@ def test_layout_listing_filters_and_sorts(tmp_path: Path) -> None:
 
     cores = layout.list_cores(tmp_path, namespace="team-a", pod="web-0", pod_uid=UID)
     assert [(c.ref.container, c.ref.core_id) for c in cores] == [
-        ("a", "20261123T101500Z-x-3-11"), ("a", "20261123T111500Z-x-2-6"), ("b", "20261123T101500Z-x-1-11")]
+        ("a", "20261123T101500Z-x-3-11"),
+        ("a", "20261123T111500Z-x-2-6"),
+        ("b", "20261123T101500Z-x-1-11"),
+    ]
     assert len(layout.list_cores(tmp_path, namespace="team-a", pod="web-0")) == 4
     assert len(layout.list_cores(tmp_path, namespace="team-a", container="a")) == 3
     assert layout.list_pod_uids(tmp_path, namespace="team-a", pod="web-0") == [UID, UID2]
     assert layout.list_crashed_pods(tmp_path) == [
-        ("team-a", "other", UID), ("team-a", "web-0", UID), ("team-a", "web-0", UID2), ("team-b", "web-0", UID)]
+        ("team-a", "other", UID),
+        ("team-a", "web-0", UID),
+        ("team-a", "web-0", UID2),
+        ("team-b", "web-0", UID),
+    ]
     assert layout.list_crashed_pods(tmp_path, namespace="team-b") == [("team-b", "web-0", UID)]
     assert layout.list_cores(tmp_path, namespace="nothing-here") == []
     with pytest.raises(InvalidName):
@@ -157,7 +176,8 @@ def test_layout_sweep_removes_old_temp_files_and_keeps_incomplete_cores(tmp_path
     # The temp file of a write that never committed goes; a public data file is never deleted by a sweep.
     assert layout.sweep_debris(d) == 1
     assert sorted(p.name for p in d.iterdir()) == sorted(
-        [stored.core_path.name, stored.meta_path.name, "20261123T101500Z-x-8-11.core.gz"])
+        [stored.core_path.name, stored.meta_path.name, "20261123T101500Z-x-8-11.core.gz"]
+    )
     assert [c.ref.core_id for c in layout.list_cores(tmp_path, namespace="team-a")] == [stored.ref.core_id]
 
 

@@ -4,6 +4,7 @@ storage that fills up at each step of the commit, the drain killed at each step 
 crashes through the shim. Every case: 0 cores lost, 0 partial files visible as complete, every truncation
 labelled with its reason.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -54,9 +55,11 @@ def _whole(core: layout.StoredCore, original: RealCore) -> None:
 
 # -- a full spool (agent away) -------------------------------------------------------------------------------------
 
+
 @needs_root
-def test_a_full_spool_keeps_what_fit_labelled_truncated_and_counts_the_failure(agent_env: AgentEnv,
-                                                                                segv_core: RealCore) -> None:
+def test_a_full_spool_keeps_what_fit_labelled_truncated_and_counts_the_failure(
+    agent_env: AgentEnv, segv_core: RealCore
+) -> None:
     """The spool's filesystem takes 1 MiB per file (RLIMIT_FSIZE on the shim, SIGXFSZ ignored: ``cat`` gets
     EFBIG exactly where a full disk gives ENOSPC). What fit is kept and filed as truncated with the reason."""
     node = agent_env.node
@@ -71,8 +74,14 @@ def test_a_full_spool_keeps_what_fit_labelled_truncated_and_counts_the_failure(a
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     with open(segv_core.path, "rb") as f:
-        r = subprocess.run(agent_env.shim_argv(pid=segv_core.pid, signal=11), stdin=f, capture_output=True,
-                           timeout=120, env={"PATH": os.environ["PATH"]}, preexec_fn=full_spool)
+        r = subprocess.run(
+            agent_env.shim_argv(pid=segv_core.pid, signal=11),
+            stdin=f,
+            capture_output=True,
+            timeout=120,
+            env={"PATH": os.environ["PATH"]},
+            preexec_fn=full_spool,
+        )
     assert r.returncode == 0  # the kernel is never kept waiting on the shim's failure
     spool = agent_env.host_dir / "spool"
     (raw,) = spool.glob("*.core")
@@ -98,17 +107,20 @@ def test_a_full_spool_keeps_what_fit_labelled_truncated_and_counts_the_failure(a
 
 # -- storage full at each step of the commit ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("step", ["commit:meta-written", "commit:data-synced", "commit:data-named"])
-def test_storage_full_at_a_commit_step_moves_the_core_to_the_spool_whole(node: NodeTree, segv_core: RealCore,
-                                                                         step: str) -> None:
+def test_storage_full_at_a_commit_step_moves_the_core_to_the_spool_whole(
+    node: NodeTree, segv_core: RealCore, step: str
+) -> None:
     """ENOSPC where a full filesystem gives it: the metadata temp's write, the data's fsync (NFS answers a full
     export there), the link. The core goes to the spool whole and leaves nothing on storage, not even debris."""
     _pod(node, segv_core)
-    r = node.run_capture(segv_core.path, pid=segv_core.pid, signal=11, env={**os.environ,
-                                                                            "COREDUMP_FAULT": f"{step}=enospc"})
+    r = node.run_capture(
+        segv_core.path, pid=segv_core.pid, signal=11, env={**os.environ, "COREDUMP_FAULT": f"{step}=enospc"}
+    )
     assert r.returncode == 0, r.stderr.decode()[-800:]
     assert b"No space left on device" in r.stderr
-    (_, rec), = read_outcomes(node.state / "outcomes")
+    ((_, rec),) = read_outcomes(node.state / "outcomes")
     assert rec["result"] == "spooled" and "No space left" in rec["reason"]
     assert _files(node.storage) == []
     (spooled,) = node.spool.glob("*.core.gz")
@@ -122,8 +134,15 @@ def test_storage_full_at_a_commit_step_moves_the_core_to_the_spool_whole(node: N
 
 # -- the drain killed at each step of filing ----------------------------------------------------------------------
 
-DRAIN_STEPS = ["commit:meta-written", "commit:data-synced", "commit:data-named", "commit:meta-named", "commit:done",
-               "drain:filed", "spool:entry-half-removed"]
+DRAIN_STEPS = [
+    "commit:meta-written",
+    "commit:data-synced",
+    "commit:data-named",
+    "commit:meta-named",
+    "commit:done",
+    "drain:filed",
+    "spool:entry-half-removed",
+]
 
 
 def _spool_handler_entry(node: NodeTree, core: RealCore) -> Path:
@@ -148,8 +167,9 @@ def _spool_shim_entry(agent_env: AgentEnv, core: RealCore) -> Path:
 
 @pytest.mark.parametrize("step", DRAIN_STEPS)
 @pytest.mark.parametrize("kind", ["handler", "shim"])
-def test_a_drain_killed_at_any_step_files_the_core_exactly_once(request: pytest.FixtureRequest, node: NodeTree,
-                                                                segv_core: RealCore, kind: str, step: str) -> None:
+def test_a_drain_killed_at_any_step_files_the_core_exactly_once(
+    request: pytest.FixtureRequest, node: NodeTree, segv_core: RealCore, kind: str, step: str
+) -> None:
     if kind == "shim":
         if os.geteuid() != 0 or not shutil.which("nsenter"):
             pytest.skip("the shim needs root")
@@ -157,8 +177,9 @@ def test_a_drain_killed_at_any_step_files_the_core_exactly_once(request: pytest.
     else:
         spool = _spool_handler_entry(node, segv_core)
     drain = node.handler_args("--spool-dir", str(spool), "drain")
-    killed = subprocess.run(drain, capture_output=True, text=True, cwd=REPO, timeout=120,
-                            env={**os.environ, "COREDUMP_FAULT": step})
+    killed = subprocess.run(
+        drain, capture_output=True, text=True, cwd=REPO, timeout=120, env={**os.environ, "COREDUMP_FAULT": step}
+    )
     assert killed.returncode == -signal.SIGKILL, killed
     # Whatever the step, no reader sees a half core meanwhile ...
     for core in layout.list_cores(node.storage, namespace="team-a"):
@@ -181,10 +202,12 @@ def test_a_drain_killed_at_any_step_files_the_core_exactly_once(request: pytest.
 
 # -- 20 concurrent crashes through the shim ------------------------------------------------------------------------
 
+
 @needs_root
 @pytest.mark.slow
-def test_twenty_concurrent_crashes_through_the_shim_are_all_filed_whole(agent_env: AgentEnv,
-                                                                        segv_core: RealCore) -> None:
+def test_twenty_concurrent_crashes_through_the_shim_are_all_filed_whole(
+    agent_env: AgentEnv, segv_core: RealCore
+) -> None:
     node = agent_env.node
     pids = [_pod(node, segv_core, pid=200000 + i) for i in range(20)]
     # The handler reads the agent's handler.json: no rate limit here (0), every one of the twenty is kept.
@@ -212,8 +235,16 @@ def test_twenty_concurrent_crashes_through_the_shim_are_all_filed_whole(agent_en
 def test_the_spool_sweep_takes_only_old_halves_never_a_committed_or_fresh_entry(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
-    names = ["a.core.gz", "a.json", "b.core", "b.info",          # committed entries
-             "c.core.gz", "d.info", ".e.core.tmp", "f.core"]      # halves and temps
+    names = [
+        "a.core.gz",
+        "a.json",
+        "b.core",
+        "b.info",  # committed entries
+        "c.core.gz",
+        "d.info",
+        ".e.core.tmp",
+        "f.core",
+    ]  # halves and temps
     for n in names:
         (spool / n).write_bytes(b"x")
     assert spool_mod.sweep_orphans(spool) == 0  # all fresh: maybe a writer between its two renames

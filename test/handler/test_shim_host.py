@@ -1,4 +1,5 @@
 """The host shim, run exactly as the kernel runs it from the installed core_pattern (POSIX sh, real nsenter)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,10 +31,11 @@ def test_shim_enters_the_agent_and_files_the_core(agent_env: AgentEnv, segv_core
     assert list((agent_env.host_dir / "spool").iterdir()) == []
 
 
-def test_shim_spools_raw_core_when_agent_is_gone_and_agent_files_it_later(agent_env: AgentEnv,
-                                                                         segv_core: RealCore) -> None:
+def test_shim_spools_raw_core_when_agent_is_gone_and_agent_files_it_later(
+    agent_env: AgentEnv, segv_core: RealCore
+) -> None:
     pod_process(agent_env, segv_core)
-    (agent_env.host_dir / "agent.pid").unlink()        # as a stopping agent does
+    (agent_env.host_dir / "agent.pid").unlink()  # as a stopping agent does
     r = agent_env.crash(segv_core.path, pid=segv_core.pid, signal=11, comm="my app")
     assert r.returncode == 0
     spool = agent_env.host_dir / "spool"
@@ -66,14 +68,15 @@ def test_shim_spools_when_the_handler_cannot_run(agent_env: AgentEnv, segv_core:
     assert raw.read_bytes() == segv_core.path.read_bytes()
 
 
-def test_shim_runs_the_previous_pipe_program_on_the_host_for_non_pod_processes(agent_env: AgentEnv,
-                                                                             segv_core: RealCore,
-                                                                             tmp_path: Path) -> None:
+def test_shim_runs_the_previous_pipe_program_on_the_host_for_non_pod_processes(
+    agent_env: AgentEnv, segv_core: RealCore, tmp_path: Path
+) -> None:
     out = tmp_path / "forwarded"
     prog = tmp_path / "systemd-coredump"
     prog.write_text(f'#!/bin/sh\necho "$@" > {out}.args\ncat > {out}\n')
     prog.chmod(0o755)
     from handler.agent import sysctl
+
     sysctl.save_previous(agent_env.agent.cfg, f"|{prog} %P %s %e")  # as the agent does when it takes over
     agent_env.node.add_process(segv_core.pid, cgroup="0::/system.slice/cron.service\n", exe=segv_core.exe)
     r = agent_env.crash(segv_core.path, pid=segv_core.pid, signal=11)

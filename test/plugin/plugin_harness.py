@@ -5,6 +5,7 @@ cores with ``coredump-handler import``, and a TCP proxy that cuts or holds conne
 
 Importable by other suites (the real-control-plane e2e tests): ``run_plugin(kubeconfig, "get", ...)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,14 @@ BIG_HEAP = 40 * 1024 * 1024  # a heap big enough that a core takes a while to st
 T0 = time.time() - 3600  # the cores' crash times start an hour ago
 
 
-def run_plugin(kubeconfig: Path | None, *args: str, via_kubectl: str | None = None, env: dict[str, str] | None = None,
-               timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess[bytes]:
+def run_plugin(
+    kubeconfig: Path | None,
+    *args: str,
+    via_kubectl: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[bytes]:
     """
     Run ``kubectl-coredump ARGS`` (or ``<via_kubectl> coredump ARGS``, the real kubectl finding the plugin on
     PATH) with ``kubeconfig`` in ``KUBECONFIG``; stdout and stderr captured as bytes.
@@ -62,8 +69,9 @@ def run_plugin(kubeconfig: Path | None, *args: str, via_kubectl: str | None = No
     if kubeconfig is not None:
         environment["KUBECONFIG"] = str(kubeconfig)
     command = [via_kubectl, "coredump", *args] if via_kubectl else [str(PLUGIN), *args]
-    return subprocess.run(command, capture_output=True, timeout=timeout, env=environment, cwd=cwd,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        command, capture_output=True, timeout=timeout, env=environment, cwd=cwd, stdin=subprocess.DEVNULL
+    )
 
 
 def build_crasher(directory: Path) -> Path:
@@ -77,20 +85,49 @@ def crash(binary: Path, workdir: Path, *, heap: int = 0, signal: int | None = No
     """Run the program until it dumps core in ``workdir`` (core_pattern is ``core``); return the core."""
     workdir.mkdir(parents=True, exist_ok=True)
     args = [str(binary), str(heap)] + ([str(signal)] if signal else [])
-    proc = subprocess.run(["bash", "-c", 'ulimit -c unlimited && exec "$@"', "crasher", *args], cwd=workdir,
-                          capture_output=True)
+    proc = subprocess.run(
+        ["bash", "-c", 'ulimit -c unlimited && exec "$@"', "crasher", *args], cwd=workdir, capture_output=True
+    )
     assert proc.returncode < 0 or proc.returncode >= 128, proc
     cores = [p for p in workdir.iterdir() if p.name == "core" or p.name.startswith("core.")]
     assert cores, f"no core in {workdir}: is core_pattern 'core'? ({proc})"
     return cores[0]
 
 
-def import_core(*, root: Path, work: Path, core: Path, namespace: str, pod: str, pod_uid: str, container: str,
-                time: float | None = None) -> None:
+def import_core(
+    *,
+    root: Path,
+    work: Path,
+    core: Path,
+    namespace: str,
+    pod: str,
+    pod_uid: str,
+    container: str,
+    time: float | None = None,
+) -> None:
     """File a core the way an operator does: ``coredump-handler import``."""
-    command = [str(BIN / "coredump-handler"), "--config", str(work / "absent.json"), "--storage-root", str(root),
-               "--spool-dir", str(work / "spool"), "--state-dir", str(work / "state"), "--crictl", "",
-               "import", "--namespace", namespace, "--pod", pod, "--pod-uid", pod_uid, "--container", container]
+    command = [
+        str(BIN / "coredump-handler"),
+        "--config",
+        str(work / "absent.json"),
+        "--storage-root",
+        str(root),
+        "--spool-dir",
+        str(work / "spool"),
+        "--state-dir",
+        str(work / "state"),
+        "--crictl",
+        "",
+        "import",
+        "--namespace",
+        namespace,
+        "--pod",
+        pod,
+        "--pod-uid",
+        pod_uid,
+        "--container",
+        container,
+    ]
     if time is not None:
         command += ["--time", str(time)]
     subprocess.run([*command, str(core)], check=True, capture_output=True)
@@ -202,6 +239,7 @@ class CuttingProxy:
 def kubeconfig_via(source: Path, *, port: int, target: Path) -> Path:
     """A copy of a dev kubeconfig whose server is ``127.0.0.1:port`` (the proxy)."""
     import yaml
+
     config = yaml.safe_load(source.read_text())
     for cluster in config["clusters"]:
         cluster["cluster"]["server"] = f"https://127.0.0.1:{port}"

@@ -3,6 +3,7 @@ Shell completion as users get it: the real kubectl completing ``kubectl coredump
 ``kubectl_complete-coredump`` script the plugin prints, and bash completing ``kubectl-coredump ...`` with the
 function it prints; commands, flags, contexts, pod names and core ids from the dev server.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,10 +29,14 @@ def _kubectl_complete(world: PluginWorld, tmp_path: Path, *words: str) -> list[s
         assert script.returncode == 0, script.stderr
         shim.write_bytes(script.stdout)
         shim.chmod(0o755)
-    env = {**os.environ, "KUBECONFIG": str(world.kubeconfig),
-           "PATH": os.pathsep.join([str(shim.parent), str(BIN), os.environ.get("PATH", "")])}
-    result = subprocess.run([kubectl_binary(None), "__complete", "coredump", *words], capture_output=True, env=env,
-                            timeout=60)
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(world.kubeconfig),
+        "PATH": os.pathsep.join([str(shim.parent), str(BIN), os.environ.get("PATH", "")]),
+    }
+    result = subprocess.run(
+        [kubectl_binary(None), "__complete", "coredump", *words], capture_output=True, env=env, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.decode().splitlines()
     assert lines and lines[-1].startswith(":"), lines
@@ -59,8 +64,10 @@ def test_kubectl_completes_commands_flags_pods_and_core_ids(world: PluginWorld, 
 def test_bash_completes_the_executable(world: PluginWorld) -> None:
     script = run_plugin(None, "completion", "bash")
     assert script.returncode == 0
-    probe = (script.stdout.decode() + '\nCOMP_WORDS=(kubectl-coredump get -n shop ""); COMP_CWORD=4; '
-             '_kubectl_coredump; printf "%s\\n" "${COMPREPLY[@]}"\n')
+    probe = (
+        script.stdout.decode() + '\nCOMP_WORDS=(kubectl-coredump get -n shop ""); COMP_CWORD=4; '
+        '_kubectl_coredump; printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
     env = {**os.environ, "KUBECONFIG": str(world.kubeconfig), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(["bash", "-c", probe], capture_output=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -5,6 +5,7 @@ them, a gdb command file ``<container>_<core-id>.gdb`` per core, ``manifest.json
 API server until that feature is merged: the installed plugin downloads it, extracts it (links resolved
 inside the archive, never outside), and real gdb runs the core's command file on a real core.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,19 +31,27 @@ POD_UID = "5d1c7f6e-0000-4000-8000-000000000001"
 
 def _archive(*, core: bytes, binary: bytes) -> bytes:
     """One gzip member per tar entry, as the server writes it."""
-    meta = {"sha256": hashlib.sha256(core).hexdigest(), "exe": "/usr/bin/crasher", "signal": 11,
-            "signalName": "SIGSEGV", "size": len(core)}
-    script = (f"set auto-load off\nset sysroot sysroot\nfile sysroot/usr/bin/crasher\n"
-              f"core-file app/{CORE_ID}.core\nbt\n").encode()
+    meta = {
+        "sha256": hashlib.sha256(core).hexdigest(),
+        "exe": "/usr/bin/crasher",
+        "signal": 11,
+        "signalName": "SIGSEGV",
+        "size": len(core),
+    }
+    script = (
+        f"set auto-load off\nset sysroot sysroot\nfile sysroot/usr/bin/crasher\ncore-file app/{CORE_ID}.core\nbt\n"
+    ).encode()
     entries: list[tuple[str, bytes | None, str | None]] = [
-        (f"app/{CORE_ID}.json", json.dumps(meta).encode(), None), (f"app/{CORE_ID}.core", core, None),
+        (f"app/{CORE_ID}.json", json.dumps(meta).encode(), None),
+        (f"app/{CORE_ID}.core", core, None),
         ("sysroot/usr/bin/crasher", binary, None),
         ("sysroot/usr/bin/by-absolute-path", None, "/usr/bin/crasher"),
         (f"sysroot.app_{CORE_ID}/usr/bin/crasher", None, "../../../sysroot/usr/bin/crasher"),
         ("sysroot/etc/outside", None, "../../../../../etc/passwd"),
         ("sysroot/lib/core-link", None, f"../../app/{CORE_ID}.core"),
         (f"app_{CORE_ID}.gdb", script, None),
-        ("manifest.json", json.dumps({"cores": [{"gdb": f"app_{CORE_ID}.gdb"}]}).encode(), None)]
+        ("manifest.json", json.dumps({"cores": [{"gdb": f"app_{CORE_ID}.gdb"}]}).encode(), None),
+    ]
     out = bytearray()
     for name, data, link in entries:
         info = tarfile.TarInfo(name)
@@ -63,17 +72,34 @@ def _archive(*, core: bytes, binary: bytes) -> bytes:
 def objects_server(world: PluginWorld, tmp_path: Path) -> Iterator[tuple[Path, list[str]]]:
     core = crash(world.crasher, tmp_path / "crash", heap=100_000).read_bytes()
     archive = _archive(core=core, binary=world.crasher.read_bytes())
-    endpoint = {"kind": "CoredumpEndpoint", "apiVersion": "coredump.example.io/v1alpha1",
-                "metadata": {"name": "obj-0", "namespace": "default"}, "spec": {"podUID": POD_UID},
-                "status": {"cores": [{"id": CORE_ID, "container": "app", "signal": 11, "signalName": "SIGSEGV",
-                                      "exe": "/usr/bin/crasher", "time": "2026-11-23T10:15:00Z"}]}}
+    endpoint = {
+        "kind": "CoredumpEndpoint",
+        "apiVersion": "coredump.example.io/v1alpha1",
+        "metadata": {"name": "obj-0", "namespace": "default"},
+        "spec": {"podUID": POD_UID},
+        "status": {
+            "cores": [
+                {
+                    "id": CORE_ID,
+                    "container": "app",
+                    "signal": 11,
+                    "signalName": "SIGSEGV",
+                    "exe": "/usr/bin/crasher",
+                    "time": "2026-11-23T10:15:00Z",
+                }
+            ]
+        },
+    }
     asked: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             asked.append(self.path)
-            body, kind = (archive, "application/gzip") if "/dump?" in self.path and "objects=true" in self.path \
+            body, kind = (
+                (archive, "application/gzip")
+                if "/dump?" in self.path and "objects=true" in self.path
                 else (json.dumps(endpoint).encode(), "application/json")
+            )
             self.send_response(200)
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
@@ -87,11 +113,18 @@ def objects_server(world: PluginWorld, tmp_path: Path) -> Iterator[tuple[Path, l
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     kubeconfig = tmp_path / "kc"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u", "namespace": "default"}}]}))
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "c",
+                "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u", "namespace": "default"}}],
+            }
+        )
+    )
     try:
         yield kubeconfig, asked
     finally:
@@ -99,8 +132,9 @@ def objects_server(world: PluginWorld, tmp_path: Path) -> Iterator[tuple[Path, l
         server.server_close()
 
 
-def test_gdb_runs_the_cores_own_command_file_from_an_objects_archive(world: PluginWorld, tmp_path: Path,
-                                                                      objects_server: tuple[Path, list[str]]) -> None:
+def test_gdb_runs_the_cores_own_command_file_from_an_objects_archive(
+    world: PluginWorld, tmp_path: Path, objects_server: tuple[Path, list[str]]
+) -> None:
     kubeconfig, asked = objects_server
     env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
     printed = run_plugin(kubeconfig, "gdb", "obj-0", "--print", env=env)

@@ -3,6 +3,7 @@
 server holding real kernel cores; through the real kubectl; through a proxy that cuts connections; across
 a restart of the server; and gdb on the result.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,18 @@ import pytest
 import yaml
 
 from fixtures_apiserver import kubectl_binary
-from plugin_harness import (BIG_HEAP, PLUGIN, T0, CuttingProxy, PluginWorld, ProxyRule, crash, import_core,
-                            kubeconfig_via, run_plugin)
+from plugin_harness import (
+    BIG_HEAP,
+    PLUGIN,
+    T0,
+    CuttingProxy,
+    PluginWorld,
+    ProxyRule,
+    crash,
+    import_core,
+    kubeconfig_via,
+    run_plugin,
+)
 
 from handler import layout
 
@@ -30,8 +41,9 @@ pytestmark = pytest.mark.slow
 DUMP = "/apis/coredump.example.io/v1alpha1/namespaces/{ns}/coredumpendpoints/{pod}/dump"
 
 
-def plugin(world: PluginWorld, *args: str, kubeconfig: Path | None = None,
-           **kw: object) -> subprocess.CompletedProcess[bytes]:
+def plugin(
+    world: PluginWorld, *args: str, kubeconfig: Path | None = None, **kw: object
+) -> subprocess.CompletedProcess[bytes]:
     env = {"XDG_CACHE_HOME": str(world.cache), **kw.pop("env", {})}  # type: ignore[dict-item]
     return run_plugin(kubeconfig or world.kubeconfig, *args, env=env, **kw)  # type: ignore[arg-type]
 
@@ -48,13 +60,15 @@ def raw_dump(world: PluginWorld, ns: str, pod: str) -> bytes:
 
 
 def extracted_digests(directory: Path) -> dict[str, str]:
-    return {str(p.relative_to(directory).with_suffix("")): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in directory.rglob("*.core")}
+    return {
+        str(p.relative_to(directory).with_suffix("")): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in directory.rglob("*.core")
+    }
 
 
 def expected_digests(world: PluginWorld, ns: str, pod: str) -> dict[str, str]:
     prefix = f"{ns}/{pod}/"
-    return {k[len(prefix):]: v for k, v in world.originals.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in world.originals.items() if k.startswith(prefix)}
 
 
 def test_help_of_every_command_names_the_exit_codes() -> None:
@@ -82,7 +96,8 @@ def test_list_shows_every_core_the_api_serves(world: PluginWorld) -> None:
     assert "SIGNATURE" in lines[0] and "TOP FRAME" in lines[0]
     rows = [line.split() for line in lines[1:]]
     assert sorted((r[1], r[2]) for r in rows) == sorted(
-        (c.ref.container, c.ref.core_id) for c in world.cores("shop", "web-0"))
+        (c.ref.container, c.ref.core_id) for c in world.cores("shop", "web-0")
+    )
     assert {r[4] for r in rows} == {"SIGSEGV", "SIGABRT"}
     everywhere = ok(plugin(world, "list", "-A"))
     assert everywhere.splitlines()[0].startswith("NAMESPACE") and "default" in everywhere and "shop" in everywhere
@@ -128,8 +143,9 @@ def test_get_extracts_verified_cores_ready_for_gdb(world: PluginWorld, tmp_path:
     ok(plugin(world, "get", "web-0", "-n", "shop", "-c", "sidecar", "-o", str(tmp_path / "side")))
     assert [p.parent.name for p in (tmp_path / "side").rglob("*.core")] == ["sidecar"]
     newest = max(world.cores("shop", "web-0"), key=lambda c: c.ref.core_id)
-    quiet = ok(plugin(world, "get", "web-0", "-n", "shop", "--core", newest.ref.core_id, "-q", "-o",
-                      str(tmp_path / "one")))
+    quiet = ok(
+        plugin(world, "get", "web-0", "-n", "shop", "--core", newest.ref.core_id, "-q", "-o", str(tmp_path / "one"))
+    )
     assert quiet.strip().endswith(f"{newest.ref.core_id}.core") and len(quiet.splitlines()) == 1
     future = plugin(world, "get", "web-0", "-n", "shop", "--since", "2999-01-01T00:00:00Z", "-o", str(tmp_path / "f"))
     assert future.returncode == 3 and b"no cores" in future.stderr
@@ -170,8 +186,11 @@ def proxy_kubeconfig(world: PluginWorld, tmp_path: Path) -> Iterator[tuple[Cutti
 def test_get_resumes_across_forced_cuts_byte_identical(world: PluginWorld, proxy_kubeconfig, tmp_path: Path) -> None:
     size = len(raw_dump(world, "default", "big-0"))
     assert size > 8 << 20
-    rules = [ProxyRule(connection=0, after=size // 5, action="cut"),
-             ProxyRule(connection=1, after=size // 3, action="cut"), ProxyRule(connection=2, after=100, action="cut")]
+    rules = [
+        ProxyRule(connection=0, after=size // 5, action="cut"),
+        ProxyRule(connection=1, after=size // 3, action="cut"),
+        ProxyRule(connection=2, after=100, action="cut"),
+    ]
     proxy, kubeconfig = proxy_kubeconfig(rules)
     result = plugin(world, "get", "big-0", "-o", str(tmp_path / "big"), kubeconfig=kubeconfig)
     ok(result)
@@ -189,8 +208,12 @@ def test_get_resumes_across_forced_cuts_byte_identical(world: PluginWorld, proxy
 def test_get_resumes_across_a_server_restart(world: PluginWorld, proxy_kubeconfig, tmp_path: Path) -> None:
     proxy, kubeconfig = proxy_kubeconfig([ProxyRule(connection=0, after=3 << 20, action="hold")])
     env = {"XDG_CACHE_HOME": str(world.cache), "KUBECONFIG": str(kubeconfig)}
-    process = subprocess.Popen([str(PLUGIN), "get", "big-0", "-o", str(tmp_path / "big")], env={**os.environ, **env},
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [str(PLUGIN), "get", "big-0", "-o", str(tmp_path / "big")],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert proxy.held.wait(60), "the download never reached the hold point"
         world.server.stop()
@@ -205,8 +228,9 @@ def test_get_resumes_across_a_server_restart(world: PluginWorld, proxy_kubeconfi
     assert extracted_digests(tmp_path / "big") == expected_digests(world, "default", "big-0")
 
 
-def test_an_archive_changed_between_cut_and_resume_starts_over(world: PluginWorld, proxy_kubeconfig,
-                                                                tmp_path: Path) -> None:
+def test_an_archive_changed_between_cut_and_resume_starts_over(
+    world: PluginWorld, proxy_kubeconfig, tmp_path: Path
+) -> None:
     """
     A core filed while the download is cut: the resume's If-Range (the first response's ETag) no longer
     matches, the server sends the whole new archive (200), and -o DIR starts over and ends with every core
@@ -214,8 +238,16 @@ def test_an_archive_changed_between_cut_and_resume_starts_over(world: PluginWorl
     """
     uid = str(uuid.uuid4())
     item = "/apis/coredump.example.io/v1alpha1/namespaces/default/coredumpendpoints/change-0"
-    import_core(root=world.root, work=tmp_path, core=crash(world.crasher, tmp_path / "c1", heap=BIG_HEAP),
-                namespace="default", pod="change-0", pod_uid=uid, container="app", time=T0 + 300)
+    import_core(
+        root=world.root,
+        work=tmp_path,
+        core=crash(world.crasher, tmp_path / "c1", heap=BIG_HEAP),
+        namespace="default",
+        pod="change-0",
+        pod_uid=uid,
+        container="app",
+        time=T0 + 300,
+    )
     deadline = time.monotonic() + 60
     while world.server.request("GET", item).status != 200:  # auto-created from storage
         assert time.monotonic() < deadline, "the endpoint was never auto-created"
@@ -225,13 +257,24 @@ def test_an_archive_changed_between_cut_and_resume_starts_over(world: PluginWorl
 
     def cut_while_a_core_is_filed(output: str, at: float) -> subprocess.CompletedProcess[bytes]:
         proxy, kubeconfig = proxy_kubeconfig([ProxyRule(connection=0, after=3 << 20, action="hold")])
-        process = subprocess.Popen([str(PLUGIN), "get", "change-0", "-o", output],
-                                   env={**env, "KUBECONFIG": str(kubeconfig)}, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
+        process = subprocess.Popen(
+            [str(PLUGIN), "get", "change-0", "-o", output],
+            env={**env, "KUBECONFIG": str(kubeconfig)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         try:
             assert proxy.held.wait(60), "the download never reached the hold point"
-            import_core(root=world.root, work=tmp_path, core=small, namespace="default", pod="change-0", pod_uid=uid,
-                        container="app", time=at)
+            import_core(
+                root=world.root,
+                work=tmp_path,
+                core=small,
+                namespace="default",
+                pod="change-0",
+                pod_uid=uid,
+                container="app",
+                time=at,
+            )
             proxy.release()
             out, err = process.communicate(timeout=120)
         finally:
@@ -242,8 +285,10 @@ def test_an_archive_changed_between_cut_and_resume_starts_over(world: PluginWorl
     result = cut_while_a_core_is_filed(str(tmp_path / "out"), T0 + 400)
     assert result.returncode == 0, result.stderr.decode()
     assert b"the archive changed on the server" in result.stderr
-    stored = {f"{c.ref.container}/{c.ref.core_id}": c.metadata["sha256"]
-              for c in layout.list_cores(world.root, namespace="default", pod="change-0", pod_uid=uid)}
+    stored = {
+        f"{c.ref.container}/{c.ref.core_id}": c.metadata["sha256"]
+        for c in layout.list_cores(world.root, namespace="default", pod="change-0", pod_uid=uid)
+    }
     assert len(stored) == 2
     assert extracted_digests(tmp_path / "out") == stored
     assert not list((tmp_path / "out").rglob("*.part"))
@@ -298,10 +343,16 @@ class _NoGroup(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         code = 503 if "unavailable" in self.path else 404
-        body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
-                           "reason": "NotFound" if code == 404 else "ServiceUnavailable",
-                           "message": "the server could not find the requested resource" if code == 404 else
-                           "service unavailable"}).encode()
+        body = json.dumps(
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "status": "Failure",
+                "code": code,
+                "reason": "NotFound" if code == 404 else "ServiceUnavailable",
+                "message": "the server could not find the requested resource" if code == 404 else "service unavailable",
+            }
+        ).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -317,11 +368,18 @@ def test_a_cluster_without_the_api_says_the_apiservice_is_not_available(world: P
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         kubeconfig = tmp_path / "kc"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "c",
-            "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
-            "users": [{"name": "u", "user": {"token": "t"}}],
-            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u", "namespace": "unavailable"}}]}))
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "c",
+                    "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{server.server_port}"}}],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                    "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u", "namespace": "unavailable"}}],
+                }
+            )
+        )
         down = plugin(world, "list", kubeconfig=kubeconfig)
         assert down.returncode == 5 and b"apiservice v1alpha1.coredump.example.io" in down.stderr
         absent = plugin(world, "list", "-n", "other", kubeconfig=kubeconfig)
@@ -333,14 +391,37 @@ def test_a_cluster_without_the_api_says_the_apiservice_is_not_available(world: P
 def test_kubeconfig_merges_paths_like_kubectl(world: PluginWorld, tmp_path: Path) -> None:
     """KUBECONFIG=a:b: the first file's current-context wins, contexts come from either file."""
     config = yaml.safe_load(world.kubeconfig.read_text())
-    first = {"apiVersion": "v1", "kind": "Config", "current-context": "dev-viewer", "clusters": [], "users": [],
-             "contexts": []}
+    first = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "dev-viewer",
+        "clusters": [],
+        "users": [],
+        "contexts": [],
+    }
     (tmp_path / "a").write_text(yaml.safe_dump(first))
     (tmp_path / "b").write_text(yaml.safe_dump(config))
-    merged = run_plugin(None, "get", "traced-0", "-o", str(tmp_path / "o"),
-                        env={"KUBECONFIG": os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")]),
-                             "XDG_CACHE_HOME": str(world.cache)})
+    merged = run_plugin(
+        None,
+        "get",
+        "traced-0",
+        "-o",
+        str(tmp_path / "o"),
+        env={
+            "KUBECONFIG": os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")]),
+            "XDG_CACHE_HOME": str(world.cache),
+        },
+    )
     assert merged.returncode == 4, merged.stderr  # dev-viewer (from a) may not dump
-    admin = run_plugin(None, "--context", "dev-admin", "get", "traced-0", "-q", "-o", str(tmp_path / "o"),
-                       env={"KUBECONFIG": os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")])})
+    admin = run_plugin(
+        None,
+        "--context",
+        "dev-admin",
+        "get",
+        "traced-0",
+        "-q",
+        "-o",
+        str(tmp_path / "o"),
+        env={"KUBECONFIG": os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")])},
+    )
     assert admin.returncode == 0, admin.stderr

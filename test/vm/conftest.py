@@ -5,6 +5,7 @@ Every test here is marked ``vm`` (``pytestmark`` in each module; ``scripts/test 
 alone). The guest is built and booted only when a ``vm`` test is selected. The build and the boot times are
 printed at the end of the run.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ import pytest
 import guest_image as image
 from vm_harness import GuestRun
 
-BOOT_TIMEOUT = 600.0   # the whole guest run: the issue's bound under TCG
+BOOT_TIMEOUT = 600.0  # the whole guest run: the issue's bound under TCG
 TIMES: dict[str, str] = {}
 
 
@@ -30,8 +31,9 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
     t0 = time.monotonic()
     image.ensure_host_tools()
     base = image.ensure_base()
-    TIMES["image"] = (f"built in {base.built_seconds:.0f}s" if base.built_seconds is not None
-                      else "from the cache") + f" ({base.directory})"
+    TIMES["image"] = (
+        f"built in {base.built_seconds:.0f}s" if base.built_seconds is not None else "from the cache"
+    ) + f" ({base.directory})"
     work = tmp_path_factory.mktemp("vm")
     project = work / "project.img"
     image.build_project_disk(dest=project, work=work)
@@ -43,8 +45,12 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> GuestRun:
 
 def _load(results: Path, *, console: str, accel: str) -> GuestRun:
     log = results / "runner.log"
-    g = GuestRun(results=results, console=console, accel=accel,
-                 runner_log=log.read_text(errors="replace") if log.exists() else "")
+    g = GuestRun(
+        results=results,
+        console=console,
+        accel=accel,
+        runner_log=log.read_text(errors="replace") if log.exists() else "",
+    )
     for p in results.glob("*.json"):
         try:
             g.scenarios[p.stem] = json.loads(p.read_text())
@@ -56,4 +62,5 @@ def _load(results: Path, *, console: str, accel: str) -> GuestRun:
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     if TIMES:
         terminalreporter.write_line(
-            f"vm: guest image {TIMES.get('image')}; guest run {TIMES.get('guest')}; VM suite {TIMES.get('total')}")
+            f"vm: guest image {TIMES.get('image')}; guest run {TIMES.get('guest')}; VM suite {TIMES.get('total')}"
+        )

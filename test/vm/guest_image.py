@@ -4,7 +4,8 @@ The guest of the VM suite, built only from Debian packages and this project, and
 Three disks, so a change to the project never rebuilds the Debian part:
 
 * **base** (cached under ``$XDG_CACHE_HOME/coredump-vm/<key>/``, ``key`` = hash of :data:`PINS`, the kernel
-  package version, ``deploy/requirements.txt`` and the initramfs script): a Debian root filesystem made by ``mmdebstrap``
+  package version, ``deploy/requirements.txt`` and the initramfs script): a Debian root filesystem made by
+  ``mmdebstrap``
   into a directory (python3, util-linux, gdb, the NFS server, kmod, iproute2), the kernel's modules from the
   Debian kernel package, a virtual environment at ``/opt/coredump/venv`` with the project's pinned runtime
   dependencies (from PyPI, at build time: the guest has no network) and a ``.pth`` naming ``/project``; written
@@ -16,6 +17,7 @@ Three disks, so a change to the project never rebuilds the Debian part:
 
 Nothing here touches the host's ``/proc/sys``: every sysctl the scenarios set is the guest kernel's.
 """
+
 from __future__ import annotations
 
 import compileall
@@ -48,8 +50,14 @@ PINS = {
     "layout": 1,
 }
 # Host tools, as Debian packages (installed when missing).
-HOST_PACKAGES = {"qemu-system-x86_64": "qemu-system-x86", "mmdebstrap": "mmdebstrap", "busybox": "busybox-static",
-                 "mke2fs": "e2fsprogs", "debugfs": "e2fsprogs", "gcc": "gcc"}
+HOST_PACKAGES = {
+    "qemu-system-x86_64": "qemu-system-x86",
+    "mmdebstrap": "mmdebstrap",
+    "busybox": "busybox-static",
+    "mke2fs": "e2fsprogs",
+    "debugfs": "e2fsprogs",
+    "gcc": "gcc",
+}
 VENV = "/opt/coredump/venv"
 # arch-capabilities off: nested KVM hosts refuse that MSR for a plain "-cpu host" (qemu aborts).
 KVM_CPU = "host,-arch-capabilities"
@@ -63,7 +71,7 @@ class Base:
     kernel: Path
     initrd: Path
     rootfs: Path
-    built_seconds: float | None     # None when it came from the cache
+    built_seconds: float | None  # None when it came from the cache
 
 
 def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
@@ -73,15 +81,32 @@ def _run(argv: list[str], **kw) -> subprocess.CompletedProcess:
 
 def ensure_host_tools() -> None:
     """Install the Debian packages this module runs, when missing (CI starts from a fresh machine)."""
-    missing = sorted({pkg for tool, pkg in HOST_PACKAGES.items() if shutil.which(tool) is None
-                      and not Path(f"/usr/sbin/{tool}").exists()})
+    missing = sorted(
+        {
+            pkg
+            for tool, pkg in HOST_PACKAGES.items()
+            if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()
+        }
+    )
     if not missing:
         return
     sudo = [] if os.geteuid() == 0 else ["sudo"]
     print(f"vm: installing {' '.join(missing)} (Debian packages)", file=sys.stderr)
     _run([*sudo, "apt-get", "update", "-qq"])
-    _run([*sudo, "env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-qq",
-          "--no-install-recommends", *missing], stdout=subprocess.DEVNULL)
+    _run(
+        [
+            *sudo,
+            "env",
+            "DEBIAN_FRONTEND=noninteractive",
+            "apt-get",
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            *missing,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def cache_root() -> Path:
@@ -91,10 +116,10 @@ def cache_root() -> Path:
 
 def kernel_package() -> tuple[str, str]:
     """The versioned kernel package the metapackage points at, and its candidate version."""
-    out = subprocess.run(["apt-cache", "depends", PINS["kernel_meta"]], capture_output=True, text=True,
-                         check=True).stdout
-    name = next(line.split()[-1] for line in out.splitlines()
-                if line.strip().startswith("Depends: linux-image-"))
+    out = subprocess.run(
+        ["apt-cache", "depends", PINS["kernel_meta"]], capture_output=True, text=True, check=True
+    ).stdout
+    name = next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("Depends: linux-image-"))
     pol = subprocess.run(["apt-cache", "policy", name], capture_output=True, text=True, check=True).stdout
     version = next(line.split()[-1] for line in pol.splitlines() if line.strip().startswith("Candidate:"))
     return name, version
@@ -115,7 +140,7 @@ def _modinfo_depends(ko: Path) -> list[str]:
     if i < 0:
         return []
     end = data.index(b"\0", i + 1)
-    value = data[i + len(b"\0depends="):end].decode()
+    value = data[i + len(b"\0depends=") : end].decode()
     return [d for d in value.split(",") if d]
 
 
@@ -156,8 +181,9 @@ def _cpio_newc(files: list[tuple[str, int, bytes]]) -> bytes:
 def build_initramfs(*, rootfs: Path, release: str, dest: Path) -> None:
     moddir = rootfs / "lib/modules" / release
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
-    entries: list[tuple[str, int, bytes]] = [(d, 0o40755, b"") for d in ("bin", "dev", "proc", "sys", "newroot",
-                                                                            "modules")]
+    entries: list[tuple[str, int, bytes]] = [
+        (d, 0o40755, b"") for d in ("bin", "dev", "proc", "sys", "newroot", "modules")
+    ]
     entries.append(("bin/busybox", 0o100755, busybox.read_bytes()))
     entries.append(("init", 0o100755, (GUEST_SRC / "initramfs-init").read_bytes()))
     for n, ko in enumerate(_module_order(moddir, PINS["initramfs_modules"])):
@@ -192,8 +218,12 @@ def build_base(*, directory: Path, kernel: tuple[str, str]) -> None:
     try:
         debs = work / "debs"
         debs.mkdir()
-        _run(["apt-get", "download", "-q", f"{kernel[0]}={kernel[1]}"], cwd=debs, stdout=subprocess.DEVNULL,
-             stderr=subprocess.DEVNULL)
+        _run(
+            ["apt-get", "download", "-q", f"{kernel[0]}={kernel[1]}"],
+            cwd=debs,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deb = next(debs.glob("*.deb"))
         # Unpacked aside, not over the root tree: the package's ./lib would replace the merged-/usr symlink.
         kdir = work / "kernel"
@@ -210,12 +240,19 @@ def build_base(*, directory: Path, kernel: tuple[str, str]) -> None:
             f'chroot "$1" python3 -m venv {VENV}',
             f'cp "{req}" "$1/tmp/requirements.txt" && cp -a "{wheels}" "$1/tmp/wheels"',
             f'chroot "$1" env -u PIP_FIND_LINKS -u PIP_CERT {VENV}/bin/pip install -q --no-cache-dir '
-            f'--disable-pip-version-check --no-index --find-links /tmp/wheels -r /tmp/requirements.txt',
+            f"--disable-pip-version-check --no-index --find-links /tmp/wheels -r /tmp/requirements.txt",
             'rm -rf "$1/tmp/requirements.txt" "$1/tmp/wheels"',
         ]
-        argv = ["mmdebstrap", "--quiet", "--mode=root", "--variant=minbase", f"--include={','.join(PINS['packages'])}",
-                "--dpkgopt=path-exclude=/usr/share/doc/*", "--dpkgopt=path-exclude=/usr/share/man/*",
-                "--dpkgopt=path-exclude=/usr/share/locale/*"]
+        argv = [
+            "mmdebstrap",
+            "--quiet",
+            "--mode=root",
+            "--variant=minbase",
+            f"--include={','.join(PINS['packages'])}",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+        ]
         argv += [f"--customize-hook={h}" for h in hooks]
         argv += [PINS["suite"], str(tree), PINS["mirror"]]
         _run(argv)
@@ -254,24 +291,33 @@ def ensure_base() -> Base:
     if not (directory / "rootfs.img").exists():
         directory.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        print(f"vm: building the guest image in {directory} (Debian {PINS['suite']}, {kernel[0]} {kernel[1]})",
-              file=sys.stderr)
+        print(
+            f"vm: building the guest image in {directory} (Debian {PINS['suite']}, {kernel[0]} {kernel[1]})",
+            file=sys.stderr,
+        )
         build_base(directory=directory, kernel=kernel)
         built = time.monotonic() - t0
-    return Base(directory=directory, kernel=directory / "vmlinuz", initrd=directory / "initrd",
-                rootfs=directory / "rootfs.img", built_seconds=built)
+    return Base(
+        directory=directory,
+        kernel=directory / "vmlinuz",
+        initrd=directory / "initrd",
+        rootfs=directory / "rootfs.img",
+        built_seconds=built,
+    )
 
 
 def build_project_disk(*, dest: Path, work: Path) -> None:
-    """``handler/`` (byte-compiled, so the guest's cold starts under TCG do not compile), the guest scripts, the crasher."""
+    """``handler/`` (byte-compiled, so the guest's cold starts under TCG do not compile), the guest scripts, the
+    crasher."""
     stage = work / "project"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     shutil.copytree(REPO / "handler", stage / "handler", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(GUEST_SRC, stage / "guest", ignore=shutil.ignore_patterns("__pycache__"))
     # Same bytecode magic as the guest's Python (both 3.11); unchecked: the files never change in the guest.
-    compileall.compile_dir(str(stage), quiet=1,
-                           invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH)
+    compileall.compile_dir(
+        str(stage), quiet=1, invalidation_mode=compileall.py_compile.PycInvalidationMode.UNCHECKED_HASH
+    )
     _run(["gcc", "-static", "-g", "-O0", "-o", str(stage / "crasher"), str(GUEST_SRC / "crasher.c")])
     mke2fs(src=stage, dest=dest, size_mb=max(64, _dir_bytes(stage) * 2 >> 20), label="project")
 
@@ -293,9 +339,29 @@ def kvm_usable(*, kernel: Path, work: Path) -> bool:
     console = work / "kvm-probe.log"
     console.unlink(missing_ok=True)
     try:
-        subprocess.run(["qemu-system-x86_64", "-enable-kvm", "-cpu", KVM_CPU, "-m", "256", "-nodefaults",
-                        "-no-reboot", "-display", "none", "-serial", f"file:{console}", "-kernel", str(kernel),
-                        "-append", "console=ttyS0 panic=-1"], check=False, timeout=20, capture_output=True)
+        subprocess.run(
+            [
+                "qemu-system-x86_64",
+                "-enable-kvm",
+                "-cpu",
+                KVM_CPU,
+                "-m",
+                "256",
+                "-nodefaults",
+                "-no-reboot",
+                "-display",
+                "none",
+                "-serial",
+                f"file:{console}",
+                "-kernel",
+                str(kernel),
+                "-append",
+                "console=ttyS0 panic=-1",
+            ],
+            check=False,
+            timeout=20,
+            capture_output=True,
+        )
     except subprocess.TimeoutExpired:
         pass
     text = console.read_text(errors="replace") if console.exists() else ""
@@ -307,8 +373,8 @@ def kvm_usable(*, kernel: Path, work: Path) -> bool:
 
 @dataclass
 class Boot:
-    results: Path            # the guest's /results, read back
-    console: str             # serial console output
+    results: Path  # the guest's /results, read back
+    console: str  # serial console output
     accel: str
     seconds: float
 
@@ -320,8 +386,16 @@ def boot(*, base: Base, project: Path, work: Path, timeout: float, cpus: int = 2
     console = work / "console.log"
     kvm = kvm_usable(kernel=base.kernel, work=work)
     t0 = time.monotonic()
-    _qemu(kvm=kvm, base=base, project=project, results_img=results_img, console=console, timeout=timeout,
-          cpus=cpus, memory_mb=memory_mb)
+    _qemu(
+        kvm=kvm,
+        base=base,
+        project=project,
+        results_img=results_img,
+        console=console,
+        timeout=timeout,
+        cpus=cpus,
+        memory_mb=memory_mb,
+    )
     seconds = time.monotonic() - t0
     out = work / "results"
     shutil.rmtree(out, ignore_errors=True)
@@ -331,17 +405,37 @@ def boot(*, base: Base, project: Path, work: Path, timeout: float, cpus: int = 2
     return Boot(results=out, console=text, accel="kvm" if kvm else "tcg", seconds=seconds)
 
 
-def _qemu(*, kvm: bool, base: Base, project: Path, results_img: Path, console: Path, timeout: float, cpus: int,
-          memory_mb: int) -> int:
+def _qemu(
+    *, kvm: bool, base: Base, project: Path, results_img: Path, console: Path, timeout: float, cpus: int, memory_mb: int
+) -> int:
     console.unlink(missing_ok=True)
     accel = ["-enable-kvm", "-cpu", KVM_CPU] if kvm else ["-accel", "tcg", "-cpu", "max"]
-    argv = ["qemu-system-x86_64", *accel, "-smp", str(cpus), "-m", str(memory_mb), "-nodefaults", "-no-reboot",
-            "-display", "none", "-serial", f"file:{console}",
-            "-kernel", str(base.kernel), "-initrd", str(base.initrd),
-            "-append", "console=ttyS0 panic=-1 quiet loglevel=4",
-            "-drive", f"file={base.rootfs},if=virtio,format=raw,snapshot=on",
-            "-drive", f"file={project},if=virtio,format=raw,readonly=on",
-            "-drive", f"file={results_img},if=virtio,format=raw"]
+    argv = [
+        "qemu-system-x86_64",
+        *accel,
+        "-smp",
+        str(cpus),
+        "-m",
+        str(memory_mb),
+        "-nodefaults",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-serial",
+        f"file:{console}",
+        "-kernel",
+        str(base.kernel),
+        "-initrd",
+        str(base.initrd),
+        "-append",
+        "console=ttyS0 panic=-1 quiet loglevel=4",
+        "-drive",
+        f"file={base.rootfs},if=virtio,format=raw,snapshot=on",
+        "-drive",
+        f"file={project},if=virtio,format=raw,readonly=on",
+        "-drive",
+        f"file={results_img},if=virtio,format=raw",
+    ]
     logger.info("+ %s", " ".join(argv))
     try:
         return subprocess.run(argv, check=False, timeout=timeout, stdin=subprocess.DEVNULL).returncode

@@ -5,6 +5,7 @@ The guest (``guest/runner.py``) makes the crashes and records what happened; the
 user relies on: files on the NFS server, the node's recorder, exit statuses, the guest kernel's log and sysctls.
 Scenario 7 (backtrace and objects capture) waits for the self-explaining-crashes issue.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -27,8 +28,12 @@ def _assert_filed(crash: dict, entry: dict) -> None:
     """Filed under the right pod, committed (data and metadata, no temp file), intact, and gdb reads it."""
     pod, meta = crash["pod"], entry["meta"]
     assert entry["path"].split("/")[:4] == [pod["namespace"], pod["pod"], pod["podUID"], pod["container"]]
-    assert (meta["namespace"], meta["pod"], meta["podUID"], meta["container"]) == \
-        (pod["namespace"], pod["pod"], pod["podUID"], pod["container"])
+    assert (meta["namespace"], meta["pod"], meta["podUID"], meta["container"]) == (
+        pod["namespace"],
+        pod["pod"],
+        pod["podUID"],
+        pod["container"],
+    )
     assert meta["containerID"] == f"containerd://{pod['containerID']}"
     core_id = entry["path"].rsplit("/", 1)[1].removesuffix(".json")
     assert {f"{core_id}.core.gz", f"{core_id}.json"} <= set(entry["containerDirFiles"])
@@ -76,7 +81,7 @@ def test_agent_killed_cores_spool_and_drain_intact(guest: GuestRun) -> None:
     for crash in d["crashes"]:
         entry = _stored_for(crash, d["stored"])
         _assert_filed(crash, entry)
-        assert entry["rawSha256"] in spooled      # byte for byte what the shim spooled
+        assert entry["rawSha256"] in spooled  # byte for byte what the shim spooled
         assert entry["meta"]["pid"] == crash["pid"] and entry["meta"]["signal"] == crash["signal"]
     assert d["spoolAfter"] == []
 
@@ -90,7 +95,7 @@ def test_crashes_beyond_core_pipe_limit_are_skipped_by_the_kernel(guest: GuestRu
     assert len(d["stored"]) + len(skipped) == n, (d["stored"].keys(), d["kernelLog"])
     assert 1 <= len(d["stored"]) and skipped
     for crash in d["crashes"]:
-        assert crash["exitStatus"] == 128 + 11       # every process died of its signal, none was held
+        assert crash["exitStatus"] == 128 + 11  # every process died of its signal, none was held
     for pid, meta in d["stored"].items():
         assert meta["pid"] == int(pid)
 
@@ -102,7 +107,7 @@ def test_read_only_storage_neither_holds_the_process_nor_loses_the_core(guest: G
     assert crash["exitStatus"] == 128 + 11
     assert not d["onNfsWhileReadOnly"]
     assert d["spooledWhileReadOnly"], d["shimLog"]
-    entry = _stored_for(crash, d["stored"])        # drained once the export is writable again
+    entry = _stored_for(crash, d["stored"])  # drained once the export is writable again
     _assert_filed(crash, entry)
     assert d["spoolAfter"] == []
 
@@ -116,13 +121,13 @@ def test_rolling_restart_loses_no_crash(guest: GuestRun, kind: str) -> None:
     assert d["storedPids"] == pids
     assert d["patterns"] == [guest.scenario("6_rollout_uninstall")["ours"]]
     assert d["oldExit"] == 0
-    assert d["pidFile"] == str(d["newPid"])       # the old agent's shutdown did not unpublish the new one
+    assert d["pidFile"] == str(d["newPid"])  # the old agent's shutdown did not unpublish the new one
 
 
 def test_uninstall_restores_the_node_core_pattern_exactly(guest: GuestRun) -> None:
     d = guest.scenario("6_rollout_uninstall")
     assert d["uninstallExit"] == 0, d["uninstallOutput"]
-    assert d["stoppedAgent"]["kernel.core_pattern"] == d["ours"]     # a stopped agent keeps the shim in place
+    assert d["stoppedAgent"]["kernel.core_pattern"] == d["ours"]  # a stopped agent keeps the shim in place
     assert d["afterUninstall"] == d["beforeAgent"]
     assert d["beforeAgent"]["kernel.core_pattern"] == "|/project/guest/recorder.sh %P %s %e"
     assert not d["shimLeft"]

@@ -12,6 +12,7 @@ DaemonSet pod; the node's previous ``core_pattern`` is ``recorder.sh``. "Pod" pr
 directories named as the kubelet names them, in their own pid and mount namespaces, with the kubelet's
 ``/var/log/containers`` link that names their pod.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -37,7 +38,7 @@ HOST_DIR = Path("/var/lib/coredump")
 SPOOL = HOST_DIR / "spool"
 CGROUP = Path("/sys/fs/cgroup")
 SYSCTL = Path("/proc/sys")
-WAIT = 120.0    # seconds any one expected file may take to appear (TCG is slow; this is not a bound under test)
+WAIT = 120.0  # seconds any one expected file may take to appear (TCG is slow; this is not a bound under test)
 
 
 def log(msg: str) -> None:
@@ -103,7 +104,8 @@ def start_nfs() -> None:
 
 def set_export(*, rw: bool) -> None:
     Path("/etc/exports").write_text(
-        f"{EXPORT} 127.0.0.1({'rw' if rw else 'ro'},sync,no_subtree_check,no_root_squash,fsid=0)\n")
+        f"{EXPORT} 127.0.0.1({'rw' if rw else 'ro'},sync,no_subtree_check,no_root_squash,fsid=0)\n"
+    )
     sh("exportfs", "-ra")
     sh("exportfs", "-f")
 
@@ -115,14 +117,18 @@ class Pod:
     uid: str
     container: str
     cid: str
-    shape: str = "systemd"      # or "cgroupfs"
+    shape: str = "systemd"  # or "cgroupfs"
 
     @property
     def cgroup(self) -> Path:
         if self.shape == "systemd":
             u = self.uid.replace("-", "_")
-            return (CGROUP / "kubepods.slice/kubepods-burstable.slice" / f"kubepods-burstable-pod{u}.slice"
-                    / f"cri-containerd-{self.cid}.scope")
+            return (
+                CGROUP
+                / "kubepods.slice/kubepods-burstable.slice"
+                / f"kubepods-burstable-pod{u}.slice"
+                / f"cri-containerd-{self.cid}.scope"
+            )
         return CGROUP / "kubepods/burstable" / f"pod{self.uid}" / self.cid
 
     def create(self) -> "Pod":
@@ -137,14 +143,21 @@ class Pod:
         return self
 
     def to_json(self) -> dict:
-        return {"namespace": self.namespace, "pod": self.name, "podUID": self.uid, "container": self.container,
-                "containerID": self.cid, "shape": self.shape}
+        return {
+            "namespace": self.namespace,
+            "pod": self.name,
+            "podUID": self.uid,
+            "container": self.container,
+            "containerID": self.cid,
+            "shape": self.shape,
+        }
 
 
 def make_pod(n: int, *, shape: str = "systemd", namespace: str = "team-a") -> Pod:
     uid = f"{n:08x}-5b7e-4c1d-9f00-1234567890ab"
-    return Pod(namespace=namespace, name=f"app-{n}", uid=uid, container="main", cid=f"{n:08x}" * 8,
-               shape=shape).create()
+    return Pod(
+        namespace=namespace, name=f"app-{n}", uid=uid, container="main", cid=f"{n:08x}" * 8, shape=shape
+    ).create()
 
 
 OUTSIDE = CGROUP / "system.slice" / "crash-test.service"
@@ -153,7 +166,7 @@ OUTSIDE = CGROUP / "system.slice" / "crash-test.service"
 class Crasher:
     """A crashing process held at a read on stdin until :meth:`trigger`; its host pid, exe and comm are known."""
 
-    claimed: set[int] = set()   # pids already taken by a Crasher (several may share a pod's cgroup)
+    claimed: set[int] = set()  # pids already taken by a Crasher (several may share a pod's cgroup)
 
     def __init__(self, *, pod: Pod | None, mode: str = "segv") -> None:
         cg = pod.cgroup if pod is not None else OUTSIDE
@@ -163,8 +176,12 @@ class Crasher:
         self.mode = mode
         script = f"echo $$ >{cg}/cgroup.procs && ulimit -c unlimited && {CRASHER} {mode} wait; exit $?"
         # Its own pid and mount namespace, as in a container: sh is the namespace's pid 1, the crasher pid 2.
-        self.proc = subprocess.Popen(["unshare", "--pid", "--fork", "--mount", "--", "sh", "-c", script],
-                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--mount", "--", "sh", "-c", script],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         self.pid = wait_for(self._find, timeout=60, interval=0.05)
         if not self.pid:
             raise RuntimeError(f"crasher did not start in {cg}")
@@ -187,8 +204,10 @@ class Crasher:
             try:
                 if Path(f"/proc/{p}/comm").read_text().strip() == "crasher":
                     # Wait until it is at its read: its filler is written and the core will be whole.
-                    if "pipe_read" in Path(f"/proc/{p}/wchan").read_text() or \
-                            Path(f"/proc/{p}/stat").read_text().split(")")[1].split()[0] == "S":
+                    if (
+                        "pipe_read" in Path(f"/proc/{p}/wchan").read_text()
+                        or Path(f"/proc/{p}/stat").read_text().split(")")[1].split()[0] == "S"
+                    ):
                         Crasher.claimed.add(int(p))
                         return int(p)
             except OSError:
@@ -207,10 +226,17 @@ class Crasher:
         return self.to_json()
 
     def to_json(self) -> dict:
-        return {"pid": self.pid, "nsPid": self.ns_pid, "exe": self.exe, "comm": self.comm, "mode": self.mode,
-                "signal": 11 if self.mode == "segv" else 6, "pod": self.pod.to_json() if self.pod else None,
-                "exitStatus": self.returncode,
-                "heldSeconds": None if self.t_exit is None or self.t_trigger is None else self.t_exit - self.t_trigger}
+        return {
+            "pid": self.pid,
+            "nsPid": self.ns_pid,
+            "exe": self.exe,
+            "comm": self.comm,
+            "mode": self.mode,
+            "signal": 11 if self.mode == "segv" else 6,
+            "pod": self.pod.to_json() if self.pod else None,
+            "exitStatus": self.returncode,
+            "heldSeconds": None if self.t_exit is None or self.t_trigger is None else self.t_exit - self.t_trigger,
+        }
 
 
 def crash(pod: Pod | None, mode: str = "segv") -> dict:
@@ -234,8 +260,11 @@ def stored_cores() -> dict[int, dict]:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             continue
-        found[int(meta.get("pid") or 0)] = {"meta": meta, "path": str(meta_path.relative_to(EXPORT)),
-                                          "core": str(meta_path.with_suffix(".core.gz").relative_to(EXPORT))}
+        found[int(meta.get("pid") or 0)] = {
+            "meta": meta,
+            "path": str(meta_path.relative_to(EXPORT)),
+            "core": str(meta_path.with_suffix(".core.gz").relative_to(EXPORT)),
+        }
     return found
 
 
@@ -245,8 +274,14 @@ def examine(entry: dict) -> dict:
     raw = gzip.decompress(core_gz.read_bytes())
     tmp = Path("/tmp/examine.core")
     tmp.write_bytes(raw)
-    out = dict(entry, coreExists=True, rawSha256=sha256(raw), rawSize=len(raw), backtrace=gdb_bt(tmp),
-               containerDirFiles=sorted(p.name for p in core_gz.parent.iterdir()))
+    out = dict(
+        entry,
+        coreExists=True,
+        rawSha256=sha256(raw),
+        rawSize=len(raw),
+        backtrace=gdb_bt(tmp),
+        containerDirFiles=sorted(p.name for p in core_gz.parent.iterdir()),
+    )
     tmp.unlink()
     return out
 
@@ -282,16 +317,45 @@ class Agent:
 
     def __init__(self, *extra: str, name: str = "agent") -> None:
         self.log_path = Path(f"/results/{name}-{int(time.time() * 1000) % 10**8}.log")
-        args = " ".join(f"'{a}'" for a in (
-            "--host-root", "/host", "--host-dir", str(HOST_DIR), "--storage-root", "/storage",
-            "--crictl", "", "--no-events", "--metrics-port", "0", "--metrics-bind-address", "127.0.0.1",
-            "--drain-interval", "1s", "--watch-interval", "1s", "--node-name", "vm-node", "--rate-first", "1000",
-            "-v", *extra))
-        script = ("mount --rbind / /host && mount -t nfs4 -o vers=4.2 127.0.0.1:/ /storage && "
-                  f"exec {VENV}/bin/coredump-agent {args}")
+        args = " ".join(
+            f"'{a}'"
+            for a in (
+                "--host-root",
+                "/host",
+                "--host-dir",
+                str(HOST_DIR),
+                "--storage-root",
+                "/storage",
+                "--crictl",
+                "",
+                "--no-events",
+                "--metrics-port",
+                "0",
+                "--metrics-bind-address",
+                "127.0.0.1",
+                "--drain-interval",
+                "1s",
+                "--watch-interval",
+                "1s",
+                "--node-name",
+                "vm-node",
+                "--rate-first",
+                "1000",
+                "-v",
+                *extra,
+            )
+        )
+        script = (
+            "mount --rbind / /host && mount -t nfs4 -o vers=4.2 127.0.0.1:/ /storage && "
+            f"exec {VENV}/bin/coredump-agent {args}"
+        )
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script],
-                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         self.pid = self.proc.pid
 
     def ready(self) -> bool:
@@ -315,9 +379,16 @@ class Agent:
 
 
 def uninstall() -> subprocess.CompletedProcess:
-    return sh("unshare", "--mount", "--", "sh", "-c",
-              f"mount --rbind / /host && exec {VENV}/bin/coredump-agent uninstall --host-root /host "
-              f"--host-dir {HOST_DIR} --storage-root /storage", check=False)
+    return sh(
+        "unshare",
+        "--mount",
+        "--",
+        "sh",
+        "-c",
+        f"mount --rbind / /host && exec {VENV}/bin/coredump-agent uninstall --host-root /host "
+        f"--host-dir {HOST_DIR} --storage-root /storage",
+        check=False,
+    )
 
 
 def node_sysctls() -> dict:
@@ -349,8 +420,13 @@ def scenario_reference(node: Node) -> dict:
     c = crash(None)
     wait_for(lambda: (RECORDED / f"{c['pid']}.args").exists())
     core = RECORDED / f"{c['pid']}.core"
-    return {"crash": c, "args": (RECORDED / f"{c['pid']}.args").read_text().splitlines(),
-            "coreSize": core.stat().st_size, "backtrace": gdb_bt(core), "sysctls": node.before}
+    return {
+        "crash": c,
+        "args": (RECORDED / f"{c['pid']}.args").read_text().splitlines(),
+        "coreSize": core.stat().st_size,
+        "backtrace": gdb_bt(core),
+        "sysctls": node.before,
+    }
 
 
 def scenario_1_pod_crash(node: Node) -> dict:
@@ -358,8 +434,12 @@ def scenario_1_pod_crash(node: Node) -> dict:
     pods = [make_pod(1, shape="systemd"), make_pod(2, shape="cgroupfs")]
     crashes = [crash(pods[0], "segv"), crash(pods[1], "abort")]
     stored = wait_stored([c["pid"] for c in crashes])
-    return {"crashes": crashes, "stored": {str(k): v for k, v in stored.items()}, "spool": spool_listing(),
-            "sysctls": node_sysctls()}
+    return {
+        "crashes": crashes,
+        "stored": {str(k): v for k, v in stored.items()},
+        "spool": spool_listing(),
+        "sysctls": node_sysctls(),
+    }
 
 
 def scenario_2_foreign(node: Node) -> dict:
@@ -367,10 +447,15 @@ def scenario_2_foreign(node: Node) -> dict:
     c = crash(None)
     wait_for(lambda: (RECORDED / f"{c['pid']}.args").exists())
     core = RECORDED / f"{c['pid']}.core"
-    return {"crash": c, "args": (RECORDED / f"{c['pid']}.args").read_text().splitlines()
-            if (RECORDED / f"{c['pid']}.args").exists() else None,
-            "coreSize": core.stat().st_size if core.exists() else None,
-            "backtrace": gdb_bt(core) if core.exists() else "", "onNfs": c["pid"] in stored_cores()}
+    return {
+        "crash": c,
+        "args": (RECORDED / f"{c['pid']}.args").read_text().splitlines()
+        if (RECORDED / f"{c['pid']}.args").exists()
+        else None,
+        "coreSize": core.stat().st_size if core.exists() else None,
+        "backtrace": gdb_bt(core) if core.exists() else "",
+        "onNfs": c["pid"] in stored_cores(),
+    }
 
 
 def scenario_3_agent_killed(node: Node) -> dict:
@@ -383,8 +468,14 @@ def scenario_3_agent_killed(node: Node) -> dict:
     node.agent = Agent().wait_ready()
     stored = wait_stored([c["pid"] for c in crashes])
     wait_for(lambda: not spool_listing(), timeout=30)
-    return {"killExit": rc, "crashes": crashes, "spooledWhileAway": spooled, "onNfsWhileAway": on_nfs_before,
-            "stored": {str(k): v for k, v in stored.items()}, "spoolAfter": spool_listing()}
+    return {
+        "killExit": rc,
+        "crashes": crashes,
+        "spooledWhileAway": spooled,
+        "onNfsWhileAway": on_nfs_before,
+        "stored": {str(k): v for k, v in stored.items()},
+        "spoolAfter": spool_listing(),
+    }
 
 
 def scenario_4_pipe_limit(node: Node, *, limit: int = 2, n: int = 6) -> dict:
@@ -397,11 +488,16 @@ def scenario_4_pipe_limit(node: Node, *, limit: int = 2, n: int = 6) -> dict:
     results = [c.wait() for c in crashers]
     pids = [c["pid"] for c in results]
     wait_for(lambda: len([p for p in pids if p in stored_cores()]) >= min(limit, n), timeout=WAIT)
-    time.sleep(5)   # anything still on its way
+    time.sleep(5)  # anything still on its way
     stored = {p: stored_cores()[p]["meta"] for p in pids if p in stored_cores()}
-    out = {"limit": limit, "sysctlLimit": sysctl_read("kernel.core_pipe_limit"), "crashes": results,
-           "stored": {str(k): v for k, v in stored.items()}, "spool": spool_listing(),
-           "kernelLog": kmsg_lines()[dmesg_before:]}
+    out = {
+        "limit": limit,
+        "sysctlLimit": sysctl_read("kernel.core_pipe_limit"),
+        "crashes": results,
+        "stored": {str(k): v for k, v in stored.items()},
+        "spool": spool_listing(),
+        "kernelLog": kmsg_lines()[dmesg_before:],
+    }
     node.restart_agent()
     return out
 
@@ -420,10 +516,16 @@ def scenario_5_readonly(node: Node) -> dict:
     finally:
         set_export(rw=True)
     stored = wait_stored([c["pid"]])
-    return {"crash": c, "stallTimeout": cfg.get("stall_timeout"), "storageTimeout": cfg.get("storage_timeout"),
-            "spooledWhileReadOnly": spooled, "onNfsWhileReadOnly": on_nfs,
-            "stored": {str(k): v for k, v in stored.items()}, "shimLog": shim_log[-4000:],
-            "spoolAfter": spool_listing()}
+    return {
+        "crash": c,
+        "stallTimeout": cfg.get("stall_timeout"),
+        "storageTimeout": cfg.get("storage_timeout"),
+        "spooledWhileReadOnly": spooled,
+        "onNfsWhileReadOnly": on_nfs,
+        "stored": {str(k): v for k, v in stored.items()},
+        "shimLog": shim_log[-4000:],
+        "spoolAfter": spool_listing(),
+    }
 
 
 class CrashLoop(threading.Thread):
@@ -453,12 +555,12 @@ def _rollout(node: Node, *, surge: bool, pod: Pod) -> dict:
     old = node.agent
     assert old is not None
     if surge:
-        new = Agent().wait_ready()      # the new pod starts before the old one is gone (maxSurge)
+        new = Agent().wait_ready()  # the new pod starts before the old one is gone (maxSurge)
         old_rc = old.stop()
     else:
-        old_rc = old.stop()             # maxUnavailable: the old pod goes, then the new one comes
+        old_rc = old.stop()  # maxUnavailable: the old pod goes, then the new one comes
         mid = len(loop.crashes)
-        wait_for(lambda: len(loop.crashes) >= mid + 1, timeout=WAIT)   # at least one crash with no agent
+        wait_for(lambda: len(loop.crashes) >= mid + 1, timeout=WAIT)  # at least one crash with no agent
         new = Agent().wait_ready()
     node.agent = new
     n = len(loop.crashes)
@@ -468,11 +570,19 @@ def _rollout(node: Node, *, surge: bool, pod: Pod) -> dict:
     pids = [c["pid"] for c in loop.crashes]
     wait_for(lambda: all(p in stored_cores() for p in pids), timeout=WAIT, interval=0.5)
     have = stored_cores()
-    return {"surge": surge, "oldExit": old_rc, "crashes": loop.crashes, "patterns": sorted(set(loop.patterns)),
-            "storedPids": [p for p in pids if p in have], "loopError": loop.error, "spoolAfter": spool_listing(),
-            "pidFile": ((HOST_DIR / "agent.pid").read_text().split() or [None])[0]
-            if (HOST_DIR / "agent.pid").exists() else None,
-            "newPid": new.pid}
+    return {
+        "surge": surge,
+        "oldExit": old_rc,
+        "crashes": loop.crashes,
+        "patterns": sorted(set(loop.patterns)),
+        "storedPids": [p for p in pids if p in have],
+        "loopError": loop.error,
+        "spoolAfter": spool_listing(),
+        "pidFile": ((HOST_DIR / "agent.pid").read_text().split() or [None])[0]
+        if (HOST_DIR / "agent.pid").exists()
+        else None,
+        "newPid": new.pid,
+    }
 
 
 def scenario_6_rollout_uninstall(node: Node) -> dict:
@@ -488,14 +598,30 @@ def scenario_6_rollout_uninstall(node: Node) -> dict:
     after = node_sysctls()
     c = crash(make_pod(9))
     wait_for(lambda: (RECORDED / f"{c['pid']}.args").exists(), timeout=WAIT)
-    return {"ours": ours, "rolling": rolling, "surge": surge, "beforeAgent": node.before, "stoppedAgent": during,
-            "afterUninstall": after, "uninstallExit": proc.returncode, "uninstallOutput": proc.stdout + proc.stderr,
-            "shimLeft": (HOST_DIR / "shim").exists(), "crashAfterUninstall": c,
-            "recordedAfterUninstall": (RECORDED / f"{c['pid']}.args").exists()}
+    return {
+        "ours": ours,
+        "rolling": rolling,
+        "surge": surge,
+        "beforeAgent": node.before,
+        "stoppedAgent": during,
+        "afterUninstall": after,
+        "uninstallExit": proc.returncode,
+        "uninstallOutput": proc.stdout + proc.stderr,
+        "shimLeft": (HOST_DIR / "shim").exists(),
+        "crashAfterUninstall": c,
+        "recordedAfterUninstall": (RECORDED / f"{c['pid']}.args").exists(),
+    }
 
 
-SCENARIOS = [scenario_reference, scenario_1_pod_crash, scenario_2_foreign, scenario_3_agent_killed,
-             scenario_4_pipe_limit, scenario_5_readonly, scenario_6_rollout_uninstall]
+SCENARIOS = [
+    scenario_reference,
+    scenario_1_pod_crash,
+    scenario_2_foreign,
+    scenario_3_agent_killed,
+    scenario_4_pipe_limit,
+    scenario_5_readonly,
+    scenario_6_rollout_uninstall,
+]
 
 
 def main(results: Path) -> int:
