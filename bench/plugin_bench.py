@@ -49,7 +49,7 @@ from plugin_harness import (  # noqa: E402
     ProxyRule,
     build_crasher,
     crash,
-    free_port,  # noqa: E402
+    free_port,
     import_core,
     kubeconfig_via,
 )

@@ -42,18 +42,18 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from apiserver.registry.autocreate import AutoCreator  # noqa: E402
-from apiserver.registry.coredata import CoreData  # noqa: E402
-from apiserver.registry.endpoints import EndpointRegistry  # noqa: E402
-from apiserver.registry.memory import MemoryStore  # noqa: E402
-from apiserver.registry.statusreconciler import StatusReconciler  # noqa: E402
-from apiserver.retention import plan as plan_mod  # noqa: E402
-from apiserver.retention.index import StatusIndex, status_index  # noqa: E402
-from apiserver.retention.plan import IndexedCore  # noqa: E402
-from apiserver.retention.policy import Policy  # noqa: E402
-from apiserver.retention.runner import Retention  # noqa: E402
-from apiserver.retention.storage import Ops  # noqa: E402
-from handler import layout  # noqa: E402
+from apiserver.registry.autocreate import AutoCreator
+from apiserver.registry.coredata import CoreData
+from apiserver.registry.endpoints import EndpointRegistry
+from apiserver.registry.memory import MemoryStore
+from apiserver.registry.statusreconciler import StatusReconciler
+from apiserver.retention import plan as plan_mod
+from apiserver.retention.index import StatusIndex, status_index
+from apiserver.retention.plan import IndexedCore
+from apiserver.retention.policy import Policy
+from apiserver.retention.runner import Retention
+from apiserver.retention.storage import Ops
+from handler import layout
 
 NOW = datetime.now(timezone.utc).replace(microsecond=0)
 POLICY = Policy(max_age=30 * 86400)

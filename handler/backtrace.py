@@ -91,7 +91,7 @@ def unwind(
     missing: list[str] = []
     try:
         modules = [m for m, _new in prog.loaded_modules()]
-    except Exception as e:  # noqa: BLE001 - drgn raises several kinds for a damaged link map
+    except Exception as e:  # drgn raises several kinds for a damaged link map
         modules = []
         missing.append(f"module list: {e}")
     for module in modules:

@@ -206,7 +206,7 @@ def capture(
     ).start()
     try:
         ident = resolve_pod(cfg, pid=spec.pid, cgroup_text=cgroup_text)
-    except Exception:  # noqa: BLE001 - bytes are already being read: spool rather than fail
+    except Exception:  # bytes are already being read: spool rather than fail
         logger.exception("resolving pid %d failed; spooling", spec.pid)
         ident = cg
     exe = _exe_path(cfg, spec.pid) or spec.exe
@@ -288,7 +288,7 @@ def capture(
             },
         )
         return EXIT_STALLED
-    except Exception as e:  # noqa: BLE001 - any failure is one clear log line and an outcome, never a hang
+    except Exception as e:  # any failure is one clear log line and an outcome, never a hang
         logger.exception("core of pid %d could not be filed", spec.pid)
         write_outcome(
             cfg.outcomes_dir,

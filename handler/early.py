@@ -164,7 +164,7 @@ class ChunkReader:
                     self.pool.give(buf)
                 if filled < self.chunk_size:
                     break
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+        except BaseException as e:  # handed to the consumer
             self.error = e
         finally:
             self.queue.put(self._EOF)

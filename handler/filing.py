@@ -293,7 +293,7 @@ def _explain(cfg: HandlerConfig, stored: layout.StoredCore, sparse: Path, target
             ),
         )
         return layout.amend_metadata(stored, extra)
-    except Exception as e:  # noqa: BLE001 - the core is committed; explaining it is a bonus
+    except Exception as e:  # the core is committed; explaining it is a bonus
         logger.error("core %s: no backtrace (%s)", stored.ref.core_id, e, extra={"core": stored.ref.core_id})
         return stored
 

@@ -119,7 +119,7 @@ class _Run:
                     self.sink(out)
                     self.written_seq += 1
                     self.turn.notify_all()
-        except BaseException as e:  # noqa: BLE001 - re-raised by ingest() in the caller's thread
+        except BaseException as e:  # re-raised by ingest() in the caller's thread
             with self.turn:
                 if self.error is None:
                     self.error = e

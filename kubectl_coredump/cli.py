@@ -206,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = 130
     except BrokenPipeError:
         code = Exit.ERROR
-    except Exception as exc:  # noqa: BLE001 - one line for the user; the traceback on request
+    except Exception as exc:  # one line for the user; the traceback on request
         if os.environ.get("KUBECTL_COREDUMP_DEBUG"):
             raise
         _err(f"error: unexpected {type(exc).__name__}: {exc} (set KUBECTL_COREDUMP_DEBUG=1 for the traceback)")

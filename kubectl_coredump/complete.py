@@ -96,23 +96,23 @@ def _flag(flags: dict[str, str], *names: str) -> str | None:
 def _options(parser: argparse.ArgumentParser) -> list[tuple[str, str]]:
     return [
         (option, action.help or "")
-        for action in parser._actions  # noqa: SLF001 - argparse has no public list
+        for action in parser._actions  # argparse has no public list
         for option in action.option_strings
         if option.startswith("--") or len(option) == 2
     ]
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    for action in parser._actions:  # noqa: SLF001
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
             return dict(action.choices)
     return {}
 
 
 def _help_of(parser: argparse.ArgumentParser) -> dict[str, str]:
-    for action in parser._actions:  # noqa: SLF001
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
-            return {choice.dest: choice.help or "" for choice in action._choices_actions}  # noqa: SLF001
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return {choice.dest: choice.help or "" for choice in action._choices_actions}
     return {}
 
 
@@ -217,7 +217,7 @@ def main(words: Sequence[str]) -> int:
     """``kubectl-coredump __complete WORDS...``: print the candidates and the directive; never fail loudly."""
     try:
         found, directive = candidates(words)
-    except Exception:  # noqa: BLE001 - a completion that cannot ask the cluster offers nothing, silently
+    except Exception:  # a completion that cannot ask the cluster offers nothing, silently
         found, directive = [], NO_FILES
     prefix = (list(words) or [""])[-1]
     for value, description in found:

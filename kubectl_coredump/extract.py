@@ -139,7 +139,7 @@ class _Writer:
             try:
                 if self._error is None:
                     self._consume(chunk)
-            except BaseException as exc:  # noqa: BLE001 - reported to the producer by buffer()/close()
+            except BaseException as exc:  # reported to the producer by buffer()/close()
                 self._error = exc
             self._free.put(memoryview(chunk.obj))  # the whole buffer the chunk is a slice of
 
@@ -476,11 +476,11 @@ class ExtractSink:
             if not self._future.done():
                 try:
                     self._put(RuntimeError("download failed"))
-                except BaseException:  # noqa: BLE001 - the download's own error is the one to report
+                except BaseException:  # the download's own error is the one to report
                     pass
             try:
                 self._future.result()  # let it clean up its partial files before the error is reported
-            except BaseException:  # noqa: BLE001 - the download's own error is the one to report
+            except BaseException:  # the download's own error is the one to report
                 pass
         self._pool.shutdown(wait=False)
 

@@ -65,7 +65,7 @@ def kubeconfig_paths(*, flag: str | None, environ: Mapping[str, str]) -> tuple[s
 def _read(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as handle:
-            data = yaml.load(handle, Loader=_LOADER)  # noqa: S506 - a safe loader (libyaml's when built)
+            data = yaml.load(handle, Loader=_LOADER)  # a safe loader (libyaml's when built)
     except FileNotFoundError:
         return {}
     except (OSError, yaml.YAMLError) as exc:

@@ -149,7 +149,7 @@ class AutoCreator:
             namespace, pod, uid = key
             try:
                 await self.reconciler.reconcile(namespace=namespace, pod=pod, uid=uid)
-            except Exception as error:  # noqa: BLE001 - one failed write (etcd blip) must not stop the pass
+            except Exception as error:  # one failed write (etcd blip) must not stop the pass
                 logger.warning("status of %s/%s not updated: %s; retried at the next pass", namespace, pod, error)
                 continue
             if key in newest and key not in failed:
@@ -187,6 +187,6 @@ class AutoCreator:
                 await self.scan()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a bad pass (storage hiccup, etcd down) must not end them
+            except Exception:  # a bad pass (storage hiccup, etcd down) must not end them
                 logger.exception("full endpoint and status pass failed")
             await asyncio.sleep(interval)

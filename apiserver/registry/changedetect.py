@@ -123,7 +123,7 @@ class ChangeDetector:
                 await self.on_change(namespace=namespace, pod=pod, uid=uid)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # noqa: BLE001 - one failed re-read must not stop the detector
+            except Exception as error:  # one failed re-read must not stop the detector
                 logger.warning("cores of %s/%s not re-read: %s; retried at the next change", namespace, pod, error)
                 # Forget this incarnation's signature so the next pass tries again.
                 self._last.pop((namespace, pod, uid), None)

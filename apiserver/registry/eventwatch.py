@@ -111,7 +111,7 @@ class PendingIncarnations:
                     await self.handler(namespace=namespace, pod=pod, uid=uid)
                 except asyncio.CancelledError:
                     raise
-                except Exception as error:  # noqa: BLE001 - one failed re-read (etcd blip) must not stop the others
+                except Exception as error:  # one failed re-read (etcd blip) must not stop the others
                     logger.warning(
                         "cores of %s/%s (uid %s) not re-read: %s; the full status pass retries",
                         namespace,
@@ -205,7 +205,7 @@ class EventWatch:
                 )
             # Anything else: the connection (aiohttp, OSError, timeouts), or a line the library could not
             # decode (it raises a bare Exception for JSON without type/object): back off, never end the watch.
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 logger.warning(
                     "CoreDumped Event watch failed: %s; retrying in %.1f s", error or type(error).__name__, delay
                 )

@@ -113,6 +113,6 @@ class StatusReconciler:
                     logger.info("status resync wrote %d statuses", count)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a failed pass (etcd down) must not end the resync
+            except Exception:  # a failed pass (etcd down) must not end the resync
                 logger.exception("status resync failed")
             await asyncio.sleep(interval)

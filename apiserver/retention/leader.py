@@ -93,7 +93,7 @@ class LeaseElector:
                 if self._term is not None:
                     self._term.cancel()
                 raise
-            except Exception as e:  # noqa: BLE001 - the API away must not end the campaign
+            except Exception as e:  # the API away must not end the campaign
                 self.leading = False
                 message = f"{type(e).__name__}: {e}"
                 if message != last_error:

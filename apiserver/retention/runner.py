@@ -90,7 +90,7 @@ class ConfigMapPolicies:
                         "namespace %s: ignoring its %s ConfigMap: %s", ns, CONFIGMAP, e, extra={"namespace": ns}
                     )
                 self._errors[ns] = str(e)
-            except Exception as e:  # noqa: BLE001 - 404 is "no policy"; other errors: the cluster defaults
+            except Exception as e:  # 404 is "no policy"; other errors: the cluster defaults
                 if getattr(e, "status", None) != 404:
                     logger.warning(
                         "namespace %s: cannot read its %s ConfigMap (%s); cluster defaults apply",
@@ -216,7 +216,7 @@ class Retention:
             if incarnation in index.covered:
                 try:
                     await self.reconcile(incarnation)
-                except Exception as e:  # noqa: BLE001 - the status resync catches what this misses
+                except Exception as e:  # the status resync catches what this misses
                     logger.warning(
                         "status of %s/%s not reconciled after retention: %s", incarnation[0], incarnation[1], e
                     )
@@ -291,6 +291,6 @@ class Retention:
                 await self.run_pass()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - one failing pass must not stop retention
+            except Exception:  # one failing pass must not stop retention
                 logger.exception("retention pass failed")
             await asyncio.sleep(self.interval)

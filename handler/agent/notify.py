@@ -211,7 +211,7 @@ class KubeNamespaces:
             ns = await api.read_namespace(name=namespace)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - any failure to read means "not known now", never "allowed"
+        except Exception as e:  # any failure to read means "not known now", never "allowed"
             if getattr(e, "status", None) == 404:
                 raise NamespaceGone(namespace) from None
             raise NamespaceUnknown(f"cannot read namespace {namespace}: {e}") from None
@@ -430,7 +430,7 @@ class Notifier:
             return None
         try:
             headers, body = encode(stored, mode=sink.mode)
-        except Exception as e:  # noqa: BLE001 - a stored event the SDK refuses can never be sent
+        except Exception as e:  # a stored event the SDK refuses can never be sent
             logger.error("dropping event %s for %s: not a valid CloudEvent: %s", entry.event_id, sink.name, e)
             await asyncio.to_thread(self.outbox.remove, entry)
             self.metrics.inc("coredump_cloudevents_dropped_total", sink=sink.name, reason="invalid")
@@ -447,7 +447,7 @@ class Notifier:
                 status = resp.status
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # noqa: BLE001 - every transport failure is a retry
+        except Exception as e:  # every transport failure is a retry
             return _failure_class(e)
         if 200 <= status < 300:
             await asyncio.to_thread(self.outbox.remove, entry)

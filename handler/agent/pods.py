@@ -154,7 +154,7 @@ class PodWatcher:
                 raise
             except _Gone:
                 logger.info("pod watch expired; relisting")
-            except Exception as e:  # noqa: BLE001 - the API may be away; records only go stale
+            except Exception as e:  # the API may be away; records only go stale
                 self.errors += 1
                 logger.warning("pod watch failed: %s; retrying in %.0fs", e, RETRY_PAUSE)
                 await asyncio.sleep(RETRY_PAUSE)
@@ -175,7 +175,7 @@ class PodWatcher:
                 raise
             except _Gone:
                 logger.info("namespace watch expired; relisting")
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 self.errors += 1
                 logger.warning("namespace watch failed: %s; retrying in %.0fs", e, RETRY_PAUSE)
                 await asyncio.sleep(RETRY_PAUSE)

@@ -134,7 +134,7 @@ class Agent:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # noqa: BLE001 - the API may be away; the core is filed regardless
+            except Exception as e:  # the API may be away; the core is filed regardless
                 logger.warning(
                     "posting event for %s/%s failed (attempt %d): %s",
                     rec.get("namespace"),
@@ -184,7 +184,7 @@ class Agent:
                 await fn()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - one failing pass must not stop the others
+            except Exception:  # one failing pass must not stop the others
                 logger.exception("%s pass failed", name)
                 self.metrics.inc("coredump_handler_errors_total", source=name)
             try:
@@ -228,7 +228,7 @@ class Agent:
 
         try:
             api = await kube_client(self.cfg.kubeconfig)
-        except Exception as e:  # noqa: BLE001 - cores are still filed, with less context
+        except Exception as e:  # cores are still filed, with less context
             logger.error("no API access for pod records: %s; cores carry no pod labels, owner or digest", e)
             return
         assert self.cfg.node is not None  # the task starts only with a node name
@@ -245,7 +245,7 @@ class Agent:
         await asyncio.gather(*tasks, return_exceptions=True)
         try:
             await self.process_outcomes()
-        except Exception:  # noqa: BLE001
+        except Exception:
             logger.exception("last outcome pass failed")
         if self.poster is not None:
             await self.poster.close()

@@ -608,7 +608,7 @@ async def test_memory_forgets_deleted_objects_once_compacted() -> None:
         await backend.delete(f"/cde/ns/{i}")
     await backend.create("/cde/ns/kept", endpoint("kept"))
     await backend.compact(await backend.current_revision())
-    assert backend._keys == ["/cde/ns/kept"]  # noqa: SLF001 (memory use has no public view)
+    assert backend._keys == ["/cde/ns/kept"]  # (memory use has no public view)
     assert [item["metadata"]["name"] for item in (await backend.list("")).items] == ["kept"]
 
 

@@ -17,8 +17,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "handler"))  # handler_harness
 
-from cluster import ControlPlane, build  # noqa: E402
-from install import Installation  # noqa: E402
+from cluster import ControlPlane, build
+from install import Installation
 
 HERE = Path(__file__).resolve().parent
 

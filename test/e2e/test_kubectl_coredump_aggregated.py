@@ -14,9 +14,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
 
-from plugin_harness import CuttingProxy, ProxyRule, kubeconfig_via, run_plugin  # noqa: E402
-from test_timeout import big_core  # noqa: E402,F401  (the 48 MiB incompressible core)
-from workloads import endpoint_yaml, file_core, make_namespace, make_pod  # noqa: E402
+from plugin_harness import CuttingProxy, ProxyRule, kubeconfig_via, run_plugin
+from test_timeout import big_core  # noqa: F401  (the 48 MiB incompressible core)
+from workloads import endpoint_yaml, file_core, make_namespace, make_pod
 
 
 @pytest.fixture(scope="module")

@@ -39,10 +39,7 @@ GLOBALS = ["--storage-root", "/s", "--spool-dir", "/sp", "--state-dir", "/st", "
 
 def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
     return {
-        name
-        for action in parser._actions
-        if isinstance(action, argparse._SubParsersAction)  # noqa: SLF001
-        for name in action.choices
+        name for action in parser._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices
     }
 
 
@@ -125,5 +122,5 @@ def test_agent_flags_before_or_after_the_subcommand(command: str) -> None:
 
 
 def test_agent_subcommands_are_covered() -> None:
-    [positional] = [a for a in agent_parser()._actions if a.dest == "command"]  # noqa: SLF001
+    [positional] = [a for a in agent_parser()._actions if a.dest == "command"]
     assert set(positional.choices) == {"run", "uninstall"}

@@ -18,11 +18,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fixtures_apiserver import RunningServer, endpoint_manifest, collection_path, start_apiserver  # noqa: E402
-from plugin_harness import BIG_HEAP, T0, PluginWorld, build_crasher, crash, free_port, import_core  # noqa: E402
+from fixtures_apiserver import RunningServer, endpoint_manifest, collection_path, start_apiserver
+from plugin_harness import BIG_HEAP, T0, PluginWorld, build_crasher, crash, free_port, import_core
 
-from handler import layout  # noqa: E402
-from isal import isal_zlib  # noqa: E402
+from handler import layout
+from isal import isal_zlib
 
 
 def _create_endpoint(

@@ -139,7 +139,7 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 
     seen: list[str] = []
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:  # http.server's name
         authorization = self.headers.get("Authorization", "")
         self.seen.append(authorization)
         if authorization.endswith("expired"):
@@ -289,7 +289,7 @@ class _ClosesKeptConnections(http.server.BaseHTTPRequestHandler):
         super().setup()
         self.connections.append(str(self.client_address))  # one handler per connection
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:  # http.server's name
         body = json.dumps(
             {
                 "kind": "Status",

@@ -93,7 +93,7 @@ def objects_server(world: PluginWorld, tmp_path: Path) -> Iterator[tuple[Path, l
     asked: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:  # http.server's name
             asked.append(self.path)
             body, kind = (
                 (archive, "application/gzip")

@@ -341,7 +341,7 @@ def test_errors_are_one_line_with_what_to_do(world: PluginWorld, tmp_path: Path)
 class _NoGroup(http.server.BaseHTTPRequestHandler):
     """kube-apiserver's answers for a group it does not serve (404) or whose APIService is down (503)."""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:  # http.server's name
         code = 503 if "unavailable" in self.path else 404
         body = json.dumps(
             {

@@ -544,7 +544,7 @@ class CrashLoop(threading.Thread):
             while not self.halt.is_set():
                 self.patterns.append(sysctl_read("kernel.core_pattern"))
                 self.crashes.append(crash(self.pod))
-        except Exception:  # noqa: BLE001 - reported in the results
+        except Exception:  # reported in the results
             self.error = traceback.format_exc()
 
 
@@ -638,7 +638,7 @@ def main(results: Path) -> int:
         log(f"scenario {name}")
         try:
             out = {"ok": True, "data": fn(node)}
-        except Exception:  # noqa: BLE001 - one failing scenario must not hide the others
+        except Exception:  # one failing scenario must not hide the others
             out = {"ok": False, "error": traceback.format_exc()}
             log(out["error"])
         out["seconds"] = time.monotonic() - t
