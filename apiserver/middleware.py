@@ -2,7 +2,8 @@
 The server's own middlewares: every failure leaves the server as a Kubernetes ``Status``
 (:func:`status_errors`), and every request is counted, timed and logged (:func:`observe_requests`).
 
-``ApiError`` carries its own reason and code; aiohttp's HTTP exceptions (no route, wrong method) are
+``ApiError`` carries its own reason and code; a registry error gets its Status from
+:func:`apiserver.api.errors.from_registry`; aiohttp's HTTP exceptions (no route, wrong method) are
 mapped to the Status kube-apiserver sends for them; anything else is a bug, logged with its traceback
 and answered 500 InternalError without details a client could exploit.
 """
@@ -21,6 +22,7 @@ from apiserver.api import errors
 from apiserver.api.resource import SUBRESOURCE_DUMP
 from apiserver.auth.pipeline import ANONYMOUS
 from apiserver.auth.requestinfo import request_attributes
+from apiserver.registry.errors import RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ async def status_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return await handler(request)
     except errors.ApiError as error:
         return status_response(error)
+    except RegistryError as error:
+        return status_response(errors.from_registry(error))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise  # redirects and 304s are answers, not errors

@@ -1,8 +1,10 @@
 """
 API errors as Kubernetes reports them: every failure becomes a ``Status`` with a reason and a code.
 
-Raise an :class:`ApiError` (or one of the shortcuts) anywhere below a handler; the error middleware
-turns it into the ``Status`` body that kubectl knows how to print. Reasons and codes follow
+Raise an :class:`ApiError` (or one of the shortcuts) in the HTTP layer; the error middleware turns
+it into the ``Status`` body that kubectl knows how to print. The registry below raises its own
+domain errors (:mod:`apiserver.registry.errors`); :func:`from_registry` is the one place they become
+a ``Status``. Reasons and codes follow
 k8s.io/apimachinery/pkg/api/errors so that kubectl's messages ("Error from server (NotFound): ...")
 read exactly as they do for built-in resources.
 """
@@ -10,6 +12,8 @@ read exactly as they do for built-in resources.
 from __future__ import annotations
 
 from typing import Any
+
+from apiserver.registry import errors as registry
 
 GROUP = "coredump.example.io"
 RESOURCE = "coredumpendpoints"
@@ -213,3 +217,26 @@ def requested_range_not_satisfiable(*, size: int) -> ApiError:
         message=f"the requested range is outside the archive of {size} bytes",
         headers={"Content-Range": f"bytes */{size}"},
     )
+
+
+def from_registry(error: registry.RegistryError) -> ApiError:
+    """The ``Status`` of a registry refusal: the one mapping from the registry's words to Kubernetes'."""
+    match error:
+        case registry.NotFound():
+            return not_found(name=error.name)
+        case registry.AlreadyExists():
+            return already_exists(name=error.name)
+        case registry.Conflict():
+            return conflict(name=error.name, message=error.message)
+        case registry.Invalid():
+            causes = [field_cause(cause.field, cause.message, cause.type) for cause in error.causes]
+            return invalid(name=error.name, causes=causes)
+        case registry.BadRequest():
+            return bad_request(error.message)
+        case registry.Unavailable():
+            return service_unavailable(error.message)
+        case registry.Expired():
+            return gone(error.message)
+        case registry.ResourceVersionTooLarge():
+            return too_large_resource_version(requested=error.requested, current=error.current)
+    return internal()

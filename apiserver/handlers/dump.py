@@ -33,6 +33,7 @@ from apiserver.dump.query import DumpQuery, parse_query
 from apiserver.dump.ranges import select_range
 from apiserver.dump.select import select_cores
 from apiserver.dump.stream import CoreVanished, iter_range
+from apiserver.registry.errors import RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ async def get_dump(request: web.Request) -> web.StreamResponse:
         # Refused before a byte was sent (404, 400, 409, ...): audited with its code, then answered.
         _audit_refusal(request, namespace=namespace, pod=name, code=error.code)
         raise
+    except RegistryError as error:
+        refusal = errors.from_registry(error)
+        _audit_refusal(request, namespace=namespace, pod=name, code=refusal.code)
+        raise refusal from None
 
 
 def _audit_refusal(request: web.Request, *, namespace: str, pod: str, code: int) -> None:

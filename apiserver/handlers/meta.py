@@ -16,6 +16,7 @@ from apiserver.api import discovery, errors, openapi, openapi_proto
 from apiserver.api.conventions import parse_accept
 from apiserver.context import REGISTRY
 from apiserver.handlers import io
+from apiserver.registry.errors import RegistryError
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ async def version(request: web.Request) -> web.Response:
 async def _storage_check(request: web.Request) -> str | None:
     try:
         await asyncio.wait_for(request.app[REGISTRY].check(), timeout=READY_CHECK_TIMEOUT)
-    except (errors.ApiError, asyncio.TimeoutError) as error:
+    except (RegistryError, asyncio.TimeoutError) as error:
         return str(error) or "timed out"
     return None
 

@@ -22,6 +22,7 @@ from apiserver.api.table import COLUMNS
 from apiserver.context import REGISTRY, SHUTTING_DOWN
 from apiserver.handlers import io
 from apiserver.registry.endpoints import WatchItem
+from apiserver.registry.errors import RegistryError
 from apiserver.registry.store import RevisionCompacted, StoreError
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,9 @@ async def serve_watch(
                 break
             except errors.ApiError as error:
                 await response.write(conventions.watch_event("ERROR", error.to_status()))
+                break
+            except RegistryError as error:
+                await response.write(conventions.watch_event("ERROR", errors.from_registry(error).to_status()))
                 break
             except StoreError as error:
                 # etcd went away mid-watch: end the stream with a Status, the client re-lists and re-watches.

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from handler import layout
 from handler.layout import StoredCore
 
-from apiserver.api import errors
+from apiserver.registry import errors
 from apiserver.registry.corestatus import StatusCache, empty_status, read_statuses, summarize
 from apiserver.registry.statusreconciler import StatusReconciler, key_of as _key_of
 
@@ -161,10 +161,11 @@ class AutoCreator:
         try:
             await self.registry.get(namespace=namespace, name=pod, with_status=False)
             return False
-        except errors.ApiError as error:
-            if error.code != 404:
-                logger.warning("auto-create: cannot read endpoint %s/%s: %s", namespace, pod, error.message)
-                return None
+        except errors.NotFound:
+            pass
+        except errors.RegistryError as error:
+            logger.warning("auto-create: cannot read endpoint %s/%s: %s", namespace, pod, error.message)
+            return None
         body: dict[str, Any] = {
             "apiVersion": API_VERSION,
             "kind": "CoredumpEndpoint",
@@ -173,9 +174,9 @@ class AutoCreator:
         }
         try:
             await self.registry.create(namespace=namespace, body=body)
-        except errors.ApiError as error:
-            if error.code == 409:
-                return False
+        except (errors.AlreadyExists, errors.Conflict):
+            return False
+        except errors.RegistryError as error:
             logger.warning("auto-create: cannot create endpoint %s/%s: %s", namespace, pod, error.message)
             return None
         logger.info("auto-created endpoint %s/%s for pod uid %s", namespace, pod, uid)

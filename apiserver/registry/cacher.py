@@ -45,7 +45,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from apiserver.api import errors
+from apiserver.registry import errors
 from apiserver.registry.store import (
     EventType,
     ObjectStore,
@@ -200,7 +200,7 @@ class WatchCache:
         while self._revision < revision:
             remaining = deadline - loop.time()
             if remaining <= 0 or self._closed:
-                raise errors.too_large_resource_version(requested=revision, current=self._revision)
+                raise errors.ResourceVersionTooLarge(requested=revision, current=self._revision)
             changed = self._changed
             self._ask_progress()
             try:

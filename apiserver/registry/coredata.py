@@ -22,7 +22,7 @@ from typing import Any
 
 from handler import layout
 
-from apiserver.api import errors
+from apiserver.registry import errors
 from apiserver.registry.corestatus import StatusCache, empty_status
 from apiserver.registry.pods import PodLookup
 
@@ -31,10 +31,9 @@ logger = logging.getLogger(__name__)
 DELETE_CORES_ANNOTATION = "coredump.example.io/delete-cores"
 
 
-def _pod_uid_required(*, name: str, message: str) -> errors.ApiError:
-    return errors.invalid(
-        name=name, causes=[errors.field_cause("spec.podUID", f"Required value: {message}", "FieldValueRequired")]
-    )
+def _pod_uid_required(*, name: str, message: str) -> errors.Invalid:
+    cause = errors.FieldError(field="spec.podUID", message=f"Required value: {message}", type="FieldValueRequired")
+    return errors.Invalid(name=name, causes=(cause,))
 
 
 class CoreData:

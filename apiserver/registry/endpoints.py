@@ -11,6 +11,10 @@ return the stored status and never walk storage; writes through the main resourc
 patch) drop the incoming status and keep the stored one; only :meth:`EndpointRegistry.write_status`
 (called by the server's status reconciler, :mod:`.statusreconciler`) changes it, with a resourceVersion
 precondition.
+
+Refusals are the registry's own errors (:mod:`.errors`); the HTTP layer turns them into a Status.
+Errors of the resource's HTTP-level checks (:mod:`apiserver.api.resource`, :mod:`apiserver.apply`)
+pass through as they are.
 """
 
 from __future__ import annotations
@@ -26,13 +30,13 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from apiserver.api import errors
 from apiserver.api import resource as r
 from apiserver.api.conventions import encode_continue, decode_continue
 from apiserver.api.selectors import FieldSelector, Predicate
 from apiserver.apply import managed
 from apiserver.apply.config import applied_config
 from apiserver.registry.cacher import WatchCache
+from apiserver.registry import errors
 from apiserver.registry.coredata import CoreData
 from apiserver.registry.corestatus import empty_status
 from apiserver.registry.statusreconciler import StatusReconciler, key_of as incarnation_of
@@ -128,22 +132,24 @@ def _selection(labels: Predicate | None, fields: FieldSelector | None) -> Predic
     return lambda obj: (labels is None or labels(obj)) and (fields is None or fields.predicate(obj))
 
 
+def _field_errors(causes: builtins.list[dict[str, str]]) -> tuple[errors.FieldError, ...]:
+    """The field errors of the resource's checks (:mod:`apiserver.api.resource`) in the registry's words."""
+    return tuple(errors.FieldError(field=c["field"], message=c["message"], type=c["reason"]) for c in causes)
+
+
 @contextlib.contextmanager
 def _store_errors(name: str) -> Iterator[None]:
-    """Translate store exceptions into API errors at the one place they surface."""
+    """Translate store exceptions into the registry's errors at the one place they surface."""
     try:
         yield
     except KeyNotFound:
-        raise errors.not_found(name=name) from None
+        raise errors.NotFound(name=name) from None
     except KeyExists:
-        raise errors.already_exists(name=name) from None
+        raise errors.AlreadyExists(name=name) from None
     except RevisionConflict:
-        raise errors.conflict(
-            name=name,
-            message="the object has been modified; please apply your changes to the latest version and try again",
-        ) from None
+        raise errors.Conflict(name=name, message=errors.MODIFIED) from None
     except StoreUnavailable as error:
-        raise errors.service_unavailable(f"storage is unavailable: {error}") from None
+        raise errors.Unavailable(f"storage is unavailable: {error}") from None
 
 
 def key_of(obj: dict[str, Any]) -> str:
@@ -207,11 +213,11 @@ class EndpointRegistry:
         if continue_token:
             revision, start_after = decode_continue(continue_token)
             if not start_after.startswith(prefix):
-                raise errors.bad_request("continue key is not valid: it belongs to another list")
+                raise errors.BadRequest("continue key is not valid: it belongs to another list")
         elif resource_version:
             current = await self._current_revision()
             if resource_version > current:
-                raise errors.too_large_resource_version(requested=resource_version, current=current)
+                raise errors.ResourceVersionTooLarge(requested=resource_version, current=current)
             if exact:
                 revision = resource_version
         if fields is not None and fields.namespace is not None and namespace and fields.namespace != namespace:
@@ -277,8 +283,8 @@ class EndpointRegistry:
                 return await self.store.list(prefix, limit=limit, start_after=start_after, revision=revision)
         except RevisionCompacted:
             if continued:
-                raise errors.gone(CONTINUE_EXPIRED) from None
-            raise errors.gone(f"too old resource version: {revision}") from None
+                raise errors.Expired(CONTINUE_EXPIRED) from None
+            raise errors.Expired(f"too old resource version: {revision}") from None
 
     @staticmethod
     def _key_of(obj: dict[str, Any]) -> str:
@@ -297,7 +303,7 @@ class EndpointRegistry:
         if not problems or options.field_validation == "Ignore":
             return []
         if options.field_validation == "Strict":
-            raise errors.bad_request("strict decoding error: " + ", ".join(problems))
+            raise errors.BadRequest("strict decoding error: " + ", ".join(problems))
         return problems
 
     def _validated(self, body: Any, *, namespace: str) -> dict[str, Any]:
@@ -307,11 +313,11 @@ class EndpointRegistry:
         name = metadata.get("name") if isinstance(metadata, dict) else None
         name = name if isinstance(name, str) else ""  # a Status names the object only by a string
         if causes:
-            raise errors.invalid(name=name, causes=causes)
+            raise errors.Invalid(name=name, causes=_field_errors(causes))
         obj = r.prune(body)
         body_namespace = obj["metadata"].get("namespace")
         if body_namespace and body_namespace != namespace:
-            raise errors.bad_request(
+            raise errors.BadRequest(
                 "the namespace of the provided object does not match the namespace sent on the request"
             )
         obj["metadata"]["namespace"] = namespace
@@ -322,7 +328,7 @@ class EndpointRegistry:
     def _raise_if_invalid(self, obj: dict[str, Any]) -> None:
         causes = r.validate_object(obj)
         if causes:
-            raise errors.invalid(name=obj["metadata"].get("name", ""), causes=causes)
+            raise errors.Invalid(name=obj["metadata"].get("name", ""), causes=_field_errors(causes))
 
     async def create(
         self,
@@ -340,9 +346,13 @@ class EndpointRegistry:
         if not metadata.get("name") and generate:
             metadata["name"] = generate + "".join(secrets.choice(_GENERATE_ALPHABET) for _ in range(5))
         if generate is not None and not isinstance(generate, str):
-            raise errors.invalid(
+            raise errors.Invalid(
                 name="",
-                causes=[errors.field_cause("metadata.generateName", "must be a string", "FieldValueTypeInvalid")],
+                causes=(
+                    errors.FieldError(
+                        field="metadata.generateName", message="must be a string", type="FieldValueTypeInvalid"
+                    ),
+                ),
             )
         self._raise_if_invalid(obj)
         name = metadata["name"]
@@ -367,7 +377,7 @@ class EndpointRegistry:
                 except KeyNotFound:
                     pass
                 else:
-                    raise errors.already_exists(name=name)
+                    raise errors.AlreadyExists(name=name)
             created = obj
         else:
             with _store_errors(name):
@@ -380,14 +390,14 @@ class EndpointRegistry:
         obj = self._validated(body, namespace=namespace)
         warnings = self._field_check(body, options)
         if obj["metadata"].get("name") != name:
-            raise errors.bad_request(
+            raise errors.BadRequest(
                 f"the name of the object ({obj['metadata'].get('name')}) does not match the name on the URL ({name})"
             )
         with _store_errors(name):
             current = await self.store.get(key_for(namespace, name))
         expected = obj["metadata"].get("resourceVersion") or None
         if expected is not None and not str(expected).isdigit():
-            raise errors.bad_request(f'metadata.resourceVersion: Invalid value: "{expected}": must be an integer')
+            raise errors.BadRequest(f'metadata.resourceVersion: Invalid value: "{expected}": must be an integer')
         return await self._replace(
             current=current, new=obj, warnings=warnings, expected=int(expected) if expected else None, options=options
         )
@@ -405,7 +415,7 @@ class EndpointRegistry:
         name = current["metadata"]["name"]
         metadata, old_meta = new["metadata"], current["metadata"]
         if metadata.get("uid") and metadata["uid"] != old_meta["uid"]:
-            raise errors.conflict(
+            raise errors.Conflict(
                 name=name,
                 message=f"Precondition failed: UID in precondition: {metadata['uid']}, "
                 f"UID in object meta: {old_meta['uid']}",
@@ -417,8 +427,11 @@ class EndpointRegistry:
             new["spec"]["podUID"] = old_uid
         self._raise_if_invalid(new)
         if new_uid is not None and new_uid != old_uid:
-            raise errors.invalid(
-                name=name, causes=[errors.field_cause("spec.podUID", f'Invalid value: "{new_uid}": field is immutable')]
+            raise errors.Invalid(
+                name=name,
+                causes=(
+                    errors.FieldError(field="spec.podUID", message=f'Invalid value: "{new_uid}": field is immutable'),
+                ),
             )
         for field in ("uid", "creationTimestamp", "generation", "deletionTimestamp", "generateName"):
             if field in old_meta:
@@ -458,11 +471,11 @@ class EndpointRegistry:
             obj = self._validated(patched, namespace=namespace)
             warnings = self._field_check(patched, options)
             if obj["metadata"].get("name") != name:
-                raise errors.bad_request("the name of the object cannot be changed by a patch")
+                raise errors.BadRequest("the name of the object cannot be changed by a patch")
             expected = obj["metadata"].get("resourceVersion")
             pinned = expected and expected != current["metadata"]["resourceVersion"]
             if expected and not str(expected).isdigit():
-                raise errors.bad_request(f'metadata.resourceVersion: Invalid value: "{expected}"')
+                raise errors.BadRequest(f'metadata.resourceVersion: Invalid value: "{expected}"')
             try:
                 return await self._replace(
                     current=current,
@@ -471,11 +484,11 @@ class EndpointRegistry:
                     expected=int(expected) if pinned else None,
                     options=options,
                 )
-            except errors.ApiError as error:
+            except errors.Conflict:
                 # A concurrent write between our read and CAS: retry, unless the patch pinned a version.
-                if error.reason != "Conflict" or pinned:
+                if pinned:
                     raise
-        raise errors.conflict(name=name, message="the object keeps changing; try again")
+        raise errors.Conflict(name=name, message="the object keeps changing; try again")
 
     async def apply(
         self, *, namespace: str, name: str, body: Any, force: bool, options: WriteOptions
@@ -489,15 +502,13 @@ class EndpointRegistry:
         warnings = self._field_check(body, options)
         pinned = config["metadata"].get("resourceVersion") or None
         if pinned is not None and not str(pinned).isdigit():
-            raise errors.bad_request(f'metadata.resourceVersion: Invalid value: "{pinned}": must be an integer')
+            raise errors.BadRequest(f'metadata.resourceVersion: Invalid value: "{pinned}": must be an integer')
         for _attempt in range(5):
             current: dict[str, Any] | None
             try:
                 with _store_errors(name):
                     current = await self.store.get(key_for(namespace, name))
-            except errors.ApiError as error:
-                if error.reason != "NotFound":
-                    raise
+            except errors.NotFound:
                 current = None
             applied = managed.record_apply(live=current, config=config, manager=options.field_manager, force=force)
             entries = applied.obj["metadata"].get("managedFields", [])
@@ -517,14 +528,12 @@ class EndpointRegistry:
                     managed_fields=entries,
                 )
                 return result, False
-            except errors.ApiError as error:
+            except (errors.AlreadyExists, errors.Conflict) as error:
                 # Created or changed by someone else between our read and write: apply again on the new state.
-                raced = error.reason == "AlreadyExists" or (
-                    error.reason == "Conflict" and not pinned and "has been modified" in error.message
-                )
+                raced = isinstance(error, errors.AlreadyExists) or (not pinned and error.message == errors.MODIFIED)
                 if not raced:
                     raise
-        raise errors.conflict(name=name, message="the object keeps changing; try again")
+        raise errors.Conflict(name=name, message="the object keeps changing; try again")
 
     async def delete(
         self,
@@ -538,13 +547,13 @@ class EndpointRegistry:
         with _store_errors(name):
             current = await self.store.get(key_for(namespace, name))
         if precondition_uid and precondition_uid != current["metadata"]["uid"]:
-            raise errors.conflict(
+            raise errors.Conflict(
                 name=name,
                 message=f"Precondition failed: UID in precondition: {precondition_uid}, "
                 f"UID in object meta: {current['metadata']['uid']}",
             )
         if precondition_rv and precondition_rv != current["metadata"]["resourceVersion"]:
-            raise errors.conflict(
+            raise errors.Conflict(
                 name=name,
                 message=f"Precondition failed: ResourceVersion in precondition: "
                 f"{precondition_rv}, ResourceVersion in object meta: "
@@ -573,9 +582,8 @@ class EndpointRegistry:
         for obj in listed.items:
             try:
                 deleted.append(await self.delete(namespace=namespace, name=obj["metadata"]["name"], dry_run=dry_run))
-            except errors.ApiError as error:
-                if error.reason != "NotFound":  # deleted meanwhile: that is what was asked
-                    raise
+            except errors.NotFound:
+                pass  # deleted meanwhile: that is what was asked
         return ListResult(items=deleted, resource_version=listed.resource_version, continue_token=None)
 
     # ---- watch ------------------------------------------------------------------------------------
@@ -693,21 +701,18 @@ class EndpointRegistry:
         obj = self._validated(body, namespace=namespace)
         warnings = self._field_check(body, options)
         if obj["metadata"].get("name") != name:
-            raise errors.bad_request(
+            raise errors.BadRequest(
                 f"the name of the object ({obj['metadata'].get('name')}) does not match the name on the URL ({name})"
             )
         with _store_errors(name):
             current = await self.store.get(key_for(namespace, name))
         expected, uid = obj["metadata"].get("resourceVersion"), obj["metadata"].get("uid")
         if expected and not str(expected).isdigit():
-            raise errors.bad_request(f'metadata.resourceVersion: Invalid value: "{expected}": must be an integer')
+            raise errors.BadRequest(f'metadata.resourceVersion: Invalid value: "{expected}": must be an integer')
         if expected and expected != current["metadata"]["resourceVersion"]:
-            raise errors.conflict(
-                name=name,
-                message="the object has been modified; please apply your changes to the latest version and try again",
-            )
+            raise errors.Conflict(name=name, message=errors.MODIFIED)
         if uid and uid != current["metadata"]["uid"]:
-            raise errors.conflict(
+            raise errors.Conflict(
                 name=name,
                 message=f"Precondition failed: UID in precondition: {uid}, "
                 f"UID in object meta: {current['metadata']['uid']}",

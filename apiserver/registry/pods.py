@@ -15,7 +15,7 @@ from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
-from apiserver.api import errors
+from apiserver.registry import errors
 
 logger = logging.getLogger(__name__)
 
@@ -66,13 +66,13 @@ class PodLookup:
             if error.status == 404:
                 return None
             logger.warning("reading pod %s/%s failed: %s %s", namespace, name, error.status, error.reason)
-            raise errors.service_unavailable(
+            raise errors.Unavailable(
                 f'cannot read pod "{name}" in namespace "{namespace}" to fill spec.podUID '
                 f"({error.status} {error.reason}); give spec.podUID or try again"
             ) from None
         except (OSError, asyncio.TimeoutError, aiohttp.ClientError) as error:
             logger.warning("reading pod %s/%s failed: %s", namespace, name, error)
-            raise errors.service_unavailable(
+            raise errors.Unavailable(
                 f'cannot reach the cluster to read pod "{name}" in namespace "{namespace}" '
                 f"({error}); give spec.podUID or try again"
             ) from None

@@ -37,6 +37,7 @@ from multidict import CIMultiDict
 
 from apiserver import context
 from apiserver.api import errors
+from apiserver.registry import errors as registry_errors
 from apiserver.auth.options import AuthOptions, AuthSetup, add_auth_flags, build_auth
 from apiserver.registry.coredata import CoreData
 from apiserver.registry.endpoints import EndpointRegistry
@@ -156,7 +157,7 @@ class MemoryRegistry:
         try:
             return self.objects[(namespace, name)]
         except KeyError:
-            raise errors.not_found(name=name) from None
+            raise registry_errors.NotFound(name=name) from None
 
 
 @web.middleware

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from apiserver.api import errors
+from apiserver.registry import errors
 from apiserver.registry.cacher import CacheEvent, WatchCache
 from apiserver.registry.endpoints import KEY_ROOT, EndpointRegistry, key_for, key_of
 from apiserver.registry.memory import MemoryStore
@@ -352,9 +352,9 @@ async def test_a_list_not_older_than_a_version_waits_for_the_cache_and_a_future_
         assert cache.revision < current
         await cache.wait_fresh(current)
         assert cache.revision >= current
-        with pytest.raises(errors.ApiError) as raised:
+        with pytest.raises(errors.ResourceVersionTooLarge) as raised:
             await cache.wait_fresh(current + 100)
-        assert raised.value.code == 504 and raised.value.reason == "Timeout"
+        assert raised.value.requested == current + 100 and raised.value.current < current + 100
 
 
 async def test_a_watch_from_a_version_the_cache_has_not_reached_yet_skips_what_the_client_has() -> None:
