@@ -146,19 +146,6 @@ def _open_object(proc_pid: Path, m: Mapped) -> int:
         os.close(fd)
 
 
-def _mkdirs(root: Path, parts: list[str]) -> int:
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    for part in parts:
-        try:
-            os.mkdir(part, 0o750, dir_fd=fd)
-        except FileExistsError:
-            pass
-        nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-        os.close(fd)
-        fd = nfd
-    return fd
-
-
 def is_stored(root: Path, build_id: str) -> bool:
     """Both files committed, reached beneath ``root`` without following a link at any level."""
     validate_build_id(build_id)
@@ -169,8 +156,8 @@ def is_stored(root: Path, build_id: str) -> bool:
         return d.stat(INFO_NAME) is not None and d.stat(OBJECT_NAME) is not None
 
 
-def _copy(src: int, dir_fd: int, *, build_id: str, deadline: float, budget: int) -> tuple[str, dict[str, Any]]:
-    """Copy one object into ``dir_fd``; ("stored"|"exists", info) or raises _Skip."""
+def _copy(src: int, d: safefs.Dir, *, build_id: str, deadline: float, budget: int) -> tuple[str, dict[str, Any]]:
+    """Copy one object into ``d``; ("stored"|"exists", info) or raises _Skip."""
     st = os.fstat(src)
     if not stat.S_ISREG(st.st_mode):
         raise _Skip("not a regular file")
@@ -179,7 +166,7 @@ def _copy(src: int, dir_fd: int, *, build_id: str, deadline: float, budget: int)
     if build_id_of_file(src) != build_id:
         raise _Skip("build-id mismatch (the file changed since it was mapped)")
     tmp = f".{OBJECT_NAME}.{secrets.token_hex(6)}.tmp"
-    out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640, dir_fd=dir_fd)
+    out = d.create(tmp, mode=0o640)
     sha = hashlib.sha256()
     comp = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 16 + 15)
     stored = size = 0
@@ -202,7 +189,7 @@ def _copy(src: int, dir_fd: int, *, build_id: str, deadline: float, budget: int)
             raise _Skip("build-id mismatch (the file changed while it was read)")
         os.fsync(out)
         try:
-            os.link(tmp, OBJECT_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            d.link_no_replace(tmp, OBJECT_NAME)
             result = "stored"
         except FileExistsError:
             result = "exists"  # another node stored it first: same build-id, same object
@@ -210,7 +197,7 @@ def _copy(src: int, dir_fd: int, *, build_id: str, deadline: float, budget: int)
     finally:
         os.close(out)
         try:
-            os.unlink(tmp, dir_fd=dir_fd)
+            d.unlink(tmp)
         except OSError:
             pass
 
@@ -219,21 +206,16 @@ class _Skip(Exception):
     pass
 
 
-def _write_info(dir_fd: int, info: dict[str, Any]) -> None:
+def _write_info(d: safefs.Dir, info: dict[str, Any]) -> None:
     tmp = f".{INFO_NAME}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640, dir_fd=dir_fd)
+    d.write_new(tmp, json.dumps(info, sort_keys=True).encode(), mode=0o640)
     try:
-        os.write(fd, json.dumps(info, sort_keys=True).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, INFO_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        d.link_no_replace(tmp, INFO_NAME)
     except FileExistsError:
         pass
     finally:
-        os.unlink(tmp, dir_fd=dir_fd)
-    os.fsync(dir_fd)
+        d.unlink(tmp)
+    d.fsync()
 
 
 def keep_objects(
@@ -272,17 +254,14 @@ def keep_objects(
                     raise _Skip("not a regular file")
                 if st.st_size > min(budget, MAX_OBJECT):
                     raise _Skip("byte budget")
-                dir_fd = _mkdirs(Path(root), [STORE_DIR, m.build_id[:2], m.build_id[2:]])
-                try:
-                    result, info = _copy(src, dir_fd, build_id=m.build_id, deadline=deadline, budget=budget)
-                    _write_info(dir_fd, {**info, "buildID": m.build_id, "path": m.path})
+                with safefs.make_dirs(root, STORE_DIR, m.build_id[:2], m.build_id[2:], mode=0o750) as d:
+                    result, info = _copy(src, d, build_id=m.build_id, deadline=deadline, budget=budget)
+                    _write_info(d, {**info, "buildID": m.build_id, "path": m.path})
                     if result == "exists":
                         # Another crash stored it first: it counts as this core's only if it is these very bytes.
                         other = read_info(root, m.build_id)
                         if other is None or other.sha256 != info["sha256"]:
                             raise _Skip(DIFFERS)
-                finally:
-                    os.close(dir_fd)
             finally:
                 os.close(src)
             budget -= info["size"]
