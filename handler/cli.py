@@ -41,7 +41,7 @@ def build_parser() -> "argparse.ArgumentParser":
     import argparse
     from pathlib import Path
 
-    from handler import flags
+    from handler import digest, flags
     from handler.config import DEFAULT_CONFIG_FILE
 
     p = argparse.ArgumentParser(
@@ -80,6 +80,7 @@ def build_parser() -> "argparse.ArgumentParser":
         help="keep cores of pods whose pod and namespace have no coredump.example.io/capture annotation",
     )
     p.add_argument("--compress-level", type=int, choices=range(0, 4), metavar="0-3", help="ISA-L gzip level")
+    p.add_argument("--core-digest", choices=digest.ALGORITHMS, help="hash of every core's content")
     p.add_argument("--previous-pattern-file", type=Path, help="file holding the node's previous core_pattern")
     p.add_argument("--foreign", choices=["previous", "drop"], help="cores of non-pod processes")
     p.add_argument(

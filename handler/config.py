@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from handler import digest
+
 logger = logging.getLogger(__name__)
 
 # The agent's defaults (``--host-root``, ``--host-dir``, ``--storage-root``, ``--proc-root``) and the names it
@@ -76,6 +78,7 @@ class HandlerConfig:
     objects_max_seconds: float = 1.0  # time spent copying objects per core
     unwind_timeout: float = 5.0  # wall time of the unwinding child
     compress_level: int = 1  # ISA-L gzip level 0-3 (README, Core ingest: speed against size)
+    core_digest: str = digest.DEFAULT  # the hash of every core's content: blake3 | sha256 (handler.digest)
     # How often a writer marks its temp file on storage as alive (handler.inflight; at most 60 s).
     heartbeat_interval: float = 60.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -117,6 +120,15 @@ class HandlerConfig:
             if not _fits(value, default):
                 logger.error("handler config %s: %s=%r is not like %r; using the default", path, f.name, value, default)
                 continue
+            if f.name in _CHOICES and value not in _CHOICES[f.name]:
+                logger.error(
+                    "handler config %s: %s=%r is not one of %s; using the default",
+                    path,
+                    f.name,
+                    value,
+                    ", ".join(map(str, _CHOICES[f.name])),
+                )
+                continue
             known[f.name] = value
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**known, extra={k: v for k, v in data.items() if k not in names}, explicit=frozenset(known))
@@ -137,6 +149,14 @@ class HandlerConfig:
     @property
     def ratelimit_dir(self) -> Path:
         return self.state_dir / "ratelimit"
+
+
+# Settings with a fixed set of values (the flags' choices); any other value in the file falls back to the default.
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "foreign": ("previous", "drop"),
+    "compress_level": (0, 1, 2, 3),
+    "core_digest": digest.ALGORITHMS,
+}
 
 
 def _fits(value: Any, default: Any) -> bool:

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from handler import elfinfo, faults, layout, safefs
+from handler import digest, elfinfo, faults, layout, safefs
 from handler.config import HandlerConfig
 from handler.filing import base_metadata, file_core, outcome_record, storage_usable
 from handler.ingest import IngestResult
@@ -124,10 +124,13 @@ def _drain_handler_entry(cfg: HandlerConfig, entry: SpoolEntry, report: DrainRep
             container_id=meta.get("containerID") or "",
         )
     clean = {k: v for k, v in meta.items() if not k.startswith("_")}
+    promised = digest.of_metadata(clean)  # a spool entry written before ``digest`` carries ``sha256`` alone
+    if promised is None:
+        raise ValueError("metadata has no digest of the core")
     result = IngestResult(
         size=clean["size"],
         observed_size=clean["observedSize"],
-        sha256=clean["sha256"],
+        digest=digest.format_digest(*promised),
         truncated=clean["truncated"],
         truncation_reason=clean["truncationReason"],
     )

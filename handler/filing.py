@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from handler import explain, layout, ratelimit, sparsecore
+from handler import digest, explain, layout, ratelimit, sparsecore
 from handler.config import HandlerConfig
 from handler.early import KILLED, STALLED
 from handler.ingest import IngestResult, ingest
@@ -76,11 +76,18 @@ def base_metadata(
     }
 
 
+def _digest_fields(value: str) -> dict[str, str | None]:
+    parsed = digest.parse(value)
+    if parsed is None:
+        raise ValueError(f"not a core digest: {value!r}")
+    return digest.metadata_fields(*parsed)
+
+
 def add_result(meta: dict[str, Any], result: IngestResult) -> dict[str, Any]:
     meta.update(
         size=result.size,
         observedSize=result.observed_size,
-        sha256=result.sha256,
+        **_digest_fields(result.digest),
         truncated=result.truncated,
         truncationReason=result.truncation_reason,
     )
@@ -405,6 +412,7 @@ def _file_core(
                 sink.write,
                 max_size=cfg.max_core_size,
                 level=cfg.compress_level,
+                algorithm=cfg.core_digest,
                 tap=sparse.feed if sparse is not None else None,
             )
             if result.truncation_reason in PARTIAL_REASONS and not result.notes_complete:

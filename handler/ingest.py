@@ -3,8 +3,10 @@ Streaming ingest: read a core in bounded chunks, hash it, compress it once (ISA-
 
 Memory is flat for any core size: the chunks live in a fixed pool of reusable buffers (:class:`BufferPool`,
 filled with ``readinto``/``readv``), and there are few hand-offs between threads. ``COMPRESS_THREADS`` workers
-each take the next chunk from the source (hashing it in order while they hold the source), compress it on
-their own (the one-shot ``isal_zlib.compress`` releases the GIL, so both CPUs work), and write it in turn.
+each take the next chunk from the source (hashing it in order while they hold the source: BLAKE3 by default,
+:mod:`handler.digest`), compress it on their own (the one-shot ``isal_zlib.compress`` releases the GIL, so both
+CPUs work), and hand it to whoever is writing: no worker waits for its turn to write. The worker that holds the
+next chunk in order writes it and any that are ready after it, while the other goes on compressing.
 Each chunk is its own gzip member: 18 bytes per MiB, readable by every gzip reader.
 ``bench/ingest_bench.py`` measures this against the previous pipeline and ``isal.igzip_threaded``.
 
@@ -15,7 +17,6 @@ size the kernel sent is known. A stream that ends before the size its ELF header
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ from typing import Any
 
 from isal import isal_zlib
 
+from handler import digest
 from handler.early import DEFAULT_CHUNK, KILLED, POOL_BUFFERS, BufferPool
 from handler.elfinfo import CoreShape
 
@@ -31,13 +33,15 @@ from handler.elfinfo import CoreShape
 # ingest); the agent's --compress-level picks.
 COMPRESS_LEVEL = 1
 COMPRESS_THREADS = 2
+# Compressed chunks that may wait behind a slow write (each at most a chunk): the bound on memory beyond the pool.
+READY_MAX = 4
 
 
 @dataclass
 class IngestResult:
     size: int  # bytes stored (uncompressed)
     observed_size: int  # bytes read from the source
-    sha256: str  # of the stored (uncompressed) bytes
+    digest: str  # "<algorithm>:<hex>" of the stored (uncompressed) bytes (handler.digest)
     truncated: bool
     truncation_reason: str | None
     # Whether the ELF header, program headers and notes all arrived (None: the stream is not an ELF core).
@@ -45,7 +49,8 @@ class IngestResult:
 
 
 class _Run:
-    """One ingest: workers share the source under a lock, compress apart, write in sequence order."""
+    """One ingest: workers share the source under a lock, compress apart; the bytes are written in sequence order
+    by one worker at a time, the one that finds the next chunk ready (the others do not wait for it)."""
 
     def __init__(
         self,
@@ -54,6 +59,7 @@ class _Run:
         *,
         max_size: int,
         level: int,
+        algorithm: str,
         tap: Callable[[Any], None] | None = None,
     ) -> None:
         self.it = iter(chunks)
@@ -62,11 +68,14 @@ class _Run:
         self.sink = sink
         self.max_size = max_size
         self.level = level
-        self.hash = hashlib.sha256()
+        self.algorithm = algorithm
+        self.hash = digest.new(algorithm)
         self.shape = CoreShape()
         self.size = self.observed = 0
         self.take_lock = threading.Lock()
-        self.turn = threading.Condition()
+        self.out = threading.Condition()
+        self.ready: dict[int, bytes] = {}  # compressed chunks waiting for an earlier one to be written
+        self.writing = False
         self.next_seq = self.written_seq = 0
         self.exhausted = False
         self.error: BaseException | None = None
@@ -101,6 +110,32 @@ class _Run:
             self.exhausted = True
             return None
 
+    def _deliver(self, seq: int, out: bytes) -> None:
+        """Queue chunk ``seq``; unless another worker is writing, write every chunk that is next in order. A worker
+        that finds ``READY_MAX`` chunks queued behind a slow write waits, so memory stays bounded."""
+        with self.out:
+            self.ready[seq] = out
+            if self.writing:
+                while len(self.ready) > READY_MAX and self.writing and self.error is None:
+                    self.out.wait()
+                return  # the writer finds it when it gets there
+            self.writing = True
+        try:
+            while True:
+                with self.out:
+                    piece = self.ready.pop(self.written_seq, None)
+                    self.out.notify_all()
+                    if piece is None or self.error is not None:
+                        self.writing = False
+                        return
+                self.sink(piece)  # outside the lock: the other worker queues meanwhile
+                self.written_seq += 1  # only the one writer changes it
+        except BaseException:
+            with self.out:
+                self.writing = False
+                self.out.notify_all()
+            raise
+
     def work(self) -> None:
         try:
             while (item := self._take()) is not None:
@@ -111,19 +146,12 @@ class _Run:
                     if piece is not chunk:
                         piece.release()
                     self._give_back(chunk)
-                with self.turn:
-                    while self.written_seq != seq and self.error is None:
-                        self.turn.wait()
-                    if self.error is not None:
-                        return
-                    self.sink(out)
-                    self.written_seq += 1
-                    self.turn.notify_all()
+                self._deliver(seq, out)
         except BaseException as e:  # re-raised by ingest() in the caller's thread
-            with self.turn:
+            with self.out:
                 if self.error is None:
                     self.error = e
-                self.turn.notify_all()
+                self.out.notify_all()
 
 
 def ingest(
@@ -132,17 +160,18 @@ def ingest(
     *,
     max_size: int = 0,
     level: int = COMPRESS_LEVEL,
+    algorithm: str = digest.DEFAULT,
     threads: int = COMPRESS_THREADS,
     tap: Callable[[Any], None] | None = None,
 ) -> IngestResult:
     """
     Compress ``chunks`` (bytes-like; a source with ``release(chunk)`` gets each chunk back once it is hashed
     and compressed) into ``sink``, up to ``max_size`` bytes (0 = all), counting the rest; returns sizes, the
-    sha256 of what was stored and whether the stream was cut. ``tap`` sees every stored byte in order.
+    digest (``algorithm``) of what was stored and whether the stream was cut. ``tap`` sees every stored byte in order.
     """
     if hasattr(chunks, "manual_release"):
         chunks.manual_release = True  # the workers hold chunks past the next iteration
-    run = _Run(chunks, sink, max_size=max_size, level=level, tap=tap)
+    run = _Run(chunks, sink, max_size=max_size, level=level, algorithm=algorithm, tap=tap)
     workers = [
         threading.Thread(target=run.work, name=f"core-compress-{i}", daemon=True)
         for i in range(max(1, min(threads, os.cpu_count() or 1)))
@@ -153,6 +182,8 @@ def ingest(
         w.join()
     if run.error is not None:
         raise run.error
+    if run.ready:  # cannot happen: every worker delivers before it takes again, and all have ended
+        raise RuntimeError(f"ingest ended with {len(run.ready)} compressed chunks never written")
     if run.size == 0:
         sink(isal_zlib.compress(b"", level, 31))  # an empty core is still a valid gzip file
     shape = run.shape
@@ -169,7 +200,7 @@ def ingest(
     return IngestResult(
         size=run.size,
         observed_size=run.observed,
-        sha256=run.hash.hexdigest(),
+        digest=digest.format_digest(algorithm, run.hash.hexdigest()),
         truncated=reason is not None,
         truncation_reason=reason,
         notes_complete=notes,

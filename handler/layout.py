@@ -14,7 +14,7 @@ the data temp (``commit:done``). So at any instant a crash leaves one of:
 
 * nothing public, and either a data temp alone (killed before the stream ended: removed by :func:`sweep_debris`)
   or a data temp with its metadata temp (killed in the commit: :func:`sweep_debris` checks the data against the
-  metadata, stored size and sha256, and completes the commit, never deleting its bytes);
+  metadata, stored size and digest, and completes the commit, never deleting its bytes);
 * a public ``<core-id>.core.gz`` whose complete metadata is on disk under its temp name (an *incomplete* core:
   every reader skips it, and :func:`sweep_debris` completes it by renaming that metadata into place);
 * a committed pair.
@@ -33,7 +33,6 @@ of its own. Everything in this module is blocking filesystem code; the API serve
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -51,6 +50,7 @@ from typing import Any, BinaryIO
 
 from isal import igzip, isal_zlib
 
+from handler import digest as core_digest
 from handler import elfinfo, faults, inflight, safefs
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,7 @@ METADATA_KEYS: tuple[str, ...] = (
     "size",
     "observedSize",
     "storedSize",
+    "digest",
     "sha256",
     "truncated",
     "truncationReason",
@@ -514,7 +515,7 @@ _GZIP_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]  # th
 
 
 def _verify_data(d: safefs.Dir, name: str, meta: dict[str, Any]) -> str | None:
-    """None if the data file ``name`` is what ``meta`` describes (stored size, and the sha256 of its content),
+    """None if the data file ``name`` is what ``meta`` describes (stored size, and the digest of its content),
     else what is wrong. Bounded memory: the gzip members are read through in 1 MiB pieces."""
     f = d.open_read(name)
     if f is None:
@@ -522,18 +523,18 @@ def _verify_data(d: safefs.Dir, name: str, meta: dict[str, Any]) -> str | None:
     with f:
         if f.st.st_size != meta.get("storedSize"):
             return f"{f.st.st_size} bytes on disk, the metadata says {meta.get('storedSize')}"
-        want = meta.get("sha256")
-        if not isinstance(want, str) or meta.get("compression") != "gzip":
+        want = core_digest.of_metadata(meta)
+        if want is None or meta.get("compression") != "gzip":
             return None
-        digest = hashlib.sha256()
+        hasher = core_digest.new(want[0])
         try:
             with os.fdopen(os.dup(f.fd), "rb") as raw, igzip.GzipFile(fileobj=raw, mode="rb") as gz:
                 while chunk := gz.read(1 << 20):
-                    digest.update(chunk)
+                    hasher.update(chunk)
         except (OSError, EOFError, ValueError, _GZIP_ERROR) as e:
             return f"its gzip stream is damaged ({e})"
-        if digest.hexdigest() != want:
-            return "its content does not match the sha256 in the metadata"
+        if hasher.hexdigest() != want[1]:
+            return f"its content does not match the {want[0]} digest in the metadata"
     return None
 
 
@@ -595,11 +596,12 @@ _SALVAGE_MEMBER_MAX = 16 << 20
 KILLED_MID_STREAM = "killed"
 
 
-def _whole_members(f: safefs.ReadFile) -> tuple[int, int, str, elfinfo.CoreShape]:
-    """(compressed bytes of the whole gzip members at the start of ``f``, their uncompressed size, its sha256, the
-    ELF shape of that content). Reading stops at the first cut or damaged member; memory stays bounded."""
+def _whole_members(f: safefs.ReadFile, *, algorithm: str) -> tuple[int, int, str, elfinfo.CoreShape]:
+    """(compressed bytes of the whole gzip members at the start of ``f``, their uncompressed size, its digest
+    (hex, ``algorithm``), the ELF shape of that content). Reading stops at the first cut or damaged member; memory
+    stays bounded."""
     shape = elfinfo.CoreShape()
-    digest = hashlib.sha256()
+    digest = core_digest.new(algorithm)
     good = size = 0
     base = 0  # compressed offset where ``buf`` starts
     obj = zlib.decompressobj(31)
@@ -646,7 +648,7 @@ def _is_public(entries: dict[str, os.stat_result], name: str) -> bool:
     )
 
 
-def _salvage(d: safefs.Dir, w: _PendingWrite, ref: CoreRef) -> str | None:
+def _salvage(d: safefs.Dir, w: _PendingWrite, ref: CoreRef, *, algorithm: str) -> str | None:
     """
     A write whose writer died before its commit (SIGKILL, the OOM killer, a node losing power): keep what it wrote
     as a core truncated ``killed`` (or whole, if its own headers say all of it is there) if the ELF header, program
@@ -661,7 +663,7 @@ def _salvage(d: safefs.Dir, w: _PendingWrite, ref: CoreRef) -> str | None:
     if m is None or f is None:
         return None
     with f:
-        good, size, sha, shape = _whole_members(f)
+        good, size, hexdigest, shape = _whole_members(f, algorithm=algorithm)
         ino = (f.st.st_dev, f.st.st_ino)
     if not good or shape.is_core is not True or not shape.has_notes(size):
         return None
@@ -701,7 +703,7 @@ def _salvage(d: safefs.Dir, w: _PendingWrite, ref: CoreRef) -> str | None:
         size=size,
         observedSize=size,
         storedSize=good,
-        sha256=sha,
+        **core_digest.metadata_fields(algorithm, hexdigest),
         truncated=cut,
         truncationReason=KILLED_MID_STREAM if cut else None,
         compression="gzip",
@@ -732,16 +734,18 @@ def sweep_debris(
     recover: bool = True,
     node: str | None = None,
     proc_root: Path | None = None,
+    algorithm: str = core_digest.DEFAULT,
 ) -> int:
     """
     One container directory: finish or remove the writes that were abandoned (their writer is dead, or their
     liveness mark is older than ``grace``; see :mod:`handler.inflight`). Returns how many files were removed.
 
     With ``recover`` an abandoned write whose metadata was on disk is committed (its data checked against the
-    metadata first: stored size and sha256), and a public data file with its metadata temp is completed; without
+    metadata first: stored size and digest), and a public data file with its metadata temp is completed; without
     it (a pod's cores being deleted) those are removed too. Temp files of writes that never reached their commit
     are removed. ``grace`` must be at least :data:`handler.inflight.MIN_GRACE_SECONDS`. ``node`` and
     ``proc_root``: the sweeper's own node and its process table, to judge its own node's writers by pid.
+    ``algorithm``: the digest recorded for a core kept from a killed writer (the agent's ``--core-digest``).
     """
     inflight.check_grace(grace)
     now = time.time() if now is None else now
@@ -772,7 +776,7 @@ def sweep_debris(
                     logger.warning("completed the interrupted commit of core %s/%s", d.path, cid)
                     entries[cid + META_SUFFIX] = entries[w.data]
             elif recover and not _is_public(entries, w.data):
-                cid = _salvage(d, w, ref)
+                cid = _salvage(d, w, ref, algorithm=algorithm)
                 if cid is not None:
                     logger.warning("kept core %s/%s, cut where its writer was killed (truncated: killed)", d.path, cid)
                     entries[cid + META_SUFFIX] = entries[w.data]

@@ -79,10 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "get",
-        help="download cores (resumes, verifies sha256, extracts)",
+        help="download cores (resumes, verifies digests, extracts)",
         formatter_class=formatter,
         description="Download a pod's cores: resumes after any cut, verifies each core against the "
-        "sha256 of its metadata and extracts them as DIR/<container>/<core-id>.core "
+        "digest of its metadata (blake3 or sha256) and extracts them as DIR/<container>/<core-id>.core "
         "(+ .json). With -o - the tar.gz goes to stdout unchanged.",
         epilog=EXIT_CODES_HELP,
     )
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "gdb",
         help="run gdb on a core (downloaded once, cached)",
         formatter_class=formatter,
-        description="Download the core (cached by core id and sha256 under "
+        description="Download the core (cached by core id and digest under "
         "$XDG_CACHE_HOME/kubectl-coredump) with its objects when the server keeps "
         "them, and run gdb on it with the right executable and sysroot. "
         "Arguments after -- go to gdb.",

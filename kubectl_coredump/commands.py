@@ -272,12 +272,12 @@ def cmd_get(client: Client, args: argparse.Namespace, namespace: str) -> int:
             core.path.as_posix()
             if args.quiet
             else f"{core.path}  {meta.get('signalName') or '-'}  {exe or '-'}  "
-            f"{human_size(core.path.stat().st_size)}  sha256 verified"
+            f"{human_size(core.path.stat().st_size)}  {core.digest.partition(':')[0]} verified"
         )
     if not args.quiet:
         count = len(extracted.cores)
         _err(
-            f"{count} core{'s' if count != 1 else ''} in {directory}/ (sha256 verified)"
+            f"{count} core{'s' if count != 1 else ''} in {directory}/ (digests verified)"
             + (f", objects in {extracted.sysroot}/" if extracted.sysroot else "")
             + (
                 f"; open one with: kubectl coredump gdb {args.pod} --core {extracted.cores[-1].core_id}"
@@ -327,7 +327,7 @@ def _gdb_copy(client: Client, *, namespace: str, endpoint: Endpoint, core: Core,
         found = [c for c in extracted.cores if c.core_id == core.id and c.container == core.container]
         if not found:
             raise PluginError(f"the dump of {core.container}/{core.id} did not contain that core", code=Exit.ERROR)
-        gdb.commit(staging=staging, final=final, core=found[0].path, sha256=found[0].sha256)
+        gdb.commit(staging=staging, final=final, core=found[0].path, digest=found[0].digest)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -20,7 +20,7 @@ class Exit(enum.IntEnum):
     NOT_FOUND = 3  # no such endpoint, core or container; no cores match the filters
     FORBIDDEN = 4  # 401/403: not logged in, or RBAC says no
     UNAVAILABLE = 5  # the coredump.example.io API is not served (APIService missing or down)
-    VERIFY_FAILED = 6  # a core's bytes do not match the sha256 of its metadata, or the archive is damaged
+    VERIFY_FAILED = 6  # a core's bytes do not match the digest of its metadata, or the archive is damaged
     INCOMPLETE = 7  # the download did not complete within the retries
 
 
@@ -31,7 +31,7 @@ EXIT_CODES_HELP = """exit codes:
   3  not found: no such endpoint, core or container, or no core matches the filters
   4  forbidden: not authenticated, or RBAC does not allow the request
   5  the coredump.example.io API is not available on this cluster
-  6  verification failed: a core does not match the sha256 in its metadata
+  6  verification failed: a core does not match the digest in its metadata
   7  the download did not complete after the retries"""
 
 

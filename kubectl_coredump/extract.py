@@ -1,5 +1,5 @@
 """
-Unpack a dump archive as it downloads, verifying every core against the sha256 of its metadata.
+Unpack a dump archive as it downloads, verifying every core against the digest of its metadata (BLAKE3 or sha256).
 
 The archive (``apiserver/dump/plan.py``) is a tar stream in concatenated gzip members: per core
 ``<container>/<core-id>.json`` then ``<container>/<core-id>.core``; with ``?objects=true`` also the ELF
@@ -12,17 +12,16 @@ The archive comes from the server and is untrusted: only those names are accepte
 plain name, never ``..``), only regular files and directories are written, never through a link, and a
 link under a sysroot is materialized as a hard link or copy of the sysroot file of the archive it names,
 resolved inside the archive's own name space, so nothing can point outside the output directory. A core is
-written to ``NAME.part`` and renamed only once its sha256 matched.
+written to ``NAME.part`` and renamed only once its digest matched.
 
 Runs in a worker thread: :class:`ExtractSink` hands it the downloaded bytes through a bounded queue (so
-the download's TLS and the extraction's gunzip + sha256 + writes use two cores).
+the download's TLS and the extraction's gunzip + digest + writes use two cores).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -36,6 +35,7 @@ from typing import Any
 
 from isal import igzip
 
+from kubectl_coredump import digest as core_digest
 from kubectl_coredump.errors import Exit, PluginError
 from kubectl_coredump.model import safe_name
 
@@ -63,7 +63,7 @@ class ExtractedCore:
     core_id: str
     path: Path
     metadata: dict[str, Any]
-    sha256: str
+    digest: str  # "<algorithm>:<hex>", as checked
 
 
 @dataclasses.dataclass
@@ -116,7 +116,7 @@ class _QueueReader(io.RawIOBase):
 class _Writer:
     """Hashes and writes one file's chunks, in a thread of its own when ``threaded`` (buffers rotate through queues)."""
 
-    def __init__(self, *, fd: int, digest: "hashlib._Hash | None", threaded: bool) -> None:
+    def __init__(self, *, fd: int, digest: "core_digest.Hasher | None", threaded: bool) -> None:
         self._fd = fd
         self._digest = digest
         self._free: "queue.Queue[memoryview]" = queue.Queue()
@@ -297,7 +297,12 @@ class Extractor:
             self._materialize_links(links=links, files=files, dirs=dirs)
 
     def _write(
-        self, archive: tarfile.TarFile, member: tarfile.TarInfo, path: Path, *, digest: "hashlib._Hash | None" = None
+        self,
+        archive: tarfile.TarFile,
+        member: tarfile.TarInfo,
+        path: Path,
+        *,
+        digest: "core_digest.Hasher | None" = None,
     ) -> Path:
         """
         The member's bytes into a new file at ``path``: read straight from the decompressed stream (tarfile
@@ -362,15 +367,19 @@ class Extractor:
                 out.write(data)
             return
         meta = pending.pop((container, core_id), None)
-        expected = meta.get("sha256") if meta else None
-        if not isinstance(expected, str):
-            raise PluginError(f"{member.name}: no sha256 in its metadata, cannot verify it", code=Exit.VERIFY_FAILED)
-        digest = hashlib.sha256()
-        part = self._write(archive, member, folder / f"{filename}.part", digest=digest)
-        actual = digest.hexdigest()
-        if actual != expected.lower():
+        expected = core_digest.promised(meta) if meta else None
+        if expected is None:
             raise PluginError(
-                f"{container}/{core_id}: sha256 {actual} does not match its metadata ({expected}); "
+                f"{member.name}: no digest in its metadata that this plugin can check (blake3 or sha256)",
+                code=Exit.VERIFY_FAILED,
+            )
+        algorithm, want = expected
+        hasher = core_digest.new(algorithm)
+        part = self._write(archive, member, folder / f"{filename}.part", digest=hasher)
+        actual = hasher.hexdigest()
+        if actual != want:
+            raise PluginError(
+                f"{container}/{core_id}: {algorithm} {actual} does not match its metadata ({want}); "
                 "the core is damaged (kept nothing of it)",
                 code=Exit.VERIFY_FAILED,
             )
@@ -379,7 +388,9 @@ class Extractor:
         self.result.written[self.result.written.index(part)] = final
         assert meta is not None
         self.result.cores.append(
-            ExtractedCore(container=container, core_id=core_id, path=final, metadata=meta, sha256=actual)
+            ExtractedCore(
+                container=container, core_id=core_id, path=final, metadata=meta, digest=f"{algorithm}:{actual}"
+            )
         )
 
     def _sysroot_member(

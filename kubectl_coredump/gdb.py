@@ -3,7 +3,7 @@ gdb on a pod's core in one step: a verified local copy (cached) and the command 
 
 The cache is ``$XDG_CACHE_HOME/kubectl-coredump`` (``~/.cache/kubectl-coredump``), one directory per core:
 ``<namespace>/<pod>/<pod-uid>/<container>/<core-id>/``, holding the extracted one-core archive and
-``verified.json`` (the sha256 checked at download, with the core file's size and mtime). A cached core is
+``verified.json`` (the digest checked at download, with the core file's size and mtime). A cached core is
 used while its file still has that size and mtime; otherwise it is downloaded again.
 
 With objects (``?objects=true``) the archive carries the core's own gdb command file,
@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from kubectl_coredump import digest as core_digest
 from kubectl_coredump.errors import PluginError
 from kubectl_coredump.model import safe_name
 
@@ -46,7 +47,7 @@ class CachedCore:
     directory: Path
     core: Path
     metadata: dict[str, Any]
-    sha256: str
+    digest: str  # "<algorithm>:<hex>", as checked at download
 
 
 def cached(directory: Path, *, container: str, core_id: str) -> CachedCore | None:
@@ -63,16 +64,17 @@ def cached(directory: Path, *, container: str, core_id: str) -> CachedCore | Non
         and isinstance(meta, dict)
         and marker.get("size") == info.st_size
         and marker.get("mtimeNs") == info.st_mtime_ns
-        and marker.get("sha256") == meta.get("sha256")
+        and (promised := core_digest.promised(meta)) is not None
+        and marker.get("digest") == ":".join(promised)
     ):
         return None
-    return CachedCore(directory=directory, core=core, metadata=meta, sha256=str(marker["sha256"]))
+    return CachedCore(directory=directory, core=core, metadata=meta, digest=str(marker["digest"]))
 
 
-def commit(*, staging: Path, final: Path, core: Path, sha256: str) -> None:
+def commit(*, staging: Path, final: Path, core: Path, digest: str) -> None:
     """Mark the staged, verified copy and move it into place (replacing a stale one)."""
     info = core.stat()
-    (staging / MARKER).write_text(json.dumps({"sha256": sha256, "size": info.st_size, "mtimeNs": info.st_mtime_ns}))
+    (staging / MARKER).write_text(json.dumps({"digest": digest, "size": info.st_size, "mtimeNs": info.st_mtime_ns}))
     if final.exists():
         shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)

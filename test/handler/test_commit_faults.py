@@ -7,7 +7,6 @@ before any step of the commit); never a public core that a reader takes as whole
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import signal
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from handler_harness import POD_UID, NodeTree, RealCore, cgroup_text
 
 from handler import layout
+from digests import digest_of
 
 STEPS = ["commit:data-synced", "commit:meta-written", "commit:data-named", "commit:meta-named", "commit:done"]
 
@@ -52,7 +52,7 @@ def test_a_kill_at_every_commit_step_loses_nothing_and_shows_nothing_half(
     layout.sweep_debris(directory, node="node-1", proc_root=Path("/proc"))
     (core,) = layout.list_cores(node.storage, namespace="team-a")
     assert gzip.decompress(core.core_path.read_bytes()) == segv_core.path.read_bytes()
-    assert core.metadata["sha256"] == hashlib.sha256(segv_core.path.read_bytes()).hexdigest()
+    assert core.metadata["digest"] == digest_of(segv_core.path.read_bytes())
     assert core.metadata["truncated"] is False and core.metadata["pid"] == segv_core.pid
     assert core.metadata["storedSize"] == core.core_path.stat().st_size
     assert [n for n in os.listdir(directory) if n.startswith(".")] == []  # and no debris is left

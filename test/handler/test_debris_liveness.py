@@ -10,7 +10,6 @@ grace elsewhere; a dead writer that had reached its commit leaves a core the swe
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
 import signal
@@ -22,6 +21,7 @@ import pytest
 from handler_harness import POD_UID, REPO, NodeTree, RealCore, cgroup_text
 
 from handler import inflight, layout
+from digests import digest_of
 
 GRACE = layout.ORPHAN_GRACE_SECONDS
 THIS, OTHER = "node-1", "node-2"
@@ -126,7 +126,7 @@ def test_a_dead_writers_partial_core_is_kept_after_the_grace_elsewhere(node: Nod
     assert m["truncated"] is True and m["truncationReason"] == "killed"
     kept = gzip.decompress(core.core_path.read_bytes())
     assert 0 < len(kept) < len(data) and kept == data[: len(kept)]  # a prefix of the core, never more
-    assert m["size"] == len(kept) and m["sha256"] == hashlib.sha256(kept).hexdigest()
+    assert m["size"] == len(kept) and m["digest"] == digest_of(kept)
     assert (m["pid"], m["signal"], m["comm"], m["node"]) == (segv_core.pid, 11, "crasher", THIS)
     assert m["storedSize"] == core.core_path.stat().st_size
     raw = node.base / "kept.core"
@@ -186,7 +186,7 @@ def test_a_recovered_write_whose_id_was_taken_meanwhile_gets_the_next_one(node: 
     recovered = cores[1]
     assert recovered.metadata["coreID"] == recovered.ref.core_id
     assert gzip.decompress(recovered.core_path.read_bytes()) == segv_core.path.read_bytes()
-    assert recovered.metadata["sha256"] == hashlib.sha256(segv_core.path.read_bytes()).hexdigest()
+    assert recovered.metadata["digest"] == digest_of(segv_core.path.read_bytes())
     assert _temps(directory) == []
 
 

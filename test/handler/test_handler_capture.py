@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import stat
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from handler_harness import CONTAINER_ID, POD_UID, NodeTree, RealCore, cgroup_text, gdb_backtrace, gunzip_to
 
 from handler import elfinfo, layout
+from digests import digest_of, digest_of_file
 
 SHAPES = [
     f"{rt}-{drv}:{v}"
@@ -20,14 +20,6 @@ SHAPES = [
     for v in ("v1", "v2")
 ]
 RUNTIME_SCHEME = {"containerd": "containerd", "crio": "cri-o", "docker": "docker"}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def only_core(node: NodeTree, namespace: str = "team-a") -> layout.StoredCore:
@@ -52,7 +44,7 @@ def test_handler_files_a_real_core_for_every_runtime_and_cgroup_shape(
     assert m["containerID"] == f"{runtime}://{CONTAINER_ID}"
     raw = gzip.decompress(core.core_path.read_bytes())
     assert len(raw) == m["size"] == m["observedSize"] == segv_core.path.stat().st_size
-    assert hashlib.sha256(raw).hexdigest() == m["sha256"] == sha256_file(segv_core.path)
+    assert digest_of(raw) == m["digest"] == digest_of_file(segv_core.path) and m["sha256"] is None
 
 
 def test_handler_metadata_is_complete_and_gdb_reads_the_stored_core(
@@ -165,7 +157,7 @@ def test_handler_import_files_an_existing_core(node: NodeTree, abort_core: RealC
     m = core.metadata
     assert (m["pid"], m["signal"], m["comm"]) == (abort_core.pid, 6, "crasher")
     assert m["buildID"] == elfinfo.build_id_from_executable(abort_core.exe)
-    assert m["sha256"] == sha256_file(abort_core.path)
+    assert m["digest"] == digest_of_file(abort_core.path)
     bad = subprocess.run(
         node.handler_args(
             "import",
@@ -184,3 +176,16 @@ def test_handler_import_files_an_existing_core(node: NodeTree, abort_core: RealC
     )
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     assert "namespace 'Bad_NS'" in bad.stderr
+
+
+def test_a_node_told_to_use_sha256_records_it_for_fips_hosts_and_older_plugins(
+    node: NodeTree, segv_core: RealCore
+) -> None:
+    node.add_process(segv_core.pid, cgroup=cgroup_text("containerd-systemd:v2"), exe=segv_core.exe)
+    node.add_log_link(namespace="team-a", pod="web-0", container="app")
+    r = node.run_capture(segv_core.path, pid=segv_core.pid, signal=segv_core.signal, extra=("--core-digest", "sha256"))
+    assert r.returncode == 0, r.stderr.decode()
+    m = only_core(node).metadata
+    expected = digest_of_file(segv_core.path, algorithm="sha256")
+    # Both fields: ``digest`` for this plugin, ``sha256`` (the bare hex) for a plugin older than ``digest``.
+    assert m["digest"] == expected and m["sha256"] == expected.removeprefix("sha256:")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ from handler_harness import setup_pod, visible_files, REPO, NodeTree, RealCore, 
 from handler import layout
 from handler.outcome import read_outcomes
 from waiting import wait_until
+from digests import digest_of, digest_of_file
 
 
 def test_handler_killed_mid_stream_commits_nothing(node: NodeTree, segv_core: RealCore) -> None:
@@ -96,7 +96,7 @@ def test_handler_read_only_storage_spools_then_agent_drains(node: NodeTree, segv
     assert report.drained == 1
     (core,) = layout.list_cores(node.storage, namespace="team-a")
     assert gzip.decompress(core.core_path.read_bytes()) == segv_core.path.read_bytes()
-    assert core.metadata["sha256"] == hashlib.sha256(segv_core.path.read_bytes()).hexdigest()
+    assert core.metadata["digest"] == digest_of(segv_core.path.read_bytes())
     assert list(node.spool.iterdir()) == []
     asyncio.run(agent.process_outcomes())
     assert agent.metrics.get("coredump_cores_captured_total", source="handler-spool") == 1
@@ -114,8 +114,8 @@ def test_handler_twenty_concurrent_cores_are_all_filed(node: NodeTree, segv_core
     assert [r.returncode for r in results] == [0] * 20, [r.stderr for r in results if r.returncode]
     cores = layout.list_cores(node.storage, namespace="team-a")
     assert sorted(c.metadata["pid"] for c in cores) == pids
-    digest = hashlib.sha256(segv_core.path.read_bytes()).hexdigest()
-    assert all(c.metadata["sha256"] == digest for c in cores)
+    digest = digest_of_file(segv_core.path)
+    assert all(c.metadata["digest"] == digest for c in cores)
     assert all(gzip.decompress(c.core_path.read_bytes()) == segv_core.path.read_bytes() for c in cores[:3])
 
 
@@ -169,7 +169,7 @@ def test_handler_size_limit_keeps_a_marked_truncated_core(node: NodeTree, segv_c
     assert m["size"] == 1 << 20 and m["observedSize"] == len(full) > m["size"]
     stored = gzip.decompress(core.core_path.read_bytes())
     assert stored == full[: 1 << 20]
-    assert m["sha256"] == hashlib.sha256(stored).hexdigest()
+    assert m["digest"] == digest_of(stored)
     ((_, rec),) = read_outcomes(node.state / "outcomes")
     assert rec["truncated"] is True and rec["observedSize"] == len(full)
 
@@ -245,7 +245,7 @@ def test_handler_storage_filling_up_mid_core_moves_it_to_the_spool(node: NodeTre
     out = subprocess.run(node.handler_args("drain"), capture_output=True, text=True, cwd=REPO)
     assert "drained 1" in out.stdout, out
     (core,) = layout.list_cores(node.storage, namespace="team-a")
-    assert core.metadata["sha256"] == hashlib.sha256(segv_core.path.read_bytes()).hexdigest()
+    assert core.metadata["digest"] == digest_of(segv_core.path.read_bytes())
 
 
 def test_handler_gives_up_on_a_stalled_stream_and_exits(node: NodeTree, segv_core: RealCore) -> None:

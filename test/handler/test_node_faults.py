@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import hashlib
 import json
 import os
 import resource
@@ -26,6 +25,7 @@ from handler_harness import POD_UID, REPO, AgentEnv, NodeTree, RealCore, cgroup_
 from handler import layout
 from handler import spool as spool_mod
 from handler.outcome import read_outcomes
+from digests import digest_of, digest_of_file
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("nsenter"), reason="the shim needs root")
 
@@ -49,7 +49,7 @@ def _files(root: Path) -> list[str]:
 def _whole(core: layout.StoredCore, original: RealCore) -> None:
     data = original.path.read_bytes()
     assert gzip.decompress(core.core_path.read_bytes()) == data
-    assert core.metadata["sha256"] == hashlib.sha256(data).hexdigest()
+    assert core.metadata["digest"] == digest_of(data)
     assert core.metadata["truncated"] is False and core.metadata["truncationReason"] is None
 
 
@@ -225,8 +225,8 @@ def test_twenty_concurrent_crashes_through_the_shim_are_all_filed_whole(
     log = (agent_env.host_dir / "shim.log").read_text() if (agent_env.host_dir / "shim.log").exists() else ""
     cores = layout.list_cores(node.storage, namespace="team-a")
     assert sorted(c.metadata["pid"] for c in cores) == pids, log[-2000:]
-    digest = hashlib.sha256(segv_core.path.read_bytes()).hexdigest()
-    assert all(c.metadata["sha256"] == digest and c.metadata["truncated"] is False for c in cores)
+    digest = digest_of_file(segv_core.path)
+    assert all(c.metadata["digest"] == digest and c.metadata["truncated"] is False for c in cores)
     assert all(gzip.decompress(c.core_path.read_bytes()) == segv_core.path.read_bytes() for c in cores[:3])
     assert list((agent_env.host_dir / "spool").glob("*")) == []
     assert [p for p in node.storage.rglob(".*")] == []

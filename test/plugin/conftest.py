@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from digests import promised
 from fixtures_apiserver import RunningServer, endpoint_manifest, collection_path, start_apiserver
 from plugin_harness import BIG_HEAP, T0, PluginWorld, build_crasher, crash, free_port, import_core
 
@@ -144,7 +145,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PluginWorld]:
     for ns_pod, uid in uids.items():
         namespace, pod = ns_pod.split("/")
         for stored in layout.list_cores(root, namespace=namespace, pod=pod, pod_uid=uid):
-            originals[f"{ns_pod}/{stored.ref.container}/{stored.ref.core_id}"] = stored.metadata["sha256"]
+            originals[f"{ns_pod}/{stored.ref.container}/{stored.ref.core_id}"] = promised(stored.metadata)
     server = start_apiserver(base / "server", "--storage-root", str(root), "--secure-port", str(free_port()))
     try:
         for ns_pod, uid in uids.items():

@@ -258,7 +258,7 @@ class PluginWorld:
     crasher: Path
     cache: Path
     uids: dict[str, str]
-    originals: dict[str, bytes]  # "<ns>/<pod>/<container>/<core-id>" -> sha256 of the core file
+    originals: dict[str, str]  # "<ns>/<pod>/<container>/<core-id>" -> the digest its metadata promises
 
     @property
     def kubeconfig(self) -> Path:

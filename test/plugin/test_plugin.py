@@ -6,7 +6,6 @@ a restart of the server; and gdb on the result.
 
 from __future__ import annotations
 
-import hashlib
 import http.server
 import json
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from digests import digest_of_file, promised
 from fixtures_apiserver import kubectl_binary
 from plugin_harness import (
     BIG_HEAP,
@@ -60,10 +60,13 @@ def raw_dump(world: PluginWorld, ns: str, pod: str) -> bytes:
 
 
 def extracted_digests(directory: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(directory).with_suffix("")): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in directory.rglob("*.core")
-    }
+    """Each extracted core's digest, by the algorithm its extracted metadata names (computed here, not by the
+    plugin)."""
+    out = {}
+    for p in directory.rglob("*.core"):
+        algorithm = promised(json.loads(p.with_suffix(".json").read_text())).partition(":")[0]
+        out[str(p.relative_to(directory).with_suffix(""))] = digest_of_file(p, algorithm=algorithm)
+    return out
 
 
 def expected_digests(world: PluginWorld, ns: str, pod: str) -> dict[str, str]:
@@ -125,7 +128,7 @@ def test_describe_shows_status_and_with_core_the_metadata(world: PluginWorld) ->
     assert "Cores:         3" in out and "SIGABRT" in out
     one = world.cores("shop", "web-0")[0]
     detail = ok(plugin(world, "describe", "web-0", "-n", "shop", "--core", one.ref.core_id))
-    assert one.metadata["sha256"] in detail and detail.count("Core ") == 1
+    assert one.metadata["digest"] in detail and detail.count("Core ") == 1
     traced = ok(plugin(world, "describe", "traced-0", "--core", world.cores("default", "traced-0")[0].ref.core_id))
     assert "crash_here" in traced and "crasher.c:5" in traced
     missing = plugin(world, "describe", "web-0", "-n", "shop", "--core", "20200101T000000Z-x-1-11")
@@ -137,9 +140,9 @@ def test_get_extracts_verified_cores_ready_for_gdb(world: PluginWorld, tmp_path:
     result = plugin(world, "get", "web-0", "-n", "shop", "-o", str(tmp_path / "all"))
     out = ok(result)
     assert extracted_digests(tmp_path / "all") == expected_digests(world, "shop", "web-0")
-    assert out.count("sha256 verified") == 3 and b"3 cores in" in result.stderr
+    assert out.count("blake3 verified") == 3 and b"3 cores in" in result.stderr
     for meta in (tmp_path / "all").rglob("*.json"):
-        assert json.loads(meta.read_text())["sha256"] == world.originals[f"shop/web-0/{meta.parent.name}/{meta.stem}"]
+        assert promised(json.loads(meta.read_text())) == world.originals[f"shop/web-0/{meta.parent.name}/{meta.stem}"]
     ok(plugin(world, "get", "web-0", "-n", "shop", "-c", "sidecar", "-o", str(tmp_path / "side")))
     assert [p.parent.name for p in (tmp_path / "side").rglob("*.core")] == ["sidecar"]
     newest = max(world.cores("shop", "web-0"), key=lambda c: c.ref.core_id)
@@ -286,7 +289,7 @@ def test_an_archive_changed_between_cut_and_resume_starts_over(
     assert result.returncode == 0, result.stderr.decode()
     assert b"the archive changed on the server" in result.stderr
     stored = {
-        f"{c.ref.container}/{c.ref.core_id}": c.metadata["sha256"]
+        f"{c.ref.container}/{c.ref.core_id}": promised(c.metadata)
         for c in layout.list_cores(world.root, namespace="default", pod="change-0", pod_uid=uid)
     }
     assert len(stored) == 2
@@ -305,7 +308,7 @@ def test_gdb_gives_a_backtrace_of_a_real_core_and_caches_it(world: PluginWorld) 
     out = ok(result)
     assert "crash_here" in out and "SIGSEGV" in out, out
     cached = next(world.cache.rglob(f"{segv.ref.core_id}.core"))
-    assert hashlib.sha256(cached.read_bytes()).hexdigest() == segv.metadata["sha256"]
+    assert digest_of_file(cached) == segv.metadata["digest"]
     stamp = cached.stat().st_mtime_ns
     printed = ok(plugin(world, *args, "--print"))
     assert printed.split()[0] == "gdb" and str(cached) in printed and str(world.crasher) in printed
