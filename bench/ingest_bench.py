@@ -10,7 +10,8 @@ handler reads the kernel's pipe. Reported per size and consumer: MB/s, ratio to 
 (the consumer's own VmHWM, polled), stored size, and for the handler the time the crashing process would be
 held (its first read to its exit). Consumers:
 
-* ``handler Lk``: the real ``coredump-handler capture`` end to end (metadata, sha256, fsync), ISA-L level k;
+* ``handler``: the real ``coredump-handler capture`` end to end (metadata, digest, fsync, backtrace) as configured
+  by default; ``handler-Lk`` the same at ISA-L level k; ``handler-sha256`` with ``--core-digest sha256``;
 * ``previous``: the pipeline before this change (a bytearray per chunk, a hasher thread, a compress pool);
 * ``igzip_threaded``: ``isal.igzip_threaded`` (one gzip stream, 2 threads) with sha256 in the main thread;
 
@@ -148,7 +149,8 @@ def run_piped(
     return elapsed, rss, started_wall, cpu
 
 
-def make_node(base: Path, *, level: int) -> list[str]:
+def make_node(base: Path, *, level: int | None) -> list[str]:
+    """The handler's command line on a fake node tree under ``base``; ``level`` None: the handler's default."""
     proc = base / "proc" / "4242"
     proc.mkdir(parents=True)
     (base / "storage").mkdir()
@@ -180,8 +182,7 @@ def make_node(base: Path, *, level: int) -> list[str]:
         "0",
         "--rate-latest",
         "0",
-        "--compress-level",
-        str(level),
+        *(["--compress-level", str(level)] if level is not None else []),
         "capture",
         "4242",
         "4242",
@@ -284,9 +285,11 @@ def bench_round(core: Path, workdir: Path, consumers: list[str], *, baseline: Pa
         elif name.startswith("handler") or name == "baseline":
             # "baseline": the handler of another checkout (--baseline), so a change is measured against what
             # it changes in the same run, interleaved.
-            level = int(name[len("handler-L") :]) if name.startswith("handler-L") else 1
+            level = int(name[len("handler-L") :]) if name.startswith("handler-L") else None
             node = workdir / "node"
             args = make_node(node, level=level)
+            if name == "handler-sha256":
+                args[args.index("capture") : args.index("capture")] = ["--core-digest", "sha256"]
             env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
             cwd = baseline if name == "baseline" and baseline is not None else REPO
             t, rss, started, cpu = run_piped(core, args, stdout_path=None, env=env, cwd=cwd)

@@ -77,7 +77,7 @@ class HandlerConfig:
     objects_max_bytes: int = 512 << 20  # bytes of objects copied per core
     objects_max_seconds: float = 1.0  # time spent copying objects per core
     unwind_timeout: float = 5.0  # wall time of the unwinding child
-    compress_level: int = 1  # ISA-L gzip level 0-3 (README, Core ingest: speed against size)
+    compress_level: int = 2  # ISA-L gzip level 0-3 (README, Core ingest: speed against size)
     core_digest: str = digest.DEFAULT  # the hash of every core's content: blake3 | sha256 (handler.digest)
     # How often a writer marks its temp file on storage as alive (handler.inflight; at most 60 s).
     heartbeat_interval: float = 60.0
