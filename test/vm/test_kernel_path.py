@@ -38,7 +38,7 @@ def _assert_filed(crash: dict, entry: dict) -> None:
     core_id = entry["path"].rsplit("/", 1)[1].removesuffix(".json")
     assert {f"{core_id}.core.gz", f"{core_id}.json"} <= set(entry["containerDirFiles"])
     assert not [f for f in entry["containerDirFiles"] if f.startswith(".")], entry["containerDirFiles"]
-    assert entry["rawSha256"] == meta["sha256"] and entry["rawSize"] == meta["size"]
+    assert entry["rawDigest"] == meta["digest"] and entry["rawSize"] == meta["size"]
     assert meta["truncated"] is False
     assert FUNCTION[crash["mode"]] in entry["backtrace"], entry["backtrace"]
 

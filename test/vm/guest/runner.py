@@ -64,6 +64,13 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def blake3_digest(data: bytes) -> str:
+    """The ``digest`` a core's metadata should carry (the default algorithm), computed here, not by the product."""
+    import blake3
+
+    return "blake3:" + blake3.blake3(data).hexdigest()
+
+
 def wait_for(pred, *, timeout: float = WAIT, interval: float = 0.2):
     deadline = time.monotonic() + timeout
     while True:
@@ -278,6 +285,7 @@ def examine(entry: dict) -> dict:
         entry,
         coreExists=True,
         rawSha256=sha256(raw),
+        rawDigest=blake3_digest(raw),
         rawSize=len(raw),
         backtrace=gdb_bt(tmp),
         containerDirFiles=sorted(p.name for p in core_gz.parent.iterdir()),
