@@ -111,15 +111,21 @@ class _Run:
             return None
 
     def _deliver(self, seq: int, out: bytes) -> None:
-        """Queue chunk ``seq``; unless another worker is writing, write every chunk that is next in order. A worker
-        that finds ``READY_MAX`` chunks queued behind a slow write waits, so memory stays bounded."""
+        """Queue chunk ``seq``. If nobody is writing and the next chunk in order is queued, become the writer and
+        write every chunk that is next in order. Otherwise return at once, unless more than ``READY_MAX`` chunks are
+        queued (behind a slow write, or behind a chunk another worker is still compressing): then wait, so memory
+        stays bounded however long the head of the line takes."""
         with self.out:
             self.ready[seq] = out
-            if self.writing:
-                while len(self.ready) > READY_MAX and self.writing and self.error is None:
-                    self.out.wait()
-                return  # the writer finds it when it gets there
-            self.writing = True
+            while True:
+                if self.error is not None:
+                    return
+                if not self.writing and self.written_seq in self.ready:
+                    self.writing = True
+                    break
+                if len(self.ready) <= READY_MAX:
+                    return
+                self.out.wait()
         try:
             while True:
                 with self.out:
@@ -129,7 +135,8 @@ class _Run:
                         self.writing = False
                         return
                 self.sink(piece)  # outside the lock: the other worker queues meanwhile
-                self.written_seq += 1  # only the one writer changes it
+                with self.out:
+                    self.written_seq += 1
         except BaseException:
             with self.out:
                 self.writing = False

@@ -19,6 +19,12 @@ def promised(meta: dict) -> str:
     return meta.get("digest") or f"sha256:{meta['sha256']}"
 
 
+def content_matches(data: bytes, meta: dict) -> bool:
+    """Whether ``data`` is the content ``meta`` promises, by the algorithm it names (old cores: sha256)."""
+    want = promised(meta)
+    return digest_of(data, algorithm=want.partition(":")[0]) == want
+
+
 def digest_of_file(path: Path, *, algorithm: str = "blake3") -> str:
     """Of a file read in pieces (an 8 GiB core does not fit in a test's memory)."""
     h = blake3.blake3() if algorithm == "blake3" else hashlib.sha256()

@@ -6,7 +6,6 @@ auto-created endpoints for crashed pods, the deleted-pod flow, the dump, and the
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import subprocess
 import tarfile
@@ -21,6 +20,7 @@ from handler import layout
 from fixtures_apiserver import RunningServer, endpoint_manifest, start_apiserver
 from apiserver_harness import DUMP_PATH, new_uid, store_core
 from waiting import wait_until
+from digests import content_matches
 
 pytestmark = pytest.mark.kubectl
 
@@ -73,7 +73,7 @@ def test_auto_created_endpoint_lists_the_crashed_pod_and_dumps(server: RunningSe
         names = tf.getnames()
         core = tf.extractfile(next(n for n in names if n.endswith(".core"))).read()  # type: ignore[union-attr]
         meta = json.loads(tf.extractfile(next(n for n in names if n.endswith(".json"))).read())  # type: ignore[union-attr]
-    assert hashlib.sha256(core).hexdigest() == meta["sha256"]
+    assert content_matches(core, meta)
 
 
 def test_deleted_pod_flow_and_delete_cores_opt_in(server: RunningServer, real_core: Path, tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from handler import layout
 
 from apiserver_harness import DumpServer, new_uid, store_core
 from waiting import await_until
+from digests import content_matches
 
 T0 = datetime.datetime(2026, 11, 23, 10, 0, tzinfo=datetime.timezone.utc)
 
@@ -36,12 +37,12 @@ def members_of(archive: bytes) -> dict[str, bytes]:
 
 
 def check_cores(members: dict[str, bytes]) -> set[str]:
-    """Every core in the archive matches its metadata's sha256 and size; returns the core ids."""
+    """Every core in the archive matches its metadata's digest and size; returns the core ids."""
     ids = set()
     for name, body in members.items():
         if name.endswith(".core"):
             meta = json.loads(members[name[:-5] + ".json"])
-            assert hashlib.sha256(body).hexdigest() == meta["sha256"] and len(body) == meta["size"], name
+            assert content_matches(body, meta) and len(body) == meta["size"], name
             ids.add(meta["coreID"])
     return ids
 

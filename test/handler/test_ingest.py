@@ -33,30 +33,63 @@ def test_stored_bytes_are_the_stream_in_order_with_its_digest(algorithm: str) ->
     assert result.size == result.observed_size == len(data) and not result.truncated
 
 
-def test_a_slow_storage_write_holds_the_compressors_instead_of_growing_memory() -> None:
-    pulled = 0
+def _held_ingest(*, sink, monkeypatch: pytest.MonkeyPatch | None = None, slow_first_compress: bool = False):
+    """Ingest 200 chunks with one step of chunk 0 held until the returned event is set; returns the count of
+    chunks pulled from the source (a function), that event, an event set when the ingest ended, and the chunks."""
+    pulled = [0]
     release = threading.Event()
+    chunks = _chunks(200, size=16 << 10)
 
     def source():
-        nonlocal pulled
-        for c in _chunks(200, size=16 << 10):
-            pulled += 1
+        for c in chunks:
+            pulled[0] += 1
             yield c
 
-    def sink(data: bytes) -> None:
-        release.wait()  # the first write hangs, like a stuck NFS server
+    if slow_first_compress:
+        assert monkeypatch is not None
+        compress = ingest.isal_zlib.compress
 
+        def held_compress(data, *args):
+            if bytes(data[:16]) == chunks[0][:16]:
+                release.wait()  # the head of the line: its worker is descheduled, or the chunk is slow to code
+            return compress(data, *args)
+
+        monkeypatch.setattr(ingest.isal_zlib, "compress", held_compress)
     done = threading.Event()
-    t = threading.Thread(target=lambda: (ingest.ingest(source(), sink, threads=2), done.set()), daemon=True)
+    t = threading.Thread(target=lambda: (ingest.ingest(source(), sink(release), threads=2), done.set()), daemon=True)
     t.start()
-    # The writer holds chunk 0; the other worker queues at most READY_MAX more past the one it waits with.
-    bound = 1 + ingest.READY_MAX + 1
-    wait_until(lambda: pulled >= bound, what="the workers to fill the queue behind the stuck write")
+    return (lambda: pulled[0]), release, done, chunks
+
+
+def _assert_held_at(pulled, bound: int) -> None:
+    wait_until(lambda: pulled() >= bound, what="the workers to fill the queue behind the held chunk")
     for _ in range(20):  # they stay held: a worker that went on would pull past the bound within these 0.5 s
-        assert pulled == bound
+        assert pulled() == bound
         time.sleep(0.025)
+
+
+def test_a_slow_storage_write_holds_the_compressors_instead_of_growing_memory() -> None:
+    def sink(release: threading.Event):
+        return lambda data: release.wait()  # the first write hangs, like a stuck NFS server
+
+    pulled, release, done, _ = _held_ingest(sink=sink)
+    # The writer holds chunk 0; the other worker queues READY_MAX + 1 before it waits.
+    _assert_held_at(pulled, 1 + ingest.READY_MAX + 1)
     release.set()
-    assert done.wait(60) and pulled == 200
+    assert done.wait(60) and pulled() == 200
+
+
+def test_a_chunk_slow_to_compress_holds_the_others_instead_of_growing_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    written: list[bytes] = []
+    pulled, release, done, chunks = _held_ingest(
+        sink=lambda release: written.append, monkeypatch=monkeypatch, slow_first_compress=True
+    )
+    # Nothing can be written before chunk 0: the other worker queues READY_MAX + 1 behind it and waits.
+    _assert_held_at(pulled, 1 + ingest.READY_MAX + 1)
+    assert written == []
+    release.set()
+    assert done.wait(60) and pulled() == 200
+    assert gzip.decompress(b"".join(written)) == b"".join(chunks)  # and in order
 
 
 def test_a_failing_storage_write_ends_the_ingest_with_its_error() -> None:
