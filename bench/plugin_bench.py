@@ -9,7 +9,7 @@ storage root served by ``coredump-apiserver --dev``. Each round, interleaved:
 - ``curl`` with the dev admin client certificate, writing the tar.gz to a file (the baseline), run before
   and after every plugin run: each plugin run's ratio is against the mean of the two curl runs around it;
 - ``kubectl-coredump get -o -`` writing the same tar.gz to a file (bytes compared with curl's);
-- ``kubectl-coredump get -o DIR``: download + gunzip + sha256 verification + extraction of the 1 GiB core;
+- ``kubectl-coredump get -o DIR``: download + gunzip + digest verification + extraction of the 1 GiB core;
 - through a local TCP proxy, ``get -o -`` without cuts and with CUTS forced cuts (bytes compared): the
   difference per cut is the resume overhead.
 Each run also reports the client's own CPU time (user + system), which the machine's load does not change.

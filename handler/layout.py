@@ -3,7 +3,9 @@ The storage layout contract (README "Storage layout"): the one owner of paths, n
 and the commit protocol.
 
 A core lives at ``<root>/<namespace>/<pod>/<pod-uid>/<container>/<core-id>.core.gz`` next to
-``<core-id>.json``. Hidden names (leading ``.``) are temporary files of writes in flight.
+``<core-id>.json``. Hidden names (leading ``.``) are temporary files of writes in flight. Beside the container
+directories, ``<pod-uid>/retention.json`` (:data:`RETENTION_RECORD`) says when retention last removed cores of
+that incarnation (written by ``apiserver.retention.storage``; a container name, a DNS label, has no dot).
 
 The commit protocol (one rule, the README says the same): **the ``.json`` is the commit point.**
 :class:`CoreWriter` writes the data under a hidden temp name, then at commit: writes the metadata under a hidden
@@ -57,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 CORE_SUFFIX = ".core.gz"
 META_SUFFIX = ".json"
+RETENTION_RECORD = "retention.json"  # in a pod-uid directory, beside its containers
 # Modes of what we create: cores hold secrets, so nothing is world-readable.
 DIR_MODE = 0o750
 FILE_MODE = 0o640

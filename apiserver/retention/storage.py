@@ -35,7 +35,7 @@ from handler import layout, objects, safefs
 
 logger = logging.getLogger(__name__)
 
-RECORD_NAME = "retention.json"
+RECORD_NAME = layout.RETENTION_RECORD
 RECORD_MAX_BYTES = 4096
 REASONS = ("age", "pod-count", "namespace-bytes")
 
