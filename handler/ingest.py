@@ -6,7 +6,8 @@ filled with ``readinto``/``readv``), and there are few hand-offs between threads
 each take the next chunk from the source (hashing it in order while they hold the source: BLAKE3 by default,
 :mod:`handler.digest`), compress it on their own (the one-shot ``isal_zlib.compress`` releases the GIL, so both
 CPUs work), and hand it to whoever is writing: no worker waits for its turn to write. The worker that holds the
-next chunk in order writes it and any that are ready after it, while the other goes on compressing.
+next chunk in order writes it and any that are ready after it, while the other goes on compressing (up to
+``READY_MAX`` queued chunks, so memory stays flat behind a hung write).
 Each chunk is its own gzip member: 18 bytes per MiB, readable by every gzip reader.
 ``bench/ingest_bench.py`` measures this against the previous pipeline and ``isal.igzip_threaded``.
 
@@ -33,7 +34,8 @@ from handler.elfinfo import CoreShape
 # again at several times the cost (README, Core ingest). The agent's --compress-level picks.
 COMPRESS_LEVEL = 2
 COMPRESS_THREADS = 2
-# Compressed chunks that may wait behind a slow write (each at most a chunk): the bound on memory beyond the pool.
+# Compressed chunks that may queue behind the head of the line (a slow write, or a chunk another worker is still
+# compressing), each at most a chunk: the bound on memory beyond the pool.
 READY_MAX = 4
 
 
@@ -50,7 +52,8 @@ class IngestResult:
 
 class _Run:
     """One ingest: workers share the source under a lock, compress apart; the bytes are written in sequence order
-    by one worker at a time, the one that finds the next chunk ready (the others do not wait for it)."""
+    by one worker at a time, the one that finds the next chunk ready (the others wait only when ``READY_MAX``
+    chunks are queued)."""
 
     def __init__(
         self,
