@@ -41,8 +41,8 @@ def build_parser() -> "argparse.ArgumentParser":
     import argparse
     from pathlib import Path
 
-    from handler import digest, flags
-    from handler.config import DEFAULT_CONFIG_FILE
+    from handler import flags
+    from handler.config import CHOICES, DEFAULT_CONFIG_FILE
 
     p = argparse.ArgumentParser(
         prog="coredump-handler",
@@ -79,10 +79,12 @@ def build_parser() -> "argparse.ArgumentParser":
         metavar="true|false",
         help="keep cores of pods whose pod and namespace have no coredump.example.io/capture annotation",
     )
-    p.add_argument("--compress-level", type=int, choices=range(0, 4), metavar="0-3", help="ISA-L gzip level")
-    p.add_argument("--core-digest", choices=digest.ALGORITHMS, help="hash of every core's content")
+    p.add_argument(
+        "--compress-level", type=int, choices=CHOICES["compress_level"], metavar="0-3", help="ISA-L gzip level"
+    )
+    p.add_argument("--core-digest", choices=CHOICES["core_digest"], help="hash of every core's content")
     p.add_argument("--previous-pattern-file", type=Path, help="file holding the node's previous core_pattern")
-    p.add_argument("--foreign", choices=["previous", "drop"], help="cores of non-pod processes")
+    p.add_argument("--foreign", choices=CHOICES["foreign"], help="cores of non-pod processes")
     p.add_argument(
         "--storage-timeout",
         type=flags.parse_positive_duration,

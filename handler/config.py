@@ -120,13 +120,13 @@ class HandlerConfig:
             if not _fits(value, default):
                 logger.error("handler config %s: %s=%r is not like %r; using the default", path, f.name, value, default)
                 continue
-            if f.name in _CHOICES and value not in _CHOICES[f.name]:
+            if f.name in CHOICES and value not in CHOICES[f.name]:
                 logger.error(
                     "handler config %s: %s=%r is not one of %s; using the default",
                     path,
                     f.name,
                     value,
-                    ", ".join(map(str, _CHOICES[f.name])),
+                    ", ".join(map(str, CHOICES[f.name])),
                 )
                 continue
             known[f.name] = value
@@ -151,8 +151,9 @@ class HandlerConfig:
         return self.state_dir / "ratelimit"
 
 
-# Settings with a fixed set of values (the flags' choices); any other value in the file falls back to the default.
-_CHOICES: dict[str, tuple[Any, ...]] = {
+# Settings with a fixed set of values: the agent's and the handler's flags offer these, and any other value in the
+# config file falls back to the default.
+CHOICES: dict[str, tuple[Any, ...]] = {
     "foreign": ("previous", "drop"),
     "compress_level": (0, 1, 2, 3),
     "core_digest": digest.ALGORITHMS,

@@ -63,6 +63,8 @@ def of_metadata(meta: Mapping[str, Any]) -> tuple[str, str] | None:
     return parse(f"{SHA256}:{meta.get('sha256')}") if isinstance(meta.get("sha256"), str) else None
 
 
-def metadata_fields(algorithm: str, hexdigest: str) -> dict[str, str | None]:
-    """What a core's metadata records of its digest (``sha256`` too when that is the algorithm)."""
-    return {"digest": format_digest(algorithm, hexdigest), "sha256": hexdigest if algorithm == SHA256 else None}
+def metadata_fields(value: str) -> dict[str, str | None]:
+    """What a core's metadata records of its digest ``value`` (from :func:`format_digest`): ``digest``, and the
+    bare hex as ``sha256`` too when that is the algorithm."""
+    algorithm, _, hexdigest = value.partition(":")
+    return {"digest": value, "sha256": hexdigest if algorithm == SHA256 else None}

@@ -76,18 +76,11 @@ def base_metadata(
     }
 
 
-def _digest_fields(value: str) -> dict[str, str | None]:
-    parsed = digest.parse(value)
-    if parsed is None:
-        raise ValueError(f"not a core digest: {value!r}")
-    return digest.metadata_fields(*parsed)
-
-
 def add_result(meta: dict[str, Any], result: IngestResult) -> dict[str, Any]:
     meta.update(
         size=result.size,
         observedSize=result.observed_size,
-        **_digest_fields(result.digest),
+        **digest.metadata_fields(result.digest),
         truncated=result.truncated,
         truncationReason=result.truncation_reason,
     )

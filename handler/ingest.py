@@ -71,7 +71,6 @@ class _Run:
         self.sink = sink
         self.max_size = max_size
         self.level = level
-        self.algorithm = algorithm
         self.hash = digest.new(algorithm)
         self.shape = CoreShape()
         self.size = self.observed = 0

@@ -706,7 +706,7 @@ def _salvage(d: safefs.Dir, w: _PendingWrite, ref: CoreRef, *, algorithm: str) -
         size=size,
         observedSize=size,
         storedSize=good,
-        **core_digest.metadata_fields(algorithm, hexdigest),
+        **core_digest.metadata_fields(core_digest.format_digest(algorithm, hexdigest)),
         truncated=cut,
         truncationReason=KILLED_MID_STREAM if cut else None,
         compression="gzip",

@@ -370,7 +370,8 @@ class Extractor:
         expected = core_digest.promised(meta) if meta else None
         if expected is None:
             raise PluginError(
-                f"{member.name}: no digest in its metadata that this plugin can check (blake3 or sha256)",
+                f"{member.name}: no digest in its metadata that this plugin can check (blake3 or sha256); "
+                "if it names another algorithm, upgrade kubectl-coredump",
                 code=Exit.VERIFY_FAILED,
             )
         algorithm, want = expected

@@ -8,9 +8,14 @@ from pathlib import Path
 import blake3
 
 
+def _hasher(algorithm: str):
+    return blake3.blake3() if algorithm == "blake3" else hashlib.sha256()
+
+
 def digest_of(data: bytes, *, algorithm: str = "blake3") -> str:
     """The ``digest`` metadata value of a core whose content is ``data``, computed independently of the product."""
-    h = blake3.blake3(data) if algorithm == "blake3" else hashlib.sha256(data)
+    h = _hasher(algorithm)
+    h.update(data)
     return f"{algorithm}:{h.hexdigest()}"
 
 
@@ -27,7 +32,7 @@ def content_matches(data: bytes, meta: dict) -> bool:
 
 def digest_of_file(path: Path, *, algorithm: str = "blake3") -> str:
     """Of a file read in pieces (an 8 GiB core does not fit in a test's memory)."""
-    h = blake3.blake3() if algorithm == "blake3" else hashlib.sha256()
+    h = _hasher(algorithm)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):
             h.update(chunk)

@@ -14,9 +14,9 @@ import os
 import sys
 from pathlib import Path
 
-from handler import digest, flags
+from handler import flags
 from handler.agent.config import AgentConfig
-from handler.config import HandlerConfig
+from handler.config import CHOICES, HandlerConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,14 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--compress-level",
         type=int,
-        choices=range(0, 4),
+        choices=CHOICES["compress_level"],
         default=h.compress_level,
         help="ISA-L gzip level 0-3 (1 is as fast as 2 and stores ~2.5%% more; 3 stores ~3%% less, several times "
         "slower)",
     )
     g.add_argument(
         "--core-digest",
-        choices=digest.ALGORITHMS,
+        choices=CHOICES["core_digest"],
         default=h.core_digest,
         help="the hash recorded for every core's content: blake3 (4.7x cheaper on the crash path) or sha256 "
         "(where only FIPS-approved hashes may be used)",
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--container-logs", default=h.container_logs, help="kubelet log links under --host-root")
     g.add_argument(
         "--foreign",
-        choices=["previous", "drop"],
+        choices=CHOICES["foreign"],
         default=h.foreign,
         help="cores of processes outside pods: the node's previous core_pattern, or drop (counted)",
     )
